@@ -1,0 +1,3 @@
+"""blocktarget: an NVMe-over-Fabrics (NVMe/TCP) block-storage target."""
+
+__version__ = "0.1.0"
