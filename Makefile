@@ -1,0 +1,31 @@
+# Two commands: `make run` (install + start the embedded default target) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test install lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/blocktarget start $(if $(CONFIG),--config $(CONFIG),)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check blocktarget tests bench
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check blocktarget tests bench
+
+bench: $(STAMP)
+	$(PY) bench/rpc_latency.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

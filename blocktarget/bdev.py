@@ -1,0 +1,425 @@
+"""The block-device layer: one interface for every backend.
+
+A `Bdev` is a named array of blocks. I/O goes through an `IOChannel`, one per (bdev,
+reactor), created on the reactor that uses it, so a backend can keep per-core resources
+(an io_uring, an NVMe queue pair) and the per-bdev statistics are kept per reactor
+without locks; readers (RPC, metrics) add the channels up at read time.
+
+Completion status is an NVMe-compatible integer, `(sct << 8) | sc`, so the NVMe layer
+can copy a backend's failure into a CQE without translating it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import AlreadyExists, Busy, InvalidParams, NoSuchDevice
+from .params import Schema
+
+if TYPE_CHECKING:
+    from .reactor import Reactor
+
+
+class IOType(enum.IntEnum):
+    READ = 0
+    WRITE = 1
+    FLUSH = 2
+    UNMAP = 3
+    WRITE_ZEROES = 4
+    COMPARE = 5
+    RESET = 6
+
+
+IO_TYPE_NAMES = {t: t.name.lower() for t in IOType}
+
+
+class Status(enum.IntEnum):
+    """NVMe status as (sct << 8) | sc; the subset a backend can produce."""
+
+    SUCCESS = 0x000
+    INVALID_OPCODE = 0x001
+    INVALID_FIELD = 0x002
+    DATA_TRANSFER_ERROR = 0x004
+    INTERNAL_ERROR = 0x006
+    ABORTED_BY_REQUEST = 0x007
+    ABORTED_SQ_DELETION = 0x008
+    INVALID_NAMESPACE = 0x00B
+    LBA_OUT_OF_RANGE = 0x080
+    CAPACITY_EXCEEDED = 0x081
+    NAMESPACE_NOT_READY = 0x082
+    WRITE_FAULT = 0x280
+    UNRECOVERED_READ_ERROR = 0x281
+    COMPARE_FAILURE = 0x285
+    ACCESS_DENIED = 0x286
+
+
+# Latency histogram bucket upper bounds, in nanoseconds (Prometheus exports seconds).
+LATENCY_BUCKETS_NS: tuple[int, ...] = (
+    10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000, 25_000_000, 50_000_000, 100_000_000, 250_000_000, 1_000_000_000,
+)
+
+
+class BdevIO:
+    """One I/O request. `buf` is data to write, or (for reads) the buffer to fill; a
+    backend that can hand out its own memory (malloc) may set `buf` on a read whose
+    caller left it None, which is the zero-copy read path."""
+
+    __slots__ = (
+        "type", "offset_blocks", "num_blocks", "buf", "fua", "cb", "status", "start_ns",
+        "ctx", "channel",
+    )
+
+    def __init__(
+        self,
+        type: IOType,
+        offset_blocks: int = 0,
+        num_blocks: int = 0,
+        buf: Any = None,
+        cb: Callable[[BdevIO], None] | None = None,
+        *,
+        fua: bool = False,
+        ctx: Any = None,
+    ) -> None:
+        self.type = type
+        self.offset_blocks = offset_blocks
+        self.num_blocks = num_blocks
+        self.buf = buf
+        self.fua = fua
+        self.cb = cb
+        self.status = Status.SUCCESS
+        self.start_ns = 0
+        self.ctx = ctx
+        self.channel: IOChannel | None = None
+
+
+class ChannelStats:
+    """Per-reactor counters for one bdev; only the owning reactor writes them."""
+
+    __slots__ = ("ops", "bytes", "errors", "latency_sum_ns", "latency_buckets")
+
+    def __init__(self) -> None:
+        n = len(IOType)
+        self.ops = [0] * n
+        self.bytes = [0] * n
+        self.errors = [0] * n
+        self.latency_sum_ns = [0] * n
+        # one extra bucket for +Inf
+        self.latency_buckets = [[0] * (len(LATENCY_BUCKETS_NS) + 1) for _ in range(n)]
+
+
+class IOChannel:
+    """A bdev's per-reactor I/O path. Backends subclass and implement `_submit`."""
+
+    def __init__(self, bdev: Bdev, reactor: Reactor | None) -> None:
+        self.bdev = bdev
+        self.reactor = reactor
+        self.stats = ChannelStats()
+        self.outstanding = 0
+
+    def __str__(self) -> str:
+        return f"{self.bdev.name}"
+
+    def submit(self, io: BdevIO) -> None:
+        """Validate, account and hand to the backend; completion arrives via io.cb."""
+        bdev = self.bdev
+        io.channel = self
+        io.start_ns = time.perf_counter_ns()
+        self.outstanding += 1
+        if io.type not in bdev.io_types:
+            self.complete(io, Status.INVALID_OPCODE)
+            return
+        if io.offset_blocks < 0 or io.num_blocks < 0 or (
+            io.offset_blocks + io.num_blocks > bdev.num_blocks
+        ):
+            self.complete(io, Status.LBA_OUT_OF_RANGE)
+            return
+        try:
+            self._submit(io)
+        except Exception:
+            bdev.log_exception(io)
+            self.complete(io, Status.INTERNAL_ERROR)
+
+    def _submit(self, io: BdevIO) -> None:
+        raise NotImplementedError
+
+    def complete(self, io: BdevIO, status: int = Status.SUCCESS) -> None:
+        io.status = status
+        self.outstanding -= 1
+        st = self.stats
+        t = io.type
+        if status:
+            st.errors[t] += 1
+        else:
+            st.ops[t] += 1
+            st.bytes[t] += io.num_blocks * self.bdev.block_size
+            lat = time.perf_counter_ns() - io.start_ns
+            st.latency_sum_ns[t] += lat
+            st.latency_buckets[t][bisect.bisect_left(LATENCY_BUCKETS_NS, lat)] += 1
+        cb = io.cb
+        if cb is not None:
+            cb(io)
+
+    def close(self) -> None:
+        """Release per-reactor resources; called on the channel's reactor."""
+
+
+@dataclass(eq=False)
+class Bdev:
+    name: str
+    block_size: int
+    num_blocks: int
+    uuid: str = ""
+    product_name: str = "Unknown"
+    module: str = ""
+    write_cache: bool = False  # volatile write cache: data may be lost without a Flush
+    io_types: frozenset[IOType] = frozenset({IOType.READ, IOType.WRITE, IOType.FLUSH})
+    md_size: int = 0
+    aliases: list[str] = field(default_factory=list)
+    claimed_by: str | None = None
+    # how save_config recreates this bdev
+    create_method: str = ""
+    create_params: dict[str, Any] = field(default_factory=dict)
+    channels: dict[int, IOChannel] = field(default_factory=dict)
+    # counters of channels already closed, so totals never go backwards
+    retired: ChannelStats = field(default_factory=ChannelStats)
+    removed: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.uuid:
+            self.uuid = str(uuidlib.uuid4())
+
+    @property
+    def size_bytes(self) -> int:
+        return self.block_size * self.num_blocks
+
+    # ---- channels ----
+    def get_io_channel(self, reactor: Reactor | None) -> IOChannel:
+        """The channel for this reactor, created on first use (call on that reactor)."""
+        key = reactor.index if reactor is not None else -1
+        ch = self.channels.get(key)
+        if ch is None:
+            ch = self.create_channel(reactor)
+            self.channels[key] = ch
+            if reactor is not None:
+                reactor.own("channel", ch)
+        return ch
+
+    def create_channel(self, reactor: Reactor | None) -> IOChannel:
+        raise NotImplementedError
+
+    def close_channel(self, reactor: Reactor | None) -> None:
+        key = reactor.index if reactor is not None else -1
+        ch = self.channels.pop(key, None)
+        if ch is None:
+            return
+        _add_stats(self.retired, ch.stats)
+        ch.close()
+        if reactor is not None:
+            reactor.disown("channel", ch)
+
+    # ---- claims ----
+    def claim(self, owner: str) -> None:
+        if self.claimed_by is not None and self.claimed_by != owner:
+            raise Busy(f"bdev '{self.name}' is already claimed by {self.claimed_by}")
+        self.claimed_by = owner
+
+    def release(self, owner: str) -> None:
+        if self.claimed_by == owner:
+            self.claimed_by = None
+
+    # ---- lifecycle ----
+    def destruct(self) -> None:
+        """Free the backend's resources after every channel is closed."""
+
+    def log_exception(self, io: BdevIO) -> None:
+        import logging
+
+        logging.getLogger(f"blocktarget.bdev.{self.module}").exception(
+            "bdev %s: %s failed", self.name, IO_TYPE_NAMES.get(io.type, io.type)
+        )
+
+    # ---- reporting ----
+    def stats_total(self) -> ChannelStats:
+        total = ChannelStats()
+        _add_stats(total, self.retired)
+        for ch in list(self.channels.values()):
+            _add_stats(total, ch.stats)
+        return total
+
+    def driver_specific(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """The shape of SPDK's bdev_get_bdevs entry."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "product_name": self.product_name,
+            "block_size": self.block_size,
+            "num_blocks": self.num_blocks,
+            "uuid": self.uuid,
+            "md_size": self.md_size,
+            "assigned_rate_limits": {
+                "rw_ios_per_sec": 0,
+                "rw_mbytes_per_sec": 0,
+                "r_mbytes_per_sec": 0,
+                "w_mbytes_per_sec": 0,
+            },
+            "claimed": self.claimed_by is not None,
+            "claim_type": "exclusive_write" if self.claimed_by is not None else None,
+            "claimed_by": self.claimed_by,
+            "zoned": False,
+            "write_cache": self.write_cache,
+            "supported_io_types": {
+                "read": IOType.READ in self.io_types,
+                "write": IOType.WRITE in self.io_types,
+                "unmap": IOType.UNMAP in self.io_types,
+                "flush": IOType.FLUSH in self.io_types,
+                "reset": IOType.RESET in self.io_types,
+                "write_zeroes": IOType.WRITE_ZEROES in self.io_types,
+                "compare": IOType.COMPARE in self.io_types,
+                "compare_and_write": False,
+                "nvme_admin": False,
+                "nvme_io": False,
+            },
+            "driver_specific": self.driver_specific(),
+        }
+
+    def config_entry(self) -> dict[str, Any]:
+        params = dict(self.create_params)
+        params["name"] = self.name
+        params.setdefault("uuid", self.uuid)
+        return {"method": self.create_method, "params": params}
+
+
+def _add_stats(into: ChannelStats, src: ChannelStats) -> None:
+    for i in range(len(IOType)):
+        into.ops[i] += src.ops[i]
+        into.bytes[i] += src.bytes[i]
+        into.errors[i] += src.errors[i]
+        into.latency_sum_ns[i] += src.latency_sum_ns[i]
+        dst, s = into.latency_buckets[i], src.latency_buckets[i]
+        for j in range(len(dst)):
+            dst[j] += s[j]
+
+
+# ---------------------------------------------------------------------------
+# modules
+
+
+@dataclass(frozen=True)
+class BdevModule:
+    """A bdev type: how to create one from validated params, and under which names."""
+
+    name: str
+    create: Callable[[dict[str, Any]], Bdev]
+    schema: Schema
+    create_method: str  # SPDK's RPC name, e.g. bdev_malloc_create
+    delete_method: str | None = None
+    description: str = ""
+
+
+MODULES: dict[str, BdevModule] = {}
+
+
+def register_module(module: BdevModule) -> BdevModule:
+    if module.name in MODULES:
+        raise ValueError(f"bdev module {module.name} registered twice")
+    MODULES[module.name] = module
+    return module
+
+
+def load_builtin_modules() -> None:
+    """Import the modules so they register; kept explicit so the import graph stays flat."""
+    from .bdevs import malloc, null  # noqa: F401
+
+
+def check_uuid(value: str) -> str | None:
+    try:
+        uuidlib.UUID(value)
+    except ValueError:
+        return "is not a valid UUID"
+    return None
+
+
+def check_block_size(value: int) -> str | None:
+    if value < 512 or value > 65536 or value & (value - 1):
+        return "must be a power of two between 512 and 65536"
+    return None
+
+
+def blocks_from_params(params: dict[str, Any]) -> int:
+    """SPDK takes num_blocks; our card also takes size_mb. Exactly one is needed."""
+    nb, mb, bs = params.get("num_blocks"), params.get("size_mb"), params["block_size"]
+    if nb is not None and mb is not None:
+        raise InvalidParams("give either 'num_blocks' or 'size_mb', not both")
+    if nb is None and mb is None:
+        raise InvalidParams("missing required parameter 'num_blocks' (or 'size_mb')")
+    if mb is not None:
+        total = mb * 1024 * 1024
+        if total % bs:
+            raise InvalidParams(f"parameter 'size_mb' is not a multiple of block_size {bs}")
+        return total // bs
+    return int(nb)
+
+
+# ---------------------------------------------------------------------------
+# registry
+
+
+class BdevRegistry:
+    """All bdevs by name. Changed only from the control-plane thread."""
+
+    def __init__(self) -> None:
+        self._bdevs: dict[str, Bdev] = {}
+
+    def __iter__(self) -> Iterator[Bdev]:
+        return iter(list(self._bdevs.values()))
+
+    def __len__(self) -> int:
+        return len(self._bdevs)
+
+    def __contains__(self, name: str) -> bool:
+        return self.find(name) is not None
+
+    def find(self, name: str) -> Bdev | None:
+        b = self._bdevs.get(name)
+        if b is not None:
+            return b
+        for b in self._bdevs.values():
+            if name in b.aliases or name == b.uuid:
+                return b
+        return None
+
+    def get(self, name: str) -> Bdev:
+        b = self.find(name)
+        if b is None:
+            raise NoSuchDevice(f"bdev '{name}' does not exist")
+        return b
+
+    def add(self, bdev: Bdev) -> None:
+        if bdev.name in self._bdevs or self.find(bdev.name) is not None:
+            raise AlreadyExists(f"bdev '{bdev.name}' already exists")
+        for b in self._bdevs.values():
+            if b.uuid == bdev.uuid:
+                raise AlreadyExists(f"uuid {bdev.uuid} already used by bdev '{b.name}'")
+        self._bdevs[bdev.name] = bdev
+
+    def check_removable(self, name: str) -> Bdev:
+        bdev = self.get(name)
+        if bdev.claimed_by is not None:
+            raise Busy(
+                f"bdev '{bdev.name}' is in use by {bdev.claimed_by}; remove that first"
+            )
+        return bdev
+
+    def remove(self, bdev: Bdev) -> None:
+        self._bdevs.pop(bdev.name, None)
+        bdev.removed = True

@@ -1,0 +1,154 @@
+"""Prometheus metrics, computed at scrape time from the counters reactors already keep.
+
+Nothing here runs on the I/O path: the bdev channels and reactors keep plain integers
+that only their own thread writes, and this collector adds them up when Prometheus asks.
+Names follow Prometheus conventions: `_total` counters, base units (bytes, seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from .bdev import LATENCY_BUCKETS_NS, IOType
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .app import Target
+
+_BUCKET_LABELS = [f"{ns / 1e9:g}" for ns in LATENCY_BUCKETS_NS] + ["+Inf"]
+_IO_TYPES = {t: t.name.lower() for t in IOType}
+
+
+class TargetCollector(Collector):
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.start_time = time.time()
+
+    def collect(self) -> Iterator[Any]:  # noqa: C901 - one family after another
+        t = self.target
+        info = InfoMetricFamily("blocktarget", "blocktarget build and process information")
+        info.add_metric([], {"version": t.version, "pid": str(os.getpid())})
+        yield info
+        yield GaugeMetricFamily("blocktarget_start_time_seconds",
+                                "Unix time the target started", value=self.start_time)
+
+        # ---- bdevs ----
+        ops = CounterMetricFamily("blocktarget_bdev_ops", "Completed bdev I/O operations",
+                                  labels=["bdev", "type"])
+        errs = CounterMetricFamily("blocktarget_bdev_errors", "Failed bdev I/O operations",
+                                   labels=["bdev", "type"])
+        rbytes = CounterMetricFamily("blocktarget_bdev_read_bytes", "Bytes read from the bdev",
+                                     labels=["bdev"])
+        wbytes = CounterMetricFamily("blocktarget_bdev_written_bytes",
+                                     "Bytes written to the bdev", labels=["bdev"])
+        lat = HistogramMetricFamily("blocktarget_bdev_io_latency_seconds",
+                                    "bdev I/O latency from submit to completion",
+                                    labels=["bdev", "type"])
+        size = GaugeMetricFamily("blocktarget_bdev_size_bytes", "bdev capacity", labels=["bdev"])
+        claimed = GaugeMetricFamily("blocktarget_bdev_claimed",
+                                    "1 if the bdev is used by a namespace or virtual bdev",
+                                    labels=["bdev", "module"])
+        for b in t.bdevs:
+            st = b.stats_total()
+            size.add_metric([b.name], b.size_bytes)
+            claimed.add_metric([b.name, b.module], 1 if b.claimed_by else 0)
+            rbytes.add_metric([b.name], st.bytes[IOType.READ])
+            wbytes.add_metric([b.name], st.bytes[IOType.WRITE])
+            for io_type, name in _IO_TYPES.items():
+                n = st.ops[io_type]
+                ops.add_metric([b.name, name], n)
+                errs.add_metric([b.name, name], st.errors[io_type])
+                if io_type in (IOType.READ, IOType.WRITE, IOType.FLUSH, IOType.UNMAP,
+                               IOType.WRITE_ZEROES):
+                    acc = 0
+                    buckets = []
+                    for label, count in zip(_BUCKET_LABELS, st.latency_buckets[io_type],
+                                            strict=True):
+                        acc += count
+                        buckets.append((label, acc))
+                    lat.add_metric([b.name, name], buckets, st.latency_sum_ns[io_type] / 1e9)
+        yield from (ops, errs, rbytes, wbytes, lat, size, claimed)
+
+        # ---- reactors ----
+        busy = CounterMetricFamily("blocktarget_reactor_busy_seconds",
+                                   "CPU time used by the reactor thread", labels=["reactor", "core"])
+        idle = CounterMetricFamily("blocktarget_reactor_idle_seconds",
+                                   "Wall time the reactor thread was not on a CPU",
+                                   labels=["reactor", "core"])
+        msgs = CounterMetricFamily("blocktarget_reactor_messages",
+                                   "Messages run on the reactor", labels=["reactor"])
+        polls = CounterMetricFamily("blocktarget_reactor_poll_runs",
+                                    "Poller loop iterations", labels=["reactor"])
+        conns = GaugeMetricFamily("blocktarget_reactor_connections",
+                                  "NVMe/TCP connections owned by the reactor", labels=["reactor"])
+        opened = CounterMetricFamily("blocktarget_reactor_connections_opened",
+                                     "Connections accepted by the reactor", labels=["reactor"])
+        for r in t.reactors:
+            labels = [str(r.index), str(r.core)]
+            cpu = r.cpu_ns()
+            busy.add_metric(labels, cpu / 1e9)
+            idle.add_metric(labels, max(r.wall_ns() - cpu, 0) / 1e9)
+            msgs.add_metric([str(r.index)], r.stats.messages)
+            polls.add_metric([str(r.index)], r.stats.poll_runs)
+            conns.add_metric([str(r.index)], len(r.owned.get("connection", ())))
+            opened.add_metric([str(r.index)], r.stats.connections_opened)
+        yield from (busy, idle, msgs, polls, conns, opened)
+
+        # ---- subsystems ----
+        subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")
+        subs.add_metric([], len(t.subsystems))
+        yield subs
+        nss = GaugeMetricFamily("blocktarget_subsystem_namespaces", "Namespaces per subsystem",
+                                labels=["nqn"])
+        ctrls = GaugeMetricFamily("blocktarget_subsystem_connections",
+                                  "Queue-pair connections per subsystem", labels=["nqn"])
+        per_sub: dict[str, int] = {}
+        if t.tcp is not None:
+            for qset in list(t.tcp.qpairs.values()):
+                for qp in list(qset):
+                    sub = getattr(qp, "subsystem", None)
+                    if sub is not None:
+                        per_sub[sub.nqn] = per_sub.get(sub.nqn, 0) + 1
+        for s in t.subsystems:
+            nss.add_metric([s.nqn], len(s.namespaces))
+            ctrls.add_metric([s.nqn], per_sub.get(s.nqn, 0))
+        yield from (nss, ctrls)
+        extra = getattr(t, "extra_metrics", None)
+        if extra is not None:
+            yield from extra()
+
+        # ---- control plane ----
+        rpc = CounterMetricFamily("blocktarget_rpc_requests", "JSON-RPC requests handled")
+        rpc.add_metric([], t.dispatcher.calls)
+        rpce = CounterMetricFamily("blocktarget_rpc_errors", "JSON-RPC requests that failed")
+        rpce.add_metric([], t.dispatcher.errors)
+        yield from (rpc, rpce)
+
+
+def make_registry(target: Target) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(TargetCollector(target))
+    return registry
+
+
+def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Awaitable[Any]]:
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handle

@@ -1,0 +1,320 @@
+"""NVM subsystems, their namespaces, host allow-lists and listen addresses.
+
+These objects are what the control plane manages and what the NVMe/TCP data path reads.
+They are changed only from the control-plane thread; every change bumps the target-wide
+generation counter (the discovery log's GENCTR) and is announced to observers, which is
+how controllers learn to send namespace-changed and discovery-changed async events.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AlreadyExists, InvalidParams, NoSuchDevice
+
+if TYPE_CHECKING:
+    from ..bdev import Bdev
+
+DISCOVERY_NQN = "nqn.2014-08.org.nvmexpress.discovery"
+DEFAULT_MODEL = "blocktarget"
+DEFAULT_SERIAL = "00000000000000000000"
+MAX_NQN_LEN = 223
+# Controller ids 0xFFF0..0xFFFF are reserved (0xFFFF = dynamic, 0xFFFE = static).
+MAX_CNTLID = 0xFFEF
+
+_NQN_DATE = re.compile(r"^nqn\.\d{4}-\d{2}\.[A-Za-z0-9.-]+(:.+)?$")
+_NQN_UUID = re.compile(r"^nqn\.2014-08\.org\.nvmexpress:uuid:[0-9a-fA-F-]{36}$")
+
+
+def check_nqn(nqn: str) -> str | None:
+    """Reject NQNs that real hosts would refuse, with the reason (NVMe base spec 4.5)."""
+    if not nqn:
+        return "must not be empty"
+    if len(nqn.encode()) > MAX_NQN_LEN:
+        return f"is longer than {MAX_NQN_LEN} bytes"
+    if nqn == DISCOVERY_NQN or _NQN_UUID.match(nqn) or _NQN_DATE.match(nqn):
+        return None
+    return "is not a valid NQN (nqn.yyyy-mm.reverse.domain[:name] or nqn.2014-08.org.nvmexpress:uuid:<uuid>)"
+
+
+def check_ascii_field(limit: int) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        if not value.isascii() or not value.isprintable():
+            return "must be printable ASCII"
+        if len(value) > limit:
+            return f"must be at most {limit} characters"
+        return None
+
+    return check
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    trtype: str  # "TCP"
+    adrfam: str  # "IPv4" | "IPv6"
+    traddr: str
+    trsvcid: str
+
+    @classmethod
+    def from_params(cls, p: dict[str, Any]) -> ListenAddress:
+        if not isinstance(p, dict):
+            raise InvalidParams("parameter 'listen_address' must be an object")
+        trtype = str(p.get("trtype", "tcp")).upper()
+        if trtype != "TCP":
+            raise InvalidParams(f"parameter 'trtype' {p.get('trtype')!r} is not supported (only tcp)")
+        traddr = p.get("traddr")
+        if not isinstance(traddr, str) or not traddr:
+            raise InvalidParams("missing required parameter 'traddr'")
+        try:
+            ip = ipaddress.ip_address(traddr.strip("[]"))
+        except ValueError:
+            raise InvalidParams(f"parameter 'traddr' {traddr!r} is not an IP address") from None
+        adrfam = p.get("adrfam")
+        want = "IPv4" if ip.version == 4 else "IPv6"
+        if adrfam is not None and str(adrfam).lower() != want.lower():
+            raise InvalidParams(f"parameter 'adrfam' {adrfam!r} does not match traddr {traddr}")
+        svc = p.get("trsvcid", "4420")
+        try:
+            port = int(str(svc))
+        except ValueError:
+            raise InvalidParams(f"parameter 'trsvcid' {svc!r} is not a port number") from None
+        if not 0 < port < 65536:
+            raise InvalidParams(f"parameter 'trsvcid' {svc!r} is not a port number")
+        return cls("TCP", want, str(ip), str(port))
+
+    @property
+    def port(self) -> int:
+        return int(self.trsvcid)
+
+    def describe(self) -> dict[str, str]:
+        return {"trtype": self.trtype, "adrfam": self.adrfam, "traddr": self.traddr,
+                "trsvcid": self.trsvcid}
+
+    def __str__(self) -> str:
+        host = f"[{self.traddr}]" if self.adrfam == "IPv6" else self.traddr
+        return f"{host}:{self.trsvcid}"
+
+
+@dataclass(eq=False)
+class Namespace:
+    nsid: int
+    bdev: Bdev
+    uuid: str
+    nguid: str  # 32 hex digits
+    eui64: str | None = None  # 16 hex digits
+    anagrpid: int = 1
+
+    def describe(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "nsid": self.nsid,
+            "bdev_name": self.bdev.name,
+            "name": self.bdev.name,
+            "nguid": self.nguid.upper(),
+            "uuid": self.uuid,
+            "anagrpid": self.anagrpid,
+        }
+        if self.eui64:
+            d["eui64"] = self.eui64.upper()
+        return d
+
+    def config_params(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"bdev_name": self.bdev.name, "nsid": self.nsid,
+                             "uuid": self.uuid, "nguid": self.nguid.upper()}
+        if self.eui64:
+            d["eui64"] = self.eui64.upper()
+        if self.anagrpid != 1:
+            d["anagrpid"] = self.anagrpid
+        return d
+
+
+@dataclass(eq=False)
+class Subsystem:
+    nqn: str
+    serial_number: str = DEFAULT_SERIAL
+    model_number: str = DEFAULT_MODEL
+    allow_any_host: bool = False
+    max_namespaces: int = 32
+    min_cntlid: int = 1
+    max_cntlid: int = MAX_CNTLID
+    ana_reporting: bool = False
+    subtype: str = "NVMe"
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    namespaces: dict[int, Namespace] = field(default_factory=dict)
+    listeners: list[ListenAddress] = field(default_factory=list)
+    # listener -> ANA state per group ("optimized", ...); filled by the ANA work
+    ana_states: dict[tuple[ListenAddress, int], str] = field(default_factory=dict)
+
+    def host_allowed(self, hostnqn: str) -> bool:
+        return self.allow_any_host or hostnqn in self.hosts
+
+    def listener_allowed(self, addr: ListenAddress) -> bool:
+        """Hosts may connect only through the subsystem's own listen addresses."""
+        for li in self.listeners:
+            if li.trsvcid == addr.trsvcid and (
+                li.traddr == addr.traddr or li.traddr in ("0.0.0.0", "::")
+            ):
+                return True
+        return False
+
+    def ns_list(self) -> list[Namespace]:
+        return [self.namespaces[k] for k in sorted(self.namespaces)]
+
+    def describe(self) -> dict[str, Any]:
+        """The shape of one SPDK nvmf_get_subsystems entry."""
+        d: dict[str, Any] = {
+            "nqn": self.nqn,
+            "subtype": self.subtype,
+            "listen_addresses": [li.describe() for li in self.listeners],
+            "allow_any_host": self.allow_any_host,
+            "hosts": [{"nqn": h, **extra} for h, extra in self.hosts.items()],
+        }
+        if self.subtype == "NVMe":
+            d.update(
+                serial_number=self.serial_number,
+                model_number=self.model_number,
+                max_namespaces=self.max_namespaces,
+                min_cntlid=self.min_cntlid,
+                max_cntlid=self.max_cntlid,
+                ana_reporting=self.ana_reporting,
+                namespaces=[ns.describe() for ns in self.ns_list()],
+            )
+        return d
+
+
+ChangeObserver = Callable[[str, "Subsystem | None", Any], None]
+
+
+class SubsystemRegistry:
+    """All subsystems of the target, plus the generation counter hosts poll in discovery."""
+
+    def __init__(self) -> None:
+        self._subsystems: dict[str, Subsystem] = {}
+        self.genctr = 0
+        self.observers: list[ChangeObserver] = []
+        self.referrals: list[dict[str, Any]] = []
+        self.discovery = Subsystem(DISCOVERY_NQN, subtype="Discovery", allow_any_host=True)
+
+    def __iter__(self) -> Iterator[Subsystem]:
+        return iter(list(self._subsystems.values()))
+
+    def __len__(self) -> int:
+        return len(self._subsystems)
+
+    def find(self, nqn: str) -> Subsystem | None:
+        if nqn == DISCOVERY_NQN:
+            return self.discovery
+        return self._subsystems.get(nqn)
+
+    def get(self, nqn: str) -> Subsystem:
+        s = self._subsystems.get(nqn)
+        if s is None:
+            raise NoSuchDevice(f"subsystem '{nqn}' does not exist")
+        return s
+
+    def changed(self, event: str, subsys: Subsystem | None, detail: Any = None) -> None:
+        self.genctr += 1
+        for obs in list(self.observers):
+            obs(event, subsys, detail)
+
+    # ---- subsystems ----
+    def add(self, subsys: Subsystem) -> None:
+        if subsys.nqn == DISCOVERY_NQN or subsys.nqn in self._subsystems:
+            raise AlreadyExists(f"subsystem '{subsys.nqn}' already exists")
+        self._subsystems[subsys.nqn] = subsys
+        self.changed("subsystem_added", subsys)
+
+    def remove(self, nqn: str) -> Subsystem:
+        subsys = self.get(nqn)
+        for ns in list(subsys.namespaces.values()):
+            self.remove_namespace(subsys, ns.nsid)
+        del self._subsystems[nqn]
+        self.changed("subsystem_removed", subsys)
+        return subsys
+
+    # ---- namespaces ----
+    def add_namespace(
+        self,
+        subsys: Subsystem,
+        bdev: Bdev,
+        *,
+        nsid: int | None = None,
+        uuid: str | None = None,
+        nguid: str | None = None,
+        eui64: str | None = None,
+        anagrpid: int | None = None,
+    ) -> Namespace:
+        if nsid is None or nsid == 0:
+            nsid = next(i for i in range(1, subsys.max_namespaces + 2) if i not in subsys.namespaces)
+        if nsid < 1 or nsid > subsys.max_namespaces or nsid == 0xFFFFFFFF:
+            raise InvalidParams(
+                f"parameter 'nsid' {nsid} is out of range 1..{subsys.max_namespaces}"
+            )
+        if nsid in subsys.namespaces:
+            raise AlreadyExists(f"nsid {nsid} already exists in subsystem '{subsys.nqn}'")
+        ns_uuid = str(uuidlib.UUID(uuid)) if uuid else bdev.uuid
+        ns_nguid = _hex_id(nguid, 16, "nguid") if nguid else uuidlib.UUID(ns_uuid).hex
+        ns_eui = _hex_id(eui64, 8, "eui64") if eui64 else None
+        for other in self:
+            for ns in other.namespaces.values():
+                if ns.bdev is bdev:
+                    raise AlreadyExists(
+                        f"bdev '{bdev.name}' is already nsid {ns.nsid} of '{other.nqn}'"
+                    )
+        bdev.claim(f"subsystem {subsys.nqn}")
+        ns = Namespace(nsid, bdev, ns_uuid, ns_nguid, ns_eui, anagrpid or 1)
+        subsys.namespaces[nsid] = ns
+        self.changed("ns_added", subsys, ns)
+        return ns
+
+    def remove_namespace(self, subsys: Subsystem, nsid: int) -> Namespace:
+        ns = subsys.namespaces.pop(nsid, None)
+        if ns is None:
+            raise NoSuchDevice(f"nsid {nsid} does not exist in subsystem '{subsys.nqn}'")
+        ns.bdev.release(f"subsystem {subsys.nqn}")
+        self.changed("ns_removed", subsys, ns)
+        return ns
+
+    # ---- hosts ----
+    def add_host(self, subsys: Subsystem, hostnqn: str, **extra: Any) -> None:
+        if hostnqn in subsys.hosts:
+            raise AlreadyExists(f"host '{hostnqn}' is already allowed in '{subsys.nqn}'")
+        subsys.hosts[hostnqn] = {k: v for k, v in extra.items() if v is not None}
+        self.changed("host_added", subsys, hostnqn)
+
+    def remove_host(self, subsys: Subsystem, hostnqn: str) -> None:
+        if hostnqn not in subsys.hosts:
+            raise NoSuchDevice(f"host '{hostnqn}' is not in '{subsys.nqn}'")
+        del subsys.hosts[hostnqn]
+        self.changed("host_removed", subsys, hostnqn)
+
+    def set_allow_any_host(self, subsys: Subsystem, allow: bool) -> None:
+        subsys.allow_any_host = allow
+        self.changed("hosts_changed", subsys)
+
+    # ---- listeners ----
+    def add_listener(self, subsys: Subsystem, addr: ListenAddress) -> None:
+        if addr in subsys.listeners:
+            raise AlreadyExists(f"listener {addr} already exists in '{subsys.nqn}'")
+        subsys.listeners.append(addr)
+        self.changed("listener_added", subsys, addr)
+
+    def remove_listener(self, subsys: Subsystem, addr: ListenAddress) -> None:
+        if addr not in subsys.listeners:
+            raise NoSuchDevice(f"listener {addr} does not exist in '{subsys.nqn}'")
+        subsys.listeners.remove(addr)
+        self.changed("listener_removed", subsys, addr)
+
+    def all_listen_addresses(self) -> set[ListenAddress]:
+        return {li for s in self for li in s.listeners}
+
+
+def _hex_id(value: str, nbytes: int, name: str) -> str:
+    text = value.replace("-", "").lower()
+    if len(text) != nbytes * 2 or any(c not in "0123456789abcdef" for c in text):
+        raise InvalidParams(f"parameter '{name}' must be {nbytes * 2} hex digits")
+    return text

@@ -1,0 +1,357 @@
+"""Reactors: one pinned OS thread per core, each with its own event loop.
+
+Everything a connection touches on the I/O path belongs to exactly one reactor, so the
+I/O path needs no locks; other threads reach a reactor only through `send()`. Pollers
+give SPDK-style polling of completion sources (NVMe CQs, io_uring) without burning a core
+when idle: a reactor busy-polls while pollers report work and for `busy_poll_us` after the
+last work, then falls back to a timed poll every `idle_poll_us` and sleeps in the event
+loop in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+try:  # uvloop is a dependency on Linux, but a reactor must still run without it
+    import uvloop
+
+    _new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    LOOP_KIND = "uvloop"
+except ImportError:  # pragma: no cover - exercised only where uvloop is missing
+    _new_loop = asyncio.new_event_loop
+    LOOP_KIND = "asyncio"
+
+
+def parse_cores(spec: Any) -> list[int]:
+    """Accept a list of cores, an SPDK hex mask ('0x3'), or a range string ('0-1,3')."""
+    available = sorted(os.sched_getaffinity(0))
+    if spec is None:
+        return available
+    cores: list[int]
+    if isinstance(spec, list):
+        if not spec or not all(isinstance(c, int) and not isinstance(c, bool) for c in spec):
+            raise ValueError("cores must be a non-empty list of integers")
+        cores = list(spec)
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        cores = [i for i in range(spec.bit_length()) if spec >> i & 1]
+    elif isinstance(spec, str):
+        text = spec.strip().strip("[]")
+        if text.lower().startswith("0x"):
+            mask = int(text, 16)
+            cores = [i for i in range(mask.bit_length()) if mask >> i & 1]
+        else:
+            cores = []
+            for part in filter(None, (p.strip() for p in text.split(","))):
+                if "-" in part:
+                    lo, hi = part.split("-", 1)
+                    cores.extend(range(int(lo), int(hi) + 1))
+                else:
+                    cores.append(int(part))
+    else:
+        raise ValueError(f"cores must be a list or a hex mask, got {spec!r}")
+    if not cores:
+        raise ValueError("no cores selected")
+    if len(set(cores)) != len(cores):
+        raise ValueError(f"duplicate cores in {spec!r}")
+    missing = [c for c in cores if c not in available]
+    if missing:
+        raise ValueError(f"cores {missing} are not available to this process (have {available})")
+    return cores
+
+
+@dataclass(eq=False)
+class Poller:
+    """A function the reactor calls repeatedly; it returns how much work it did."""
+
+    fn: Callable[[], int]
+    name: str
+    runs: int = 0
+    work: int = 0
+
+
+@dataclass
+class ReactorStats:
+    """Plain counters written only by the owning thread; readers may see them a bit stale."""
+
+    messages: int = 0
+    poll_runs: int = 0
+    poll_work: int = 0
+    connections_opened: int = 0
+    connections_closed: int = 0
+
+
+@dataclass(eq=False)
+class Reactor:
+    index: int
+    core: int
+    busy_poll_us: int = 200
+    idle_poll_us: int = 1000
+    pin: bool = True
+    loop: asyncio.AbstractEventLoop | None = None
+    tid: int = 0
+    stats: ReactorStats = field(default_factory=ReactorStats)
+    pollers: list[Poller] = field(default_factory=list)
+    # Objects owned by this reactor, by kind, for framework_get_reactors and metrics.
+    owned: dict[str, set[Any]] = field(default_factory=dict)
+    _thread: threading.Thread | None = None
+    _started: threading.Event = field(default_factory=threading.Event)
+    _stopped: asyncio.Event | None = None
+    _poll_handle: asyncio.Handle | None = None
+    _last_work_ns: int = 0
+    _start_ns: int = 0
+    _startup_error: BaseException | None = None
+
+    # ---- lifecycle (called from the owning Target's thread) ----
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"reactor_{self.index}", daemon=True
+        )
+        self._thread.start()
+        self._started.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def _run(self) -> None:
+        try:
+            if self.pin:
+                os.sched_setaffinity(0, {self.core})
+            self.tid = threading.get_native_id()
+            self.loop = _new_loop()
+            asyncio.set_event_loop(self.loop)
+            self._stopped = asyncio.Event()
+            self._start_ns = time.monotonic_ns()
+        except BaseException as exc:  # noqa: BLE001 - reported to start()
+            self._startup_error = exc
+            self._started.set()
+            return
+        self._started.set()
+        try:
+            self.loop.run_until_complete(self._stopped.wait())
+            # Let tasks cancelled by stop() finish their cleanup.
+            pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        finally:
+            self.loop.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.loop is None or self._thread is None:
+            return
+        if self._stopped is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._stopped.set)
+            except RuntimeError:
+                pass
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def on_reactor(self) -> bool:
+        return threading.get_native_id() == self.tid
+
+    # ---- messages ----
+    def send(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Run fn(*args) on this reactor; if it returns an awaitable, await it there.
+
+        The returned concurrent future can be awaited from another loop with
+        `asyncio.wrap_future`, which is how the control plane talks to reactors.
+        """
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        assert self.loop is not None, "reactor not started"
+
+        def run() -> None:
+            self.stats.messages += 1
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - delivered to the sender
+                fut.set_exception(exc)
+                return
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                task = asyncio.ensure_future(result)
+
+                def done(t: asyncio.Future[Any]) -> None:
+                    if t.cancelled():
+                        fut.cancel()
+                    elif t.exception() is not None:
+                        fut.set_exception(t.exception())  # type: ignore[arg-type]
+                    else:
+                        fut.set_result(t.result())
+
+                task.add_done_callback(done)
+            else:
+                fut.set_result(result)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Await `send(fn)` from another event loop (or run inline on our own)."""
+        if self.on_reactor():
+            result = fn(*args)
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                result = await result
+            return result
+        return await asyncio.wrap_future(self.send(fn, *args))
+
+    # ---- pollers (call on the reactor thread) ----
+    def register_poller(self, fn: Callable[[], int], name: str) -> Poller:
+        poller = Poller(fn, name)
+        self.pollers.append(poller)
+        self._last_work_ns = time.monotonic_ns()
+        self._schedule_poll(0.0)
+        return poller
+
+    def unregister_poller(self, poller: Poller) -> None:
+        if poller in self.pollers:
+            self.pollers.remove(poller)
+
+    def kick(self) -> None:
+        """Tell the reactor that work is pending: poll now instead of after the idle delay."""
+        self._last_work_ns = time.monotonic_ns()
+        if self._poll_handle is not None and isinstance(self._poll_handle, asyncio.TimerHandle):
+            self._poll_handle.cancel()
+            self._poll_handle = None
+        self._schedule_poll(0.0)
+
+    def _schedule_poll(self, delay: float) -> None:
+        if self._poll_handle is not None or self.loop is None:
+            return
+        if delay <= 0:
+            self._poll_handle = self.loop.call_soon(self._poll)
+        else:
+            self._poll_handle = self.loop.call_later(delay, self._poll)
+
+    def _poll(self) -> None:
+        self._poll_handle = None
+        if not self.pollers:
+            return
+        work = 0
+        for poller in tuple(self.pollers):
+            try:
+                done = poller.fn()
+            except Exception:  # a faulty poller must not stop the reactor
+                log.exception("poller %s failed; unregistering it", poller.name)
+                self.unregister_poller(poller)
+                continue
+            poller.runs += 1
+            if done:
+                poller.work += done
+                work += done
+        self.stats.poll_runs += 1
+        now = time.monotonic_ns()
+        if work:
+            self.stats.poll_work += work
+            self._last_work_ns = now
+        if now - self._last_work_ns < self.busy_poll_us * 1000:
+            self._schedule_poll(0.0)
+        else:
+            self._schedule_poll(self.idle_poll_us / 1e6)
+
+    # ---- ownership bookkeeping (reactor thread) ----
+    def own(self, kind: str, obj: Any) -> None:
+        self.owned.setdefault(kind, set()).add(obj)
+
+    def disown(self, kind: str, obj: Any) -> None:
+        self.owned.get(kind, set()).discard(obj)
+
+    # ---- accounting (any thread) ----
+    def cpu_ns(self) -> int:
+        """CPU time of the reactor thread, read from schedstat so no message is needed."""
+        if not self.tid:
+            return 0
+        try:
+            with open(f"/proc/self/task/{self.tid}/schedstat") as f:
+                return int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            try:
+                with open(f"/proc/self/task/{self.tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                ticks = int(fields[11]) + int(fields[12])
+                return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                return 0
+
+    def wall_ns(self) -> int:
+        return time.monotonic_ns() - self._start_ns if self._start_ns else 0
+
+    def describe(self) -> dict[str, Any]:
+        busy = self.cpu_ns()
+        wall = self.wall_ns()
+        return {
+            "lcore": self.core,
+            "index": self.index,
+            "tid": self.tid,
+            "loop": LOOP_KIND,
+            "busy": busy,
+            "idle": max(wall - busy, 0),
+            "busy_seconds": busy / 1e9,
+            "idle_seconds": max(wall - busy, 0) / 1e9,
+            "messages": self.stats.messages,
+            "pollers": [{"name": p.name, "runs": p.runs, "work": p.work} for p in self.pollers],
+            "connections": sorted(str(c) for c in self.owned.get("connection", ())),
+            "channels": sorted(str(c) for c in self.owned.get("channel", ())),
+            "irq_mode": False,
+        }
+
+
+class ReactorPool:
+    """The set of reactors plus the round-robin choice of where new work lives."""
+
+    def __init__(self, cores: Iterable[int], *, pin: bool = True, busy_poll_us: int = 200,
+                 idle_poll_us: int = 1000) -> None:
+        self.reactors = [
+            Reactor(i, core, pin=pin, busy_poll_us=busy_poll_us, idle_poll_us=idle_poll_us)
+            for i, core in enumerate(cores)
+        ]
+        self._next = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.reactors)
+
+    def __len__(self) -> int:
+        return len(self.reactors)
+
+    def __getitem__(self, i: int) -> Reactor:
+        return self.reactors[i]
+
+    def start(self) -> None:
+        started: list[Reactor] = []
+        try:
+            for r in self.reactors:
+                r.start()
+                started.append(r)
+        except BaseException:
+            for r in started:
+                r.stop()
+            raise
+
+    def stop(self) -> None:
+        for r in self.reactors:
+            r.stop()
+
+    def pick(self) -> Reactor:
+        """Round robin: connections are spread evenly and never move afterwards."""
+        r = self.reactors[self._next % len(self.reactors)]
+        self._next += 1
+        return r
+
+    async def broadcast(self, fn: Callable[[Reactor], Any]) -> list[Any]:
+        """Run fn(reactor) on every reactor and wait for all; how shared state changes."""
+        futs = [asyncio.wrap_future(r.send(fn, r)) for r in self.reactors if r.loop is not None]
+        return list(await asyncio.gather(*futs))

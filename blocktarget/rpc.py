@@ -1,0 +1,351 @@
+"""JSON-RPC 2.0: the method registry, the protocol core, and its two servers.
+
+The protocol core (`Dispatcher.handle`) takes decoded JSON and returns the response
+object, so HTTP, the Unix socket and the config loader share one implementation of
+method lookup, parameter checking and error codes. The Unix socket speaks SPDK's framing
+(a bare stream of JSON values, no length prefix, no newline requirement) so SPDK's own
+`rpc.py` client works against it unmodified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    RpcError,
+)
+from .params import Schema, validate
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .app import Target
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+Handler = Callable[["Target", dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Handler
+    schema: Schema
+    aliases: tuple[str, ...] = ()
+    doc: str = ""
+    # Whether a config file may contain this call (state-changing methods replayed at start).
+    in_config: bool = True
+    # Part of the target's state that save_config groups it under ("bdev", "nvmf", ...).
+    section: str = ""
+
+
+@dataclass
+class MethodRegistry:
+    methods: dict[str, Method] = field(default_factory=dict)
+    by_name: dict[str, Method] = field(default_factory=dict)
+
+    def register(
+        self,
+        name: str,
+        schema: Schema | None = None,
+        *,
+        aliases: tuple[str, ...] = (),
+        in_config: bool = True,
+        section: str = "",
+    ) -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
+            m = Method(name, fn, schema or Schema(), aliases, inspect.getdoc(fn) or "",
+                       in_config, section)
+            for n in (name, *aliases):
+                if n in self.by_name:
+                    raise ValueError(f"RPC method {n} registered twice")
+                self.by_name[n] = m
+            self.methods[name] = m
+            return fn
+
+        return deco
+
+    def get(self, name: str) -> Method | None:
+        return self.by_name.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self.by_name)
+
+
+REGISTRY = MethodRegistry()
+method = REGISTRY.register
+
+
+def load_methods() -> MethodRegistry:
+    """Import the method modules so they register; explicit keeps startup predictable."""
+    from .rpc_methods import bdev, framework, nvmf  # noqa: F401
+
+    return REGISTRY
+
+
+async def call_method(target: Target, name: str, params: Any) -> Any:
+    """Run one method by name with raw params; raises RpcError on any user error."""
+    m = REGISTRY.get(name)
+    if m is None:
+        raise RpcError(f"Method not found: {name}", METHOD_NOT_FOUND)
+    checked = validate(m.schema, params)
+    result = m.fn(target, checked)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def _error(id_: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return {"jsonrpc": "2.0", "id": id_, "error": err}
+
+
+class Dispatcher:
+    """Turns decoded JSON-RPC requests (single or batch) into response objects."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.calls = 0
+        self.errors = 0
+
+    async def handle(self, request: Any) -> Any:
+        """Return a response, a list of responses, or None (notifications only)."""
+        if isinstance(request, list):
+            if not request:
+                return _error(None, INVALID_REQUEST, "Invalid Request: empty batch")
+            responses = []
+            for item in request:
+                r = await self._handle_one(item)
+                if r is not None:
+                    responses.append(r)
+            return responses or None
+        return await self._handle_one(request)
+
+    async def _handle_one(self, req: Any) -> dict[str, Any] | None:
+        self.calls += 1
+        if not isinstance(req, dict):
+            self.errors += 1
+            return _error(None, INVALID_REQUEST, "Invalid Request: not an object")
+        id_ = req.get("id")
+        is_notification = "id" not in req
+        if (
+            req.get("jsonrpc") != "2.0"
+            or not isinstance(req.get("method"), str)
+            or ("params" in req and not isinstance(req["params"], dict | list | type(None)))
+            or not (id_ is None or isinstance(id_, str | int | float))
+            or isinstance(id_, bool)
+        ):
+            self.errors += 1
+            return _error(id_ if isinstance(id_, str | int) else None, INVALID_REQUEST,
+                          "Invalid Request")
+        params = req.get("params")
+        if isinstance(params, list):
+            self.errors += 1
+            return None if is_notification else _error(
+                id_, -32602, "Invalid params: positional params are not supported")
+        try:
+            result = await call_method(self.target, req["method"], params)
+        except RpcError as exc:
+            self.errors += 1
+            return None if is_notification else _error(id_, exc.code, exc.message, exc.data)
+        except Exception as exc:  # a bug, not a user error: log it, report -32603
+            self.errors += 1
+            log.exception("RPC %s failed", req["method"])
+            return None if is_notification else _error(
+                id_, INTERNAL_ERROR, f"Internal error: {type(exc).__name__}: {exc}")
+        if is_notification:
+            return None
+        return {"jsonrpc": "2.0", "id": id_, "result": result}
+
+
+# ---------------------------------------------------------------------------
+# Unix socket server (SPDK framing)
+
+
+class _StreamDecoder:
+    """Splits a byte stream into JSON values (objects or arrays, as JSON-RPC sends).
+
+    A value ends where its brackets balance outside strings; scanning for that keeps
+    "incomplete, wait for more" apart from "malformed" without re-parsing the buffer.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self._pos = 0  # scan position inside the current value
+        self._depth = 0
+        self._in_str = False
+        self._escape = False
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def feed(self, data: bytes) -> list[Any]:
+        self.buf += data
+        out: list[Any] = []
+        buf = self.buf
+        i = self._pos
+        n = len(buf)
+        while i < n:
+            c = buf[i]
+            if self._depth == 0:
+                if c in b" \t\r\n":
+                    i += 1
+                    continue
+                if c not in b"{[":
+                    raise ValueError("Parse error: expected a JSON object or array")
+                del buf[:i]
+                n = len(buf)
+                i = 0
+            if self._in_str:
+                if self._escape:
+                    self._escape = False
+                elif c == 0x5C:  # backslash
+                    self._escape = True
+                elif c == 0x22:
+                    self._in_str = False
+            elif c == 0x22:
+                self._in_str = True
+            elif c in b"{[":
+                self._depth += 1
+            elif c in b"}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    try:
+                        out.append(json.loads(bytes(buf[: i + 1])))
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        raise ValueError(f"Parse error: {exc}") from None
+                    del buf[: i + 1]
+                    n = len(buf)
+                    i = 0
+                    continue
+            i += 1
+        if self._depth == 0:
+            del buf[:i]
+            i = 0
+        self._pos = i
+        return out
+
+
+class UnixRpcServer:
+    def __init__(self, dispatcher: Dispatcher, path: str) -> None:
+        self.dispatcher = dispatcher
+        self.path = path
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if os.path.exists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise OSError(f"{self.path} exists and is not a socket")
+            if await _socket_alive(self.path):
+                raise OSError(
+                    f"RPC socket {self.path} is in use by another running target"
+                )
+            os.unlink(self.path)  # stale socket from a killed process
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        old = os.umask(0o177)  # create it 0600: the socket is full control of the target
+        try:
+            self.server = await asyncio.start_unix_server(self._client, path=self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+            except TimeoutError:
+                pass
+            self.server = None
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = _StreamDecoder()
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if len(dec) + len(data) > MAX_REQUEST_BYTES:
+                    writer.write(json.dumps(_error(None, INVALID_REQUEST,
+                                                   "request too large")).encode())
+                    break
+                try:
+                    requests = dec.feed(data)
+                except ValueError as exc:
+                    writer.write(json.dumps(_error(None, PARSE_ERROR, str(exc))).encode())
+                    break
+                for req in requests:
+                    resp = await self.dispatcher.handle(req)
+                    if resp is not None:
+                        writer.write(json.dumps(resp).encode())
+                        await writer.drain()
+            await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+async def _socket_alive(path: str) -> bool:
+    try:
+        _, w = await asyncio.wait_for(asyncio.open_unix_connection(path), 1)
+    except (OSError, TimeoutError):
+        return False
+    w.close()
+    return True
+
+
+# ---------------------------------------------------------------------------
+# HTTP (aiohttp)
+
+
+def http_handler(dispatcher: Dispatcher) -> Callable[[web.Request], Awaitable[web.Response]]:
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            req = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return web.json_response(_error(None, PARSE_ERROR, f"Parse error: {exc}"))
+        resp = await dispatcher.handle(req)
+        if resp is None:
+            return web.Response(status=204)
+        return web.json_response(resp)
+
+    return handle
+
+
+def parse_http_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9009', '[::1]:9009' or ':9009' -> (host, port)."""
+    text = text.strip()
+    if text.startswith("http://"):
+        text = text[len("http://") :].rstrip("/")
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+    else:
+        host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad HTTP address {text!r}: expected HOST:PORT")
+    return host or "127.0.0.1", int(port)

@@ -1,0 +1,1 @@
+"""JSON-RPC methods, one module per area; each registers with rpc.method."""

@@ -1,0 +1,341 @@
+"""NVMe-oF methods: transports, subsystems, namespaces, hosts, listeners.
+
+SPDK's names and parameter shapes (so SPDK's client and SPDK-shaped config files work),
+plus the card's compact `subsystem_add` / `subsystem_remove` / `subsystem_get`, which are
+compositions of the same operations rather than second implementations.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AlreadyExists, InvalidParams, NoSuchDevice
+from ..nvme.subsystem import (
+    DISCOVERY_NQN,
+    MAX_CNTLID,
+    ListenAddress,
+    Subsystem,
+    check_ascii_field,
+    check_nqn,
+)
+from ..params import Param, Schema, non_negative, positive, validate
+from ..rpc import method
+from ..transport_opts import TRANSPORT_SCHEMA, TransportOptions
+
+if TYPE_CHECKING:
+    from ..app import Target
+
+TGT = Param("tgt_name", str, help="accepted for SPDK compatibility; one target per process")
+
+
+def _subsys(target: Target, nqn: str) -> Subsystem:
+    if nqn == DISCOVERY_NQN:
+        raise InvalidParams("the discovery subsystem cannot be changed")
+    return target.subsystems.get(nqn)
+
+
+# ---- transports -------------------------------------------------------------
+
+
+@method("nvmf_create_transport", TRANSPORT_SCHEMA, section="nvmf")
+def nvmf_create_transport(target: Target, params: dict[str, Any]) -> bool:
+    """Create the TCP transport with SPDK's options (only TCP exists here)."""
+    opts = TransportOptions.from_params(params)
+    if opts.trtype in target.transports:
+        raise AlreadyExists(f"transport {opts.trtype} already exists")
+    target.transports[opts.trtype] = opts
+    return True
+
+
+@method("nvmf_get_transports", Schema((Param("trtype", str), TGT)), in_config=False)
+def nvmf_get_transports(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """List transports with their options."""
+    out = [t.describe() for t in target.transports.values()]
+    if params.get("trtype"):
+        out = [t for t in out if t["trtype"].upper() == params["trtype"].upper()]
+        if not out:
+            raise NoSuchDevice(f"transport {params['trtype']} does not exist")
+    return out
+
+
+# ---- subsystems -------------------------------------------------------------
+
+CREATE_SUBSYSTEM = Schema(
+    (
+        Param("nqn", str, required=True, check=check_nqn),
+        Param("serial_number", str, check=check_ascii_field(20)),
+        Param("model_number", str, check=check_ascii_field(40)),
+        Param("allow_any_host", bool, default=False),
+        Param("max_namespaces", int, default=32, check=positive),
+        Param("ana_reporting", bool, default=False),
+        Param("min_cntlid", int, default=1),
+        Param("max_cntlid", int, default=MAX_CNTLID),
+        TGT,
+    ),
+    extra_ok=frozenset({"passthrough", "enable_nssr"}),
+)
+
+
+@method("nvmf_create_subsystem", CREATE_SUBSYSTEM, section="nvmf")
+def nvmf_create_subsystem(target: Target, params: dict[str, Any]) -> bool:
+    """Create an NVM subsystem (empty: add namespaces, listeners and hosts after)."""
+    lo, hi = params["min_cntlid"], params["max_cntlid"]
+    if not 1 <= lo <= hi <= MAX_CNTLID:
+        raise InvalidParams(
+            f"parameters 'min_cntlid'/'max_cntlid' must satisfy 1 <= {lo} <= {hi} <= {MAX_CNTLID}"
+        )
+    sub = Subsystem(
+        nqn=params["nqn"],
+        allow_any_host=params["allow_any_host"],
+        max_namespaces=params["max_namespaces"],
+        ana_reporting=params["ana_reporting"],
+        min_cntlid=lo,
+        max_cntlid=hi,
+    )
+    if params.get("serial_number"):
+        sub.serial_number = params["serial_number"]
+    if params.get("model_number"):
+        sub.model_number = params["model_number"]
+    target.subsystems.add(sub)
+    return True
+
+
+@method("nvmf_delete_subsystem", Schema((Param("nqn", str, required=True), TGT)),
+        in_config=False)
+async def nvmf_delete_subsystem(target: Target, params: dict[str, Any]) -> bool:
+    """Delete a subsystem: its controllers are disconnected, its bdevs released."""
+    sub = _subsys(target, params["nqn"])
+    await target.remove_subsystem(sub)
+    return True
+
+
+@method(
+    "nvmf_get_subsystems",
+    Schema((Param("nqn", str), TGT)),
+    in_config=False,
+)
+def nvmf_get_subsystems(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """List subsystems in SPDK's shape (the discovery subsystem first)."""
+    subs = [target.subsystems.discovery, *target.subsystems]
+    if params.get("nqn"):
+        subs = [s for s in subs if s.nqn == params["nqn"]]
+        if not subs:
+            raise NoSuchDevice(f"subsystem '{params['nqn']}' does not exist")
+    out = []
+    for s in subs:
+        d = s.describe()
+        if s.subtype == "Discovery":
+            d["listen_addresses"] = [a.describe() for a in sorted(
+                target.subsystems.all_listen_addresses(), key=str)]
+        out.append(d)
+    return out
+
+
+# ---- namespaces -------------------------------------------------------------
+
+NS_SCHEMA = Schema(
+    (
+        Param("bdev_name", str, required=True),
+        Param("nsid", int, default=0, check=non_negative),
+        Param("uuid", str),
+        Param("nguid", str),
+        Param("eui64", str),
+        Param("anagrpid", int, check=positive),
+    ),
+    extra_ok=frozenset({"ptpl_file", "no_auto_visible", "hide_metadata"}),
+)
+
+
+@method(
+    "nvmf_subsystem_add_ns",
+    Schema((Param("nqn", str, required=True), Param("namespace", dict, required=True), TGT),
+           extra_ok=frozenset({"no_auto_visible"})),
+    section="nvmf",
+)
+async def nvmf_subsystem_add_ns(target: Target, params: dict[str, Any]) -> int:
+    """Add a namespace backed by a bdev; returns its nsid. Connected hosts get an AEN."""
+    sub = _subsys(target, params["nqn"])
+    ns = validate(NS_SCHEMA, params["namespace"])
+    bdev = target.bdevs.get(ns["bdev_name"])
+    try:
+        created = target.subsystems.add_namespace(
+            sub, bdev, nsid=ns["nsid"] or None, uuid=ns.get("uuid"), nguid=ns.get("nguid"),
+            eui64=ns.get("eui64"), anagrpid=ns.get("anagrpid"),
+        )
+    except ValueError as exc:
+        raise InvalidParams(f"parameter 'uuid' {exc}") from None
+    return created.nsid
+
+
+@method("nvmf_subsystem_remove_ns",
+        Schema((Param("nqn", str, required=True), Param("nsid", int, required=True), TGT)),
+        in_config=False)
+async def nvmf_subsystem_remove_ns(target: Target, params: dict[str, Any]) -> bool:
+    """Remove a namespace; its bdev is released (and may then be deleted)."""
+    sub = _subsys(target, params["nqn"])
+    await target.remove_namespace(sub, params["nsid"])
+    return True
+
+
+# ---- listeners ----------------------------------------------------------------
+
+LISTENER_SCHEMA = Schema(
+    (
+        Param("nqn", str, required=True),
+        Param("listen_address", dict, required=True),
+        TGT,
+    ),
+    extra_ok=frozenset({"secure_channel", "ana_state", "anagrpid", "sock_impl"}),
+)
+
+
+@method("nvmf_subsystem_add_listener", LISTENER_SCHEMA, section="nvmf")
+async def nvmf_subsystem_add_listener(target: Target, params: dict[str, Any]) -> bool:
+    """Listen on an address for this subsystem (the socket is shared between subsystems)."""
+    sub = _subsys(target, params["nqn"])
+    addr = ListenAddress.from_params(params["listen_address"])
+    if addr in sub.listeners:
+        raise AlreadyExists(f"listener {addr} already exists in '{sub.nqn}'")
+    await target.listen(addr)
+    target.subsystems.add_listener(sub, addr)
+    return True
+
+
+@method("nvmf_subsystem_remove_listener", LISTENER_SCHEMA, in_config=False)
+async def nvmf_subsystem_remove_listener(target: Target, params: dict[str, Any]) -> bool:
+    """Stop offering the subsystem on an address; the socket closes when no one uses it."""
+    sub = _subsys(target, params["nqn"])
+    addr = ListenAddress.from_params(params["listen_address"])
+    target.subsystems.remove_listener(sub, addr)
+    await target.unlisten_if_unused(addr)
+    return True
+
+
+# ---- hosts ------------------------------------------------------------------
+
+
+@method(
+    "nvmf_subsystem_add_host",
+    Schema(
+        (Param("nqn", str, required=True), Param("host", str, required=True, check=check_nqn),
+         TGT, Param("dhchap_key", str), Param("dhchap_ctrlr_key", str), Param("psk", str)),
+    ),
+    section="nvmf",
+)
+def nvmf_subsystem_add_host(target: Target, params: dict[str, Any]) -> bool:
+    """Allow a host NQN to connect to the subsystem."""
+    sub = _subsys(target, params["nqn"])
+    target.subsystems.add_host(
+        sub, params["host"], dhchap_key=params.get("dhchap_key"),
+        dhchap_ctrlr_key=params.get("dhchap_ctrlr_key"), psk=params.get("psk"),
+    )
+    return True
+
+
+@method(
+    "nvmf_subsystem_remove_host",
+    Schema((Param("nqn", str, required=True), Param("host", str, required=True), TGT)),
+    in_config=False,
+)
+async def nvmf_subsystem_remove_host(target: Target, params: dict[str, Any]) -> bool:
+    """Revoke a host: it can no longer connect, and its live controllers are dropped."""
+    sub = _subsys(target, params["nqn"])
+    target.subsystems.remove_host(sub, params["host"])
+    await target.disconnect_host(sub, params["host"])
+    return True
+
+
+@method(
+    "nvmf_subsystem_allow_any_host",
+    Schema((Param("nqn", str, required=True), Param("allow_any_host", bool, required=True),
+            TGT)),
+    section="nvmf",
+)
+def nvmf_subsystem_allow_any_host(target: Target, params: dict[str, Any]) -> bool:
+    """Turn the host allow-list off (any host may connect) or on."""
+    sub = _subsys(target, params["nqn"])
+    target.subsystems.set_allow_any_host(sub, params["allow_any_host"])
+    return True
+
+
+# ---- the card's compact forms ---------------------------------------------------
+
+SUBSYSTEM_ADD = Schema(
+    (
+        Param("nqn", str, required=True, check=check_nqn),
+        Param("serial_number", str, check=check_ascii_field(20)),
+        Param("model_number", str, check=check_ascii_field(40)),
+        Param("allow_any_host", bool, default=False),
+        Param("hosts", list, default=[]),
+        Param("namespaces", list, default=[]),
+        Param("listeners", list, default=[]),
+        Param("max_namespaces", int, default=32, check=positive),
+        Param("ana_reporting", bool, default=False),
+    )
+)
+
+
+@method("subsystem_add", SUBSYSTEM_ADD, in_config=False)
+async def subsystem_add(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """Create a subsystem with its hosts, namespaces and listeners in one call.
+
+    All parts are checked before anything is created, so a bad namespace or listener
+    leaves no half-made subsystem behind.
+    """
+    hosts = params["hosts"]
+    for i, h in enumerate(hosts):
+        if not isinstance(h, str) or check_nqn(h):
+            raise InvalidParams(f"parameter 'hosts[{i}]' is not a valid host NQN")
+    nss = []
+    for i, ns in enumerate(params["namespaces"]):
+        if not isinstance(ns, dict):
+            raise InvalidParams(f"parameter 'namespaces[{i}]' must be an object")
+        try:
+            v = validate(NS_SCHEMA, ns)
+        except InvalidParams as exc:
+            raise InvalidParams(f"namespaces[{i}]: {exc.message}") from None
+        target.bdevs.get(v["bdev_name"])
+        nss.append(v)
+    addrs = []
+    for i, li in enumerate(params["listeners"]):
+        try:
+            addrs.append(ListenAddress.from_params(li))
+        except InvalidParams as exc:
+            raise InvalidParams(f"listeners[{i}]: {exc.message}") from None
+    if target.subsystems.find(params["nqn"]) is not None:
+        raise AlreadyExists(f"subsystem '{params['nqn']}' already exists")
+    nvmf_create_subsystem(target, validate(CREATE_SUBSYSTEM, {
+        k: params[k] for k in ("nqn", "serial_number", "model_number", "allow_any_host",
+                               "max_namespaces", "ana_reporting") if params.get(k) is not None
+    }))
+    sub = target.subsystems.get(params["nqn"])
+    try:
+        for h in hosts:
+            target.subsystems.add_host(sub, h)
+        for v in nss:
+            target.subsystems.add_namespace(
+                sub, target.bdevs.get(v["bdev_name"]), nsid=v["nsid"] or None,
+                uuid=v.get("uuid"), nguid=v.get("nguid"), eui64=v.get("eui64"),
+                anagrpid=v.get("anagrpid"))
+        for a in addrs:
+            await target.listen(a)
+            target.subsystems.add_listener(sub, a)
+    except Exception:
+        await target.remove_subsystem(sub)
+        raise
+    return sub.describe()
+
+
+@method("subsystem_remove", Schema((Param("nqn", str, required=True),)), in_config=False)
+async def subsystem_remove(target: Target, params: dict[str, Any]) -> bool:
+    """Remove a subsystem (same as nvmf_delete_subsystem)."""
+    await target.remove_subsystem(_subsys(target, params["nqn"]))
+    return True
+
+
+@method("subsystem_get", Schema((Param("nqn", str),)), in_config=False)
+def subsystem_get(target: Target, params: dict[str, Any]) -> Any:
+    """One subsystem by NQN, or all NVM subsystems."""
+    if params.get("nqn"):
+        return _subsys(target, params["nqn"]).describe()
+    return [s.describe() for s in target.subsystems]

@@ -1,0 +1,84 @@
+"""NVMe/TCP transport options, as SPDK's nvmf_create_transport names them.
+
+Kept apart from transport_tcp.py so the control plane can validate and save them
+without importing the socket side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .errors import InvalidParams
+from .params import Param, Schema, positive
+
+
+@dataclass
+class TransportOptions:
+    trtype: str = "TCP"
+    max_queue_depth: int = 128
+    max_io_qpairs_per_ctrlr: int = 127
+    in_capsule_data_size: int = 8192
+    max_io_size: int = 131072
+    io_unit_size: int = 131072
+    max_aq_depth: int = 128
+    c2h_success: bool = True
+    header_digest: bool = True  # whether hosts may enable them
+    data_digest: bool = True
+    max_r2t_per_qpair: int = 1  # MAXR2T: R2Ts outstanding per command
+    sock_priority: int = 0
+    abort_timeout_sec: int = 1
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TransportOptions:
+        p = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and v is not None}
+        p["trtype"] = str(params.get("trtype") or "TCP").upper()
+        if p["trtype"] != "TCP":
+            raise InvalidParams(f"parameter 'trtype' {params.get('trtype')!r}: only TCP is supported")
+        opts = cls(**p)
+        if opts.max_queue_depth < 2 or opts.max_queue_depth > 65536:
+            raise InvalidParams("parameter 'max_queue_depth' must be between 2 and 65536")
+        if opts.max_aq_depth < 2 or opts.max_aq_depth > 4096:
+            raise InvalidParams("parameter 'max_aq_depth' must be between 2 and 4096")
+        if opts.in_capsule_data_size % 16 or opts.in_capsule_data_size > 1 << 20:
+            raise InvalidParams(
+                "parameter 'in_capsule_data_size' must be a multiple of 16 up to 1 MiB")
+        if opts.max_io_size < 4096 or opts.max_io_size & (opts.max_io_size - 1):
+            raise InvalidParams("parameter 'max_io_size' must be a power of two >= 4096")
+        if opts.io_unit_size < 4096 or opts.io_unit_size % 4:
+            raise InvalidParams("parameter 'io_unit_size' must be >= 4096 and a multiple of 4")
+        return opts
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def config_params(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+
+TRANSPORT_SCHEMA = Schema(
+    (
+        Param("trtype", str, default="TCP"),
+        Param("tgt_name", str),
+        Param("max_queue_depth", int, check=positive),
+        Param("max_io_qpairs_per_ctrlr", int, check=positive),
+        Param("in_capsule_data_size", int),
+        Param("max_io_size", int, check=positive),
+        Param("io_unit_size", int, check=positive),
+        Param("max_aq_depth", int, check=positive),
+        Param("c2h_success", bool),
+        Param("header_digest", bool),
+        Param("data_digest", bool),
+        Param("max_r2t_per_qpair", int, check=positive),
+        Param("sock_priority", int),
+        Param("abort_timeout_sec", int),
+    ),
+    # SPDK options with no meaning in this implementation: accepted so SPDK configs load
+    extra_ok=frozenset({
+        "num_shared_buffers", "buf_cache_size", "dif_insert_or_strip", "zcopy",
+        "acceptor_poll_rate", "ack_timeout", "data_wr_pool_size", "control_msg_num",
+        "disable_command_passthru", "max_srq_depth", "no_srq", "no_wr_batching",
+        "num_cqe", "acceptor_backlog", "kas_enable", "transport_specific",
+    }),
+)

@@ -1,0 +1,151 @@
+"""NVMe/TCP transport, socket side: listeners and the hand-off of connections to reactors.
+
+Listening sockets live on the control-plane loop; each accepted socket is handed, as a
+plain file object, to one reactor (round robin) and wrapped there in a queue-pair
+protocol, so from then on every byte of that connection is handled by that reactor only.
+One listening socket serves every subsystem that lists its address, and the discovery
+controller on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .errors import RpcError
+
+if TYPE_CHECKING:
+    from .app import Target
+    from .nvme.subsystem import ListenAddress, Subsystem
+    from .reactor import Reactor
+
+log = logging.getLogger(__name__)
+
+ProtocolFactory = Callable[["Target", "Reactor", "ListenAddress"], asyncio.BaseProtocol]
+
+
+def _default_factory() -> ProtocolFactory:
+    from .nvme.qpair import make_qpair_protocol
+
+    return make_qpair_protocol
+
+
+class Listener:
+    def __init__(self, addr: ListenAddress, sock: socket.socket) -> None:
+        self.addr = addr
+        self.sock = sock
+        self.accepted = 0
+
+
+class TcpTransport:
+    def __init__(self, target: Target, protocol_factory: ProtocolFactory | None = None) -> None:
+        self.target = target
+        self.loop = asyncio.get_running_loop()
+        self.listeners: dict[ListenAddress, Listener] = {}
+        self.protocol_factory = protocol_factory or _default_factory()
+        # live queue pairs, by reactor index; each set is touched only by its reactor
+        self.qpairs: dict[int, set[Any]] = {r.index: set() for r in target.reactors}
+
+    # ---- listening ----
+    async def listen(self, addr: ListenAddress) -> None:
+        if addr in self.listeners:
+            return
+        family = socket.AF_INET6 if addr.adrfam == "IPv6" else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((addr.traddr, addr.port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            msg = ("address already in use" if exc.errno == errno.EADDRINUSE
+                   else exc.strerror or str(exc))
+            raise RpcError(f"cannot listen on {addr}: {msg}", -(exc.errno or errno.EIO)) from None
+        listener = Listener(addr, sock)
+        self.listeners[addr] = listener
+        self.loop.add_reader(sock.fileno(), self._accept, listener)
+        log.info("NVMe/TCP target listening on %s", addr)
+
+    async def unlisten(self, addr: ListenAddress) -> None:
+        listener = self.listeners.pop(addr, None)
+        if listener is None:
+            return
+        self.loop.remove_reader(listener.sock.fileno())
+        listener.sock.close()
+        log.info("stopped listening on %s", addr)
+
+    def _accept(self, listener: Listener) -> None:
+        for _ in range(64):  # bounded so one busy port cannot starve the control loop
+            try:
+                conn, peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept on %s failed: %s", listener.addr, exc)
+                return
+            listener.accepted += 1
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reactor = self.target.reactors.pick()
+            reactor.send(self._adopt, reactor, conn, listener.addr)
+
+    async def _adopt(self, reactor: Reactor, conn: socket.socket, addr: ListenAddress) -> None:
+        """On the reactor: wrap the socket in a queue-pair protocol owned by this reactor."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: self.protocol_factory(self.target, reactor, addr), sock=conn
+            )
+        except OSError:
+            conn.close()
+
+    # ---- reactors' bookkeeping (called on the reactor that owns the qpair) ----
+    def register_qpair(self, reactor: Reactor, qpair: Any) -> None:
+        self.qpairs.setdefault(reactor.index, set()).add(qpair)
+        reactor.own("connection", qpair)
+        reactor.stats.connections_opened += 1
+
+    def unregister_qpair(self, reactor: Reactor, qpair: Any) -> None:
+        self.qpairs.get(reactor.index, set()).discard(qpair)
+        reactor.disown("connection", qpair)
+        reactor.stats.connections_closed += 1
+
+    async def _close_matching(self, pred: Callable[[Any], bool], reason: str) -> int:
+        def close_on(reactor: Reactor) -> int:
+            n = 0
+            for qp in list(self.qpairs.get(reactor.index, ())):
+                if pred(qp):
+                    qp.close(reason)
+                    n += 1
+            return n
+
+        return sum(await self.target.reactors.broadcast(close_on))
+
+    async def disconnect_subsystem(self, sub: Subsystem) -> int:
+        return await self._close_matching(
+            lambda qp: getattr(qp, "subsystem", None) is sub, f"subsystem {sub.nqn} removed"
+        )
+
+    async def disconnect_host(self, sub: Subsystem, hostnqn: str) -> int:
+        return await self._close_matching(
+            lambda qp: getattr(qp, "subsystem", None) is sub
+            and getattr(qp, "hostnqn", None) == hostnqn,
+            f"host {hostnqn} removed from {sub.nqn}",
+        )
+
+    async def close(self) -> None:
+        for addr in list(self.listeners):
+            await self.unlisten(addr)
+        await self._close_matching(lambda qp: True, "target shutting down")
+        # give closing transports a moment to flush on their reactors
+        await asyncio.sleep(0.05)
+
+    def connection_count(self) -> int:
+        return sum(len(s) for s in self.qpairs.values())
