@@ -37,6 +37,9 @@ disagree):
 * A received TermReq whose length is invalid must not be answered with another
   TermReq (FreeBSD and the spec: terminate silently), hence
   ``ProtocolError.send_term_req``.
+* The codec checks framing, not negotiation: PFV, the hpda/cpda range, MAXR2T and
+  MAXH2CDATA values are judged by the connection, which reports them as
+  UNSUPPORTED_PARAMETER with the ``OFFSET_IC_*`` offsets as FEI.
 """
 
 from __future__ import annotations
@@ -414,7 +417,9 @@ def _enc_h2c(p: H2CData, hdgst: bool, ddgst: bool, pda: int) -> list[bytes | mem
         # Receivers (Linux nvmet) reject a zero DATAL; fail here, not on the wire.
         raise ValueError("H2CData must carry data")
     flags = (
-        (FLAG_HDGST if hdgst else 0) | (FLAG_DDGST if ddgst else 0) | (FLAG_DATA_LAST if p.last else 0)
+        (FLAG_HDGST if hdgst else 0)
+        | (FLAG_DDGST if ddgst else 0)
+        | (FLAG_DATA_LAST if p.last else 0)
     )
     pdo, plen, pad = _layout(24, hdgst, n, ddgst, pda)
     head = _DATA.pack(PduType.H2C_DATA, flags, 24, pdo, plen, p.cccid, p.ttag, p.datao, n, 0)
@@ -485,6 +490,9 @@ _C2H_TYPES: Final = frozenset(
     {PduType.IC_RESP, PduType.C2H_TERM_REQ, PduType.CAPSULE_RESP, PduType.C2H_DATA, PduType.R2T}
 )
 _EMPTY: Final = memoryview(b"")
+_FES_VALUES: Final = frozenset(int(f) for f in Fes)
+_SMALL: Final = 4096  # inputs below this are coalesced rather than queued
+_ACCUMULATE: Final = 65536  # size at which a coalescing buffer is closed
 
 # A validated common header: (type, flags, hlen, pdo, plen, hdgst, data_len, ddgst).
 _Header = tuple[int, int, int, int, int, bool, int, bool]
@@ -507,7 +515,8 @@ class Decoder:
     alignment as advertised in our ICReq/ICResp, against which received PDOs are
     checked. Input is kept as a queue of immutable chunks and parsed in place, so a
     PDU that arrives within one chunk is never copied (``bytes`` input) or copied once
-    (mutable input); only PDUs spanning chunks are joined, once.
+    (mutable input); only PDUs spanning chunks are joined, once, and tiny inputs are
+    coalesced. The cost is therefore linear in bytes however the stream is split.
     """
 
     __slots__ = (
@@ -549,7 +558,7 @@ class Decoder:
         self._hdr: _Header | None = None
         self._view: memoryview = _EMPTY
         self._pos = 0
-        self._more: deque[memoryview] = deque()
+        self._more: deque[memoryview | bytearray] = deque()
         self._more_len = 0
 
     # -- configuration ---------------------------------------------------------
@@ -594,13 +603,7 @@ class Decoder:
         if self._error is not None:
             raise self._error._again()
         if len(data):
-            view = _as_immutable_view(data)
-            if self._pos == len(self._view) and not self._more:
-                self._view = view
-                self._pos = 0
-            else:
-                self._more.append(view)
-                self._more_len += len(view)
+            self._push(data)
         out: list[Pdu] = []
         try:
             self._decode_available(out)
@@ -618,6 +621,31 @@ class Decoder:
             raise
         return out
 
+    def _push(self, data: Buffer) -> None:
+        more = self._more
+        if self._pos == len(self._view) and not more:
+            self._view = _as_immutable_view(data)
+            self._pos = 0
+            return
+        n = len(data) if type(data) is not memoryview else data.nbytes
+        if n < _SMALL:
+            # Tiny segments go into a bounded bytearray instead of one queued object
+            # each, so a peer dribbling bytes costs memory linear in bytes, not calls.
+            last = more[-1] if more else None
+            if type(last) is bytearray and len(last) < _ACCUMULATE:
+                last += data
+            else:
+                more.append(bytearray(data))
+        else:
+            more.append(_as_immutable_view(data))
+        self._more_len += n
+
+    def _next_chunk(self) -> memoryview:
+        chunk = self._more.popleft()
+        self._more_len -= len(chunk)
+        # Accumulators are ours and mutable: freeze before handing out views of them.
+        return memoryview(bytes(chunk)) if type(chunk) is bytearray else chunk
+
     def _decode_available(self, out: list[Pdu]) -> None:
         while True:
             have = len(self._view) - self._pos
@@ -626,8 +654,7 @@ class Decoder:
                     self._view = _EMPTY  # drop the last chunk; payload views keep theirs
                     self._pos = 0
                     return
-                self._view = self._more.popleft()
-                self._more_len -= len(self._view)
+                self._view = self._next_chunk()
                 self._pos = 0
                 continue
             avail = have + self._more_len
@@ -657,8 +684,7 @@ class Decoder:
         got = len(pieces[0])
         more = self._more
         while got < n:
-            chunk = more.popleft()
-            self._more_len -= len(chunk)
+            chunk = self._next_chunk()
             need = n - got
             if len(chunk) > need:
                 pieces.append(chunk[:need])
@@ -733,11 +759,7 @@ class Decoder:
             raise self._bad(invalid, OFFSET_FLAGS, "HDGSTF does not match negotiated digest")
         if has_data and ddgst != self._ddgst:
             raise self._bad(invalid, OFFSET_FLAGS, "DDGSTF does not match negotiated digest")
-        if (
-            ptype == PduType.C2H_DATA
-            and flags & FLAG_DATA_SUCCESS
-            and not flags & FLAG_DATA_LAST
-        ):
+        if ptype == PduType.C2H_DATA and flags & FLAG_DATA_SUCCESS and not flags & FLAG_DATA_LAST:
             raise self._bad(invalid, OFFSET_FLAGS, "C2HData SUCCESS without LAST")
         if hlen != expected_hlen:
             raise self._bad(invalid, OFFSET_HLEN, f"bad hlen {hlen} for type {ptype:#x}")
@@ -800,7 +822,7 @@ class Decoder:
             return R2T(*_DATA_FIELDS.unpack_from(view, pos + 8))
         elif ptype == self._term_type:
             fes, fei = _TERM_FIELDS.unpack_from(view, pos + 8)
-            fes = Fes(fes) if fes in Fes._value2member_map_ else fes
+            fes = Fes(fes) if fes in _FES_VALUES else fes
             return TermReq(
                 ptype == PduType.C2H_TERM_REQ, fes, fei, bytes(view[pos + hlen : pos + plen])
             )

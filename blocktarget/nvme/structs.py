@@ -799,13 +799,14 @@ assert _ERROR_ENTRY.size == spec.ERROR_LOG_ENTRY_SIZE
 
 class ErrorLogEntry(NamedTuple):
     """`status` is the 15-bit status (stored on the wire shifted left by one, as in the
-    CQE). `param_error_location` 0xFFFF means not applicable."""
+    CQE). `param_error_location` defaults to ERROR_LOCATION_NONE, what the Linux target
+    reports when no command field is to blame."""
 
     error_count: int
     sqid: int
     cid: int
     status: int
-    param_error_location: int = 0xFFFF
+    param_error_location: int = spec.ERROR_LOCATION_NONE
     lba: int = 0
     nsid: int = 0
     vs: int = 0

@@ -13,9 +13,11 @@
 #
 # Usage: bootstrap.sh [--no-install] [EXTRA_MODULE...]
 #   EXTRA_MODULE / $BLOCKTARGET_VM_MODULES (space or comma separated): more kernel modules that
-#   /init loads at boot. The initramfs is rebuilt whenever that set changes. A test that needs a
-#   module only for itself can instead `modprobe -d $VMDIR/kernel <mod>` inside the guest (the
-#   extracted tree is visible over 9p), which needs no rebuild.
+#   /init loads at boot. They go into a separate image, initramfs-<mod>+<mod>....cpio.gz (names
+#   sorted, LC_ALL=C), so guests that want different sets never rebuild each other's image;
+#   vm.py picks the same name from Guest(boot_modules=...). A module only one test needs can
+#   also be loaded in the guest with `modprobe -d $VMDIR/kernel <mod>` (the extracted tree is
+#   visible over 9p), which needs no image at all.
 #
 # hostnqn: the guest's nvme-cli reads the host's /etc/nvme/hostnqn (same root). nvme-cli's
 # postinst normally creates it; when it is missing we create it here with `nvme gen-hostnqn`, so
@@ -43,6 +45,10 @@ for a in "$@"; do
   esac
 done
 EXTRA=${EXTRA//,/ }
+# shellcheck disable=SC2086  # word splitting of module lists is intended throughout
+SUFFIX=$(printf '%s\n' $EXTRA | LC_ALL=C sort -u | paste -sd+)
+INITRAMFS=$VMDIR/initramfs${SUFFIX:+-$SUFFIX}.cpio.gz
+STAMP=${INITRAMFS%.cpio.gz}.stamp
 
 log() { echo "bootstrap: $*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
@@ -133,14 +139,12 @@ PY
 fi
 
 # --- initramfs ---------------------------------------------------------------------------------
-# shellcheck disable=SC2086  # word splitting of the module lists is intended
 MODULES=$(printf '%s\n' $BASE_MODULES $EXTRA | awk '!seen[$0]++' | xargs)
 stamp="kver=$KVER modules=$MODULES init=$(sha256sum < "$HERE/init" | cut -c1-16)"
 stamp="$stamp busybox=$(sha256sum < /bin/busybox | cut -c1-16)"
 stamp="$stamp script=$(sha256sum < "$0" | cut -c1-16)"
-if [ ! -s "$VMDIR/initramfs.cpio.gz" ] || [ "$(cat "$VMDIR/initramfs.stamp" 2>/dev/null)" != "$stamp" ]
-then
-  log "building initramfs (kernel $KVER; modules: $MODULES)"
+if [ ! -s "$INITRAMFS" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$stamp" ]; then
+  log "building ${INITRAMFS##*/} (kernel $KVER; modules: $MODULES)"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   mkdir -p "$work"/{bin,dev,proc,sys,newroot,etc,tmp}
@@ -158,11 +162,10 @@ then
     cp "$ko" "$work$rel"
     echo "$rel" >> "$work/etc/modules.load"
   done
-  (cd "$work" && find . | cpio -o -H newc --quiet | gzip -1) > "$VMDIR/initramfs.cpio.gz.tmp"
+  (cd "$work" && find . | cpio -o -H newc --quiet | gzip -1) > "$INITRAMFS.tmp.$$"
   # rename: a VM booting concurrently keeps reading the old file
-  mv "$VMDIR/initramfs.cpio.gz.tmp" "$VMDIR/initramfs.cpio.gz"
-  echo "$stamp" > "$VMDIR/initramfs.stamp"
-  log "initramfs: $(wc -l < "$work/etc/modules.load") modules," \
-      "$(du -h "$VMDIR/initramfs.cpio.gz" | cut -f1)"
+  mv "$INITRAMFS.tmp.$$" "$INITRAMFS"
+  echo "$stamp" > "$STAMP"
+  log "${INITRAMFS##*/}: $(wc -l < "$work/etc/modules.load") modules, $(du -h "$INITRAMFS" | cut -f1)"
 fi
 echo "$VMDIR"

@@ -55,6 +55,18 @@ def vm_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "blocktarget" / "vm"
 
 
+def env_boot_modules() -> tuple[str, ...]:
+    """$BLOCKTARGET_VM_MODULES, which bootstrap.sh also reads, so shell and Python agree."""
+    raw = os.environ.get("BLOCKTARGET_VM_MODULES", "").replace(",", " ")
+    return tuple(raw.split())
+
+
+def initramfs_path(vmdir: Path, boot_modules: Iterable[str] = ()) -> Path:
+    """Must match bootstrap.sh's naming: one image per extra-module set, names sorted (C)."""
+    mods = sorted(set(boot_modules))
+    return vmdir / (f"initramfs-{'+'.join(mods)}.cpio.gz" if mods else "initramfs.cpio.gz")
+
+
 def _is_root_or_sudo() -> bool:
     if os.geteuid() == 0:
         return True
@@ -75,8 +87,8 @@ def vm_available() -> tuple[bool, str]:
     if shutil.which(QEMU) and not missing:
         return True, ""
     if not shutil.which("apt-get"):
-        what = QEMU if not shutil.which(QEMU) else ", ".join(missing)
-        return False, f"{what} missing in {vmdir} and no apt-get to bootstrap it"
+        what = f"{QEMU} not found" if not shutil.which(QEMU) else f"{missing} missing in {vmdir}"
+        return False, f"{what}, and no apt-get to bootstrap the VM harness"
     if not _is_root_or_sudo():
         return False, (
             f"VM harness not bootstrapped ({QEMU} or {', '.join(missing) or 'kernel'} missing) "
@@ -89,14 +101,14 @@ _ensured: dict[tuple[str, ...], Path] = {}
 _ensure_lock = threading.Lock()
 
 
-def ensure_vm(extra_modules: Iterable[str] = ()) -> Path:
+def ensure_vm(boot_modules: Iterable[str] = ()) -> Path:
     """Bootstrap once per process; a file lock serialises pytest workers and parallel sessions.
 
-    ``extra_modules`` are loaded by the guest's /init at boot and make bootstrap rebuild the
-    shared initramfs when the set changes; a module only one test needs is better loaded at run
-    time with ``Guest.run(..., modules=[...])``.
+    ``boot_modules`` (plus $BLOCKTARGET_VM_MODULES) get their own initramfs, loaded by /init at
+    boot; pass the same list to ``Guest(boot_modules=...)``. A module that can wait until the
+    script runs needs no image: ``Guest.run(..., modules=[...])``.
     """
-    key = tuple(sorted(set(extra_modules)))
+    key = tuple(sorted(set(boot_modules) | set(env_boot_modules())))
     with _ensure_lock:
         if key in _ensured:
             return _ensured[key]
@@ -105,8 +117,7 @@ def ensure_vm(extra_modules: Iterable[str] = ()) -> Path:
         with open(vmdir.parent / f".{vmdir.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             env = dict(os.environ, VMDIR=str(vmdir))
-            if key:
-                env["BLOCKTARGET_VM_MODULES"] = " ".join(key)
+            env["BLOCKTARGET_VM_MODULES"] = " ".join(key)
             proc = subprocess.run(["bash", str(BOOTSTRAP)], env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise VMUnavailable(
@@ -173,8 +184,12 @@ class Guest:
         extra_append: Sequence[str] = (),
         runs_dir: Path | None = None,
         echo: bool | None = None,
+        boot_modules: Sequence[str] | None = None,
     ) -> None:
         self.vmdir = Path(vmdir) if vmdir is not None else vm_dir()
+        if boot_modules is None:
+            boot_modules = env_boot_modules()
+        self.initramfs = initramfs_path(self.vmdir, boot_modules)
         self.memory_mb = memory_mb
         self.smp = smp
         self.extra_qemu_args = list(extra_qemu_args)
@@ -209,7 +224,7 @@ class Guest:
             "-m", str(memory_mb or self.memory_mb), "-smp", str(self.smp),
             "-nographic", "-monitor", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(self.vmdir / "vmlinux"),
-            "-initrd", str(self.vmdir / "initramfs.cpio.gz"),
+            "-initrd", str(self.initramfs),
             "-append", " ".join(append),
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -350,13 +365,15 @@ def run_in_guest(
     extra_qemu_args: Sequence[str] = (),
     memory_mb: int = 1024,
     files: Mapping[str, bytes | str] | None = None,
+    boot_modules: Sequence[str] = (),
     **kwargs,
 ) -> GuestResult:
     """One-shot convenience: bootstrap if needed, then boot a fresh guest for ``script``.
 
     Further keyword arguments (env, modules, trace, extra_append) go to :meth:`Guest.run`.
     """
-    guest = Guest(ensure_vm(), memory_mb=memory_mb)
+    mods = tuple(boot_modules) + env_boot_modules()
+    guest = Guest(ensure_vm(mods), memory_mb=memory_mb, boot_modules=mods)
     return guest.run(
         script, timeout=timeout, files=files, extra_qemu_args=extra_qemu_args, **kwargs
     )
