@@ -17,6 +17,7 @@ from . import __version__
 from .bdev import MODULES, Bdev, BdevRegistry
 from .config import ConfigError, Settings, replay
 from .errors import NoSuchDevice, RpcError
+from .nvme.controller import ControllerTable
 from .nvme.subsystem import ListenAddress, Subsystem, SubsystemRegistry
 from .reactor import ReactorPool
 from .rpc import Dispatcher, UnixRpcServer, http_handler, load_methods, parse_http_address
@@ -37,6 +38,8 @@ class Target:
         self.version = __version__
         self.bdevs = BdevRegistry()
         self.subsystems = SubsystemRegistry()
+        self.controllers = ControllerTable()
+        self.subsystems.observers.append(self._config_changed)
         self.transports: dict[str, TransportOptions] = {}
         self.reactors = ReactorPool(
             self.settings.cores or sorted(os.sched_getaffinity(0)),
@@ -131,6 +134,22 @@ class Target:
         if self.tcp is not None:
             await self.tcp.disconnect_host(sub, hostnqn)
 
+    def _config_changed(self, event: str, sub: Subsystem | None, detail: Any) -> None:
+        """Tell connected hosts: namespace changes to the subsystem's controllers,
+        anything else to discovery controllers (their log page changed)."""
+        from .nvme import spec
+
+        for ctrl in self.controllers.all():
+            loop = ctrl.reactor.loop
+            if loop is None or ctrl.dead:
+                continue
+            if ctrl.discovery:
+                loop.call_soon_threadsafe(
+                    ctrl.post_event, spec.AsyncEventType.NOTICE,
+                    spec.AsyncEventNotice.DISCOVERY_LOG_CHANGE, spec.LogPage.DISCOVERY)
+            elif event in ("ns_added", "ns_removed") and ctrl.subsystem is sub:
+                loop.call_soon_threadsafe(ctrl.ns_changed, detail.nsid)
+
     # ---- listeners ----
     async def listen(self, addr: ListenAddress) -> None:
         """Bind now when running; at config time binding waits for start()."""
@@ -166,7 +185,10 @@ class Target:
 
             self.tcp = TcpTransport(self)
             for addr in sorted(self.subsystems.all_listen_addresses(), key=str):
-                await self.tcp.listen(addr)
+                try:
+                    await self.tcp.listen(addr)
+                except RpcError as exc:  # worded already ("cannot listen on ...: address ...")
+                    raise StartupError(exc.message) from None
         except BaseException:
             await self.stop()
             raise

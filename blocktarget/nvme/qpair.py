@@ -1,15 +1,452 @@
-"""NVMe/TCP queue pair (placeholder until the wire protocol lands: closes the socket)."""
+"""One NVMe/TCP queue pair on the target: the connection's state machine.
+
+Bytes from the socket go through the sans-I/O `pdu.Decoder`; each command capsule
+becomes a `Request`, whose host-to-controller data arrives either in the capsule or
+through R2T/H2CData, and whose controller-to-host data leaves as C2HData PDUs. The
+command itself is handled by a dispatch table (fabrics, admin or I/O) that completes
+the request, possibly later, from a bdev completion. Everything here runs on the one
+reactor that owns the connection.
+
+A protocol violation sends a C2HTermReq with the decoder's FES/FEI and closes the
+socket; a bad command only fails that command.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import pdu, spec
+from .controller import QpairCounters
+from .structs import Sqe, pack_cqe, parse_sqe
+
+if TYPE_CHECKING:
+    from ..app import Target
+    from ..reactor import Reactor
+    from .controller import Controller
+    from .subsystem import ListenAddress, Subsystem
+
+log = logging.getLogger(__name__)
+
+G = spec.Sct.GENERIC
+SC_INVALID_FIELD = spec.make_status(G, spec.GenericStatus.INVALID_FIELD, dnr=True)
+SC_INVALID_OPCODE = spec.make_status(G, spec.GenericStatus.INVALID_OPCODE, dnr=True)
+SC_SGL_TYPE = spec.make_status(G, spec.GenericStatus.SGL_DESCRIPTOR_TYPE_INVALID, dnr=True)
+SC_SGL_LENGTH = spec.make_status(G, spec.GenericStatus.DATA_SGL_LENGTH_INVALID, dnr=True)
+SC_SGL_OFFSET = spec.make_status(G, spec.GenericStatus.INVALID_SGL_OFFSET, dnr=True)
+SC_CID_CONFLICT = spec.make_status(G, spec.GenericStatus.CID_CONFLICT, dnr=True)
+SC_SEQUENCE = spec.make_status(G, spec.GenericStatus.COMMAND_SEQUENCE_ERROR, dnr=True)
+SC_TRANSIENT = spec.make_status(G, spec.GenericStatus.TRANSIENT_TRANSPORT_ERROR)
+SC_ABORTED_SQ_DELETION = spec.make_status(G, spec.GenericStatus.ABORTED_SQ_DELETION)
+SC_INTERNAL = spec.make_status(G, spec.GenericStatus.INTERNAL)
+
+C2H_CHUNK = 64 * 1024  # C2HData payload per PDU; large reads are split
+ADMIN_ICD = 8192  # in-capsule data accepted on admin queues (Connect data is 1 KiB)
+
+_FCTYPE_DIR = {
+    spec.FabricsType.PROPERTY_SET: spec.DataTransfer.NONE,
+    spec.FabricsType.CONNECT: spec.DataTransfer.HOST_TO_CTRL,
+    spec.FabricsType.PROPERTY_GET: spec.DataTransfer.NONE,
+    spec.FabricsType.AUTH_SEND: spec.DataTransfer.HOST_TO_CTRL,
+    spec.FabricsType.AUTH_RECV: spec.DataTransfer.CTRL_TO_HOST,
+    spec.FabricsType.DISCONNECT: spec.DataTransfer.NONE,
+}
 
 
-class _Refuse(asyncio.Protocol):
+class Request:
+    """One command from capsule to completion."""
+
+    __slots__ = ("qp", "sqe", "cid", "data", "xfer_len", "received", "ttag", "nsid",
+                 "done", "abort_requested", "opcode", "io")
+
+    def __init__(self, qp: Qpair, sqe: Sqe) -> None:
+        self.qp = qp
+        self.sqe = sqe
+        self.cid = sqe.cid
+        self.opcode = sqe.opcode
+        self.nsid = sqe.nsid
+        self.data: Any = None  # host-to-controller data once received
+        self.xfer_len = sqe.sgl_len
+        self.received = 0
+        self.ttag = -1
+        self.done = False
+        self.abort_requested = False
+        self.io: Any = None
+
+    # ---- completion (on the qpair's reactor) ----
+    def complete(self, status: int = 0, dw0: int = 0, dw1: int = 0) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.qp.finish(self, status, dw0, dw1)
+
+    def complete_data(self, buf: Any, status: int = 0, dw0: int = 0) -> None:
+        """Send controller-to-host data (at most the host's SGL length), then complete."""
+        if self.done:
+            return
+        if status == 0 and buf is not None and len(buf):
+            self.qp.send_c2h(self, buf)
+            if self.qp.c2h_success_ok and not dw0:
+                self.done = True
+                self.qp.finish(self, 0, 0, 0, response_sent=True)
+                return
+        self.complete(status, dw0)
+
+    def fail(self, status: int) -> None:
+        self.complete(status)
+
+
+class Qpair(asyncio.Protocol):
+    """The target side of one NVMe/TCP connection (one queue: admin or I/O)."""
+
+    def __init__(self, target: Target, reactor: Reactor, addr: ListenAddress) -> None:
+        self.target = target
+        self.reactor = reactor
+        self.addr = addr
+        self.opts = target.transports.get("TCP") or _default_opts()
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.decoder = pdu.Decoder(expect=pdu.HOST_TO_CONTROLLER,
+                                   max_pdu_size=self.opts.max_io_size + 64 * 1024)
+        self.hdgst = False
+        self.ddgst = False
+        self.hpda = 0
+        self.maxr2t = 0
+        self.ic_done = False
+        self.qid = -1
+        self.sqsize = 0
+        self.sqhd = 0
+        self.sq_flow_disabled = False
+        self.ctrl: Controller | None = None
+        self.subsystem: Subsystem | None = None
+        self.hostnqn = ""
+        self.requests: dict[int, Request] = {}
+        self.channels: dict[int, Any] = {}  # nsid -> (namespace, bdev channel)
+        self.r2t_pending: dict[int, Request] = {}  # ttag -> request awaiting H2CData
+        self._next_ttag = 0
+        self.closed = False
+        self.counters = QpairCounters()
+        self.icd_limit = self.opts.in_capsule_data_size
+        self.maxh2cdata = 0x20000
+        self.c2h_success_ok = False
+        self._out: list[Any] = []
+        self._flush_scheduled = False
+
+    def __str__(self) -> str:
+        who = f"qid {self.qid}" if self.qid >= 0 else "unconnected"
+        return f"{self.peer} {who}" + (f" ctrl {self.ctrl.cntlid}" if self.ctrl else "")
+
+    # ---- asyncio.Protocol ----
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        tcp = self.target.tcp
+        if tcp is not None:
+            tcp.register_qpair(self.reactor, self)
+        log.debug("connection from %s on %s", self.peer, self.addr)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown("connection lost" if exc is None else f"connection lost: {exc}")
+
+    def data_received(self, data: bytes) -> None:
+        chunk: bytes = data
+        while not self.closed:
+            try:
+                pdus = self.decoder.feed(chunk)
+            except pdu.DataDigestError as err:
+                for p in err.pdus:
+                    self._handle_pdu(p)
+                self._data_digest_error(err)
+                chunk = b""  # the decoder stays usable: go on with what is buffered
+                continue
+            except pdu.ProtocolError as err:
+                for p in err.pdus:
+                    if self.closed:
+                        return
+                    self._handle_pdu(p)
+                if not self.closed:
+                    self.terminate(err)
+                return
+            for p in pdus:
+                if self.closed:
+                    return
+                self._handle_pdu(p)
+            # the decoder pauses after ICReq so digests can be switched on first
+            if pdus and type(pdus[-1]) is pdu.ICReq and self.decoder.buffered:
+                chunk = b""
+                continue
+            break
+        self._flush()
+
+    # ---- output ----
+    def _send(self, p: pdu.Pdu) -> None:
+        self._out.extend(pdu.encode(p, hdgst=self.hdgst, ddgst=self.ddgst, pda=self.hpda))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.reactor.loop.call_soon(self._flush)  # type: ignore[union-attr]
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            out, self._out = self._out, []
+            self.transport.writelines(out)
+        else:
+            self._out.clear()
+
+    def terminate(self, err: pdu.ProtocolError) -> None:
+        """Fatal transport error: C2HTermReq (unless forbidden), then close."""
+        log.warning("%s: protocol error, terminating: %s (fes %d fei %d)", self, err,
+                    err.fes, err.fei)
+        if err.send_term_req and self.transport is not None:
+            self._out.extend(pdu.encode(err.term_req(c2h=True)))
+        self._flush()
+        self.close(f"protocol error: {err}")
+
+    def _fatal(self, fes: int, fei: int, why: str, header: bytes = b"") -> None:
+        self.terminate(pdu.ProtocolError(why, fes=fes, fei=fei, header=header))
+
+    def close(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        log.info("%s: closing (%s)", self, reason or "closed")
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._teardown(reason)
+
+    def close_threadsafe(self, reason: str) -> None:
+        """Close from any thread (controller teardown runs on the admin queue's reactor)."""
+        if self.reactor.on_reactor():
+            self.close(reason)
+        elif self.reactor.loop is not None:
+            self.reactor.loop.call_soon_threadsafe(self.close, reason)
+
+    def _teardown(self, reason: str) -> None:
+        if self.closed and self.transport is None:
+            return
+        self.closed = True
+        for req in list(self.requests.values()):
+            req.done = True  # bdev completions arriving later are dropped
+        self.requests.clear()
+        self.r2t_pending.clear()
+        ctrl = self.ctrl
+        if ctrl is not None:
+            ctrl.remove_qpair(self.qid, self)
+            if self.qid == 0:
+                ctrl.teardown(reason or "admin queue closed")
+                self.target.controllers.remove(ctrl)
+        tcp = self.target.tcp
+        if tcp is not None:
+            tcp.unregister_qpair(self.reactor, self)
+        self.transport = None
+
+    # ---- PDUs ----
+    def _handle_pdu(self, p: pdu.Pdu) -> None:
+        t = type(p)
+        if t is pdu.CapsuleCmd:
+            self._capsule(p)  # type: ignore[arg-type]
+        elif t is pdu.H2CData:
+            self._h2c_data(p)  # type: ignore[arg-type]
+        elif t is pdu.ICReq:
+            self._icreq(p)  # type: ignore[arg-type]
+        elif t is pdu.TermReq:
+            log.warning("%s: host terminated the connection: fes %d fei %d", self, p.fes, p.fei)
+            self.close("H2CTermReq from host")
+
+    def _icreq(self, p: pdu.ICReq) -> None:
+        if p.pfv != 0:
+            self._fatal(pdu.Fes.UNSUPPORTED_PARAMETER, pdu.OFFSET_IC_PFV, "unsupported PFV")
+            return
+        if p.hpda > pdu.MAX_PDA:
+            self._fatal(pdu.Fes.INVALID_HEADER_FIELD, pdu.OFFSET_IC_PDA, "HPDA out of range")
+            return
+        self.hpda = p.hpda
+        self.maxr2t = p.maxr2t
+        self.hdgst = p.header_digest and self.opts.header_digest
+        self.ddgst = p.data_digest and self.opts.data_digest
+        dgst = (pdu.DGST_HEADER if self.hdgst else 0) | (pdu.DGST_DATA if self.ddgst else 0)
+        self._out.extend(pdu.encode(pdu.ICResp(pfv=0, cpda=0, dgst=dgst,
+                                               maxh2cdata=self.maxh2cdata)))
+        self.decoder.set_digests(self.hdgst, self.ddgst)
+        self.decoder.set_pda(0)
+        self.ic_done = True
+        self._flush()
+
+    def _capsule(self, p: pdu.CapsuleCmd) -> None:
+        sqe = parse_sqe(p.sqe)
+        if self.qid >= 0 and not self.sq_flow_disabled:
+            self.sqhd = (self.sqhd + 1) % (self.sqsize + 1)
+        req = Request(self, sqe)
+        if sqe.cid in self.requests:
+            # A host reusing a busy command id is broken; fail the new one only.
+            self._respond(sqe.cid, SC_CID_CONFLICT)
+            return
+        self.requests[sqe.cid] = req
+        if sqe.opcode == spec.FABRICS_OPCODE:
+            direction = _FCTYPE_DIR.get(sqe.fctype, spec.DataTransfer(sqe.fctype & 3))
+        else:
+            direction = spec.data_transfer(sqe.opcode)
+        sgl_id = sqe.sgl_id
+        length = sqe.sgl_len
+        icd = p.data
+        if sqe.psdt == 0 and sqe.opcode != spec.FABRICS_OPCODE:
+            req.fail(SC_INVALID_FIELD)  # PRPs do not exist on fabrics
+            return
+        if len(icd):
+            if sgl_id != spec.SGL_ID_INCAPSULE:
+                req.fail(SC_SGL_TYPE)
+                return
+            if sqe.sgl_addr != 0:
+                req.fail(SC_SGL_OFFSET)
+                return
+            limit = ADMIN_ICD if self.qid <= 0 else self.icd_limit
+            if length != len(icd) or length > limit:
+                req.fail(SC_SGL_LENGTH)
+                return
+            if direction != spec.DataTransfer.HOST_TO_CTRL:
+                req.fail(SC_INVALID_FIELD)
+                return
+            req.data = icd
+            req.received = length
+            self._execute(req)
+            return
+        if length == 0 or direction == spec.DataTransfer.NONE:
+            req.xfer_len = 0 if direction == spec.DataTransfer.NONE else length
+            self._execute(req)
+            return
+        if sgl_id == spec.SGL_ID_INCAPSULE:
+            # the SGL promises in-capsule data the capsule does not carry
+            req.fail(SC_SGL_LENGTH)
+            return
+        if sgl_id != spec.SGL_ID_TRANSPORT:
+            req.fail(SC_SGL_TYPE)
+            return
+        if length > self.opts.max_io_size and self.qid > 0:
+            # over MDTS: the I/O handler reports Invalid Field; never allocate for it
+            self._execute(req)
+            return
+        if direction == spec.DataTransfer.HOST_TO_CTRL:
+            self._start_r2t(req)
+        else:
+            self._execute(req)
+
+    # ---- host to controller data ----
+    def _start_r2t(self, req: Request) -> None:
+        ttag = self._next_ttag
+        self._next_ttag = (self._next_ttag + 1) & 0xFFFF
+        while ttag in self.r2t_pending:
+            ttag = self._next_ttag
+            self._next_ttag = (self._next_ttag + 1) & 0xFFFF
+        req.ttag = ttag
+        req.data = memoryview(bytearray(req.xfer_len))
+        self.r2t_pending[ttag] = req
+        self._send(pdu.R2T(cccid=req.cid, ttag=ttag, r2to=0, r2tl=req.xfer_len))
+
+    def _h2c_data(self, p: pdu.H2CData) -> None:
+        req = self.r2t_pending.get(p.ttag)
+        if req is None or req.cid != p.cccid:
+            self._fatal(pdu.Fes.INVALID_HEADER_FIELD,
+                        pdu.OFFSET_TTAG if req is None else pdu.OFFSET_CCCID,
+                        f"H2CData for unknown ttag {p.ttag} / cccid {p.cccid}")
+            return
+        n = len(p.data)
+        if p.datao != req.received or p.datao + n > req.xfer_len:
+            self._fatal(pdu.Fes.DATA_TRANSFER_OUT_OF_RANGE, pdu.OFFSET_DATAO,
+                        f"H2CData offset {p.datao}+{n} outside expected {req.received} "
+                        f"of {req.xfer_len}")
+            return
+        if n > self.maxh2cdata:
+            self._fatal(pdu.Fes.DATA_TRANSFER_LIMIT_EXCEEDED, pdu.OFFSET_DATAL,
+                        f"H2CData of {n} bytes exceeds MAXH2CDATA")
+            return
+        req.data[p.datao : p.datao + n] = p.data
+        req.received += n
+        if req.received == req.xfer_len:
+            if not p.last:
+                self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, pdu.OFFSET_FLAGS,
+                            "last H2CData PDU without DATA_LAST")
+                return
+            del self.r2t_pending[p.ttag]
+            if not req.done:
+                self._execute(req)
+        elif p.last:
+            self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, pdu.OFFSET_FLAGS,
+                        "DATA_LAST before all R2T data was sent")
+
+    def _data_digest_error(self, err: pdu.DataDigestError) -> None:
+        """Fail the command whose data was corrupted; the connection stays up (spec)."""
+        log.warning("%s: data digest error on cid %d", self, err.cccid)
+        req = self.requests.get(err.cccid)
+        if req is None:
+            return
+        if req.ttag >= 0:
+            # with R2T data the rest of the transfer still arrives; keep consuming it
+            self.r2t_pending.pop(req.ttag, None)
+        req.fail(SC_TRANSIENT)
+
+    # ---- dispatch ----
+    def _execute(self, req: Request) -> None:
+        from .dispatch import dispatch
+
+        try:
+            dispatch(self, req)
+        except Exception:
+            log.exception("%s: opcode 0x%02x failed", self, req.opcode)
+            req.fail(SC_INTERNAL)
+
+    # ---- controller to host data ----
+    def send_c2h(self, req: Request, buf: Any) -> None:
+        mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+        if mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B")
+        total = min(len(mv), req.xfer_len) if req.xfer_len else len(mv)
+        success = self.c2h_success_ok
+        off = 0
+        while off < total:
+            n = min(C2H_CHUNK, total - off)
+            last = off + n >= total
+            self._send(pdu.C2HData(cccid=req.cid, datao=off, data=mv[off : off + n],
+                                   last=last, success=success and last))
+            off += n
+
+    def finish(self, req: Request, status: int, dw0: int, dw1: int,
+               response_sent: bool = False) -> None:
+        if self.requests.get(req.cid) is req:
+            del self.requests[req.cid]
+        if self.closed:
+            return
+        if status and self.ctrl is not None:
+            try:
+                self.ctrl.record_error(max(self.qid, 0), req.cid, status, req.nsid)
+            except Exception:  # bookkeeping must never cost the host its completion
+                log.exception("%s: recording an error log entry failed", self)
+        if not response_sent:
+            self._respond(req.cid, status, dw0, dw1)
+
+    def _respond(self, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> None:
+        sqhd = 0 if self.sq_flow_disabled else self.sqhd
+        self._send(pdu.CapsuleResp(pack_cqe(cid, status, sqhd, max(self.qid, 0), dw0, dw1)))
+
+    # ---- after Connect ----
+    def connected(self, ctrl: Controller, qid: int, sqsize: int, cattr: int) -> None:
+        self.ctrl = ctrl
+        self.subsystem = ctrl.subsystem
+        self.hostnqn = ctrl.hostnqn
+        self.qid = qid
+        self.sqsize = sqsize
+        self.sq_flow_disabled = bool(cattr & spec.CONNECT_CATTR_DISABLE_SQFLOW)
+        self.sqhd = 1 % (sqsize + 1)  # the Connect itself was the first entry
+        self.c2h_success_ok = self.sq_flow_disabled and self.opts.c2h_success
+        ctrl.add_qpair(qid, self)
 
 
-def make_qpair_protocol(target: Any, reactor: Any, addr: Any) -> asyncio.BaseProtocol:
-    return _Refuse()
+def _default_opts() -> Any:
+    from ..transport_opts import TransportOptions
+
+    return TransportOptions()
+
+
+def make_qpair_protocol(target: Target, reactor: Reactor, addr: ListenAddress) -> Qpair:
+    return Qpair(target, reactor, addr)

@@ -148,6 +148,7 @@ class Subsystem:
     listeners: list[ListenAddress] = field(default_factory=list)
     # listener -> ANA state per group ("optimized", ...); filled by the ANA work
     ana_states: dict[tuple[ListenAddress, int], str] = field(default_factory=dict)
+    ana_chgcnt: int = 0
 
     def host_allowed(self, hostnqn: str) -> bool:
         return self.allow_any_host or hostnqn in self.hosts

@@ -1,0 +1,62 @@
+"""The discovery controller's log page: which subsystems a host may reach, and where.
+
+Entries are computed per asking host (allow-lists apply) and carry the target-wide
+generation counter, which every configuration change bumps, so a host that re-reads the
+header after the entries notices a change made in between and starts over.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+from . import spec
+from .structs import DiscoveryEntry, build_discovery_log, tcp_tsas
+from .subsystem import DISCOVERY_NQN, ListenAddress
+
+if TYPE_CHECKING:
+    from ..app import Target
+
+_TREQ = 0x2 | spec.Treq.DISABLE_SQFLOW  # secure channel not required; SQ flow may be off
+
+
+def port_id(addr: ListenAddress) -> int:
+    """A stable port id per listen address (the same across restarts)."""
+    return zlib.crc32(str(addr).encode()) & 0xFFFF
+
+
+def _entry(addr: ListenAddress, subtype: int, subnqn: str, asqsz: int,
+           local: str | None) -> DiscoveryEntry:
+    traddr = addr.traddr
+    if traddr in ("0.0.0.0", "::") and local:
+        traddr = local  # a wildcard listener is reached at the address the host used
+    return DiscoveryEntry(
+        trtype=spec.TransportType.TCP,
+        adrfam=spec.AddressFamily.IPV4 if addr.adrfam == "IPv4" else spec.AddressFamily.IPV6,
+        subtype=subtype,
+        treq=_TREQ,
+        portid=port_id(addr),
+        cntlid=spec.CNTLID_DYNAMIC,
+        asqsz=asqsz,
+        trsvcid=addr.trsvcid,
+        traddr=traddr,
+        subnqn=subnqn,
+        tsas=tcp_tsas(),
+    )
+
+
+def discovery_log(target: Target, hostnqn: str, asked_on: ListenAddress,
+                  local_addr: str | None = None) -> bytes:
+    opts = target.transports.get("TCP")
+    asqsz = opts.max_aq_depth if opts else 128
+    entries = [_entry(asked_on, spec.SubsystemType.CURRENT_DISCOVERY, DISCOVERY_NQN, asqsz,
+                      local_addr)]
+    for sub in target.subsystems:
+        if not sub.host_allowed(hostnqn):
+            continue
+        for addr in sub.listeners:
+            entries.append(_entry(addr, spec.SubsystemType.NVME, sub.nqn, asqsz, local_addr))
+    for ref in target.subsystems.referrals:
+        addr = ListenAddress.from_params(ref["address"])
+        entries.append(_entry(addr, spec.SubsystemType.REFERRAL, DISCOVERY_NQN, asqsz, None))
+    return build_discovery_log(target.subsystems.genctr, entries)
