@@ -17,7 +17,7 @@ from .subsystem import DISCOVERY_NQN, ListenAddress
 if TYPE_CHECKING:
     from ..app import Target
 
-_TREQ = 0x2 | spec.Treq.DISABLE_SQFLOW  # secure channel not required; SQ flow may be off
+_TREQ = spec.Treq.SECURE_CHANNEL_NOT_REQUIRED  # what nvme-cli names; SQ flow control stays on
 
 
 def port_id(addr: ListenAddress) -> int:
