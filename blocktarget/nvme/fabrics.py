@@ -70,9 +70,7 @@ def connect(qp: Qpair, req: Request) -> None:
         _bad_param(req, CONNECT_DATA_OFFSETS["subnqn"], True,
                    f"unknown subsystem {data.subnqn!r}")
         return
-    if not data.hostnqn:
-        _bad_param(req, CONNECT_DATA_OFFSETS["hostnqn"], True, "empty host NQN")
-        return
+    # An empty host NQN (spdk_nvme_perf sends one) can only pass allow_any_host.
     if sub.nqn != DISCOVERY_NQN and not sub.listener_allowed(qp.addr):
         _bad_param(req, CONNECT_DATA_OFFSETS["subnqn"], True,
                    f"{sub.nqn} is not offered on {qp.addr}")
