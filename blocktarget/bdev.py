@@ -366,7 +366,9 @@ def blocks_from_params(params: dict[str, Any]) -> int:
         total = mb * 1024 * 1024
         if total % bs:
             raise InvalidParams(f"parameter 'size_mb' is not a multiple of block_size {bs}")
-        return total // bs
+        nb = total // bs
+    if nb >= 1 << 64:  # NVMe's namespace size (NSZE) is a 64-bit block count
+        raise InvalidParams("parameter 'num_blocks' is too large (at most 2^64-1 blocks)")
     return int(nb)
 
 

@@ -98,6 +98,8 @@ class Settings:
             d["cores"] = self.raw_cores
         if self.busy_poll_us != 200 or self.idle_poll_us != 1000:
             d["poll"] = {"busy_us": self.busy_poll_us, "idle_us": self.idle_poll_us}
+        if not self.pin:
+            d["pin"] = False
         return d
 
 
@@ -116,6 +118,8 @@ def read_file(path: str) -> dict[str, Any]:
             text = f.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:  # raised by read(), not by json.loads
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -194,7 +198,9 @@ def entries(doc: dict[str, Any], source: str) -> Iterator[Entry]:
         where = f"subsystems[{i}]"
         if not isinstance(sub, dict) or not isinstance(sub.get("subsystem"), str):
             raise ConfigError(f"{source}: {where}: must be an object with a 'subsystem' name")
-        calls = sub.get("config") or []
+        calls = sub.get("config")
+        if calls is None:
+            calls = []
         if not isinstance(calls, list):
             raise ConfigError(f"{source}: {where}.config must be a list")
         for j, call in enumerate(calls):

@@ -46,17 +46,23 @@ def parse_cores(spec: Any) -> list[int]:
         cores = [i for i in range(spec.bit_length()) if spec >> i & 1]
     elif isinstance(spec, str):
         text = spec.strip().strip("[]")
-        if text.lower().startswith("0x"):
-            mask = int(text, 16)
-            cores = [i for i in range(mask.bit_length()) if mask >> i & 1]
-        else:
-            cores = []
-            for part in filter(None, (p.strip() for p in text.split(","))):
-                if "-" in part:
-                    lo, hi = part.split("-", 1)
-                    cores.extend(range(int(lo), int(hi) + 1))
-                else:
-                    cores.append(int(part))
+        try:
+            if text.lower().startswith("0x"):
+                mask = int(text, 16)
+                cores = [i for i in range(mask.bit_length()) if mask >> i & 1]
+            else:
+                cores = []
+                for part in filter(None, (p.strip() for p in text.split(","))):
+                    if "-" in part:
+                        lo, hi = part.split("-", 1)
+                        cores.extend(range(int(lo), int(hi) + 1))
+                    else:
+                        cores.append(int(part))
+        except ValueError:  # int()'s own message names neither the setting nor the forms
+            raise ValueError(
+                f"cannot parse cores {spec!r}: expected a list '0,1', a range '0-3' "
+                "or a hex mask '0x3'"
+            ) from None
     else:
         raise ValueError(f"cores must be a list or a hex mask, got {spec!r}")
     if not cores:
@@ -187,7 +193,10 @@ class Reactor:
 
                 def done(t: asyncio.Future[Any]) -> None:
                     if t.cancelled():
-                        fut.cancel()
+                        # fut is already running, so fut.cancel() would be a no-op and the
+                        # sender would wait forever (e.g. the reactor stopped under it)
+                        fut.set_exception(
+                            concurrent.futures.CancelledError("cancelled on the reactor"))
                     elif t.exception() is not None:
                         fut.set_exception(t.exception())  # type: ignore[arg-type]
                     else:
@@ -304,8 +313,10 @@ class Reactor:
             "idle_seconds": max(wall - busy, 0) / 1e9,
             "messages": self.stats.messages,
             "pollers": [{"name": p.name, "runs": p.runs, "work": p.work} for p in self.pollers],
-            "connections": sorted(str(c) for c in self.owned.get("connection", ())),
-            "channels": sorted(str(c) for c in self.owned.get("channel", ())),
+            # list() copies the set in one C call; iterating it directly from this (non-
+            # reactor) thread races with own()/disown() ("Set changed size during iteration")
+            "connections": sorted(str(c) for c in list(self.owned.get("connection", ()))),
+            "channels": sorted(str(c) for c in list(self.owned.get("channel", ()))),
             "irq_mode": False,
         }
 

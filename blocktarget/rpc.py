@@ -10,6 +10,7 @@ method lookup, parameter checking and error codes. The Unix socket speaks SPDK's
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import json
 import logging
@@ -152,8 +153,8 @@ class Dispatcher:
             or isinstance(id_, bool)
         ):
             self.errors += 1
-            return _error(id_ if isinstance(id_, str | int) else None, INVALID_REQUEST,
-                          "Invalid Request")
+            valid_id = isinstance(id_, str | int) and not isinstance(id_, bool)
+            return _error(id_ if valid_id else None, INVALID_REQUEST, "Invalid Request")
         params = req.get("params")
         if isinstance(params, list):
             self.errors += 1
@@ -176,6 +177,15 @@ class Dispatcher:
 
 # ---------------------------------------------------------------------------
 # Unix socket server (SPDK framing)
+
+
+class StreamParseError(ValueError):
+    """Malformed input; `values` are the complete values decoded before it in the same
+    chunk, which the server must still answer (a client may have pipelined them)."""
+
+    def __init__(self, message: str, values: list[Any]) -> None:
+        super().__init__(message)
+        self.values = values
 
 
 class _StreamDecoder:
@@ -208,7 +218,7 @@ class _StreamDecoder:
                     i += 1
                     continue
                 if c not in b"{[":
-                    raise ValueError("Parse error: expected a JSON object or array")
+                    raise StreamParseError("Parse error: expected a JSON object or array", out)
                 del buf[:i]
                 n = len(buf)
                 i = 0
@@ -229,7 +239,7 @@ class _StreamDecoder:
                     try:
                         out.append(json.loads(bytes(buf[: i + 1])))
                     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise ValueError(f"Parse error: {exc}") from None
+                        raise StreamParseError(f"Parse error: {exc}", out) from None
                     del buf[: i + 1]
                     n = len(buf)
                     i = 0
@@ -254,7 +264,7 @@ class UnixRpcServer:
                 raise OSError(f"{self.path} exists and is not a socket")
             if await _socket_alive(self.path):
                 raise OSError(
-                    f"RPC socket {self.path} is in use by another running target"
+                    errno.EADDRINUSE, f"RPC socket {self.path} is in use by another running target"
                 )
             os.unlink(self.path)  # stale socket from a killed process
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -290,16 +300,19 @@ class UnixRpcServer:
                     writer.write(json.dumps(_error(None, INVALID_REQUEST,
                                                    "request too large")).encode())
                     break
+                parse_error: StreamParseError | None = None
                 try:
                     requests = dec.feed(data)
-                except ValueError as exc:
-                    writer.write(json.dumps(_error(None, PARSE_ERROR, str(exc))).encode())
-                    break
+                except StreamParseError as exc:
+                    parse_error, requests = exc, exc.values
                 for req in requests:
                     resp = await self.dispatcher.handle(req)
                     if resp is not None:
                         writer.write(json.dumps(resp).encode())
                         await writer.drain()
+                if parse_error is not None:
+                    writer.write(json.dumps(_error(None, PARSE_ERROR, str(parse_error))).encode())
+                    break
             await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
             pass

@@ -80,5 +80,7 @@ TRANSPORT_SCHEMA = Schema(
         "acceptor_poll_rate", "ack_timeout", "data_wr_pool_size", "control_msg_num",
         "disable_command_passthru", "max_srq_depth", "no_srq", "no_wr_batching",
         "num_cqe", "acceptor_backlog", "kas_enable", "transport_specific",
+        # SPDK's rpc.py sends these vfio-user store_true flags (as false) on every call
+        "disable_mappable_bar0", "disable_adaptive_irq", "disable_shadow_doorbells",
     }),
 )

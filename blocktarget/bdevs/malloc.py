@@ -8,6 +8,7 @@ a write cache so hosts know a Flush does not make it durable.
 
 from __future__ import annotations
 
+import errno
 import mmap
 from typing import Any
 
@@ -105,6 +106,16 @@ def create(params: dict[str, Any]) -> Bdev:
 
         raise InvalidParams("parameter 'md_size' is not supported (no metadata)")
     nb = blocks_from_params(params)
+    try:
+        return _new_malloc(params, nb, bs)
+    except (OverflowError, OSError) as exc:  # the operator asked for more than we can map
+        from ..errors import RpcError
+
+        raise RpcError(f"cannot allocate {nb * bs} bytes for malloc bdev "
+                       f"'{params['name']}': {exc}", -errno.ENOMEM) from None
+
+
+def _new_malloc(params: dict[str, Any], nb: int, bs: int) -> Bdev:
     return MallocBdev(
         size=nb * bs,
         name=params["name"],

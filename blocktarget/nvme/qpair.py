@@ -279,10 +279,19 @@ class Qpair(asyncio.Protocol):
         if self.qid >= 0 and not self.sq_flow_disabled:
             self.sqhd = (self.sqhd + 1) % (self.sqsize + 1)
         req = Request(self, sqe)
-        if sqe.cid in self.requests:
-            # A host reusing a busy command id is broken; fail the new one only.
-            self._respond(sqe.cid, SC_CID_CONFLICT)
-            return
+        if self.qid <= 0:
+            log.debug("%s: admin cid %d opcode 0x%02x fctype %d cdw10 0x%x cdw11 0x%x", self,
+                      sqe.cid, sqe.opcode, sqe.fctype, sqe.cdw10, sqe.cdw11)
+        prev = self.requests.get(sqe.cid)
+        if prev is not None:
+            if prev.opcode == spec.AdminOpcode.ASYNC_EVENT_REQUEST and self.qid == 0:
+                # SPDK's host forgets its held AERs at shutdown and reuses their ids;
+                # the forgotten AER must then never complete.
+                prev.done = True
+            else:
+                # A host reusing a busy command id is broken; fail the new one only.
+                self._respond(sqe.cid, SC_CID_CONFLICT)
+                return
         self.requests[sqe.cid] = req
         if sqe.opcode == spec.FABRICS_OPCODE:
             direction = _FCTYPE_DIR.get(sqe.fctype, spec.DataTransfer(sqe.fctype & 3))
@@ -398,10 +407,14 @@ class Qpair(asyncio.Protocol):
 
     # ---- controller to host data ----
     def send_c2h(self, req: Request, buf: Any) -> None:
-        mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-        if mv.ndim != 1 or mv.itemsize != 1:
-            mv = mv.cast("B")
-        total = min(len(mv), req.xfer_len) if req.xfer_len else len(mv)
+        """Send read data. A view of live bdev memory is snapshotted first: the socket
+        may still hold it after a later write to the same blocks completes, which would
+        tear the block the host reads and break the data digest computed here."""
+        total = min(len(buf), req.xfer_len) if req.xfer_len else len(buf)
+        if isinstance(buf, bytes):
+            mv = memoryview(buf)
+        else:
+            mv = memoryview(bytes(memoryview(buf).cast("B")[:total]))
         success = self.c2h_success_ok
         off = 0
         while off < total:
@@ -417,6 +430,9 @@ class Qpair(asyncio.Protocol):
             del self.requests[req.cid]
         if self.closed:
             return
+        if status:
+            log.debug("%s: cid %d opcode 0x%02x failed: %s", self, req.cid, req.opcode,
+                      spec.status_name(status, req.opcode == spec.FABRICS_OPCODE))
         if status and self.ctrl is not None:
             try:
                 self.ctrl.record_error(max(self.qid, 0), req.cid, status, req.nsid)

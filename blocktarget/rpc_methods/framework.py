@@ -78,6 +78,31 @@ def save_config(target: Target, params: dict[str, Any]) -> dict[str, Any]:
     return target.save_config()
 
 
+# SPDK's rpc.py implements save_config on the client: it lists the subsystems, then asks
+# for each one's config. Both come from Target.save_config so the two paths cannot differ.
+_SUBSYSTEM_DEPS = {"bdev": [], "nvmf": ["bdev"]}
+
+
+@method("framework_get_subsystems", in_config=False)
+def framework_get_subsystems(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Config sections in dependency order, in SPDK's shape (used by SPDK's save_config)."""
+    return [{"subsystem": s["subsystem"], "depends_on": _SUBSYSTEM_DEPS.get(s["subsystem"], [])}
+            for s in target.save_config()["subsystems"]]
+
+
+@method(
+    "framework_get_config",
+    Schema((Param("name", str, required=True), Param("with_batches", bool, default=False))),
+    in_config=False,
+)
+def framework_get_config(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """One section's replayable calls (SPDK's save_config calls this per subsystem)."""
+    for s in target.save_config()["subsystems"]:
+        if s["subsystem"] == params["name"]:
+            return s["config"]
+    raise InvalidParams(f"parameter 'name': subsystem '{params['name']}' not found")
+
+
 @method(
     "load_config",
     Schema((Param("subsystems", list, required=True), Param("blocktarget", dict))),

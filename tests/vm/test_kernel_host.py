@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from integration.target_proc import RunningTarget, free_port, listen_address
 
-from .harness.vm import HOST_ADDR, Guest, host_nqn
+from .harness.vm import Guest
 
 NQN = "nqn.2026-01.io.blocktarget:vmtest"
 LOCKED = "nqn.2026-01.io.blocktarget:locked"
