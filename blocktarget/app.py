@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from typing import Any
 from . import __version__
 from .bdev import MODULES, Bdev, BdevRegistry
 from .config import ConfigError, Settings, replay
-from .errors import NoSuchDevice, RpcError
+from .errors import AlreadyExists, NoSuchDevice, RpcError
 from .nvme.controller import ControllerTable
 from .nvme.subsystem import ListenAddress, Subsystem, SubsystemRegistry
 from .reactor import ReactorPool
@@ -98,12 +99,17 @@ class Target:
 
     # ---- bdevs ----
     async def create_bdev(self, module: str, params: dict[str, Any]) -> Bdev:
+        """Create through the module; modules that stack on other bdevs or open
+        connections get the target (`needs_target`) and may be coroutines."""
         mod = MODULES[module]
-        bdev = mod.create(params)
+        if self.bdevs.find(params.get("name", "")) is not None:
+            raise AlreadyExists(f"bdev '{params['name']}' already exists")
+        result = mod.create(params, self) if mod.needs_target else mod.create(params)
+        bdev = await result if inspect.isawaitable(result) else result
         try:
             self.bdevs.add(bdev)
         except RpcError:
-            bdev.destruct()
+            await _maybe_await(bdev.destruct())
             raise
         return bdev
 
@@ -116,7 +122,7 @@ class Target:
         if self.started:
             await self.reactors.broadcast(bdev.close_channel)
         bdev.close_channel(None)
-        bdev.destruct()
+        await _maybe_await(bdev.destruct())
 
     # ---- subsystems ----
     async def remove_namespace(self, sub: Subsystem, nsid: int) -> None:
@@ -260,7 +266,11 @@ class Target:
             for key in list(b.channels):
                 ch = b.channels.pop(key)
                 ch.close()
-            b.destruct()
+            await _maybe_await(b.destruct())
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 def _why(exc: OSError) -> str:

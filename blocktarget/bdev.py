@@ -319,11 +319,14 @@ class BdevModule:
     """A bdev type: how to create one from validated params, and under which names."""
 
     name: str
-    create: Callable[[dict[str, Any]], Bdev]
+    create: Callable[..., Any]  # (params) or (params, target) -> Bdev or awaitable
     schema: Schema
     create_method: str  # SPDK's RPC name, e.g. bdev_malloc_create
     delete_method: str | None = None
     description: str = ""
+    needs_target: bool = False  # create(params, target): stacked/remote bdevs
+    create_aliases: tuple[str, ...] = ()  # e.g. bdev_aio_create for the uring module
+    delete_aliases: tuple[str, ...] = ()
 
 
 MODULES: dict[str, BdevModule] = {}
@@ -337,8 +340,20 @@ def register_module(module: BdevModule) -> BdevModule:
 
 
 def load_builtin_modules() -> None:
-    """Import the modules so they register; kept explicit so the import graph stays flat."""
-    from .bdevs import malloc, null  # noqa: F401
+    """Import every module in blocktarget/bdevs so each registers itself.
+
+    A new bdev type is one new file there; nothing else needs editing. A module whose
+    system library is missing must still import (and fail at create time with a clear
+    error), so one absent library never hides the other types.
+    """
+    import importlib
+    import pkgutil
+
+    from . import bdevs
+
+    for info in sorted(pkgutil.iter_modules(bdevs.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{bdevs.__name__}.{info.name}")
 
 
 def check_uuid(value: str) -> str | None:

@@ -92,9 +92,20 @@ method = REGISTRY.register
 
 
 def load_methods() -> MethodRegistry:
-    """Import the method modules so they register; explicit keeps startup predictable."""
-    from .rpc_methods import bdev, framework, nvmf  # noqa: F401
+    """Import every module in blocktarget/rpc_methods so its methods register.
 
+    `bdev` goes first: it registers the SPDK-named create/delete methods of every bdev
+    module, which a module-specific file may then extend with its own methods.
+    """
+    import importlib
+    import pkgutil
+
+    from . import rpc_methods
+
+    names = sorted(m.name for m in pkgutil.iter_modules(rpc_methods.__path__)
+                   if not m.name.startswith("_"))
+    for name in ["bdev"] + [n for n in names if n != "bdev"]:
+        importlib.import_module(f"{rpc_methods.__name__}.{name}")
     return REGISTRY
 
 

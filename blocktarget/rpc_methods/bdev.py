@@ -59,9 +59,11 @@ def _module_methods() -> None:
             delete.__doc__ = f"Delete a {mod_name} bdev."
             return delete
 
-        method(module.create_method, module.schema, section="bdev")(make_create(module.name))
+        method(module.create_method, module.schema, section="bdev",
+               aliases=module.create_aliases)(make_create(module.name))
         if module.delete_method:
             method(module.delete_method, Schema((Param("name", str, required=True),)),
+                   aliases=module.delete_aliases,
                    in_config=False)(make_delete(module.name))
 
 
