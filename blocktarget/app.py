@@ -262,7 +262,7 @@ class Target:
         if self.started:
             self.reactors.stop()
             self.started = False
-        for b in list(self.bdevs):
+        for b in reversed(list(self.bdevs)):  # stacked bdevs before their bases
             for key in list(b.channels):
                 ch = b.channels.pop(key)
                 ch.close()
