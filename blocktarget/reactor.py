@@ -94,6 +94,7 @@ class ReactorStats:
     poll_work: int = 0
     connections_opened: int = 0
     connections_closed: int = 0
+    adopt_failed: int = 0  # sockets handed to this reactor that died before adoption
 
 
 @dataclass(eq=False)
@@ -331,6 +332,7 @@ class ReactorPool:
             for i, core in enumerate(cores)
         ]
         self._next = 0
+        self._placed = [0] * len(self.reactors)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.reactors)
@@ -356,11 +358,27 @@ class ReactorPool:
         for r in self.reactors:
             r.stop()
 
-    def pick(self) -> Reactor:
-        """Round robin: connections are spread evenly and never move afterwards."""
-        r = self.reactors[self._next % len(self.reactors)]
-        self._next += 1
+    def pick(self, policy: str = "round_robin") -> Reactor:
+        """Where a new connection lives (it never moves afterwards).
+
+        "round_robin": in turn, as SPDK does. "least_connections": the reactor with the
+        fewest connections, counting those handed over but not yet adopted, so a burst
+        of accepts does not all land on one reactor; ties go to the lowest index.
+        Called only from the control-plane thread.
+        """
+        if policy == "least_connections":
+            r = min(self.reactors, key=lambda x: (self.load(x), x.index))
+        else:
+            r = self.reactors[self._next % len(self.reactors)]
+            self._next += 1
+        self._placed[r.index] += 1
         return r
+
+    def load(self, r: Reactor) -> int:
+        """Connections placed on ``r`` that are not closed yet. Each counter has one
+        writer (placed: this thread; closed/failed: the reactor), so no lock."""
+        s = r.stats
+        return self._placed[r.index] - s.connections_closed - s.adopt_failed
 
     async def broadcast(self, fn: Callable[[Reactor], Any]) -> list[Any]:
         """Run fn(reactor) on every reactor and wait for all; how shared state changes."""

@@ -12,6 +12,11 @@ from typing import Any
 from .errors import InvalidParams
 from .params import Param, Schema, positive
 
+# Connection placement policies (ReactorPool.pick): "round_robin" spreads connections
+# in arrival order, as SPDK does; "least_connections" sends each new connection to the
+# reactor with the fewest live ones, which stays even when hosts come and go.
+PLACEMENTS = ("round_robin", "least_connections")
+
 
 @dataclass
 class TransportOptions:
@@ -28,6 +33,8 @@ class TransportOptions:
     max_r2t_per_qpair: int = 1  # MAXR2T: R2Ts outstanding per command
     sock_priority: int = 0
     abort_timeout_sec: int = 1
+    # blocktarget's own: how accepted connections are spread over reactors
+    placement: str = "round_robin"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TransportOptions:
@@ -47,6 +54,9 @@ class TransportOptions:
             raise InvalidParams("parameter 'max_io_size' must be a power of two >= 4096")
         if opts.io_unit_size < 4096 or opts.io_unit_size % 4:
             raise InvalidParams("parameter 'io_unit_size' must be >= 4096 and a multiple of 4")
+        if opts.placement not in PLACEMENTS:
+            raise InvalidParams(
+                f"parameter 'placement' must be one of {', '.join(PLACEMENTS)}")
         return opts
 
     def describe(self) -> dict[str, Any]:
@@ -54,6 +64,8 @@ class TransportOptions:
 
     def config_params(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["placement"] == "round_robin":
+            del d["placement"]  # keep saved configs loadable by SPDK's nvmf_tgt
         return d
 
 
@@ -73,6 +85,8 @@ TRANSPORT_SCHEMA = Schema(
         Param("max_r2t_per_qpair", int, check=positive),
         Param("sock_priority", int),
         Param("abort_timeout_sec", int),
+        Param("placement", str, choices=PLACEMENTS,
+              help="how connections are spread over reactors (blocktarget's own)"),
     ),
     # SPDK options with no meaning in this implementation: accepted so SPDK configs load
     extra_ok=frozenset({

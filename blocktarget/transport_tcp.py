@@ -1,7 +1,8 @@
 """NVMe/TCP transport, socket side: listeners and the hand-off of connections to reactors.
 
 Listening sockets live on the control-plane loop; each accepted socket is handed, as a
-plain file object, to one reactor (round robin) and wrapped there in a queue-pair
+plain file object, to one reactor (round robin, or least connections with the
+transport's `placement` option) and wrapped there in a queue-pair
 protocol, so from then on every byte of that connection is handled by that reactor only.
 One listening socket serves every subsystem that lists its address, and the discovery
 controller on it.
@@ -93,7 +94,8 @@ class TcpTransport:
             listener.accepted += 1
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reactor = self.target.reactors.pick()
+            opts = self.target.transports.get("TCP")
+            reactor = self.target.reactors.pick(opts.placement if opts else "round_robin")
             reactor.send(self._adopt, reactor, conn, listener.addr)
 
     async def _adopt(self, reactor: Reactor, conn: socket.socket, addr: ListenAddress) -> None:
@@ -105,6 +107,7 @@ class TcpTransport:
             )
         except OSError:
             conn.close()
+            reactor.stats.adopt_failed += 1  # never registered: not a live connection
 
     # ---- reactors' bookkeeping (called on the reactor that owns the qpair) ----
     def register_qpair(self, reactor: Reactor, qpair: Any) -> None:

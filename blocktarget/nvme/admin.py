@@ -282,7 +282,7 @@ def get_log_page(qp: Qpair, req: Request) -> None:
         if lid != spec.LogPage.DISCOVERY:
             req.fail(SC_INVALID_LOG_PAGE)
             return
-        page = discovery_log(qp.target, ctrl.hostnqn, qp.addr)
+        page = discovery_log(qp.target, ctrl.hostnqn, qp.addr, qp.local_addr)
     elif lid == spec.LogPage.ERROR:
         page = build_error_log(list(ctrl.errors)).ljust(
             ERROR_LOG_ENTRIES * spec.ERROR_LOG_ENTRY_SIZE, b"\0")
@@ -400,8 +400,7 @@ def set_features(qp: Qpair, req: Request) -> None:
         ctrl.granted_io_queues = n
         req.complete(0, _num_queues_value(n))
     elif fid == spec.FeatureId.KATO:
-        ctrl.kato_ms = value
-        ctrl.keep_alive()
+        ctrl.set_kato(value)
         req.complete(0)
     elif fid == spec.FeatureId.ASYNC_EVENT:
         ctrl.features[fid] = value
@@ -455,20 +454,32 @@ def keep_alive(qp: Qpair, req: Request) -> None:
 
 
 def abort(qp: Qpair, req: Request) -> None:
-    """Abort: a command that is still waiting for its data is failed; one already
-    executing runs to completion (dw0 bit 0 = 1 reports "not aborted")."""
+    """Abort: a command still waiting for its data is failed (Aborted By Request); one
+    already executing runs to completion (dw0 bit 0 = 1 reports "not aborted").
+
+    The victim's queue may live on another reactor: the check runs there, as a message,
+    and the answer comes back to this (the admin) reactor, so neither touches the
+    other's state."""
     ctrl = _ctrl(qp)
     sqid = req.sqe.cdw10 & 0xFFFF
     cid = req.sqe.cdw10 >> 16
     target_qp = ctrl.qpairs.get(sqid)
-    if target_qp is not None and target_qp.reactor is qp.reactor:
-        victim = target_qp.requests.get(cid)
-        if victim is not None and victim.ttag >= 0 and victim.ttag in target_qp.r2t_pending:
-            del target_qp.r2t_pending[victim.ttag]
-            victim.fail(spec.make_status(G, spec.GenericStatus.ABORTED_BY_REQUEST))
-            req.complete(0, 0)
-            return
-    req.complete(0, 1)
+    if target_qp is None:
+        req.complete(0, 1)
+        return
+    if target_qp.reactor is qp.reactor:
+        req.complete(0, 0 if target_qp.abort_waiting(cid) else 1)
+        return
+    here, there = qp.reactor.loop, target_qp.reactor.loop
+    if here is None or there is None:
+        req.complete(0, 1)
+        return
+
+    def on_victim_reactor() -> None:
+        aborted = target_qp.abort_waiting(cid)
+        here.call_soon_threadsafe(req.complete, 0, 0 if aborted else 1)
+
+    there.call_soon_threadsafe(on_victim_reactor)
 
 
 ADMIN_HANDLERS: dict[int, Handler] = {

@@ -195,9 +195,19 @@ class Controller:
     def keep_alive(self) -> None:
         self.last_keep_alive = time.monotonic()
 
+    def set_kato(self, kato_ms: int) -> None:
+        """Set Features KATO (on the admin reactor): the new timeout applies at once,
+        including turning the timer on or off."""
+        self.kato_ms = kato_ms
+        self.keep_alive()
+        if self._kato_handle is not None:
+            self._kato_handle.cancel()
+            self._kato_handle = None
+        self.start_kato_timer()
+
     def start_kato_timer(self) -> None:
         """Arm the keep-alive check on the admin reactor (KATO=0 disables it)."""
-        if self.kato_ms <= 0 or self.reactor.loop is None:
+        if self.kato_ms <= 0 or self.reactor.loop is None or self.dead:
             return
         period = max(self.kato_ms / 4000.0, 0.05)
         self._kato_handle = self.reactor.loop.call_later(period, self._kato_check, period)
@@ -290,7 +300,7 @@ class Controller:
         self.error_count += 1
         self.errors.appendleft(
             ErrorLogEntry(
-                error_count=self.error_count, sqid=sqid, cid=cid, status=status << 1,
+                error_count=self.error_count, sqid=sqid, cid=cid, status=status,
                 param_error_location=0xFFFF, lba=lba, nsid=nsid, vs=0, trtype=3,
                 cs=0, trtype_specific=0,
             )

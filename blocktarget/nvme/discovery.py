@@ -8,7 +8,7 @@ header after the entries notices a change made in between and starts over.
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import spec
 from .structs import DiscoveryEntry, build_discovery_log, tcp_tsas
@@ -26,15 +26,17 @@ def port_id(addr: ListenAddress) -> int:
 
 
 def _entry(addr: ListenAddress, subtype: int, subnqn: str, asqsz: int,
-           local: str | None) -> DiscoveryEntry:
+           local: str | None, treq: int = _TREQ) -> DiscoveryEntry:
     traddr = addr.traddr
-    if traddr in ("0.0.0.0", "::") and local:
-        traddr = local  # a wildcard listener is reached at the address the host used
+    if traddr in ("0.0.0.0", "::") and local and (":" in local) == (addr.adrfam == "IPv6"):
+        # A wildcard listener is reached at the address the host used (when that is of
+        # the listener's family; an IPv4 host learns nothing usable about "::" anyway).
+        traddr = local
     return DiscoveryEntry(
         trtype=spec.TransportType.TCP,
         adrfam=spec.AddressFamily.IPV4 if addr.adrfam == "IPv4" else spec.AddressFamily.IPV6,
         subtype=subtype,
-        treq=_TREQ,
+        treq=treq,
         portid=port_id(addr),
         cntlid=spec.CNTLID_DYNAMIC,
         asqsz=asqsz,
@@ -43,6 +45,19 @@ def _entry(addr: ListenAddress, subtype: int, subnqn: str, asqsz: int,
         subnqn=subnqn,
         tsas=tcp_tsas(),
     )
+
+
+def referral_entry(ref: dict[str, Any], asqsz: int) -> DiscoveryEntry:
+    """A referral (as nvmf_discovery_add_referral stored it): a pointer to another
+    discovery service (subtype 1), or, as SPDK does when the referral names another
+    NQN, to an NVM subsystem elsewhere (subtype 2)."""
+    addr = ListenAddress.from_params(ref["address"])
+    subnqn = ref.get("subnqn") or DISCOVERY_NQN
+    subtype = (spec.SubsystemType.REFERRAL if subnqn == DISCOVERY_NQN
+               else spec.SubsystemType.NVME)
+    treq = (spec.Treq.SECURE_CHANNEL_REQUIRED if ref.get("secure_channel")
+            else spec.Treq.SECURE_CHANNEL_NOT_REQUIRED)
+    return _entry(addr, subtype, subnqn, asqsz, None, treq)
 
 
 def discovery_log(target: Target, hostnqn: str, asked_on: ListenAddress,
@@ -57,6 +72,5 @@ def discovery_log(target: Target, hostnqn: str, asked_on: ListenAddress,
         for addr in sub.listeners:
             entries.append(_entry(addr, spec.SubsystemType.NVME, sub.nqn, asqsz, local_addr))
     for ref in target.subsystems.referrals:
-        addr = ListenAddress.from_params(ref["address"])
-        entries.append(_entry(addr, spec.SubsystemType.REFERRAL, DISCOVERY_NQN, asqsz, None))
+        entries.append(referral_entry(ref, asqsz))
     return build_discovery_log(target.subsystems.genctr, entries)

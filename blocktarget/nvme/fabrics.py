@@ -34,6 +34,7 @@ SC_INVALID_PARAM = spec.make_status(CS, spec.FabricsStatus.CONNECT_INVALID_PARAM
 SC_INVALID_HOST = spec.make_status(CS, spec.FabricsStatus.CONNECT_INVALID_HOST, dnr=True)
 SC_INCOMPATIBLE = spec.make_status(CS, spec.FabricsStatus.CONNECT_INCOMPATIBLE_FORMAT, dnr=True)
 SC_CTRL_BUSY = spec.make_status(CS, spec.FabricsStatus.CONNECT_CTRL_BUSY, dnr=True)
+SC_INVALID_QUEUE_TYPE = spec.make_status(CS, spec.FabricsStatus.INVALID_QUEUE_TYPE, dnr=True)
 SC_INVALID_FIELD = spec.make_status(G, spec.GenericStatus.INVALID_FIELD, dnr=True)
 SC_INVALID_OPCODE = spec.make_status(G, spec.GenericStatus.INVALID_OPCODE, dnr=True)
 SC_SEQUENCE = spec.make_status(G, spec.GenericStatus.COMMAND_SEQUENCE_ERROR, dnr=True)
@@ -92,9 +93,13 @@ def connect(qp: Qpair, req: Request) -> None:
         _bad_param(req, CONNECT_DATA_OFFSETS["cntlid"], True,
                    f"no controller {data.cntlid} in {sub.nqn}")
         return
-    if ctrl.hostnqn != data.hostnqn or ctrl.hostid != data.hostid:
+    if ctrl.hostid != data.hostid:
+        _bad_param(req, CONNECT_DATA_OFFSETS["hostid"], True,
+                   "host identifier differs from the admin queue's")
+        return
+    if ctrl.hostnqn != data.hostnqn:
         _bad_param(req, CONNECT_DATA_OFFSETS["hostnqn"], True,
-                   "host NQN/ID differ from the admin queue's")
+                   "host NQN differs from the admin queue's")
         return
     if not ctrl.csts & spec.CSTS_RDY:
         req.fail(SC_SEQUENCE)  # I/O queues only on an enabled controller
@@ -151,6 +156,11 @@ def _connect_admin(qp: Qpair, req: Request, f, data, sub) -> None:  # type: igno
 def property_get(qp: Qpair, req: Request) -> None:
     ctrl = qp.ctrl
     assert ctrl is not None
+    if qp.qid != 0:
+        # Properties belong to the admin queue; Linux nvmet and SPDK both answer
+        # Invalid Opcode for a fabrics command they do not take on an I/O queue.
+        req.fail(SC_INVALID_OPCODE)
+        return
     p = property_fields(req.sqe)
     value = ctrl.property_get(p.offset, p.size)
     if value is None:
@@ -163,7 +173,7 @@ def property_set(qp: Qpair, req: Request) -> None:
     ctrl = qp.ctrl
     assert ctrl is not None
     if qp.qid != 0:
-        req.fail(SC_INVALID_FIELD)
+        req.fail(SC_INVALID_OPCODE)  # as Property Get above
         return
     p = property_fields(req.sqe)
     if not ctrl.property_set(p.offset, p.size, p.value):
@@ -173,7 +183,12 @@ def property_set(qp: Qpair, req: Request) -> None:
 
 
 def disconnect(qp: Qpair, req: Request) -> None:
-    """Fabrics Disconnect: complete it, then close this queue (the admin queue too)."""
+    """Fabrics Disconnect deletes the I/O queue it arrives on: complete it, then close.
+    The admin queue is not deleted this way (NVMe-oF: Invalid Queue Type); a host ends
+    the controller with CC.SHN and by closing the connection."""
+    if qp.qid == 0:
+        req.fail(SC_INVALID_QUEUE_TYPE)
+        return
     req.complete(0)
     qp._flush()
     qp.close("Disconnect command")

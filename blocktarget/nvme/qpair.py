@@ -41,8 +41,8 @@ SC_TRANSIENT = spec.make_status(G, spec.GenericStatus.TRANSIENT_TRANSPORT_ERROR)
 SC_ABORTED_SQ_DELETION = spec.make_status(G, spec.GenericStatus.ABORTED_SQ_DELETION)
 SC_INTERNAL = spec.make_status(G, spec.GenericStatus.INTERNAL)
 
-C2H_CHUNK = 64 * 1024  # C2HData payload per PDU; large reads are split
 ADMIN_ICD = 8192  # in-capsule data accepted on admin queues (Connect data is 1 KiB)
+MAXH2CDATA = 0x20000  # largest H2CData payload we accept (ICResp), as SPDK's 128 KiB
 
 _FCTYPE_DIR = {
     spec.FabricsType.PROPERTY_SET: spec.DataTransfer.NONE,
@@ -58,7 +58,7 @@ class Request:
     """One command from capsule to completion."""
 
     __slots__ = ("qp", "sqe", "cid", "data", "xfer_len", "received", "ttag", "nsid",
-                 "done", "abort_requested", "opcode", "io")
+                 "done", "abort_requested", "opcode", "io", "bad_data")
 
     def __init__(self, qp: Qpair, sqe: Sqe) -> None:
         self.qp = qp
@@ -73,6 +73,7 @@ class Request:
         self.done = False
         self.abort_requested = False
         self.io: Any = None
+        self.bad_data = False  # an H2CData PDU of this command failed its data digest
 
     # ---- completion (on the qpair's reactor) ----
     def complete(self, status: int = 0, dw0: int = 0, dw1: int = 0) -> None:
@@ -104,11 +105,19 @@ class Qpair(asyncio.Protocol):
         self.target = target
         self.reactor = reactor
         self.addr = addr
-        self.opts = target.transports.get("TCP") or _default_opts()
+        self.opts = opts = target.transports.get("TCP") or _default_opts()
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self.decoder = pdu.Decoder(expect=pdu.HOST_TO_CONTROLLER,
-                                   max_pdu_size=self.opts.max_io_size + 64 * 1024)
+        self.local_addr: str | None = None  # our end of the socket, set on connection
+        # The largest PDU a conforming host sends: a capsule with in-capsule data (admin
+        # queues take 8 KiB) or an H2CData of at most MAXH2CDATA, plus header, padding
+        # and digests. A capsule with more in-capsule data than we advertise, but inside
+        # this bound, is still decoded and failed as a command (DATA_SGL_LENGTH_INVALID);
+        # anything larger cannot be buffered and ends the connection (FES 05h).
+        self.decoder = pdu.Decoder(
+            expect=pdu.HOST_TO_CONTROLLER,
+            max_pdu_size=max(opts.max_io_size, opts.in_capsule_data_size, ADMIN_ICD,
+                             MAXH2CDATA) + 64 * 1024)
         self.hdgst = False
         self.ddgst = False
         self.hpda = 0
@@ -127,8 +136,11 @@ class Qpair(asyncio.Protocol):
         self._next_ttag = 0
         self.closed = False
         self.counters = QpairCounters()
-        self.icd_limit = self.opts.in_capsule_data_size
-        self.maxh2cdata = 0x20000
+        self.icd_limit = opts.in_capsule_data_size
+        self.maxh2cdata = MAXH2CDATA
+        # C2HData payload per PDU: the transport's io_unit_size (SPDK's unit of data
+        # buffers), never more than one maximum transfer.
+        self.c2h_chunk = max(min(opts.io_unit_size, opts.max_io_size), 4096)
         self.c2h_success_ok = False
         self._out: list[Any] = []
         self._flush_scheduled = False
@@ -142,6 +154,9 @@ class Qpair(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        local = transport.get_extra_info("sockname")
+        # the address the host reached us at (what a wildcard listener means to it)
+        self.local_addr = local[0] if local else None
         tcp = self.target.tcp
         if tcp is not None:
             tcp.register_qpair(self.reactor, self)
@@ -353,47 +368,84 @@ class Qpair(asyncio.Protocol):
         self.r2t_pending[ttag] = req
         self._send(pdu.R2T(cccid=req.cid, ttag=ttag, r2to=0, r2tl=req.xfer_len))
 
-    def _h2c_data(self, p: pdu.H2CData) -> None:
+    def _h2c_data(self, p: pdu.H2CData, corrupt: bool = False) -> None:
+        """Place one H2CData PDU. ``corrupt``: its data digest failed; the PDU is still
+        checked and counted (the host goes on sending the rest of the transfer), but
+        the command will fail with Transient Transport Error instead of executing."""
         req = self.r2t_pending.get(p.ttag)
         if req is None or req.cid != p.cccid:
             self._fatal(pdu.Fes.INVALID_HEADER_FIELD,
                         pdu.OFFSET_TTAG if req is None else pdu.OFFSET_CCCID,
-                        f"H2CData for unknown ttag {p.ttag} / cccid {p.cccid}")
+                        f"H2CData for unknown ttag {p.ttag} / cccid {p.cccid}",
+                        self._h2c_header(p))
             return
         n = len(p.data)
+        # FEI is defined only for Invalid Header Field / Unsupported Parameter (the
+        # offending field's offset); for the other FES values it is reserved: 0.
         if p.datao != req.received or p.datao + n > req.xfer_len:
-            self._fatal(pdu.Fes.DATA_TRANSFER_OUT_OF_RANGE, pdu.OFFSET_DATAO,
+            self._fatal(pdu.Fes.DATA_TRANSFER_OUT_OF_RANGE, 0,
                         f"H2CData offset {p.datao}+{n} outside expected {req.received} "
-                        f"of {req.xfer_len}")
+                        f"of {req.xfer_len}", self._h2c_header(p))
             return
         if n > self.maxh2cdata:
-            self._fatal(pdu.Fes.DATA_TRANSFER_LIMIT_EXCEEDED, pdu.OFFSET_DATAL,
-                        f"H2CData of {n} bytes exceeds MAXH2CDATA")
+            self._fatal(pdu.Fes.DATA_TRANSFER_LIMIT_EXCEEDED, 0,
+                        f"H2CData of {n} bytes exceeds MAXH2CDATA", self._h2c_header(p))
             return
-        req.data[p.datao : p.datao + n] = p.data
+        if corrupt:
+            req.bad_data = True
+        elif not req.done:
+            req.data[p.datao : p.datao + n] = p.data
         req.received += n
         if req.received == req.xfer_len:
             if not p.last:
-                self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, pdu.OFFSET_FLAGS,
-                            "last H2CData PDU without DATA_LAST")
+                self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, 0,
+                            "last H2CData PDU without DATA_LAST", self._h2c_header(p))
                 return
             del self.r2t_pending[p.ttag]
-            if not req.done:
+            if req.done:
+                pass  # aborted while its data was on the way: nothing left to do
+            elif req.bad_data:
+                req.fail(SC_TRANSIENT)
+            else:
                 self._execute(req)
         elif p.last:
-            self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, pdu.OFFSET_FLAGS,
-                        "DATA_LAST before all R2T data was sent")
+            self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, 0,
+                        "DATA_LAST before all R2T data was sent", self._h2c_header(p))
+
+    def abort_waiting(self, cid: int) -> bool:
+        """Abort command ``cid`` if it is still waiting for its R2T data (it has not
+        started, so nothing in the bdev needs undoing). Its ttag stays known so data the
+        host already sent is consumed quietly rather than treated as a protocol error."""
+        req = self.requests.get(cid)
+        if req is None or req.done or req.ttag < 0 or req.ttag not in self.r2t_pending:
+            return False
+        req.fail(spec.make_status(G, spec.GenericStatus.ABORTED_BY_REQUEST))
+        return True
+
+    def _h2c_header(self, p: pdu.H2CData) -> bytes:
+        """The offending PDU's header for the C2HTermReq (re-encoded: same bytes)."""
+        return bytes(pdu.encode(p, hdgst=self.hdgst, ddgst=self.ddgst)[0][:24])
 
     def _data_digest_error(self, err: pdu.DataDigestError) -> None:
-        """Fail the command whose data was corrupted; the connection stays up (spec)."""
+        """Fail the command whose data was corrupted; the connection stays up (spec).
+
+        A capsule's in-capsule data: the command is failed at once, never executed.
+        H2CData: the transfer is followed to its end, then the command fails."""
         log.warning("%s: data digest error on cid %d", self, err.cccid)
-        req = self.requests.get(err.cccid)
-        if req is None:
+        p = err.pdu
+        if type(p) is pdu.H2CData:
+            self._h2c_data(p, corrupt=True)
             return
-        if req.ttag >= 0:
-            # with R2T data the rest of the transfer still arrives; keep consuming it
-            self.r2t_pending.pop(req.ttag, None)
-        req.fail(SC_TRANSIENT)
+        if type(p) is pdu.CapsuleCmd:
+            sqe = parse_sqe(p.sqe)
+            if self.qid >= 0 and not self.sq_flow_disabled:
+                self.sqhd = (self.sqhd + 1) % (self.sqsize + 1)
+            if sqe.cid in self.requests:
+                self._respond(sqe.cid, SC_CID_CONFLICT)
+                return
+            req = Request(self, sqe)
+            self.requests[sqe.cid] = req
+            req.fail(SC_TRANSIENT)
 
     # ---- dispatch ----
     def _execute(self, req: Request) -> None:
@@ -416,9 +468,10 @@ class Qpair(asyncio.Protocol):
         else:
             mv = memoryview(bytes(memoryview(buf).cast("B")[:total]))
         success = self.c2h_success_ok
+        chunk = self.c2h_chunk
         off = 0
         while off < total:
-            n = min(C2H_CHUNK, total - off)
+            n = min(chunk, total - off)
             last = off + n >= total
             self._send(pdu.C2HData(cccid=req.cid, datao=off, data=mv[off : off + n],
                                    last=last, success=success and last))

@@ -339,3 +339,71 @@ def subsystem_get(target: Target, params: dict[str, Any]) -> Any:
     if params.get("nqn"):
         return _subsys(target, params["nqn"]).describe()
     return [s.describe() for s in target.subsystems]
+
+
+# ---- discovery referrals ---------------------------------------------------------
+
+REFERRAL_SCHEMA = Schema(
+    (
+        Param("address", dict, required=True),
+        Param("subnqn", str, check=check_nqn),
+        Param("secure_channel", bool, default=False),
+        TGT,
+    ),
+)
+
+
+def _referral(params: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of a referral: SPDK's parameter shape, normalised, so that
+    `save_config` writes back exactly what `nvmf_discovery_add_referral` takes."""
+    raw = params["address"]
+    if isinstance(raw, dict) and not raw.get("trsvcid"):
+        raise InvalidParams("parameter 'address.trsvcid' is required for TCP (the port)")
+    addr = ListenAddress.from_params(raw)
+    subnqn = params.get("subnqn")
+    if subnqn == "discovery":  # SPDK's rpc.py shorthand
+        subnqn = DISCOVERY_NQN
+    return {"address": addr.describe(), "secure_channel": bool(params.get("secure_channel")),
+            "subnqn": subnqn or DISCOVERY_NQN}
+
+
+def _same_referral(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["address"] == b["address"] and a["subnqn"] == b["subnqn"]
+
+
+@method("nvmf_discovery_add_referral", REFERRAL_SCHEMA, section="nvmf")
+def nvmf_discovery_add_referral(target: Target, params: dict[str, Any]) -> bool:
+    """Point hosts that read our discovery log at another discovery service (or, with
+    `subnqn`, at a subsystem served elsewhere). Adding the same referral twice is a
+    no-op, as in SPDK; a new one changes GENCTR and raises a discovery AEN."""
+    ref = _referral(params)
+    refs = target.subsystems.referrals
+    if any(_same_referral(r, ref) for r in refs):
+        return True
+    refs.append(ref)
+    target.subsystems.changed("referral_added", None, ref)
+    return True
+
+
+@method(
+    "nvmf_discovery_remove_referral",
+    Schema((Param("address", dict, required=True), Param("subnqn", str), TGT)),
+    in_config=False,
+)
+def nvmf_discovery_remove_referral(target: Target, params: dict[str, Any]) -> bool:
+    """Remove a referral added with nvmf_discovery_add_referral (same address/subnqn)."""
+    ref = _referral(params)
+    refs = target.subsystems.referrals
+    for i, r in enumerate(refs):
+        if _same_referral(r, ref):
+            del refs[i]
+            target.subsystems.changed("referral_removed", None, r)
+            return True
+    raise NoSuchDevice(
+        f"no referral to {ListenAddress.from_params(ref['address'])} for {ref['subnqn']}")
+
+
+@method("nvmf_discovery_get_referrals", Schema((TGT,)), in_config=False)
+def nvmf_discovery_get_referrals(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The referrals in our discovery log, in SPDK's shape."""
+    return [dict(r, address=dict(r["address"])) for r in target.subsystems.referrals]
