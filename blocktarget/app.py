@@ -64,7 +64,8 @@ class Target:
 
     def save_config(self) -> dict[str, Any]:
         """The running state as a config; replaying it rebuilds the same target."""
-        bdev_calls = [b.config_entry() for b in self.bdevs]
+        # None: another bdev of the same create call writes it (split parts, remote namespaces)
+        bdev_calls = [e for b in self.bdevs if (e := b.config_entry()) is not None]
         nvmf_calls: list[dict[str, Any]] = []
         for opts in self.transports.values():
             nvmf_calls.append({"method": "nvmf_create_transport", "params": opts.config_params()})
@@ -98,20 +99,28 @@ class Target:
         }
 
     # ---- bdevs ----
-    async def create_bdev(self, module: str, params: dict[str, Any]) -> Bdev:
+    async def create_bdev(self, module: str, params: dict[str, Any]) -> Bdev | list[Bdev]:
         """Create through the module; modules that stack on other bdevs or open
-        connections get the target (`needs_target`) and may be coroutines."""
+        connections get the target (`needs_target`) and may be coroutines. A module
+        that makes several bdevs in one call (split) returns a list: all or none are added."""
         mod = MODULES[module]
         if self.bdevs.find(params.get("name", "")) is not None:
             raise AlreadyExists(f"bdev '{params['name']}' already exists")
         result = mod.create(params, self) if mod.needs_target else mod.create(params)
-        bdev = await result if inspect.isawaitable(result) else result
+        made = await result if inspect.isawaitable(result) else result
+        bdevs = made if isinstance(made, list) else [made]
+        added: list[Bdev] = []
         try:
-            self.bdevs.add(bdev)
+            for bdev in bdevs:
+                self.bdevs.add(bdev)
+                added.append(bdev)
         except RpcError:
-            await _maybe_await(bdev.destruct())
+            for bdev in added:
+                self.bdevs.remove(bdev)
+            for bdev in bdevs:
+                await _maybe_await(bdev.destruct())
             raise
-        return bdev
+        return made
 
     async def delete_bdev(self, name: str, module: str | None = None) -> None:
         bdev = self.bdevs.get(name)

@@ -292,7 +292,9 @@ class Bdev:
             "driver_specific": self.driver_specific(),
         }
 
-    def config_entry(self) -> dict[str, Any]:
+    def config_entry(self) -> dict[str, Any] | None:
+        """The create call save_config writes; None when another bdev made by the same
+        call writes it (a split's parts, a remote controller's namespaces)."""
         params = dict(self.create_params)
         params["name"] = self.name
         params.setdefault("uuid", self.uuid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import MODULES, IOType
+from ..bdev import MODULES, Bdev, IOType
 from ..errors import InvalidParams
 from ..params import Param, Schema, validate
 from ..rpc import method
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     Schema((Param("type", str, required=True),), allow_extra=True),
     section="bdev",
 )
-async def bdev_create(target: Target, params: dict[str, Any]) -> str:
+async def bdev_create(target: Target, params: dict[str, Any]) -> str | list[str]:
     """Create a bdev of any type: {"type": "malloc"|"null"|..., module params...}."""
     kind = params.pop("type")
     module = MODULES.get(kind)
@@ -28,8 +28,12 @@ async def bdev_create(target: Target, params: dict[str, Any]) -> str:
             f"parameter 'type' {kind!r} is not a bdev type (have {', '.join(sorted(MODULES))})"
         )
     checked = validate(module.schema, params)
-    bdev = await target.create_bdev(module.name, checked)
-    return bdev.name
+    return _names(await target.create_bdev(module.name, checked))
+
+
+def _names(made: Bdev | list[Bdev]) -> str | list[str]:
+    """One name, or the list of names SPDK returns for calls that make several (split)."""
+    return [b.name for b in made] if isinstance(made, list) else made.name
 
 
 @method("bdev_delete", Schema((Param("name", str, required=True),)), in_config=False)
@@ -44,9 +48,8 @@ def _module_methods() -> None:
     for module in list(MODULES.values()):
 
         def make_create(mod_name: str):  # type: ignore[no-untyped-def]
-            async def create(target: Target, params: dict[str, Any]) -> str:
-                bdev = await target.create_bdev(mod_name, params)
-                return bdev.name
+            async def create(target: Target, params: dict[str, Any]) -> str | list[str]:
+                return _names(await target.create_bdev(mod_name, params))
 
             create.__doc__ = f"Create a {mod_name} bdev ({MODULES[mod_name].description})."
             return create
