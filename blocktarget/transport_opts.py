@@ -51,7 +51,8 @@ class TransportOptions:
             raise InvalidParams(
                 "parameter 'in_capsule_data_size' must be a multiple of 16 up to 1 MiB")
         if opts.max_io_size < 8192 or opts.max_io_size & (opts.max_io_size - 1):
-            raise InvalidParams("parameter 'max_io_size' must be a power of two >= 8192 (MDTS 0 would mean unlimited)")
+            # 4 KiB would be MDTS 0, which hosts read as "no limit"
+            raise InvalidParams("parameter 'max_io_size' must be a power of two >= 8192")
         if opts.io_unit_size < 4096 or opts.io_unit_size % 4:
             raise InvalidParams("parameter 'io_unit_size' must be >= 4096 and a multiple of 4")
         if opts.placement not in PLACEMENTS:
