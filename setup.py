@@ -1,0 +1,11 @@
+"""Only the compiled part of the build; all metadata lives in pyproject.toml.
+
+setuptools has no pyproject.toml key for cffi's `cffi_modules`, hence this file. The
+extensions are optional (see blocktarget/_uring_build.py, _pmem_build.py): without
+liburing-dev or libpmem-dev the install still succeeds and the bdev explains at create
+time what is missing.
+"""
+
+from setuptools import setup
+
+setup(cffi_modules=["blocktarget/_uring_build.py:ffibuilder", "blocktarget/_pmem_build.py:ffibuilder"])
