@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import pdu, spec
 from .controller import QpairCounters
+from .dispatch import dispatch
 from .structs import Sqe, pack_cqe, parse_sqe
 
 if TYPE_CHECKING:
@@ -44,13 +45,17 @@ SC_INTERNAL = spec.make_status(G, spec.GenericStatus.INTERNAL)
 ADMIN_ICD = 8192  # in-capsule data accepted on admin queues (Connect data is 1 KiB)
 MAXH2CDATA = 0x20000  # largest H2CData payload we accept (ICResp), as SPDK's 128 KiB
 
-_FCTYPE_DIR = {
-    spec.FabricsType.PROPERTY_SET: spec.DataTransfer.NONE,
-    spec.FabricsType.CONNECT: spec.DataTransfer.HOST_TO_CTRL,
-    spec.FabricsType.PROPERTY_GET: spec.DataTransfer.NONE,
-    spec.FabricsType.AUTH_SEND: spec.DataTransfer.HOST_TO_CTRL,
-    spec.FabricsType.AUTH_RECV: spec.DataTransfer.CTRL_TO_HOST,
-    spec.FabricsType.DISCONNECT: spec.DataTransfer.NONE,
+FABRICS_OPCODE = spec.FABRICS_OPCODE
+DIR_NONE = int(spec.DataTransfer.NONE)
+DIR_H2C = int(spec.DataTransfer.HOST_TO_CTRL)
+
+_FCTYPE_DIR: dict[int, int] = {
+    spec.FabricsType.PROPERTY_SET: DIR_NONE,
+    spec.FabricsType.CONNECT: DIR_H2C,
+    spec.FabricsType.PROPERTY_GET: DIR_NONE,
+    spec.FabricsType.AUTH_SEND: DIR_H2C,
+    spec.FabricsType.AUTH_RECV: int(spec.DataTransfer.CTRL_TO_HOST),
+    spec.FabricsType.DISCONNECT: DIR_NONE,
 }
 
 
@@ -308,10 +313,11 @@ class Qpair(asyncio.Protocol):
                 self._respond(sqe.cid, SC_CID_CONFLICT)
                 return
         self.requests[sqe.cid] = req
-        if sqe.opcode == spec.FABRICS_OPCODE:
-            direction = _FCTYPE_DIR.get(sqe.fctype, spec.DataTransfer(sqe.fctype & 3))
+        # plain ints, not DataTransfer(...): building an enum per command is measurable
+        if sqe.opcode == FABRICS_OPCODE:
+            direction = _FCTYPE_DIR.get(sqe.fctype, sqe.fctype & 3)
         else:
-            direction = spec.data_transfer(sqe.opcode)
+            direction = sqe.opcode & 3
         sgl_id = sqe.sgl_id
         length = sqe.sgl_len
         icd = p.data
@@ -329,15 +335,15 @@ class Qpair(asyncio.Protocol):
             if length != len(icd) or length > limit:
                 req.fail(SC_SGL_LENGTH)
                 return
-            if direction != spec.DataTransfer.HOST_TO_CTRL:
+            if direction != DIR_H2C:
                 req.fail(SC_INVALID_FIELD)
                 return
             req.data = icd
             req.received = length
             self._execute(req)
             return
-        if length == 0 or direction == spec.DataTransfer.NONE:
-            req.xfer_len = 0 if direction == spec.DataTransfer.NONE else length
+        if length == 0 or direction == DIR_NONE:
+            req.xfer_len = 0 if direction == DIR_NONE else length
             self._execute(req)
             return
         if sgl_id == spec.SGL_ID_INCAPSULE:
@@ -351,7 +357,7 @@ class Qpair(asyncio.Protocol):
             # over MDTS: the I/O handler reports Invalid Field; never allocate for it
             self._execute(req)
             return
-        if direction == spec.DataTransfer.HOST_TO_CTRL:
+        if direction == DIR_H2C:
             self._start_r2t(req)
         else:
             self._execute(req)
@@ -449,8 +455,6 @@ class Qpair(asyncio.Protocol):
 
     # ---- dispatch ----
     def _execute(self, req: Request) -> None:
-        from .dispatch import dispatch
-
         try:
             dispatch(self, req)
         except Exception:
