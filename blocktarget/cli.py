@@ -171,7 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_version)
 
     _add_host_commands(sub)
+    _add_setup_command(sub)
     return p
+
+
+def _add_setup_command(sub: Any) -> None:
+    """`blocktarget setup` (vfio-pci binding, hugepages) lives in blocktarget.setup_cmd."""
+    from . import setup_cmd
+
+    setup_cmd.add_commands(sub)
 
 
 def _add_host_commands(sub: Any) -> None:

@@ -280,14 +280,25 @@ class Guest:
         memory_mb: int | None = None,
         extra_qemu_args: Sequence[str] = (),
         extra_append: Sequence[str] = (),
+        sparse_files: Mapping[str, int] | None = None,
     ) -> GuestResult:
         """Boot, run ``script`` with bash as root in the run dir, power off; never raises on rc.
 
         ``files`` land in the run dir (the script's cwd, same path on host and guest);
         ``modules`` are modprobe'd from the extracted kernel tree before the script starts.
         The script sees VMDIR, RUNDIR, HOST_ADDR and GUEST_ADDR in its environment.
+        ``sparse_files`` ({name: bytes}) are created empty (sparse) in the run dir, e.g.
+        disk images; ``{rundir}`` in ``extra_qemu_args`` becomes the run dir's path, so a
+        device can be backed by one: ``-drive file={rundir}/nvme.img,...``.
         """
         rundir = self._write_rundir(script, files, env, modules, trace)
+        for name, size in (sparse_files or {}).items():
+            rel = Path(name)
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ValueError(f"sparse_files: {name!r} must be a plain relative path")
+            with open(rundir / rel, "wb") as f:
+                f.truncate(size)
+        extra_qemu_args = [a.replace("{rundir}", str(rundir)) for a in extra_qemu_args]
         cmd = self.qemu_command(
             rundir, memory_mb=memory_mb, extra_qemu_args=extra_qemu_args,
             extra_append=extra_append,

@@ -1,0 +1,447 @@
+"""``blocktarget setup``: prepare the host for the user-space NVMe driver (SPDK's setup.sh).
+
+* ``blocktarget setup [--pci BDF ...] [--hugemem MiB]`` reserves hugepages, loads
+  vfio-pci and binds NVMe controllers to it (all of them by default, or the ones named),
+  using ``driver_override`` so that exactly these functions change driver and nothing
+  else re-binds behind our back.
+* ``blocktarget setup reset [--pci BDF ...]`` gives them back to the kernel's driver.
+* ``blocktarget setup status`` shows hugepages, the IOMMU, and every NVMe controller
+  with its driver, IOMMU group and block devices.
+
+Safety first: a controller with a mounted file system, active swap, or a holder
+(device-mapper, md, LVM) on any of its namespaces or partitions is never touched, and a
+device still open by a process (a running target) is not handed back. Every action is
+printed, so the operator sees what changed.
+
+Filesystem paths hang off ``root`` so the discovery and the refusals are testable against
+a fake /sys and /proc tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+NVME_CLASS = "0x010802"
+_NS_RE = re.compile(r"^(nvme\d+)(c\d+)?(n\d+)$")
+VFIO_DRIVER = "vfio-pci"
+DEFAULT_HUGEMEM_MB = 2048
+
+
+class SetupError(Exception):
+    """A step cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class PciNvme:
+    bdf: str
+    vendor: str
+    device: str
+    driver: str | None
+    group: int | None
+    numa: int
+    blockdevs: list[str] = field(default_factory=list)
+    in_use: list[str] = field(default_factory=list)  # human-readable reasons
+
+    @property
+    def ids(self) -> str:
+        return f"{self.vendor.removeprefix('0x')}:{self.device.removeprefix('0x')}"
+
+
+class Host:
+    """The machine's /sys and /proc (under ``root``), read and written by setup."""
+
+    def __init__(self, root: Path | str = "/") -> None:
+        self.root = Path(root)
+        self.pci = self.root / "sys/bus/pci/devices"
+        self.drivers = self.root / "sys/bus/pci/drivers"
+
+    # ---- reading ----
+    def _read(self, path: Path, default: str = "") -> str:
+        try:
+            return path.read_text().strip()
+        except OSError:
+            return default
+
+    def nvme_devices(self) -> list[PciNvme]:
+        out = []
+        try:
+            entries = sorted(self.pci.iterdir())
+        except OSError:
+            return []
+        for d in entries:
+            if self._read(d / "class") != NVME_CLASS:
+                continue
+            out.append(self.describe(d.name))
+        return out
+
+    def describe(self, bdf: str) -> PciNvme:
+        d = self.pci / bdf
+        if not d.exists():
+            raise SetupError(f"no PCI device {bdf}")
+        driver = None
+        try:
+            driver = os.path.basename(os.readlink(d / "driver"))
+        except OSError:
+            pass
+        group = None
+        try:
+            group = int(os.path.basename(os.readlink(d / "iommu_group")))
+        except (OSError, ValueError):
+            pass
+        numa = int(self._read(d / "numa_node", "-1") or -1)
+        dev = PciNvme(bdf, self._read(d / "vendor"), self._read(d / "device"), driver, group,
+                      numa)
+        dev.blockdevs = self.block_devices(bdf)
+        dev.in_use = self.uses(dev.blockdevs)
+        return dev
+
+    def block_devices(self, bdf: str) -> list[str]:
+        """Namespaces and partitions the kernel driver exposes for this controller."""
+        names: list[str] = []
+        d = self.pci / bdf / "nvme"
+        try:
+            ctrls = sorted(d.iterdir())
+        except OSError:
+            return names
+        for ctrl in ctrls:
+            for ns in sorted(ctrl.iterdir()):
+                m = _NS_RE.match(ns.name)
+                if not m or not (ns / "dev").exists():
+                    continue  # ng* char devices hold no file systems
+                if m.group(2):
+                    # a path of a shared namespace (nvme0c0n1): the block device that
+                    # gets mounted is the multipath head, nvme0n1
+                    head = m.group(1) + m.group(3)
+                    names.append(head)
+                    names += self._partitions(self.root / "sys/class/block", head)
+                    continue
+                names.append(ns.name)
+                names += sorted(p.name for p in ns.iterdir()
+                                if p.name.startswith(ns.name + "p") and (p / "partition").exists())
+        return sorted(set(names), key=names.index)
+
+    def _partitions(self, block: Path, disk: str) -> list[str]:
+        try:
+            return sorted(p.name for p in (block / disk).iterdir()
+                          if p.name.startswith(disk + "p") and (p / "partition").exists())
+        except OSError:
+            return []
+
+    def uses(self, blockdevs: list[str]) -> list[str]:
+        reasons: list[str] = []
+        if not blockdevs:
+            return reasons
+        names = set(blockdevs)
+        for line in self._read(self.root / "proc/mounts").splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].startswith("/dev/"):
+                src = parts[0]
+                real = os.path.basename(os.path.realpath(src)) if self.root == Path("/") \
+                    else os.path.basename(src)
+                if real in names or os.path.basename(src) in names:
+                    reasons.append(f"{os.path.basename(src)} is mounted on {parts[1]}")
+        for line in self._read(self.root / "proc/swaps").splitlines()[1:]:
+            parts = line.split()
+            if parts and os.path.basename(parts[0]) in names:
+                reasons.append(f"{os.path.basename(parts[0])} is active swap")
+        for name in blockdevs:
+            for holders in (self.root / "sys/class/block" / name / "holders",):
+                try:
+                    held = sorted(p.name for p in holders.iterdir())
+                except OSError:
+                    continue
+                if held:
+                    reasons.append(f"{name} is held by {', '.join(held)} (dm/md/LVM)")
+        return reasons
+
+    def iommu_groups(self) -> int:
+        try:
+            return len(list((self.root / "sys/kernel/iommu_groups").iterdir()))
+        except OSError:
+            return 0
+
+    def hugepages(self) -> dict[int, tuple[int, int]]:
+        """{page size in kB: (total, free)}"""
+        out: dict[int, tuple[int, int]] = {}
+        base = self.root / "sys/kernel/mm/hugepages"
+        try:
+            dirs = sorted(base.iterdir())
+        except OSError:
+            return out
+        for d in dirs:
+            try:
+                kb = int(d.name.removeprefix("hugepages-").removesuffix("kB"))
+            except ValueError:
+                continue
+            out[kb] = (int(self._read(d / "nr_hugepages", "0") or 0),
+                       int(self._read(d / "free_hugepages", "0") or 0))
+        return out
+
+    def default_hugepage_kb(self) -> int:
+        for line in self._read(self.root / "proc/meminfo").splitlines():
+            if line.startswith("Hugepagesize:"):
+                return int(line.split()[1])
+        return 2048
+
+    def vfio_loaded(self) -> bool:
+        return (self.drivers / VFIO_DRIVER).exists()
+
+    def group_users(self, group: int) -> list[int]:
+        """PIDs holding /dev/vfio/<group> open (a running target, a VM)."""
+        target = f"/dev/vfio/{group}"
+        pids = []
+        proc = self.root / "proc"
+        try:
+            entries = list(proc.iterdir())
+        except OSError:
+            return pids
+        for p in entries:
+            if not p.name.isdigit():
+                continue
+            try:
+                fds = list((p / "fd").iterdir())
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(fd) == target:
+                        pids.append(int(p.name))
+                        break
+                except OSError:
+                    continue
+        return pids
+
+    # ---- writing ----
+    def write(self, path: Path, value: str) -> None:
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise SetupError(f"writing {value.strip()!r} to {path} failed: "
+                             f"{exc.strerror or exc}") from None
+
+    def bind(self, bdf: str, driver: str | None) -> str | None:
+        """Move ``bdf`` to ``driver`` (None: whatever the kernel picks); returns the
+        driver bound afterwards."""
+        d = self.pci / bdf
+        self.write(d / "driver_override", (driver or "") + "\n")
+        cur = self.describe(bdf).driver
+        if cur is not None and cur != driver:
+            self.write(d / "driver" / "unbind", bdf)
+        if self.describe(bdf).driver is None:
+            try:
+                self.write(self.root / "sys/bus/pci/drivers_probe", bdf)
+            except SetupError:
+                if driver is not None:
+                    raise
+        for _ in range(50):  # probing is asynchronous for some drivers
+            now = self.describe(bdf).driver
+            if now == driver or driver is None:
+                return now
+            time.sleep(0.02)
+        return self.describe(bdf).driver
+
+
+# ---------------------------------------------------------------------------
+# actions
+
+
+def _modprobe(mod: str, out: TextIO) -> None:
+    exe = shutil.which("modprobe") or "/sbin/modprobe"
+    proc = subprocess.run([exe, mod], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SetupError(f"modprobe {mod} failed: {proc.stderr.strip() or proc.returncode} "
+                         f"(load it by hand, then run setup again)")
+    print(f"loaded kernel module {mod}", file=out)
+
+
+def reserve_hugepages(host: Host, mb: int, out: TextIO) -> None:
+    kb = host.default_hugepage_kb()
+    want = (mb * 1024 + kb - 1) // kb
+    path = host.root / f"sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages"
+    total, free = host.hugepages().get(kb, (0, 0))
+    if total >= want:
+        print(f"hugepages: {total} x {kb} kB reserved ({free} free), {want} needed: unchanged",
+              file=out)
+        return
+    host.write(path, f"{want}\n")
+    total, free = host.hugepages().get(kb, (0, 0))
+    note = "" if total >= want else (
+        f" -- only {total} of {want}: memory is fragmented or short; free memory or reserve "
+        "at boot (hugepages= on the kernel command line)")
+    print(f"hugepages: reserved {total} x {kb} kB = {total * kb // 1024} MiB "
+          f"({free} free){note}", file=out)
+
+
+def _select(host: Host, pci: list[str] | None) -> list[PciNvme]:
+    from .nvme.driver.pci import normalize_bdf
+
+    if not pci:
+        return host.nvme_devices()
+    out = []
+    for raw in pci:
+        try:
+            bdf = normalize_bdf(raw)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from None
+        dev = host.describe(bdf)
+        if host._read(host.pci / bdf / "class") != NVME_CLASS:
+            raise SetupError(f"{bdf} is not an NVMe controller (class "
+                             f"{host._read(host.pci / bdf / 'class') or '?'})")
+        out.append(dev)
+    return out
+
+
+def config(host: Host, pci: list[str] | None, hugemem: int, out: TextIO,
+           load: bool = True) -> int:
+    """Bind to vfio-pci; returns the exit status (1 when a named device was refused)."""
+    if host.iommu_groups() == 0:
+        raise SetupError("no IOMMU groups: the IOMMU is off. Enable VT-d/AMD-Vi in the "
+                         "firmware and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD); "
+                         "blocktarget's driver does not run without an IOMMU")
+    if hugemem:
+        reserve_hugepages(host, hugemem, out)
+    if not host.vfio_loaded():
+        if not load:
+            raise SetupError("vfio-pci is not loaded")
+        _modprobe("vfio-pci", out)
+    devices = _select(host, pci)
+    if not devices:
+        print("no NVMe controllers found", file=out)
+        return 0
+    refused = 0
+    for dev in devices:
+        label = f"{dev.bdf} ({dev.ids})"
+        if dev.driver == VFIO_DRIVER:
+            print(f"{label}: already bound to vfio-pci (IOMMU group {dev.group})", file=out)
+            continue
+        if dev.in_use:
+            print(f"{label}: NOT touched: {'; '.join(dev.in_use)}", file=out)
+            refused += 1
+            continue
+        if dev.group is None:
+            print(f"{label}: NOT touched: no IOMMU group", file=out)
+            refused += 1
+            continue
+        was = dev.driver or "no driver"
+        now = host.bind(dev.bdf, VFIO_DRIVER)
+        if now != VFIO_DRIVER:
+            raise SetupError(f"{label}: still bound to {now or 'no driver'} after binding "
+                             "vfio-pci")
+        print(f"{label}: {was} -> vfio-pci (IOMMU group {dev.group}, /dev/vfio/{dev.group})",
+              file=out)
+        from .nvme.driver.pci import group_devices, pci_driver
+
+        others = [f"{d} ({pci_driver(d) or 'no driver'})" for d in group_devices(dev.group)
+                  if d != dev.bdf and pci_driver(d) not in (None, VFIO_DRIVER, "pcieport")]
+        if others and host.root == Path("/"):
+            print(f"  warning: IOMMU group {dev.group} also holds {', '.join(others)}; the "
+                  "group is not viable until they are bound to vfio-pci too", file=out)
+    # only an explicitly named device that was refused is an error; in "all" mode a
+    # busy boot disk is the expected case
+    return 1 if refused and pci else 0
+
+
+def reset(host: Host, pci: list[str] | None, out: TextIO, force: bool = False) -> int:
+    devices = _select(host, pci)
+    if not pci:
+        devices = [d for d in devices if d.driver == VFIO_DRIVER]
+    if not devices:
+        print("no NVMe controllers bound to vfio-pci", file=out)
+        return 0
+    status = 0
+    for dev in devices:
+        label = f"{dev.bdf} ({dev.ids})"
+        if dev.driver not in (VFIO_DRIVER, None):
+            print(f"{label}: bound to {dev.driver}, nothing to do", file=out)
+            continue
+        users = host.group_users(dev.group) if dev.group is not None else []
+        if users and not force:
+            print(f"{label}: NOT released: /dev/vfio/{dev.group} is open by pid "
+                  f"{', '.join(map(str, users))}; detach it there first "
+                  "(bdev_nvme_detach_controller) or stop that process", file=out)
+            status = 1
+            continue
+        now = host.bind(dev.bdf, None)
+        where = now or ("no driver (load the kernel's nvme module: modprobe nvme, then "
+                        f"echo {dev.bdf} > /sys/bus/pci/drivers_probe)")
+        print(f"{label}: vfio-pci -> {where}", file=out)
+    return status
+
+
+def status(host: Host, out: TextIO) -> int:
+    hp = host.hugepages()
+    if hp:
+        for kb, (total, free) in sorted(hp.items()):
+            print(f"hugepages {kb} kB: {total} total, {free} free "
+                  f"({total * kb // 1024} MiB)", file=out)
+    else:
+        print("hugepages: none configured", file=out)
+    groups = host.iommu_groups()
+    print(f"IOMMU: {'on, ' + str(groups) + ' groups' if groups else 'off (no IOMMU groups)'}",
+          file=out)
+    print(f"vfio-pci: {'loaded' if host.vfio_loaded() else 'not loaded'}", file=out)
+    devices = host.nvme_devices()
+    if not devices:
+        print("NVMe controllers: none", file=out)
+        return 0
+    print(f"{'BDF':<14}{'vendor:dev':<12}{'driver':<10}{'group':<7}{'numa':<6}block devices",
+          file=out)
+    for d in devices:
+        blk = ", ".join(d.blockdevs) or "-"
+        if d.in_use:
+            blk += "  [in use: " + "; ".join(d.in_use) + "]"
+        print(f"{d.bdf:<14}{d.ids:<12}{d.driver or '-':<10}"
+              f"{'-' if d.group is None else d.group:<7}{d.numa:<6}{blk}", file=out)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "setup", help="bind NVMe SSDs to vfio-pci and reserve hugepages (like SPDK setup.sh)",
+        description="Prepare NVMe controllers for blocktarget's user-space driver: reserve "
+        "hugepages, load vfio-pci, bind the controllers (default: every NVMe controller "
+        "without a mounted file system). `setup reset` gives them back to the kernel, "
+        "`setup status` shows the state.")
+    p.add_argument("action", nargs="?", choices=["config", "reset", "status"],
+                   default="config")
+    p.add_argument("--pci", action="append", metavar="BDF",
+                   help="only this controller (repeatable), e.g. 0000:01:00.0")
+    p.add_argument("--hugemem", type=int, default=DEFAULT_HUGEMEM_MB, metavar="MiB",
+                   help=f"hugepage memory to reserve (default {DEFAULT_HUGEMEM_MB}; 0 leaves "
+                   "hugepages alone)")
+    p.add_argument("--force", action="store_true",
+                   help="reset: release devices even while a process holds them open")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace, host: Host | None = None, out: TextIO = sys.stdout) -> int:
+    host = host or Host()
+    try:
+        if args.action == "status":
+            return status(host, out)
+        if host.root == Path("/") and os.geteuid() != 0:
+            raise SetupError("needs root (writes /sys and /proc)")
+        if args.action == "reset":
+            return reset(host, args.pci, out, force=args.force)
+        return config(host, args.pci, args.hugemem, out)
+    except SetupError as exc:
+        print(f"blocktarget setup: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"blocktarget setup: {exc}", file=sys.stderr)
+        return 1 if exc.errno != errno.EACCES else 2
