@@ -264,3 +264,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_perf)
+
+    from blocktarget.fuse.cli import add_commands as add_fuse_commands
+
+    add_fuse_commands(sub)
