@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+PROJECT_ROOT = Path(__file__).resolve().parents[3]  # tests/vm/harness/vm.py -> repo
 HOST_ADDR = "10.0.2.2"
 """The host's loopback as seen from the guest (QEMU user networking; no port forwards needed)."""
 GUEST_ADDR = "10.0.2.15"
@@ -216,7 +217,8 @@ class Guest:
         extra_qemu_args: Sequence[str] = (),
         extra_append: Sequence[str] = (),
     ) -> list[str]:
-        append = ["console=ttyS0", "quiet", "panic=-1", f"xfer_path={rundir}"]
+        append = ["console=ttyS0", "quiet", "panic=-1", f"xfer_path={rundir}",
+                  f"project_path={PROJECT_ROOT}"]
         append += self.extra_append + list(extra_append)
         return [
             QEMU,
@@ -229,6 +231,10 @@ class Guest:
             "-virtfs",
             "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
             "-virtfs", f"local,path={rundir},mount_tag=xfer,security_model=none",
+            # the checkout (and its .venv) again at its own path: under /tmp or /var/tmp
+            # the host root's copy is hidden by the guest's tmpfs mounts
+            "-virtfs",
+            f"local,path={PROJECT_ROOT},mount_tag=project,security_model=none,readonly=on",
             "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
             *self.extra_qemu_args, *extra_qemu_args,
         ]  # fmt: skip
