@@ -304,7 +304,10 @@ def get_log_page(qp: Qpair, req: Request) -> None:
     else:
         req.fail(SC_INVALID_LOG_PAGE)
         return
-    if args.offset > len(page):
+    if args.offset > len(page) or args.length > req.xfer_len:
+        # NUMD is up to 16 GiB and the part past the page is zero-filled, so it may not
+        # ask for more than the host's buffer (SPDK: Invalid Field); the fuzzer found a
+        # discovery host could otherwise make the target allocate 16 GiB.
         req.fail(SC_INVALID_FIELD)
         return
     ctrl.log_read(lid, args.rae)

@@ -88,10 +88,12 @@ class Request:
         self.qp.finish(self, status, dw0, dw1)
 
     def complete_data(self, buf: Any, status: int = 0, dw0: int = 0) -> None:
-        """Send controller-to-host data (at most the host's SGL length), then complete."""
+        """Send controller-to-host data (at most the host's SGL length), then complete.
+        An SGL of length 0 takes no data (as SPDK): sending it anyway would give the host
+        C2HData for a command without a buffer, which hosts treat as a transport error."""
         if self.done:
             return
-        if status == 0 and buf is not None and len(buf):
+        if status == 0 and buf is not None and len(buf) and self.xfer_len:
             self.qp.send_c2h(self, buf)
             if self.qp.c2h_success_ok and not dw0:
                 self.done = True
@@ -357,6 +359,21 @@ class Qpair(asyncio.Protocol):
             # over MDTS: the I/O handler reports Invalid Field; never allocate for it
             self._execute(req)
             return
+        if self.qid <= 0 and length > max(self.opts.max_io_size, ADMIN_ICD):
+            # Buffers are sized from the host's SGL length (the R2T buffer, zero-filled
+            # log pages), so on the admin queue and before Connect it is bounded by MDTS
+            # too, as SPDK does for every queue (found by the fuzzer: one 4 GiB SGL cost
+            # 4 GiB of RSS).
+            req.fail(SC_SGL_LENGTH)
+            return
+        if direction == DIR_H2C and self.qid < 0:
+            # Before Connect only one Connect may wait for its data; anything else is
+            # refused by dispatch (Command Sequence Error) without buffering its data.
+            is_connect = (sqe.opcode == FABRICS_OPCODE
+                          and sqe.fctype == spec.FabricsType.CONNECT)
+            if not is_connect or self.r2t_pending:
+                self._execute(req)
+                return
         if direction == DIR_H2C:
             self._start_r2t(req)
         else:

@@ -86,8 +86,13 @@ class Sqe(NamedTuple):
 
 
 def parse_sqe(buf: bytes | bytearray | memoryview, offset: int = 0) -> Sqe:
-    """Decode one SQE with a single unpack; no validation (handlers own that)."""
-    return _new_tuple(Sqe, _SQE.unpack_from(buf, offset))
+    """Decode one SQE with a single unpack; no validation (handlers own that).
+    A short buffer is a ValueError like every other parser's bad input (struct.error
+    is not one, and callers only catch ValueError)."""
+    try:
+        return _new_tuple(Sqe, _SQE.unpack_from(buf, offset))
+    except struct.error as exc:
+        raise ValueError(f"SQE: {exc}") from None
 
 
 def build_sqe(
@@ -278,7 +283,10 @@ def pack_cqe_into(
 
 
 def parse_cqe(buf: bytes | bytearray | memoryview, offset: int = 0) -> Cqe:
-    dw0, dw1, sqhd, sqid, cid, raw = _CQE.unpack_from(buf, offset)
+    try:  # short input: ValueError, as parse_sqe
+        dw0, dw1, sqhd, sqid, cid, raw = _CQE.unpack_from(buf, offset)
+    except struct.error as exc:
+        raise ValueError(f"CQE: {exc}") from None
     return _new_tuple(Cqe, (dw0, dw1, sqhd, sqid, cid, raw >> 1, raw & 1))
 
 
@@ -1046,8 +1054,11 @@ def build_discovery_entry(e: DiscoveryEntry) -> bytes:
 
 
 def parse_discovery_entry(buf: bytes | bytearray | memoryview, offset: int = 0) -> DiscoveryEntry:
-    (trtype, adrfam, subtype, treq, portid, cntlid, asqsz, eflags,
-     trsvcid, subnqn, traddr, tsas) = _DISC_ENTRY.unpack_from(buf, offset)
+    try:  # short input: ValueError, as parse_sqe
+        (trtype, adrfam, subtype, treq, portid, cntlid, asqsz, eflags,
+         trsvcid, subnqn, traddr, tsas) = _DISC_ENTRY.unpack_from(buf, offset)
+    except struct.error as exc:
+        raise ValueError(f"discovery log entry: {exc}") from None
     return DiscoveryEntry(
         trtype, adrfam, subtype, treq, portid, cntlid, asqsz,
         _unpad_ascii(trsvcid), _unpad_ascii(traddr), _unpad_nul(subnqn), eflags, tsas,
