@@ -12,19 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-# register offsets
-CAP = 0x00
-VS = 0x08
-INTMS = 0x0C
-INTMC = 0x10
-CC = 0x14
-CSTS = 0x1C
-NSSR = 0x20
-AQA = 0x24
-ASQ = 0x28
-ACQ = 0x30
-CMBLOC = 0x38
-CMBSZ = 0x3C
+from .. import spec
+
+# register offsets: the same numbers fabrics reaches by Property Get/Set
+CAP = spec.Property.CAP
+VS = spec.Property.VS
+INTMS = spec.Property.INTMS
+INTMC = spec.Property.INTMC
+CC = spec.Property.CC
+CSTS = spec.Property.CSTS
+NSSR = spec.Property.NSSR
+AQA = spec.Property.AQA
+ASQ = spec.Property.ASQ
+ACQ = spec.Property.ACQ
+CMBLOC = spec.Property.CMBLOC
+CMBSZ = spec.Property.CMBSZ
 DOORBELL_BASE = 0x1000
 
 # CC fields
