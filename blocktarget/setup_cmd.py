@@ -302,9 +302,50 @@ def _select(host: Host, pci: list[str] | None) -> list[PciNvme]:
     return out
 
 
+def _lookup_user(user: str) -> tuple[int, int]:
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise SetupError(f"--user {user!r}: no such user") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def grant_group(host: Host, group: int, user: str, out: TextIO) -> None:
+    """Give ``user`` the VFIO group node, as SPDK's setup.sh does with TARGET_USER.
+
+    The hardened systemd unit runs the target as an unprivileged user; without this the
+    only choice would be running it as root. Pinning DMA memory also needs a memlock
+    limit, which only the service manager can grant, hence the hint.
+    """
+    uid, gid = _lookup_user(user)
+    node = host.root / f"dev/vfio/{group}"
+    if not node.exists():
+        raise SetupError(f"{node} does not exist (is vfio-pci bound?)")
+    os.chown(node, uid, gid)
+    os.chmod(node, 0o660)
+    print(f"  /dev/vfio/{group}: owner {user} (mode 0660); the service also needs "
+          "LimitMEMLOCK=infinity (or ulimit -l unlimited) to pin DMA memory", file=out)
+
+
+def release_hugepages(host: Host, out: TextIO) -> None:
+    """Return reserved hugepages to the kernel; pages still in use stay (the kernel
+    keeps them as surplus until freed), and we say how many."""
+    for kb, (total, _free) in sorted(host.hugepages().items()):
+        if not total:
+            continue
+        host.write(host.root / f"sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages", "0\n")
+        left, _ = host.hugepages().get(kb, (0, 0))
+        note = f", {left} still in use by a process" if left else ""
+        print(f"hugepages {kb} kB: released {total - left} of {total}{note}", file=out)
+
+
 def config(host: Host, pci: list[str] | None, hugemem: int, out: TextIO,
-           load: bool = True) -> int:
+           load: bool = True, user: str | None = None) -> int:
     """Bind to vfio-pci; returns the exit status (1 when a named device was refused)."""
+    if user is not None:
+        _lookup_user(user)  # a typo fails before anything is touched
     if host.iommu_groups() == 0:
         raise SetupError("no IOMMU groups: the IOMMU is off. Enable VT-d/AMD-Vi in the "
                          "firmware and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD); "
@@ -324,6 +365,8 @@ def config(host: Host, pci: list[str] | None, hugemem: int, out: TextIO,
         label = f"{dev.bdf} ({dev.ids})"
         if dev.driver == VFIO_DRIVER:
             print(f"{label}: already bound to vfio-pci (IOMMU group {dev.group})", file=out)
+            if user is not None and dev.group is not None:
+                grant_group(host, dev.group, user, out)
             continue
         if dev.in_use:
             print(f"{label}: NOT touched: {'; '.join(dev.in_use)}", file=out)
@@ -340,6 +383,8 @@ def config(host: Host, pci: list[str] | None, hugemem: int, out: TextIO,
                              "vfio-pci")
         print(f"{label}: {was} -> vfio-pci (IOMMU group {dev.group}, /dev/vfio/{dev.group})",
               file=out)
+        if user is not None:
+            grant_group(host, dev.group, user, out)
         from .nvme.driver.pci import group_devices, pci_driver
 
         others = [f"{d} ({pci_driver(d) or 'no driver'})" for d in group_devices(dev.group)
@@ -352,10 +397,13 @@ def config(host: Host, pci: list[str] | None, hugemem: int, out: TextIO,
     return 1 if refused and pci else 0
 
 
-def reset(host: Host, pci: list[str] | None, out: TextIO, force: bool = False) -> int:
+def reset(host: Host, pci: list[str] | None, out: TextIO, force: bool = False,
+          hugepages: bool = False) -> int:
     devices = _select(host, pci)
     if not pci:
         devices = [d for d in devices if d.driver == VFIO_DRIVER]
+    if hugepages:
+        release_hugepages(host, out)
     if not devices:
         print("no NVMe controllers bound to vfio-pci", file=out)
         return 0
@@ -426,6 +474,11 @@ def add_commands(sub: Any) -> None:
                    "hugepages alone)")
     p.add_argument("--force", action="store_true",
                    help="reset: release devices even while a process holds them open")
+    p.add_argument("--user", metavar="USER",
+                   help="config: give USER the /dev/vfio group nodes so a non-root target "
+                   "(e.g. the systemd unit's User=) can open them")
+    p.add_argument("--release-hugepages", action="store_true",
+                   help="reset: also give the reserved hugepages back to the kernel")
     p.set_defaults(func=main)
 
 
@@ -437,8 +490,9 @@ def main(args: argparse.Namespace, host: Host | None = None, out: TextIO = sys.s
         if host.root == Path("/") and os.geteuid() != 0:
             raise SetupError("needs root (writes /sys and /proc)")
         if args.action == "reset":
-            return reset(host, args.pci, out, force=args.force)
-        return config(host, args.pci, args.hugemem, out)
+            return reset(host, args.pci, out, force=args.force,
+                         hugepages=getattr(args, "release_hugepages", False))
+        return config(host, args.pci, args.hugemem, out, user=getattr(args, "user", None))
     except SetupError as exc:
         print(f"blocktarget setup: {exc}", file=sys.stderr)
         return 1

@@ -129,6 +129,7 @@ class FakeNvme:
         self.cqs: dict[int, dict[str, int]] = {}
         self.hold_io = 0  # the next N I/O commands are held (never completed)
         self.abortable = True  # whether Abort finds held commands
+        self.hold_aborts = False  # Aborts are never completed (a wedged admin queue)
         self.held: list[tuple[int, bytes]] = []
         self.removed = False
         self.commands: list[tuple[int, int]] = []  # (sqid, opcode)
@@ -202,6 +203,8 @@ class FakeNvme:
             if qid and self.hold_io:
                 self.hold_io -= 1
                 self.held.append((qid, raw))
+                continue
+            if not qid and self.hold_aborts and sqe.opcode == spec.AdminOpcode.ABORT:
                 continue
             status, dw0 = (self._admin if qid == 0 else self._io)(raw)
             self.post(qid, sqe.cid, status, dw0)
@@ -784,6 +787,37 @@ def test_timeout_unabortable_command_resets_and_resubmits(iommu: FakeIommu,
     assert out == [0], "re-submitted after the reset and completed"
     assert dev.storage[1][7 * 512:8 * 512] == b"R" * 512
     assert c.resets == 1 and not c.reset_pending and q.resubmitted == 1
+    c.close()
+
+
+def test_abort_never_blocks_the_poller_and_respects_the_abort_limit(
+        iommu: FakeIommu, alloc: DmaAllocator) -> None:
+    """A wedged admin queue must not stall the reactor that runs tick(): the Abort is
+    only submitted, at most ACL+1 are outstanding, and the reset follows on deadline."""
+    dev, c = make_ctrlr(iommu, alloc, options=Options(io_timeout_s=0.05))
+    reasons: list[str] = []
+    c.on_reset_needed = lambda ctrlr, why: reasons.append(why)
+    q = c.create_io_queue(8)
+    out: list[int] = []
+    dev.hold_io = 2
+    dev.hold_aborts = True
+    for _ in range(2):
+        q.submit(spec.IoOpcode.FLUSH, 1, cb=lambda st, dw0: out.append(st))
+    time.sleep(0.06)
+    t0 = time.monotonic()
+    c.tick(q)
+    assert time.monotonic() - t0 < 0.02, "tick waited for the Abort"
+    assert c.aborts_sent == 1, "ACL is 0 in the fake: one Abort outstanding at a time"
+    assert q.timeouts == 1 and not reasons
+    c.tick(q)
+    assert c.aborts_sent == 1, "the limit holds while the first Abort is outstanding"
+    time.sleep(0.06)
+    c.tick(q)
+    assert reasons and "after its timeout and an Abort" in reasons[0]
+    c.reset_sync()
+    q.process_completions()
+    assert out == [0, 0], "both commands re-submitted after the reset and completed"
+    assert c._aborts_outstanding == 0, "the reset failed the wedged Abort"
     c.close()
 
 

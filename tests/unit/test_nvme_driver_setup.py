@@ -212,3 +212,35 @@ def test_cli_wiring() -> None:
     args = build_parser().parse_args(["setup", "reset", "--pci", "0000:01:00.0"])
     assert args.action == "reset" and args.pci == ["0000:01:00.0"]
     assert args.func is setup_cmd.main
+
+
+def test_user_gets_the_group_node_and_a_bad_user_touches_nothing(root: Path) -> None:
+    import pwd
+
+    host = FakeKernel(root)
+    (root / "dev/vfio").mkdir(parents=True)
+    (root / "dev/vfio/4").write_text("")
+    os.chmod(root / "dev/vfio/4", 0o600)
+    rc, out = _run(host, "--pci", "0000:02:00.0", "--hugemem", "0", "--user", "no-such-user-x")
+    assert rc == 1 and host.describe("0000:02:00.0").driver == "nvme", "nothing bound"
+    me = pwd.getpwuid(os.getuid()).pw_name
+    rc, out = _run(host, "--pci", "0000:02:00.0", "--hugemem", "0", "--user", me)
+    assert rc == 0, out
+    assert f"/dev/vfio/4: owner {me} (mode 0660)" in out and "LimitMEMLOCK" in out
+    st = (root / "dev/vfio/4").stat()
+    assert st.st_uid == os.getuid() and st.st_mode & 0o777 == 0o660
+    # already bound: running again still grants (e.g. after a reboot re-created the node)
+    os.chmod(root / "dev/vfio/4", 0o600)
+    rc, out = _run(host, "--pci", "0000:02:00.0", "--hugemem", "0", "--user", me)
+    assert rc == 0 and "already bound" in out
+    assert (root / "dev/vfio/4").stat().st_mode & 0o777 == 0o660
+
+
+def test_reset_can_release_hugepages(root: Path) -> None:
+    host = FakeKernel(root)
+    _run(host, "--pci", "0000:02:00.0", "--hugemem", "64")
+    assert host.hugepages()[2048][0] == 32
+    rc, out = _run(host, "reset", "--release-hugepages")
+    assert rc == 0 and "hugepages 2048 kB: released 32 of 32" in out
+    assert host.hugepages()[2048][0] == 0
+    assert host.describe("0000:02:00.0").driver == "nvme"

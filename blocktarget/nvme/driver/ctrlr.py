@@ -195,6 +195,8 @@ class Controller:
         self.resets = 0
         self.last_reset: dict[str, Any] = {}
         self.aborts_sent = 0
+        self._aborts_outstanding = 0
+        self._abort_limit = 1  # ACL + 1 once Identify has run
         self.timeouts = 0
         self.closed = False
         # owner hooks (the nvme bdev sets these to reactor messages / main-loop tasks)
@@ -327,6 +329,7 @@ class Controller:
         finally:
             self.allocator.free(buf)
         assert self.cap is not None
+        self._abort_limit = self.ident["acl"] + 1
         mdts = self.ident["mdts"]
         if mdts:
             self.max_transfer = min(self.opts.max_transfer, self.cap.mpsmin << mdts)
@@ -477,22 +480,60 @@ class Controller:
                 self.request_reset(f"command {tr.cid} on queue {q.qid} still outstanding "
                                    "after its timeout" + (" and an Abort" if tr.aborting else ""))
                 return
+            if not self._send_abort(q, tr, now):
+                return  # admin queue busy or the abort limit reached: try on the next tick
+        self.poll_admin()
+
+    def _send_abort(self, q: IoQueue, tr: Any, now: float) -> bool:
+        """Submit an Abort for ``tr`` without waiting for it.
+
+        The caller is a reactor's poller: waiting here (up to seconds for a sick
+        controller) would stall every connection on that reactor. The Abort's completion
+        is reaped by :meth:`poll_admin` on a later tick; whether or not the controller
+        found the command, the tracker's new deadline decides: still outstanding then
+        means a reset. At most ACL+1 Aborts are outstanding, as the controller allows.
+        """
+        if self._aborts_outstanding >= self._abort_limit:
+            return False
+        if not self._admin_lock.acquire(blocking=False):
+            return False
+        try:
+            admin_q = self.admin_q
+            if admin_q is None:
+                return False
+            cid, qid = tr.cid, q.qid
             tr.aborting = True
             q.timeouts += 1
             self.timeouts += 1
             tr.deadline = now + self.opts.io_timeout_s
             log.warning("%s: command %d on queue %d timed out after %.1f s; aborting",
-                        self.name, tr.cid, q.qid, self.opts.io_timeout_s)
+                        self.name, cid, qid, self.opts.io_timeout_s)
+
+            def done(status: int, dw0: int) -> None:
+                self._aborts_outstanding -= 1
+                if status or dw0 & 1:
+                    log.info("%s: Abort of command %d on queue %d: %s", self.name, cid, qid,
+                             f"status {status:#x}" if status else "not aborted by the controller")
+
+            self._aborts_outstanding += 1
+            self.aborts_sent += 1
+            admin_q.submit(spec.AdminOpcode.ABORT, cdw10=cid << 16 | qid, cb=done)
+            admin_q.flush_doorbell()
+            return True
+        finally:
+            self._admin_lock.release()
+
+    def poll_admin(self) -> None:
+        """Reap admin completions nobody waits for synchronously (Aborts), if the admin
+        queue is free; a thread inside :meth:`admin` reaps them itself otherwise."""
+        admin_q = self.admin_q
+        if admin_q is None or not self._aborts_outstanding:
+            return
+        if self._admin_lock.acquire(blocking=False):
             try:
-                self.aborts_sent += 1
-                _, dw0 = self.admin(spec.AdminOpcode.ABORT, cdw10=tr.cid << 16 | q.qid,
-                                    check=False, timeout_s=min(5.0, self.opts.admin_timeout_s))
-                if dw0 & 1:
-                    log.info("%s: Abort of command %d: not aborted by the controller",
-                             self.name, tr.cid)
-            except (ControllerError, OSError) as exc:
-                self.request_reset(f"Abort of command {tr.cid} failed: {exc}")
-                return
+                admin_q.process_completions()
+            finally:
+                self._admin_lock.release()
 
     def _device_gone(self, why: str) -> None:
         if self.removed:
