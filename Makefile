@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean docs
 
 $(STAMP): pyproject.toml setup.py blocktarget/_uring_build.py blocktarget/_pmem_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check blocktarget tests bench
+
+# Regenerate docs/rpc.md and docs/metrics.md from the code (tests/unit/test_docs.py
+# fails while they are stale).
+docs: $(STAMP)
+	$(VENV)/bin/blocktarget docs --out-dir docs
 
 bench: $(STAMP)
 	$(PY) bench/rpc_latency.py

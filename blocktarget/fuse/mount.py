@@ -89,6 +89,8 @@ def mount(mountpoint: str, *, fsname: str, allow_other: bool = False,
     helper = os.environ.get("BLOCKTARGET_FUSE_MOUNT") == "fusermount" or os.geteuid() != 0
     if helper:
         # fusermount3 opens /dev/fuse itself; check ours first so the error names it
+        # (fusermount3 3.14 opens it with the caller's fsuid, so a device this user
+        # cannot open fails there too: checked by running it as nobody)
         os.close(_open_device(device))
         fd = _fusermount(mountpoint, fsname, allow_other)
     else:

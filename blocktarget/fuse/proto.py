@@ -100,6 +100,7 @@ WRITE_IN = struct.Struct("<QQIIQII")  # fh offset size write_flags lock_owner fl
 WRITE_OUT = struct.Struct("<II")
 FSYNC_IN = struct.Struct("<QII")
 FALLOCATE_IN = struct.Struct("<QQQII")
+INTERRUPT_IN = struct.Struct("<Q")  # unique of the request the caller gave up on
 SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
 KSTATFS = struct.Struct("<QQQQQIIII24x")  # 80 bytes
 DIRENT = struct.Struct("<QQII")

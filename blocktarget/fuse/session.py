@@ -22,12 +22,25 @@ Decisions:
 * The file size is the namespace size and cannot change: truncate to another size is
   EPERM, a write at or past the end is ENOSPC and one that straddles the end is cut
   short, as the block layer does for a device.
+* Interrupts (FUSE_INTERRUPT, sent when the caller of a request we are serving gets a
+  signal): the kernel keeps waiting for our answer even for SIGKILL once a request is
+  read, so ignoring interrupts turns a stalled target into unkillable processes. A read
+  is answered EINTR at once: its NVMe command stays outstanding and finishes (or times
+  out) on its own, its data is dropped, and reads have no side effect to lose. A write,
+  fsync or fallocate is answered EINTR only while none of its NVMe commands has been
+  sent (waiting for the block-range lock or the read half of a read-modify-write);
+  once one has, the request runs to completion and is answered with its real result,
+  because a write cannot be taken back and "interrupted" must mean "not done". An
+  INTERRUPT for a request already answered is dropped: requests are read and
+  dispatched in order on one loop, so the original was always seen first, and the
+  kernel discards the interrupt itself when the answer arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import logging
 import os
@@ -57,6 +70,27 @@ class FuseError(Exception):
     def __init__(self, err: int) -> None:
         super().__init__(os.strerror(err))
         self.errno = err
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A data request being served, and how far it got (see the interrupt rules)."""
+
+    opcode: int
+    task: asyncio.Task[None] | None = None
+    committed: bool = False  # a command with side effects has been sent to the device
+    interrupted: bool = False
+
+
+_CURRENT: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar(
+    "fuse_request", default=None)
+
+
+def _commit() -> None:
+    """Mark the running request as past the point where an interrupt can undo it."""
+    p = _CURRENT.get()
+    if p is not None:
+        p.committed = True
 
 
 class RangeLock:
@@ -115,10 +149,12 @@ class FuseSession:
         self._buf = bytearray(MAX_WRITE + 4096)
         self._view = memoryview(self._buf)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inflight: dict[int, _Pending] = {}  # by request unique
         self._done: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.requests = 0
         self.errors = 0
+        self.interrupted = 0  # requests answered EINTR because their caller gave up
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,12 +215,19 @@ class FuseSession:
 
     def _dispatch(self, req: proto.Request) -> None:
         op = req.opcode
+        if op == proto.Op.INTERRUPT:
+            self._interrupt(req)
+            return
         if op in _NO_REPLY:
             return
         if op in (proto.Op.READ, proto.Op.WRITE, proto.Op.FSYNC, proto.Op.FALLOCATE):
             # the read buffer is reused by the next request: the task gets its own copy
             body = memoryview(bytes(req.body))
-            task = asyncio.get_running_loop().create_task(self._io(req._replace(body=body)))
+            pending = _Pending(op)
+            task = asyncio.get_running_loop().create_task(
+                self._io(req._replace(body=body), pending))
+            pending.task = task
+            self._inflight[req.unique] = pending
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
@@ -202,7 +245,21 @@ class FuseSession:
         if op == proto.Op.DESTROY:
             self.stop()
 
-    async def _io(self, req: proto.Request) -> None:
+    def _interrupt(self, req: proto.Request) -> None:
+        """The caller of request ``unique`` got a signal (rules in the module docstring)."""
+        (unique,) = proto.INTERRUPT_IN.unpack_from(req.body)
+        p = self._inflight.get(unique)
+        if p is None or p.task is None:
+            return  # answered already; the kernel drops the interrupt
+        if p.opcode == proto.Op.READ or not p.committed:
+            p.interrupted = True
+            p.task.cancel()
+        else:
+            log.info("fuse %s: request %d interrupted after its command was sent; "
+                     "finishing it", self.mnt.mountpoint, unique)
+
+    async def _io(self, req: proto.Request, pending: _Pending) -> None:
+        _CURRENT.set(pending)  # this task's own context
         try:
             f = self._file(req.nodeid)
             if req.opcode == proto.Op.READ:
@@ -215,6 +272,7 @@ class FuseSession:
                 n = await self.write(f, off, data)
                 self._reply(req.unique, 0, proto.write_out(n))
             elif req.opcode == proto.Op.FSYNC:
+                _commit()
                 await f.device.flush()
                 self._reply(req.unique)
             else:
@@ -232,6 +290,16 @@ class FuseSession:
             self.errors += 1
             log.exception("fuse %s: opcode %d", self.mnt.mountpoint, req.opcode)
             self._reply(req.unique, errno.EIO)
+        except asyncio.CancelledError:
+            if not pending.interrupted:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.interrupted += 1
+            self._reply(req.unique, errno.EINTR)
+        finally:
+            self._inflight.pop(req.unique, None)
 
     def _file(self, nodeid: int) -> BlockFile:
         f = self.files.get(nodeid)
@@ -266,6 +334,7 @@ class FuseSession:
         first, last = off // bs, (end + bs - 1) // bs
         async with f.lock.hold(first, last):
             if off % bs == 0 and end % bs == 0:
+                _commit()
                 await dev.write(first, data)
             else:
                 buf = memoryview(bytearray((last - first) * bs))
@@ -275,6 +344,7 @@ class FuseSession:
                 await asyncio.gather(*(dev.read(b, buf[(b - first) * bs:(b - first + 1) * bs])
                                        for b in edges))
                 buf[off - first * bs:end - first * bs] = data
+                _commit()
                 await dev.write(first, buf)
         f.mtime_ns = f.ctime_ns = time.time_ns()
         return size
@@ -311,6 +381,7 @@ class FuseSession:
             await self.write(f, last * bs, memoryview(bytes(tail)))
         if last > first:
             async with f.lock.hold(first, last):
+                _commit()
                 await dev.deallocate(first, last - first)
         f.mtime_ns = f.ctime_ns = time.time_ns()
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -449,3 +452,186 @@ def test_rpc_fuse_export_of_local_bdev(running_target: Launcher, mnt: Path) -> N
     t.rpc("fuse_export_start", bdev_name="L0", mountpoint=str(mnt))
     assert f.read_bytes()[:4096] != bytes(4096)
     t.rpc("fuse_export_stop", mountpoint=str(mnt))
+
+
+# ---- interrupts (FUSE_INTERRUPT) -------------------------------------------------------
+
+# A caller of one FUSE request, through libc so the syscall's own result is seen
+# (Python's os.pread retries on EINTR, PEP 475). SIGUSR1 has a do-nothing handler: a
+# request the server answers EINTR returns -1/EINTR; one it keeps serving returns its
+# byte count once answered, whatever signals arrived meanwhile.
+_CALLER = r"""
+import ctypes, errno, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.pread.argtypes = libc.pwrite.argtypes = [ctypes.c_int, ctypes.c_void_p,
+                                              ctypes.c_size_t, ctypes.c_long]
+libc.pread.restype = libc.pwrite.restype = ctypes.c_ssize_t
+signal.signal(signal.SIGUSR1, lambda sig, frame: None)
+fd = os.open(sys.argv[1], os.O_RDWR)
+buf = ctypes.create_string_buffer(sys.argv[3].encode() * 4096 if sys.argv[2] == "write"
+                                  else 4096)
+print("ready", flush=True)
+n = (libc.pread if sys.argv[2] == "read" else libc.pwrite)(fd, buf, 4096, 0)
+err = ctypes.get_errno()
+print("interrupted" if n < 0 and err == errno.EINTR else
+      f"done {n}" if n >= 0 else f"error {errno.errorcode[err]}", flush=True)
+"""
+
+
+class _Caller:
+    def __init__(self, f: Path, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _CALLER, str(f), *args],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "ready\n"
+
+    def blocked_for(self, seconds: float) -> bool:
+        """Still inside its read/write after ``seconds``."""
+        try:
+            self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return True
+        return False
+
+    def result(self, timeout: float = 10) -> str:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return out.strip()
+
+
+def test_interrupt_ends_blocked_reads_and_queued_writes_not_sent_ones(
+        running_target: Launcher, mnt: Path, exports: list[FuseExport]) -> None:
+    """Budget ~10 s. With the target SIGSTOPped every command stalls: a read interrupted
+    by a signal (or SIGKILL) returns at once, a write queued behind another on the same
+    block returns EINTR and never reaches the target, and the write whose command was
+    already sent ignores the signal and completes when the target resumes."""
+    t, port = _malloc_target(running_target, mib=8)
+    e, f = _start(exports, port, mnt, "--timeout", "60")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"a" * 4096, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    callers: list[_Caller] = []
+    os.kill(t.pid, signal.SIGSTOP)
+    try:
+        reader = _Caller(f, "read", "")
+        killed = _Caller(f, "read", "")
+        callers += [reader, killed]
+        assert reader.blocked_for(1.0), "the stalled target answered a read"
+        t0 = time.monotonic()
+        reader.proc.send_signal(signal.SIGUSR1)
+        killed.proc.kill()  # the kernel waits for the server's answer even for SIGKILL
+        assert reader.result() == "interrupted"
+        assert killed.proc.wait(10) == -signal.SIGKILL
+        assert time.monotonic() - t0 < 5
+
+        sent = _Caller(f, "write", "b")
+        callers.append(sent)
+        assert sent.blocked_for(0.5)
+        queued = _Caller(f, "write", "c")  # same block: waits for the range lock
+        callers.append(queued)
+        assert queued.blocked_for(0.5)
+        queued.proc.send_signal(signal.SIGUSR1)
+        sent.proc.send_signal(signal.SIGUSR1)
+        assert queued.result() == "interrupted"
+        assert sent.blocked_for(1.0), "a write already sent to the target was abandoned"
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
+        for c in callers:
+            if c.proc.poll() is None and c.blocked_for(10):
+                c.proc.kill()
+    assert sent.result() == "done 4096"
+    assert (mnt / "nvme0n1").read_bytes()[:4096] == b"b" * 4096  # "c" never written
+    assert "finishing it" in e.output()
+    assert e.stop() == 0, e.output()
+
+
+# ---- unprivileged mount (fusermount3) --------------------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+# Runs as root inside a private mount namespace (unshare -m): makes /dev/fuse usable by
+# other users there only (Debian's udev gives it mode 0666; some machines, this one
+# included, leave devtmpfs' 0600, and fusermount3 opens it as the caller), then runs
+# fuse-export as nobody, which must mount through the setuid fusermount3, serve I/O to
+# nobody, and unmount on SIGTERM. Prints one JSON object of what it saw.
+_UNPRIVILEGED = r"""
+import json, os, signal, subprocess, sys, time
+work, mnt, port, nqn, cmd = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+run = lambda *a: subprocess.run(a, check=True)
+run("mount", "-t", "tmpfs", "-o", "mode=755", "btdev", work)
+run("mknod", "-m", "666", work + "/fuse", "c", "10", "229")
+run("mount", "--bind", work + "/fuse", "/dev/fuse")
+out = {}
+p = subprocess.Popen([*nobody, *cmd, "fuse-export", "-a", "127.0.0.1", "-s", port, "-n", nqn,
+                      "-v", mnt], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+out["ready"] = p.stdout.readline()
+f = mnt + "/nvme0n1"
+if os.path.exists(f) or p.poll() is None:
+    with open("/proc/mounts") as fh:
+        out["mounts"] = [l for l in fh if " " + mnt + " " in l]
+    io = subprocess.run([*nobody, sys.executable, "-c",
+        "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR); d = os.urandom(65536); "
+        "os.pwrite(fd, d, 4096); os.fsync(fd); "
+        "print(os.pread(fd, len(d), 4096) == d, os.fstat(fd).st_uid, os.fstat(fd).st_size)",
+        f], capture_output=True, text=True)
+    out["io"] = io.stdout.strip() + io.stderr.strip()
+    p.send_signal(signal.SIGTERM)
+try:
+    rest, _ = p.communicate(timeout=30)
+except subprocess.TimeoutExpired:
+    p.kill()
+    rest, _ = p.communicate()
+out["rc"], out["log"] = p.returncode, rest
+with open("/proc/mounts") as fh:
+    out["left_mounted"] = any(" " + mnt + " " in l for l in fh)
+print(json.dumps(out))
+"""
+
+
+def _unprivileged_why() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create the unprivileged user's private mount namespace"
+    fm = shutil.which("fusermount3")
+    if fm is None or not os.stat(fm).st_mode & stat.S_ISUID:
+        return "fusermount3 is not installed setuid root"
+    for tool in ("unshare", "setpriv", "mknod"):
+        if shutil.which(tool) is None:
+            return f"{tool} (util-linux/coreutils) is missing"
+    r = subprocess.run([*NOBODY, sys.executable, "-c", "import blocktarget"],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return f"user nobody cannot run this Python/venv: {r.stderr.strip()[-200:]}"
+    return None
+
+
+def test_unprivileged_user_mounts_through_fusermount3(running_target: Launcher,
+                                                      tmp_path: Path) -> None:
+    """Budget ~5 s. The non-root path end to end: mount by the setuid helper, I/O as
+    that user, unmount by the helper on SIGTERM."""
+    why = _unprivileged_why()
+    if why is not None:
+        pytest.xfail(f"cannot run as an unprivileged user here: {why}")
+    _t, port = _malloc_target(running_target, mib=8)
+    top = Path(tempfile.mkdtemp(prefix="bt-fuse-nr-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        (top / "dev").mkdir()
+        mnt = top / "mnt"
+        mnt.mkdir()
+        os.chown(mnt, 65534, 65534)  # fusermount3 wants the user to own/write the mountpoint
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c",
+                            _UNPRIVILEGED, str(top / "dev"), str(mnt), str(port), NQN,
+                            *blocktarget_cmd()], capture_output=True, text=True, timeout=120,
+                           check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        seen = json.loads(r.stdout.strip().splitlines()[-1])
+        assert "fuse-export: " in seen["ready"], seen
+        [line] = seen["mounts"]
+        assert "fuse.blocktarget" in line and "user_id=65534" in line, line  # by fusermount3
+        assert seen["io"] == f"True 65534 {8 * MiB}", seen
+        assert seen["rc"] == 0 and "unmounting" in seen["log"], seen
+        assert not seen["left_mounted"], seen
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
