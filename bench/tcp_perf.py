@@ -10,6 +10,10 @@ the fast initiator; `blocktarget perf` shows whether the Python initiator is the
 
 Needs ../shared/tools/spdk (nvmf_tgt, spdk_nvme_perf); without it only blocktarget perf
 against blocktarget runs.
+
+`Target`, `run_spdk_perf` and `run_bt_perf` are also the building blocks of
+bench/vs_spdk.py (issue 7: repetitions, medians, memory, polling, scaling), which
+imports them from here rather than keeping a second copy.
 """
 
 from __future__ import annotations
@@ -86,28 +90,49 @@ def hugepages() -> bool:
 
 
 class Target:
-    def __init__(self, name: str, kind: str, workdir: Path) -> None:
+    """One target process (blocktarget or SPDK's nvmf_tgt) serving one bdev.
+
+    ``cores`` are blocktarget's reactor cores (SPDK always gets core 0: its reactor
+    spins, so a second core would only take the initiator's); ``bt_extra`` is merged
+    into blocktarget's own config section (e.g. a reactor polling policy)."""
+
+    def __init__(self, name: str, kind: str, workdir: Path, *, cores: tuple[int, ...] = (0,),
+                 bdev: dict | None = None, bt_extra: dict | None = None,
+                 spdk_mem_mb: int = 1024, bt_tree: Path | None = None) -> None:
         self.name = name
         self.port = free_port()
-        cfg = {"subsystems": [{"subsystem": "bdev", "config": [bdev_call(kind)]},
+        cfg = {"subsystems": [{"subsystem": "bdev", "config": [bdev or bdev_call(kind)]},
                               {"subsystem": "nvmf", "config": nvmf_calls(self.port)}]}
         log = open(workdir / f"{name}-{kind}.log", "wb")  # noqa: SIM115 - lives with proc
         if name == "blocktarget":
-            cfg["blocktarget"] = {"cores": [0], "log_level": "warning",
-                                  "rpc": {"http": None, "unix": str(workdir / "bt.sock")}}
+            cfg["blocktarget"] = {"cores": list(cores), "log_level": "warning",
+                                  "rpc": {"http": None, "unix": str(workdir / "bt.sock")},
+                                  **(bt_extra or {})}
             path = workdir / "bt.json"
             path.write_text(json.dumps(cfg))
             cmd = [sys.executable, "-m", "blocktarget", "start", "-c", str(path)]
         else:
             path = workdir / "spdk.json"
             path.write_text(json.dumps(cfg))
-            mem = [] if hugepages() else ["--no-huge", "-s", "1024"]
+            mem = [] if hugepages() else ["--no-huge", "-s", str(spdk_mem_mb)]
             cmd = [str(SPDK / "nvmf_tgt"), "-m", "0x1", "-r", str(workdir / "spdk.sock"),
                    "--json", str(path), "--disable-cpumask-locks", *mem]
+        # bt_tree: run blocktarget from another checkout (a before/after comparison);
+        # `-m` puts the working directory first on sys.path, so both cwd and PYTHONPATH
+        env, cwd = None, None
+        if bt_tree is not None and name == "blocktarget":
+            env, cwd = {**os.environ, "PYTHONPATH": str(bt_tree)}, str(bt_tree)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env, cwd=cwd)
         wait_port(self.port, self.proc)
         self.cpu0 = self.cpu_seconds()
+
+    def rss_kib(self) -> int:
+        """Resident set size now (VmRSS), KiB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
 
     def cpu_seconds(self) -> float:
         try:
@@ -126,11 +151,13 @@ class Target:
                 self.proc.wait()
 
 
-def run_spdk_perf(port: int, rw: str, size: int, qd: int, secs: int) -> dict:
+def run_spdk_perf(port: int, rw: str, size: int, qd: int, secs: int,
+                  extra: tuple[str, ...] = ()) -> dict:
+    """``extra``: more spdk_nvme_perf options, e.g. ("-P", "2") for two I/O queues."""
     trid = f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN}"
     mem = [] if hugepages() else ["--no-huge", "-s", "1024"]
     cmd = [str(SPDK / "spdk_nvme_perf"), *mem, "-c", "0x2", "-q", str(qd), "-o", str(size),
-           "-w", rw, "-t", str(secs), "-r", trid]
+           "-w", rw, "-t", str(secs), *extra, "-r", trid]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60).stdout
     m = re.search(r"^Total\s+:\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
     if not m:

@@ -10,11 +10,19 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_CONFIG, DEFAULT_UNIX, ConfigError, parse_settings, read_file
+from .config import (
+    DEFAULT_CONFIG,
+    DEFAULT_UNIX,
+    ConfigError,
+    parse_settings,
+    prepare_rpc_access,
+    read_file,
+)
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -36,6 +44,12 @@ def _start(args: argparse.Namespace) -> int:
             settings.rpc_http = args.http or None
         if args.log_level:
             settings.log_level = args.log_level
+        if args.allowed_dir:
+            settings.allowed_dirs = [*(settings.allowed_dirs or []), *args.allowed_dir]
+        try:
+            prepare_rpc_access(settings, source)
+        except ValueError as exc:  # a bad --http address
+            raise ConfigError(f"--http: {exc}") from None
     except ConfigError as exc:
         print(f"blocktarget: {exc}", file=sys.stderr)
         return 2
@@ -117,7 +131,15 @@ def _rpc(args: argparse.Namespace) -> int:
         print(f"blocktarget rpc: {exc}", file=sys.stderr)
         return 2
     try:
-        with RpcClient(unix=args.socket, http=args.http, timeout=args.timeout) as client:
+        token = rpc_token(args)
+    except OSError as exc:
+        print(f"blocktarget rpc: --token-file {args.token_file}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        with RpcClient(unix=args.socket, http=args.http, timeout=args.timeout, token=token,
+                       tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                       tls_key=args.tls_key) as client:
             result = client.call(args.method, params or None)
     except RpcCallError as exc:
         print(f"blocktarget rpc: {args.method}: {exc.message} (code {exc.code})", file=sys.stderr)
@@ -128,6 +150,16 @@ def _rpc(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(result, indent=2))
     return 0
+
+
+def rpc_token(args: argparse.Namespace) -> str | None:
+    """--token, else --token-file, else $BLOCKTARGET_RPC_TOKEN (sent only over HTTP)."""
+    if args.token:
+        return str(args.token)
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            return f.read().strip()
+    return os.environ.get("BLOCKTARGET_RPC_TOKEN") or None
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -151,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-r", "--rpc-socket", help="Unix RPC socket path ('' disables)")
     s.add_argument("--http", help="HTTP RPC/metrics address HOST:PORT ('' disables)")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--allowed-dir", action="append", metavar="DIR",
+                   help="a directory RPCs may open files in (repeatable; adds to "
+                   "blocktarget.allowed_dirs, whose default is /var/lib/blocktarget)")
     s.set_defaults(func=_start)
 
     r = sub.add_parser("rpc", help="call a JSON-RPC method on a running target",
@@ -164,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", help="all parameters as one JSON object")
     r.add_argument("-s", "--socket", default=DEFAULT_UNIX, help="Unix socket path")
     r.add_argument("--http", help="use HTTP at this URL or HOST:PORT instead of the socket")
+    r.add_argument("--token", help="HTTP bearer token (prefer --token-file or the "
+                   "BLOCKTARGET_RPC_TOKEN environment variable: argv is visible in ps)")
+    r.add_argument("--token-file", help="file holding the HTTP bearer token")
+    r.add_argument("--tls-ca", help="CA bundle to verify an https:// target with")
+    r.add_argument("--tls-cert", help="client certificate for an https:// target")
+    r.add_argument("--tls-key", help="key of --tls-cert")
     r.add_argument("-t", "--timeout", type=float, default=60.0)
     r.set_defaults(func=_rpc)
 
@@ -172,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_host_commands(sub)
     _add_setup_command(sub)
+    from . import docgen
+
+    docgen.add_commands(sub)
     return p
 
 

@@ -9,8 +9,10 @@ problem, and the process exits with status 2 before any socket is opened.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,12 @@ if TYPE_CHECKING:
 DEFAULT_HTTP = "127.0.0.1:9009"
 DEFAULT_UNIX = "/var/tmp/blocktarget.sock"
 DEFAULT_NQN = "nqn.2026-01.io.blocktarget:default"
+# Control-plane bounds (issue 8): one JSON-RPC request is a few KiB in practice; a whole
+# load_config stays far below 1 MiB. Connections: operators' scripts, not thousands.
+DEFAULT_RPC_MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_RPC_MAX_CONNECTIONS = 64
+MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is guessable: refused
+_HTTP_KEYS = {"address", "token", "token_file", "tls_cert", "tls_key", "tls_client_ca"}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # Served when `blocktarget start` is given no --config: a 256 MiB RAM disk on loopback.
@@ -85,12 +93,39 @@ class Settings:
     log_level: str = "info"
     busy_poll_us: int = 200
     idle_poll_us: int = 1000
+    # socket polling per reactor: "event" | "adaptive" | "busy", or a list with one mode
+    # per reactor; None = reactor.DEFAULT_POLL_MODE (see reactor.py for what each costs)
+    poll_mode: Any = None
     pin: bool = True
     raw_cores: Any = None  # as written, for save_config
+    # None: paths.DEFAULT_ALLOWED_DIRS (see paths.py for why)
+    allowed_dirs: list[str] | None = None
+    rpc_token: str | None = field(default=None, repr=False)  # never logged or saved
+    rpc_token_file: str | None = None
+    rpc_tls_cert: str | None = None
+    rpc_tls_key: str | None = None
+    rpc_tls_client_ca: str | None = None
+    rpc_max_request_bytes: int = DEFAULT_RPC_MAX_REQUEST_BYTES
+    rpc_max_connections: int = DEFAULT_RPC_MAX_CONNECTIONS
 
     def describe(self) -> dict[str, Any]:
+        http: Any = self.rpc_http
+        extra = {k: v for k, v in (("token_file", self.rpc_token_file),
+                                   ("tls_cert", self.rpc_tls_cert),
+                                   ("tls_key", self.rpc_tls_key),
+                                   ("tls_client_ca", self.rpc_tls_client_ca)) if v}
+        if http is not None and extra:
+            # an inline token is left out on purpose: save_config output travels over
+            # RPC and into files; a saved non-loopback config then refuses to start
+            # until the operator gives it a token_file, which is the safe failure
+            http = {"address": http, **extra}
+        rpc: dict[str, Any] = {"http": http, "unix": self.rpc_unix}
+        if self.rpc_max_request_bytes != DEFAULT_RPC_MAX_REQUEST_BYTES:
+            rpc["max_request_bytes"] = self.rpc_max_request_bytes
+        if self.rpc_max_connections != DEFAULT_RPC_MAX_CONNECTIONS:
+            rpc["max_connections"] = self.rpc_max_connections
         d: dict[str, Any] = {
-            "rpc": {"http": self.rpc_http, "unix": self.rpc_unix},
+            "rpc": rpc,
             "metrics": self.metrics,
             "log_level": self.log_level,
         }
@@ -98,8 +133,12 @@ class Settings:
             d["cores"] = self.raw_cores
         if self.busy_poll_us != 200 or self.idle_poll_us != 1000:
             d["poll"] = {"busy_us": self.busy_poll_us, "idle_us": self.idle_poll_us}
+        if self.poll_mode is not None:
+            d.setdefault("poll", {})["mode"] = self.poll_mode
         if not self.pin:
             d["pin"] = False
+        if self.allowed_dirs is not None:
+            d["allowed_dirs"] = list(self.allowed_dirs)
         return d
 
 
@@ -133,11 +172,27 @@ def read_file(path: str) -> dict[str, Any]:
     return doc
 
 
+def _parse_poll_mode(mode: Any, n_reactors: int, source: str) -> Any:
+    """One mode for every reactor, or a list with one per reactor (in cores order)."""
+    from .reactor import check_poll_mode
+
+    modes = mode if isinstance(mode, list) else [mode]
+    if isinstance(mode, list) and len(mode) != n_reactors:
+        raise ConfigError(f"{source}: blocktarget.poll.mode lists {len(mode)} modes for "
+                          f"{n_reactors} reactors")
+    for m in modes:
+        try:
+            check_poll_mode(m)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: blocktarget.poll.mode: {exc}") from None
+    return mode
+
+
 def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     bt = doc.get("blocktarget", {})
     if not isinstance(bt, dict):
         raise ConfigError(f"{source}: 'blocktarget' must be an object")
-    unknown = set(bt) - {"cores", "rpc", "metrics", "log_level", "poll", "pin"}
+    unknown = set(bt) - {"cores", "rpc", "metrics", "log_level", "poll", "pin", "allowed_dirs"}
     if unknown:
         raise ConfigError(f"{source}: blocktarget: unknown setting '{sorted(unknown)[0]}'")
     s = Settings()
@@ -147,10 +202,23 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
         raise ConfigError(f"{source}: blocktarget.cores: {exc}") from None
     s.raw_cores = bt.get("cores")
     rpc = bt.get("rpc", {})
-    if not isinstance(rpc, dict) or set(rpc) - {"http", "unix"}:
-        raise ConfigError(f"{source}: blocktarget.rpc must be an object with 'http' and 'unix'")
+    if not isinstance(rpc, dict) or set(rpc) - {"http", "unix", "max_request_bytes",
+                                                "max_connections"}:
+        raise ConfigError(f"{source}: blocktarget.rpc must be an object with 'http' and 'unix' "
+                          "(and optionally 'max_request_bytes', 'max_connections')")
+    for key, attr, low in (("max_request_bytes", "rpc_max_request_bytes", 1024),
+                           ("max_connections", "rpc_max_connections", 1)):
+        if key in rpc:
+            v = rpc[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"{source}: blocktarget.rpc.{key} must be an integer >= {low}")
+            setattr(s, attr, v)
     if "http" in rpc:
-        s.rpc_http = rpc["http"]
+        http = rpc["http"]
+        if isinstance(http, dict):
+            _parse_http_object(s, http, source)
+            http = http.get("address")
+        s.rpc_http = http
         if s.rpc_http is not None:
             if not isinstance(s.rpc_http, str):
                 raise ConfigError(f"{source}: blocktarget.rpc.http must be 'HOST:PORT' or null")
@@ -171,8 +239,11 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
         raise ConfigError(f"{source}: blocktarget.log_level must be one of {', '.join(LOG_LEVELS)}")
     s.log_level = level.lower()
     poll = bt.get("poll", {})
-    if not isinstance(poll, dict) or set(poll) - {"busy_us", "idle_us"}:
-        raise ConfigError(f"{source}: blocktarget.poll must be an object with busy_us, idle_us")
+    if not isinstance(poll, dict) or set(poll) - {"busy_us", "idle_us", "mode"}:
+        raise ConfigError(f"{source}: blocktarget.poll must be an object with busy_us, "
+                          "idle_us, mode")
+    if "mode" in poll:
+        s.poll_mode = _parse_poll_mode(poll["mode"], len(s.cores), source)
     for key, attr in (("busy_us", "busy_poll_us"), ("idle_us", "idle_poll_us")):
         if key in poll:
             v = poll[key]
@@ -183,7 +254,86 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     if not isinstance(pin, bool):
         raise ConfigError(f"{source}: blocktarget.pin must be true or false")
     s.pin = pin
+    if bt.get("allowed_dirs") is not None:  # null: the default (paths.py)
+        dirs = bt["allowed_dirs"]
+        if not isinstance(dirs, list) or not all(isinstance(d, str) and d for d in dirs):
+            raise ConfigError(f"{source}: blocktarget.allowed_dirs must be a list of "
+                              "directory paths")
+        s.allowed_dirs = list(dirs)
     return s
+
+
+def _parse_http_object(s: Settings, http: dict[str, Any], source: str) -> None:
+    """`"http": {"address": ..., "token" | "token_file": ..., "tls_*": ...}`."""
+    where = f"{source}: blocktarget.rpc.http"
+    unknown = set(http) - _HTTP_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting '{sorted(unknown)[0]}' "
+                          f"(known: {', '.join(sorted(_HTTP_KEYS))})")
+    if not isinstance(http.get("address"), str):
+        raise ConfigError(f"{where}.address must be 'HOST:PORT'")
+    for key in _HTTP_KEYS - {"address"}:
+        v = http.get(key)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise ConfigError(f"{where}.{key} must be a non-empty string")
+    if http.get("token") and http.get("token_file"):
+        raise ConfigError(f"{where}: give 'token' or 'token_file', not both")
+    s.rpc_token = http.get("token")
+    s.rpc_token_file = http.get("token_file")
+    s.rpc_tls_cert = http.get("tls_cert")
+    s.rpc_tls_key = http.get("tls_key")
+    s.rpc_tls_client_ca = http.get("tls_client_ca")
+    if bool(s.rpc_tls_cert) != bool(s.rpc_tls_key):
+        raise ConfigError(f"{where}: tls_cert and tls_key go together")
+    if s.rpc_tls_client_ca and not s.rpc_tls_cert:
+        raise ConfigError(f"{where}: tls_client_ca needs tls_cert and tls_key")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Only literal loopback addresses and "localhost" count: any other name may resolve
+    to an interface reachable from the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def prepare_rpc_access(s: Settings, source: str) -> None:
+    """Read the token file and refuse an HTTP server others can reach without a lock.
+
+    Called once the command line has had its say (it may move the HTTP address), before
+    anything is bound. A non-loopback address needs a bearer token or TLS with client
+    certificates; a token is checked on every request wherever the server listens."""
+    if s.rpc_token_file:
+        try:
+            with open(s.rpc_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+                st = os.fstat(f.fileno())
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(f"{source}: blocktarget.rpc.http.token_file "
+                              f"{s.rpc_token_file}: cannot read: {why}") from None
+        if st.st_mode & 0o077:
+            logging.getLogger(__name__).warning(
+                "RPC token file %s is readable by other users (mode %o): chmod 600 it",
+                s.rpc_token_file, st.st_mode & 0o777)
+        s.rpc_token = token
+    if s.rpc_token is not None and len(s.rpc_token) < MIN_TOKEN_CHARS:
+        raise ConfigError(f"{source}: blocktarget.rpc.http: the bearer token must be at least "
+                          f"{MIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)")
+    if s.rpc_http is None:
+        return
+    host, _ = parse_http_address(s.rpc_http)
+    if is_loopback_host(host):
+        return
+    if s.rpc_token or (s.rpc_tls_cert and s.rpc_tls_client_ca):
+        return
+    raise ConfigError(
+        f"{source}: refusing to serve HTTP RPC on non-loopback address {s.rpc_http} without "
+        "authentication: set blocktarget.rpc.http.token_file (or token), or tls_cert + "
+        "tls_key + tls_client_ca for client certificates; or bind 127.0.0.1")
 
 
 def entries(doc: dict[str, Any], source: str) -> Iterator[Entry]:

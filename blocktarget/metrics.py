@@ -126,6 +126,7 @@ class TargetCollector(Collector):
             nss.add_metric([s.nqn], len(s.namespaces))
             ctrls.add_metric([s.nqn], per_sub.get(s.nqn, 0))
         yield from (nss, ctrls)
+        yield from _limit_families(t)
         extra = getattr(t, "extra_metrics", None)
         if extra is not None:
             yield from extra()
@@ -136,6 +137,48 @@ class TargetCollector(Collector):
         rpce = CounterMetricFamily("blocktarget_rpc_errors", "JSON-RPC requests that failed")
         rpce.add_metric([], t.dispatcher.errors)
         yield from (rpc, rpce)
+
+
+def _limit_families(t: Target) -> Iterator[Any]:
+    """NVMe/TCP resource limits (tcp_limits.py): open connections against their bound,
+    refusals, connections closed by a limit, R2T buffer use against its budget."""
+    tcp = t.tcp
+    opts = t.transports.get("TCP")
+    conns = GaugeMetricFamily("blocktarget_tcp_connections",
+                              "Open NVMe/TCP connections (all reactors)")
+    limit = GaugeMetricFamily("blocktarget_tcp_connections_limit",
+                              "max_connections of the TCP transport (0: unlimited)")
+    refused = CounterMetricFamily("blocktarget_tcp_connections_refused",
+                                  "Connections closed at accept by a connection limit",
+                                  labels=["limit"])
+    closed = CounterMetricFamily("blocktarget_tcp_connections_closed_by_limit",
+                                 "Connections closed for a stalled PDU, a missing Connect, an "
+                                 "unanswered R2T or a queue overflow", labels=["reason"])
+    used = GaugeMetricFamily("blocktarget_tcp_r2t_buffer_bytes",
+                             "R2T data buffer bytes held", labels=["reactor"])
+    budget = GaugeMetricFamily("blocktarget_tcp_r2t_buffer_limit_bytes",
+                               "R2T data buffer budget of the reactor", labels=["reactor"])
+    waits = CounterMetricFamily("blocktarget_tcp_r2t_buffer_waits",
+                                "Writes whose R2T waited for buffers", labels=["reactor"])
+    limit.add_metric([], opts.max_connections if opts is not None else 0)
+    from .tcp_limits import CLOSE_REASONS
+
+    by_reason = dict.fromkeys(CLOSE_REASONS, 0)  # every reason, from 0
+    if tcp is not None:
+        conns.add_metric([], tcp.limiter.open)
+        refused.add_metric(["total"], tcp.limiter.refused_global)
+        refused.add_metric(["per_address"], tcp.limiter.refused_per_address)
+        for index, b in sorted(list(tcp.budgets.items())):
+            used.add_metric([str(index)], b.used)
+            budget.add_metric([str(index)], b.limit)
+            waits.add_metric([str(index)], b.waits)
+            for reason, n in list(b.closed_by.items()):
+                by_reason[reason] = by_reason.get(reason, 0) + n
+    else:
+        conns.add_metric([], 0)
+    for reason, n in sorted(by_reason.items()):
+        closed.add_metric([reason], n)
+    yield from (conns, limit, refused, closed, used, budget, waits)
 
 
 def make_registry(target: Target) -> CollectorRegistry:

@@ -6,6 +6,15 @@ give SPDK-style polling of completion sources (NVMe CQs, io_uring) without burni
 when idle: a reactor busy-polls while pollers report work and for `busy_poll_us` after the
 last work, then falls back to a timed poll every `idle_poll_us` and sleeps in the event
 loop in between.
+
+Sockets follow the reactor's `poll_mode` (bench/RESULTS.md, "Reactor polling", has the
+measurements behind the default):
+- "event": sleep in epoll until a socket is readable (one wake-up per batch of PDUs);
+  no CPU when idle.
+- "adaptive": after socket activity keep the loop spinning (epoll with a zero timeout)
+  for `busy_poll_us`, so the next command of a QD1 stream is picked up without a
+  wake-up, then sleep as "event" does; idle CPU stays ~0.
+- "busy": spin always, as an SPDK reactor does: lowest latency, a whole core when idle.
 """
 
 from __future__ import annotations
@@ -97,6 +106,17 @@ class ReactorStats:
     adopt_failed: int = 0  # sockets handed to this reactor that died before adoption
 
 
+POLL_MODES = ("event", "adaptive", "busy")
+DEFAULT_POLL_MODE = "adaptive"  # measured: bench/RESULTS.md, "Reactor polling"
+
+
+def check_poll_mode(mode: Any) -> str:
+    """The mode if it is one of POLL_MODES; a ValueError worded for the config file."""
+    if mode not in POLL_MODES:
+        raise ValueError(f"poll mode must be one of {', '.join(POLL_MODES)}, got {mode!r}")
+    return str(mode)
+
+
 @dataclass(eq=False)
 class Reactor:
     index: int
@@ -104,6 +124,8 @@ class Reactor:
     busy_poll_us: int = 200
     idle_poll_us: int = 1000
     pin: bool = True
+    poll_mode: str = DEFAULT_POLL_MODE
+    spin_on_io: bool = False  # poll_mode != "event": qpairs call note_io() per wake-up
     loop: asyncio.AbstractEventLoop | None = None
     tid: int = 0
     stats: ReactorStats = field(default_factory=ReactorStats)
@@ -142,6 +164,7 @@ class Reactor:
             self._started.set()
             return
         self._started.set()
+        self.set_poll_mode(self.poll_mode)
         try:
             self.loop.run_until_complete(self._stopped.wait())
             # Let tasks cancelled by stop() finish their cleanup.
@@ -247,10 +270,22 @@ class Reactor:
         else:
             self._poll_handle = self.loop.call_later(delay, self._poll)
 
+    # ---- socket polling policy (reactor thread) ----
+    def set_poll_mode(self, mode: str) -> None:
+        """Switch between "event", "adaptive" and "busy" (see the module docstring)."""
+        self.poll_mode = check_poll_mode(mode)
+        self.spin_on_io = mode != "event"
+        if self.loop is not None and mode != "event":
+            self.kick()
+
+    def note_io(self) -> None:
+        """A socket had data (adaptive/busy modes): spin for another `busy_poll_us`."""
+        self._last_work_ns = time.monotonic_ns()
+        if self._poll_handle is None:
+            self._schedule_poll(0.0)
+
     def _poll(self) -> None:
         self._poll_handle = None
-        if not self.pollers:
-            return
         work = 0
         for poller in tuple(self.pollers):
             try:
@@ -268,10 +303,11 @@ class Reactor:
         if work:
             self.stats.poll_work += work
             self._last_work_ns = now
-        if now - self._last_work_ns < self.busy_poll_us * 1000:
-            self._schedule_poll(0.0)
-        else:
+        if self.poll_mode == "busy" or now - self._last_work_ns < self.busy_poll_us * 1000:
+            self._schedule_poll(0.0)  # spin: the loop polls epoll with a zero timeout
+        elif self.pollers:
             self._schedule_poll(self.idle_poll_us / 1e6)
+        # else: nothing to poll; sleep in epoll until a socket or a message wakes us
 
     # ---- ownership bookkeeping (reactor thread) ----
     def own(self, kind: str, obj: Any) -> None:
@@ -319,17 +355,51 @@ class Reactor:
             "connections": sorted(str(c) for c in list(self.owned.get("connection", ()))),
             "channels": sorted(str(c) for c in list(self.owned.get("channel", ()))),
             "irq_mode": False,
+            "poll_mode": self.poll_mode,
         }
+
+
+# glibc malloc serves blocks of 128 KiB and more with mmap (and gives freed heap back
+# above a 128 KiB trim threshold), so every 128 KiB I/O buffer - the socket read uvloop
+# hands us, a C2H snapshot, an R2T buffer - cost an mmap, 32 page faults with the kernel
+# zeroing each page, and a munmap: 68 µs of CPU per 128 KiB read in bench/hotpath.py,
+# 11 µs with these settings. The price is that up to TRIM_THRESHOLD of freed heap per
+# malloc arena stays with the process instead of going back to the kernel.
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 32 << 20
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator() -> bool:
+    """Keep I/O-sized buffers on the heap (see above); False where libc has no mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 class ReactorPool:
     """The set of reactors plus the round-robin choice of where new work lives."""
 
     def __init__(self, cores: Iterable[int], *, pin: bool = True, busy_poll_us: int = 200,
-                 idle_poll_us: int = 1000) -> None:
+                 idle_poll_us: int = 1000,
+                 poll_modes: str | list[str] = DEFAULT_POLL_MODE) -> None:
+        """``poll_modes``: one mode for every reactor, or a list with one per reactor."""
+        cores = list(cores)
+        modes = [poll_modes] * len(cores) if isinstance(poll_modes, str) else list(poll_modes)
+        if len(modes) != len(cores):
+            raise ValueError(f"{len(modes)} poll modes for {len(cores)} reactors")
         self.reactors = [
-            Reactor(i, core, pin=pin, busy_poll_us=busy_poll_us, idle_poll_us=idle_poll_us)
-            for i, core in enumerate(cores)
+            Reactor(i, core, pin=pin, busy_poll_us=busy_poll_us, idle_poll_us=idle_poll_us,
+                    poll_mode=check_poll_mode(mode))
+            for i, (core, mode) in enumerate(zip(cores, modes, strict=True))
         ]
         self._next = 0
         self._placed = [0] * len(self.reactors)
@@ -344,6 +414,7 @@ class ReactorPool:
         return self.reactors[i]
 
     def start(self) -> None:
+        tune_allocator()
         started: list[Reactor] = []
         try:
             for r in self.reactors:

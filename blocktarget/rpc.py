@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import inspect
 import json
 import logging
@@ -36,7 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_REQUEST_BYTES = 1 << 20  # default bound of one request (blocktarget.rpc.max_request_bytes)
+MAX_CONNECTIONS = 64  # default bound of concurrent RPC connections / HTTP requests
+UNAUTHORIZED = -32001  # server-defined JSON-RPC code: missing or wrong bearer token
+SERVER_BUSY = -32002  # server-defined: too many concurrent RPC connections
 
 Handler = Callable[["Target", dict[str, Any]], Any]
 
@@ -264,9 +268,19 @@ class _StreamDecoder:
 
 
 class UnixRpcServer:
-    def __init__(self, dispatcher: Dispatcher, path: str) -> None:
+    """SPDK-framed JSON-RPC on a 0600 Unix socket. Bounded: one request (one JSON value)
+    may not exceed ``max_request_bytes`` and at most ``max_connections`` clients are
+    served at once; past either bound the client gets a JSON-RPC error and is closed."""
+
+    def __init__(self, dispatcher: Dispatcher, path: str, *,
+                 max_request_bytes: int = MAX_REQUEST_BYTES,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.dispatcher = dispatcher
         self.path = path
+        self.max_request_bytes = max_request_bytes
+        self.max_connections = max_connections
+        self.active = 0
+        self.refused = 0
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -301,15 +315,29 @@ class UnixRpcServer:
             pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            self.refused += 1
+            writer.write(json.dumps(_error(
+                None, SERVER_BUSY, f"too many RPC connections (limit {self.max_connections}); "
+                "try again later")).encode())
+            try:
+                await writer.drain()
+            except ConnectionError:
+                pass
+            writer.close()
+            return
+        self.active += 1
         dec = _StreamDecoder()
         try:
             while True:
                 data = await reader.read(65536)
                 if not data:
                     break
-                if len(dec) + len(data) > MAX_REQUEST_BYTES:
-                    writer.write(json.dumps(_error(None, INVALID_REQUEST,
-                                                   "request too large")).encode())
+                if len(dec) + len(data) > self.max_request_bytes:
+                    # the buffer holds only the unfinished value: that one is too big
+                    writer.write(json.dumps(_error(
+                        None, INVALID_REQUEST,
+                        f"request too large (limit {self.max_request_bytes} bytes)")).encode())
                     break
                 parse_error: StreamParseError | None = None
                 try:
@@ -328,6 +356,7 @@ class UnixRpcServer:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            self.active -= 1
             writer.close()
 
 
@@ -344,11 +373,19 @@ async def _socket_alive(path: str) -> bool:
 # HTTP (aiohttp)
 
 
-def http_handler(dispatcher: Dispatcher) -> Callable[[web.Request], Awaitable[web.Response]]:
+def http_handler(dispatcher: Dispatcher, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     from aiohttp import web
 
     async def handle(request: web.Request) -> web.Response:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            resp = web.json_response(_error(
+                None, INVALID_REQUEST,
+                f"request too large (limit {max_request_bytes} bytes)"), status=413)
+            resp.force_close()  # the rest of the body is never read
+            return resp
         try:
             req = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -359,6 +396,77 @@ def http_handler(dispatcher: Dispatcher) -> Callable[[web.Request], Awaitable[we
         return web.json_response(resp)
 
     return handle
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """Whether an Authorization header carries ``token``, compared in constant time (the
+    time taken must not tell an attacker how many leading characters were right)."""
+    if not header:
+        return False
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def build_http_app(dispatcher: Dispatcher, *, token: str | None = None,
+                   max_request_bytes: int = MAX_REQUEST_BYTES,
+                   max_connections: int = MAX_CONNECTIONS,
+                   metrics: Callable[[web.Request], Awaitable[Any]] | None = None,
+                   ) -> web.Application:
+    """The aiohttp application: JSON-RPC on POST / and /rpc, Prometheus on GET /metrics.
+
+    One middleware guards every route: first the bearer token (when configured,
+    wherever the server listens; 401 with a JSON-RPC error body), then a bound on
+    requests in progress (503). Bodies over ``max_request_bytes`` get 413 and the
+    connection is closed."""
+    from aiohttp import web
+
+    in_flight = 0
+
+    def refuse(status: int, code: int, message: str) -> web.Response:
+        resp = web.json_response(_error(None, code, message), status=status)
+        resp.force_close()
+        return resp
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        nonlocal in_flight
+        if token is not None and not bearer_ok(request.headers.get("Authorization"), token):
+            resp = refuse(401, UNAUTHORIZED,
+                          "Unauthorized: missing or wrong bearer token")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="blocktarget"'
+            return resp
+        if in_flight >= max_connections:
+            return refuse(503, SERVER_BUSY,
+                          f"too many RPC requests in progress (limit {max_connections})")
+        in_flight += 1
+        try:
+            return await handler(request)
+        finally:
+            in_flight -= 1
+
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[guard])
+    rpc = http_handler(dispatcher, max_request_bytes)
+    app.router.add_post("/", rpc)
+    app.router.add_post("/rpc", rpc)
+    if metrics is not None:
+        app.router.add_get("/metrics", metrics)
+    return app
+
+
+def server_ssl_context(cert: str, key: str, client_ca: str | None) -> Any:
+    """TLS for the HTTP server; with ``client_ca`` every client must present a
+    certificate signed by it (that is then the authentication, instead of a token)."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(cafile=client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def parse_http_address(text: str) -> tuple[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -26,12 +27,20 @@ class RpcClient:
     """Talks to a target over its Unix socket (default) or, given a URL, over HTTP."""
 
     def __init__(self, unix: str | None = None, http: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, *, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
         if not unix and not http:
             raise ValueError("need a Unix socket path or an HTTP URL")
         self.unix = unix
         self.http = http if not http or http.startswith("http") else f"http://{http}"
         self.timeout = timeout
+        self.token = token  # HTTP only: the Unix socket's file mode is its access control
+        self._ssl: ssl.SSLContext | None = None
+        if self.http and self.http.startswith("https:"):
+            self._ssl = ssl.create_default_context(cafile=tls_ca)
+            if tls_cert:
+                self._ssl.load_cert_chain(tls_cert, tls_key)
         self._sock: socket.socket | None = None
         self._dec = _StreamDecoder()
 
@@ -50,10 +59,13 @@ class RpcClient:
         """Send any JSON value, return the decoded response (None for notifications)."""
         body = json.dumps(request).encode()
         if self.http:
-            req = urllib.request.Request(self.http, data=body,
-                                         headers={"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            req = urllib.request.Request(self.http, data=body, headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with urllib.request.urlopen(req, timeout=self.timeout,
+                                            context=self._ssl) as resp:
                     data = resp.read()
             except urllib.error.HTTPError as exc:
                 data = exc.read()

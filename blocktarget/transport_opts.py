@@ -35,6 +35,16 @@ class TransportOptions:
     abort_timeout_sec: int = 1
     # blocktarget's own: how accepted connections are spread over reactors
     placement: str = "round_robin"
+    # SPDK's pool of io_unit_size data buffers. Here: the bound on R2T buffer memory of
+    # the whole transport (511 x 128 KiB ~ 64 MiB, SPDK's TCP default), split evenly
+    # over the reactors; a write that does not fit waits for its R2T.
+    num_shared_buffers: int = 511
+    # blocktarget's own limits (tcp_limits.py says why each exists); 0 disables one
+    max_qpair_buffer_bytes: int = 8 << 20  # R2T buffers one connection may hold
+    max_connections: int = 4096  # open NVMe/TCP connections, all listeners
+    max_connections_per_address: int = 1024  # from one host address
+    stall_timeout_sec: int = 30  # a PDU begun but unfinished; or no Connect yet
+    r2t_timeout_sec: int = 30  # an R2T whose data has not all arrived
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TransportOptions:
@@ -55,6 +65,13 @@ class TransportOptions:
             raise InvalidParams("parameter 'max_io_size' must be a power of two >= 8192")
         if opts.io_unit_size < 4096 or opts.io_unit_size % 4:
             raise InvalidParams("parameter 'io_unit_size' must be >= 4096 and a multiple of 4")
+        for name in ("num_shared_buffers", "max_qpair_buffer_bytes", "max_connections",
+                     "max_connections_per_address", "stall_timeout_sec", "r2t_timeout_sec"):
+            v = getattr(opts, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InvalidParams(f"parameter '{name}' must be an integer >= 0")
+        if opts.num_shared_buffers == 0:
+            raise InvalidParams("parameter 'num_shared_buffers' must be at least 1")
         if opts.placement not in PLACEMENTS:
             raise InvalidParams(
                 f"parameter 'placement' must be one of {', '.join(PLACEMENTS)}")
@@ -67,6 +84,9 @@ class TransportOptions:
         d = asdict(self)
         if d["placement"] == "round_robin":
             del d["placement"]  # keep saved configs loadable by SPDK's nvmf_tgt
+        for name in _OWN_LIMITS:  # likewise: only when changed from the default
+            if d[name] == getattr(_DEFAULTS, name):
+                del d[name]
         return d
 
 
@@ -88,10 +108,23 @@ TRANSPORT_SCHEMA = Schema(
         Param("abort_timeout_sec", int),
         Param("placement", str, choices=PLACEMENTS,
               help="how connections are spread over reactors (blocktarget's own)"),
+        Param("num_shared_buffers", int,
+              help="R2T data buffers (of io_unit_size) of the transport, split over the "
+              "reactors; a write that does not fit waits for its R2T"),
+        Param("max_qpair_buffer_bytes", int,
+              help="R2T buffer bytes one connection may hold (0: no per-connection bound)"),
+        Param("max_connections", int, help="open NVMe/TCP connections (0: unlimited)"),
+        Param("max_connections_per_address", int,
+              help="open connections from one host address (0: unlimited)"),
+        Param("stall_timeout_sec", int,
+              help="close a connection whose PDU stays incomplete, or that sends no "
+              "Connect, this long (0: never)"),
+        Param("r2t_timeout_sec", int,
+              help="close a connection that leaves an R2T unanswered this long (0: never)"),
     ),
     # SPDK options with no meaning in this implementation: accepted so SPDK configs load
     extra_ok=frozenset({
-        "num_shared_buffers", "buf_cache_size", "dif_insert_or_strip", "zcopy",
+        "buf_cache_size", "dif_insert_or_strip", "zcopy",
         "acceptor_poll_rate", "ack_timeout", "data_wr_pool_size", "control_msg_num",
         "disable_command_passthru", "max_srq_depth", "no_srq", "no_wr_batching",
         "num_cqe", "acceptor_backlog", "kas_enable", "transport_specific",
@@ -99,3 +132,9 @@ TRANSPORT_SCHEMA = Schema(
         "disable_mappable_bar0", "disable_adaptive_irq", "disable_shadow_doorbells",
     }),
 )
+
+
+# blocktarget-only options, written by save_config only when set (SPDK would reject them)
+_OWN_LIMITS = ("max_qpair_buffer_bytes", "max_connections", "max_connections_per_address",
+               "stall_timeout_sec", "r2t_timeout_sec")
+_DEFAULTS = TransportOptions()

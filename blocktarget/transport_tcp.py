@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import RpcError
+from .tcp_limits import ConnectionLimiter, ConnSlot, DataBudget, budget_for
 
 if TYPE_CHECKING:
     from .app import Target
@@ -50,6 +51,9 @@ class TcpTransport:
         self.protocol_factory = protocol_factory or _default_factory()
         # live queue pairs, by reactor index; each set is touched only by its reactor
         self.qpairs: dict[int, set[Any]] = {r.index: set() for r in target.reactors}
+        self.limiter = ConnectionLimiter()
+        # R2T buffer budgets, by reactor index, each touched only by its reactor
+        self.budgets: dict[int, DataBudget] = {}
 
     # ---- listening ----
     async def listen(self, addr: ListenAddress) -> None:
@@ -92,21 +96,39 @@ class TcpTransport:
                 log.warning("accept on %s failed: %s", listener.addr, exc)
                 return
             listener.accepted += 1
+            opts = self.target.transports.get("TCP")
+            slot = self.limiter.admit(str(peer[0]) if peer else "?",
+                                      opts.max_connections if opts else 0,
+                                      opts.max_connections_per_address if opts else 0)
+            if slot is None:
+                # closed before any reactor sees it: costs the host a reconnect, us nothing
+                n = self.limiter.refused_global + self.limiter.refused_per_address
+                if n & (n - 1) == 0:  # 1, 2, 4, 8...: a flood must not flood the log
+                    log.warning("refusing connection from %s on %s: connection limit "
+                                "reached (%d open; %d refused so far)", peer, listener.addr,
+                                self.limiter.open, n)
+                conn.close()
+                continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            opts = self.target.transports.get("TCP")
             reactor = self.target.reactors.pick(opts.placement if opts else "round_robin")
-            reactor.send(self._adopt, reactor, conn, listener.addr)
+            reactor.send(self._adopt, reactor, conn, listener.addr, slot)
 
-    async def _adopt(self, reactor: Reactor, conn: socket.socket, addr: ListenAddress) -> None:
+    async def _adopt(self, reactor: Reactor, conn: socket.socket, addr: ListenAddress,
+                     slot: ConnSlot | None = None) -> None:
         """On the reactor: wrap the socket in a queue-pair protocol owned by this reactor."""
         loop = asyncio.get_running_loop()
+
+        def make() -> asyncio.BaseProtocol:
+            proto = self.protocol_factory(self.target, reactor, addr)
+            proto.conn_slot = slot  # type: ignore[attr-defined]  # released on unregister
+            return proto
+
         try:
-            await loop.connect_accepted_socket(
-                lambda: self.protocol_factory(self.target, reactor, addr), sock=conn
-            )
+            await loop.connect_accepted_socket(make, sock=conn)
         except OSError:
             conn.close()
+            self.limiter.release(slot)
             reactor.stats.adopt_failed += 1  # never registered: not a live connection
 
     # ---- reactors' bookkeeping (called on the reactor that owns the qpair) ----
@@ -119,6 +141,21 @@ class TcpTransport:
         self.qpairs.get(reactor.index, set()).discard(qpair)
         reactor.disown("connection", qpair)
         reactor.stats.connections_closed += 1
+        self.limiter.release(getattr(qpair, "conn_slot", None))
+
+    def budget(self, reactor: Reactor) -> DataBudget:
+        """This reactor's share of the R2T buffer budget (made on first use, on it)."""
+        b = self.budgets.get(reactor.index)
+        if b is None:
+            opts = self.target.transports.get("TCP")
+            if opts is None:
+                from .transport_opts import TransportOptions
+
+                opts = TransportOptions()
+            b = self.budgets[reactor.index] = budget_for(
+                opts.num_shared_buffers * opts.io_unit_size, len(self.target.reactors),
+                opts.max_qpair_buffer_bytes or (1 << 62))
+        return b
 
     async def _close_matching(self, pred: Callable[[Any], bool], reason: str) -> int:
         def close_on(reactor: Reactor) -> int:

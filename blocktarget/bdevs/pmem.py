@@ -96,6 +96,7 @@ from ..bdev import (
 )
 from ..errors import AlreadyExists, Busy, InvalidParams, NoSuchDevice, RpcError, Unsupported
 from ..params import Param, Schema, non_empty
+from ..paths import check_path
 
 log = logging.getLogger("blocktarget.bdev.pmem")
 
@@ -1144,8 +1145,12 @@ SCHEMA = Schema((
 ))
 
 
-def create(params: dict[str, Any]) -> Bdev:
+def create(params: dict[str, Any], target: Any = None) -> Bdev:
+    """``target``: given for RPC and config calls, whose pool file must lie inside the
+    target's allowed directories (in-process callers pass none)."""
     path = params["pmem_file"]
+    if target is not None:
+        check_path(target, path, "pmem pool")
     with _OPEN_LOCK:
         user = in_use_by(path)
         if user is not None:
@@ -1185,5 +1190,6 @@ MODULE = register_module(
         create_method="bdev_pmem_create",
         delete_method="bdev_pmem_delete",
         description="block-atomic bdev on a persistent-memory pool file (libpmem, BTT layout)",
+        needs_target=True,  # for the allowed-directories check of the pool file
     )
 )

@@ -67,6 +67,7 @@ from ..bdev import (
 )
 from ..errors import InvalidParams, RpcError, Unsupported
 from ..params import Param, Schema, non_empty
+from ..paths import check_path
 
 if TYPE_CHECKING:
     from ..reactor import Poller, Reactor
@@ -810,8 +811,12 @@ def _open(path: str, flags: int, readonly: bool) -> int:
     return os.open(path, flags | (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
 
 
-def create(params: dict[str, Any]) -> Bdev:
+def create(params: dict[str, Any], target: Any = None) -> Bdev:
+    """``target``: given when an RPC or the config asks, so the file must lie inside the
+    target's allowed directories (in-process callers pass none)."""
     name, path, engine = params["name"], params["filename"], params["engine"]
+    if target is not None:
+        check_path(target, path, "bdev file")
     if engine == "uring":
         why = uring_unavailable_reason()
         if why is not None:
@@ -924,6 +929,7 @@ MODULE = register_module(
         create_method="bdev_uring_create",
         delete_method="bdev_uring_delete",
         description="file or block device through io_uring (or a thread pool)",
+        needs_target=True,  # for the allowed-directories check of the file
         create_aliases=("bdev_aio_create",),
         delete_aliases=("bdev_aio_delete",),
     )

@@ -127,7 +127,8 @@ def _connect(args: argparse.Namespace) -> int:
         ctrl = await connect(args.traddr, args.trsvcid, args.nqn, hostnqn=args.hostnqn,
                              nr_io_queues=args.nr_io_queues, queue_size=args.queue_size,
                              hdgst=args.hdr_digest, ddgst=args.data_digest,
-                             timeout=args.timeout)
+                             timeout=args.timeout, dhchap_secret=args.dhchap_secret,
+                             dhchap_ctrl_secret=args.dhchap_ctrl_secret)
         try:
             idc = ctrl.id_ctrl
             vs = ctrl.vs
@@ -166,7 +167,7 @@ def _connect(args: argparse.Namespace) -> int:
 
     try:
         return _run(go())
-    except _RUNTIME_ERRORS as exc:
+    except (*_RUNTIME_ERRORS, ValueError) as exc:  # ValueError: a malformed DHHC-1 key
         return _fail("connect", exc)
 
 
@@ -182,6 +183,8 @@ def perf_config(args: argparse.Namespace) -> PerfConfig:
         verify=args.verify, hdgst=args.hdr_digest, ddgst=args.data_digest,
         hostnqn=args.hostnqn, size=parse_size(args.size) if args.size else 0,
         progress=not args.quiet, seed=args.seed,
+        journal=args.journal, check_only=args.check_only, journal_sync=args.journal_sync,
+        dhchap_secret=args.dhchap_secret, dhchap_ctrl_secret=args.dhchap_ctrl_secret,
     )
     cfg.validate()
     return cfg
@@ -221,6 +224,11 @@ def _target_args(p: argparse.ArgumentParser, *, nqn: bool, hostnqn_short: bool =
         p.add_argument("--hostnqn", help="host NQN (default /etc/nvme/hostnqn or a uuid NQN)")
     p.add_argument("-g", "--hdr-digest", action="store_true", help="enable header digest")
     p.add_argument("-G", "--data-digest", action="store_true", help="enable data digest")
+    if nqn:  # as nvme-cli's connect (-S / -C)
+        p.add_argument("-S", "--dhchap-secret", metavar="DHHC-1:..",
+                       help="DH-HMAC-CHAP host secret (nvme gen-dhchap-key)")
+        p.add_argument("-C", "--dhchap-ctrl-secret", metavar="DHHC-1:..",
+                       help="DH-HMAC-CHAP controller secret: authenticate the controller too")
 
 
 def add_commands(sub: Any) -> None:
@@ -260,6 +268,14 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--size", help="working set (default the whole namespace), e.g. 64M")
     p.add_argument("--verify", action="store_true",
                    help="write (LBA, generation)-stamped blocks and check every read")
+    p.add_argument("--journal", metavar="FILE",
+                   help="with --verify: journal every write (sent with FUA) before submit "
+                   "and once acknowledged; first read every journaled block back and "
+                   "fail if an acknowledged write was lost (crash tests)")
+    p.add_argument("--check-only", action="store_true",
+                   help="with --journal: only check the journaled blocks, no workload")
+    p.add_argument("--journal-sync", action="store_true",
+                   help="fsync the journal after each acknowledgement (host power loss)")
     p.add_argument("--seed", type=int, help="random seed (reproducible offsets)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -119,7 +119,8 @@ Callback = Callable[[Completion | None, Any], None]
 class _Cmd:
     """Per-CID state of an outstanding command."""
 
-    __slots__ = ("cb", "in_buf", "in_len", "out", "received", "sent", "status_override")
+    __slots__ = ("cb", "in_buf", "in_len", "out", "received", "sent", "short_ok",
+                 "status_override")
 
     def __init__(self) -> None:
         self.cb: Callback | None = None
@@ -129,6 +130,7 @@ class _Cmd:
         self.received = 0
         self.sent = 0
         self.status_override = 0
+        self.short_ok = False  # less data than in_len is no error (Authentication Receive)
 
 
 def _view(data: Any) -> memoryview:
@@ -362,6 +364,7 @@ class QueuePair(asyncio.Protocol):
         mptr: int = 0,
         sgl: tuple[int, int, int] | None = None,
         force_r2t: bool = False,
+        short_ok: bool = False,
     ) -> int:
         """Send one command; ``cb(completion, data)`` runs when it completes, or
         ``cb(None, exc)`` if the connection fails first. Returns the CID.
@@ -370,7 +373,9 @@ class QueuePair(asyncio.Protocol):
         ``in_len``/``in_buf``: bytes to read; ``in_buf`` (writable, ``in_len`` bytes)
         receives them, otherwise the data is handed to ``cb`` as a read-only view.
         ``flags``/``sgl`` override what we would put in the SQE (tests of error
-        statuses); ``force_r2t`` sends even small writes through R2T.
+        statuses); ``force_r2t`` sends even small writes through R2T. ``short_ok``: the
+        controller may send less than ``in_len`` (a message whose length the host cannot
+        know in advance: SPDK answers Authentication Receive with just the message).
         Raises BlockingIOError when no CID is free (see :meth:`wait_slot`).
         """
         if self._error is not None:
@@ -409,6 +414,7 @@ class QueuePair(asyncio.Protocol):
         cmd.received = 0
         cmd.sent = 0
         cmd.status_override = 0
+        cmd.short_ok = short_ok
         cmd.cb = cb
         sqe = _SQE.pack(
             opcode, PSDT_SGL if flags is None else flags, cid, nsid, cdw2, cdw3, mptr,
@@ -511,7 +517,7 @@ class QueuePair(asyncio.Protocol):
                 status = raw >> 1
                 data: memoryview | None = None
                 if cmd.in_len:
-                    if status == 0 and cmd.received != cmd.in_len:
+                    if status == 0 and cmd.received != cmd.in_len and not cmd.short_ok:
                         status = spec.GenericStatus.DATA_XFER_ERROR
                     data = cmd.in_buf
                 if cmd.status_override and status == 0:
@@ -588,7 +594,7 @@ class QueuePair(asyncio.Protocol):
             buf[off:off + n] = p.data
         cmd.received = off + n
         if p.success:
-            if cmd.received != cmd.in_len:
+            if cmd.received != cmd.in_len and not cmd.short_ok:
                 return self._fatal(
                     f"C2HData SUCCESS for cid {cid} after {cmd.received} of {cmd.in_len} bytes",
                     pdu.Fes.PDU_SEQUENCE_ERROR,

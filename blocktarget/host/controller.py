@@ -35,6 +35,7 @@ from typing import Any
 
 from blocktarget.nvme import spec, structs
 
+from .auth import AuthenticationError, HostSecrets, authenticate
 from .connection import ADMIN_ICD_MAX, Completion, NvmeStatusError, QueuePair, Response
 
 __all__ = [
@@ -110,6 +111,7 @@ class _Options:
     ddgst: bool
     disable_sqflow: bool
     timeout: float
+    dhchap: HostSecrets | None = None  # DH-HMAC-CHAP keys (--dhchap-secret ...)
 
 
 class Controller:
@@ -179,7 +181,28 @@ class Controller:
                 where = "data" if dw0 & spec.CONNECT_IATTR_DATA else "command"
                 what += f" [invalid parameter at {where} offset {dw0 & 0xFFFF}]"
             raise NvmeStatusError(st, what, fabrics=True, completion=r.completion)
+        if r.completion.dw0 & (spec.CONNECT_AUTHREQ_ATR | spec.CONNECT_AUTHREQ_ASCR):
+            if o.dhchap is None:
+                raise AuthenticationError(
+                    f"{o.subnqn} requires DH-HMAC-CHAP authentication (qid {qid}); "
+                    "give a host secret (--dhchap-secret)", 0)
+            await authenticate(qp, o.dhchap, hostnqn=o.hostnqn, subnqn=o.subnqn,
+                               timeout=o.timeout)
         return r.completion.dw0 & 0xFFFF
+
+    async def reauthenticate(self) -> None:
+        """Run DH-HMAC-CHAP again on every queue (admin and I/O) while I/O goes on,
+        as the Linux host does when its secret changes."""
+        o = self.opts
+        if o.dhchap is None:
+            raise ValueError("no DH-HMAC-CHAP secret configured")
+        queues = [q for q in (self.admin_q, *self.io_queues) if q is not None]
+        await asyncio.gather(*(authenticate(q, o.dhchap, hostnqn=o.hostnqn, subnqn=o.subnqn,
+                                            timeout=o.timeout) for q in queues))
+
+    def set_dhchap(self, secret: str, ctrl_secret: str | None = None) -> None:
+        """Change the keys used by the next (re-)authentication."""
+        self.opts.dhchap = HostSecrets.parse(secret, ctrl_secret)
 
     async def _bring_up(self) -> None:
         o = self.opts
@@ -625,8 +648,14 @@ async def connect(
     ddgst: bool = False,
     disable_sqflow: bool = False,
     timeout: float = DEFAULT_ADMIN_TIMEOUT,
+    dhchap_secret: str | None = None,
+    dhchap_ctrl_secret: str | None = None,
 ) -> Controller:
     """Connect the admin queue and ``nr_io_queues`` I/O queues to ``subnqn``.
+
+    ``dhchap_secret`` (a ``DHHC-1:..`` key) lets every queue pass DH-HMAC-CHAP when the
+    controller asks for it; with ``dhchap_ctrl_secret`` the controller must prove it
+    holds that key too (bidirectional). A refusal raises AuthenticationError.
 
     ``queue_size`` is the number of entries per I/O queue (capped by CAP.MQES; each
     queue then carries ``queue_size - 1`` commands). ``kato_ms`` 0 disables keep-alive
@@ -645,8 +674,11 @@ async def connect(
         nr_io_queues = 0
     if queue_size < 2:
         raise ValueError("queue_size must be at least 2")
+    if dhchap_ctrl_secret and not dhchap_secret:
+        raise ValueError("a controller secret needs a host secret (dhchap_secret)")
+    secrets = HostSecrets.parse(dhchap_secret, dhchap_ctrl_secret) if dhchap_secret else None
     ctrl = Controller(_Options(addr, port, subnqn, hostnqn, hid, nr_io_queues, queue_size,
-                               kato_ms, hdgst, ddgst, disable_sqflow, timeout))
+                               kato_ms, hdgst, ddgst, disable_sqflow, timeout, secrets))
     await ctrl._bring_up()
     return ctrl
 

@@ -19,6 +19,12 @@ Design notes:
   written to the wrong LBA or a torn one all show. Workloads that read first prefill
   the worker's slice (generation 1) so every read is checkable; two commands never
   touch the same block at once, so the expected generation is always defined.
+* ``--journal FILE`` (with ``--verify``, one connection) makes that knowledge outlive
+  the process and the target: every write is sent with FUA and journaled before it is
+  submitted and again once acknowledged (:mod:`.journal`); a run first reads every
+  journaled block back and proves no acknowledged write was lost, then writes on
+  from there. Losing the connection (the target was killed) ends such a run without
+  losing the journal; ``--check-only`` only checks.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from blocktarget.nvme import spec
 
 from .connection import Completion, QueuePair
 from .controller import Controller, connect
+from .journal import Journal, check_unit
 
 __all__ = [
     "WORKLOADS",
@@ -251,6 +258,12 @@ class PerfConfig:
     size: int = 0  # working set in bytes; 0 = whole namespace
     progress: bool = True
     seed: int | None = None
+    journal: str | None = None  # file of acknowledged writes (see module docstring)
+    check_only: bool = False  # with journal: check it, run no workload
+    journal_sync: bool = False  # fsync each acknowledgement (host power-loss safety)
+    # DH-HMAC-CHAP keys (DHHC-1:..); never part of the printed result
+    dhchap_secret: str | None = field(default=None, repr=False)
+    dhchap_ctrl_secret: str | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         if self.workload not in WORKLOADS:
@@ -267,6 +280,13 @@ class PerfConfig:
             raise ValueError("connections must be at least 1")
         if self.size < 0:
             raise ValueError("size must not be negative")
+        if self.journal is not None:
+            if not self.verify:
+                raise ValueError("--journal needs --verify (it journals verify generations)")
+            if self.connections != 1:
+                raise ValueError("--journal works with one connection (-c 1)")
+        elif self.check_only:
+            raise ValueError("--check-only needs --journal FILE")
 
     @property
     def read_share(self) -> int:
@@ -318,6 +338,11 @@ class PerfResult:
     qd: int = 0  # the queue depth actually used per connection
     worker_errors: int = 0  # workers that failed (multi-process runs)
     cpu_s: float = 0.0  # initiator CPU time during the run, summed over workers
+    journal_checked: int = 0  # journaled units read back before the run
+    journal_lost: int = 0  # of them, units missing an acknowledged write
+    journal_landed: int = 0  # of them, units holding a write that was in flight
+    journal_acked: int = 0  # writes this run journaled as acknowledged
+    aborted: str = ""  # journal runs: why the run ended early (connection lost)
 
     @property
     def total(self) -> OpStats:
@@ -326,7 +351,7 @@ class PerfResult:
     @property
     def ok(self) -> bool:
         return not (self.read.errors or self.write.errors or self.verify_failures
-                    or self.worker_errors)
+                    or self.worker_errors or self.aborted)
 
     def merge(self, other: PerfResult) -> PerfResult:
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
@@ -368,6 +393,8 @@ class PerfResult:
 
         cfg = asdict(self.config)
         cfg.pop("hostnqn", None)
+        cfg.pop("dhchap_secret", None)
+        cfg.pop("dhchap_ctrl_secret", None)
         ops = self.read.ops + self.write.ops
         return {
             "config": cfg, "elapsed_s": self.elapsed_s, "qd": self.qd,
@@ -378,6 +405,9 @@ class PerfResult:
             },
             "read": one(self.read), "write": one(self.write), "total": one(self.total),
             "verify_failures": self.verify_failures, "verified_reads": self.verified_reads,
+            "journal": {"checked": self.journal_checked, "lost": self.journal_lost,
+                        "landed": self.journal_landed, "acked": self.journal_acked,
+                        "aborted": self.aborted} if self.config.journal else None,
             "messages": self.messages[:20],
         }
 
@@ -425,6 +455,8 @@ class _Engine:
         self.busy: set[int] = set()
         self.next_gen = 2
         self.wbuf = os.urandom(cfg.io_size)
+        self.journal: Journal | None = None
+        self.write_cdw12 = self.nlb - 1  # | FUA when journaling: acknowledged = durable
         # live counters for the progress line
         self.ops = 0
         self.bytes = 0
@@ -498,10 +530,12 @@ class _Engine:
                 self.next_gen = gen + 1 if gen + 1 < UNKNOWN_GEN else 2
                 slot.gen = gen
                 data: Any = make_pattern(slba, self.nlb, self.lba_size, gen)
+                if self.journal is not None:
+                    self.journal.intent(slba, gen)
             else:
                 data = self.wbuf
             self.qp.submit_cb(slot.cb, spec.IoOpcode.WRITE, self.nsid, slba & 0xFFFFFFFF,
-                              slba >> 32, self.nlb - 1, 0, 0, 0, data)
+                              slba >> 32, self.write_cdw12, 0, 0, 0, data)
 
     def _retire(self) -> None:
         self.inflight -= 1
@@ -528,6 +562,8 @@ class _Engine:
             if self.verify and not slot.is_read:
                 assert self.gens is not None
                 self.gens[slot.unit] = UNKNOWN_GEN  # content now unknown: never verify it
+                if self.journal is not None:
+                    self.journal.failed((self.first_unit + slot.unit) * self.nlb, slot.gen)
         else:
             stats.ops += 1
             stats.bytes += self.cfg.io_size
@@ -550,6 +586,9 @@ class _Engine:
         assert gens is not None
         if not slot.is_read:
             gens[slot.unit] = slot.gen
+            if self.journal is not None:
+                self.journal.acked((self.first_unit + slot.unit) * self.nlb, slot.gen)
+                self.result.journal_acked += 1
             return
         gen = gens[slot.unit]
         if gen == 0 or gen == UNKNOWN_GEN:
@@ -628,6 +667,47 @@ class _Engine:
         if failure:
             self.result.messages.append(f"prefill: some writes failed ({failure[0]})")
 
+    async def check_journal(self, progress: TextIO | None) -> None:
+        """Read every journaled unit back and judge it (see :func:`check_unit`); record
+        what each now holds, so in-flight writes that did or did not land are resolved
+        before new ones are journaled, and seed the in-memory generations from it."""
+        journal, gens = self.journal, self.gens
+        assert journal is not None and gens is not None
+        st = journal.state
+        slbas = st.units()
+        self.next_gen = max(self.next_gen, st.max_gen + 1)
+        if self.next_gen >= UNKNOWN_GEN:
+            raise ValueError(f"journal {journal.path} has used every generation; start a new one")
+        if progress is not None and slbas:
+            print(f"checking {len(slbas)} journaled units ...", file=progress, flush=True)
+        res = self.result
+
+        def on_done(unit: int, cpl: Completion, data: Any) -> None:
+            slba = (self.first_unit + unit) * self.nlb
+            if cpl.status:
+                # unproven either way: fail the run, keep the journal's claim for next time
+                res.verify_failures += 1
+                if len(res.messages) < _MAX_MESSAGES:
+                    res.messages.append(f"journal check: read of LBA {slba} failed: "
+                                        f"{spec.status_name(cpl.status)}")
+                return
+            verdict = check_unit(data, slba, self.nlb, self.lba_size, st.acked.get(slba),
+                                 st.pending.get(slba, set()))
+            res.journal_checked += 1
+            if verdict.lost is not None:
+                res.journal_lost += 1
+                res.verify_failures += 1
+                if len(res.messages) < _MAX_MESSAGES:
+                    res.messages.append(f"journal: acknowledged write lost: {verdict.lost}")
+                return  # keep the journal's claim: a later check reports it again
+            res.journal_landed += verdict.landed
+            journal.resolved(slba, verdict.gen)
+            if 0 <= unit < self.units:
+                gens[unit] = verdict.gen if verdict.gen is not None else UNKNOWN_GEN
+
+        await self._sweep([s // self.nlb - self.first_unit for s in slbas], True, on_done)
+        journal.compact(st)
+
     async def read_back(self, progress: TextIO | None) -> None:
         """After the timed run, read every block this run wrote and check it, as fio's
         verify phase does, so write-only workloads are verified too."""
@@ -678,7 +758,9 @@ class _Engine:
 async def _open(cfg: PerfConfig) -> tuple[Controller, int]:
     qsize = cfg.qd + 1
     ctrl = await connect(cfg.addr, cfg.port, cfg.nqn, hostnqn=cfg.hostnqn, nr_io_queues=1,
-                         queue_size=qsize, hdgst=cfg.hdgst, ddgst=cfg.ddgst)
+                         queue_size=qsize, hdgst=cfg.hdgst, ddgst=cfg.ddgst,
+                         dhchap_secret=cfg.dhchap_secret,
+                         dhchap_ctrl_secret=cfg.dhchap_ctrl_secret)
     return ctrl, ctrl.io_queue_size - 1
 
 
@@ -705,7 +787,13 @@ async def _prepare(cfg: PerfConfig, index: int, count: int,
         result.qd = len(eng.slots)
         if cfg.verify:
             eng.gens = array.array("I", bytes(4 * per))
-            if cfg.read_share:
+            if cfg.journal is not None:
+                # no prefill: blocks the journal does not know are simply not verified
+                eng.journal = Journal(cfg.journal, cfg.io_size, ns.lba_size, cfg.nsid,
+                                      sync=cfg.journal_sync)
+                eng.write_cdw12 |= spec.RwFlags.FUA
+                await eng.check_journal(progress)
+            elif cfg.read_share:
                 await eng.prefill(progress)
         return ctrl, eng
     except BaseException:
@@ -724,21 +812,43 @@ async def run_perf_async(cfg: PerfConfig, progress: TextIO | None = None) -> Per
     """One connection in this process (the test-friendly path)."""
     cfg.validate()
     ctrl, eng = await _prepare(cfg, 0, 1, progress)
+    if cfg.check_only:
+        try:
+            await ctrl.disconnect()
+        finally:
+            if eng.journal is not None:
+                eng.journal.close()
+        return eng.result
     printer: asyncio.Task[None] | None = None
     if progress is not None:
         printer = asyncio.get_running_loop().create_task(_print_progress(eng, progress))
+    lost: BaseException | None = None
     try:
-        await eng.run()
+        try:
+            await eng.run()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            if eng.journal is None:
+                raise
+            # The target went away (a crash test kills it): the journal holds every
+            # acknowledged write; the next run's check is the verdict.
+            lost = exc
+            eng.result.aborted = f"connection lost: {exc or type(exc).__name__}"
         if printer is not None:
             printer.cancel()
-        if cfg.verify and cfg.read_share < 100:
+        if lost is None and cfg.verify and cfg.read_share < 100:
             await eng.read_back(progress)
     finally:
         if printer is not None:
             printer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await printer
-        await ctrl.disconnect()
+        if eng.journal is not None:
+            eng.journal.close()
+        if lost is None:
+            await ctrl.disconnect()
+        else:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ctrl.close(), 2)
     return eng.result
 
 
@@ -914,6 +1024,11 @@ def format_result(res: PerfResult) -> str:
     if cfg.verify:
         lines.append(f"verify: {res.verified_reads} reads checked, "
                      f"{res.verify_failures} mismatches")
+    if cfg.journal:
+        lines.append(f"journal {cfg.journal}: {res.journal_checked} units checked, "
+                     f"{res.journal_lost} acknowledged writes lost, {res.journal_landed} "
+                     f"in-flight writes landed; {res.journal_acked} FUA writes acknowledged"
+                     + (f"; {res.aborted}" if res.aborted else ""))
     for m in res.messages[:_MAX_MESSAGES]:
         lines.append(f"  ! {m}")
     return "\n".join(lines)

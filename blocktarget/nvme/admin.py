@@ -34,6 +34,7 @@ from .structs import (
     decode_identify,
     slice_log,
 )
+from .subsystem import ANA_STATES
 
 if TYPE_CHECKING:
     from .controller import Controller
@@ -61,6 +62,11 @@ IEEE_ID = bytes((0x4B, 0x54, 0x0A))
 FIRMWARE_REV = __version__[:8]
 TEMPERATURE_K = 300  # no sensor behind a software target: a constant room temperature
 PROCESS_START = time.monotonic()
+# ANA: the states we enter (no "change", no "persistent loss") and ANAGRPID fixed while
+# a namespace is attached; ANATT bounds a transition we never report, so it is short.
+ANACAP = (spec.Anacap.OPTIMIZED | spec.Anacap.NON_OPTIMIZED | spec.Anacap.INACCESSIBLE
+          | spec.Anacap.GRPID_NO_CHANGE)
+ANATT_S = 10
 
 Handler = Callable[["Qpair", "Request"], None]
 
@@ -110,8 +116,10 @@ def identify_controller_data(qp: Qpair) -> bytes:
     oaes = spec.AenConfig.NS_ATTR | (spec.AenConfig.ANA_CHANGE if sub.ana_reporting else 0)
     extra = {}
     if sub.ana_reporting:
-        extra = {"anatt": 10, "anacap": 0x1F, "anagrpmax": sub.max_namespaces,
-                 "nanagrpid": sub.max_namespaces}
+        # One group per possible nsid at most (SPDK's limits). MNAN must then be set and
+        # not above NN, or Linux refuses ANA ("Invalid MNAN value").
+        extra = {"anatt": ANATT_S, "anacap": ANACAP, "anagrpmax": sub.max_namespaces,
+                 "nanagrpid": sub.max_namespaces, "mnan": sub.max_namespaces}
     return build_identify_ctrl(
         cntrltype=spec.CtrlType.IO,
         cmic=cmic,
@@ -130,8 +138,7 @@ def identify_controller_data(qp: Qpair) -> bytes:
         awun=0,
         awupf=0,
         fuses=0,
-        mnan=0,
-        **extra,
+        **({"mnan": 0} | extra),
         **common,
     )
 
@@ -249,23 +256,16 @@ def _effects() -> bytes:
     return build_cmd_effects_log(admin, io)
 
 
-def _ana(ctrl: Controller, qp_addr: object, rgo: bool) -> bytes:
+def _ana(ctrl: Controller, rgo: bool) -> bytes:
+    """The ANA log as this controller sees it: the states of the listener its admin
+    queue came through, one descriptor per group that holds a namespace."""
     sub = ctrl.subsystem
-    groups: dict[int, list[int]] = {}
-    for ns in sub.namespaces.values():
-        groups.setdefault(ns.anagrpid, []).append(ns.nsid)
-    out = []
-    for grp in sorted(groups):
-        state_name = "optimized"
-        for (addr, g), st in sub.ana_states.items():
-            if g == grp and addr == qp_addr:
-                state_name = st
-        state = {
-            "optimized": spec.AnaState.OPTIMIZED,
-            "non_optimized": spec.AnaState.NON_OPTIMIZED,
-            "inaccessible": spec.AnaState.INACCESSIBLE,
-        }.get(state_name, spec.AnaState.OPTIMIZED)
-        out.append(AnaGroup(grp, state, tuple(groups[grp])))
+    addr = ctrl.listener
+    out = [
+        AnaGroup(grp, ANA_STATES[sub.ana_state(addr, grp)], tuple(nsids),
+                 sub.ana_group_chgcnt.get((addr, grp), 0) if addr is not None else 0)
+        for grp, nsids in sorted(sub.ana_groups().items())
+    ]
     return build_ana_log(sub.ana_chgcnt, out, rgo=rgo)
 
 
@@ -300,7 +300,7 @@ def get_log_page(qp: Qpair, req: Request) -> None:
     elif lid == spec.LogPage.CMD_EFFECTS:
         page = _effects()
     elif lid == spec.LogPage.ANA and ctrl.subsystem.ana_reporting:
-        page = _ana(ctrl, qp.addr, bool(args.lsp & spec.ANA_LOG_LSP_RGO))
+        page = _ana(ctrl, bool(args.lsp & spec.ANA_LOG_LSP_RGO))
     else:
         req.fail(SC_INVALID_LOG_PAGE)
         return

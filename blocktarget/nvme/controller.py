@@ -21,7 +21,7 @@ from .structs import ErrorLogEntry
 
 if TYPE_CHECKING:
     from ..reactor import Reactor
-    from .subsystem import Subsystem
+    from .subsystem import ListenAddress, Subsystem
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ class Controller:
         self.error_count = 0
         self.counters: list[QpairCounters] = []
         self.retired = QpairCounters()
+        # the listener the admin queue came through: its ANA states are this
+        # controller's view (ANA log page, path status of I/O)
+        self.listener: ListenAddress | None = None
         self._kato_handle: Any = None
         self._lock = threading.Lock()
 
@@ -158,9 +161,14 @@ class Controller:
 
     # ---- queues ----
     def add_qpair(self, qid: int, qpair: Any) -> None:
+        if qid == 0:
+            self.listener = qpair.addr
         with self._lock:
             self.qpairs[qid] = qpair
             self.counters.append(qpair.counters)
+        # After the insert: a concurrent ANA change either is seen here or finds this
+        # queue in `qpairs` and sends it a refresh (see refresh_ana).
+        qpair.ana_inaccessible = self.subsystem.inaccessible_nsids(self.listener)
 
     def remove_qpair(self, qid: int, qpair: Any) -> None:
         with self._lock:
@@ -174,6 +182,26 @@ class Controller:
                 r.write_cmds += c.write_cmds
                 r.read_blocks_bytes += c.read_blocks_bytes
                 r.write_bytes += c.write_bytes
+
+    # ---- ANA ----
+    def refresh_ana(self) -> None:
+        """After an ANA state or namespace change (from any thread): each queue pair
+        recomputes, on its own reactor, the nsids it must fail with the inaccessible
+        path status. The I/O path only reads its queue pair's frozenset."""
+        sub, listener = self.subsystem, self.listener
+        for qp in list(self.qpairs.values()):
+            loop = qp.reactor.loop
+            if loop is None:
+                continue
+            loop.call_soon_threadsafe(_set_inaccessible, qp, sub, listener)
+
+    def ana_changed(self) -> None:
+        """The ANA state of this controller's listener changed (from any thread)."""
+        self.refresh_ana()
+        loop = self.reactor.loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self.post_event, spec.AsyncEventType.NOTICE,
+                                      spec.AsyncEventNotice.ANA_CHANGE, spec.LogPage.ANA)
 
     def reset_io_queues(self, reason: str) -> None:
         for qid, qp in list(self.qpairs.items()):
@@ -305,6 +333,10 @@ class Controller:
                 cs=0, trtype_specific=0,
             )
         )
+
+
+def _set_inaccessible(qp: Any, sub: Subsystem, listener: ListenAddress | None) -> None:
+    qp.ana_inaccessible = sub.inaccessible_nsids(listener)
 
 
 class ControllerTable:

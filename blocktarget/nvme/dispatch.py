@@ -2,7 +2,8 @@
 
 One function decides which table applies, so the queue-state rules (nothing but Connect
 before Connect, no I/O on the admin queue, discovery controllers answer only discovery
-commands, nothing but Property commands before CC.EN) live in one readable place.
+commands, nothing but Property commands before CC.EN, nothing but Authentication
+Send/Receive on a queue that owes DH-HMAC-CHAP) live in one readable place.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ G = spec.Sct.GENERIC
 SC_INVALID_OPCODE = spec.make_status(G, spec.GenericStatus.INVALID_OPCODE, dnr=True)
 SC_SEQUENCE = spec.make_status(G, spec.GenericStatus.COMMAND_SEQUENCE_ERROR, dnr=True)
 SC_INVALID_FIELD = spec.make_status(G, spec.GenericStatus.INVALID_FIELD, dnr=True)
+SC_AUTH_REQUIRED = spec.make_status(spec.Sct.COMMAND_SPECIFIC, spec.FabricsStatus.AUTH_REQUIRED,
+                                    dnr=True)
+AUTH_FCTYPES = (spec.FabricsType.AUTH_SEND, spec.FabricsType.AUTH_RECV)
 
 
 def dispatch(qp: Qpair, req: Request) -> None:
@@ -29,6 +33,9 @@ def dispatch(qp: Qpair, req: Request) -> None:
         fctype = sqe.fctype
         if qp.ctrl is None and fctype != spec.FabricsType.CONNECT:
             req.fail(SC_SEQUENCE)
+            return
+        if qp.auth_pending and fctype not in AUTH_FCTYPES:
+            req.fail(SC_AUTH_REQUIRED)  # as SPDK: only Authentication until it succeeds
             return
         handler = FABRICS_HANDLERS.get(fctype)
         if handler is None:
@@ -39,6 +46,9 @@ def dispatch(qp: Qpair, req: Request) -> None:
     ctrl = qp.ctrl
     if ctrl is None:
         req.fail(SC_SEQUENCE)  # the first command on a queue must be Connect
+        return
+    if qp.auth_pending:
+        req.fail(SC_AUTH_REQUIRED)  # DH-HMAC-CHAP not (yet) passed on this queue
         return
     if qp.qid == 0:
         if not ctrl.csts & spec.CSTS_RDY:

@@ -1,4 +1,5 @@
-"""Fabrics commands: Connect, Property Get/Set, Disconnect.
+"""Fabrics commands: Connect, Property Get/Set, Disconnect (Authentication Send/Receive:
+auth_cmd.py, whose AUTHREQ bits the Connect response carries).
 
 Connect is where a queue pair joins a controller: on the admin queue it creates the
 controller (dynamic controller id), on an I/O queue it finds the controller the host
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from . import spec
+from . import auth_cmd, spec
 from .controller import Controller
 from .structs import (
     CONNECT_DATA_OFFSETS,
@@ -38,6 +39,7 @@ SC_INVALID_QUEUE_TYPE = spec.make_status(CS, spec.FabricsStatus.INVALID_QUEUE_TY
 SC_INVALID_FIELD = spec.make_status(G, spec.GenericStatus.INVALID_FIELD, dnr=True)
 SC_INVALID_OPCODE = spec.make_status(G, spec.GenericStatus.INVALID_OPCODE, dnr=True)
 SC_SEQUENCE = spec.make_status(G, spec.GenericStatus.COMMAND_SEQUENCE_ERROR, dnr=True)
+DISCOVERY_KATO_MS = 120_000  # keep-alive of a discovery controller whose host asked none
 SC_HOSTID = spec.make_status(G, spec.GenericStatus.HOST_ID_INCONSISTENT_FORMAT, dnr=True)
 
 # byte offsets of Connect SQE fields, for IPO
@@ -114,7 +116,7 @@ def connect(qp: Qpair, req: Request) -> None:
         _bad_param(req, OFF_SQSIZE, False, f"sqsize {f.sqsize} out of range")
         return
     qp.connected(ctrl, f.qid, f.sqsize, f.cattr)
-    req.complete(0, connect_success_dw0(ctrl.cntlid))
+    req.complete(0, connect_success_dw0(ctrl.cntlid, auth_cmd.on_connect(qp)))
 
 
 def _connect_admin(qp: Qpair, req: Request, f, data, sub) -> None:  # type: ignore[no-untyped-def]
@@ -133,11 +135,15 @@ def _connect_admin(qp: Qpair, req: Request, f, data, sub) -> None:  # type: igno
         _bad_param(req, CONNECT_DATA_OFFSETS["hostid"], True, "host identifier is zero")
         return
     target = qp.target
+    # A discovery controller always has a keep-alive: a host asking for none gets 2
+    # minutes (NVMe-oF spec; Linux nvmet and SPDK do the same), so an idle discovery
+    # connection cannot hold its slot forever.
+    kato = f.kato or (DISCOVERY_KATO_MS if discovery else 0)
 
     def make(cntlid: int) -> Controller:
         return Controller(
             cntlid=cntlid, subsystem=sub, hostnqn=data.hostnqn, hostid=data.hostid,
-            kato_ms=f.kato, reactor=qp.reactor, max_queue_depth=opts.max_queue_depth,
+            kato_ms=kato, reactor=qp.reactor, max_queue_depth=opts.max_queue_depth,
             max_io_queues=0 if discovery else opts.max_io_qpairs_per_ctrlr,
             discovery=discovery,
         )
@@ -149,8 +155,8 @@ def _connect_admin(qp: Qpair, req: Request, f, data, sub) -> None:  # type: igno
     qp.connected(ctrl, 0, f.sqsize, f.cattr)
     ctrl.start_kato_timer()
     log.info("%s: host %s connected to %s as controller %d (kato %d ms)", qp, data.hostnqn,
-             sub.nqn, ctrl.cntlid, f.kato)
-    req.complete(0, connect_success_dw0(ctrl.cntlid))
+             sub.nqn, ctrl.cntlid, kato)
+    req.complete(0, connect_success_dw0(ctrl.cntlid, auth_cmd.on_connect(qp)))
 
 
 def property_get(qp: Qpair, req: Request) -> None:
@@ -203,4 +209,6 @@ FABRICS_HANDLERS = {
     spec.FabricsType.PROPERTY_GET: property_get,
     spec.FabricsType.PROPERTY_SET: property_set,
     spec.FabricsType.DISCONNECT: disconnect,
+    spec.FabricsType.AUTH_SEND: auth_cmd.auth_send,
+    spec.FabricsType.AUTH_RECV: auth_cmd.auth_recv,
 }

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from ..tcp_limits import QUEUE_OVERFLOW, DataBudget, StallWatch
 from . import pdu, spec
 from .controller import QpairCounters
 from .dispatch import dispatch
-from .structs import Sqe, pack_cqe, parse_sqe
+from .structs import Sqe, parse_sqe
 
 if TYPE_CHECKING:
     from ..app import Target
@@ -42,6 +44,10 @@ SC_TRANSIENT = spec.make_status(G, spec.GenericStatus.TRANSIENT_TRANSPORT_ERROR)
 SC_ABORTED_SQ_DELETION = spec.make_status(G, spec.GenericStatus.ABORTED_SQ_DELETION)
 SC_INTERNAL = spec.make_status(G, spec.GenericStatus.INTERNAL)
 
+# Output buffers (PDU headers and payloads) queued in one batch before they are handed
+# to the socket early, so that a host not reading is noticed (pause_writing) within
+# the batch: ~32 responses. See _congested.
+OUT_BATCH = 64
 ADMIN_ICD = 8192  # in-capsule data accepted on admin queues (Connect data is 1 KiB)
 MAXH2CDATA = 0x20000  # largest H2CData payload we accept (ICResp), as SPDK's 128 KiB
 
@@ -94,11 +100,14 @@ class Request:
         if self.done:
             return
         if status == 0 and buf is not None and len(buf) and self.xfer_len:
-            self.qp.send_c2h(self, buf)
-            if self.qp.c2h_success_ok and not dw0:
-                self.done = True
-                self.qp.finish(self, 0, 0, 0, response_sent=True)
-                return
+            qp = self.qp
+            qp.send_c2h(self, buf)
+            self.done = True
+            if qp.c2h_success_ok and not dw0:
+                qp.finish(self, 0, 0, 0, response_sent=True)
+            else:
+                qp.finish(self, 0, dw0, 0)
+            return
         self.complete(status, dw0)
 
     def fail(self, status: int) -> None:
@@ -137,6 +146,10 @@ class Qpair(asyncio.Protocol):
         self.ctrl: Controller | None = None
         self.subsystem: Subsystem | None = None
         self.hostnqn = ""
+        # DH-HMAC-CHAP (auth_cmd.py): while auth_pending, dispatch answers everything but
+        # Authentication Send/Receive with AUTH_REQUIRED; auth is the open transaction.
+        self.auth_pending = False
+        self.auth: Any = None
         self.requests: dict[int, Request] = {}
         self.channels: dict[int, Any] = {}  # nsid -> (namespace, bdev channel)
         self.r2t_pending: dict[int, Request] = {}  # ttag -> request awaiting H2CData
@@ -151,6 +164,17 @@ class Qpair(asyncio.Protocol):
         self.c2h_success_ok = False
         self._out: list[Any] = []
         self._flush_scheduled = False
+        # ---- resource limits (tcp_limits.py): R2T buffer budget, stall watch ----
+        self.budget_held = 0  # R2T buffer bytes this connection holds
+        self.budget_queued = False  # waiting in the reactor budget's queue
+        self.r2t_waiting: deque[Request] = deque()  # writes waiting for buffers
+        self.rx_pdus = 0  # PDUs received (per receive call): the stall watch's clock
+        tcp = target.tcp
+        self.budget = tcp.budget(reactor) if tcp is not None else _unbounded_budget()
+        self._watch: StallWatch | None = None
+        self._watch_handle: asyncio.TimerHandle | None = None
+        self._write_paused_at: float | None = None  # host not reading since (loop time)
+        self._backlog: list[Any] = []  # PDUs received while the host was not reading
 
     def __str__(self) -> str:
         who = f"qid {self.qid}" if self.qid >= 0 else "unconnected"
@@ -167,40 +191,93 @@ class Qpair(asyncio.Protocol):
         tcp = self.target.tcp
         if tcp is not None:
             tcp.register_qpair(self.reactor, self)
+        self._arm_watch()
+        # Output queued beyond this means the host is not reading: pause_writing() then
+        # stops reading its commands. High enough that a healthy host never gets there.
+        high = max(4 * self.opts.max_io_size, 1 << 20)
+        set_limits = getattr(transport, "set_write_buffer_limits", None)
+        if set_limits is not None:  # (unit tests drive Qpair with fake transports)
+            set_limits(high=high, low=high // 4)
         log.debug("connection from %s on %s", self.peer, self.addr)
+
+    def pause_writing(self) -> None:
+        """The host stopped reading what we send. Stop reading its commands until it
+        catches up: each would only queue more output (a read's data) without bound.
+        The stall watch closes the connection if it never does."""
+        loop = self.reactor.loop
+        self._write_paused_at = loop.time() if loop is not None else 0.0
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """The host caught up: handle the PDUs held back, then read again."""
+        self._write_paused_at = None
+        if self.transport is None or self.closed or self.transport.is_closing():
+            return
+        backlog, self._backlog = self._backlog, []
+        for p in backlog:
+            if self.closed or len(self._out) > OUT_BATCH:
+                if self.closed or self._congested(backlog, p):
+                    return
+            self._handle_pdu(p)
+        self._flush()
+        if not self.closed and self._write_paused_at is None:
+            self.transport.resume_reading()
+
+    def _congested(self, pdus: list[Any], p: Any) -> bool:
+        """Output is piling up within one batch: hand it to the socket now. If the host
+        is not reading it (pause_writing fired), keep the PDUs from ``p`` on for
+        resume_writing and stop: a batch of reads must not queue unbounded data."""
+        self._flush()
+        self._flush_scheduled = True  # (data_received flushes once more at its end)
+        if self._write_paused_at is None:
+            return False
+        i = next(i for i, x in enumerate(pdus) if x is p)
+        self._backlog.extend(pdus[i:])
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._teardown("connection lost" if exc is None else f"connection lost: {exc}")
 
     def data_received(self, data: bytes) -> None:
+        if self.reactor.spin_on_io:
+            self.reactor.note_io()  # adaptive/busy polling: keep the loop spinning
+        # Responses queued while this batch is handled go out in the one _flush() at the
+        # end, so they need no call_soon'd flush: that was one extra loop callback per
+        # wake-up (measurable at QD1). Completions arriving later schedule as usual.
+        self._flush_scheduled = True
         chunk: bytes = data
-        while not self.closed:
-            try:
-                pdus = self.decoder.feed(chunk)
-            except pdu.DataDigestError as err:
-                for p in err.pdus:
-                    self._handle_pdu(p)
-                self._data_digest_error(err)
-                chunk = b""  # the decoder stays usable: go on with what is buffered
-                continue
-            except pdu.ProtocolError as err:
-                for p in err.pdus:
-                    if self.closed:
-                        return
-                    self._handle_pdu(p)
-                if not self.closed:
-                    self.terminate(err)
-                return
-            for p in pdus:
-                if self.closed:
+        try:
+            while not self.closed:
+                try:
+                    pdus = self.decoder.feed(chunk)
+                except pdu.DataDigestError as err:
+                    for p in err.pdus:
+                        self._handle_pdu(p)
+                    self._data_digest_error(err)
+                    chunk = b""  # the decoder stays usable: go on with what is buffered
+                    continue
+                except pdu.ProtocolError as err:
+                    for p in err.pdus:
+                        if self.closed:
+                            return
+                        self._handle_pdu(p)
+                    if not self.closed:
+                        self.terminate(err)
                     return
-                self._handle_pdu(p)
-            # the decoder pauses after ICReq so digests can be switched on first
-            if pdus and type(pdus[-1]) is pdu.ICReq and self.decoder.buffered:
-                chunk = b""
-                continue
-            break
-        self._flush()
+                self.rx_pdus += len(pdus)
+                for p in pdus:
+                    if self.closed or len(self._out) > OUT_BATCH:
+                        if self.closed or self._congested(pdus, p):
+                            return
+                    self._handle_pdu(p)
+                # the decoder pauses after ICReq so digests can be switched on first
+                if pdus and type(pdus[-1]) is pdu.ICReq and self.decoder.buffered:
+                    chunk = b""
+                    continue
+                break
+        finally:
+            self._flush()  # also on the early returns: resets _flush_scheduled
 
     # ---- output ----
     def _send(self, p: pdu.Pdu) -> None:
@@ -253,6 +330,12 @@ class Qpair(asyncio.Protocol):
             req.done = True  # bdev completions arriving later are dropped
         self.requests.clear()
         self.r2t_pending.clear()
+        self.r2t_waiting.clear()
+        self._backlog.clear()
+        self.budget.drop(self)
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
         ctrl = self.ctrl
         if ctrl is not None:
             ctrl.remove_qpair(self.qid, self)
@@ -314,6 +397,9 @@ class Qpair(asyncio.Protocol):
                 # A host reusing a busy command id is broken; fail the new one only.
                 self._respond(sqe.cid, SC_CID_CONFLICT)
                 return
+        elif self.qid >= 0 and len(self.requests) > self.sqsize:
+            self._queue_overflow(sqe)
+            return
         self.requests[sqe.cid] = req
         # plain ints, not DataTransfer(...): building an enum per command is measurable
         if sqe.opcode == FABRICS_OPCODE:
@@ -381,13 +467,34 @@ class Qpair(asyncio.Protocol):
 
     # ---- host to controller data ----
     def _start_r2t(self, req: Request) -> None:
+        """Ask for the data once buffers for it fit the budget; until then the write
+        waits (in order) and nothing is allocated for it."""
+        if self.r2t_waiting or not self.budget.take(self, req.xfer_len):
+            self.r2t_waiting.append(req)
+            return
+        self._send_r2t(req)
+
+    def resume_r2t(self) -> None:
+        """Called by the budget when buffers were returned: start waiting writes."""
+        waiting = self.r2t_waiting
+        while waiting and not self.closed:
+            req = waiting[0]
+            if req.done:
+                waiting.popleft()
+                continue
+            if not self.budget.take(self, req.xfer_len):
+                return  # queued again, at the tail
+            waiting.popleft()
+            self._send_r2t(req)
+
+    def _send_r2t(self, req: Request) -> None:
         ttag = self._next_ttag
         self._next_ttag = (self._next_ttag + 1) & 0xFFFF
         while ttag in self.r2t_pending:
             ttag = self._next_ttag
             self._next_ttag = (self._next_ttag + 1) & 0xFFFF
         req.ttag = ttag
-        req.data = memoryview(bytearray(req.xfer_len))
+        req.data = None  # _h2c_data allocates it unless one PDU brings the whole transfer
         self.r2t_pending[ttag] = req
         self._send(pdu.R2T(cccid=req.cid, ttag=ttag, r2to=0, r2tl=req.xfer_len))
 
@@ -417,7 +524,15 @@ class Qpair(asyncio.Protocol):
         if corrupt:
             req.bad_data = True
         elif not req.done:
-            req.data[p.datao : p.datao + n] = p.data
+            if n == req.xfer_len:
+                # The whole transfer in one PDU (datao is 0, checked above): keep the
+                # decoder's view (immutable bytes) instead of zero-filling a buffer and
+                # copying into it; that was two of the four passes over a 128 KiB write.
+                req.data = p.data
+            else:
+                if req.data is None:
+                    req.data = memoryview(bytearray(req.xfer_len))
+                req.data[p.datao : p.datao + n] = p.data
         req.received += n
         if req.received == req.xfer_len:
             if not p.last:
@@ -483,27 +598,37 @@ class Qpair(asyncio.Protocol):
         """Send read data. A view of live bdev memory is snapshotted first: the socket
         may still hold it after a later write to the same blocks completes, which would
         tear the block the host reads and break the data digest computed here."""
-        total = min(len(buf), req.xfer_len) if req.xfer_len else len(buf)
-        if isinstance(buf, bytes):
-            mv = memoryview(buf)
-        else:
-            mv = memoryview(bytes(memoryview(buf).cast("B")[:total]))
-        success = self.c2h_success_ok
+        xfer = req.xfer_len
+        total = len(buf)
+        if xfer and xfer < total:
+            total = xfer
+        data = _wire_data(buf, total)
         chunk = self.c2h_chunk
-        off = 0
-        while off < total:
-            n = min(chunk, total - off)
-            last = off + n >= total
-            self._send(pdu.C2HData(cccid=req.cid, datao=off, data=mv[off : off + n],
-                                   last=last, success=success and last))
-            off += n
+        if total <= chunk:  # the common case: one PDU, no slicing
+            self._out.extend(pdu.encode_c2h(req.cid, 0, data, True, self.c2h_success_ok,
+                                            self.hdgst, self.ddgst, self.hpda))
+        else:
+            mv = memoryview(data)
+            success = self.c2h_success_ok
+            out = self._out
+            hdgst, ddgst, pda, cid = self.hdgst, self.ddgst, self.hpda, req.cid
+            off = 0
+            while off < total:
+                n = min(chunk, total - off)
+                last = off + n >= total
+                out.extend(pdu.encode_c2h(cid, off, mv[off : off + n], last, success and last,
+                                          hdgst, ddgst, pda))
+                off += n
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.reactor.loop.call_soon(self._flush)  # type: ignore[union-attr]
 
     def finish(self, req: Request, status: int, dw0: int, dw1: int,
                response_sent: bool = False) -> None:
         if self.requests.get(req.cid) is req:
             del self.requests[req.cid]
         if self.closed:
-            return
+            return  # (teardown returned every buffer of the connection)
         if status:
             log.debug("%s: cid %d opcode 0x%02x failed: %s", self, req.cid, req.opcode,
                       spec.status_name(status, req.opcode == spec.FABRICS_OPCODE))
@@ -514,10 +639,56 @@ class Qpair(asyncio.Protocol):
                 log.exception("%s: recording an error log entry failed", self)
         if not response_sent:
             self._respond(req.cid, status, dw0, dw1)
+        if req.ttag >= 0:
+            # its R2T buffer, after the response: a waiting write's R2T may go out now
+            self.budget.give_back(self, req.xfer_len)
 
     def _respond(self, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> None:
         sqhd = 0 if self.sq_flow_disabled else self.sqhd
-        self._send(pdu.CapsuleResp(pack_cqe(cid, status, sqhd, max(self.qid, 0), dw0, dw1)))
+        qid = self.qid
+        self._out.append(pdu.encode_resp(cid, status, sqhd, qid if qid > 0 else 0, dw0, dw1,
+                                         self.hdgst))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.reactor.loop.call_soon(self._flush)  # type: ignore[union-attr]
+
+    # ---- limits ----
+    def _queue_overflow(self, sqe: Sqe) -> None:
+        """More commands outstanding than the queue has entries (SQSIZE+1): the host
+        ignores the size it asked for in Connect. As SPDK and Linux do, end the
+        connection instead of buffering without bound."""
+        self.budget.closed_by[QUEUE_OVERFLOW] += 1
+        self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, 0,
+                    f"command cid {sqe.cid} exceeds the queue size ({self.sqsize + 1} "
+                    "commands outstanding)")
+
+    def _arm_watch(self) -> None:
+        opts = self.opts
+        stall, r2t = opts.stall_timeout_sec, opts.r2t_timeout_sec
+        period = StallWatch.period(stall, r2t)
+        loop = self.reactor.loop
+        if period is None or loop is None:
+            return
+        self._watch = StallWatch(stall, r2t, loop.time())
+        self._watch_handle = loop.call_later(period, self._check_watch, period)
+
+    def _check_watch(self, period: float) -> None:
+        """Timer, per connection: close it when the host has gone quiet on us."""
+        self._watch_handle = None
+        watch, loop = self._watch, self.reactor.loop
+        if self.closed or watch is None or loop is None:
+            return
+        verdict = watch.check(loop.time(), connected=self.qid >= 0,
+                              buffered=self.decoder.buffered, pdus=self.rx_pdus,
+                              r2t_pending=self.r2t_pending,
+                              write_paused_since=self._write_paused_at)
+        if verdict is not None:
+            kind, why = verdict
+            self.budget.closed_by[kind] += 1
+            log.warning("%s: %s: closing the connection", self, why)
+            self.close(why)
+            return
+        self._watch_handle = loop.call_later(period, self._check_watch, period)
 
     # ---- after Connect ----
     def connected(self, ctrl: Controller, qid: int, sqsize: int, cattr: int) -> None:
@@ -530,6 +701,32 @@ class Qpair(asyncio.Protocol):
         self.sqhd = 1 % (sqsize + 1)  # the Connect itself was the first entry
         self.c2h_success_ok = self.sq_flow_disabled and self.opts.c2h_success
         ctrl.add_qpair(qid, self)
+
+
+def _wire_data(buf: Any, total: int) -> bytes | memoryview:
+    """The first ``total`` bytes of read data, safe to queue on the socket.
+
+    Immutable memory (``bytes``, or a view of it: the null bdev's zeroes, admin pages)
+    goes out as is, without a copy. Anything mutable (a malloc bdev's memory) is
+    snapshotted: the transport may still hold the buffer after a later write to the same
+    blocks completed, which would tear the block the host reads and break the data
+    digest computed when the PDU was queued (seen with randrw and digests)."""
+    t = type(buf)
+    if t is bytes:
+        return buf if len(buf) == total else memoryview(buf)[:total]
+    if t is memoryview and buf.ndim == 1 and buf.format == "B":
+        if buf.readonly and type(buf.obj) is bytes:
+            return buf if len(buf) == total else buf[:total]
+        return buf.tobytes() if len(buf) == total else buf[:total].tobytes()
+    mv = memoryview(buf).cast("B")
+    if mv.readonly and type(mv.obj) is bytes:
+        return mv[:total]
+    return mv[:total].tobytes()
+
+
+def _unbounded_budget() -> DataBudget:
+    """For a queue pair without a transport (unit tests drive Qpair directly)."""
+    return DataBudget(limit=1 << 62, per_qpair=1 << 62)
 
 
 def _default_opts() -> Any:

@@ -127,7 +127,7 @@ class Namespace:
                              "uuid": self.uuid, "nguid": self.nguid.upper()}
         if self.eui64:
             d["eui64"] = self.eui64.upper()
-        if self.anagrpid != 1:
+        if self.anagrpid != self.nsid:  # the default group is the nsid (as SPDK)
             d["anagrpid"] = self.anagrpid
         return d
 
@@ -146,8 +146,10 @@ class Subsystem:
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[int, Namespace] = field(default_factory=dict)
     listeners: list[ListenAddress] = field(default_factory=list)
-    # listener -> ANA state per group ("optimized", ...); filled by the ANA work
+    # ANA state of (listener, group) when it is not "optimized" (SPDK's default), and
+    # the change count at each group's last change; see the ANA methods below.
     ana_states: dict[tuple[ListenAddress, int], str] = field(default_factory=dict)
+    ana_group_chgcnt: dict[tuple[ListenAddress, int], int] = field(default_factory=dict)
     ana_chgcnt: int = 0
 
     def host_allowed(self, hostnqn: str) -> bool:
@@ -164,6 +166,43 @@ class Subsystem:
 
     def ns_list(self) -> list[Namespace]:
         return [self.namespaces[k] for k in sorted(self.namespaces)]
+
+    # ---- ANA (asymmetric namespace access) ----
+    # A controller sees each ANA group in the state its listener has for that group:
+    # the same namespace can be optimized through one port and inaccessible through
+    # another, which is what lets a host's multipath move I/O between ports (and, with
+    # the same subsystem NQN and namespace ids on two targets, between targets).
+
+    def ana_state(self, addr: ListenAddress | None, grpid: int) -> str:
+        if addr is None:
+            return "optimized"
+        return self.ana_states.get((addr, grpid), "optimized")
+
+    def ana_groups(self) -> dict[int, list[int]]:
+        """ANA group id -> its nsids (only groups that hold a namespace exist for hosts)."""
+        groups: dict[int, list[int]] = {}
+        for ns in self.ns_list():
+            groups.setdefault(ns.anagrpid, []).append(ns.nsid)
+        return groups
+
+    def inaccessible_nsids(self, addr: ListenAddress | None) -> frozenset[int]:
+        """Namespaces whose I/O must fail with a path status through ``addr``: what an
+        I/O queue pair keeps precomputed, so the I/O path pays one falsy test."""
+        if not self.ana_reporting or addr is None or not self.ana_states:
+            return frozenset()
+        states = self.ana_states
+        # list(): one C-level snapshot, as reactors call this while RPCs may change it
+        return frozenset(ns.nsid for ns in list(self.namespaces.values())
+                         if states.get((addr, ns.anagrpid)) in ANA_NO_IO_STATES)
+
+    def describe_listener(self, addr: ListenAddress) -> dict[str, Any]:
+        """One nvmf_subsystem_get_listeners entry (SPDK's shape: ana_states lists every
+        possible group, 1..max_namespaces, when ANA reporting is on)."""
+        d: dict[str, Any] = {"address": addr.describe()}
+        if self.ana_reporting:
+            d["ana_states"] = [{"ana_group": g, "ana_state": self.ana_state(addr, g)}
+                               for g in range(1, self.max_namespaces + 1)]
+        return d
 
     def describe(self) -> dict[str, Any]:
         """The shape of one SPDK nvmf_get_subsystems entry."""
@@ -188,6 +227,13 @@ class Subsystem:
 
 
 ChangeObserver = Callable[[str, "Subsystem | None", Any], None]
+
+# ANA states an operator may set (SPDK's names and set: "change" is transient and
+# "persistent_loss" is not offered), with their ANA log page codes (NVMe base spec).
+ANA_STATES = {"optimized": 0x1, "non_optimized": 0x2, "inaccessible": 0x3}
+ANA_NO_IO_STATES = frozenset({"inaccessible"})
+# events that change what a host sees of one subsystem but not the discovery log
+_NOT_IN_DISCOVERY_LOG = frozenset({"ana_changed"})
 
 
 class SubsystemRegistry:
@@ -218,7 +264,8 @@ class SubsystemRegistry:
         return s
 
     def changed(self, event: str, subsys: Subsystem | None, detail: Any = None) -> None:
-        self.genctr += 1
+        if event not in _NOT_IN_DISCOVERY_LOG:
+            self.genctr += 1
         for obs in list(self.observers):
             obs(event, subsys, detail)
 
@@ -266,8 +313,15 @@ class SubsystemRegistry:
                     raise AlreadyExists(
                         f"bdev '{bdev.name}' is already nsid {ns.nsid} of '{other.nqn}'"
                     )
+        # SPDK's default: each namespace is its own ANA group, so states can be set per
+        # namespace; namespaces that must move together share an explicit anagrpid.
+        grp = anagrpid or nsid
+        if not 1 <= grp <= subsys.max_namespaces:
+            raise InvalidParams(
+                f"parameter 'anagrpid' {grp} is out of range 1..{subsys.max_namespaces}"
+            )
         bdev.claim(f"subsystem {subsys.nqn}")
-        ns = Namespace(nsid, bdev, ns_uuid, ns_nguid, ns_eui, anagrpid or 1)
+        ns = Namespace(nsid, bdev, ns_uuid, ns_nguid, ns_eui, grp)
         subsys.namespaces[nsid] = ns
         self.changed("ns_added", subsys, ns)
         return ns
@@ -293,6 +347,19 @@ class SubsystemRegistry:
         del subsys.hosts[hostnqn]
         self.changed("host_removed", subsys, hostnqn)
 
+    def set_host_keys(self, subsys: Subsystem, hostnqn: str, dhchap_key: str | None,
+                      dhchap_ctrlr_key: str | None) -> None:
+        """Replace a host's DH-HMAC-CHAP key names (keyring names, never secrets)."""
+        if hostnqn not in subsys.hosts:
+            raise NoSuchDevice(f"host '{hostnqn}' is not in '{subsys.nqn}'")
+        entry = subsys.hosts[hostnqn]
+        for k, v in (("dhchap_key", dhchap_key), ("dhchap_ctrlr_key", dhchap_ctrlr_key)):
+            if v:
+                entry[k] = v
+            else:
+                entry.pop(k, None)
+        # no changed(): keys are not in any log page, so hosts need no event
+
     def set_allow_any_host(self, subsys: Subsystem, allow: bool) -> None:
         subsys.allow_any_host = allow
         self.changed("hosts_changed", subsys)
@@ -308,7 +375,43 @@ class SubsystemRegistry:
         if addr not in subsys.listeners:
             raise NoSuchDevice(f"listener {addr} does not exist in '{subsys.nqn}'")
         subsys.listeners.remove(addr)
+        for key in [k for k in subsys.ana_states if k[0] == addr]:
+            del subsys.ana_states[key]
+        for key in [k for k in subsys.ana_group_chgcnt if k[0] == addr]:
+            del subsys.ana_group_chgcnt[key]
         self.changed("listener_removed", subsys, addr)
+
+    def set_ana_state(self, subsys: Subsystem, addr: ListenAddress, state: str,
+                      anagrpid: int | None = None) -> bool:
+        """Set the ANA state of one group (or, without ``anagrpid``, of every group) as
+        seen through one listener; True when something changed. Controllers connected
+        through that listener then get an ANA change event (observers)."""
+        if not subsys.ana_reporting:
+            raise InvalidParams(f"ANA reporting is disabled in '{subsys.nqn}' "
+                                "(create it with ana_reporting: true)")
+        if state not in ANA_STATES:
+            raise InvalidParams(f"parameter 'ana_state' {state!r} must be one of "
+                                f"{', '.join(ANA_STATES)}")
+        if anagrpid and not 1 <= anagrpid <= subsys.max_namespaces:  # 0: all (SPDK)
+            raise InvalidParams(
+                f"parameter 'anagrpid' {anagrpid} is out of range 1..{subsys.max_namespaces}"
+            )
+        if addr not in subsys.listeners:
+            raise NoSuchDevice(f"listener {addr} does not exist in '{subsys.nqn}'")
+        grps = [anagrpid] if anagrpid else range(1, subsys.max_namespaces + 1)
+        todo = [g for g in grps if subsys.ana_state(addr, g) != state]
+        if not todo:
+            return False
+        # CHGCNT: 64 bits, never 0 once anything changed (0 means "not reported")
+        subsys.ana_chgcnt = subsys.ana_chgcnt % 0xFFFFFFFFFFFFFFFF + 1
+        for g in todo:
+            if state == "optimized":
+                subsys.ana_states.pop((addr, g), None)
+            else:
+                subsys.ana_states[(addr, g)] = state
+            subsys.ana_group_chgcnt[(addr, g)] = subsys.ana_chgcnt
+        self.changed("ana_changed", subsys, addr)
+        return True
 
     def all_listen_addresses(self) -> set[ListenAddress]:
         return {li for s in self for li in s.listeners}

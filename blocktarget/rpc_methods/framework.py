@@ -80,7 +80,7 @@ def save_config(target: Target, params: dict[str, Any]) -> dict[str, Any]:
 
 # SPDK's rpc.py implements save_config on the client: it lists the subsystems, then asks
 # for each one's config. Both come from Target.save_config so the two paths cannot differ.
-_SUBSYSTEM_DEPS = {"bdev": [], "nvmf": ["bdev"]}
+_SUBSYSTEM_DEPS = {"keyring": [], "bdev": [], "nvmf": ["bdev"]}
 
 
 @method("framework_get_subsystems", in_config=False)

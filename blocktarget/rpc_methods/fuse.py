@@ -19,6 +19,7 @@ from ..errors import AlreadyExists, NoSuchDevice, RpcError
 from ..fuse.export import LocalExport
 from ..fuse.mount import FuseUnavailable
 from ..params import Param, Schema, non_empty
+from ..paths import check_path
 from ..rpc import method
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ atexit.register(_stop_all)
 async def fuse_export_start(target: Target, params: dict[str, Any]) -> dict[str, Any]:
     """Serve a local bdev as a file through FUSE (I/O goes through a reactor's channel)."""
     bdev = target.bdevs.get(params["bdev_name"])
+    # a mount hides whatever lies below it: only inside the allowed directories
+    check_path(target, params["mountpoint"], "FUSE mountpoint")
     mp = os.path.abspath(params["mountpoint"])
     if mp in _EXPORTS:
         raise AlreadyExists(f"{mp} already serves bdev '{_EXPORTS[mp].bdev.name}'")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AlreadyExists, InvalidParams, NoSuchDevice
 from ..nvme.subsystem import (
+    ANA_STATES,
     DISCOVERY_NQN,
     MAX_CNTLID,
     ListenAddress,
@@ -187,18 +188,60 @@ LISTENER_SCHEMA = Schema(
     ),
     extra_ok=frozenset({"secure_channel", "ana_state", "anagrpid", "sock_impl"}),
 )
+ADD_LISTENER_SCHEMA = Schema(
+    (*LISTENER_SCHEMA.params,
+     Param("ana_state", str, choices=tuple(ANA_STATES),
+           help="initial ANA state of every group on this listener (default optimized)")),
+    extra_ok=frozenset({"secure_channel", "anagrpid", "sock_impl"}),
+)
 
 
-@method("nvmf_subsystem_add_listener", LISTENER_SCHEMA, section="nvmf")
+@method("nvmf_subsystem_add_listener", ADD_LISTENER_SCHEMA, section="nvmf")
 async def nvmf_subsystem_add_listener(target: Target, params: dict[str, Any]) -> bool:
-    """Listen on an address for this subsystem (the socket is shared between subsystems)."""
+    """Listen on an address for this subsystem (the socket is shared between subsystems).
+    With `ana_state` (SPDK), every ANA group starts in that state on this listener."""
     sub = _subsys(target, params["nqn"])
     addr = ListenAddress.from_params(params["listen_address"])
     if addr in sub.listeners:
         raise AlreadyExists(f"listener {addr} already exists in '{sub.nqn}'")
+    state = params.get("ana_state")
+    if state is not None and not sub.ana_reporting:
+        raise InvalidParams(f"ANA reporting is disabled in '{sub.nqn}' "
+                            "(create it with ana_reporting: true)")
     await target.listen(addr)
     target.subsystems.add_listener(sub, addr)
+    if state is not None:
+        target.subsystems.set_ana_state(sub, addr, state)
     return True
+
+
+@method(
+    "nvmf_subsystem_listener_set_ana_state",
+    Schema((Param("nqn", str, required=True), Param("listen_address", dict, required=True),
+            Param("ana_state", str, required=True, choices=tuple(ANA_STATES),
+                  help="optimized | non_optimized | inaccessible"),
+            Param("anagrpid", int, check=non_negative,
+                  help="one ANA group (absent or 0: all groups, as SPDK)"),
+            TGT)),
+    section="nvmf",
+)
+def nvmf_subsystem_listener_set_ana_state(target: Target, params: dict[str, Any]) -> bool:
+    """Set the ANA state of one group (`anagrpid`) or of all groups as seen through one
+    listener. Hosts connected through it get an ANA change event; I/O to a namespace
+    in an inaccessible group fails with a path status, so multipath hosts move it."""
+    sub = _subsys(target, params["nqn"])
+    addr = ListenAddress.from_params(params["listen_address"])
+    target.subsystems.set_ana_state(sub, addr, params["ana_state"], params.get("anagrpid"))
+    return True
+
+
+@method("nvmf_subsystem_get_listeners", Schema((Param("nqn", str, required=True), TGT)),
+        in_config=False)
+def nvmf_subsystem_get_listeners(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """The subsystem's listeners in SPDK's shape, with each ANA group's state on each
+    (`ana_states`, when ANA reporting is on)."""
+    sub = _subsys(target, params["nqn"])
+    return [sub.describe_listener(addr) for addr in sub.listeners]
 
 
 @method("nvmf_subsystem_remove_listener", LISTENER_SCHEMA, in_config=False)
@@ -223,8 +266,12 @@ async def nvmf_subsystem_remove_listener(target: Target, params: dict[str, Any])
     section="nvmf",
 )
 def nvmf_subsystem_add_host(target: Target, params: dict[str, Any]) -> bool:
-    """Allow a host NQN to connect to the subsystem."""
+    """Allow a host NQN to connect to the subsystem. `dhchap_key` / `dhchap_ctrlr_key`
+    name keyring keys: the host must then pass DH-HMAC-CHAP (bidirectional with both)."""
+    from .nvmf_auth import check_host_keys
+
     sub = _subsys(target, params["nqn"])
+    check_host_keys(target, params.get("dhchap_key"), params.get("dhchap_ctrlr_key"))
     target.subsystems.add_host(
         sub, params["host"], dhchap_key=params.get("dhchap_key"),
         dhchap_ctrlr_key=params.get("dhchap_ctrlr_key"), psk=params.get("psk"),

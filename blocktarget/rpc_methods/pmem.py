@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..bdev import check_block_size
 from ..bdevs import pmem
 from ..params import Param, Schema, non_empty, positive
+from ..paths import check_path
 from ..rpc import method
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ def _free_per_lane(value: int) -> str | None:
 )
 async def bdev_pmem_create_pool(target: Target, params: dict[str, Any]) -> bool:
     """Create a pool file laid out for block-atomic writes (refuses an existing file)."""
+    check_path(target, params["pmem_file"], "pmem pool")
     lanes = params["lanes"] or len(target.reactors)
     await asyncio.to_thread(
         pmem.create_pool_file, params["pmem_file"], params["num_blocks"],
@@ -64,6 +66,7 @@ async def bdev_pmem_create_pool(target: Target, params: dict[str, Any]) -> bool:
 )
 async def bdev_pmem_get_pool_info(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Geometry of a pool, after a full consistency check unless a bdev has it open."""
+    check_path(target, params["pmem_file"], "pmem pool")
     return [await asyncio.to_thread(pmem.pool_info, params["pmem_file"])]
 
 
@@ -75,5 +78,6 @@ async def bdev_pmem_get_pool_info(target: Target, params: dict[str, Any]) -> lis
 )
 def bdev_pmem_delete_pool(target: Target, params: dict[str, Any]) -> bool:
     """Remove a pool file; refused while a bdev uses it or when the file is not a pool."""
+    check_path(target, params["pmem_file"], "pmem pool")
     pmem.delete_pool_file(params["pmem_file"])
     return True

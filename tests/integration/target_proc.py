@@ -28,6 +28,10 @@ from typing import Any
 from blocktarget.rpc_client import RpcCallError, RpcClient
 
 START_TIMEOUT = 20.0
+# Tests keep their files under the temp directory (pytest's tmp_path) and pools under
+# /dev/shm; a target only opens files inside its allowed directories (paths.py), so test
+# targets allow these two unless a test's config says otherwise.
+TEST_ALLOWED_DIRS = [tempfile.gettempdir(), "/dev/shm"]
 
 
 def free_port() -> int:
@@ -86,8 +90,11 @@ class RunningTarget:
             rpc.setdefault("http", self.http_addr)
             if cores is not None:
                 bt.setdefault("cores", list(cores))
+            bt.setdefault("allowed_dirs", list(TEST_ALLOWED_DIRS))
             self.sock_path = rpc["unix"]
-            self.http_addr = rpc["http"]
+            http_cfg = rpc["http"]
+            # "http" may be an object: {"address": ..., "token_file": ...} (rpc access)
+            self.http_addr = http_cfg.get("address") if isinstance(http_cfg, dict) else http_cfg
             self.http_port = int(self.http_addr.rsplit(":", 1)[1]) if self.http_addr else None
             self.config = doc
             self.config_path = workdir / "target.json"
@@ -96,6 +103,8 @@ class RunningTarget:
         else:  # the embedded default config, with our own RPC addresses
             self.config = None
             cmd += ["-r", self.sock_path if unix else "", "--http", self.http_addr or ""]
+            for d in TEST_ALLOWED_DIRS:
+                cmd += ["--allowed-dir", d]
             if cores is not None:
                 cmd += ["-m", ",".join(map(str, cores))]
         self.cmd = blocktarget_cmd(*cmd, *args)

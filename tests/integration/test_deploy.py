@@ -520,13 +520,25 @@ def test_dockerfile_references_and_settings() -> None:
     image_config = json.loads((DEPLOY / "docker" / "blocktarget.json").read_text())
     assert cmd[:2] == ["blocktarget", "rpc"]
     assert cmd[cmd.index("-s") + 1] == image_config["blocktarget"]["rpc"]["unix"]
-    assert image_config["blocktarget"]["rpc"]["http"].endswith(":9009")
+    http = image_config["blocktarget"]["rpc"]["http"]
+    # 0.0.0.0 inside the container: reachable from the bridge, so guarded by a token
+    assert http["address"] == "0.0.0.0:9009" and http["token_file"].startswith("/run/secrets/")
     default_cmd = json.loads([rest for op, rest in ins if op == "CMD"][-1])
     assert default_cmd == ["start", "-c", "/etc/blocktarget/blocktarget.json"]
     assert ("COPY", "deploy/docker/blocktarget.json /etc/blocktarget/blocktarget.json") in ins
     proc = subprocess.run([BLOCKTARGET, "start", "--dry-run", "-c",
                            str(DEPLOY / "docker" / "blocktarget.json")],
                           capture_output=True, text=True, timeout=60)
+    if not os.path.exists(http["token_file"]):  # no secret mounted: refused, clearly
+        assert proc.returncode == 2 and http["token_file"] in proc.stderr, proc.stderr
+        with tempfile.TemporaryDirectory() as d:
+            token = Path(d) / "token"
+            token.write_text("0123456789abcdef0123456789abcdef\n")
+            cfg = Path(d) / "blocktarget.json"
+            image_config["blocktarget"]["rpc"]["http"]["token_file"] = str(token)
+            cfg.write_text(json.dumps(image_config))
+            proc = subprocess.run([BLOCKTARGET, "start", "--dry-run", "-c", str(cfg)],
+                                  capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -337,7 +337,9 @@ def test_open_errors(pool_dir: Path) -> None:
 
 
 def settings() -> Settings:
-    return Settings(cores=[CORE], rpc_http=None, rpc_unix=None, metrics=False)
+    # pools live under /dev/shm (or a DAX mount): RPCs may only open allowed directories
+    return Settings(cores=[CORE], rpc_http=None, rpc_unix=None, metrics=False,
+                    allowed_dirs=["/dev/shm", tempfile.gettempdir()])
 
 
 @pytest.fixture
@@ -433,9 +435,12 @@ async def test_rpc_errors(target: Target, pool_dir: Path) -> None:
     assert code == -32602 and "pmem_file" in msg
     code, msg = await err(target, "bdev_pmem_create", pmem_file=f, name="X", uuid="nope")
     assert code == -32602 and "uuid" in msg
-    code, msg = await err(target, "bdev_pmem_create_pool", pmem_file="/proc/nope/pool",
+    code, msg = await err(target, "bdev_pmem_create_pool", pmem_file=str(pool_dir / "no/pool"),
                           num_blocks=10, block_size=512)
     assert code == -errno.ENOENT and "cannot create" in msg
+    code, msg = await err(target, "bdev_pmem_create_pool", pmem_file="/proc/nope/pool",
+                          num_blocks=10, block_size=512)
+    assert code == -errno.EACCES and "outside the allowed directories" in msg
     assert not os.path.exists(f)
     code, msg = await err(target, "bdev_pmem_delete", name="nope")
     assert code == ENODEV

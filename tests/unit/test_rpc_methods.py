@@ -539,8 +539,8 @@ async def test_namespaces(target: Target) -> None:
         {"nsid": 1, "bdev_name": "A", "name": "A", "uuid": a.uuid,
          "nguid": a.uuid.replace("-", "").upper(), "anagrpid": 1},
         {"nsid": 2, "bdev_name": "C", "name": "C", "uuid": target.bdevs.get("C").uuid,
-         "nguid": target.bdevs.get("C").uuid.replace("-", "").upper(), "anagrpid": 1},
-        {"nsid": 5, "bdev_name": "B", "name": "B", "uuid": u, "nguid": ng, "anagrpid": 1,
+         "nguid": target.bdevs.get("C").uuid.replace("-", "").upper(), "anagrpid": 2},
+        {"nsid": 5, "bdev_name": "B", "name": "B", "uuid": u, "nguid": ng, "anagrpid": 5,
          "eui64": "0011223344556677"},
     ]
     assert await ok(target, "nvmf_subsystem_remove_ns", nqn=NQN, nsid=5) is True

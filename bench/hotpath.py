@@ -1,0 +1,216 @@
+"""CPU cost of the target's per-command Python path, in process, without sockets.
+
+A real `Target` (malloc bdev, 4 KiB blocks) and a real `Qpair` are brought up through
+ICReq, admin Connect, CC.EN and an I/O queue Connect, exactly as a host would; then
+batches of `--batch` read (or write) capsules are fed to `data_received` as one chunk,
+the way one socket wake-up delivers them at QD32, and the flush runs. The figure is
+process CPU µs per command. It leaves out what the kernel and uvloop cost (socket
+reads and writes), so it is the part of `vs_spdk.py`'s "target CPU µs/IO" that this
+code controls, measured without the other engineers' load moving it: use it to judge a
+hot-path change, and vs_spdk.py for the whole figure.
+
+    .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+import uuid
+from typing import Any
+
+from blocktarget.app import Target
+from blocktarget.config import Settings
+from blocktarget.nvme import pdu, spec
+from blocktarget.nvme.qpair import Qpair
+from blocktarget.nvme.structs import (
+    build_connect_data,
+    build_connect_sqe,
+    build_property_set_sqe,
+    build_sqe,
+)
+from blocktarget.reactor import Reactor
+
+try:
+    from blocktarget.reactor import tune_allocator
+except ImportError:  # older trees (A/B runs against a checkout without it)
+    tune_allocator = None  # type: ignore[assignment]
+
+NQN = "nqn.2026-01.io.blocktarget:hotpath"
+HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:0f0e0d0c-0b0a-0908-0706-050403020100"
+HOSTID = uuid.UUID("0f0e0d0c-0b0a-0908-0706-050403020100").bytes
+PSDT_SGL = spec.Psdt.SGL_MPTR_CONTIG << spec.PSDT_SHIFT
+BLOCKS = 65536
+
+
+class CountingTransport:
+    """Counts what would go to the socket; keeps nothing, as a drained socket would."""
+
+    def __init__(self) -> None:
+        self.bufs = 0
+        self.nbytes = 0
+        self.last = bytearray()
+        self.keep = True
+
+    def writelines(self, bufs: Any) -> None:
+        for b in bufs:
+            self.bufs += 1
+            self.nbytes += len(b)
+            if self.keep:
+                self.last += b
+
+    def write(self, b: Any) -> None:
+        self.writelines([b])
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 4420)}.get(
+            name, default)
+
+
+def wire(p: pdu.Pdu, qp: Qpair) -> bytes:
+    return b"".join(bytes(b) for b in pdu.encode(p, hdgst=qp.hdgst, ddgst=qp.ddgst))
+
+
+def setup(loop: asyncio.AbstractEventLoop, digests: bool) -> tuple[Target, Reactor, Any]:
+    target = Target(Settings(cores=[0], rpc_http=None, rpc_unix=None, metrics=False,
+                             pin=False))
+    doc = {"subsystems": [
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_malloc_create",
+             "params": {"name": "M0", "num_blocks": BLOCKS, "block_size": 4096}}]},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
+            {"method": "nvmf_create_subsystem", "params": {"nqn": NQN, "allow_any_host": True}},
+            {"method": "nvmf_subsystem_add_ns",
+             "params": {"nqn": NQN, "namespace": {"bdev_name": "M0", "nsid": 1}}},
+            {"method": "nvmf_subsystem_add_listener",
+             "params": {"nqn": NQN, "listen_address": {
+                 "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": "4420"}}},
+        ]},
+    ]}
+    loop.run_until_complete(target.apply_config(doc, "hotpath"))
+    addr = next(iter(target.subsystems.find(NQN).listeners))
+    reactor = Reactor(index=0, core=0, pin=False)
+    reactor.loop = loop
+    reactor.tid = threading.get_native_id()
+    return target, reactor, addr
+
+
+def connect(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor, addr: Any,
+            qid: int, cntlid: int, digests: bool) -> Qpair:
+    tr = CountingTransport()
+    qp = Qpair(target, reactor, addr)
+    qp.connection_made(tr)  # type: ignore[arg-type]
+    dg = (pdu.DGST_HEADER | pdu.DGST_DATA) if digests else 0
+    qp.data_received(wire(pdu.ICReq(dgst=dg), qp))
+    qp.data_received(wire(pdu.CapsuleCmd(build_connect_sqe(1, qid, 127, 0), build_connect_data(
+        HOSTID, cntlid, NQN, HOSTNQN)), qp))
+    if qid == 0:
+        cc = (spec.CC_EN | (spec.IOSQES_NVM << spec.CC_IOSQES_SHIFT)
+              | (spec.IOCQES_NVM << spec.CC_IOCQES_SHIFT))
+        qp.data_received(wire(pdu.CapsuleCmd(build_property_set_sqe(2, spec.Property.CC, cc)),
+                              qp))
+    loop.run_until_complete(asyncio.sleep(0))
+    assert qp.ctrl is not None, "connect failed"
+    return qp
+
+
+def run(ops: int, batch: int, size: int, write: bool, digests: bool) -> dict[str, float]:
+    if tune_allocator is not None:
+        tune_allocator()  # as ReactorPool.start() does in the target
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    target, reactor, addr = setup(loop, digests)
+    admin = connect(loop, target, reactor, addr, 0, spec.CNTLID_DYNAMIC, digests)
+    io = connect(loop, target, reactor, addr, 1, admin.ctrl.cntlid, digests)  # type: ignore[union-attr]
+    nlb = size // 4096
+    opcode = spec.IoOpcode.WRITE if write else spec.IoOpcode.READ
+    r2t = write and size > io.icd_limit  # data through R2T / H2CData, as 128 KiB writes
+    icd = write and not r2t
+    chunk = b"".join(
+        wire(pdu.CapsuleCmd(build_sqe(opcode, cid, 1, flags=PSDT_SGL, sgl_len=size,
+                                      sgl_id=spec.SGL_ID_INCAPSULE if icd
+                                      else spec.SGL_ID_TRANSPORT,
+                                      cdw10=(cid * 7919 * nlb) % (BLOCKS - nlb), cdw12=nlb - 1),
+                            bytes([cid & 0xFF]) * size if icd else b""), io)
+        for cid in range(batch))
+    tr = io.transport
+    tr.keep = r2t  # type: ignore[union-attr]
+    tr.last.clear()  # type: ignore[union-attr]  # the ICResp/Connect answers
+    host = pdu.Decoder(expect=pdu.CONTROLLER_TO_HOST)
+    host._ic_done = True
+    host.set_digests(io.hdgst, io.ddgst)
+    payload = memoryview(bytes(range(256)) * (size // 256))
+    stop, run_once = loop.stop, loop.run_forever
+    call_soon = loop.call_soon
+    clock = time.process_time
+    rounds = max(ops // batch, 1)
+    t0, cpu = time.perf_counter(), 0.0
+    for _ in range(rounds):
+        c0 = clock()
+        io.data_received(chunk)
+        call_soon(stop)  # runs the flush the qpair scheduled, then returns
+        run_once()
+        cpu += clock() - c0
+        if r2t:  # the host's side (not timed): answer each R2T with one H2CData
+            out = bytes(tr.last)  # type: ignore[union-attr]
+            tr.last.clear()  # type: ignore[union-attr]
+            h2c = b"".join(wire(pdu.H2CData(p.cccid, p.ttag, 0, payload, True), io)
+                           for p in host.feed(out) if type(p) is pdu.R2T)
+            c0 = clock()
+            io.data_received(h2c)
+            call_soon(stop)
+            run_once()
+            cpu += clock() - c0
+            tr.last.clear()  # type: ignore[union-attr]
+    wall = time.perf_counter() - t0
+    n = rounds * batch
+    assert not io.requests, "commands left unanswered"
+    loop.close()
+    return {"ops": n, "cpu_us": cpu * 1e6 / n, "wall_us": wall * 1e6 / n,
+            "bufs_per_op": tr.bufs / n}  # type: ignore[union-attr]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ops", type=int, default=200_000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--write", action="store_true",
+                    help="writes: in-capsule up to 4 KiB, larger ones through R2T/H2CData")
+    ap.add_argument("--digests", action="store_true", help="header and data digests")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    res = [run(args.ops, args.batch, args.size, args.write, args.digests)
+           for _ in range(args.reps)]
+    best = min(r["cpu_us"] for r in res)
+    kind = "write" if args.write else "read"
+    print(f"{kind} {args.size} B, batch {args.batch}, digests {args.digests}: "
+          f"CPU µs/command min {best:.2f} (runs: "
+          + ", ".join(f"{r['cpu_us']:.2f}" for r in res) + f"), "
+          f"{res[0]['bufs_per_op']:.1f} buffers/command")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

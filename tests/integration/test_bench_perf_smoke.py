@@ -1,0 +1,69 @@
+"""The issue-7 benchmarks still run end to end (tiny durations), so the figures recorded in
+bench/RESULTS.md stay reproducible with the commands written there.
+
+- bench/hotpath.py: in process, no peers needed; reads, in-capsule writes, R2T writes.
+- bench/vs_spdk.py against blocktarget with `blocktarget perf` as the initiator (real
+  target process, real initiator process); with SPDK's tools present also with
+  spdk_nvme_perf against both targets, --markdown into a copy of RESULTS.md.
+Budget: ≈ 15 s without SPDK's tools, ≈ 35 s with them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
+SPDK = Path(os.environ.get("SPDK_TOOLS", ROOT.parent / "shared" / "tools" / "spdk"))
+HAVE_SPDK = os.access(SPDK / "spdk_nvme_perf", os.X_OK) and os.access(SPDK / "nvmf_tgt",
+                                                                       os.X_OK)
+
+
+def _run(*args: str, timeout: int = 120, cwd: Path = ROOT) -> str:
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=cwd, env={**os.environ, "SPDK_TOOLS": str(SPDK)})
+    assert r.returncode == 0, f"{args} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.mark.parametrize("args", [(), ("--write",), ("--write", "--size", "131072"),
+                                  ("--digests",)], ids=["read", "write", "r2t", "digests"])
+def test_hotpath_bench_runs(args: tuple[str, ...]) -> None:
+    out = _run(str(BENCH / "hotpath.py"), "--ops", "640", "--reps", "1", *args)
+    m = re.search(r"CPU µs/command min ([\d.]+)", out)
+    assert m and 0 < float(m.group(1)) < 10_000, out
+
+
+def test_vs_spdk_with_blocktarget_perf() -> None:
+    out = _run(str(BENCH / "vs_spdk.py"), "--only", "blocktarget", "--reps", "1", "--time",
+               "1", "--workloads", "4K randread QD1,128K write QD32",
+               "--initiators", "blocktarget perf")
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 4K randread QD1")
+            or ln.startswith("| 128K write QD32")]
+    assert len(rows) == 2, out
+    for row in rows:
+        iops = float(row.split("|")[3].replace(",", ""))
+        assert iops > 0, row
+
+
+@pytest.mark.skipif(not HAVE_SPDK, reason=f"SPDK's tools are not at {SPDK}")
+def test_vs_spdk_against_spdk_appends_markdown(tmp_path: Path) -> None:
+    # run from a copy of the bench directory so the real RESULTS.md is left alone
+    work = tmp_path / "repo"
+    shutil.copytree(BENCH, work / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "bench" / "RESULTS.md").write_text("# results\n")
+    env_root = str(work / "bench" / "vs_spdk.py")
+    out = _run(env_root, "--reps", "1", "--time", "1", "--workloads", "4K randread QD32",
+               "--initiators", "spdk_nvme_perf", "--markdown", cwd=ROOT, timeout=180)
+    row = next(ln for ln in out.splitlines() if ln.startswith("| 4K randread QD32"))
+    cells = [c.strip() for c in row.split("|")]
+    assert float(cells[3].replace(",", "")) > 0 and float(cells[8].replace(",", "")) > 0, row
+    text = (work / "bench" / "RESULTS.md").read_text()
+    assert "Command: `.venv/bin/python bench/vs_spdk.py" in text and row in text
