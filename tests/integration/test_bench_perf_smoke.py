@@ -67,3 +67,14 @@ def test_vs_spdk_against_spdk_appends_markdown(tmp_path: Path) -> None:
     assert float(cells[3].replace(",", "")) > 0 and float(cells[8].replace(",", "")) > 0, row
     text = (work / "bench" / "RESULTS.md").read_text()
     assert "Command: `.venv/bin/python bench/vs_spdk.py" in text and row in text
+
+
+def test_uring_sock_bench_runs() -> None:
+    """bench/uring_sock.py builds its liburing binding and both servers answer requests
+    (≈ 8 s: six 0.5 s cases plus process start-up)."""
+    out = _run(str(BENCH / "uring_sock.py"), "--time", "0.5", "--reps", "1", timeout=180)
+    rows = re.findall(r"^\| (\d+) KiB \| (\d+) \| (epoll|io_uring) \| ([\d,]+) \| ([\d.]+) ",
+                      out, re.M)
+    assert len(rows) == 6, out
+    for _size, _qd, _kind, ops, cpu in rows:
+        assert int(ops.replace(",", "")) > 0 and float(cpu) > 0, out
