@@ -28,10 +28,12 @@ from .rpc import (
     Dispatcher,
     UnixRpcServer,
     build_http_app,
+    http_guard,
     load_methods,
     parse_http_address,
     server_ssl_context,
 )
+from .rpc_guard import guarded_site
 from .transport_opts import TransportOptions
 
 log = logging.getLogger("blocktarget")
@@ -249,7 +251,9 @@ class Target:
         if s.rpc_unix:
             self._unix = UnixRpcServer(self.dispatcher, s.rpc_unix,
                                        max_request_bytes=s.rpc_max_request_bytes,
-                                       max_connections=s.rpc_max_connections)
+                                       max_connections=s.rpc_max_connections,
+                                       request_timeout=s.rpc_request_timeout_sec,
+                                       idle_timeout=s.rpc_idle_timeout_sec)
             try:
                 await self._unix.start()
             except OSError as exc:
@@ -269,9 +273,11 @@ class Target:
                 from .metrics import metrics_handler
 
                 metrics = metrics_handler(self.metrics_registry)
+            guard = http_guard(s.rpc_max_connections, s.rpc_request_timeout_sec)
             app = build_http_app(self.dispatcher, token=s.rpc_token,
                                  max_request_bytes=s.rpc_max_request_bytes,
-                                 max_connections=s.rpc_max_connections, metrics=metrics)
+                                 max_connections=s.rpc_max_connections, metrics=metrics,
+                                 guard=guard, request_timeout=s.rpc_request_timeout_sec)
             ssl_ctx = None
             if s.rpc_tls_cert and s.rpc_tls_key:
                 try:
@@ -279,9 +285,15 @@ class Target:
                                                  s.rpc_tls_client_ca)
                 except (OSError, ValueError) as exc:
                     raise StartupError(f"RPC TLS: {exc}") from None
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            # idle keep-alive connections: HTTP clients reconnect at will, so aiohttp's
+            # usual 75 s unless an idle timeout is set. Lingering (reading the unread
+            # rest of a refused or timed-out body so the client sees our answer before
+            # the close) 2 s, not aiohttp's 10: a slow sender is held that much longer.
+            runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                   keepalive_timeout=s.rpc_idle_timeout_sec or 75,
+                                   lingering_time=2.0)
             await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_ctx)
+            site = guarded_site(runner, guard, host, port, ssl_context=ssl_ctx)
             try:
                 await site.start()
             except OSError as exc:

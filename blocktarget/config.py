@@ -31,6 +31,10 @@ DEFAULT_NQN = "nqn.2026-01.io.blocktarget:default"
 # load_config stays far below 1 MiB. Connections: operators' scripts, not thousands.
 DEFAULT_RPC_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_RPC_MAX_CONNECTIONS = 64
+# A request begun must be whole within this; idle clients stay until their slot is
+# needed unless an idle timeout is set (rpc_guard.py says why).
+DEFAULT_RPC_REQUEST_TIMEOUT_SEC = 30
+DEFAULT_RPC_IDLE_TIMEOUT_SEC = 0
 MIN_TOKEN_CHARS = 16  # a bearer token shorter than this is guessable: refused
 _HTTP_KEYS = {"address", "token", "token_file", "tls_cert", "tls_key", "tls_client_ca"}
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -107,6 +111,8 @@ class Settings:
     rpc_tls_client_ca: str | None = None
     rpc_max_request_bytes: int = DEFAULT_RPC_MAX_REQUEST_BYTES
     rpc_max_connections: int = DEFAULT_RPC_MAX_CONNECTIONS
+    rpc_request_timeout_sec: int = DEFAULT_RPC_REQUEST_TIMEOUT_SEC
+    rpc_idle_timeout_sec: int = DEFAULT_RPC_IDLE_TIMEOUT_SEC
 
     def describe(self) -> dict[str, Any]:
         http: Any = self.rpc_http
@@ -124,6 +130,10 @@ class Settings:
             rpc["max_request_bytes"] = self.rpc_max_request_bytes
         if self.rpc_max_connections != DEFAULT_RPC_MAX_CONNECTIONS:
             rpc["max_connections"] = self.rpc_max_connections
+        if self.rpc_request_timeout_sec != DEFAULT_RPC_REQUEST_TIMEOUT_SEC:
+            rpc["request_timeout_sec"] = self.rpc_request_timeout_sec
+        if self.rpc_idle_timeout_sec != DEFAULT_RPC_IDLE_TIMEOUT_SEC:
+            rpc["idle_timeout_sec"] = self.rpc_idle_timeout_sec
         d: dict[str, Any] = {
             "rpc": rpc,
             "metrics": self.metrics,
@@ -203,11 +213,15 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     s.raw_cores = bt.get("cores")
     rpc = bt.get("rpc", {})
     if not isinstance(rpc, dict) or set(rpc) - {"http", "unix", "max_request_bytes",
-                                                "max_connections"}:
+                                                "max_connections", "request_timeout_sec",
+                                                "idle_timeout_sec"}:
         raise ConfigError(f"{source}: blocktarget.rpc must be an object with 'http' and 'unix' "
-                          "(and optionally 'max_request_bytes', 'max_connections')")
+                          "(and optionally 'max_request_bytes', 'max_connections', "
+                          "'request_timeout_sec', 'idle_timeout_sec')")
     for key, attr, low in (("max_request_bytes", "rpc_max_request_bytes", 1024),
-                           ("max_connections", "rpc_max_connections", 1)):
+                           ("max_connections", "rpc_max_connections", 1),
+                           ("request_timeout_sec", "rpc_request_timeout_sec", 1),
+                           ("idle_timeout_sec", "rpc_idle_timeout_sec", 0)):
         if key in rpc:
             v = rpc[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < low:

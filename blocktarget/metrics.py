@@ -155,11 +155,14 @@ def _limit_families(t: Target) -> Iterator[Any]:
                                  "Connections closed for a stalled PDU, a missing Connect, an "
                                  "unanswered R2T or a queue overflow", labels=["reason"])
     used = GaugeMetricFamily("blocktarget_tcp_r2t_buffer_bytes",
-                             "R2T data buffer bytes held", labels=["reactor"])
+                             "R2T and in-capsule data buffer bytes held", labels=["reactor"])
     budget = GaugeMetricFamily("blocktarget_tcp_r2t_buffer_limit_bytes",
                                "R2T data buffer budget of the reactor", labels=["reactor"])
     waits = CounterMetricFamily("blocktarget_tcp_r2t_buffer_waits",
                                 "Writes whose R2T waited for buffers", labels=["reactor"])
+    pauses = CounterMetricFamily("blocktarget_tcp_icd_read_pauses",
+                                 "Connections not read from because their in-capsule data "
+                                 "overran the buffer budget", labels=["reactor"])
     limit.add_metric([], opts.max_connections if opts is not None else 0)
     from .tcp_limits import CLOSE_REASONS
 
@@ -172,13 +175,14 @@ def _limit_families(t: Target) -> Iterator[Any]:
             used.add_metric([str(index)], b.used)
             budget.add_metric([str(index)], b.limit)
             waits.add_metric([str(index)], b.waits)
+            pauses.add_metric([str(index)], b.read_pauses)
             for reason, n in list(b.closed_by.items()):
                 by_reason[reason] = by_reason.get(reason, 0) + n
     else:
         conns.add_metric([], 0)
     for reason, n in sorted(by_reason.items()):
         closed.add_metric([reason], n)
-    yield from (conns, limit, refused, closed, used, budget, waits)
+    yield from (conns, limit, refused, closed, used, budget, waits, pauses)
 
 
 def make_registry(target: Target) -> CollectorRegistry:

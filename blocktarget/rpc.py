@@ -29,6 +29,12 @@ from .errors import (
     RpcError,
 )
 from .params import Schema, validate
+from .rpc_guard import (
+    DEFAULT_IDLE_TIMEOUT_SEC,
+    DEFAULT_REQUEST_TIMEOUT_SEC,
+    ConnTable,
+    HttpGuard,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -41,6 +47,7 @@ MAX_REQUEST_BYTES = 1 << 20  # default bound of one request (blocktarget.rpc.max
 MAX_CONNECTIONS = 64  # default bound of concurrent RPC connections / HTTP requests
 UNAUTHORIZED = -32001  # server-defined JSON-RPC code: missing or wrong bearer token
 SERVER_BUSY = -32002  # server-defined: too many concurrent RPC connections
+REQUEST_TIMEOUT = -32003  # server-defined: a request not completed in time (rpc_guard.py)
 
 Handler = Callable[["Target", dict[str, Any]], Any]
 
@@ -270,18 +277,32 @@ class _StreamDecoder:
 class UnixRpcServer:
     """SPDK-framed JSON-RPC on a 0600 Unix socket. Bounded: one request (one JSON value)
     may not exceed ``max_request_bytes`` and at most ``max_connections`` clients are
-    served at once; past either bound the client gets a JSON-RPC error and is closed."""
+    served at once; past either bound the client gets a JSON-RPC error and is closed.
+    A request must arrive whole, and its response be taken, within ``request_timeout``;
+    idle clients give way to new ones when the slots are full (rpc_guard.py says why)."""
 
     def __init__(self, dispatcher: Dispatcher, path: str, *,
                  max_request_bytes: int = MAX_REQUEST_BYTES,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SEC,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SEC) -> None:
         self.dispatcher = dispatcher
         self.path = path
         self.max_request_bytes = max_request_bytes
         self.max_connections = max_connections
-        self.active = 0
-        self.refused = 0
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.table = ConnTable(max_connections)
+        self.timed_out = 0  # clients closed mid-request
         self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self.table)
+
+    @property
+    def refused(self) -> int:
+        return self.table.refused
 
     async def start(self) -> None:
         if os.path.exists(self.path):
@@ -315,8 +336,14 @@ class UnixRpcServer:
             pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.max_connections:
-            self.refused += 1
+        loop = asyncio.get_running_loop()
+        admitted, victim = self.table.admit(writer, loop.time())
+        if victim is not None:
+            # closed without a word: anything sent now would be read by that client as
+            # the answer to its next request
+            log.info("RPC: closing the longest idle client to admit a new one")
+            victim.close()
+        if not admitted:
             writer.write(json.dumps(_error(
                 None, SERVER_BUSY, f"too many RPC connections (limit {self.max_connections}); "
                 "try again later")).encode())
@@ -326,11 +353,31 @@ class UnixRpcServer:
                 pass
             writer.close()
             return
-        self.active += 1
         dec = _StreamDecoder()
+        deadline: float | None = None  # of the request begun (its first byte + timeout)
+        idle_since = loop.time()
         try:
             while True:
-                data = await reader.read(65536)
+                now = loop.time()
+                if len(dec) and self.request_timeout > 0:
+                    if deadline is None:
+                        deadline = now + self.request_timeout
+                    wait: float | None = deadline - now
+                else:
+                    deadline = None
+                    wait = (idle_since + self.idle_timeout - now) if self.idle_timeout > 0 \
+                        else None
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), wait)
+                except TimeoutError:
+                    if len(dec):
+                        self.timed_out += 1
+                        log.warning("RPC: request not complete within %g s: closing the "
+                                    "client", self.request_timeout)
+                        writer.write(json.dumps(_error(
+                            None, REQUEST_TIMEOUT, "request not complete within "
+                            f"{self.request_timeout:g} s")).encode())
+                    break  # (idle past idle_timeout: closed quietly)
                 if not data:
                     break
                 if len(dec) + len(data) > self.max_request_bytes:
@@ -344,20 +391,37 @@ class UnixRpcServer:
                     requests = dec.feed(data)
                 except StreamParseError as exc:
                     parse_error, requests = exc, exc.values
+                if requests:
+                    self.table.busy(writer)
                 for req in requests:
                     resp = await self.dispatcher.handle(req)
                     if resp is not None:
                         writer.write(json.dumps(resp).encode())
-                        await writer.drain()
+                        await self._drain(writer)
                 if parse_error is not None:
                     writer.write(json.dumps(_error(None, PARSE_ERROR, str(parse_error))).encode())
                     break
-            await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
+                if requests:
+                    deadline = None  # any rest buffered is the next request
+                    idle_since = loop.time()
+                    if not len(dec):
+                        self.table.idle(writer, idle_since)
+                elif len(dec):
+                    self.table.busy(writer)  # a request begun: not evictable
+            await self._drain(writer)
+        except (ConnectionError, TimeoutError, asyncio.CancelledError):
             pass
         finally:
-            self.active -= 1
+            self.table.release(writer)
             writer.close()
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> None:
+        """A client that does not read its responses holds a slot: bounded like a
+        request (TimeoutError ends the client)."""
+        if self.request_timeout > 0:
+            await asyncio.wait_for(writer.drain(), self.request_timeout)
+        else:
+            await writer.drain()
 
 
 async def _socket_alive(path: str) -> bool:
@@ -374,12 +438,20 @@ async def _socket_alive(path: str) -> bool:
 
 
 def http_handler(dispatcher: Dispatcher, max_request_bytes: int = MAX_REQUEST_BYTES,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SEC,
                  ) -> Callable[[web.Request], Awaitable[web.Response]]:
     from aiohttp import web
 
     async def handle(request: web.Request) -> web.Response:
         try:
-            body = await request.read()
+            # a body sent slowly holds a connection like slow headers do: same bound
+            body = await asyncio.wait_for(request.read(), request_timeout or None)
+        except TimeoutError:
+            resp = web.json_response(_error(
+                None, REQUEST_TIMEOUT,
+                f"request not complete within {request_timeout:g} s"), status=408)
+            resp.force_close()
+            return resp
         except web.HTTPRequestEntityTooLarge:
             resp = web.json_response(_error(
                 None, INVALID_REQUEST,
@@ -409,17 +481,31 @@ def bearer_ok(header: str | None, token: str) -> bool:
     return hmac.compare_digest(value.strip().encode(), token.encode())
 
 
+def http_guard(max_connections: int = MAX_CONNECTIONS,
+               request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SEC) -> HttpGuard:
+    """The connection cap and header timeout of the HTTP server (rpc_guard.py)."""
+    return HttpGuard(
+        max_connections, request_timeout,
+        json.dumps(_error(None, SERVER_BUSY, f"too many RPC connections (limit "
+                          f"{max_connections}); try again later")).encode(),
+        json.dumps(_error(None, REQUEST_TIMEOUT, "request headers not complete within "
+                          f"{request_timeout:g} s")).encode())
+
+
 def build_http_app(dispatcher: Dispatcher, *, token: str | None = None,
                    max_request_bytes: int = MAX_REQUEST_BYTES,
                    max_connections: int = MAX_CONNECTIONS,
                    metrics: Callable[[web.Request], Awaitable[Any]] | None = None,
+                   guard: HttpGuard | None = None,
+                   request_timeout: float = DEFAULT_REQUEST_TIMEOUT_SEC,
                    ) -> web.Application:
     """The aiohttp application: JSON-RPC on POST / and /rpc, Prometheus on GET /metrics.
 
     One middleware guards every route: first the bearer token (when configured,
     wherever the server listens; 401 with a JSON-RPC error body), then a bound on
     requests in progress (503). Bodies over ``max_request_bytes`` get 413 and the
-    connection is closed."""
+    connection is closed. With ``guard`` (served through `rpc_guard.guarded_site`) it
+    also tells the guard when a request's headers are in, which stops their timer."""
     from aiohttp import web
 
     in_flight = 0
@@ -430,7 +516,16 @@ def build_http_app(dispatcher: Dispatcher, *, token: str | None = None,
         return resp
 
     @web.middleware
-    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def gate(request: web.Request, handler: Any) -> web.StreamResponse:
+        if guard is None:
+            return await checked(request, handler)
+        guard.started(request.protocol)
+        try:
+            return await checked(request, handler)
+        finally:
+            guard.finished(request.protocol)
+
+    async def checked(request: web.Request, handler: Any) -> web.StreamResponse:
         nonlocal in_flight
         if token is not None and not bearer_ok(request.headers.get("Authorization"), token):
             resp = refuse(401, UNAUTHORIZED,
@@ -446,8 +541,8 @@ def build_http_app(dispatcher: Dispatcher, *, token: str | None = None,
         finally:
             in_flight -= 1
 
-    app = web.Application(client_max_size=max_request_bytes, middlewares=[guard])
-    rpc = http_handler(dispatcher, max_request_bytes)
+    app = web.Application(client_max_size=max_request_bytes, middlewares=[gate])
+    rpc = http_handler(dispatcher, max_request_bytes, request_timeout)
     app.router.add_post("/", rpc)
     app.router.add_post("/rpc", rpc)
     if metrics is not None:

@@ -10,7 +10,9 @@ worst, so each resource a host can make us hold has a bound:
 - data buffers: an R2T buffer is allocated only against a budget, per connection and
   per reactor (the transport's `num_shared_buffers` x `io_unit_size`, split evenly over
   the reactors so no lock is shared). A write that does not fit waits for its R2T until
-  buffers are returned; nothing is allocated for it meanwhile (`DataBudget`);
+  buffers are returned; nothing is allocated for it meanwhile (`DataBudget`). In-capsule
+  data counts in the same budget; as it arrives unasked, a connection that overruns
+  the budget with it is not read from until buffers are returned;
 - output: a host that stops reading its responses (its socket's send buffer full past
   a high-water mark) is not read from either until it catches up, so it cannot make us
   queue read data without end (qpair.py pause_writing);
@@ -119,6 +121,7 @@ class DataBudget:
     per_qpair: int
     used: int = 0
     waits: int = 0  # R2Ts that had to wait for buffers
+    read_pauses: int = 0  # connections paused: their in-capsule data overran the budget
     high_water: int = 0
     waiting: deque[Any] = field(default_factory=deque)
     closed_by: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLOSE_REASONS, 0))
@@ -136,6 +139,26 @@ class DataBudget:
         if self.used > self.high_water:
             self.high_water = self.used
         return True
+
+    def hold(self, user: Any, n: int) -> bool:
+        """Account in-capsule data, which has already arrived and so cannot wait for a
+        buffer as an R2T does. It counts in the same budget as R2T buffers (it is the
+        same memory: data of commands not yet completed), so the reactor's total stays
+        bounded; False means the budget is now exceeded and the caller must stop
+        reading that connection until ``resume_r2t`` is called (it is queued for it).
+        Without this, in-capsule data was bounded only per connection: queue size x
+        in_capsule_data_size x max_connections, i.e. gigabytes."""
+        user.budget_held += n
+        self.used += n
+        if self.used > self.high_water:
+            self.high_water = self.used
+        if self.used <= self.limit:
+            return True
+        self.read_pauses += 1
+        if not user.budget_queued:
+            user.budget_queued = True
+            self.waiting.append(user)
+        return False
 
     def give_back(self, user: Any, n: int) -> None:
         user.budget_held -= n

@@ -1,12 +1,14 @@
 """NVMe/TCP resource limits (issue 8 item 4), each driven on raw sockets against a real
 target process: connection counts (global and per host address), queue depth, the R2T
-buffer budget (per connection and per reactor), and the timeouts for hosts that go
+buffer budget (per connection and per reactor, in-capsule data included), controllers
+per subsystem (the cntlid range), and the timeouts for hosts that go
 quiet (slowloris PDUs, no Connect, unanswered R2T, responses never read). Keep-alive
 expiry is covered by test_nvme_target_admin.py (test_kato_expiry_tears_the_controller_down
 and friends); the discovery default is here.
 
 Budget: about 20 s (measured 13-17 s; timeouts are set to 1-2 s here, defaults 30 s).
-One test drives SPDK's initiator (spdk_nvme_perf) through a tight R2T budget.
+Two tests drive SPDK's initiator (spdk_nvme_perf) through a tight budget: R2T buffers,
+and in-capsule data (which counts in the same budget).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .nvme_target_util import (
     Tgt,
     open_queue,
     raw_controller,
+    sct_sc,
     start_target,
 )
 from .target_proc import Launcher, free_port, listen_address, malloc
@@ -240,6 +243,77 @@ async def test_r2t_buffers_per_reactor_are_shared_in_order(tgt: Tgt) -> None:
         await answer(qb, rb, os.urandom(128 * KiB))
 
 
+async def test_in_capsule_data_counts_in_the_reactor_budget(tgt: Tgt) -> None:
+    """In-capsule data is in the same 256 KiB budget as R2T buffers. While two hosts hold
+    all of it, a third host's in-capsule write still completes (its data had arrived
+    already), but the target then stops reading that host: its next in-capsule write
+    gets no answer until buffers are returned, then completes and reads back."""
+    async with raw_controller(tgt) as a, raw_controller(tgt) as b, \
+            raw_controller(tgt) as c:
+        qa, qb, qc = a.io[0], b.io[0], c.io[0]
+        pauses0 = metric(tgt, "blocktarget_tcp_icd_read_pauses_total", '{reactor="0"}')
+        ra = await r2t_for(qa, write_sqe(qa, 2048, 128 * KiB)[0])
+        rb = await r2t_for(qb, write_sqe(qb, 2560, 128 * KiB)[0])
+        assert ra is not None and rb is not None
+        assert (await qc.write(1, 3072, os.urandom(4096), in_capsule=True)).ok
+        assert metric(tgt, "blocktarget_tcp_icd_read_pauses_total",
+                      '{reactor="0"}') == pauses0 + 1
+        data = os.urandom(4096)
+        sqe = qc.sqe(spec.IoOpcode.WRITE, 1, sgl_len=4096, sgl_id=spec.SGL_ID_INCAPSULE,
+                     cdw10=3080, cdw12=7)
+        await qc.send(pdu.CapsuleCmd(sqe, data))
+        with pytest.raises(TimeoutError):
+            await qc.recv(0.5)  # not read while the budget is spent
+        await answer(qa, ra, os.urandom(128 * KiB))
+        p = await qc.recv()
+        assert type(p) is pdu.CapsuleResp and parse_cqe(p.cqe).status == 0, p
+        got = await qc.read(1, 3080, 8)
+        assert got.ok and got.data == data
+        await answer(qb, rb, os.urandom(128 * KiB))
+    assert metric(tgt, "blocktarget_tcp_r2t_buffer_bytes", '{reactor="0"}') == 0
+
+
+# ------------------------------------------------------------------ controllers
+
+
+async def test_controllers_per_subsystem_bounded_by_cntlid_range(tgt: Tgt) -> None:
+    """SPDK's per-subsystem controller bound: nvmf_create_subsystem min_cntlid/max_cntlid.
+    With a range of 2, a third host's admin Connect is refused with Controller Busy (DNR);
+    once a controller is gone its id is reused. (I/O queues per controller are bounded by
+    max_io_qpairs_per_ctrlr: test_nvme_target_fabrics.py.)"""
+    nqn = "nqn.2026-01.io.test:two-controllers"
+    tgt.rpc("nvmf_create_subsystem", nqn=nqn, allow_any_host=True, min_cntlid=7,
+            max_cntlid=8)
+    tgt.rpc("nvmf_subsystem_add_listener", nqn=nqn, listen_address=listen_address(tgt.port))
+    held: list[RawQueue] = []
+    try:
+        for _ in range(2):
+            q = await open_queue(tgt.addr, tgt.port)
+            held.append(q)
+            cqe = await q.connect(0, nqn)
+            assert cqe.status == 0 and 7 <= q.cntlid <= 8, cqe
+        q = await open_queue(tgt.addr, tgt.port)
+        held.append(q)
+        cqe = await q.connect(0, nqn)
+        assert sct_sc(cqe) == (spec.Sct.COMMAND_SPECIFIC,
+                               spec.FabricsStatus.CONNECT_CTRL_BUSY), sct_sc(cqe)
+        assert cqe.status & spec.STATUS_DNR
+        freed = held[0].cntlid
+        await held[0].close()
+        for _ in range(40):  # the controller goes with its admin queue
+            q = await open_queue(tgt.addr, tgt.port)
+            held.append(q)
+            cqe = await q.connect(0, nqn)
+            if cqe.status == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert cqe.status == 0 and q.cntlid == freed, (sct_sc(cqe), q.cntlid)
+    finally:
+        for q in held:
+            await q.close()
+        tgt.rpc("nvmf_delete_subsystem", nqn=nqn)
+
+
 # ------------------------------------------------------------------ timeouts
 
 
@@ -431,5 +505,50 @@ def test_spdk_host_under_a_tight_r2t_budget(tmp_path: object) -> None:
         print(f"spdk_nvme_perf write 128 KiB QD32, 2 x 128 KiB R2T buffers: {iops:.0f} IOPS "
               f"{mibs:.0f} MiB/s, {waits:.0f} R2Ts waited for buffers, 0 errors")
         assert limit == 256 * KiB and waits > 0
+    finally:
+        launcher.cleanup()
+
+
+def test_spdk_host_in_capsule_writes_under_a_tight_budget(tmp_path: object) -> None:
+    """SPDK's initiator writing 4 KiB (in-capsule data: 4 KiB <= in_capsule_data_size)
+    at QD 32 against a reactor budget of 16 KiB (2 x 8 KiB io units): 128 KiB of
+    in-capsule data would be in flight, so the target stops reading the connection
+    whenever the budget is spent, and the host sees only back-pressure, never an error.
+    Skips where SPDK's tools are absent."""
+    from . import test_spdk_perf_peer as sp
+
+    if not os.access(sp.PERF, os.X_OK) or not sp._perf_runs():
+        pytest.skip(f"SPDK's spdk_nvme_perf is not usable at {sp.PERF}")
+    launcher = Launcher()
+    try:
+        port = free_port()
+        cfg = {"subsystems": [
+            # 200 us per write keeps the 32 commands (and their data) in flight
+            {"subsystem": "bdev", "config": [malloc("M0", 32768, 4096), {
+                "method": "bdev_delay_create",
+                "params": {"base_bdev_name": "M0", "name": "D0", "avg_read_latency": 0,
+                           "p99_read_latency": 0, "avg_write_latency": 200,
+                           "p99_write_latency": 200}}]},
+            {"subsystem": "nvmf", "config": [
+                {"method": "nvmf_create_transport",
+                 "params": {"trtype": "TCP", "num_shared_buffers": 2, "io_unit_size": 8192}},
+                {"method": "nvmf_create_subsystem",
+                 "params": {"nqn": sp.NQN, "allow_any_host": True}},
+                {"method": "nvmf_subsystem_add_ns",
+                 "params": {"nqn": sp.NQN, "namespace": {"bdev_name": "D0"}}},
+                {"method": "nvmf_subsystem_add_listener",
+                 "params": {"nqn": sp.NQN, "listen_address": listen_address(port)}}]}]}
+        t = launcher(cfg, cores=[0])
+        t.nvme_port = port  # type: ignore[attr-defined]
+        out = sp._perf(t, "-w", "write", "-o", "4096", "-q", "32")
+        iops, mibs = sp._total(out)
+        assert iops > 50 and sp._errors(out) == [], out[-2000:]
+        tg = Tgt(t, port)
+        pauses = metric(tg, "blocktarget_tcp_icd_read_pauses_total", '{reactor="0"}')
+        limit = metric(tg, "blocktarget_tcp_r2t_buffer_limit_bytes", '{reactor="0"}')
+        held = metric(tg, "blocktarget_tcp_r2t_buffer_bytes", '{reactor="0"}')
+        print(f"spdk_nvme_perf write 4 KiB (in-capsule) QD32, 16 KiB budget: {iops:.0f} IOPS "
+              f"{mibs:.0f} MiB/s, reads paused {pauses:.0f} times, 0 errors")
+        assert limit == 16 * KiB and pauses > 0 and held == 0
     finally:
         launcher.cleanup()

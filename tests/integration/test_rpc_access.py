@@ -1,14 +1,18 @@
 """Control-plane access (issue 8 item 2), against real target processes and the real
 `blocktarget rpc` client: the Unix socket's mode, HTTP on loopback unless a bearer token
 or TLS client certificates guard it (else the target refuses to start, exit 2), the token
-check, TLS with client certificates, request-size and connection bounds, and the
+check, TLS with client certificates, request-size and connection bounds, clients that
+stall mid-request (Unix socket and HTTP: slow headers, slow body) or sit idle, and the
 allowed directories every path-taking method is confined to.
 
-Budget: about 15 s (a handful of target starts, no I/O).
+Budget: about 30 s (measured 27 s: a handful of target starts, no I/O; the stalled-client
+tests wait out a 1 s request timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import http.client
 import ipaddress
@@ -17,6 +21,7 @@ import os
 import socket
 import ssl
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -395,3 +400,209 @@ def test_allowed_dirs_default_is_var_lib_blocktarget(running_target: Launcher,
     with pytest.raises(RpcCallError) as e:
         t.rpc("bdev_uring_create", name="x", filename=str(img), engine="threads")
     assert e.value.code == EACCES and "(/var/lib/blocktarget)" in e.value.message
+
+
+# ---- stalled clients (rpc.request_timeout_sec, idle clients giving way) ------------------
+
+REQ_TIMEOUT_S = 1
+
+
+@pytest.fixture
+def guarded_target(running_target: Launcher) -> RunningTarget:
+    return running_target({"blocktarget": {"rpc": {"max_connections": 3,
+                                                   "request_timeout_sec": REQ_TIMEOUT_S}},
+                           "subsystems": []})
+
+
+async def _read_to_eof(reader: asyncio.StreamReader, limit: float) -> bytes:
+    data = b""
+    async with asyncio.timeout(limit):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+async def _unix_slowloris(t: RunningTarget) -> None:
+    slow = [await asyncio.open_unix_connection(t.sock_path) for _ in range(3)]
+    t0 = time.monotonic()
+    req = version_req(7)
+
+    async def drip(w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            for b in req[:-1]:  # never the closing brace
+                w.write(bytes([b]))
+                await w.drain()
+                await asyncio.sleep(0.1)
+
+    drips = [asyncio.create_task(drip(w)) for _, w in slow]
+    await asyncio.sleep(0.3)
+    # every slot holds a request in progress: nobody to make room for a 4th client
+    r, w = await asyncio.open_unix_connection(t.sock_path)
+    err = json.loads(await _read_to_eof(r, 5))["error"]
+    assert err["code"] == -32002 and "limit 3" in err["message"], err
+    w.close()
+    results = await asyncio.gather(*(_read_to_eof(r, REQ_TIMEOUT_S + 5) for r, _ in slow))
+    took = time.monotonic() - t0
+    for data in results:
+        err = json.loads(data)["error"]
+        assert err["code"] == -32003 and f"within {REQ_TIMEOUT_S} s" in err["message"], err
+    for d in drips:
+        d.cancel()
+    print(f"unix slowloris: 3 clients trickling 1 byte / 0.1 s closed after {took:.2f} s "
+          f"(request_timeout_sec={REQ_TIMEOUT_S}); a 4th meanwhile got -32002")
+    assert REQ_TIMEOUT_S <= took <= REQ_TIMEOUT_S + 2, took
+    for _, w in slow:
+        w.close()
+
+
+def test_unix_slowloris_clients_are_closed_then_others_served(
+        guarded_target: RunningTarget) -> None:
+    """Three clients fill every slot, each trickling a request a byte at a time (so never
+    idle): a new client is refused while they hold on, each is closed with -32003 one
+    request timeout after its first byte, and then the target serves again."""
+    asyncio.run(_unix_slowloris(guarded_target))
+    assert guarded_target.rpc("spdk_get_version")["version"]
+
+
+async def _unix_idle(t: RunningTarget) -> None:
+    async def call(r: asyncio.StreamReader, w: asyncio.StreamWriter, id_: int) -> None:
+        w.write(version_req(id_))
+        await w.drain()
+        async with asyncio.timeout(5):
+            resp = json.loads(await r.read(65536))
+        assert resp["id"] == id_ and "result" in resp, resp
+
+    idle = []
+    for i in range(3):  # persistent clients, like a session of SPDK's rpc.py
+        r, w = await asyncio.open_unix_connection(t.sock_path)
+        await call(r, w, i)
+        idle.append((r, w))
+        await asyncio.sleep(0.1)
+    # idle past the request timeout: not a stall, nobody is cut
+    await asyncio.sleep(REQ_TIMEOUT_S + 0.5)
+    for i, (r, w) in enumerate(idle):
+        await call(r, w, 10 + i)
+    await asyncio.sleep(1.2)  # all idle for > 1 s: the oldest-idle one gives way
+    r, w = await asyncio.open_unix_connection(t.sock_path)
+    await call(r, w, 99)
+    assert await _read_to_eof(idle[0][0], 5) == b"", "the longest-idle client is closed"
+    for i, (r2, w2) in enumerate(idle[1:]):
+        await call(r2, w2, 20 + i)
+    for _, w2 in [*idle, (r, w)]:
+        w2.close()
+
+
+def test_unix_idle_clients_stay_and_give_way_when_full(guarded_target: RunningTarget) -> None:
+    """Persistent clients idle between calls are not cut (idle_timeout_sec 0, even past
+    the request timeout); when all 3 slots are taken by idle clients, a new client is
+    served and the longest-idle one is closed quietly; the others keep working."""
+    asyncio.run(_unix_idle(guarded_target))
+
+
+def test_spdk_rpc_server_mode_idle_between_calls(guarded_target: RunningTarget) -> None:
+    """SPDK's own client in the mode its test scripts use (`rpc.py --server`), idle for
+    longer than the request timeout between calls, is served every time."""
+    from .test_spdk_client import SPDK_RPC, SpdkRpc
+
+    assert Path(SPDK_RPC).exists(), "SPDK's client is a test dependency (pip package 'spdk')"
+    client = SpdkRpc(guarded_target.sock_path)
+    try:
+        for _ in range(2):
+            assert json.loads(client.ok("spdk_get_version"))["version"]
+            time.sleep(REQ_TIMEOUT_S + 0.5)
+    finally:
+        client.close()
+
+
+def _raw_http(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return s
+
+
+def _recv_all(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
+
+
+def test_http_slow_headers_and_body_are_timed_out(guarded_target: RunningTarget) -> None:
+    """One client trickles request headers (a byte / 0.1 s, never finishing them),
+    another sends headers and part of its body: both get 408 with a -32003 body and are
+    closed after the request timeout; a normal request is served meanwhile."""
+    port = guarded_target.http_port
+    assert port is not None
+    head = _raw_http(port)
+    body = _raw_http(port)
+    t0 = time.monotonic()
+    partial = version_req()
+    body.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(partial) + partial[:10])
+    closed_at: dict[str, float] = {}
+    got: dict[str, bytes] = {}
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):
+            for b in b"POST / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+                head.sendall(bytes([b]))
+                time.sleep(0.1)
+
+    def reader(name: str, s: socket.socket) -> None:
+        got[name] = _recv_all(s)
+        closed_at[name] = time.monotonic() - t0
+
+    threads = [threading.Thread(target=trickle, daemon=True),
+               threading.Thread(target=reader, args=("headers", head)),
+               threading.Thread(target=reader, args=("body", body))]
+    for th in threads:
+        th.start()
+    status, _, resp = post(port, version_req(5))
+    assert status == 200 and json.loads(resp)["id"] == 5
+    for th in threads:
+        th.join(REQ_TIMEOUT_S + 8)
+    head.close()
+    body.close()
+    for name in ("headers", "body"):
+        data = got[name]
+        assert data.startswith(b"HTTP/1.1 408"), (name, data[:200])
+        err = json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]
+        assert err["code"] == -32003, (name, err)
+        # (a body: + up to 2 s of lingering, so the client reads the 408 before the close)
+        assert REQ_TIMEOUT_S - 0.1 <= closed_at[name] <= REQ_TIMEOUT_S + 3.5, closed_at
+    print(f"http slow headers: closed after {closed_at['headers']:.2f} s, slow body after "
+          f"{closed_at['body']:.2f} s (request_timeout_sec={REQ_TIMEOUT_S})")
+
+
+def test_http_connection_cap(guarded_target: RunningTarget) -> None:
+    """3 connections, each with a request begun: a 4th connection gets 503 (-32002) and
+    is closed at once. Once they time out, requests are served again; and when the 3
+    slots hold idle keep-alive connections, a new one is served (an idle one gives way)."""
+    port = guarded_target.http_port
+    assert port is not None
+    busy = [_raw_http(port) for _ in range(3)]
+    for s in busy:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\n")
+    time.sleep(0.2)
+    extra = _raw_http(port)
+    data = _recv_all(extra)
+    extra.close()
+    assert data.startswith(b"HTTP/1.1 503"), data[:200]
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1])["error"]["code"] == -32002
+    for s in busy:
+        assert _recv_all(s).startswith(b"HTTP/1.1 408")
+        s.close()
+    status, _, _ = post(port, version_req())
+    assert status == 200
+    keep = []
+    for i in range(3):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("POST", "/", body=version_req(i), headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        r.read()
+        keep.append(c)
+    time.sleep(1.2)
+    status, _, _ = post(port, version_req())
+    assert status == 200, "an idle keep-alive connection gives way to a new client"
+    for c in keep:
+        c.close()

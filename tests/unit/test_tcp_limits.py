@@ -202,3 +202,28 @@ def test_watch_r2t_timeout_is_per_request_and_total() -> None:
 def test_watch_disabled() -> None:
     w = StallWatch(0, 0, now=0)
     assert check(w, 1e6, connected=False, buffered=5, r2t={1: object()}) is None
+
+
+def test_budget_in_capsule_data_is_held_then_pauses_until_returned() -> None:
+    """In-capsule data has arrived already: it is always accounted, in the same budget
+    as R2T buffers; past the limit its connection is queued to be resumed (not read
+    meanwhile), and R2Ts of others wait, until buffers come back."""
+    b = DataBudget(limit=100, per_qpair=1000)
+    log: list[str] = []
+
+    class IcdUser(User):
+        def resume_r2t(self) -> None:
+            self.log.append(f"{self.name}:resumed")
+            super().resume_r2t()
+
+    u, y = IcdUser(b, "u", log), User(b, "y", log)
+    assert b.hold(u, 60)
+    assert not b.hold(u, 60)  # 120 > 100: accounted, and u must stop reading
+    assert b.used == 120 and u.budget_held == 120 and u.budget_queued and b.read_pauses == 1
+    y.want(10)  # an R2T of another connection waits behind it
+    assert log == [] and b.waits == 1
+    b.give_back(u, 60)  # under the limit again: both go on, in arrival order
+    assert log == ["u:resumed", "y:10"] and b.used == 70 and not b.waiting
+    assert b.high_water == 120
+    b.drop(u)
+    assert b.used == 10
