@@ -17,7 +17,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import AlreadyExists, Busy, InvalidParams, NoSuchDevice
 from .params import Schema
@@ -71,14 +71,34 @@ _now_ns = time.perf_counter_ns
 _bucket = bisect.bisect_left
 
 
+class DataBuffer(Protocol):
+    """Memory a bdev channel lends for one I/O's data (its own DMA memory), so data moves
+    between the network and the device without a copy through Python objects.
+
+    ``mem`` is writable and at least as long as asked for. Whoever holds it calls
+    ``release()`` exactly once, when nothing can touch ``mem`` any more: for write data
+    after the bdev I/O completed (or when the command never ran), for read data after
+    the transport has taken the bytes (see nvme/qpair.py ``_reap_sent``)."""
+
+    mem: memoryview
+
+    def release(self) -> None: ...
+
+
 class BdevIO:
     """One I/O request. `buf` is data to write, or (for reads) the buffer to fill; a
     backend that can hand out its own memory (malloc) may set `buf` on a read whose
-    caller left it None, which is the zero-copy read path."""
+    caller left it None, which is the zero-copy read path.
+
+    `dma` is the lending protocol (see `DataBuffer`): on a write, the buffer the data
+    was received into, lent by this channel's `alloc_data_buffer` (the caller keeps it
+    and releases it after completion); on a read, a caller that can release lent memory
+    sets it to True, and a backend that completes with its own memory in `buf` replaces
+    it with the `DataBuffer` the caller must release. None (the default): no lending."""
 
     __slots__ = (
         "type", "offset_blocks", "num_blocks", "buf", "fua", "cb", "status", "start_ns",
-        "ctx", "channel",
+        "ctx", "channel", "dma",
     )
 
     def __init__(
@@ -91,6 +111,7 @@ class BdevIO:
         *,
         fua: bool = False,
         ctx: Any = None,
+        dma: Any = None,
     ) -> None:
         self.type = type
         self.offset_blocks = offset_blocks
@@ -102,6 +123,7 @@ class BdevIO:
         self.start_ns = 0
         self.ctx = ctx
         self.channel: IOChannel | None = None
+        self.dma = dma
 
 
 class ChannelStats:
@@ -120,7 +142,14 @@ class ChannelStats:
 
 
 class IOChannel:
-    """A bdev's per-reactor I/O path. Backends subclass and implement `_submit`."""
+    """A bdev's per-reactor I/O path. Backends subclass and implement `_submit`.
+
+    `alloc_data_buffer`, when a backend defines it, lends memory for a write's data
+    before it arrives (``nbytes -> DataBuffer | None``; None: use ordinary memory). It
+    is a class attribute, None here, so a caller tests it once per channel and other
+    backends pay nothing."""
+
+    alloc_data_buffer: Callable[[int], DataBuffer | None] | None = None
 
     def __init__(self, bdev: Bdev, reactor: Reactor | None) -> None:
         self.bdev = bdev

@@ -8,10 +8,23 @@ controller on that reactor — SPDK's model: no locks and no cross-core traffic 
 
 Bdev I/O maps 1:1 onto NVMe commands: read, write (FUA passes through), flush, write
 zeroes, and unmap as Dataset Management/deallocate. Transfers larger than the
-controller's MDTS are split. Data moves through the queue's DMA buffer pool: writes are
-copied in, reads copied out once (as ``bytes``, which the NVMe/TCP transport then sends
-without another copy). Zero-copy needs the transport to receive into DMA memory; it
-does not yet.
+controller's MDTS are split. Data moves through the queue's DMA buffer pool, zero-copy
+where NVMe/TCP is the caller (the bdev layer's DataBuffer lending, bdev.py):
+
+* writes: when the qpair sends an R2T it asks the channel (``alloc_data_buffer``) for a
+  pool buffer; the H2CData payload is placed straight into it and the command's PRPs
+  point at it. The request holds it until it finishes (or its connection goes away
+  while it waits for data; a command still at the device keeps it until completion,
+  re-submission after a controller reset included) and then releases it.
+* reads: the device writes a pool buffer; the bdev completes with a view of it and the
+  qpair sends the C2HData from it (data digest computed over it at once), releasing it
+  only when the transport's pending byte count shows the bytes left for the kernel
+  (uvloop and asyncio keep views, not copies, of what they cannot send at once).
+
+Lent buffers are held for network time, so at most half of a queue's pool is lent;
+beyond that, and for split I/O, in-capsule write data and other callers, data is
+copied (writes in, reads out once as ``bytes``). The counters in ``driver_specific``
+(``data_path``) say which path each command took.
 
 Resets (RPC, command timeouts, fatal status) and hot-removal are the controller's
 (see driver/ctrlr.py); here they are wired to reactor messages, and a removed device's
@@ -73,6 +86,17 @@ class ReactorQueue:
         self.refs = 0
         self.poller: Poller | None = None
         self.buf_waiters: deque[Callable[[DmaBuffer], None]] = deque()
+        # Buffers lent to NVMe/TCP (write data received into them, read data sent from
+        # them) are held for network time, not just device time: at most half the pool
+        # may be out that way, so a slow host never starves this reactor's other I/O.
+        self.lent = 0
+        pool = getattr(q, "pool", None)
+        self.lend_cap = max(1, pool.max_count // 2) if pool is not None else 0
+        # data path counters (bdev_get_bdevs driver_specific): proof of zero-copy
+        self.zero_copy_reads = 0
+        self.zero_copy_writes = 0
+        self.copied_reads = 0
+        self.copied_writes = 0
         self._next_tick = 0.0
         self._kick = reactor.kick if reactor is not None else _noop
 
@@ -105,6 +129,39 @@ class ReactorQueue:
         while self.buf_waiters:
             fn = self.buf_waiters.popleft()
             fn(None)  # type: ignore[arg-type]
+
+    def lend(self, nbytes: int) -> LentBuffer | None:
+        """A pool buffer for one NVMe/TCP transfer, or None (copy instead): too big for
+        one command (the I/O will be split), I/O already waiting for buffers, or the
+        lending cap reached."""
+        if self.lent >= self.lend_cap or self.buf_waiters or nbytes > self.q.max_transfer:
+            return None
+        buf = self.q.get_buffer()
+        if buf is None:
+            return None
+        self.lent += 1
+        return LentBuffer(self, buf, nbytes)
+
+
+class LentBuffer:
+    """A queue's DMA buffer lent to the transport (the bdev layer's DataBuffer): write
+    data is received into ``mem`` and the command's PRPs point at it; read data is sent
+    from it. ``release`` gives it back to the pool once, however often it is called."""
+
+    __slots__ = ("rq", "buf", "mem")
+
+    def __init__(self, rq: ReactorQueue, buf: DmaBuffer, nbytes: int) -> None:
+        self.rq = rq
+        self.buf: DmaBuffer | None = buf
+        self.mem = buf.mem[:nbytes]
+
+    def release(self) -> None:
+        buf = self.buf
+        if buf is not None:
+            self.buf = None
+            rq = self.rq
+            rq.lent -= 1
+            rq.put_buffer(buf)
 
 
 def _noop() -> None:
@@ -145,6 +202,9 @@ class NvmeChannel(IOChannel):
         self.bs = bdev.block_size
         self.max_blocks = rq.q.max_transfer // bdev.block_size
         self._kick = rq._kick
+        # the bdev layer's lending hook (bdev.DataBuffer): write data is received
+        # straight into this queue's DMA memory
+        self.alloc_data_buffer = rq.lend  # type: ignore[assignment]
 
     def _submit(self, io: BdevIO) -> None:
         t = io.type
@@ -173,6 +233,13 @@ class NvmeChannel(IOChannel):
     def _rw(self, io: BdevIO) -> None:
         nblocks = io.num_blocks
         if nblocks <= self.max_blocks:
+            lent = io.dma
+            if (lent is not None and lent is not True and getattr(lent, "rq", None) is self.rq
+                    and lent.buf is not None):
+                # write data already in our DMA memory (lent to the transport): the
+                # command's PRPs point at it; the lender releases it after completion
+                self._rw_one(io, lent.buf, io.offset_blocks, nblocks, 0, None, lent)
+                return
             self.rq.with_buffer(lambda buf: self._rw_one(io, buf, io.offset_blocks, nblocks,
                                                          0, None))
             return
@@ -188,30 +255,49 @@ class NvmeChannel(IOChannel):
                     io, buf, io.offset_blocks + first, n, first * self.bs, split))
 
     def _rw_one(self, io: BdevIO, buf: DmaBuffer | None, lba: int, nblocks: int,
-                byte_off: int, split: _Split | None) -> None:
+                byte_off: int, split: _Split | None, lent: LentBuffer | None = None) -> None:
         if buf is None:  # queue failed while waiting for a buffer
             self._part_done(io, split, Status.ABORTED_SQ_DELETION)
             return
         nbytes = nblocks * self.bs
         prp1, prp2 = buffer_prps(buf, nbytes)
         cdw12 = nblocks - 1
+        rq = self.rq
         if io.type == IOType.WRITE:
-            src = io.buf
-            if not isinstance(src, (bytes, bytearray)):
-                src = memoryview(src).cast("B")
-            buf.mem[:nbytes] = src[byte_off:byte_off + nbytes]
+            if lent is not None:
+                rq.zero_copy_writes += 1
+            else:
+                rq.copied_writes += 1
+                src = io.buf
+                if not isinstance(src, (bytes, bytearray)):
+                    src = memoryview(src).cast("B")
+                buf.mem[:nbytes] = src[byte_off:byte_off + nbytes]
             if io.fua:
                 cdw12 |= FUA_BIT
             opcode = OP.WRITE
         else:
             opcode = OP.READ
-        rq = self.rq
 
         def cb(status: int, dw0: int) -> None:
+            if lent is not None:  # lent write memory: its holder releases it
+                self._part_done(io, split, status & STATUS_MASK)
+                return
             if not status and opcode == OP.READ:
                 if io.buf is None:
+                    if io.dma is True and split is None and rq.lent < rq.lend_cap:
+                        # lend the buffer: the transport sends from DMA memory and
+                        # releases it once the socket has the bytes
+                        rq.lent += 1
+                        rq.zero_copy_reads += 1
+                        out = LentBuffer(rq, buf, nbytes)
+                        io.buf = out.mem
+                        io.dma = out
+                        self._part_done(io, split, 0)
+                        return
+                    rq.copied_reads += 1
                     io.buf = bytes(buf.mem[:nbytes])  # one copy; the transport sends bytes as is
                 else:
+                    rq.copied_reads += 1
                     dst = io.buf if isinstance(io.buf, bytearray) else memoryview(io.buf).cast("B")
                     dst[byte_off:byte_off + nbytes] = buf.mem[:nbytes]
             rq.put_buffer(buf)
@@ -306,6 +392,7 @@ class NvmeNsBdev(Bdev):
                 "ns_data": {"id": self.ns.nsid},
                 "driver": "blocktarget-vfio",
                 "controller": c.describe(),
+                "data_path": self.owner.data_path_counters(),
             }]
         }  # fmt: skip
 
@@ -335,6 +422,7 @@ class PcieController:
         self.queues: dict[int, ReactorQueue] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.detached = False
+        self._retired_counts: dict[str, int] = {}  # counters of queues already released
         ctrlr.call = self._call
         ctrlr.post = self._post
         ctrlr.on_reset_needed = self._reset_needed
@@ -378,6 +466,17 @@ class PcieController:
     def _removed(self, ctrlr: Controller) -> None:
         self._on_main(self.hot_removed)
 
+    def data_path_counters(self) -> dict[str, int]:
+        """NVMe read/write commands whose data moved zero-copy (DMA memory lent to the
+        NVMe/TCP transport) or through a copy, summed over its queues (released ones
+        included); ``lent_buffers``: buffers the transport holds right now."""
+        keys = ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes")
+        qs = list(self.queues.values())
+        out = {k: self._retired_counts.get(k, 0) + sum(getattr(rq, k) for rq in qs)
+               for k in keys}
+        out["lent_buffers"] = sum(rq.lent for rq in qs)
+        return out
+
     # ---- queues ----
     def acquire_queue(self, reactor: Reactor | None) -> ReactorQueue:
         key = reactor.index if reactor is not None else -1
@@ -404,6 +503,8 @@ class PcieController:
         key = reactor.index if reactor is not None else -1
         if self.queues.get(key) is rq:
             del self.queues[key]
+        for k in ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes"):
+            self._retired_counts[k] = self._retired_counts.get(k, 0) + getattr(rq, k)
         if rq.poller is not None and reactor is not None:
             reactor.unregister_poller(rq.poller)
             rq.poller = None

@@ -97,7 +97,8 @@ def read(qp: Qpair, req: Request) -> None:
     c = qp.counters
     c.read_cmds += 1
     c.read_blocks_bytes += nlb * ns.bdev.block_size
-    ch.submit(BdevIO(_READ, slba, nlb, None, _read_done, ctx=req))
+    # dma=True: the transport can send from memory the bdev lends and release it after
+    ch.submit(BdevIO(_READ, slba, nlb, None, _read_done, ctx=req, dma=True))
 
 
 def _read_done(io: BdevIO) -> None:
@@ -105,7 +106,8 @@ def _read_done(io: BdevIO) -> None:
     if io.status:
         io.ctx.fail(nvme_status(io.status))
     else:
-        io.ctx.complete_data(io.buf)
+        dma = io.dma
+        io.ctx.complete_data(io.buf, lent=None if dma is True else dma)
 
 
 def write(qp: Qpair, req: Request) -> None:
@@ -128,9 +130,12 @@ def write(qp: Qpair, req: Request) -> None:
             else:
                 ch.submit(BdevIO(IOType.FLUSH, slba, nlb, None, flushed))
 
-        ch.submit(BdevIO(IOType.WRITE, slba, nlb, req.data, written, fua=True))
+        ch.submit(BdevIO(IOType.WRITE, slba, nlb, req.data, written, fua=True, dma=req.dma))
         return
-    ch.submit(BdevIO(_WRITE, slba, nlb, req.data, _write_done, fua=fua, ctx=req))
+    # req.dma: the channel's own memory the data was received into (qpair._send_r2t);
+    # the request keeps it and releases it when it finishes
+    ch.submit(BdevIO(_WRITE, slba, nlb, req.data, _write_done, fua=fua, ctx=req,
+                     dma=req.dma))
 
 
 def _write_done(io: BdevIO) -> None:

@@ -54,6 +54,7 @@ MAXH2CDATA = 0x20000  # largest H2CData payload we accept (ICResp), as SPDK's 12
 FABRICS_OPCODE = spec.FABRICS_OPCODE
 DIR_NONE = int(spec.DataTransfer.NONE)
 DIR_H2C = int(spec.DataTransfer.HOST_TO_CTRL)
+OPC_WRITE = int(spec.IoOpcode.WRITE)
 
 _FCTYPE_DIR: dict[int, int] = {
     spec.FabricsType.PROPERTY_SET: DIR_NONE,
@@ -69,7 +70,7 @@ class Request:
     """One command from capsule to completion."""
 
     __slots__ = ("qp", "sqe", "cid", "data", "xfer_len", "received", "ttag", "nsid",
-                 "done", "abort_requested", "opcode", "io", "bad_data")
+                 "done", "abort_requested", "opcode", "io", "bad_data", "icd_held", "dma")
 
     def __init__(self, qp: Qpair, sqe: Sqe) -> None:
         self.qp = qp
@@ -85,29 +86,45 @@ class Request:
         self.abort_requested = False
         self.io: Any = None
         self.bad_data = False  # an H2CData PDU of this command failed its data digest
+        self.icd_held = 0  # in-capsule data bytes counted in the budget until completion
+        # write data received straight into the bdev channel's DMA memory (a DataBuffer,
+        # see bdev.py); held until the command is over, then released (finish)
+        self.dma: Any = None
 
     # ---- completion (on the qpair's reactor) ----
     def complete(self, status: int = 0, dw0: int = 0, dw1: int = 0) -> None:
         if self.done:
+            if self.dma is not None:
+                # the connection went away while the bdev still used the memory: the
+                # bdev's completion is the first moment it is free
+                self.dma.release()
+                self.dma = None
             return
         self.done = True
         self.qp.finish(self, status, dw0, dw1)
 
-    def complete_data(self, buf: Any, status: int = 0, dw0: int = 0) -> None:
+    def complete_data(self, buf: Any, status: int = 0, dw0: int = 0,
+                      lent: Any = None) -> None:
         """Send controller-to-host data (at most the host's SGL length), then complete.
         An SGL of length 0 takes no data (as SPDK): sending it anyway would give the host
-        C2HData for a command without a buffer, which hosts treat as a transport error."""
+        C2HData for a command without a buffer, which hosts treat as a transport error.
+        ``lent``: ``buf`` is memory a bdev lent (a DataBuffer); it is sent without a
+        copy and released once the transport has taken the bytes."""
         if self.done:
+            if lent is not None:
+                lent.release()
             return
         if status == 0 and buf is not None and len(buf) and self.xfer_len:
             qp = self.qp
-            qp.send_c2h(self, buf)
+            qp.send_c2h(self, buf, lent)
             self.done = True
             if qp.c2h_success_ok and not dw0:
                 qp.finish(self, 0, 0, 0, response_sent=True)
             else:
                 qp.finish(self, 0, dw0, 0)
             return
+        if lent is not None:
+            lent.release()
         self.complete(status, dw0)
 
     def fail(self, status: int) -> None:
@@ -168,6 +185,7 @@ class Qpair(asyncio.Protocol):
         self.budget_held = 0  # R2T buffer bytes this connection holds
         self.budget_queued = False  # waiting in the reactor budget's queue
         self.r2t_waiting: deque[Request] = deque()  # writes waiting for buffers
+        self._budget_paused = False  # not read: its in-capsule data overran the budget
         self.rx_pdus = 0  # PDUs received (per receive call): the stall watch's clock
         tcp = target.tcp
         self.budget = tcp.budget(reactor) if tcp is not None else _unbounded_budget()
@@ -175,6 +193,14 @@ class Qpair(asyncio.Protocol):
         self._watch_handle: asyncio.TimerHandle | None = None
         self._write_paused_at: float | None = None  # host not reading since (loop time)
         self._backlog: list[Any] = []  # PDUs received while the host was not reading
+        # ---- read data sent from lent DMA memory (see _reap_sent) ----
+        self._lent_new: list[Any] = []  # lent buffers whose PDUs are in _out
+        self._lent_wait: deque[tuple[int, list[Any]]] = deque()  # (end mark, buffers)
+        self._tx = 0  # bytes handed to the transport while lent buffers are tracked
+        self._tx_transport: Any = None
+        self._reap_handle: asyncio.TimerHandle | None = None
+        self._reap_delay = 0.0
+        self._reap_deadline = float("inf")
 
     def __str__(self) -> str:
         who = f"qid {self.qid}" if self.qid >= 0 else "unconnected"
@@ -221,7 +247,7 @@ class Qpair(asyncio.Protocol):
                     return
             self._handle_pdu(p)
         self._flush()
-        if not self.closed and self._write_paused_at is None:
+        if not self.closed and self._write_paused_at is None and not self._budget_paused:
             self.transport.resume_reading()
 
     def _congested(self, pdus: list[Any], p: Any) -> bool:
@@ -238,6 +264,7 @@ class Qpair(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._teardown("connection lost" if exc is None else f"connection lost: {exc}")
+        self._release_lent()  # the socket is closed: it reads no memory any more
 
     def data_received(self, data: bytes) -> None:
         if self.reactor.spin_on_io:
@@ -291,8 +318,83 @@ class Qpair(asyncio.Protocol):
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
             self.transport.writelines(out)
+            if self._lent_new or self._lent_wait:
+                self._tx_written(out)
         else:
             self._out.clear()
+            if self._lent_new:  # never handed to a socket
+                lent, self._lent_new = self._lent_new, []
+                for b in lent:
+                    b.release()
+
+    # ---- lent read data: released once the socket has it ----
+    def _tx_written(self, out: list[Any]) -> None:
+        """Count what ``writelines`` took and start waiting for the lent buffers in it.
+
+        Neither transport copies a memoryview it cannot send at once (verified in the
+        sources): uvloop's ``writelines`` appends ``memoryview(data).cast('b')`` to its
+        buffer and, when libuv's queue is not empty (or the protocol is paused), defers
+        the write to the end of the loop iteration; a partial write becomes a
+        ``uv_write`` that pins the views (PyObject_GetBuffer) until libuv has written
+        them. asyncio's selector transport (3.12+) keeps unsent views in a deque too
+        (3.11 copied them into a bytearray). So a lent buffer may be reused only when
+        its bytes have left the transport's buffer. Both count unsent bytes in
+        ``get_write_buffer_size()`` (uvloop: its buffer + libuv's write_queue_size,
+        which drops as bytes reach the kernel) and send in order, so a batch is gone
+        once fewer bytes are pending than were written after it."""
+        self._tx += sum(map(len, out))
+        self._tx_transport = self.transport
+        if self._lent_new:
+            self._lent_wait.append((self._tx, self._lent_new))
+            self._lent_new = []
+            self._reap_delay = 0.0
+        self._reap_sent()
+
+    def _reap_sent(self) -> None:
+        wait = self._lent_wait
+        t = self._tx_transport
+        if not wait or t is None:
+            return
+        sent = self._tx - t.get_write_buffer_size()
+        while wait and wait[0][0] <= sent:
+            for b in wait.popleft()[1]:
+                b.release()
+        if not wait:
+            self._tx = 0
+            self._tx_transport = None
+            return
+        loop = self.reactor.loop
+        if self._reap_handle is None and loop is not None:
+            # soon (uvloop sends deferred writes at the end of this iteration), then
+            # backing off to 10 ms while the host is slow to read
+            self._reap_handle = loop.call_later(self._reap_delay, self._reap_timer)
+            self._reap_delay = min(max(self._reap_delay * 2, 0.0002), 0.01)
+
+    def _reap_timer(self) -> None:
+        self._reap_handle = None
+        t = self._tx_transport
+        loop = self.reactor.loop
+        if (self.closed and t is not None and loop is not None
+                and loop.time() >= self._reap_deadline):
+            # closed by us with read data still queued: a host that reads nothing must
+            # not keep the device's buffers; give it 5 s, then drop what is unsent
+            t.abort()
+            self._release_lent()
+            return
+        self._reap_sent()
+
+    def _release_lent(self) -> None:
+        """The transport is gone (or never got the data): release every lent buffer."""
+        if self._reap_handle is not None:
+            self._reap_handle.cancel()
+            self._reap_handle = None
+        lent, self._lent_new = self._lent_new, []
+        while self._lent_wait:
+            lent.extend(self._lent_wait.popleft()[1])
+        self._tx = 0
+        self._tx_transport = None
+        for b in lent:
+            b.release()
 
     def terminate(self, err: pdu.ProtocolError) -> None:
         """Fatal transport error: C2HTermReq (unless forbidden), then close."""
@@ -328,6 +430,10 @@ class Qpair(asyncio.Protocol):
         self.closed = True
         for req in list(self.requests.values()):
             req.done = True  # bdev completions arriving later are dropped
+        for req in self.r2t_pending.values():
+            if req.dma is not None:  # still receiving: no bdev I/O holds the memory
+                req.dma.release()
+                req.dma = None
         self.requests.clear()
         self.r2t_pending.clear()
         self.r2t_waiting.clear()
@@ -345,6 +451,18 @@ class Qpair(asyncio.Protocol):
         tcp = self.target.tcp
         if tcp is not None:
             tcp.unregister_qpair(self.reactor, self)
+        if self._lent_wait or self._lent_new:
+            # closed by us: the transport may still be sending read data from lent
+            # memory; _reap_sent goes on until it has (or connection_lost, or 5 s)
+            loop = self.reactor.loop
+            self._reap_deadline = loop.time() + 5.0 if loop is not None else 0.0
+            for b in self._lent_new:
+                b.release()  # (close() flushed _out; these never reached the socket)
+            self._lent_new = []
+            if self._tx_transport is None or loop is None:
+                self._release_lent()
+            else:
+                self._reap_sent()
         self.transport = None
 
     # ---- PDUs ----
@@ -428,6 +546,13 @@ class Qpair(asyncio.Protocol):
                 return
             req.data = icd
             req.received = length
+            req.icd_held = length
+            if not self.budget.hold(self, length) and not self.r2t_pending:
+                # (a connection with an R2T outstanding keeps reading: its data is what
+                # returns the buffers)
+                self._budget_paused = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
             self._execute(req)
             return
         if length == 0 or direction == DIR_NONE:
@@ -475,7 +600,13 @@ class Qpair(asyncio.Protocol):
         self._send_r2t(req)
 
     def resume_r2t(self) -> None:
-        """Called by the budget when buffers were returned: start waiting writes."""
+        """Called by the budget when buffers were returned: read again if in-capsule
+        data had paused us, and start waiting writes."""
+        if self._budget_paused:
+            self._budget_paused = False
+            if (self.transport is not None and not self.closed
+                    and self._write_paused_at is None):
+                self.transport.resume_reading()
         waiting = self.r2t_waiting
         while waiting and not self.closed:
             req = waiting[0]
@@ -495,8 +626,30 @@ class Qpair(asyncio.Protocol):
             self._next_ttag = (self._next_ttag + 1) & 0xFFFF
         req.ttag = ttag
         req.data = None  # _h2c_data allocates it unless one PDU brings the whole transfer
+        if req.opcode == OPC_WRITE and self.qid > 0:
+            self._lend_write_buffer(req)
         self.r2t_pending[ttag] = req
         self._send(pdu.R2T(cccid=req.cid, ttag=ttag, r2to=0, r2tl=req.xfer_len))
+
+    def _lend_write_buffer(self, req: Request) -> None:
+        """Let the namespace's bdev channel lend memory for the data (the NVMe PCIe bdev
+        lends the DMA buffer the command's PRPs will point at), so the data lands where
+        the device reads it. The channel is found and cached as io._channel does (the
+        write needs it anyway); for other bdevs this costs two lookups per R2T."""
+        sub = self.subsystem
+        ns = sub.namespaces.get(req.nsid) if sub is not None else None
+        if ns is None:
+            return  # dispatch fails the command
+        cached = self.channels.get(req.nsid)
+        if cached is None or cached[0] is not ns:
+            try:
+                cached = (ns, ns.bdev.get_io_channel(self.reactor))
+            except Exception:  # (e.g. a removed device): the write fails it properly
+                return
+            self.channels[req.nsid] = cached
+        alloc = cached[1].alloc_data_buffer
+        if alloc is not None:
+            req.dma = alloc(req.xfer_len)
 
     def _h2c_data(self, p: pdu.H2CData, corrupt: bool = False) -> None:
         """Place one H2CData PDU. ``corrupt``: its data digest failed; the PDU is still
@@ -524,7 +677,12 @@ class Qpair(asyncio.Protocol):
         if corrupt:
             req.bad_data = True
         elif not req.done:
-            if n == req.xfer_len:
+            dma = req.dma
+            if dma is not None:
+                dma.mem[p.datao : p.datao + n] = p.data
+                if req.data is None:
+                    req.data = dma.mem[: req.xfer_len]
+            elif n == req.xfer_len:
                 # The whole transfer in one PDU (datao is 0, checked above): keep the
                 # decoder's view (immutable bytes) instead of zero-filling a buffer and
                 # copying into it; that was two of the four passes over a 128 KiB write.
@@ -594,15 +752,21 @@ class Qpair(asyncio.Protocol):
             req.fail(SC_INTERNAL)
 
     # ---- controller to host data ----
-    def send_c2h(self, req: Request, buf: Any) -> None:
+    def send_c2h(self, req: Request, buf: Any, lent: Any = None) -> None:
         """Send read data. A view of live bdev memory is snapshotted first: the socket
         may still hold it after a later write to the same blocks completes, which would
-        tear the block the host reads and break the data digest computed here."""
+        tear the block the host reads and break the data digest computed here.
+        Memory lent for this one read (``lent``, a DataBuffer) is sent as is: nothing
+        else writes it until it is released, after the transport took the bytes."""
         xfer = req.xfer_len
         total = len(buf)
         if xfer and xfer < total:
             total = xfer
-        data = _wire_data(buf, total)
+        if lent is not None:
+            data = buf if len(buf) == total else buf[:total]
+            self._lent_new.append(lent)  # (digests below are computed before release)
+        else:
+            data = _wire_data(buf, total)
         chunk = self.c2h_chunk
         if total <= chunk:  # the common case: one PDU, no slicing
             self._out.extend(pdu.encode_c2h(req.cid, 0, data, True, self.c2h_success_ok,
@@ -627,6 +791,9 @@ class Qpair(asyncio.Protocol):
                response_sent: bool = False) -> None:
         if self.requests.get(req.cid) is req:
             del self.requests[req.cid]
+        if req.dma is not None:  # the command is over: its lent write memory goes back
+            req.dma.release()
+            req.dma = None
         if self.closed:
             return  # (teardown returned every buffer of the connection)
         if status:
@@ -642,6 +809,8 @@ class Qpair(asyncio.Protocol):
         if req.ttag >= 0:
             # its R2T buffer, after the response: a waiting write's R2T may go out now
             self.budget.give_back(self, req.xfer_len)
+        elif req.icd_held:
+            self.budget.give_back(self, req.icd_held)
 
     def _respond(self, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> None:
         sqhd = 0 if self.sq_flow_disabled else self.sqhd
@@ -679,7 +848,9 @@ class Qpair(asyncio.Protocol):
         if self.closed or watch is None or loop is None:
             return
         verdict = watch.check(loop.time(), connected=self.qid >= 0,
-                              buffered=self.decoder.buffered, pdus=self.rx_pdus,
+                              # (not read while paused for the budget: not its stall)
+                              buffered=0 if self._budget_paused else self.decoder.buffered,
+                              pdus=self.rx_pdus,
                               r2t_pending=self.r2t_pending,
                               write_paused_since=self._write_paused_at)
         if verdict is not None:

@@ -214,6 +214,20 @@ async def main():
     print(f"final verify of {len(lbas)} blocks ok")
     await ctrl.close()
 
+    # the data path was zero-copy: R2T write data landed in the queue's DMA buffers and
+    # reads were sent from them (in-capsule writes, <= 8 KiB, are still copied), and
+    # every lent buffer is back once the connection is gone
+    for _ in range(50):
+        dp = rpc("bdev_get_bdevs", {"name": "Nvme0n1"})[0]["driver_specific"]["nvme"][0][
+            "data_path"]
+        if dp["lent_buffers"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    print("data path:", json.dumps(dp, sort_keys=True))
+    assert dp["zero_copy_writes"] > 0 and dp["zero_copy_reads"] > 0, dp
+    assert dp["zero_copy_reads"] > dp["copied_reads"], dp
+    assert dp["lent_buffers"] == 0, dp
+
     saved = rpc("save_config")
     calls = [c for sub in saved["subsystems"] if sub["subsystem"] == "bdev"
              for c in sub["config"]]
@@ -318,6 +332,8 @@ def test_vfio_nvme_setup_attach_export_reset_detach(vm: Guest) -> None:
     # re-submit); a controller that drops them gets them re-submitted (unit-tested)
     assert re.search(r"[1-9]\d* command\(s\) were in flight", target_log), target_log
     assert "hugepages" in target_log, "the log says which memory backs DMA"
+    dp = json.loads(re.search(r"data path: (\{.*\})", out).group(1))
+    assert dp["zero_copy_writes"] > 0 and dp["zero_copy_reads"] > 0, dp
     # the image on the host holds the same blocks the kernel driver read back
     m = json.loads((res.rundir / "manifest.json").read_text())
     bs = m["bs"]
