@@ -331,6 +331,19 @@ def encode_success2(tid: int) -> bytes:
 # ---------------------------------------------------------------------------
 
 
+def _parse_names(names: Iterable[str], table: dict[str, int], what: str,
+                 choices: str) -> list[int]:
+    """Configured names -> sorted unique ids; an unknown or empty list is an error."""
+    out = []
+    for n in names:
+        if n not in table:
+            raise ValueError(f"unknown {what} {n!r} ({choices})")
+        out.append(int(table[n]))
+    if not out:
+        raise ValueError(f"at least one {what} is required")
+    return sorted(set(out))
+
+
 @dataclass
 class DhchapOptions:
     """Allowed hash functions and DH groups. Default: all of them, as SPDK; the
@@ -341,25 +354,11 @@ class DhchapOptions:
 
     @staticmethod
     def parse_digests(names: Iterable[str]) -> list[int]:
-        out = []
-        for n in names:
-            if n not in DIGEST_BY_NAME:
-                raise ValueError(f"unknown digest {n!r} (sha256, sha384, sha512)")
-            out.append(int(DIGEST_BY_NAME[n]))
-        if not out:
-            raise ValueError("at least one digest is required")
-        return sorted(set(out))
+        return _parse_names(names, DIGEST_BY_NAME, "digest", "sha256, sha384, sha512")
 
     @staticmethod
     def parse_dhgroups(names: Iterable[str]) -> list[int]:
-        out = []
-        for n in names:
-            if n not in DHGROUP_BY_NAME:
-                raise ValueError(f"unknown dhgroup {n!r} (null, ffdhe2048 ... ffdhe8192)")
-            out.append(int(DHGROUP_BY_NAME[n]))
-        if not out:
-            raise ValueError("at least one dhgroup is required")
-        return sorted(set(out))
+        return _parse_names(names, DHGROUP_BY_NAME, "dhgroup", "null, ffdhe2048 ... ffdhe8192")
 
     def describe(self) -> dict[str, list[str]]:
         return {"dhchap_digests": [HASH_NAME[HashId(h)] for h in self.digests],
