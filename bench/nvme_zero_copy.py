@@ -4,8 +4,12 @@ One process: a target with one reactor exports a namespace of the fake PCIe NVMe
 controller from tests/unit/test_nvme_driver.py (its "device" reads and writes our DMA
 memory through a fake IOMMU, in Python), and the project's initiator runs 128 KiB reads
 and writes at QD8 with data digests over 127.0.0.1. Each round runs both data paths:
-zero-copy (the default: R2T data received into the queue's DMA buffers, C2H sent from
-them) and copying (lending switched off, ``lend_cap = 0``, the path used before).
+zero-copy (the default: R2T data received into the queue's DMA buffers, large H2CData
+payloads by the kernel itself, C2H sent from them), "no-direct-rx" (lent buffers, but
+the payload copied in from the received ``bytes``: ``qpair.DIRECT_RX_MIN`` out of reach)
+and copying (lending switched off, ``lend_cap = 0``, the path used before). Write cells
+also print how many payload bytes the kernel received straight into DMA memory and how
+many were copied into it (``rx_direct_bytes``/``rx_copied_bytes``).
 
 What this measures is CPU per I/O of the whole process (target + initiator + fake
 device), so the difference between the rows is the copies saved, diluted by everything
@@ -34,6 +38,7 @@ from blocktarget.app import Target  # noqa: E402
 from blocktarget.bdevs import nvme_pcie  # noqa: E402
 from blocktarget.config import Settings  # noqa: E402
 from blocktarget.host.controller import connect  # noqa: E402
+from blocktarget.nvme import qpair  # noqa: E402
 from blocktarget.nvme.driver.ctrlr import Controller  # noqa: E402
 from blocktarget.nvme.driver.dma import DmaAllocator  # noqa: E402
 from blocktarget.rpc import call_method  # noqa: E402
@@ -75,12 +80,16 @@ async def main(seconds: float, rounds: int) -> None:
     nlb = IO_BYTES // 512
     await ctrl.write(1, 0, data)
     pc = nvme_pcie.get_controller("Zb")
-    print(f"{'round':>5} {'path':9} {'op':5} {'IOPS':>7} {'MiB/s':>7} {'CPU us/IO':>10}")
+    direct_min = qpair.DIRECT_RX_MIN
+    print(f"{'round':>5} {'path':12} {'op':5} {'IOPS':>7} {'MiB/s':>7} {'CPU us/IO':>10}"
+          f"  rx direct/copied bytes")
     for rnd in range(1, rounds + 1):
-        for mode in ("zero-copy", "copy"):
+        for mode in ("zero-copy", "no-direct-rx", "copy"):
             for rq in pc.queues.values():
                 rq.lend_cap = 0 if mode == "copy" else max(1, rq.q.pool.max_count // 2)
+            qpair.DIRECT_RX_MIN = direct_min if mode == "zero-copy" else 1 << 62
             for kind in ("read", "write"):
+                c0 = pc.data_path_counters()
                 n = 0
                 t0 = time.perf_counter()
                 cpu0 = time.process_time()
@@ -97,8 +106,13 @@ async def main(seconds: float, rounds: int) -> None:
                 await asyncio.gather(*[worker() for _ in range(QD)])
                 el = time.perf_counter() - t0
                 cpu = time.process_time() - cpu0
-                print(f"{rnd:>5} {mode:9} {kind:5} {n / el:7.0f} {n * IO_BYTES / el / 2**20:7.1f} "
-                      f"{cpu / n * 1e6:10.0f}")
+                c1 = pc.data_path_counters()
+                rx = (f"  {c1['rx_direct_bytes'] - c0['rx_direct_bytes']}/"
+                      f"{c1['rx_copied_bytes'] - c0['rx_copied_bytes']}"
+                      if kind == "write" else "")
+                print(f"{rnd:>5} {mode:12} {kind:5} {n / el:7.0f} "
+                      f"{n * IO_BYTES / el / 2**20:7.1f} {cpu / n * 1e6:10.0f}{rx}")
+    qpair.DIRECT_RX_MIN = direct_min
     print("data path counters:", pc.data_path_counters())
     print(f"load average: {os.getloadavg()}")
     await ctrl.disconnect()

@@ -78,9 +78,13 @@ class DataBuffer(Protocol):
     ``mem`` is writable and at least as long as asked for. Whoever holds it calls
     ``release()`` exactly once, when nothing can touch ``mem`` any more: for write data
     after the bdev I/O completed (or when the command never ran), for read data after
-    the transport has taken the bytes (see nvme/qpair.py ``_reap_sent``)."""
+    the transport has taken the bytes (see nvme/qpair.py ``_reap_sent``).
+    ``rx_direct``/``rx_copied``: bytes of write data the transport had the kernel
+    receive straight into ``mem`` / copied into it, for the lender's counters."""
 
     mem: memoryview
+    rx_direct: int
+    rx_copied: int
 
     def release(self) -> None: ...
 

@@ -13,7 +13,9 @@ where NVMe/TCP is the caller (the bdev layer's DataBuffer lending, bdev.py):
 
 * writes: when the qpair sends an R2T it asks the channel (``alloc_data_buffer``) for a
   pool buffer; the H2CData payload is placed straight into it and the command's PRPs
-  point at it. The request holds it until it finishes (or its connection goes away
+  point at it. A large payload (16 KiB or more still to come once its header is in) is
+  received by the kernel into the buffer itself (qpair ``_try_direct``); smaller ones,
+  and bytes that arrived with the header, are copied in from the received ``bytes``. The request holds it until it finishes (or its connection goes away
   while it waits for data; a command still at the device keeps it until completion,
   re-submission after a controller reset included) and then releases it.
 * reads: the device writes a pool buffer; the bdev completes with a view of it and the
@@ -70,6 +72,9 @@ FUA_BIT = 1 << 30
 DSM_AD = 1 << 2
 MAX_WZ_BLOCKS = 1 << 16  # NLB is a 16-bit 0's based field
 MAX_DSM_RANGE_BLOCKS = 0xFFFFFFFF
+# data_path counters (driver_specific), kept per queue and summed
+_COUNTERS = ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes",
+             "rx_direct_bytes", "rx_copied_bytes")
 
 
 # ---------------------------------------------------------------------------
@@ -97,6 +102,10 @@ class ReactorQueue:
         self.zero_copy_writes = 0
         self.copied_reads = 0
         self.copied_writes = 0
+        # bytes of R2T write data placed into lent buffers: received by the kernel
+        # straight into them (NVMe/TCP's direct receive) or copied in from Python bytes
+        self.rx_direct_bytes = 0
+        self.rx_copied_bytes = 0
         self._next_tick = 0.0
         self._kick = reactor.kick if reactor is not None else _noop
 
@@ -148,12 +157,14 @@ class LentBuffer:
     data is received into ``mem`` and the command's PRPs point at it; read data is sent
     from it. ``release`` gives it back to the pool once, however often it is called."""
 
-    __slots__ = ("rq", "buf", "mem")
+    __slots__ = ("rq", "buf", "mem", "rx_direct", "rx_copied")
 
     def __init__(self, rq: ReactorQueue, buf: DmaBuffer, nbytes: int) -> None:
         self.rq = rq
         self.buf: DmaBuffer | None = buf
         self.mem = buf.mem[:nbytes]
+        self.rx_direct = 0  # (bdev.DataBuffer: the transport counts how data came in)
+        self.rx_copied = 0
 
     def release(self) -> None:
         buf = self.buf
@@ -161,6 +172,8 @@ class LentBuffer:
             self.buf = None
             rq = self.rq
             rq.lent -= 1
+            rq.rx_direct_bytes += self.rx_direct
+            rq.rx_copied_bytes += self.rx_copied
             rq.put_buffer(buf)
 
 
@@ -469,8 +482,10 @@ class PcieController:
     def data_path_counters(self) -> dict[str, int]:
         """NVMe read/write commands whose data moved zero-copy (DMA memory lent to the
         NVMe/TCP transport) or through a copy, summed over its queues (released ones
-        included); ``lent_buffers``: buffers the transport holds right now."""
-        keys = ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes")
+        included); ``rx_direct_bytes``/``rx_copied_bytes``: R2T write data the kernel
+        received straight into lent buffers / the transport copied into them;
+        ``lent_buffers``: buffers the transport holds right now."""
+        keys = _COUNTERS
         qs = list(self.queues.values())
         out = {k: self._retired_counts.get(k, 0) + sum(getattr(rq, k) for rq in qs)
                for k in keys}
@@ -503,7 +518,7 @@ class PcieController:
         key = reactor.index if reactor is not None else -1
         if self.queues.get(key) is rq:
             del self.queues[key]
-        for k in ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes"):
+        for k in _COUNTERS:
             self._retired_counts[k] = self._retired_counts.get(k, 0) + getattr(rq, k)
         if rq.poller is not None and reactor is not None:
             reactor.unregister_poller(rq.poller)

@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Any, Final
 
 from crc32c import crc32c as _crc32c
 
@@ -590,6 +590,8 @@ class Decoder:
         "_accept",
         "_align",
         "_ddgst",
+        "_div",
+        "_div_held",
         "_error",
         "_hdgst",
         "_hdr",
@@ -633,6 +635,10 @@ class Decoder:
         # the whole _check_common. Only valid for the current digests/alignment, so
         # cleared when they change; bounded, so a hostile peer cannot grow it.
         self._known: dict[int, _Header] = {}
+        # A payload diverted by divert(): (PDU, header tuple, header bytes, destination,
+        # complete); _div_held counts its bytes as buffered for the stall watch.
+        self._div: list[Any] | None = None
+        self._div_held = 0
 
     # -- configuration ---------------------------------------------------------
 
@@ -653,7 +659,7 @@ class Decoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as PDUs."""
-        return len(self._view) - self._pos + self._more_len
+        return len(self._view) - self._pos + self._more_len + self._div_held
 
     @property
     def error(self) -> ProtocolError | None:
@@ -692,9 +698,97 @@ class Decoder:
             self._pos = 0
             self._more.clear()
             self._more_len = 0
+            self._div = None
+            self._div_held = 0
             exc.pdus = out
             raise
         return out
+
+    # -- direct placement of a data payload ----------------------------------------
+
+    def data_header(self, min_left: int) -> tuple[H2CData, int] | None:
+        """The H2CData PDU being received, as ``(pdu with empty data, payload length)``,
+        once its header (and header digest, and padding) is complete and at least
+        ``min_left`` bytes of its payload have yet to arrive; otherwise None.
+
+        For a caller that wants the rest of the payload received straight into its own
+        memory (divert). A header that fails its digest or DATAL check gives None: that
+        PDU then takes the normal path, which reports the error once it is complete,
+        exactly as if nothing had been tried."""
+        hdr = self._hdr
+        if hdr is None or hdr[0] != _T_H2C_DATA or self._div is not None:
+            return None
+        pdo = hdr[3]
+        got = len(self._view) - self._pos + self._more_len - pdo  # payload bytes in
+        if got < 0 or hdr[6] - got < min_left:
+            return None
+        if len(self._view) - self._pos < pdo:
+            self._gather(pdo)  # (copies the header only: the payload is not in yet)
+        view, pos, hlen = self._view, self._pos, hdr[2]
+        if hdr[5] and _U32.unpack_from(view, pos + hlen)[0] != _crc32c(view[pos : pos + hlen]):
+            return None
+        cccid, ttag, datao, datal = _DATA_FIELDS.unpack_from(view, pos + 8)
+        if datal != hdr[6]:
+            return None
+        return H2CData(cccid, ttag, datao, b"", bool(hdr[1] & FLAG_DATA_LAST)), datal
+
+    def divert(self, p: H2CData, dest: memoryview) -> int:
+        """Take the payload of the PDU ``data_header`` just returned (``p``) out of the
+        stream into ``dest`` (exactly the payload's length): the payload bytes already
+        buffered are copied there (returns how many) and the caller receives the rest
+        into ``dest`` itself, then calls ``end_divert``. Meanwhile the decoder holds no
+        other bytes and must not be fed. The PDU comes out of the next ``feed`` after
+        ``end_divert`` with ``dest`` as its data, its data digest (if any) checked over
+        ``dest`` as for any PDU (DataDigestError)."""
+        hdr = self._hdr
+        assert hdr is not None and self._div is None and len(dest) == hdr[6]
+        view, pos, pdo = self._view, self._pos, hdr[3]
+        header = bytes(view[pos : pos + hdr[2]])
+        rest = view[pos + pdo :]
+        n = len(rest)
+        dest[:n] = rest
+        more = self._more
+        while more:
+            chunk = more.popleft()
+            dest[n : n + len(chunk)] = chunk
+            n += len(chunk)
+        self._more_len = 0
+        self._view = _EMPTY
+        self._pos = 0
+        self._hdr = None
+        self._div = [p, hdr, header, dest, False]
+        self._div_held = pdo + n
+        return n
+
+    def end_divert(self) -> None:
+        """The diverted payload is complete in its destination."""
+        div = self._div
+        assert div is not None
+        div[4] = True
+        self._div_held = div[1][3] + div[1][6]
+
+    def _finish_divert(self, out: list[Pdu]) -> bool:
+        """Emit the diverted PDU once its payload and data digest are in."""
+        p, hdr, header, dest, complete = self._div  # type: ignore[misc]
+        if not complete:
+            return False
+        got = 0
+        if hdr[7]:
+            have = len(self._view) - self._pos
+            if have + self._more_len < DIGEST_LEN:
+                return False
+            if have < DIGEST_LEN:
+                self._gather(DIGEST_LEN)
+            (got,) = _U32.unpack_from(self._view, self._pos)
+            self._pos += DIGEST_LEN
+        self._div = None
+        self._div_held = 0
+        p.data = dest
+        if hdr[7] and got != _crc32c(dest):
+            raise DataDigestError(f"data digest mismatch (cccid {p.cccid})",
+                                  pdu=p, cccid=p.cccid, header=header)
+        out.append(p)
+        return True
 
     def _push(self, data: Buffer) -> None:
         more = self._more
@@ -722,6 +816,8 @@ class Decoder:
         return memoryview(bytes(chunk)) if type(chunk) is bytearray else chunk
 
     def _decode_available(self, out: list[Pdu]) -> None:
+        if self._div is not None and not self._finish_divert(out):
+            return
         while True:
             have = len(self._view) - self._pos
             if have == 0:

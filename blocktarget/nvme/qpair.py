@@ -50,6 +50,10 @@ SC_INTERNAL = spec.make_status(G, spec.GenericStatus.INTERNAL)
 OUT_BATCH = 64
 ADMIN_ICD = 8192  # in-capsule data accepted on admin queues (Connect data is 1 KiB)
 MAXH2CDATA = 0x20000  # largest H2CData payload we accept (ICResp), as SPDK's 128 KiB
+# An H2CData payload into lent DMA memory with at least this much still to arrive is
+# received by the kernel straight into that memory (see _try_direct); below it, the
+# protocol switch costs more than the copy it saves.
+DIRECT_RX_MIN = 16384
 
 FABRICS_OPCODE = spec.FABRICS_OPCODE
 DIR_NONE = int(spec.DataTransfer.NONE)
@@ -201,6 +205,12 @@ class Qpair(asyncio.Protocol):
         self._reap_handle: asyncio.TimerHandle | None = None
         self._reap_delay = 0.0
         self._reap_deadline = float("inf")
+        # ---- write data received straight into lent DMA memory (see _try_direct) ----
+        self._lends = False  # a bdev lent write memory on this connection (sticky)
+        self._rx_req: Request | None = None  # whose payload is being received directly
+        self._rx_view: memoryview | None = None  # where (the PDU's slice of req.dma.mem)
+        self._rx_pos = 0  # bytes of it already in
+        self._direct_rx: _DirectReceiver | None = None
 
     def __str__(self) -> str:
         who = f"qid {self.qid}" if self.qid >= 0 else "unconnected"
@@ -303,8 +313,62 @@ class Qpair(asyncio.Protocol):
                     chunk = b""
                     continue
                 break
+            if self._lends and not self.closed and self._rx_view is None:
+                self._try_direct()
         finally:
             self._flush()  # also on the early returns: resets _flush_scheduled
+
+    # ---- write data received by the kernel straight into lent DMA memory ----
+    def _try_direct(self) -> None:
+        """If the PDU being received is an H2CData whose request has lent memory
+        (bdev.DataBuffer: the NVMe PCIe bdev's DMA buffer) and whose payload still has
+        DIRECT_RX_MIN bytes or more to come, have the kernel receive the rest of it
+        straight into that memory: the socket read becomes the only copy, as SPDK's
+        readv() into its DMA buffers. The transport is switched to a BufferedProtocol
+        (uvloop and asyncio read into get_buffer()'s memory) for the payload's remainder
+        only; the staging through Python bytes stays for everything else, where it is
+        cheaper. Only a PDU that would be placed as is qualifies: any error (unknown
+        ttag, range, size, aborted command, digest) leaves it to the normal path."""
+        got = self.decoder.data_header(DIRECT_RX_MIN)
+        if got is None:
+            return
+        p, n = got
+        req = self.r2t_pending.get(p.ttag)
+        if (req is None or req.cid != p.cccid or req.done or req.bad_data
+                or req.dma is None or p.datao != req.received
+                or p.datao + n > req.xfer_len or n > self.maxh2cdata):
+            return
+        transport = self.transport
+        set_protocol = getattr(transport, "set_protocol", None)
+        if set_protocol is None or transport is None or transport.is_closing():
+            return  # (unit tests' fake transports)
+        dma = req.dma
+        view = dma.mem[p.datao : p.datao + n]
+        copied = self.decoder.divert(p, view)
+        dma.rx_copied += copied
+        self._rx_req, self._rx_view, self._rx_pos = req, view, copied
+        if self._direct_rx is None:
+            self._direct_rx = _DirectReceiver(self)
+        set_protocol(self._direct_rx)
+
+    def _direct_received(self, nbytes: int) -> None:
+        """The kernel put ``nbytes`` more of the payload in place; once it is complete,
+        back to data_received, which emits the PDU (after its data digest, if any)."""
+        view = self._rx_view
+        if view is None or self.closed:
+            return
+        self._rx_pos += nbytes
+        req = self._rx_req
+        if req is not None and req.dma is not None:
+            req.dma.rx_direct += nbytes
+        if self._rx_pos < len(view):
+            if self.reactor.spin_on_io:
+                self.reactor.note_io()
+            return
+        self.decoder.end_divert()
+        if self.transport is not None:
+            self.transport.set_protocol(self)
+        self.data_received(b"")
 
     # ---- output ----
     def _send(self, p: pdu.Pdu) -> None:
@@ -650,6 +714,8 @@ class Qpair(asyncio.Protocol):
         alloc = cached[1].alloc_data_buffer
         if alloc is not None:
             req.dma = alloc(req.xfer_len)
+            if req.dma is not None:
+                self._lends = True  # from now on data_received looks for large payloads
 
     def _h2c_data(self, p: pdu.H2CData, corrupt: bool = False) -> None:
         """Place one H2CData PDU. ``corrupt``: its data digest failed; the PDU is still
@@ -663,6 +729,12 @@ class Qpair(asyncio.Protocol):
                         self._h2c_header(p))
             return
         n = len(p.data)
+        direct = p.data is self._rx_view  # received straight into req.dma.mem
+        if direct:
+            self._rx_req = self._rx_view = None
+            if req.done and req.dma is not None:  # (finish() left it to us: release now)
+                req.dma.release()
+                req.dma = None
         # FEI is defined only for Invalid Header Field / Unsupported Parameter (the
         # offending field's offset); for the other FES values it is reserved: 0.
         if p.datao != req.received or p.datao + n > req.xfer_len:
@@ -679,7 +751,9 @@ class Qpair(asyncio.Protocol):
         elif not req.done:
             dma = req.dma
             if dma is not None:
-                dma.mem[p.datao : p.datao + n] = p.data
+                if not direct:
+                    dma.mem[p.datao : p.datao + n] = p.data
+                    dma.rx_copied += n
                 if req.data is None:
                     req.data = dma.mem[: req.xfer_len]
             elif n == req.xfer_len:
@@ -791,7 +865,9 @@ class Qpair(asyncio.Protocol):
                response_sent: bool = False) -> None:
         if self.requests.get(req.cid) is req:
             del self.requests[req.cid]
-        if req.dma is not None:  # the command is over: its lent write memory goes back
+        if req.dma is not None and req is not self._rx_req:
+            # the command is over: its lent write memory goes back (unless the kernel is
+            # receiving its data into it: then when that payload is complete, _h2c_data)
             req.dma.release()
             req.dma = None
         if self.closed:
@@ -893,6 +969,39 @@ def _wire_data(buf: Any, total: int) -> bytes | memoryview:
     if mv.readonly and type(mv.obj) is bytes:
         return mv[:total]
     return mv[:total].tobytes()
+
+
+class _DirectReceiver(asyncio.BufferedProtocol):
+    """The connection's protocol while an H2CData payload is received straight into
+    lent memory (Qpair._try_direct): get_buffer() is the payload's remainder, so the
+    kernel writes nothing else there, and every other event goes to the Qpair."""
+
+    __slots__ = ("qp",)
+
+    def __init__(self, qp: Qpair) -> None:
+        self.qp = qp
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        qp = self.qp
+        view = qp._rx_view
+        if view is None:  # never while reading: the Qpair switched back first
+            raise RuntimeError(f"{qp}: no payload to receive into")
+        return view[qp._rx_pos :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.qp._direct_received(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return self.qp.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.qp.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.qp.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.qp.resume_writing()
 
 
 def _unbounded_budget() -> DataBudget:

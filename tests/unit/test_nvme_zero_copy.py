@@ -8,6 +8,9 @@ half-way through a transfer. What is proven:
 
 * write data is received into the very DMA buffer the device's PRPs point at, and read
   data is sent from the buffer the device wrote (no copy; the driver counters agree);
+* a large H2CData payload is received by the kernel itself into that buffer: no
+  user-space copy and no Python ``bytes`` for it (rx_direct_bytes, bytes seen by
+  data_received), digests checked over the DMA memory;
 * every lent buffer comes back: after each I/O, with digests on, when the host
   disconnects in the middle of an R2T transfer, and when the host stops reading (the
   buffer stays lent while the socket holds its bytes, then returns).
@@ -179,8 +182,12 @@ async def test_write_and_read_move_through_dma_memory_without_copies(rig: Rig,
     await rig.settle(lambda: rig.counters()["lent_buffers"] == 0 and rig.in_use() == 0)
 
 
-def _raw(sock: socket.socket, p: Any) -> None:
-    sock.sendall(b"".join(bytes(b) for b in pdu.encode(p)))
+def _raw(sock: socket.socket, p: Any, digests: bool = False) -> None:
+    sock.sendall(_wire(p, digests))
+
+
+def _wire(p: Any, digests: bool = False) -> bytes:
+    return b"".join(bytes(b) for b in pdu.encode(p, hdgst=digests, ddgst=digests))
 
 
 def _recv_pdu(sock: socket.socket, dec: pdu.Decoder, pending: list[Any]) -> Any:
@@ -191,18 +198,21 @@ def _recv_pdu(sock: socket.socket, dec: pdu.Decoder, pending: list[Any]) -> Any:
     return pending.pop(0)
 
 
-def _raw_io_queue(port: int, cntlid: int) -> tuple[socket.socket, pdu.Decoder, list[Any]]:
-    """An I/O queue (qid 2) by hand: ICReq, Fabrics Connect."""
+def _raw_io_queue(port: int, cntlid: int, digests: bool = False,
+                  ) -> tuple[socket.socket, pdu.Decoder, list[Any]]:
+    """An I/O queue (qid 2) by hand: ICReq (header and data digests if ``digests``),
+    Fabrics Connect."""
     from blocktarget.host.controller import default_hostid
 
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     dec = pdu.Decoder(expect=pdu.CONTROLLER_TO_HOST)
     pending: list[Any] = []
-    _raw(sock, pdu.ICReq())
+    _raw(sock, pdu.ICReq(dgst=pdu.DGST_HEADER | pdu.DGST_DATA if digests else 0))
     assert type(_recv_pdu(sock, dec, pending)) is pdu.ICResp
+    dec.set_digests(digests, digests)
     hostid = default_hostid(HOSTNQN)  # the admin queue's, as the initiator sent it
     _raw(sock, pdu.CapsuleCmd(build_connect_sqe(0, 2, 31, 0),
-                              build_connect_data(hostid, cntlid, NQN, HOSTNQN)))
+                              build_connect_data(hostid, cntlid, NQN, HOSTNQN)), digests)
     resp = _recv_pdu(sock, dec, pending)
     assert type(resp) is pdu.CapsuleResp and parse_cqe(resp.cqe).status == 0
     return sock, dec, pending
@@ -308,6 +318,8 @@ def test_lent_buffer_release_is_idempotent() -> None:
 
     class RQ:
         lent = 1
+        rx_direct_bytes = 0
+        rx_copied_bytes = 0
 
         def __init__(self) -> None:
             self.q = Q()
@@ -351,6 +363,130 @@ async def test_controller_reset_resubmits_with_the_lent_buffer(rig: Rig) -> None
         assert c["zero_copy_writes"] >= 2 and c["zero_copy_reads"] == 1, c
         assert c["copied_writes"] == 0 and c["copied_reads"] == 0, c
         await rig.settle(lambda: rig.counters()["lent_buffers"] == 0)
+    finally:
+        await ctrl.disconnect()
+    await rig.settle(lambda: rig.in_use() == 0)
+
+
+@pytest.mark.parametrize("digests", [False, True])
+async def test_large_h2c_payload_is_received_by_the_kernel_into_the_lent_buffer(
+        rig: Rig, digests: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An H2CData payload with >= DIRECT_RX_MIN bytes still to come once its header is
+    in is read by the kernel straight into the lent DMA buffer: only the header and the
+    payload bytes that came with it pass through Python bytes (data_received) and are
+    copied; the rest never does. Sent in pieces with pauses, so the payload takes
+    several socket reads. Also: a corrupt data digest over the DMA memory fails the
+    command and keeps the connection; an abort in the middle keeps the buffer lent
+    until the kernel is done writing into it; a disconnect in the middle releases it."""
+    from blocktarget.host.controller import connect
+    from blocktarget.nvme import qpair as qpair_mod
+
+    fed = [0]  # bytes delivered to any Qpair as Python bytes objects
+    orig_received = qpair_mod.Qpair.data_received
+
+    def data_received(self: Any, data: bytes) -> None:
+        fed[0] += len(data)
+        orig_received(self, data)
+
+    monkeypatch.setattr(qpair_mod.Qpair, "data_received", data_received)
+    n, first = 128 * 1024, 1000
+    assert n - first >= qpair_mod.DIRECT_RX_MIN
+
+    def write_cmd(cid: int, lba: int) -> pdu.CapsuleCmd:
+        sqe = build_sqe(spec.IoOpcode.WRITE, cid, 1, flags=PSDT_SGL, sgl_len=n,
+                        sgl_id=spec.SGL_ID_TRANSPORT, cdw10=lba, cdw12=n // BS - 1)
+        return pdu.CapsuleCmd(sqe, b"")
+
+    async def send(sock: socket.socket, data: bytes) -> None:
+        await asyncio.to_thread(sock.sendall, data)
+        await asyncio.sleep(0.05)  # read by the target before the next piece is sent
+
+    def pieces(wire: bytes, payload_at: int, cut: int) -> list[bytes]:
+        """Header + ``first`` payload bytes, then the rest in ``cut``-byte pieces."""
+        head = payload_at + first
+        return [wire[:head]] + [wire[i:i + cut] for i in range(head, len(wire), cut)]
+
+    ctrl = await connect("127.0.0.1", rig.port, NQN, hostnqn=HOSTNQN, nr_io_queues=2)
+    try:
+        await ctrl.write(1, 0, bytes(4096), qid=1)  # opens the channel
+        cntlid = ctrl.cntlid
+        ctrl.io_queues[1].close()  # qid 2 is taken over by a raw socket
+        await asyncio.sleep(0.05)
+        sock, dec, pending = await asyncio.to_thread(_raw_io_queue, rig.port, cntlid,
+                                                     digests)
+
+        async def r2t_for(cid: int, lba: int) -> pdu.R2T:
+            await asyncio.to_thread(_raw, sock, write_cmd(cid, lba), digests)
+            r2t = await asyncio.to_thread(_recv_pdu, sock, dec, pending)
+            assert type(r2t) is pdu.R2T and r2t.cccid == cid and r2t.r2tl == n
+            return r2t
+
+        async def status(cid: int) -> int:
+            resp = await asyncio.to_thread(_recv_pdu, sock, dec, pending)
+            cqe = parse_cqe(resp.cqe)
+            assert cqe.cid == cid
+            return cqe.status
+
+        # 1. the payload in four pieces: 1000 bytes with the header, then 3 reads
+        payload = _pattern(n, 7)
+        r2t = await r2t_for(5, 500)
+        wire = _wire(pdu.H2CData(5, r2t.ttag, 0, payload, last=True), digests)
+        payload_at = wire.index(payload[:64])
+        before, fed0 = rig.counters(), fed[0]
+        for piece in pieces(wire, payload_at, 44 * 1024):
+            await send(sock, piece)
+        assert await status(5) == 0
+        after = rig.counters()
+        assert rig.dev.storage[1][500 * BS:500 * BS + n] == payload
+        assert after["rx_direct_bytes"] - before["rx_direct_bytes"] == n - first, after
+        assert after["rx_copied_bytes"] - before["rx_copied_bytes"] == first, after
+        assert after["zero_copy_writes"] - before["zero_copy_writes"] == 1
+        # through Python bytes: the header (and digests), the first 1000 bytes; no more
+        assert fed[0] - fed0 == payload_at + first + (4 if digests else 0)
+
+        if digests:  # 2. data digest (computed over the DMA memory) wrong
+            r2t = await r2t_for(6, 900)
+            wire = bytearray(_wire(pdu.H2CData(6, r2t.ttag, 0, payload, last=True), True))
+            wire[-1] ^= 0xFF
+            for piece in pieces(bytes(wire), payload_at, 64 * 1024):
+                await send(sock, piece)
+            assert spec.status_sc(await status(6)) == \
+                spec.GenericStatus.TRANSIENT_TRANSPORT_ERROR
+            assert rig.dev.storage[1][900 * BS:901 * BS] == bytes(BS), "never written"
+            await rig.settle(lambda: rig.counters()["lent_buffers"] == 0)
+
+        # 3. abort while the kernel receives into the buffer: it stays lent until the
+        # payload is complete (nothing else may get that memory meanwhile)
+        r2t = await r2t_for(7, 1300)
+        wire = _wire(pdu.H2CData(7, r2t.ttag, 0, payload, last=True), digests)
+        parts = pieces(wire, payload_at, 64 * 1024)
+        await send(sock, parts[0])
+        await send(sock, parts[1])
+        r = await ctrl.admin(spec.AdminOpcode.ABORT, cdw10=2 | 7 << 16)
+        assert r.completion.dw0 & 1 == 0, "aborted"
+        assert spec.status_sc(await status(7)) == spec.GenericStatus.ABORTED_BY_REQUEST
+        await asyncio.sleep(0.05)
+        assert rig.counters()["lent_buffers"] == 1, "released while still receiving"
+        for piece in parts[2:]:
+            await send(sock, piece)
+        await rig.settle(lambda: rig.counters()["lent_buffers"] == 0)
+        assert rig.dev.storage[1][1300 * BS:1301 * BS] == bytes(BS), "aborted: not written"
+
+        # 4. disconnect in the middle of a payload received directly
+        r2t = await r2t_for(8, 1700)
+        wire = _wire(pdu.H2CData(8, r2t.ttag, 0, payload, last=True), digests)
+        parts = pieces(wire, payload_at, 20000)
+        c0 = rig.counters()
+        await send(sock, parts[0])
+        await send(sock, parts[1])
+        assert rig.counters()["lent_buffers"] == 1
+        assert rig.lent[-1].mem[:first + 20000] == payload[:first + 20000]
+        sock.close()
+        await rig.settle(lambda: rig.counters()["lent_buffers"] == 0)
+        c1 = rig.counters()
+        assert c1["rx_direct_bytes"] - c0["rx_direct_bytes"] == 20000, c1
+        assert rig.lent[-1].buf is None
+        assert rig.dev.storage[1][1700 * BS:1701 * BS] == bytes(BS), "never written"
     finally:
         await ctrl.disconnect()
     await rig.settle(lambda: rig.in_use() == 0)

@@ -627,3 +627,69 @@ def test_property_garbage_never_crashes(garbage: bytes, hdgst: bool, ddgst: bool
             dec.feed(garbage)
         except ProtocolError as err:
             assert err.fes in {1, 2, 3, 5} and len(err.header) <= 128
+
+
+@pytest.mark.parametrize("hdgst", [False, True])
+@pytest.mark.parametrize("ddgst", [False, True])
+@pytest.mark.parametrize("pda", [0, 3])
+def test_divert_h2c_payload_into_caller_memory(hdgst: bool, ddgst: bool, pda: int) -> None:
+    """data_header/divert/end_divert: the payload of a large H2CData goes into the
+    caller's memory (the bytes already buffered copied, the rest written there by the
+    caller), the PDU comes out of the next feed with that memory as its data, its data
+    digest checked over it, and the PDUs after it decode as usual."""
+    payload = bytes(range(256)) * 256  # 64 KiB
+    h2c = P.H2CData(cccid=3, ttag=9, datao=4096, data=payload, last=False)
+    after = P.CapsuleCmd(sqe(cid=4), b"")
+    raw = wire(h2c, hdgst=hdgst, ddgst=ddgst, pda=pda)
+    at = raw.index(payload[:64])
+    for good in (True, False):
+        dec = live_decoder(H2C, hdgst=hdgst, ddgst=ddgst, pda=pda)
+        assert dec.feed(raw[: at - 1]) == []
+        assert dec.data_header(1) is None, "header (or its padding) not complete yet"
+        assert dec.feed(raw[at - 1 : at + 100]) == []
+        assert dec.data_header(len(payload) - 99) is None, "less than asked for is left"
+        got = dec.data_header(len(payload) - 100)
+        assert got is not None
+        p, n = got
+        assert (p.cccid, p.ttag, p.datao, p.last, n) == (3, 9, 4096, False, len(payload))
+        dest = memoryview(bytearray(n))
+        assert dec.divert(p, dest) == 100 and dest[:100] == payload[:100]
+        assert dec.buffered == at + 100, "counted for the stall watch"
+        dest[100:] = payload[100:]  # (what the kernel does in the target)
+        if not good:
+            dest[5] ^= 1
+        dec.end_divert()
+        tail = raw[at + n :] + wire(after, hdgst=hdgst, ddgst=ddgst, pda=pda)
+        if ddgst:
+            assert dec.feed(tail[:2]) == [], "waits for the whole data digest"
+            tail = tail[2:]
+        if good or not ddgst:
+            out = dec.feed(tail)
+            assert out[0].data is dest and out[0] == P.H2CData(3, 9, 4096, dest, False)
+            assert out[1:] == [after] and dec.buffered == 0
+        else:
+            with pytest.raises(P.DataDigestError) as err:
+                dec.feed(tail)
+            assert err.value.pdu.data is dest and err.value.cccid == 3
+            assert bytes(err.value.header) == raw[: len(err.value.header)]
+            assert dec.feed(b"") == [after], "the decoder stays usable"
+
+
+def test_data_header_leaves_bad_headers_to_the_normal_path() -> None:
+    """A header failing its digest or DATAL check is not offered for diversion: the PDU
+    completes on the normal path, which reports the error as it always did."""
+    payload = bytes(32768)
+    raw = bytearray(wire(P.H2CData(1, 2, 0, payload, True), hdgst=True))
+    raw[10] ^= 1  # (ttag): header digest no longer matches
+    dec = live_decoder(H2C, hdgst=True)
+    assert dec.feed(bytes(raw[:40])) == [] and dec.data_header(1) is None
+    with pytest.raises(ProtocolError) as err:
+        dec.feed(bytes(raw[40:]))
+    assert err.value.fes == P.Fes.HEADER_DIGEST_ERROR
+    raw = bytearray(wire(P.H2CData(1, 2, 0, payload, True)))
+    struct.pack_into("<I", raw, 16, 4096)  # DATAL
+    dec = live_decoder(H2C)
+    assert dec.feed(bytes(raw[:40])) == [] and dec.data_header(1) is None
+    with pytest.raises(ProtocolError) as err:
+        dec.feed(bytes(raw[40:]))
+    assert err.value.fei == P.OFFSET_DATAL
