@@ -381,14 +381,23 @@ async def test_large_h2c_payload_is_received_by_the_kernel_into_the_lent_buffer(
     from blocktarget.host.controller import connect
     from blocktarget.nvme import qpair as qpair_mod
 
-    fed = [0]  # bytes delivered to any Qpair as Python bytes objects
+    fed = [0]  # bytes the raw queue (qid 2) got as Python bytes objects
+    direct = [0]  # bytes the kernel received for it straight into lent memory
     orig_received = qpair_mod.Qpair.data_received
+    orig_direct = qpair_mod.Qpair._direct_received
 
     def data_received(self: Any, data: bytes) -> None:
-        fed[0] += len(data)
+        if self.qid == 2:
+            fed[0] += len(data)
         orig_received(self, data)
 
+    def direct_received(self: Any, nbytes: int) -> None:
+        if self.qid == 2:
+            direct[0] += nbytes
+        orig_direct(self, nbytes)
+
     monkeypatch.setattr(qpair_mod.Qpair, "data_received", data_received)
+    monkeypatch.setattr(qpair_mod.Qpair, "_direct_received", direct_received)
     n, first = 128 * 1024, 1000
     assert n - first >= qpair_mod.DIRECT_RX_MIN
 
@@ -398,8 +407,12 @@ async def test_large_h2c_payload_is_received_by_the_kernel_into_the_lent_buffer(
         return pdu.CapsuleCmd(sqe, b"")
 
     async def send(sock: socket.socket, data: bytes) -> None:
+        """Send one piece and wait until the target has read all of it, so that the
+        next piece arrives in a separate socket read (no fixed sleeps: CI may be slow)."""
+        want = fed[0] + direct[0] + len(data)
         await asyncio.to_thread(sock.sendall, data)
-        await asyncio.sleep(0.05)  # read by the target before the next piece is sent
+        await rig.settle(lambda: fed[0] + direct[0] >= want)
+        assert fed[0] + direct[0] == want
 
     def pieces(wire: bytes, payload_at: int, cut: int) -> list[bytes]:
         """Header + ``first`` payload bytes, then the rest in ``cut``-byte pieces."""

@@ -215,7 +215,7 @@ async def main():
 
     # large writes whose H2CData header reaches the target before the payload, as on
     # any real network (segments): the host side sends the first 4 KiB of each large
-    # write at once and the rest 0.2 s later (writes are sequential, so nothing else
+    # write at once and the rest 0.5 s later (writes are sequential, so nothing else
     # is in between); the kernel then receives the payload's remainder straight into
     # the lent DMA buffer (rx_direct_bytes), only the first bytes are copied
     loop = asyncio.get_running_loop()
@@ -233,7 +233,7 @@ async def main():
                 self.t.write(data)
                 return
             self.t.write(data[:4096])
-            loop.call_later(0.2, self.t.write, data[4096:])
+            loop.call_later(0.5, self.t.write, data[4096:])
 
     saved_transports = [q._transport for q in ctrl.io_queues]
     for q in ctrl.io_queues:
