@@ -15,10 +15,14 @@ def test_nvme_zero_copy_bench_runs() -> None:
     r = subprocess.run([sys.executable, str(BENCH), "--time", "0.2", "--rounds", "1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    rows = [line.split() for line in r.stdout.splitlines()[1:5]]
-    assert [(x[1], x[2]) for x in rows] == [("zero-copy", "read"), ("zero-copy", "write"),
-                                            ("copy", "read"), ("copy", "write")], r.stdout
+    rows = [line.split() for line in r.stdout.splitlines()[1:7]]
+    assert [(x[1], x[2]) for x in rows] == [
+        (mode, op) for mode in ("zero-copy", "no-direct-rx", "copy") for op in ("read", "write")
+    ], r.stdout
     assert all(float(x[3]) > 0 for x in rows)
+    # the no-direct-rx and copy paths never receive into DMA memory directly
+    rx = {x[1]: tuple(map(int, x[6].split("/"))) for x in rows if x[2] == "write"}
+    assert rx["no-direct-rx"][0] == 0 and rx["copy"] == (0, 0), r.stdout
     line = next(x for x in r.stdout.splitlines() if x.startswith("data path counters:"))
     counters = ast.literal_eval(line.split(":", 1)[1].strip())
     # both paths really ran, and every lent buffer came back
