@@ -33,7 +33,7 @@ from .nvme_target_util import (
     sct_sc,
     start_target,
 )
-from .target_proc import Launcher, free_port, listen_address, malloc
+from .target_proc import Launcher, RunningTarget, free_port, listen_address, malloc
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -471,6 +471,26 @@ async def test_discovery_controller_without_kato_gets_two_minutes(tgt: Tgt) -> N
 # ------------------------------------------------------------------ a real peer
 
 
+def _spdk_peer_target(launcher: Launcher, nqn: str, bdevs: list[dict], ns_bdev: str,
+                      transport: dict) -> tuple[int, RunningTarget]:
+    """One reactor exporting ``ns_bdev`` to spdk_nvme_perf through a TCP transport with
+    the given (tight) buffer options; returns (port, target)."""
+    port = free_port()
+    cfg = {"subsystems": [
+        {"subsystem": "bdev", "config": bdevs},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP", **transport}},
+            {"method": "nvmf_create_subsystem",
+             "params": {"nqn": nqn, "allow_any_host": True}},
+            {"method": "nvmf_subsystem_add_ns",
+             "params": {"nqn": nqn, "namespace": {"bdev_name": ns_bdev}}},
+            {"method": "nvmf_subsystem_add_listener",
+             "params": {"nqn": nqn, "listen_address": listen_address(port)}}]}]}
+    t = launcher(cfg, cores=[0])
+    t.nvme_port = port
+    return port, t
+
+
 def test_spdk_host_under_a_tight_r2t_budget(tmp_path: object) -> None:
     """SPDK's initiator (spdk_nvme_perf) writing 128 KiB at QD 32 against a target whose
     reactor holds only two 128 KiB R2T buffers: most R2Ts wait for buffers, and the
@@ -481,21 +501,9 @@ def test_spdk_host_under_a_tight_r2t_budget(tmp_path: object) -> None:
         pytest.skip(f"SPDK's spdk_nvme_perf is not usable at {sp.PERF}")
     launcher = Launcher()
     try:
-        port = free_port()
-        cfg = {"subsystems": [
-            {"subsystem": "bdev", "config": [malloc("M0", 32768, 4096)]},
-            {"subsystem": "nvmf", "config": [
-                {"method": "nvmf_create_transport",
-                 "params": {"trtype": "TCP", "num_shared_buffers": 2,
-                            "max_qpair_buffer_bytes": 128 * KiB}},
-                {"method": "nvmf_create_subsystem",
-                 "params": {"nqn": sp.NQN, "allow_any_host": True}},
-                {"method": "nvmf_subsystem_add_ns",
-                 "params": {"nqn": sp.NQN, "namespace": {"bdev_name": "M0"}}},
-                {"method": "nvmf_subsystem_add_listener",
-                 "params": {"nqn": sp.NQN, "listen_address": listen_address(port)}}]}]}
-        t = launcher(cfg, cores=[0])
-        t.nvme_port = port  # type: ignore[attr-defined]
+        port, t = _spdk_peer_target(
+            launcher, sp.NQN, [malloc("M0", 32768, 4096)], "M0",
+            {"num_shared_buffers": 2, "max_qpair_buffer_bytes": 128 * KiB})
         out = sp._perf(t, "-w", "write", "-o", "131072", "-q", "32")
         iops, mibs = sp._total(out)
         assert iops > 50 and sp._errors(out) == [], out[-2000:]
@@ -521,25 +529,13 @@ def test_spdk_host_in_capsule_writes_under_a_tight_budget(tmp_path: object) -> N
         pytest.skip(f"SPDK's spdk_nvme_perf is not usable at {sp.PERF}")
     launcher = Launcher()
     try:
-        port = free_port()
-        cfg = {"subsystems": [
-            # 200 us per write keeps the 32 commands (and their data) in flight
-            {"subsystem": "bdev", "config": [malloc("M0", 32768, 4096), {
-                "method": "bdev_delay_create",
-                "params": {"base_bdev_name": "M0", "name": "D0", "avg_read_latency": 0,
-                           "p99_read_latency": 0, "avg_write_latency": 200,
-                           "p99_write_latency": 200}}]},
-            {"subsystem": "nvmf", "config": [
-                {"method": "nvmf_create_transport",
-                 "params": {"trtype": "TCP", "num_shared_buffers": 2, "io_unit_size": 8192}},
-                {"method": "nvmf_create_subsystem",
-                 "params": {"nqn": sp.NQN, "allow_any_host": True}},
-                {"method": "nvmf_subsystem_add_ns",
-                 "params": {"nqn": sp.NQN, "namespace": {"bdev_name": "D0"}}},
-                {"method": "nvmf_subsystem_add_listener",
-                 "params": {"nqn": sp.NQN, "listen_address": listen_address(port)}}]}]}
-        t = launcher(cfg, cores=[0])
-        t.nvme_port = port  # type: ignore[attr-defined]
+        # 200 us per write keeps the 32 commands (and their data) in flight
+        delay = {"method": "bdev_delay_create",
+                 "params": {"base_bdev_name": "M0", "name": "D0", "avg_read_latency": 0,
+                            "p99_read_latency": 0, "avg_write_latency": 200,
+                            "p99_write_latency": 200}}
+        port, t = _spdk_peer_target(launcher, sp.NQN, [malloc("M0", 32768, 4096), delay], "D0",
+                                    {"num_shared_buffers": 2, "io_unit_size": 8192})
         out = sp._perf(t, "-w", "write", "-o", "4096", "-q", "32")
         iops, mibs = sp._total(out)
         assert iops > 50 and sp._errors(out) == [], out[-2000:]
