@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test install lint bench clean docs
 
-$(STAMP): pyproject.toml setup.py blocktarget/_uring_build.py blocktarget/_pmem_build.py
+$(STAMP): pyproject.toml setup.py blocktarget/_uring_build.py blocktarget/_pmem_build.py \
+		blocktarget/_fastpath_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -98,13 +98,17 @@ class Target:
 
     def __init__(self, name: str, kind: str, workdir: Path, *, cores: tuple[int, ...] = (0,),
                  bdev: dict | None = None, bt_extra: dict | None = None,
-                 spdk_mem_mb: int = 1024, bt_tree: Path | None = None) -> None:
+                 spdk_mem_mb: int = 1024, bt_tree: Path | None = None,
+                 transport: dict | None = None) -> None:
         self.name = name
         self.port = free_port()
+        nvmf = nvmf_calls(self.port)
+        if transport:  # extra nvmf_create_transport parameters (blocktarget only)
+            nvmf[0]["params"].update(transport)
         cfg = {"subsystems": [{"subsystem": "bdev", "config": [bdev or bdev_call(kind)]},
-                              {"subsystem": "nvmf", "config": nvmf_calls(self.port)}]}
+                              {"subsystem": "nvmf", "config": nvmf}]}
         log = open(workdir / f"{name}-{kind}.log", "wb")  # noqa: SIM115 - lives with proc
-        if name == "blocktarget":
+        if name.startswith("blocktarget"):
             cfg["blocktarget"] = {"cores": list(cores), "log_level": "warning",
                                   "rpc": {"http": None, "unix": str(workdir / "bt.sock")},
                                   **(bt_extra or {})}
@@ -120,7 +124,7 @@ class Target:
         # bt_tree: run blocktarget from another checkout (a before/after comparison);
         # `-m` puts the working directory first on sys.path, so both cwd and PYTHONPATH
         env, cwd = None, None
-        if bt_tree is not None and name == "blocktarget":
+        if bt_tree is not None and name.startswith("blocktarget"):
             env, cwd = {**os.environ, "PYTHONPATH": str(bt_tree)}, str(bt_tree)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env=env, cwd=cwd)

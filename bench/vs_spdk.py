@@ -48,6 +48,8 @@ WORKLOADS: list[tuple[str, str, int, int]] = [
 ]
 MALLOC = {"method": "bdev_malloc_create",
           "params": {"name": "B0", "num_blocks": 65536, "block_size": 4096}}  # 256 MiB
+# blocktarget with the C lane off (`c_fast_path: false`): every command on the Python path
+PY_PATH = "blocktarget-py"
 MALLOC_1G = {"method": "bdev_malloc_create",
              "params": {"name": "B0", "num_blocks": 262144, "block_size": 4096}}
 
@@ -88,13 +90,16 @@ def measure(t: Target, rw: str, size: int, qd: int, secs: int,
 
 def run_table(args: argparse.Namespace, tmp: Path, log: Callable[[str], None]) -> list[dict]:
     targets = ["blocktarget", "spdk"] if args.only is None else [args.only]
+    if args.python_path and args.only != "spdk":
+        targets.insert(1, PY_PATH)
     loads = [w for w in WORKLOADS if args.workloads is None or w[0] in args.workloads]
     runs: dict[tuple[str, str, str], list[dict]] = {}
     for rep in range(args.reps):
         order = targets if rep % 2 == 0 else targets[::-1]
         for name in order:
             t = Target(name, "malloc", tmp, bdev=MALLOC, bt_extra=args.bt_extra,
-                       bt_tree=args.tree)
+                       bt_tree=args.tree,
+                       transport={"c_fast_path": False} if name == PY_PATH else None)
             try:
                 time.sleep(0.3)  # let startup CPU settle out of the first window
                 for ini in args.initiators:
@@ -169,6 +174,24 @@ def table_markdown(rows: list[dict], have_spdk: bool) -> list[str]:
     return out
 
 
+def lane_markdown(rows: list[dict]) -> list[str]:
+    """Issue 7 item 4's before/after: the same target with and without the C lane."""
+    out = ["| workload | initiator | C lane IOPS | CPU µs/IO (range) | Python path IOPS "
+           "| CPU µs/IO (range) | IOPS ratio lane/Python | CPU ratio Python/lane |",
+           "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        b, p = row.get("blocktarget"), row.get(PY_PATH)
+        if not b or not p:
+            continue
+        out.append(
+            f"| {row['workload']} | {row['initiator']} | {b['iops']:,.0f} | "
+            f"{b['cpu_us_per_io']:.2f} ({b['cpu_range'][0]:.2f}–{b['cpu_range'][1]:.2f}) | "
+            f"{p['iops']:,.0f} | {p['cpu_us_per_io']:.2f} "
+            f"({p['cpu_range'][0]:.2f}–{p['cpu_range'][1]:.2f}) | {b['iops'] / p['iops']:.2f} | "
+            f"{p['cpu_us_per_io'] / b['cpu_us_per_io']:.2f} |")
+    return out
+
+
 # ------------------------------------------------------------------ memory
 
 def rss_per_connection(tmp: Path, n: int, log: Callable[[str], None]) -> dict:
@@ -232,6 +255,9 @@ def main() -> int:
     ap.add_argument("--tree", type=Path, default=None,
                     help="run blocktarget from this checkout instead (before/after runs: "
                          "git archive <commit> blocktarget | tar -x -C DIR)")
+    ap.add_argument("--python-path", action="store_true",
+                    help="also run blocktarget with the C lane off (c_fast_path: false), "
+                         "alternating with the others, and print the before/after table")
     ap.add_argument("--no-table", action="store_true", help="skip the main table")
     ap.add_argument("--memory", action="store_true", help="RSS figures")
     ap.add_argument("--connections", type=int, default=1000)
@@ -271,6 +297,10 @@ def main() -> int:
             rows = run_table(args, tmp, log)
             md += ["", "Medians over the repetitions, malloc bdev (256 MiB, 4 KiB blocks), "
                    "target on core 0, initiator on core 1:", "", *table_markdown(rows, have_spdk)]
+            if args.python_path:
+                md += ["", "The same runs, blocktarget with the C lane (default) against "
+                       "blocktarget with `c_fast_path: false` (Python path):", "",
+                       *lane_markdown(rows)]
         if args.memory:
             conn = rss_per_connection(tmp, args.connections, log)
             m1g = rss_malloc_1g(tmp, log)

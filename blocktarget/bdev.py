@@ -237,6 +237,12 @@ class Bdev:
     def size_bytes(self) -> int:
         return self.block_size * self.num_blocks
 
+    def host_memory(self) -> Any:
+        """The whole device as one writable buffer when it is plain process memory (malloc),
+        else None. The NVMe/TCP C lane (nvme/fastlane.py) reads and writes it directly;
+        holding a buffer export of it also keeps it mapped while the lane uses it."""
+        return None
+
     # ---- channels ----
     def get_io_channel(self, reactor: Reactor | None) -> IOChannel:
         """The channel for this reactor, created on first use (call on that reactor)."""

@@ -96,6 +96,9 @@ class TargetCollector(Collector):
                                   "NVMe/TCP connections owned by the reactor", labels=["reactor"])
         opened = CounterMetricFamily("blocktarget_reactor_connections_opened",
                                      "Connections accepted by the reactor", labels=["reactor"])
+        lane = CounterMetricFamily("blocktarget_reactor_c_lane_commands",
+                                   "NVMe commands executed by the C lane (plain reads and "
+                                   "in-capsule writes on malloc namespaces)", labels=["reactor"])
         for r in t.reactors:
             labels = [str(r.index), str(r.core)]
             cpu = r.cpu_ns()
@@ -105,7 +108,8 @@ class TargetCollector(Collector):
             polls.add_metric([str(r.index)], r.stats.poll_runs)
             conns.add_metric([str(r.index)], len(r.owned.get("connection", ())))
             opened.add_metric([str(r.index)], r.stats.connections_opened)
-        yield from (busy, idle, msgs, polls, conns, opened)
+            lane.add_metric([str(r.index)], r.stats.c_lane_commands)
+        yield from (busy, idle, msgs, polls, conns, opened, lane)
 
         # ---- subsystems ----
         subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")

@@ -104,6 +104,7 @@ class ReactorStats:
     connections_opened: int = 0
     connections_closed: int = 0
     adopt_failed: int = 0  # sockets handed to this reactor that died before adoption
+    c_lane_commands: int = 0  # NVMe commands executed by the C lane (nvme/fastlane.py)
 
 
 POLL_MODES = ("event", "adaptive", "busy")

@@ -45,6 +45,9 @@ class TransportOptions:
     max_connections_per_address: int = 1024  # from one host address
     stall_timeout_sec: int = 30  # a PDU begun but unfinished; or no Connect yet
     r2t_timeout_sec: int = 30  # an R2T whose data has not all arrived
+    # plain reads and in-capsule writes on malloc namespaces run in C (nvme/fastlane.py);
+    # false: every command takes the Python path
+    c_fast_path: bool = True
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TransportOptions:
@@ -121,6 +124,9 @@ TRANSPORT_SCHEMA = Schema(
               "Connect, this long (0: never)"),
         Param("r2t_timeout_sec", int,
               help="close a connection that leaves an R2T unanswered this long (0: never)"),
+        Param("c_fast_path", bool,
+              help="run plain reads and in-capsule writes on malloc namespaces in the C "
+              "lane (blocktarget's own; false: every command on the Python path)"),
     ),
     # SPDK options with no meaning in this implementation: accepted so SPDK configs load
     extra_ok=frozenset({
@@ -136,5 +142,5 @@ TRANSPORT_SCHEMA = Schema(
 
 # blocktarget-only options, written by save_config only when set (SPDK would reject them)
 _OWN_LIMITS = ("max_qpair_buffer_bytes", "max_connections", "max_connections_per_address",
-               "stall_timeout_sec", "r2t_timeout_sec")
+               "stall_timeout_sec", "r2t_timeout_sec", "c_fast_path")
 _DEFAULTS = TransportOptions()

@@ -74,6 +74,11 @@ class MallocBdev(Bdev):
     def create_channel(self, reactor: Any) -> IOChannel:
         return MallocChannel(self, reactor)
 
+    def host_memory(self) -> Any:
+        # the mmap itself, not self.mem: an export of the memoryview would make
+        # destruct's mem.release() fail, one of the mmap only defers its unmapping
+        return None if self._map.closed else self._map
+
     def destruct(self) -> None:
         self.mem.release()
         try:

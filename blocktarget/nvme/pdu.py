@@ -790,6 +790,23 @@ class Decoder:
         out.append(p)
         return True
 
+    @property
+    def idle(self) -> bool:
+        """Between PDUs with nothing buffered: the next byte fed starts a PDU."""
+        return (self._hdr is None and self._div is None and not self._more
+                and self._pos == len(self._view))
+
+    def to_boundary(self) -> int:
+        """Bytes still missing from the PDU in progress: 0 when idle, -1 when that is
+        not known yet (less than a common header buffered, or a diverted payload)."""
+        if self._div is not None:
+            return -1
+        have = len(self._view) - self._pos + self._more_len
+        hdr = self._hdr
+        if hdr is None:
+            return 0 if have == 0 else -1
+        return hdr[4] - have
+
     def _push(self, data: Buffer) -> None:
         more = self._more
         if self._pos == len(self._view) and not more:

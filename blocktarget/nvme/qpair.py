@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..tcp_limits import QUEUE_OVERFLOW, DataBudget, StallWatch
-from . import pdu, spec
+from . import fastlane, pdu, spec
 from .controller import QpairCounters
 from .dispatch import dispatch
 from .structs import Sqe, parse_sqe
@@ -211,6 +211,8 @@ class Qpair(asyncio.Protocol):
         self._rx_view: memoryview | None = None  # where (the PDU's slice of req.dma.mem)
         self._rx_pos = 0  # bytes of it already in
         self._direct_rx: _DirectReceiver | None = None
+        # the C lane (fastlane.py), created when an I/O queue connects, if it may have one
+        self._lane: fastlane.Lane | None = None
 
     def __str__(self) -> str:
         who = f"qid {self.qid}" if self.qid >= 0 else "unconnected"
@@ -283,40 +285,54 @@ class Qpair(asyncio.Protocol):
         # end, so they need no call_soon'd flush: that was one extra loop callback per
         # wake-up (measurable at QD1). Completions arriving later schedule as usual.
         self._flush_scheduled = True
-        chunk: bytes = data
         try:
-            while not self.closed:
-                try:
-                    pdus = self.decoder.feed(chunk)
-                except pdu.DataDigestError as err:
-                    for p in err.pdus:
-                        self._handle_pdu(p)
-                    self._data_digest_error(err)
-                    chunk = b""  # the decoder stays usable: go on with what is buffered
-                    continue
-                except pdu.ProtocolError as err:
-                    for p in err.pdus:
-                        if self.closed:
-                            return
-                        self._handle_pdu(p)
-                    if not self.closed:
-                        self.terminate(err)
-                    return
-                self.rx_pdus += len(pdus)
-                for p in pdus:
-                    if self.closed or len(self._out) > OUT_BATCH:
-                        if self.closed or self._congested(pdus, p):
-                            return
-                    self._handle_pdu(p)
-                # the decoder pauses after ICReq so digests can be switched on first
-                if pdus and type(pdus[-1]) is pdu.ICReq and self.decoder.buffered:
-                    chunk = b""
-                    continue
-                break
+            lane = self._lane
+            if lane is not None and len(data):
+                need = self.decoder.to_boundary()
+                if 0 < need < len(data):
+                    # finish the PDU in progress first, so the rest starts on a boundary
+                    self._decode(memoryview(data)[:need])
+                    data = memoryview(data)[need:]
+                if lane.usable():
+                    data = lane.feed(data)
+                    if not len(data):
+                        return
+            self._decode(data)
             if self._lends and not self.closed and self._rx_view is None:
                 self._try_direct()
         finally:
             self._flush()  # also on the early returns: resets _flush_scheduled
+
+    def _decode(self, chunk: Any) -> None:
+        """The Python path: decode every complete PDU in ``chunk`` and handle each."""
+        while not self.closed:
+            try:
+                pdus = self.decoder.feed(chunk)
+            except pdu.DataDigestError as err:
+                for p in err.pdus:
+                    self._handle_pdu(p)
+                self._data_digest_error(err)
+                chunk = b""  # the decoder stays usable: go on with what is buffered
+                continue
+            except pdu.ProtocolError as err:
+                for p in err.pdus:
+                    if self.closed:
+                        return
+                    self._handle_pdu(p)
+                if not self.closed:
+                    self.terminate(err)
+                return
+            self.rx_pdus += len(pdus)
+            for p in pdus:
+                if self.closed or len(self._out) > OUT_BATCH:
+                    if self.closed or self._congested(pdus, p):
+                        return
+                self._handle_pdu(p)
+            # the decoder pauses after ICReq so digests can be switched on first
+            if pdus and type(pdus[-1]) is pdu.ICReq and self.decoder.buffered:
+                chunk = b""
+                continue
+            break
 
     # ---- write data received by the kernel straight into lent DMA memory ----
     def _try_direct(self) -> None:
@@ -503,6 +519,9 @@ class Qpair(asyncio.Protocol):
         self.r2t_waiting.clear()
         self._backlog.clear()
         self.budget.drop(self)
+        if self._lane is not None:
+            self._lane.close()  # folds nothing more: the counters are current
+            self._lane = None
         if self._watch_handle is not None:
             self._watch_handle.cancel()
             self._watch_handle = None
@@ -948,6 +967,7 @@ class Qpair(asyncio.Protocol):
         self.sqhd = 1 % (sqsize + 1)  # the Connect itself was the first entry
         self.c2h_success_ok = self.sq_flow_disabled and self.opts.c2h_success
         ctrl.add_qpair(qid, self)
+        self._lane = fastlane.create(self)
 
 
 def _wire_data(buf: Any, total: int) -> bytes | memoryview:

@@ -151,6 +151,9 @@ class Subsystem:
     ana_states: dict[tuple[ListenAddress, int], str] = field(default_factory=dict)
     ana_group_chgcnt: dict[tuple[ListenAddress, int], int] = field(default_factory=dict)
     ana_chgcnt: int = 0
+    # bumped on every change to this subsystem (namespaces, ANA states, hosts, listeners):
+    # what a queue pair caches about its namespaces (nvme/fastlane.py) is rebuilt then
+    generation: int = 0
 
     def host_allowed(self, hostnqn: str) -> bool:
         return self.allow_any_host or hostnqn in self.hosts
@@ -266,6 +269,8 @@ class SubsystemRegistry:
     def changed(self, event: str, subsys: Subsystem | None, detail: Any = None) -> None:
         if event not in _NOT_IN_DISCOVERY_LOG:
             self.genctr += 1
+        if subsys is not None:
+            subsys.generation += 1
         for obs in list(self.observers):
             obs(event, subsys, detail)
 

@@ -10,7 +10,8 @@ gone, all of them must read 0 except what other hosts still hold.
 
 SPDK's shape (`tick_rate`, `poll_groups[].name/current_admin_qpairs/current_io_qpairs/
 pending_bdev_io/transports[].trtype/pending_data_buffer`) is kept so SPDK tooling reads
-it; `pending_data_buffer_bytes`, `pending_requests` and `unconnected_qpairs` are ours.
+it; `pending_data_buffer_bytes`, `pending_requests`, `unconnected_qpairs` and
+`c_lane_commands` (commands the C lane executed on this reactor, nvme/fastlane.py) are ours.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "unconnected_qpairs": unconnected,
         "pending_requests": requests,
         "pending_bdev_io": requests - waiting,
+        "c_lane_commands": reactor.stats.c_lane_commands,
         "transports": [{"trtype": "TCP", "pending_data_buffer": waiting,
                         "pending_data_buffer_bytes": waiting_bytes}],
     }
