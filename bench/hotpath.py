@@ -9,7 +9,8 @@ reads and writes), so it is the part of `vs_spdk.py`'s "target CPU µs/IO" that 
 code controls, measured without the other engineers' load moving it: use it to judge a
 hot-path change, and vs_spdk.py for the whole figure.
 
-    .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096]
+    .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096] [--write]
+        [--digests] [--python-path]
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def connect(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor, a
     return qp
 
 
-def run(ops: int, batch: int, size: int, write: bool, digests: bool) -> dict[str, float]:
+def run(ops: int, batch: int, size: int, write: bool, digests: bool,
+        lane: bool = True) -> dict[str, float]:
     if tune_allocator is not None:
         tune_allocator()  # as ReactorPool.start() does in the target
     loop = asyncio.new_event_loop()
@@ -143,6 +145,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool) -> dict[str
     target, reactor, addr = setup(loop, digests)
     admin = connect(loop, target, reactor, addr, 0, spec.CNTLID_DYNAMIC, digests)
     io = connect(loop, target, reactor, addr, 1, admin.ctrl.cntlid, digests)  # type: ignore[union-attr]
+    if not lane and hasattr(io, "_lane"):
+        io._lane = None  # the Python path, as `c_fast_path: false` gives
     nlb = size // 4096
     opcode = spec.IoOpcode.WRITE if write else spec.IoOpcode.READ
     r2t = write and size > io.icd_limit  # data through R2T / H2CData, as 128 KiB writes
@@ -188,7 +192,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool) -> dict[str
     assert not io.requests, "commands left unanswered"
     loop.close()
     return {"ops": n, "cpu_us": cpu * 1e6 / n, "wall_us": wall * 1e6 / n,
-            "bufs_per_op": tr.bufs / n}  # type: ignore[union-attr]
+            "bufs_per_op": tr.bufs / n,  # type: ignore[union-attr]
+            "in_lane": getattr(reactor.stats, "c_lane_commands", 0) / n}
 
 
 def main() -> int:
@@ -200,15 +205,18 @@ def main() -> int:
                     help="writes: in-capsule up to 4 KiB, larger ones through R2T/H2CData")
     ap.add_argument("--digests", action="store_true", help="header and data digests")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--python-path", action="store_true",
+                    help="C lane off (as `c_fast_path: false`); default: on where it applies")
     args = ap.parse_args()
-    res = [run(args.ops, args.batch, args.size, args.write, args.digests)
+    res = [run(args.ops, args.batch, args.size, args.write, args.digests, not args.python_path)
            for _ in range(args.reps)]
     best = min(r["cpu_us"] for r in res)
     kind = "write" if args.write else "read"
     print(f"{kind} {args.size} B, batch {args.batch}, digests {args.digests}: "
           f"CPU µs/command min {best:.2f} (runs: "
           + ", ".join(f"{r['cpu_us']:.2f}" for r in res) + f"), "
-          f"{res[0]['bufs_per_op']:.1f} buffers/command")
+          f"{res[0]['bufs_per_op']:.2f} buffers/command, "
+          f"{res[0]['in_lane']:.0%} of commands in the C lane")
     return 0
 
 

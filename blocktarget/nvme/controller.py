@@ -337,6 +337,9 @@ class Controller:
 
 def _set_inaccessible(qp: Any, sub: Subsystem, listener: ListenAddress | None) -> None:
     qp.ana_inaccessible = sub.inaccessible_nsids(listener)
+    lane = getattr(qp, "_lane", None)  # (fake queue pairs in unit tests have none)
+    if lane is not None:
+        lane.invalidate()
 
 
 class ControllerTable:

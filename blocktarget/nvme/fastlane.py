@@ -88,6 +88,15 @@ class Lane:
         self.c.ns = ffi.NULL
         self.c.nns = 0
 
+    def invalidate(self) -> None:
+        """The subsystem's namespaces or ANA states changed (controller.refresh_ana, on
+        this reactor): let go of the table now rather than at the next command, so the
+        memory of a namespace being removed is not held by an idle connection (malloc's
+        destruct can then unmap it); it is rebuilt when the lane is next used."""
+        self._fold(0, 0)
+        self.close()
+        self.generation = -1
+
     # ---- the namespace table ----
     def _refresh(self) -> None:
         """(Re)build the table of memory namespaces this queue may use, after any change

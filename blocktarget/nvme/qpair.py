@@ -324,7 +324,8 @@ class Qpair(asyncio.Protocol):
                 return
             self.rx_pdus += len(pdus)
             for p in pdus:
-                if self.closed or len(self._out) > OUT_BATCH:
+                if (self.closed or len(self._out) > OUT_BATCH
+                        or self._write_paused_at is not None):
                     if self.closed or self._congested(pdus, p):
                         return
                 self._handle_pdu(p)

@@ -33,12 +33,16 @@ def _run(*args: str, timeout: int = 120, cwd: Path = ROOT) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("args", [(), ("--write",), ("--write", "--size", "131072"),
-                                  ("--digests",)], ids=["read", "write", "r2t", "digests"])
-def test_hotpath_bench_runs(args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("args", "in_lane"), [
+    ((), 100), (("--write",), 100), (("--write", "--size", "131072"), 0), (("--digests",), 0),
+    (("--python-path",), 0), (("--write", "--python-path"), 0),
+], ids=["read", "write", "r2t", "digests", "read-python", "write-python"])
+def test_hotpath_bench_runs(args: tuple[str, ...], in_lane: int) -> None:
     out = _run(str(BENCH / "hotpath.py"), "--ops", "640", "--reps", "1", *args)
     m = re.search(r"CPU µs/command min ([\d.]+)", out)
     assert m and 0 < float(m.group(1)) < 10_000, out
+    # where the C lane applies (no digests, reads and in-capsule writes) it took them all
+    assert f" {in_lane}% of commands in the C lane" in out, out
 
 
 def test_vs_spdk_with_blocktarget_perf() -> None:
