@@ -23,7 +23,7 @@ from .keyring import Keyring
 from .nvme.auth import DhchapOptions
 from .nvme.controller import ControllerTable
 from .nvme.subsystem import ListenAddress, Subsystem, SubsystemRegistry
-from .reactor import DEFAULT_POLL_MODE, ReactorPool
+from .reactor import DEFAULT_POLL_MODE, ReactorPool, default_cores
 from .rpc import (
     Dispatcher,
     UnixRpcServer,
@@ -57,7 +57,7 @@ class Target:
         self.keyring = Keyring()
         self.dhchap = DhchapOptions()  # DH-HMAC-CHAP digests/groups (nvmf_set_config)
         self.reactors = ReactorPool(
-            self.settings.cores or sorted(os.sched_getaffinity(0)),
+            self.settings.cores or default_cores(),
             pin=self.settings.pin,
             busy_poll_us=self.settings.busy_poll_us,
             idle_poll_us=self.settings.idle_poll_us,

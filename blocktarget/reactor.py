@@ -41,11 +41,20 @@ except ImportError:  # pragma: no cover - exercised only where uvloop is missing
     LOOP_KIND = "asyncio"
 
 
+def default_cores() -> list[int]:
+    """One reactor, on the first CPU the process may use: SPDK's default (`-m 0x1`), and
+    what measured best here — reactors are threads of one CPython process sharing one
+    GIL, and a second reactor cost 5x more CPU per I/O than one (bench/RESULTS.md,
+    "Reactor scaling with the C lane"). More reactors are a configuration choice."""
+    return sorted(os.sched_getaffinity(0))[:1]
+
+
 def parse_cores(spec: Any) -> list[int]:
-    """Accept a list of cores, an SPDK hex mask ('0x3'), or a range string ('0-1,3')."""
+    """Accept a list of cores, an SPDK hex mask ('0x3'), or a range string ('0-1,3');
+    None is the default (`default_cores`)."""
     available = sorted(os.sched_getaffinity(0))
     if spec is None:
-        return available
+        return default_cores()
     cores: list[int]
     if isinstance(spec, list):
         if not spec or not all(isinstance(c, int) and not isinstance(c, bool) for c in spec):

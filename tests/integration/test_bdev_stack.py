@@ -104,7 +104,8 @@ async def _read_back(port: int, nqn: str, writes: dict[int, bytes]) -> None:
 
 
 def test_raid1_exported_mirrors_every_write(running_target: Launcher) -> None:
-    t = running_target(config([malloc("M0", 4096), malloc("M1", 4096)]), cores=None)
+    t = running_target(config([malloc("M0", 4096), malloc("M1", 4096)]),
+                       cores=sorted(os.sched_getaffinity(0)))
     t.rpc("bdev_raid_create", name="R0", raid_level="raid1", base_bdevs=["M0", "M1"])
     port = free_port()
     export(t, NQN, "R0", port)

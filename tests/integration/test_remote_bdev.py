@@ -122,7 +122,8 @@ def controller(b: RunningTarget, name: str = "Nvme0") -> dict[str, Any]:
 def test_data_through_a_remote_bdev(running_target: Launcher, tmp_path: Path) -> None:
     pa, pb = free_port(), free_port()
     a = start_a(running_target, pa)
-    b = running_target(config(), cores=None)  # every core: one I/O queue per reactor
+    # every core: one I/O queue per reactor
+    b = running_target(config(), cores=sorted(os.sched_getaffinity(0)))
     assert attach(b, pa) == ["Nvme0n1"]
     n1 = b.rpc("bdev_get_bdevs", name="Nvme0n1")[0]
     m0 = a.rpc("bdev_get_bdevs", name="M0")[0]
