@@ -139,6 +139,8 @@ class Reactor:
     loop: asyncio.AbstractEventLoop | None = None
     tid: int = 0
     stats: ReactorStats = field(default_factory=ReactorStats)
+    # receive memory of this reactor's NVMe/TCP connections (nvme/rx_arena.py)
+    rx_arena: Any = None
     pollers: list[Poller] = field(default_factory=list)
     # Objects owned by this reactor, by kind, for framework_get_reactors and metrics.
     owned: dict[str, set[Any]] = field(default_factory=dict)

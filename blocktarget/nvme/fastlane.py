@@ -17,6 +17,8 @@ its commands, the only clock there is).
 
 from __future__ import annotations
 
+import bisect
+import time
 from typing import TYPE_CHECKING, Any
 
 from ..bdev import LATENCY_BUCKETS_NS, IOType
@@ -30,9 +32,6 @@ except ImportError:  # not built (no compiler at install time): the Python path 
 if TYPE_CHECKING:
     from .qpair import Qpair
 
-import bisect
-import time
-
 AVAILABLE = lib is not None
 # Commands per C call: output is handed to the socket between calls, so a host that is
 # not reading is noticed (pause_writing) as in the Python path (qpair.OUT_BATCH).
@@ -45,6 +44,14 @@ _WRITE = int(IOType.WRITE)
 _now_ns = time.perf_counter_ns
 _bucket = bisect.bisect_left
 _alloc = ffi.new_allocator(should_clear_after_alloc=False) if AVAILABLE else None
+
+
+def new_buffer(n: int) -> memoryview:
+    """``n`` writable bytes, not zero-filled when the extension is there (a bytearray's
+    zero fill costs as much as the copy the caller avoids)."""
+    if _alloc is None:
+        return memoryview(bytearray(n))
+    return memoryview(ffi.buffer(_alloc("unsigned char[]", n)))
 
 
 def create(qp: Qpair) -> Lane | None:
@@ -166,6 +173,11 @@ class Lane:
 
     # ---- the receive path ----
     def usable(self) -> bool:
+        """Whether the next receive buffer may start in the lane. Every condition is one
+        under which the Python path would do something the lane does not: answer with a
+        sequence or auth error, meet a busy command id or a full queue (something is
+        outstanding), hold PDUs back for a host not reading, finish a PDU already begun
+        or received directly, or account in-capsule data in the reactor's budget."""
         qp = self.qp
         ctrl = qp.ctrl
         if (qp.closed or qp.requests or qp._backlog or qp._write_paused_at is not None

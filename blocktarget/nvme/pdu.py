@@ -668,7 +668,7 @@ class Decoder:
 
     # -- input -----------------------------------------------------------------
 
-    def feed(self, data: Buffer) -> list[Pdu]:
+    def feed(self, data: Buffer, frozen: bool = False) -> list[Pdu]:
         """Add received bytes; return every PDU completed by them, in order.
 
         Decoding pauses right after an ICReq/ICResp so that the caller can apply the
@@ -678,13 +678,15 @@ class Decoder:
 
         Payloads are ``memoryview`` slices of immutable ``bytes`` (or ``b""``): they
         stay valid after later calls and even if the caller reuses ``data``.
+        ``frozen``: the caller promises that ``data`` (a byte memoryview) never changes
+        (the target's receive arena), so it is kept as is rather than copied.
         Raises :class:`ProtocolError` (the decoder is then dead and every later call
         raises it again) or :class:`DataDigestError` (the decoder stays usable).
         """
         if self._error is not None:
             raise self._error._again()
         if len(data):
-            self._push(data)
+            self._push(data, frozen)
         out: list[Pdu] = []
         try:
             self._decode_available(out)
@@ -807,10 +809,24 @@ class Decoder:
             return 0 if have == 0 else -1
         return hdr[4] - have
 
-    def _push(self, data: Buffer) -> None:
+    def own_pending(self, limit: int) -> None:
+        """Copy the bytes of a PDU begun (fewer than ``limit``) out of the caller's frozen
+        memory, so a few bytes do not keep a whole receive arena alive."""
+        have = len(self._view) - self._pos
+        if self._div is not None or (have == 0 and not self._more):
+            return
+        if have + self._more_len >= limit:
+            return
+        joined = b"".join([self._view[self._pos :], *self._more])
+        self._view = memoryview(joined)
+        self._pos = 0
+        self._more.clear()
+        self._more_len = 0
+
+    def _push(self, data: Buffer, frozen: bool = False) -> None:
         more = self._more
         if self._pos == len(self._view) and not more:
-            self._view = _as_immutable_view(data)
+            self._view = data if frozen else _as_immutable_view(data)  # type: ignore[assignment]
             self._pos = 0
             return
         n = len(data) if type(data) is not memoryview else data.nbytes
@@ -823,7 +839,7 @@ class Decoder:
             else:
                 more.append(bytearray(data))
         else:
-            more.append(_as_immutable_view(data))
+            more.append(data if frozen else _as_immutable_view(data))  # type: ignore[arg-type]
         self._more_len += n
 
     def _next_chunk(self) -> memoryview:

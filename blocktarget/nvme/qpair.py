@@ -22,6 +22,7 @@ from ..tcp_limits import QUEUE_OVERFLOW, DataBudget, StallWatch
 from . import fastlane, pdu, spec
 from .controller import QpairCounters
 from .dispatch import dispatch
+from .rx_arena import RxArena
 from .structs import Sqe, parse_sqe
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ MAXH2CDATA = 0x20000  # largest H2CData payload we accept (ICResp), as SPDK's 12
 # received by the kernel straight into that memory (see _try_direct); below it, the
 # protocol switch costs more than the copy it saves.
 DIRECT_RX_MIN = 16384
+# Reads smaller than this are copied out of the receive arena (see buffer_updated).
+RX_COPY_BELOW = 4096
 
 FABRICS_OPCODE = spec.FABRICS_OPCODE
 DIR_NONE = int(spec.DataTransfer.NONE)
@@ -135,8 +138,12 @@ class Request:
         self.complete(status)
 
 
-class Qpair(asyncio.Protocol):
-    """The target side of one NVMe/TCP connection (one queue: admin or I/O)."""
+class Qpair(asyncio.BufferedProtocol):
+    """The target side of one NVMe/TCP connection (one queue: admin or I/O).
+
+    A BufferedProtocol: the loop reads into the reactor's receive arena (get_buffer) and
+    the bytes are decoded where they landed (rx_arena.py says why); ``data_received`` is
+    the same path for bytes from elsewhere (tests, the end of a direct receive)."""
 
     def __init__(self, target: Target, reactor: Reactor, addr: ListenAddress) -> None:
         self.target = target
@@ -278,7 +285,27 @@ class Qpair(asyncio.Protocol):
         self._teardown("connection lost" if exc is None else f"connection lost: {exc}")
         self._release_lent()  # the socket is closed: it reads no memory any more
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        arena = self.reactor.rx_arena
+        if arena is None:
+            arena = self.reactor.rx_arena = RxArena()
+        return arena.room()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = self.reactor.rx_arena.take(nbytes)
+        if nbytes < RX_COPY_BELOW:
+            # small reads (a QD1 capsule, a dribbling host) are copied: cheaper than
+            # the bookkeeping, and they keep no arena alive
+            self.data_received(bytes(data))
+            return
+        self.data_received(data, frozen=True)
+        if not self.decoder.idle:
+            # a PDU begun: its few bytes must not keep the arena alive (a PDU of which
+            # most has come stays a view: its rest is on the way, or the stall watch
+            # closes the connection)
+            self.decoder.own_pending(RX_COPY_BELOW)
+
+    def data_received(self, data: bytes | memoryview, frozen: bool = False) -> None:
         if self.reactor.spin_on_io:
             self.reactor.note_io()  # adaptive/busy polling: keep the loop spinning
         # Responses queued while this batch is handled go out in the one _flush() at the
@@ -291,23 +318,23 @@ class Qpair(asyncio.Protocol):
                 need = self.decoder.to_boundary()
                 if 0 < need < len(data):
                     # finish the PDU in progress first, so the rest starts on a boundary
-                    self._decode(memoryview(data)[:need])
+                    self._decode(memoryview(data)[:need], frozen)
                     data = memoryview(data)[need:]
                 if lane.usable():
                     data = lane.feed(data)
                     if not len(data):
                         return
-            self._decode(data)
+            self._decode(data, frozen)
             if self._lends and not self.closed and self._rx_view is None:
                 self._try_direct()
         finally:
             self._flush()  # also on the early returns: resets _flush_scheduled
 
-    def _decode(self, chunk: Any) -> None:
+    def _decode(self, chunk: Any, frozen: bool = False) -> None:
         """The Python path: decode every complete PDU in ``chunk`` and handle each."""
         while not self.closed:
             try:
-                pdus = self.decoder.feed(chunk)
+                pdus = self.decoder.feed(chunk, frozen)
             except pdu.DataDigestError as err:
                 for p in err.pdus:
                     self._handle_pdu(p)

@@ -386,10 +386,10 @@ async def test_large_h2c_payload_is_received_by_the_kernel_into_the_lent_buffer(
     orig_received = qpair_mod.Qpair.data_received
     orig_direct = qpair_mod.Qpair._direct_received
 
-    def data_received(self: Any, data: bytes) -> None:
+    def data_received(self: Any, data: bytes, frozen: bool = False) -> None:
         if self.qid == 2:
             fed[0] += len(data)
-        orig_received(self, data)
+        orig_received(self, data, frozen)
 
     def direct_received(self: Any, nbytes: int) -> None:
         if self.qid == 2:
