@@ -34,7 +34,8 @@ from __future__ import annotations
 
 from cffi import FFI
 
-CDEF = r"""
+# The structures shared by Python (cdef) and C (source): declared once, used by both.
+STRUCTS = r"""
 struct bt_ns {
     uint32_t nsid;
     uint32_t block_size;
@@ -58,7 +59,9 @@ struct bt_lane {
     /* cumulative, for the controller's SMART counters */
     uint64_t read_cmds, read_bytes, write_cmds, write_bytes;
 };
+"""
 
+CDEF = STRUCTS + r"""
 size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsigned max_cmds,
                    size_t max_out, unsigned char *out, size_t *out_len, unsigned *ncmds);
 """
@@ -70,29 +73,7 @@ SOURCE = r"""
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the NVMe/TCP fast lane assumes a little-endian host"
 #endif
-
-struct bt_ns {
-    uint32_t nsid;
-    uint32_t block_size;
-    uint64_t num_blocks;
-    unsigned char *mem;
-    uint64_t reads, read_bytes, writes, write_bytes;
-};
-
-struct bt_lane {
-    struct bt_ns *ns;
-    uint32_t nns;
-    uint32_t max_io_size;
-    uint32_t icd_limit;
-    uint32_t c2h_chunk;
-    uint16_t sqhd;
-    uint16_t sqsize;
-    uint16_t qid;
-    uint8_t flow_disabled;
-    uint8_t c2h_success;
-    uint64_t read_cmds, read_bytes, write_cmds, write_bytes;
-};
-
+""" + STRUCTS + r"""
 /* NVMe/TCP and NVMe facts used below (NVMe/TCP 1.0, NVMe base 2.0) */
 #define PDU_CAPSULE_CMD 0x04
 #define PDU_CAPSULE_RESP 0x05

@@ -111,8 +111,7 @@ class Lane:
         first, so no statistic is lost."""
         qp = self.qp
         sub = qp.subsystem
-        self._fold(0, 0)
-        self.close()
+        self.invalidate()
         entries = []
         inaccessible = qp.ana_inaccessible
         if sub is not None:
@@ -122,12 +121,7 @@ class Lane:
                 mem = ns.bdev.host_memory()
                 if mem is None or len(mem) < ns.bdev.num_blocks * ns.bdev.block_size:
                     continue
-                cached = qp.channels.get(nsid)
-                if cached is not None and cached[0] is ns:
-                    ch = cached[1]
-                else:
-                    ch = ns.bdev.get_io_channel(qp.reactor)
-                    qp.channels[nsid] = (ns, ch)
+                ch = qp.channel_of(ns)[1]
                 entries.append((ns, ch, ffi.from_buffer(mem, require_writable=True)))
         if entries:
             arr = ffi.new("struct bt_ns[]", len(entries))

@@ -60,12 +60,7 @@ def _channel(qp: Qpair, req: Request) -> tuple[Namespace, IOChannel] | None:
     if ns is None:
         req.fail(SC_INVALID_NS)  # includes the broadcast nsid: VWC says unsupported
         return None
-    cached = qp.channels.get(nsid)
-    if cached is not None and cached[0] is ns:
-        return cached
-    ch = ns.bdev.get_io_channel(qp.reactor)
-    qp.channels[nsid] = (ns, ch)
-    return ns, ch
+    return qp.channel_of(ns)
 
 
 def _rw_checks(qp: Qpair, req: Request) -> tuple[Namespace, IOChannel, int, int] | None:

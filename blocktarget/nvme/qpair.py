@@ -701,6 +701,14 @@ class Qpair(asyncio.BufferedProtocol):
         else:
             self._execute(req)
 
+    def channel_of(self, ns: Any) -> tuple[Any, Any]:
+        """(namespace, this reactor's channel to its bdev), cached per queue pair by nsid;
+        a namespace replaced under the same nsid gets its own channel."""
+        cached = self.channels.get(ns.nsid)
+        if cached is None or cached[0] is not ns:
+            cached = self.channels[ns.nsid] = (ns, ns.bdev.get_io_channel(self.reactor))
+        return cached
+
     # ---- host to controller data ----
     def _start_r2t(self, req: Request) -> None:
         """Ask for the data once buffers for it fit the budget; until then the write
@@ -751,13 +759,10 @@ class Qpair(asyncio.BufferedProtocol):
         ns = sub.namespaces.get(req.nsid) if sub is not None else None
         if ns is None:
             return  # dispatch fails the command
-        cached = self.channels.get(req.nsid)
-        if cached is None or cached[0] is not ns:
-            try:
-                cached = (ns, ns.bdev.get_io_channel(self.reactor))
-            except Exception:  # (e.g. a removed device): the write fails it properly
-                return
-            self.channels[req.nsid] = cached
+        try:
+            cached = self.channel_of(ns)
+        except Exception:  # (e.g. a removed device): the write fails it properly
+            return
         alloc = cached[1].alloc_data_buffer
         if alloc is not None:
             req.dma = alloc(req.xfer_len)
