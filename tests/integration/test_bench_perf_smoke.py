@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from blocktarget.nvme import fastlane
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
 SPDK = Path(os.environ.get("SPDK_TOOLS", ROOT.parent / "shared" / "tools" / "spdk"))
@@ -50,6 +52,9 @@ def test_hotpath_bench_runs(args: tuple[str, ...], in_lane: int) -> None:
     m = re.search(r" (\d+)% of commands in the C lane", out)
     assert m, out
     share = int(m.group(1))
+    if not fastlane.AVAILABLE:  # built without a compiler: the Python path only
+        assert share == 0 and os.environ.get("CI") != "true", "the C lane was not built"
+        return
     assert share >= in_lane if "--reads" in args else share == in_lane, out
 
 
