@@ -7,7 +7,9 @@ Each round (until the duration is spent and at least the requested churn is done
    `--churn-parallel` workers of blocktarget's initiator;
 2. concurrent: `--concurrent` controllers (each an admin queue and one I/O queue, so
    two TCP connections) opened and held at once, each writing and verifying its own
-   block, then `--io-rounds` rounds of I/O on all of them, then all disconnected;
+   block, then `--io-rounds` rounds of I/O on all of them, then all disconnected; while
+   they are held the target is asked (`nvmf_get_stats`) how many admin and I/O queue
+   pairs it serves, and its fds are read at that moment;
 3. quiescent point: once `nvmf_get_stats` shows no queue pair and no pending request,
    RSS and fds are recorded.
 
@@ -173,6 +175,7 @@ class Sampler(threading.Thread):
 class Counters:
     churned: int = 0
     concurrent_opened: int = 0
+    held: list[dict[str, int]] = field(default_factory=list)
     verified_ios: int = 0
     errors: int = 0
     messages: list[str] = field(default_factory=list)
@@ -217,8 +220,16 @@ async def churn(port: int, n: int, parallel: int, c: Counters) -> None:
     await asyncio.gather(*(worker(w) for w in range(parallel)))
 
 
-async def concurrent(port: int, n: int, io_rounds: int, c: Counters,
+def qpair_counts(t: Target) -> dict[str, int]:
+    """What the target itself says it holds, summed over its poll groups."""
+    groups = t.rpc("nvmf_get_stats")["poll_groups"]
+    return {k: sum(g[k] for g in groups) for k in ("current_admin_qpairs", "current_io_qpairs",
+                                                     "unconnected_qpairs", "pending_requests")}
+
+
+async def concurrent(t: Target, n: int, io_rounds: int, c: Counters,
                      batch: int = 50) -> None:
+    port = t.port
     ctrls: list[Controller] = []
     try:
         for start in range(0, n, batch):
@@ -232,6 +243,12 @@ async def concurrent(port: int, n: int, io_rounds: int, c: Counters,
                 else:
                     ctrls.append(g)
         c.concurrent_opened = max(c.concurrent_opened, len(ctrls))
+        # Asked, not sampled: a periodic /proc sample can miss the peak or count a
+        # transient RPC socket, which once made an exact fd-count assertion fail by one.
+        held = await asyncio.to_thread(qpair_counts, t)
+        held["fds"] = proc_sample(t.pid)[1]
+        held["controllers"] = len(ctrls)
+        c.held.append(held)
         for r in range(io_rounds):
             res = await asyncio.gather(*(write_verify(x, i, r, c) for i, x in enumerate(ctrls)),
                                        return_exceptions=True)
@@ -249,9 +266,7 @@ def quiescent(t: Target, timeout: float = 30) -> dict[str, int]:
     """Wait until the target holds no connection and no request."""
     deadline = time.monotonic() + timeout
     while True:
-        groups = t.rpc("nvmf_get_stats")["poll_groups"]
-        s = {k: sum(g[k] for g in groups) for k in ("current_admin_qpairs", "current_io_qpairs",
-                                                     "unconnected_qpairs", "pending_requests")}
+        s = qpair_counts(t)
         if not any(s.values()):
             return s
         if time.monotonic() > deadline:
@@ -309,7 +324,7 @@ async def soak(t: Target, cfg: SoakConfig, progress: Any = None) -> dict[str, An
         while (time.monotonic() - start < cfg.duration_s or c.churned < cfg.churn_total):
             rounds += 1
             await churn(t.port, cfg.churn_per_round, cfg.churn_parallel, c)
-            await concurrent(t.port, cfg.concurrent, cfg.io_rounds, c)
+            await concurrent(t, cfg.concurrent, cfg.io_rounds, c)
             quiescent(t)
             rss, fds = proc_sample(t.pid)
             points.append({"round": rounds, "t": round(time.monotonic() - start, 1),
@@ -338,6 +353,7 @@ async def soak(t: Target, cfg: SoakConfig, progress: Any = None) -> dict[str, An
                     "slope_per_minute_after_first": round(rss_per_min, 1)},
         "fds": {"start": fds0, "end": points[-1]["fds"] if points else fds0,
                 "max": max(s[2] for s in samples)},
+        "held": c.held,
         "quiescent_points": points,
         "samples": len(samples),
     }
