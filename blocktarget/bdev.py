@@ -207,6 +207,38 @@ class IOChannel:
     def close(self) -> None:
         """Release per-reactor resources; called on the channel's reactor."""
 
+    def lane_target(self) -> LaneTarget | None:
+        """What the NVMe/TCP C lane (nvme/fastlane.py) may do with this channel's blocks
+        itself, or None (the default): every I/O then takes the Python path. A backend
+        says so only when the lane's execution is the same as its own, byte for byte and
+        counter for counter."""
+        return None
+
+
+# Backend kinds of the C lane, as `enum bt_backend` in csrc/bt_lane.h numbers them
+# (tests/unit/test_fastpath.py checks they agree).
+LANE_MEM = 1  # process memory: malloc, and split/passthru over it
+LANE_NULL = 2  # reads return zeroes, writes are discarded
+
+
+@dataclass(frozen=True)
+class LaneTarget:
+    """A namespace's blocks as the C lane sees them: a backend kind (LANE_*), its
+    memory when it is process memory (an object exporting the buffer protocol, held for
+    as long as the lane uses it), the byte offset of the namespace in it (a split's
+    remap), and every channel an I/O passes through, outermost first, whose statistics
+    the Python path would count."""
+
+    kind: int
+    mem: Any
+    offset: int
+    channels: tuple[IOChannel, ...]
+
+    def under(self, ch: IOChannel, offset: int = 0) -> LaneTarget:
+        """The same blocks seen through a virtual bdev's channel that remaps them by
+        ``offset`` bytes (split, passthru)."""
+        return LaneTarget(self.kind, self.mem, self.offset + offset, (ch, *self.channels))
+
 
 @dataclass(eq=False)
 class Bdev:

@@ -13,11 +13,13 @@ import mmap
 from typing import Any
 
 from ..bdev import (
+    LANE_MEM,
     Bdev,
     BdevIO,
     BdevModule,
     IOChannel,
     IOType,
+    LaneTarget,
     Status,
     blocks_from_params,
     check_block_size,
@@ -33,6 +35,10 @@ _WRITE = IOType.WRITE
 
 class MallocChannel(IOChannel):
     bdev: MallocBdev
+
+    def lane_target(self) -> LaneTarget | None:
+        mem = self.bdev.host_memory()
+        return None if mem is None else LaneTarget(LANE_MEM, mem, 0, (self,))
 
     def _submit(self, io: BdevIO) -> None:
         bdev = self.bdev

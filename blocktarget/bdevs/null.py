@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..bdev import (
+    LANE_NULL,
     Bdev,
     BdevIO,
     BdevModule,
     IOChannel,
     IOType,
+    LaneTarget,
     Status,
     blocks_from_params,
     check_block_size,
@@ -22,6 +24,9 @@ from ..params import Param, Schema, non_empty, positive
 
 class NullChannel(IOChannel):
     _zeros = memoryview(bytes(1 << 20))
+
+    def lane_target(self) -> LaneTarget | None:
+        return LaneTarget(LANE_NULL, None, 0, (self,))
 
     def _submit(self, io: BdevIO) -> None:
         if io.type == IOType.READ:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import BdevIO, BdevModule, check_uuid, register_module
+from ..bdev import BdevIO, BdevModule, LaneTarget, check_uuid, register_module
 from ..params import Param, Schema, non_empty
 from ._stack import StackedBdev, StackedChannel, claim_bases, inherited
 
@@ -33,6 +33,12 @@ class PassthruChannel(StackedChannel):
         # (3) The whole data path. A transforming bdev would e.g. encrypt io.buf here for
         # writes, or pass `done=` to forward() and decrypt the child's buffer for reads.
         self.forward(io, self.base_channels[0])
+
+    def lane_target(self) -> LaneTarget | None:
+        # the C lane may read and write the base's blocks directly only because this
+        # bdev passes them through unchanged: a transforming bdev returns None here
+        base = self.base_channels[0].lane_target()
+        return None if base is None else base.under(self)
 
 
 class PassthruBdev(StackedBdev):

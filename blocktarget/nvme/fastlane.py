@@ -1,10 +1,12 @@
-"""The C lane of a queue pair: whole receive buffers of plain reads and in-capsule writes
-on memory namespaces executed by one C call (blocktarget/_fastpath_build.py says what it
-takes and why it exists).
+"""The C lane of a queue pair: whole receive buffers of plain reads, in-capsule writes and
+flushes executed by one C call (blocktarget/csrc/lane.c says what it takes and why it
+stays identical to the Python path; blocktarget/_fastpath_build.py how it is built).
 
-A lane belongs to one I/O queue pair and runs on its reactor. It is used for a receive
-buffer only when the queue is in its plain steady state: connected and enabled, no
-digests, no host PDU alignment, nothing outstanding (every command the lane takes
+A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
+is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, and split or
+passthru over either. Header and data digests and the host's PDU alignment are done in C
+too. A receive buffer starts in the lane only when the queue is in its plain steady
+state: connected and enabled, nothing outstanding (every command the lane takes
 completes inside the call, so it never meets a busy command id or a full queue), no
 held-back PDUs, the decoder between PDUs. Whatever the lane does not take goes to the
 Python path unchanged; the Python path remains the reference for every byte.
@@ -12,7 +14,8 @@ Python path unchanged; the Python path remains the reference for every byte.
 What the Python path would have recorded is recorded here too: the queue's SQ head, the
 controller's SMART counters, the stall watch's PDU count, and each bdev channel's
 operation, byte and latency statistics (latency: the C call's time shared out evenly over
-its commands, the only clock there is).
+its commands, the only clock there is), on every channel the I/O would have passed
+through (a split's and its base's).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import LATENCY_BUCKETS_NS, IOType
+from ..bdev import LANE_MEM, LANE_NULL, LATENCY_BUCKETS_NS, IOType
 from . import spec
 
 try:
@@ -41,6 +44,9 @@ BATCH = 64
 MAX_OUT = 1 << 20
 _READ = int(IOType.READ)
 _WRITE = int(IOType.WRITE)
+_FLUSH = int(IOType.FLUSH)
+# what a namespace's bdev must support for the lane to run each of its commands
+_LANE_IO = frozenset({IOType.READ, IOType.WRITE, IOType.FLUSH})
 _now_ns = time.perf_counter_ns
 _bucket = bisect.bisect_left
 _alloc = ffi.new_allocator(should_clear_after_alloc=False) if AVAILABLE else None
@@ -56,13 +62,15 @@ def new_buffer(n: int) -> memoryview:
 
 def create(qp: Qpair) -> Lane | None:
     """A lane for ``qp`` (an I/O queue that just connected), or None when it cannot have
-    one: the extension is missing or switched off, or the connection negotiated what the
-    lane does not produce (digests, a host PDU alignment)."""
-    if not AVAILABLE or not getattr(qp.opts, "c_fast_path", True):
-        return None
-    if qp.qid <= 0 or qp.hdgst or qp.ddgst or qp.hpda:
+    one: the extension is missing or switched off."""
+    if not AVAILABLE or not getattr(qp.opts, "c_fast_path", True) or qp.qid <= 0:
         return None
     return Lane(qp)
+
+
+def crc32c_impl() -> str:
+    """Which CRC32C the C lane's digests use on this CPU (chosen at load time)."""
+    return ffi.string(lib.bt_crc32c_impl()).decode() if AVAILABLE else "none"
 
 
 class Lane:
@@ -78,10 +86,14 @@ class Lane:
         c.qid = qp.qid
         c.flow_disabled = qp.sq_flow_disabled
         c.c2h_success = qp.c2h_success_ok
+        c.hdgst = qp.hdgst
+        c.ddgst = qp.ddgst
+        c.hpda = qp.hpda
         self.c = c
         self.nsmem: Any = None  # struct bt_ns[] (the C side of `entries`)
-        # (namespace, bdev channel, buffer export keeping the memory mapped) per slot
-        self.entries: list[tuple[Any, Any, Any]] = []
+        # (namespace, channels its I/O passes through, buffer export keeping the memory
+        # mapped or None) per slot
+        self.entries: list[tuple[Any, tuple[Any, ...], Any]] = []
         self.generation = -1
         self.ana: Any = None
         self.last: list[list[int]] = []  # per slot: counters already folded into stats
@@ -106,7 +118,7 @@ class Lane:
 
     # ---- the namespace table ----
     def _refresh(self) -> None:
-        """(Re)build the table of memory namespaces this queue may use, after any change
+        """(Re)build the table of namespaces this queue may run in C, after any change
         to the subsystem or to this path's ANA states. Folds the old table's counters
         first, so no statistic is lost."""
         qp = self.qp
@@ -118,52 +130,66 @@ class Lane:
             for nsid, ns in sorted(sub.namespaces.items()):
                 if inaccessible and nsid in inaccessible:
                     continue
-                mem = ns.bdev.host_memory()
-                if mem is None or len(mem) < ns.bdev.num_blocks * ns.bdev.block_size:
+                bdev = ns.bdev
+                if not _LANE_IO <= bdev.io_types:
                     continue
-                ch = qp.channel_of(ns)[1]
-                entries.append((ns, ch, ffi.from_buffer(mem, require_writable=True)))
+                t = qp.channel_of(ns)[1].lane_target()
+                if t is None:
+                    continue
+                size = bdev.num_blocks * bdev.block_size
+                mem = None
+                if t.kind == LANE_MEM:
+                    if t.mem is None or len(t.mem) < t.offset + size:
+                        continue
+                    mem = ffi.from_buffer(t.mem, require_writable=True)
+                elif t.kind != LANE_NULL:
+                    continue
+                entries.append((ns, t, mem))
         if entries:
             arr = ffi.new("struct bt_ns[]", len(entries))
-            for i, (ns, _ch, mem) in enumerate(entries):
+            for i, (ns, t, mem) in enumerate(entries):
                 e = arr[i]
                 e.nsid = ns.nsid
                 e.block_size = ns.bdev.block_size
                 e.num_blocks = ns.bdev.num_blocks
-                e.mem = ffi.cast("unsigned char *", mem)
+                e.backend = t.kind
+                e.write_cache = ns.bdev.write_cache
+                if mem is not None:
+                    e.mem = ffi.cast("unsigned char *", mem) + t.offset
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)
-        self.entries = entries
-        self.last = [[0, 0, 0, 0] for _ in entries]
+        self.entries = [(ns, t.channels, mem) for ns, t, mem in entries]
+        self.last = [[0] * 6 for _ in entries]
         self.generation = sub.generation if sub is not None else -1
         self.ana = inaccessible
 
     def _fold(self, ncmds: int, elapsed_ns: int) -> None:
-        """Add what the C side counted since the last fold to each bdev channel's stats."""
+        """Add what the C side counted since the last fold to the stats of every channel
+        each namespace's I/O passes through."""
         arr = self.nsmem
         if arr is None:
             return
         per_cmd = elapsed_ns // ncmds if ncmds else 0
         bucket = _bucket(LATENCY_BUCKETS_NS, per_cmd)
-        for i, (_ns, ch, _mem) in enumerate(self.entries):
+        for i, (_ns, channels, _mem) in enumerate(self.entries):
             e = arr[i]
             last = self.last[i]
-            reads, writes = e.reads - last[0], e.writes - last[2]
-            if not reads and not writes:
+            now = (e.reads, e.read_bytes, e.writes, e.write_bytes, e.flushes, e.flush_bytes)
+            if now == tuple(last):
                 continue
-            st = ch.stats
-            if reads:
-                st.ops[_READ] += reads
-                st.bytes[_READ] += e.read_bytes - last[1]
-                st.latency_sum_ns[_READ] += per_cmd * reads
-                st.latency_buckets[_READ][bucket] += reads
-            if writes:
-                st.ops[_WRITE] += writes
-                st.bytes[_WRITE] += e.write_bytes - last[3]
-                st.latency_sum_ns[_WRITE] += per_cmd * writes
-                st.latency_buckets[_WRITE][bucket] += writes
-            last[:] = (e.reads, e.read_bytes, e.writes, e.write_bytes)
+            for t, k in ((_READ, 0), (_WRITE, 2), (_FLUSH, 4)):
+                n = now[k] - last[k]
+                if not n:
+                    continue
+                nbytes = now[k + 1] - last[k + 1]
+                for ch in channels:
+                    st = ch.stats
+                    st.ops[t] += n
+                    st.bytes[t] += nbytes
+                    st.latency_sum_ns[t] += per_cmd * n
+                    st.latency_buckets[t][bucket] += n
+            last[:] = now
 
     # ---- the receive path ----
     def usable(self) -> bool:

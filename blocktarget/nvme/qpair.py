@@ -336,6 +336,8 @@ class Qpair(asyncio.BufferedProtocol):
             try:
                 pdus = self.decoder.feed(chunk, frozen)
             except pdu.DataDigestError as err:
+                # the PDUs before the damaged one, and that one, were received too
+                self.rx_pdus += len(err.pdus) + 1
                 for p in err.pdus:
                     self._handle_pdu(p)
                 self._data_digest_error(err)
