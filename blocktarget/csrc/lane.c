@@ -1,20 +1,28 @@
-/* The lane's command path: whole receive buffers of NVMe/TCP capsules executed in C.
+/* The lane's command path: whole receive buffers of NVMe/TCP capsules and H2CData
+ * executed in C.
  *
  * The rule that keeps it honest: the lane only does what the Python path (nvme/qpair.py,
  * dispatch, nvme/io.py) would do for the same bytes, and only when the outcome is
  * success. At the first PDU it does not take (any other PDU or opcode, any field that
  * would produce an error status or a transport error, a digest that does not match, an
- * incomplete PDU, a namespace it has no backend for) it stops, and the Python path
- * handles the rest of the buffer: every error and every rare case lives there, once.
- * tests/unit/test_fastpath.py feeds the same byte streams to queue pairs with and
- * without the lane and compares every byte sent and the state left behind.
+ * incomplete PDU, a namespace it has no backend for, a budget it may not take) it
+ * stops, and the Python path handles the rest of the buffer: every error and every rare
+ * case lives there, once. tests/unit/test_fastpath.py feeds the same byte streams to
+ * queue pairs with and without the lane and compares every byte sent and the state
+ * left behind.
  *
- * Two passes over the same bytes: with out == NULL bt_lane_run only measures (input
- * taken, output produced, no side effects), so Python allocates the output once, exactly
- * sized; the second call executes. max_out bounds one output buffer (never below one
- * command's reply).
+ * Commands the lane takes are its own until they complete: a write of more than the
+ * in-capsule data gets an R2T and waits in a slot for its H2CData (ttags from
+ * BT_LANE_TTAG up are the lane's). The Python path asks the lane about them when it
+ * must (a reused command id, a full queue, an H2CData it decoded itself, Abort, the
+ * stall watch) and, for anything unusual about one of them, takes the command over
+ * (bt_lane_adopt) and handles it as its own.
+ *
+ * Output (C2HData, R2T, CapsuleResp) accumulates in one growing buffer per lane that
+ * Python takes after each call and hands to the socket as is.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bt_lane.h"
@@ -26,27 +34,196 @@
 /* NVMe/TCP and NVMe facts used below (NVMe/TCP 1.0, NVMe base 2.0) */
 #define PDU_CAPSULE_CMD 0x04
 #define PDU_CAPSULE_RESP 0x05
+#define PDU_H2C_DATA 0x06
 #define PDU_C2H_DATA 0x07
+#define PDU_R2T 0x09
 #define F_HDGST 0x01
 #define F_DDGST 0x02
 #define F_LAST 0x04
 #define F_SUCCESS 0x08
 #define CMD_HLEN 72
 #define RESP_HLEN 24
-#define C2H_HLEN 24
+#define DATA_HLEN 24            /* C2HData, H2CData, R2T */
 #define DIGEST 4
+#define SQE_LEN 64
 #define OPC_FLUSH 0x00
 #define OPC_WRITE 0x01
 #define OPC_READ 0x02
 #define SGL_ID_INCAPSULE 0x01   /* data block, offset */
 #define SGL_ID_TRANSPORT 0x5A   /* transport data block, transport specific */
 #define RW_FUA (1u << 30)
+#define OUT_MIN (64u << 10)
+
+enum { SLOT_FREE = 0, SLOT_DATA = 1 };
+
+struct bt_cmd {
+    uint8_t state;
+    uint16_t cid;
+    uint32_t seq;               /* uses of this slot: tells the stall watch apart reuses */
+    struct bt_ns *ns;           /* (the table outlives the lane's commands: see fastlane) */
+    uint64_t off;               /* byte offset in the namespace */
+    uint32_t nbytes;
+    uint32_t received;          /* H2CData bytes in so far */
+    unsigned char *data;        /* the transfer's buffer */
+    unsigned char sqe[SQE_LEN]; /* for bt_lane_adopt */
+};
 
 static inline uint16_t ld16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t ld32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline uint64_t ld64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void st16(unsigned char *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void st32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+
+/* ---- the lane's life ---- */
+
+/* Slots grow on demand (up to the queue's size) rather than up front: an idle
+   connection of a 128-entry queue would otherwise carry 13 KiB it never uses. */
+struct bt_lane *bt_lane_new(uint16_t sqsize)
+{
+    struct bt_lane *l = calloc(1, sizeof(*l));
+    if (l == NULL)
+        return NULL;
+    l->sqsize = sqsize;
+    return l;
+}
+
+void bt_lane_free(struct bt_lane *l)
+{
+    if (l == NULL)
+        return;
+    for (uint32_t i = 0; i < l->nslots; i++)
+        free(l->slot[i].data);
+    free(l->slot);
+    free(l->out);
+    free(l);
+}
+
+void bt_free(void *p)
+{
+    free(p);
+}
+
+size_t bt_lane_take_out(struct bt_lane *l, unsigned char **buf)
+{
+    size_t n = l->out_len;
+    if (n == 0) {
+        *buf = NULL;
+        return 0;
+    }
+    *buf = l->out;
+    l->out = NULL;
+    l->out_len = l->out_cap = 0;
+    return n;
+}
+
+/* room for n more output bytes; NULL when memory is short */
+static unsigned char *reserve(struct bt_lane *l, size_t n)
+{
+    if (l->out_len + n > l->out_cap) {
+        size_t cap = l->out_cap ? l->out_cap * 2 : OUT_MIN;
+        while (cap < l->out_len + n)
+            cap *= 2;
+        unsigned char *p = realloc(l->out, cap);
+        if (p == NULL)
+            return NULL;
+        l->out = p;
+        l->out_cap = cap;
+    }
+    return l->out + l->out_len;
+}
+
+/* ---- slots ---- */
+
+static struct bt_cmd *find_cid(const struct bt_lane *l, uint16_t cid)
+{
+    if (l->inflight == 0)
+        return NULL;
+    for (uint32_t i = 0; i < l->nslots; i++)
+        if (l->slot[i].state != SLOT_FREE && l->slot[i].cid == cid)
+            return &l->slot[i];
+    return NULL;
+}
+
+int bt_lane_busy(const struct bt_lane *l, uint16_t cid)
+{
+    return find_cid(l, cid) != NULL;
+}
+
+static struct bt_cmd *slot_of_ttag(const struct bt_lane *l, uint16_t ttag)
+{
+    if (ttag < BT_LANE_TTAG || ttag - BT_LANE_TTAG >= l->nslots)
+        return NULL;
+    struct bt_cmd *c = &l->slot[ttag - BT_LANE_TTAG];
+    return c->state == SLOT_DATA ? c : NULL;
+}
+
+static struct bt_cmd *free_slot(struct bt_lane *l)
+{
+    for (uint32_t i = 0; i < l->nslots; i++)
+        if (l->slot[i].state == SLOT_FREE)
+            return &l->slot[i];
+    uint32_t most = (uint32_t)l->sqsize + 1;
+    if (l->nslots >= most)
+        return NULL;
+    uint32_t n = l->nslots ? l->nslots * 2 : 8;
+    if (n > most)
+        n = most;
+    struct bt_cmd *grown = realloc(l->slot, n * sizeof(*grown));
+    if (grown == NULL)
+        return NULL;
+    memset(grown + l->nslots, 0, (n - l->nslots) * sizeof(*grown));
+    struct bt_cmd *first = grown + l->nslots;
+    l->slot = grown;
+    l->nslots = n;
+    return first;
+}
+
+static void release(struct bt_lane *l, struct bt_cmd *c)
+{
+    free(c->data);
+    c->data = NULL;
+    c->state = SLOT_FREE;
+    l->inflight--;
+    l->r2t_waiting--;
+    l->r2t_wait_bytes -= c->nbytes;
+}
+
+unsigned bt_lane_r2t_list(const struct bt_lane *l, uint16_t *ttags, uint16_t *cids,
+                          uint32_t *seqs, unsigned max)
+{
+    unsigned n = 0;
+    for (uint32_t i = 0; i < l->nslots && n < max; i++)
+        if (l->slot[i].state == SLOT_DATA) {
+            ttags[n] = (uint16_t)(BT_LANE_TTAG + i);
+            cids[n] = l->slot[i].cid;
+            seqs[n] = l->slot[i].seq;
+            n++;
+        }
+    return n;
+}
+
+int bt_lane_r2t_of(const struct bt_lane *l, uint16_t cid)
+{
+    struct bt_cmd *c = find_cid(l, cid);
+    return c != NULL && c->state == SLOT_DATA ? (int)(BT_LANE_TTAG + (c - l->slot)) : -1;
+}
+
+int bt_lane_adopt(struct bt_lane *l, uint16_t ttag, unsigned char *sqe, unsigned char *data,
+                  uint32_t *received, uint32_t *length)
+{
+    struct bt_cmd *c = slot_of_ttag(l, ttag);
+    if (c == NULL)
+        return -1;
+    memcpy(sqe, c->sqe, SQE_LEN);
+    if (c->received)
+        memcpy(data, c->data, c->received);
+    *received = c->received;
+    *length = c->nbytes;
+    release(l, c);              /* (its budget goes with it to the Python request) */
+    return 0;
+}
+
+/* ---- namespaces and budget ---- */
 
 static struct bt_ns *find_ns(const struct bt_lane *l, uint32_t nsid)
 {
@@ -56,6 +233,26 @@ static struct bt_ns *find_ns(const struct bt_lane *l, uint32_t nsid)
     return NULL;
 }
 
+/* tcp_limits.DataBudget.take: the first buffer of an idle connection on an idle
+   reactor is never refused; beyond a limit, the Python path makes the write wait */
+static int budget_take(struct bt_lane *l, uint64_t n)
+{
+    if ((l->bud_held && l->bud_held + n > l->bud_per_qpair)
+        || (l->bud_used && l->bud_used + n > l->bud_limit))
+        return 0;
+    l->bud_held += n;
+    l->bud_used += n;
+    if (l->bud_used > l->bud_high)
+        l->bud_high = l->bud_used;
+    return 1;
+}
+
+static void budget_give_back(struct bt_lane *l, uint64_t n)
+{
+    l->bud_held -= n;
+    l->bud_used -= n;
+}
+
 /* ---- output framing ---- */
 
 static inline size_t resp_len(const struct bt_lane *l)
@@ -63,11 +260,16 @@ static inline size_t resp_len(const struct bt_lane *l)
     return RESP_HLEN + (l->hdgst ? DIGEST : 0);
 }
 
+static inline size_t r2t_len(const struct bt_lane *l)
+{
+    return DATA_HLEN + (l->hdgst ? DIGEST : 0);
+}
+
 /* where C2HData payload starts: after the header (and its digest), padded to the
    host's alignment */
 static inline size_t c2h_pdo(const struct bt_lane *l)
 {
-    size_t base = C2H_HLEN + (l->hdgst ? DIGEST : 0);
+    size_t base = DATA_HLEN + (l->hdgst ? DIGEST : 0);
     size_t align = ((size_t)l->hpda + 1) * 4;
     return (base + align - 1) / align * align;
 }
@@ -94,6 +296,22 @@ static unsigned char *put_resp(const struct bt_lane *l, unsigned char *o, uint16
     return o + resp_len(l);
 }
 
+static unsigned char *put_r2t(const struct bt_lane *l, unsigned char *o, uint16_t cid,
+                              uint16_t ttag, uint32_t n)
+{
+    memset(o, 0, DATA_HLEN);
+    o[0] = PDU_R2T;
+    o[1] = l->hdgst ? F_HDGST : 0;
+    o[2] = DATA_HLEN;
+    st32(o + 4, (uint32_t)r2t_len(l));
+    st16(o + 8, cid);
+    st16(o + 10, ttag);
+    st32(o + 16, n);              /* R2TO (o + 12) 0: the whole transfer at once */
+    if (l->hdgst)
+        st32(o + DATA_HLEN, bt_crc32c(0, o, DATA_HLEN));
+    return o + r2t_len(l);
+}
+
 /* One C2HData PDU: its header, padding, n bytes of data from `src` (NULL: zeroes), its
    digests. */
 static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_t cid,
@@ -105,14 +323,14 @@ static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_
     o[0] = PDU_C2H_DATA;
     o[1] = (l->hdgst ? F_HDGST : 0) | (l->ddgst ? F_DDGST : 0)
          | (last ? F_LAST : 0) | (last && l->c2h_success ? F_SUCCESS : 0);
-    o[2] = C2H_HLEN;
+    o[2] = DATA_HLEN;
     o[3] = (unsigned char)pdo;
     st32(o + 4, (uint32_t)(pdo + n + (l->ddgst ? DIGEST : 0)));
     st16(o + 8, cid);
     st32(o + 12, datao);
     st32(o + 16, n);
     if (l->hdgst)
-        st32(o + C2H_HLEN, bt_crc32c(0, o, C2H_HLEN));
+        st32(o + DATA_HLEN, bt_crc32c(0, o, DATA_HLEN));
     unsigned char *d = o + pdo;
     if (src != NULL)
         memcpy(d, src, n);
@@ -126,12 +344,65 @@ static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_
     return o;
 }
 
+/* ---- execution (the backends that complete at once) ---- */
+
+static void count(struct bt_ns *ns, int st, uint64_t n)
+{
+    ns->ops[st]++;
+    ns->bytes[st] += n;
+}
+
+static unsigned char *exec_read(struct bt_lane *l, struct bt_ns *ns, uint64_t off,
+                                uint32_t nbytes, uint16_t cid, unsigned char *o)
+{
+    const unsigned char *src = ns->backend == BT_BE_MEM ? ns->mem + off : NULL;
+    uint32_t left = nbytes, datao = 0;
+    while (left) {
+        uint32_t n = left < l->c2h_chunk ? left : l->c2h_chunk;
+        o = put_c2h(l, o, cid, datao, src ? src + datao : NULL, n, n == left);
+        datao += n;
+        left -= n;
+    }
+    if (!l->c2h_success)
+        o = put_resp(l, o, cid);
+    count(ns, BT_ST_READ, nbytes);
+    l->read_cmds++;
+    l->read_bytes += nbytes;
+    return o;
+}
+
+static unsigned char *exec_write(struct bt_lane *l, struct bt_ns *ns, uint64_t off,
+                                 const unsigned char *data, uint32_t nbytes, int fua,
+                                 uint16_t cid, unsigned char *o)
+{
+    if (ns->backend == BT_BE_MEM)
+        memcpy(ns->mem + off, data, nbytes);
+    count(ns, BT_ST_WRITE, nbytes);
+    if (fua && ns->write_cache)
+        /* io.write: a FUA write on a bdev with a volatile cache is a write, then a
+           flush of its blocks; memory has nothing to flush */
+        count(ns, BT_ST_FLUSH, nbytes);
+    l->write_cmds++;
+    l->write_bytes += nbytes;
+    return put_resp(l, o, cid);
+}
+
+static unsigned char *exec_flush(struct bt_lane *l, struct bt_ns *ns, uint16_t cid,
+                                 unsigned char *o)
+{
+    count(ns, BT_ST_FLUSH, ns->num_blocks * ns->block_size);
+    return put_resp(l, o, cid);
+}
+
 /* ---- the verdict on one capsule ---- */
+
+enum { ACT_READ, ACT_WRITE_ICD, ACT_WRITE_R2T, ACT_FLUSH };
 
 struct cmd {
     const unsigned char *sqe;
     const unsigned char *data;  /* in-capsule data */
     uint32_t data_len;
+    int act;
     struct bt_ns *ns;
     uint64_t off;               /* byte offset in the namespace */
     uint32_t nbytes;
@@ -140,15 +411,13 @@ struct cmd {
 /* The reply's size in bytes for one complete capsule PDU `p` of `plen` bytes, or 0 when
    the Python path must handle it. Mirrors pdu.Decoder, qpair._capsule, dispatch and
    io.read/io.write/io.flush for the cases that succeed. */
-static size_t accept(const struct bt_lane *l, const unsigned char *p, uint32_t plen,
-                     struct cmd *c)
+static size_t accept_capsule(const struct bt_lane *l, const unsigned char *p, uint32_t plen,
+                             struct cmd *c)
 {
     size_t hend = CMD_HLEN + (l->hdgst ? DIGEST : 0);
     if (l->hdgst && ld32(p + CMD_HLEN) != bt_crc32c(0, p, CMD_HLEN))
         return 0;                 /* Python: header digest error, fatal */
     c->sqe = p + 8;
-    c->data = NULL;
-    c->data_len = 0;
     if (plen > hend) {
         size_t dd = l->ddgst ? DIGEST : 0;
         if (p[3] != hend || plen <= hend + dd)
@@ -162,6 +431,9 @@ static size_t accept(const struct bt_lane *l, const unsigned char *p, uint32_t p
     uint8_t opc = sqe[0], flags = sqe[1];
     if ((flags & 0x03) || (flags >> 6) == 0)  /* fused; PRPs */
         return 0;
+    /* a busy command id (CID conflict) or a full queue: Python's to answer */
+    if (find_cid(l, ld16(sqe + 2)) != NULL || l->inflight > l->sqsize)
+        return 0;
     struct bt_ns *ns = find_ns(l, ld32(sqe + 4));
     if (ns == NULL)
         return 0;
@@ -170,6 +442,7 @@ static size_t accept(const struct bt_lane *l, const unsigned char *p, uint32_t p
         /* no data either way; an SGL of any length is ignored as Python ignores it */
         if (c->data_len)
             return 0;
+        c->act = ACT_FLUSH;
         return resp_len(l);
     }
     uint64_t slba = ld64(sqe + 40);
@@ -186,112 +459,185 @@ static size_t accept(const struct bt_lane *l, const unsigned char *p, uint32_t p
     if (opc == OPC_READ) {
         if (c->data_len || sgl_id != SGL_ID_TRANSPORT)
             return 0;
+        c->act = ACT_READ;
         return c2h_bytes(l, n) + (l->c2h_success ? 0 : resp_len(l));
     }
-    if (opc == OPC_WRITE) {
-        if (!c->data_len || sgl_id != SGL_ID_INCAPSULE || ld64(sqe + 24) != 0
-            || sgl_len != c->data_len || c->data_len > l->icd_limit)
+    if (opc != OPC_WRITE)
+        return 0;
+    if (c->data_len) {
+        if (sgl_id != SGL_ID_INCAPSULE || ld64(sqe + 24) != 0 || sgl_len != c->data_len
+            || c->data_len > l->icd_limit
+            /* DataBudget.hold: in-capsule data that overruns the reactor's budget
+               pauses the connection (Python's to do) */
+            || l->bud_used + c->data_len > l->bud_limit)
             return 0;
+        c->act = ACT_WRITE_ICD;
         return resp_len(l);
     }
-    return 0;
+    if (sgl_id != SGL_ID_TRANSPORT)
+        return 0;
+    c->act = ACT_WRITE_R2T;
+    return r2t_len(l);
 }
 
-/* ---- execution (the backends that complete at once) ---- */
-
-static unsigned char *exec_read(struct bt_lane *l, const struct cmd *c, unsigned char *o,
-                                uint16_t cid)
+/* Start a write whose data comes by R2T: a slot, the budget, the R2T. Its buffer is
+   allocated only if the data comes in pieces (see place). */
+static int start_r2t(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsigned char *o)
 {
-    struct bt_ns *ns = c->ns;
-    const unsigned char *src = ns->backend == BT_BE_MEM ? ns->mem + c->off : NULL;
-    uint32_t left = c->nbytes, datao = 0;
-    while (left) {
-        uint32_t n = left < l->c2h_chunk ? left : l->c2h_chunk;
-        o = put_c2h(l, o, cid, datao, src ? src + datao : NULL, n, n == left);
-        datao += n;
-        left -= n;
+    struct bt_cmd *s = free_slot(l);
+    if (s == NULL || !budget_take(l, c->nbytes))
+        return 0;
+    s->state = SLOT_DATA;
+    s->seq++;
+    s->cid = cid;
+    s->ns = c->ns;
+    s->off = c->off;
+    s->nbytes = c->nbytes;
+    s->received = 0;
+    s->data = NULL;
+    memcpy(s->sqe, c->sqe, SQE_LEN);
+    l->inflight++;
+    l->r2t_waiting++;
+    l->r2t_wait_bytes += c->nbytes;
+    put_r2t(l, o, cid, (uint16_t)(BT_LANE_TTAG + (s - l->slot)), c->nbytes);
+    return 1;
+}
+
+/* Data in for slot s (checked by the caller, with room for a response reserved):
+   place it; once it is all in, execute. The whole transfer in one PDU (the usual case)
+   is written from where it lies, as the Python path does; pieces are gathered in a
+   buffer first, since the write may only happen once all of it is there. 0: out of
+   memory, nothing done. */
+static int place(struct bt_lane *l, struct bt_cmd *s, uint32_t datao,
+                 const unsigned char *data, uint32_t n)
+{
+    const unsigned char *src = data;
+    if (n < s->nbytes) {
+        if (s->data == NULL && (s->data = malloc(s->nbytes)) == NULL)
+            return 0;
+        memcpy(s->data + datao, data, n);
+        src = s->data;
     }
-    if (!l->c2h_success)
-        o = put_resp(l, o, cid);
-    ns->reads++;
-    ns->read_bytes += c->nbytes;
-    l->read_cmds++;
-    l->read_bytes += c->nbytes;
-    return o;
+    s->received += n;
+    if (s->received < s->nbytes)
+        return 1;
+    unsigned char *o = l->out + l->out_len;
+    int fua = (ld32(s->sqe + 48) & RW_FUA) != 0;
+    unsigned char *e = exec_write(l, s->ns, s->off, src, s->nbytes, fua, s->cid, o);
+    l->out_len += (size_t)(e - o);
+    budget_give_back(l, s->nbytes);
+    release(l, s);
+    l->cmds++;
+    return 1;
 }
 
-static unsigned char *exec_write(struct bt_lane *l, const struct cmd *c, unsigned char *o,
-                                 uint16_t cid)
+/* Is this H2CData the next piece of slot s, exactly as the Python path would place it
+   without complaint? */
+static int h2c_fits(const struct bt_lane *l, const struct bt_cmd *s, uint16_t cccid,
+                    uint32_t datao, uint32_t n, int last)
 {
-    struct bt_ns *ns = c->ns;
-    if (ns->backend == BT_BE_MEM)
-        memcpy(ns->mem + c->off, c->data, c->nbytes);
-    ns->writes++;
-    ns->write_bytes += c->nbytes;
-    if ((ld32(c->sqe + 48) & RW_FUA) && ns->write_cache) {
-        /* io.write: a FUA write on a bdev with a volatile cache is a write, then a
-           flush of its blocks; memory has nothing to flush */
-        ns->flushes++;
-        ns->flush_bytes += c->nbytes;
-    }
-    l->write_cmds++;
-    l->write_bytes += c->nbytes;
-    return put_resp(l, o, cid);
+    if (s == NULL || s->cid != cccid || datao != s->received || n > s->nbytes - datao
+        || n > l->maxh2cdata)
+        return 0;
+    return (s->received + n == s->nbytes) == (last != 0);
 }
 
-static unsigned char *exec_flush(struct bt_lane *l, const struct cmd *c, unsigned char *o,
-                                 uint16_t cid)
+int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao,
+                const unsigned char *data, uint32_t n, int last)
 {
-    struct bt_ns *ns = c->ns;
-    ns->flushes++;
-    ns->flush_bytes += ns->num_blocks * ns->block_size;
-    return put_resp(l, o, cid);
+    struct bt_cmd *s = slot_of_ttag(l, ttag);
+    if (!h2c_fits(l, s, cccid, datao, n, last))
+        return 0;
+    if (reserve(l, resp_len(l)) == NULL)
+        return 0;
+    return place(l, s, datao, data, n);
+}
+
+/* One H2CData PDU at p (plen bytes, all there): 1 taken, 0 Python's. */
+static int take_h2c(struct bt_lane *l, const unsigned char *p, uint32_t plen)
+{
+    size_t hend = DATA_HLEN + (l->hdgst ? DIGEST : 0);
+    size_t dd = l->ddgst ? DIGEST : 0;
+    uint8_t want = (l->hdgst ? F_HDGST : 0) | (l->ddgst ? F_DDGST : 0);
+    if (p[2] != DATA_HLEN || (p[1] & ~F_LAST) != want || p[3] != hend || plen <= hend + dd)
+        return 0;
+    uint32_t n = plen - (uint32_t)hend - (uint32_t)dd;
+    if (ld32(p + 16) != n)
+        return 0;                 /* Python: DATAL mismatch, fatal */
+    struct bt_cmd *s = slot_of_ttag(l, ld16(p + 10));
+    if (!h2c_fits(l, s, ld16(p + 8), ld32(p + 12), n, p[1] & F_LAST))
+        return 0;
+    if (l->hdgst && ld32(p + DATA_HLEN) != bt_crc32c(0, p, DATA_HLEN))
+        return 0;
+    if (l->ddgst && ld32(p + hend + n) != bt_crc32c(0, p + hend, n))
+        return 0;
+    if (reserve(l, resp_len(l)) == NULL)
+        return 0;
+    return place(l, s, ld32(p + 12), p + hend, n);
 }
 
 size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsigned max_cmds,
-                   size_t max_out, unsigned char *out, size_t *out_len, unsigned *ncmds)
+                   size_t max_out, unsigned *ncmds)
 {
-    size_t pos = 0, olen = 0;
-    size_t hlen = CMD_HLEN + (l->hdgst ? DIGEST : 0);
+    size_t pos = 0;
+    size_t chlen = CMD_HLEN + (l->hdgst ? DIGEST : 0);
+    size_t dhlen = DATA_HLEN + (l->hdgst ? DIGEST : 0);
     uint8_t hflag = l->hdgst ? F_HDGST : 0;
     unsigned n = 0;
-    while (n < max_cmds && len - pos >= hlen) {
+    uint64_t done0 = l->cmds;
+    while (n < max_cmds && len - pos >= 8) {
         const unsigned char *p = in + pos;
         uint32_t plen = ld32(p + 4);
-        if (p[0] != PDU_CAPSULE_CMD || p[2] != CMD_HLEN || plen < hlen || plen > len - pos)
+        if (plen > len - pos)
+            break;
+        if (p[0] == PDU_H2C_DATA) {
+            if (plen < dhlen || !take_h2c(l, p, plen))
+                break;
+            pos += plen;
+            n++;
+            continue;
+        }
+        if (p[0] != PDU_CAPSULE_CMD || p[2] != CMD_HLEN || plen < chlen)
             break;
         /* flags: HDGSTF exactly as negotiated; DDGSTF exactly when data is digested */
-        uint8_t want = hflag | (plen > hlen && l->ddgst ? F_DDGST : 0);
+        uint8_t want = hflag | (plen > chlen && l->ddgst ? F_DDGST : 0);
         if (p[1] != want)
             break;
         struct cmd c = {0};
-        size_t reply = accept(l, p, plen, &c);
-        if (reply == 0 || (n > 0 && olen + reply > max_out))
+        size_t reply = accept_capsule(l, p, plen, &c);
+        if (reply == 0 || (l->cmds > done0 && l->out_len + reply > max_out))
             break;
-        if (out != NULL) {
-            uint16_t cid = ld16(c.sqe + 2);
-            unsigned char *o = out + olen;
-            if (!l->flow_disabled)
-                l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
-            switch (c.sqe[0]) {
-            case OPC_READ:
-                exec_read(l, &c, o, cid);
-                break;
-            case OPC_WRITE:
-                exec_write(l, &c, o, cid);
-                break;
-            default:
-                exec_flush(l, &c, o, cid);
-                break;
-            }
+        unsigned char *o = reserve(l, reply);
+        if (o == NULL)
+            break;
+        uint16_t cid = ld16(c.sqe + 2);
+        if (c.act == ACT_WRITE_R2T) {
+            if (!start_r2t(l, &c, cid, o))
+                break;            /* no budget (the Python path makes it wait) */
         }
-        olen += reply;
+        if (!l->flow_disabled)
+            l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
+        switch (c.act) {
+        case ACT_READ:
+            exec_read(l, c.ns, c.off, c.nbytes, cid, o);
+            l->cmds++;
+            break;
+        case ACT_WRITE_ICD:
+            exec_write(l, c.ns, c.off, c.data, c.nbytes, (ld32(c.sqe + 48) & RW_FUA) != 0,
+                       cid, o);
+            l->cmds++;
+            break;
+        case ACT_FLUSH:
+            exec_flush(l, c.ns, cid, o);
+            l->cmds++;
+            break;
+        default:                  /* ACT_WRITE_R2T: the R2T is out; data comes later */
+            break;
+        }
+        l->out_len += reply;
         pos += plen;
         n++;
-        if (out != NULL)
-            l->cmds++;
     }
-    *out_len = olen;
     *ncmds = n;
     return pos;
 }

@@ -1,15 +1,19 @@
-"""The C lane of a queue pair: whole receive buffers of plain reads, in-capsule writes and
-flushes executed by one C call (blocktarget/csrc/lane.c says what it takes and why it
-stays identical to the Python path; blocktarget/_fastpath_build.py how it is built).
+"""The C lane of a queue pair: whole receive buffers of reads, writes (in-capsule or by
+R2T and H2CData) and flushes executed by one C call (blocktarget/csrc/lane.c says what it
+takes and why it stays identical to the Python path; blocktarget/_fastpath_build.py how
+it is built).
 
 A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
 is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, and split or
 passthru over either. Header and data digests and the host's PDU alignment are done in C
-too. A receive buffer starts in the lane only when the queue is in its plain steady
-state: connected and enabled, nothing outstanding (every command the lane takes
-completes inside the call, so it never meets a busy command id or a full queue), no
-held-back PDUs, the decoder between PDUs. Whatever the lane does not take goes to the
-Python path unchanged; the Python path remains the reference for every byte.
+too. A receive buffer starts in the lane only when the queue is in its steady state:
+connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
+decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
+commands (writes waiting for their data) may be outstanding: the Python path asks the
+lane about them where it must (a busy command id, a full queue, an H2CData it decoded,
+Abort, the stall watch) and takes one over (`adopt`) for anything unusual. Whatever the
+lane does not take goes to the Python path unchanged; the Python path remains the
+reference for every byte.
 
 What the Python path would have recorded is recorded here too: the queue's SQ head, the
 controller's SMART counters, the stall watch's PDU count, and each bdev channel's
@@ -50,6 +54,8 @@ _LANE_IO = frozenset({IOType.READ, IOType.WRITE, IOType.FLUSH})
 _now_ns = time.perf_counter_ns
 _bucket = bisect.bisect_left
 _alloc = ffi.new_allocator(should_clear_after_alloc=False) if AVAILABLE else None
+_ST = ((_READ, 0), (_WRITE, 1), (_FLUSH, 2))  # IOType -> enum bt_stat
+R2T_LIST_MAX = 1024  # lane R2Ts reported to the stall watch per check (slots are fewer)
 
 
 def new_buffer(n: int) -> memoryview:
@@ -74,22 +80,25 @@ def crc32c_impl() -> str:
 
 
 class Lane:
-    __slots__ = ("qp", "c", "nsmem", "entries", "generation", "ana", "last", "sizes", "stats")
+    __slots__ = ("qp", "c", "nsmem", "entries", "generation", "ana", "last", "ncmds", "stats",
+                 "_tokens", "_executed")
 
     def __init__(self, qp: Qpair) -> None:
         self.qp = qp
-        c = ffi.new("struct bt_lane *")
+        c = lib.bt_lane_new(qp.sqsize)
+        if c == ffi.NULL:
+            raise MemoryError("no memory for the queue's C lane")
         c.max_io_size = qp.opts.max_io_size
         c.icd_limit = qp.icd_limit
         c.c2h_chunk = qp.c2h_chunk
-        c.sqsize = qp.sqsize
+        c.maxh2cdata = qp.maxh2cdata
         c.qid = qp.qid
         c.flow_disabled = qp.sq_flow_disabled
         c.c2h_success = qp.c2h_success_ok
         c.hdgst = qp.hdgst
         c.ddgst = qp.ddgst
         c.hpda = qp.hpda
-        self.c = c
+        self.c = c  # (C memory: freed by close(), never by the garbage collector)
         self.nsmem: Any = None  # struct bt_ns[] (the C side of `entries`)
         # (namespace, channels its I/O passes through, buffer export keeping the memory
         # mapped or None) per slot
@@ -97,23 +106,39 @@ class Lane:
         self.generation = -1
         self.ana: Any = None
         self.last: list[list[int]] = []  # per slot: counters already folded into stats
-        self.sizes = ffi.new("size_t *"), ffi.new("unsigned *")
+        self.ncmds = ffi.new("unsigned *")
         self.stats = qp.reactor.stats  # c_lane_commands, for metrics and nvmf_get_stats
+        self._tokens: dict[tuple[int, int, int], object] = {}  # see r2t_pending
+        self._executed = 0  # commands executed, once the C lane is freed
 
     def close(self) -> None:
-        """Drop the memory exports (a deleted malloc bdev may then be unmapped)."""
+        """The queue is gone: free the C lane (writes still waiting for data are dropped,
+        as the Python path drops its own) and drop the memory exports (a deleted malloc
+        bdev may then be unmapped)."""
+        c, self.c = self.c, None
+        if c is not None:
+            self._executed = c.cmds
+            lib.bt_lane_free(c)
         self.entries = []
         self.nsmem = None
-        self.c.ns = ffi.NULL
-        self.c.nns = 0
 
     def invalidate(self) -> None:
         """The subsystem's namespaces or ANA states changed (controller.refresh_ana, on
         this reactor): let go of the table now rather than at the next command, so the
         memory of a namespace being removed is not held by an idle connection (malloc's
-        destruct can then unmap it); it is rebuilt when the lane is next used."""
+        destruct can then unmap it); it is rebuilt when the lane is next used. A write
+        the lane holds waiting for its data refers to the table: the table is kept
+        until none does."""
+        c = self.c
+        if c is None:
+            return
         self._fold(0, 0)
-        self.close()
+        if c.inflight:
+            return  # rebuilt later by usable(), which then sees the generation changed
+        self.entries = []
+        self.nsmem = None
+        c.ns = ffi.NULL
+        c.nns = 0
         self.generation = -1
 
     # ---- the namespace table ----
@@ -124,6 +149,8 @@ class Lane:
         qp = self.qp
         sub = qp.subsystem
         self.invalidate()
+        if self.c.inflight:
+            return  # not while a lane write refers to the old table
         entries = []
         inaccessible = qp.ana_inaccessible
         if sub is not None:
@@ -175,41 +202,94 @@ class Lane:
         for i, (_ns, channels, _mem) in enumerate(self.entries):
             e = arr[i]
             last = self.last[i]
-            now = (e.reads, e.read_bytes, e.writes, e.write_bytes, e.flushes, e.flush_bytes)
-            if now == tuple(last):
-                continue
-            for t, k in ((_READ, 0), (_WRITE, 2), (_FLUSH, 4)):
-                n = now[k] - last[k]
+            for t, k in _ST:
+                n = e.ops[k] - last[k]
                 if not n:
                     continue
-                nbytes = now[k + 1] - last[k + 1]
+                nbytes = e.bytes[k] - last[k + 3]
                 for ch in channels:
                     st = ch.stats
                     st.ops[t] += n
                     st.bytes[t] += nbytes
                     st.latency_sum_ns[t] += per_cmd * n
                     st.latency_buckets[t][bucket] += n
-            last[:] = now
+                last[k] += n
+                last[k + 3] += nbytes
+
+    @property
+    def executed(self) -> int:
+        """Commands the lane executed in all."""
+        return self.c.cmds if self.c is not None else self._executed
+
+    # ---- what the Python path asks ----
+    @property
+    def inflight(self) -> int:
+        """Commands the lane owns now (writes waiting for their data)."""
+        c = self.c
+        return c.inflight if c is not None else 0
+
+    def busy(self, cid: int) -> bool:
+        c = self.c
+        return c is not None and c.inflight > 0 and bool(lib.bt_lane_busy(c, cid))
+
+    def owns_ttag(self, ttag: int) -> bool:
+        return ttag >= 0x8000 and self.c is not None and self.c.r2t_waiting > 0
+
+    def r2t_of(self, cid: int) -> int:
+        """The ttag of the lane's write waiting for data under ``cid``, or -1."""
+        c = self.c
+        return lib.bt_lane_r2t_of(c, cid) if c is not None and c.r2t_waiting else -1
+
+    def r2t_pending(self) -> dict[int, object]:
+        """The lane's writes waiting for data as the stall watch wants them: ttag -> an
+        object that stays the same for as long as that one command waits."""
+        c = self.c
+        if c is None or not c.r2t_waiting:
+            self._tokens = {}
+            return {}
+        ttags = ffi.new("uint16_t[]", R2T_LIST_MAX)
+        cids = ffi.new("uint16_t[]", R2T_LIST_MAX)
+        seqs = ffi.new("uint32_t[]", R2T_LIST_MAX)
+        n = lib.bt_lane_r2t_list(c, ttags, cids, seqs, R2T_LIST_MAX)
+        old, tokens, out = self._tokens, {}, {}
+        for i in range(n):
+            key = (ttags[i], cids[i], seqs[i])
+            tok = old.get(key) or _R2tToken(cids[i])
+            tokens[key] = tok
+            out[ttags[i]] = tok
+        self._tokens = tokens
+        return out
+
+    def adopt(self, ttag: int) -> tuple[bytes, Any, int] | None:
+        """Take the lane's write waiting for data under ``ttag`` back for the Python
+        path: (its SQE, the data so far in a buffer of the whole transfer or None when
+        none came yet, bytes received); None when it is no such write."""
+        c = self.c
+        if c is None:
+            return None
+        sqe = ffi.new("unsigned char[64]")
+        nums = ffi.new("uint32_t[2]")
+        buf = bytearray(self.qp.opts.max_io_size)  # (a rare path: zero-filling is fine)
+        if lib.bt_lane_adopt(c, ttag, sqe, ffi.from_buffer(buf), nums, nums + 1) != 0:
+            return None
+        received, length = nums[0], nums[1]
+        data = memoryview(buf)[:length] if received else None
+        return bytes(ffi.buffer(sqe)), data, received
 
     # ---- the receive path ----
     def usable(self) -> bool:
         """Whether the next receive buffer may start in the lane. Every condition is one
         under which the Python path would do something the lane does not: answer with a
-        sequence or auth error, meet a busy command id or a full queue (something is
-        outstanding), hold PDUs back for a host not reading, finish a PDU already begun
-        or received directly, or account in-capsule data in the reactor's budget."""
+        sequence or auth error, meet a busy command id or a full queue of its own
+        requests, hold PDUs back for a host not reading, finish a PDU already begun or
+        received directly, or make a write wait for (or wake one waiting for) the
+        reactor's buffer budget."""
         qp = self.qp
         ctrl = qp.ctrl
         if (qp.closed or qp.requests or qp._backlog or qp._write_paused_at is not None
                 or qp._rx_view is not None or qp.auth_pending or ctrl is None
-                or not ctrl.csts & spec.CSTS_RDY or not qp.decoder.idle):
-            return False
-        budget = qp.budget
-        if budget.waiting or budget.used + qp.icd_limit > budget.limit:
-            # The Python path holds each in-capsule write's data in the reactor's R2T
-            # budget: one that overruns it pauses reading this connection, and every
-            # give-back wakes waiting connections. The lane does neither, so it only
-            # runs while no write could overrun the budget and nobody waits on it.
+                or not ctrl.csts & spec.CSTS_RDY or not qp.decoder.idle
+                or qp.budget.waiting or qp.r2t_waiting):
             return False
         sub = qp.subsystem
         if sub is None or sub.generation != self.generation or qp.ana_inaccessible is not self.ana:
@@ -217,37 +297,25 @@ class Lane:
         return self.nsmem is not None
 
     def feed(self, data: Any) -> Any:
-        """Execute the leading commands of ``data`` the lane takes; returns the rest
+        """Execute the leading PDUs of ``data`` the lane takes; returns the rest
         (possibly empty) for the Python path."""
         qp = self.qp
         c = self.c
         src = ffi.from_buffer("unsigned char[]", data)
         total = len(src)
         pos = 0
-        out_len, ncmds = self.sizes
+        ncmds = self.ncmds
         run = lib.bt_lane_run
         while pos < total:
-            taken = run(c, src + pos, total - pos, BATCH, MAX_OUT, ffi.NULL, out_len, ncmds)
+            before = self._enter()
+            t0 = _now_ns()
+            taken = run(c, src + pos, total - pos, BATCH, MAX_OUT, ncmds)
+            elapsed = _now_ns() - t0
             if not taken:
                 break
-            buf = _alloc("unsigned char[]", out_len[0])
-            n = ncmds[0]
-            c.sqhd = qp.sqhd
-            before = c.read_cmds, c.read_bytes, c.write_cmds, c.write_bytes
-            t0 = _now_ns()
-            run(c, src + pos, taken, n, MAX_OUT, buf, out_len, ncmds)
-            elapsed = _now_ns() - t0
-            qp.sqhd = c.sqhd
             pos += taken
-            qp.rx_pdus += n
-            self.stats.c_lane_commands += n
-            k = qp.counters
-            k.read_cmds += c.read_cmds - before[0]
-            k.read_blocks_bytes += c.read_bytes - before[1]
-            k.write_cmds += c.write_cmds - before[2]
-            k.write_bytes += c.write_bytes - before[3]
-            self._fold(n, elapsed)
-            qp._out.append(ffi.buffer(buf))
+            qp.rx_pdus += ncmds[0]
+            self._leave(before, elapsed)
             if pos < total:
                 # hand this batch to the socket before the next, as the Python path
                 # does every OUT_BATCH responses; stop if the host is not reading
@@ -258,3 +326,68 @@ class Lane:
         if pos == 0:
             return data
         return memoryview(data)[pos:] if pos < total else b""
+
+    def h2c(self, p: Any) -> bool:
+        """Place an H2CData PDU the Python decoder assembled for one of the lane's
+        writes (it spanned receive buffers); False: the lane will not (adopt it)."""
+        c = self.c
+        if c is None:
+            return False
+        before = self._enter()
+        t0 = _now_ns()
+        data = ffi.from_buffer("unsigned char[]", p.data)
+        placed = lib.bt_lane_h2c(c, p.cccid, p.ttag, p.datao, data, len(p.data), p.last)
+        self._leave(before, _now_ns() - t0)
+        return bool(placed)
+
+    def _enter(self) -> tuple[int, int, int, int, int]:
+        """Before a C call: the lane sees the queue's SQ head and the reactor's budget as
+        the Python path left them."""
+        qp = self.qp
+        c = self.c
+        b = qp.budget
+        c.sqhd = qp.sqhd
+        c.bud_used = b.used
+        c.bud_limit = b.limit
+        c.bud_held = qp.budget_held
+        c.bud_per_qpair = b.per_qpair
+        c.bud_high = b.high_water
+        return c.read_cmds, c.read_bytes, c.write_cmds, c.write_bytes, c.cmds
+
+    def _leave(self, before: tuple[int, int, int, int, int], elapsed: int) -> None:
+        """After a C call: what it did, recorded where the Python path records it, and
+        its output queued for the socket."""
+        qp = self.qp
+        c = self.c
+        qp.sqhd = c.sqhd
+        b = qp.budget
+        returned = b.used > c.bud_used
+        b.used = c.bud_used
+        b.high_water = c.bud_high
+        qp.budget_held = c.bud_held
+        done = c.cmds - before[4]
+        self.stats.c_lane_commands += done
+        k = qp.counters
+        k.read_cmds += c.read_cmds - before[0]
+        k.read_blocks_bytes += c.read_bytes - before[1]
+        k.write_cmds += c.write_cmds - before[2]
+        k.write_bytes += c.write_bytes - before[3]
+        self._fold(done, elapsed)
+        if c.out_len:
+            ptr = ffi.new("unsigned char **")
+            n = lib.bt_lane_take_out(c, ptr)
+            qp._out.append(ffi.buffer(ffi.gc(ptr[0], lib.bt_free), n))
+            if not qp._flush_scheduled:
+                qp._flush_scheduled = True
+                qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
+        if returned and b.waiting:
+            b._wake()
+
+
+class _R2tToken:
+    """Stands for one lane write waiting for data in the stall watch's bookkeeping."""
+
+    __slots__ = ("cid",)
+
+    def __init__(self, cid: int) -> None:
+        self.cid = cid

@@ -619,6 +619,7 @@ class Qpair(asyncio.BufferedProtocol):
             log.debug("%s: admin cid %d opcode 0x%02x fctype %d cdw10 0x%x cdw11 0x%x", self,
                       sqe.cid, sqe.opcode, sqe.fctype, sqe.cdw10, sqe.cdw11)
         prev = self.requests.get(sqe.cid)
+        lane = self._lane
         if prev is not None:
             if prev.opcode == spec.AdminOpcode.ASYNC_EVENT_REQUEST and self.qid == 0:
                 # SPDK's host forgets its held AERs at shutdown and reuses their ids;
@@ -627,6 +628,14 @@ class Qpair(asyncio.BufferedProtocol):
             else:
                 # A host reusing a busy command id is broken; fail the new one only.
                 self._respond(sqe.cid, SC_CID_CONFLICT)
+                return
+        elif lane is not None and lane.inflight:
+            # the C lane's commands are outstanding commands of this queue too
+            if lane.busy(sqe.cid):
+                self._respond(sqe.cid, SC_CID_CONFLICT)
+                return
+            if len(self.requests) + lane.inflight > self.sqsize:
+                self._queue_overflow(sqe)
                 return
         elif self.qid >= 0 and len(self.requests) > self.sqsize:
             self._queue_overflow(sqe)
@@ -740,11 +749,12 @@ class Qpair(asyncio.BufferedProtocol):
             self._send_r2t(req)
 
     def _send_r2t(self, req: Request) -> None:
+        # ttags from 0x8000 up are the C lane's (fastlane.py): ours stay below
         ttag = self._next_ttag
-        self._next_ttag = (self._next_ttag + 1) & 0xFFFF
+        self._next_ttag = (self._next_ttag + 1) & 0x7FFF
         while ttag in self.r2t_pending:
             ttag = self._next_ttag
-            self._next_ttag = (self._next_ttag + 1) & 0xFFFF
+            self._next_ttag = (self._next_ttag + 1) & 0x7FFF
         req.ttag = ttag
         req.data = None  # _h2c_data allocates it unless one PDU brings the whole transfer
         if req.opcode == OPC_WRITE and self.qid > 0:
@@ -776,6 +786,13 @@ class Qpair(asyncio.BufferedProtocol):
         checked and counted (the host goes on sending the rest of the transfer), but
         the command will fail with Transient Transport Error instead of executing."""
         req = self.r2t_pending.get(p.ttag)
+        if req is None and self._lane is not None and self._lane.owns_ttag(p.ttag):
+            # one of the C lane's writes: it places the data itself (the PDU spanned
+            # receive buffers), unless something about it is unusual: then the Python
+            # path takes the write over and handles it as its own
+            if not corrupt and self._lane.h2c(p):
+                return
+            req = self._adopt(p.ttag)
         if req is None or req.cid != p.cccid:
             self._fatal(pdu.Fes.INVALID_HEADER_FIELD,
                         pdu.OFFSET_TTAG if req is None else pdu.OFFSET_CCCID,
@@ -836,10 +853,29 @@ class Qpair(asyncio.BufferedProtocol):
             self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, 0,
                         "DATA_LAST before all R2T data was sent", self._h2c_header(p))
 
+    def _adopt(self, ttag: int) -> Request | None:
+        """Take one of the C lane's writes waiting for its data over as a Request of the
+        Python path, with what data came so far (fastlane.Lane.adopt)."""
+        got = self._lane.adopt(ttag) if self._lane is not None else None
+        if got is None:
+            return None
+        sqe_bytes, data, received = got
+        req = Request(self, parse_sqe(sqe_bytes))
+        req.ttag = ttag
+        req.data = data
+        req.received = received
+        self.requests[req.cid] = req
+        self.r2t_pending[ttag] = req  # (its budget is already in budget_held)
+        return req
+
     def abort_waiting(self, cid: int) -> bool:
         """Abort command ``cid`` if it is still waiting for its R2T data (it has not
         started, so nothing in the bdev needs undoing). Its ttag stays known so data the
         host already sent is consumed quietly rather than treated as a protocol error."""
+        if cid not in self.requests and self._lane is not None:
+            ttag = self._lane.r2t_of(cid)
+            if ttag >= 0:
+                self._adopt(ttag)
         req = self.requests.get(cid)
         if req is None or req.done or req.ttag < 0 or req.ttag not in self.r2t_pending:
             return False
@@ -864,7 +900,8 @@ class Qpair(asyncio.BufferedProtocol):
             sqe = parse_sqe(p.sqe)
             if self.qid >= 0 and not self.sq_flow_disabled:
                 self.sqhd = (self.sqhd + 1) % (self.sqsize + 1)
-            if sqe.cid in self.requests:
+            if sqe.cid in self.requests or (self._lane is not None
+                                            and self._lane.busy(sqe.cid)):
                 self._respond(sqe.cid, SC_CID_CONFLICT)
                 return
             req = Request(self, sqe)
@@ -981,7 +1018,7 @@ class Qpair(asyncio.BufferedProtocol):
                               # (not read while paused for the budget: not its stall)
                               buffered=0 if self._budget_paused else self.decoder.buffered,
                               pdus=self.rx_pdus,
-                              r2t_pending=self.r2t_pending,
+                              r2t_pending=self._all_r2t_pending(),
                               write_paused_since=self._write_paused_at)
         if verdict is not None:
             kind, why = verdict
@@ -990,6 +1027,13 @@ class Qpair(asyncio.BufferedProtocol):
             self.close(why)
             return
         self._watch_handle = loop.call_later(period, self._check_watch, period)
+
+    def _all_r2t_pending(self) -> Any:
+        """Every write waiting for data, the Python path's and the C lane's."""
+        lane = self._lane
+        if lane is None or not lane.inflight:
+            return self.r2t_pending
+        return {**self.r2t_pending, **lane.r2t_pending()}
 
     # ---- after Connect ----
     def connected(self, ctrl: Controller, qid: int, sqsize: int, cattr: int) -> None:

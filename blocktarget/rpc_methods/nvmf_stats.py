@@ -43,6 +43,12 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         requests += len(qp.requests)
         waiting += len(qp.r2t_pending)
         waiting_bytes += sum(r.xfer_len for r in qp.r2t_pending.values())
+        lane = qp._lane
+        c = lane.c if lane is not None else None
+        if c is not None:  # the C lane's commands (writes waiting for their data)
+            requests += c.inflight
+            waiting += c.r2t_waiting
+            waiting_bytes += c.r2t_wait_bytes
     return {
         "name": f"nvmf_tgt_poll_group_{reactor.index:03d}",
         "current_admin_qpairs": admin,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+import crc32c
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -239,8 +240,7 @@ class Side:
 
     def taken(self) -> int:
         """Commands the lane executed on this side so far."""
-        c = self.lane.c if self.lane is not None else None
-        return 0 if c is None else int(c.cmds)
+        return 0 if self.lane is None else int(self.lane.executed)
 
     def state(self) -> dict[str, Any]:
         qp = self.io
@@ -254,11 +254,15 @@ class Side:
                 assert total.latency_sum_ns[t] >= 0
             stats[name] = (total.ops, total.bytes, total.errors)
         ctrl = self.admin.ctrl
+        lane_r2ts = qp._lane.r2t_pending() if qp._lane is not None else {}
         return {
             "sqhd": qp.sqhd, "rx_pdus": qp.rx_pdus - self.base_pdus,
             "counters": (k.read_cmds, k.write_cmds, k.read_blocks_bytes, k.write_bytes),
             "stats": stats,
-            "requests": sorted(qp.requests), "r2t": sorted(qp.r2t_pending),
+            # outstanding commands of either path (the lane's are writes waiting for
+            # data; their ttags differ by design, so only their number is compared)
+            "requests": sorted([*qp.requests, *(t.cid for t in lane_r2ts.values())]),
+            "r2t": len(qp.r2t_pending) + len(lane_r2ts),
             "closed": qp.closed, "closing": self.tr.closing,
             "pauses": (self.tr.pauses, self.tr.resumes),
             "errors": ctrl.error_count if ctrl is not None else None,
@@ -268,6 +272,44 @@ class Side:
             "mem": {name: bytes(self.bdev(name).mem) for name in ALL_BDEVS
                     if self.bdev(name).host_memory() is not None},
         }
+
+
+# ------------------------------------------------------------------ ttags
+# The two sides name the same write's R2T differently (the Python path counts ttags from
+# 0, the lane's are 0x8000 + its slot): a ttag is an opaque handle the host echoes. So
+# outputs are compared with the lane's R2T ttags replaced by the reference's (the i-th
+# R2T of one side is the i-th of the other), and H2CData fed to the lane side carries the
+# lane's ttag for the reference's. Header digests are recomputed, keeping a bad one bad.
+
+_T_H2C, _T_R2T = int(pdu.PduType.H2C_DATA), int(pdu.PduType.R2T)
+_T_TERM = int(pdu.PduType.C2H_TERM_REQ)
+
+
+def _walk(buf: bytes | bytearray) -> list[tuple[int, int, int]]:
+    """(offset, type, plen) of the whole PDUs in ``buf``, as far as they frame."""
+    out, pos = [], 0
+    while len(buf) - pos >= 8:
+        plen = struct.unpack_from("<I", buf, pos + 4)[0]
+        if plen < 8 or plen > len(buf) - pos:
+            break
+        out.append((pos, buf[pos], plen))
+        pos += plen
+    return out
+
+
+def _r2t_ttags(buf: bytes) -> list[int]:
+    return [struct.unpack_from("<H", buf, pos + 10)[0] for pos, t, _ in _walk(buf)
+            if t == _T_R2T]
+
+
+def _set_ttag(buf: bytearray, pos: int, ttag: int) -> None:
+    """Rewrite the ttag of the 24-byte data header at ``pos`` (and its digest)."""
+    has_digest = buf[pos + 1] & pdu.FLAG_HDGST and len(buf) - pos >= 28
+    if has_digest:
+        old = struct.unpack_from("<I", buf, pos + 24)[0] ^ crc32c.crc32c(bytes(buf[pos:pos + 24]))
+    struct.pack_into("<H", buf, pos + 10, ttag)
+    if has_digest:
+        struct.pack_into("<I", buf, pos + 24, crc32c.crc32c(bytes(buf[pos:pos + 24])) ^ old)
 
 
 class Pair:
@@ -285,16 +327,55 @@ class Pair:
                 qp.close("test over")
         self.loop.close()
 
+    def ttag_map(self) -> dict[int, int]:
+        """The reference side's R2T ttags -> the lane side's, for the same writes (the
+        latest R2T of each: a ttag names one write at a time)."""
+        return dict(zip(_r2t_ttags(bytes(self.ref.tr.out)), _r2t_ttags(bytes(self.fast.tr.out)),
+                        strict=False))
+
+    def for_fast(self, data: bytes) -> bytes:
+        """``data`` as the lane side must see it: H2CData under its own ttags."""
+        m = self.ttag_map()
+        buf = bytearray(data)
+        for pos, t, _plen in _walk(buf):
+            if t == _T_H2C and len(buf) - pos >= 24:
+                ttag = struct.unpack_from("<H", buf, pos + 10)[0]
+                if ttag in m:
+                    _set_ttag(buf, pos, m[ttag])
+        return bytes(buf)
+
     def feed(self, *chunks: bytes) -> None:
-        for side in (self.ref, self.fast):
-            for c in chunks:
+        whole = b"".join(chunks)
+        fast = self.for_fast(whole)
+        cuts = [0]
+        for c in chunks:
+            cuts.append(cuts[-1] + len(c))
+        for side, data in ((self.ref, whole), (self.fast, fast)):
+            for a, b in zip(cuts, cuts[1:], strict=False):
                 if not side.io.closed:
-                    side.io.data_received(c)
+                    side.io.data_received(data[a:b])
             side.run()
+
+    def fast_output(self) -> bytes:
+        """The lane side's output with the reference side's ttags in its R2Ts."""
+        ref = iter(_r2t_ttags(bytes(self.ref.tr.out)))
+        back = {v: k for k, v in self.ttag_map().items()}
+        buf = bytearray(self.fast.tr.out)
+        for pos, t, plen in _walk(buf):
+            if t == _T_R2T:
+                theirs = next(ref, None)  # the i-th R2T of one side is the i-th of the other
+                if theirs is not None:
+                    _set_ttag(buf, pos, theirs)
+            elif t == _T_TERM and plen >= 48 and buf[pos + 24] == _T_H2C:
+                # a C2HTermReq carries the offending H2CData header, with the lane's ttag
+                ttag = struct.unpack_from("<H", buf, pos + 34)[0]
+                if ttag in back:
+                    struct.pack_into("<H", buf, pos + 34, back[ttag])
+        return bytes(buf)
 
     def check(self) -> None:
         a, b = self.ref, self.fast
-        ra, rb = bytes(a.tr.out), bytes(b.tr.out)
+        ra, rb = bytes(a.tr.out), self.fast_output()
         if ra != rb:
             i = next((i for i, (x, y) in enumerate(zip(ra, rb, strict=False)) if x != y),
                      min(len(ra), len(rb)))
@@ -458,7 +539,18 @@ CASES = [
                                          sgl_len=16, cdw10=0, cdw11=4), False),
     Case("compare", lambda c: cmd(COMPARE, c, 2, 0, 1, data=pattern(4096, 2)), False),
     Case("unknown opcode", lambda c: cmd(0x7F, c, 2), False),
-    Case("write over transport sgl (r2t)", lambda c: wr(c, 2, 0, 4, data=b""), False),
+    # writes of more than the in-capsule data: R2T, then H2CData (finish_r2t)
+    Case("write over transport sgl (r2t)", lambda c: wr(c, 2, 0, 4, data=b""), True),
+    Case("r2t write at MDTS", lambda c: wr(c, 1, 7, MDTS // 512, data=b""), True),
+    Case("r2t write fua", lambda c: wr(c, 2, 9, 3, data=b"", cdw12=FUA), True),
+    Case("r2t write null", lambda c: wr(c, 3, 9, 30, data=b""), True),
+    Case("r2t write split part", lambda c: wr(c, 5, 28, 4, data=b""), True),
+    Case("r2t write passthru", lambda c: wr(c, 6, 200, 56, data=b""), True),
+    Case("r2t write of one block", lambda c: wr(c, 2, 1, 1, data=b""), True),
+    Case("r2t write past the end", lambda c: wr(c, 2, E4 - 1, 2, data=b""), False),
+    Case("r2t write beyond MDTS", lambda c: wr(c, 2, 0, MDTS // 4096 + 1, data=b""), False),
+    Case("r2t write sgl_len short", lambda c: wr(c, 2, 0, 4, data=b"", sgl_len=8192), False),
+    Case("r2t write sgl data block", lambda c: wr(c, 2, 0, 4, data=b"", sgl_id=0), False),
 ]
 
 
@@ -504,6 +596,8 @@ def test_cases_match_python(opts: dict[str, Any], icreq: str,
                 ref0, fast0 = calls.get(id(p.ref.io), 0), calls.get(id(p.fast.io), 0)
                 p.feed(rd(cid, 1, i) + case.build(cid + 1) + wr(cid + 2, 1, 200 + i))
                 p.check()
+                if not p.ref.io.closed and (p.ref.io.requests or p.ref.io.r2t_pending):
+                    finish_r2t(p)  # an R2T case: answer it so the next batch is clean
                 if not (case.raw and digests):
                     assert p.taken() - before == (3 if case.take else 1), case.name
                 ref_n = calls.get(id(p.ref.io), 0) - ref0
@@ -512,8 +606,6 @@ def test_cases_match_python(opts: dict[str, Any], icreq: str,
                 if p.ref.io.closed:  # a protocol error ends the connection: a new pair
                     p.close()
                     p = Pair(opts, icreq=ic)
-                elif p.ref.io.requests:  # the R2T case: answer it so the next batch is clean
-                    finish_r2t(p)
         finally:
             p.close()
 
@@ -563,7 +655,7 @@ def finish_r2t(p: Pair) -> None:
     host.set_digests(WIRE["hdgst"], WIRE["ddgst"])
     host.set_pda(p.ref.io.hpda)
     r2ts = [x for x in host.feed(bytes(p.ref.tr.out)) if type(x) is pdu.R2T]
-    done = {req.ttag for req in p.ref.io.r2t_pending.values()}
+    done = set(p.ref.io.r2t_pending)
     h2c = b"".join(wire(pdu.H2CData(r.cccid, r.ttag, 0, pattern(r.r2tl, r.cccid), True))
                    for r in r2ts if r.ttag in done)
     assert h2c
@@ -646,6 +738,26 @@ def streams(draw: Any) -> tuple[bytes, list[int]]:
     return data, cuts
 
 
+def _r2t_answers(p: Pair, draw: Any) -> bytes:
+    """H2CData for every R2T the reference side has outstanding, each transfer in 1-3
+    pieces (sometimes a damaged one), with commands between them."""
+    pending = set(p.ref.io.r2t_pending)
+    out = []
+    for r in _r2ts(p):
+        if r.ttag not in pending:
+            continue
+        data = pattern(r.r2tl, r.cccid)
+        k = draw(st.integers(1, 3))
+        edges = sorted({0, r.r2tl, *(draw(st.integers(1, max(r.r2tl - 1, 1)))
+                                     for _ in range(k - 1))})
+        for a, b in zip(edges, edges[1:], strict=False):
+            out.append(wire(pdu.H2CData(r.cccid, r.ttag, a, data[a:b], b == r.r2tl)))
+        if not draw(st.integers(0, 9)):  # a piece out of order: a protocol error
+            out.reverse()
+        out.append(_one(draw, 500 + len(out)))
+    return b"".join(out)
+
+
 HYP = settings(max_examples=150, deadline=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -664,14 +776,21 @@ def test_random_streams_match_python(cattr: int, opts: dict[str, Any], icreq: st
     ic = ICREQS[icreq]
 
     @HYP
-    @given(streams())
-    def run(s: tuple[bytes, list[int]]) -> None:
+    @given(streams(), st.data())
+    def run(s: tuple[bytes, list[int]], more: Any) -> None:
         data, cuts = s
         p = Pair(opts, cattr=cattr, icreq=ic)
         try:
             bounds = [0, *cuts, len(data)]
             p.feed(*(data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a))
             p.check()
+            if not p.ref.io.closed and p.ref.io.r2t_pending:
+                # then the data of every write waiting for it, in pieces, mixed with
+                # more commands, cut anywhere
+                data = _r2t_answers(p, more.draw)
+                cut = more.draw(st.integers(1, max(len(data) - 1, 1)))
+                p.feed(data[:cut], data[cut:])
+                p.check()
             totals[0] += p.taken()
             totals[1] += 1
         finally:
@@ -752,31 +871,189 @@ def test_namespace_removed_added_and_ana(pair: Pair) -> None:
     assert p.taken() == 9
 
 
-def test_lane_waits_while_r2t_outstanding(pair: Pair) -> None:
-    """A write over R2T leaves a command outstanding: the lane must not run (a later
-    capsule could reuse its id, or the queue be full) until the data came and the write
-    completed; then it takes commands again."""
-    p = pair
-    big = 4 * 4096  # > in-capsule limit: data through R2T
-    p.feed(wr(1, 2, 8, 4, data=b""))
-    p.check()
-    assert p.ref.io.r2t_pending and p.taken() == 0
-    p.feed(rd(2, 2, 0) + wr(3, 1, 0) + wr(1, 2, 0))  # cid 1 busy: CID conflict in Python
-    p.check()
-    assert p.taken() == 0 and list(p.fast.io.requests) == [1]
+def _host(p: Pair, side: Side | None = None) -> list[Any]:
+    """What a host decodes from a side's output (the reference side's by default)."""
     host = pdu.Decoder(expect=pdu.CONTROLLER_TO_HOST)
     host._ic_done = True
-    (r2t,) = [x for x in host.feed(bytes(p.fast.tr.out)) if type(x) is pdu.R2T]
-    assert r2t.r2tl == big
-    h2c = wire(pdu.H2CData(1, r2t.ttag, 0, pattern(big, 77), True))
-    p.feed(h2c[:40], h2c[40:] + rd(4, 2, 8, 4))  # the read in the data's last chunk
+    host.set_digests(WIRE["hdgst"], WIRE["ddgst"])
+    return host.feed(bytes((side or p.ref).tr.out))
+
+
+def _r2ts(p: Pair) -> list[pdu.R2T]:
+    return [x for x in _host(p) if type(x) is pdu.R2T]
+
+
+def test_lane_r2t_writes_stay_outstanding_while_others_run(pair: Pair) -> None:
+    """Writes waiting for their data belong to the lane, which goes on taking other
+    commands meanwhile; a capsule reusing such a write's command id gets Python's CID
+    Conflict; data split across receive buffers (decoded by Python, placed by the lane)
+    and data for two writes in one buffer complete them; memory and state match."""
+    p = pair
+    big = 4 * 4096  # > in-capsule limit: data through R2T
+    p.feed(wr(1, 2, 8, 4, data=b"") + wr(2, 1, 64, 40, data=b""))
     p.check()
-    assert not p.fast.io.requests
-    assert p.taken() == 1  # the read after the H2CData, from the same buffer
-    p.feed(rd(5, 2, 9) + wr(6, 2, 10))
+    assert p.fast.io._lane.inflight == 2 and not p.fast.io.requests
+    assert sorted(p.ref.io.requests) == [1, 2]
+    p.feed(rd(3, 2, 0) + wr(4, 1, 0) + wr(1, 2, 0))  # cid 1 busy: CID Conflict (Python)
     p.check()
-    assert p.taken() == 3
-    assert bytes(p.fast.bdev("M4K").mem[8 * 4096 : 9 * 4096]) == pattern(big, 77)[:4096]
+    assert p.taken() == 2
+    r1, r2 = _r2ts(p)
+    assert (r1.cccid, r1.r2tl, r2.cccid, r2.r2tl) == (1, big, 2, 40 * 512)
+    h1 = wire(pdu.H2CData(1, r1.ttag, 0, pattern(big, 77), True))
+    h2 = wire(pdu.H2CData(2, r2.ttag, 0, pattern(40 * 512, 78), True))
+    p.feed(h1[:40], h1[40:] + rd(5, 2, 8, 4))  # spans two feeds; a read of it after
+    p.check()
+    assert p.taken() == 4 and p.fast.io._lane.inflight == 1
+    # two pieces of the other write and a read in one buffer
+    a = wire(pdu.H2CData(2, r2.ttag, 0, pattern(40 * 512, 78)[:8192], False))
+    b = wire(pdu.H2CData(2, r2.ttag, 8192, pattern(40 * 512, 78)[8192:], True))
+    p.feed(a + b + rd(6, 1, 64, 40))
+    p.check()
+    assert p.taken() == 6 and p.fast.io._lane.inflight == 0 and not p.ref.io.requests
+    assert bytes(p.fast.bdev("M4K").mem[8 * 4096 : 12 * 4096]) == pattern(big, 77)
+    assert bytes(p.fast.bdev("M512").mem[64 * 512 : 104 * 512]) == pattern(40 * 512, 78)
+    assert p.fast.io.budget.used == 0 and p.fast.io.budget_held == 0
+    del h2
+
+
+# H2CData the Python path would refuse or treat specially: the lane hands the write over
+# (adopt) and the Python path does exactly what it does for its own writes
+BAD_H2C: list[tuple[str, Callable[[pdu.R2T], bytes]]] = [
+    ("offset not the next", lambda r: wire(pdu.H2CData(r.cccid, r.ttag, 512, bytes(512),
+                                                       False))),
+    ("beyond the transfer", lambda r: wire(pdu.H2CData(r.cccid, r.ttag, 0,
+                                                       bytes(r.r2tl + 512), True))),
+    ("last too early", lambda r: wire(pdu.H2CData(r.cccid, r.ttag, 0, bytes(4096), True))),
+    ("not last at the end", lambda r: wire(pdu.H2CData(r.cccid, r.ttag, 0, bytes(r.r2tl),
+                                                       False))),
+    ("wrong cccid", lambda r: wire(pdu.H2CData(r.cccid + 1, r.ttag, 0, bytes(r.r2tl), True))),
+    ("unknown lane ttag", lambda r: wire(pdu.H2CData(r.cccid, r.ttag + 5, 0, bytes(r.r2tl),
+                                                     True))),
+    ("first piece then bad", lambda r: wire(pdu.H2CData(r.cccid, r.ttag, 0, bytes(4096),
+                                                        False))
+     + wire(pdu.H2CData(r.cccid, r.ttag, 0, bytes(4096), False))),
+]
+
+
+@pytest.mark.parametrize("name,build", BAD_H2C, ids=[b[0] for b in BAD_H2C])
+def test_bad_h2c_for_a_lane_write_is_pythons(name: str, build: Callable[[pdu.R2T], bytes]
+                                             ) -> None:
+    p = Pair()
+    try:
+        p.feed(wr(7, 2, 8, 4, data=b"") + rd(8, 2, 1))
+        p.check()
+        (r,) = _r2ts(p)
+        p.feed(build(r) + rd(9, 2, 2))
+        p.check()
+        assert p.fast.io._lane is None or p.fast.io._lane.inflight == 0
+    finally:
+        p.close()
+
+
+def test_data_digest_error_on_a_lane_write(pair: Pair) -> None:
+    ic = ICREQS["hdgst+ddgst"]
+    with encoding(ic):
+        p = Pair(icreq=ic)
+        try:
+            p.feed(wr(7, 2, 8, 4, data=b""))
+            (r,) = _r2ts(p)
+            h = bytearray(wire(pdu.H2CData(7, r.ttag, 0, pattern(r.r2tl, 3), True)))
+            h[200] ^= 1  # the payload: its data digest fails
+            p.feed(bytes(h) + rd(9, 2, 2) + wr(10, 2, 3))
+            p.check()
+            # the write fails (Transient Transport Error), the rest of that buffer goes
+            # on in Python, the next one in the lane again
+            assert p.ref.admin.ctrl.error_count == 1 and p.taken() == 0
+            p.feed(rd(11, 2, 8, 4))
+            p.check()
+            assert p.taken() == 1
+        finally:
+            p.close()
+
+
+def test_abort_of_a_lane_write_waiting_for_data(pair: Pair) -> None:
+    """Abort (from the admin queue) of a write waiting for its data: the Python path
+    takes it over from the lane and aborts it as its own; its data, when it comes, is
+    consumed quietly on both sides."""
+    p = pair
+    p.feed(wr(7, 2, 8, 4, data=b""))
+    (r,) = _r2ts(p)
+    for side in (p.ref, p.fast):
+        assert side.io.abort_waiting(7) is True
+        side.run()
+    p.check()
+    assert p.fast.io._lane.inflight == 0
+    p.feed(wire(pdu.H2CData(7, r.ttag, 0, bytes(r.r2tl), True)) + rd(8, 2))
+    p.check()
+    for side in (p.ref, p.fast):
+        assert side.io.abort_waiting(8) is False
+
+
+def test_h2c_while_python_has_a_request_outstanding(pair: Pair) -> None:
+    """Data for a lane write arriving while the Python path owns an outstanding command
+    (so the lane does not run): Python decodes it and the lane places it."""
+    p = pair
+    p.feed(wr(7, 2, 8, 4, data=b""))
+    (r,) = _r2ts(p)
+    # a command of the Python path outstanding (as a write waiting in a slow bdev)
+    for side in (p.ref, p.fast):
+        side.io.requests[999] = SimpleNamespace(cid=999, done=False)  # type: ignore[assignment]
+    p.feed(wire(pdu.H2CData(7, r.ttag, 0, pattern(r.r2tl, 5), True)) + rd(8, 2, 8))
+    for side in (p.ref, p.fast):
+        del side.io.requests[999]
+    p.check()
+    assert p.fast.io._lane.inflight == 0
+    assert bytes(p.fast.bdev("M4K").mem[8 * 4096 : 12 * 4096]) == pattern(r.r2tl, 5)
+
+
+@pytest.mark.parametrize("sqsize", [1, 3])
+def test_queue_full_of_lane_writes(sqsize: int) -> None:
+    """More commands outstanding than the queue holds, some of them the lane's: the
+    Python path ends the connection as it does for its own."""
+    p = Pair(sqsize=sqsize)
+    try:
+        p.feed(b"".join(wr(i, 2, i, 4, data=b"") for i in range(sqsize + 2)))
+        p.check()
+        assert p.ref.io.closed and p.fast.io.closed
+    finally:
+        p.close()
+
+
+def test_stall_watch_sees_lane_writes(pair: Pair) -> None:
+    p = pair
+    p.feed(wr(7, 2, 8, 4, data=b"") + wr(9, 1, 8, 30, data=b""))
+    lane = p.fast.io._lane
+    first = p.fast.io._all_r2t_pending()
+    assert sorted(t.cid for t in first.values()) == [7, 9]
+    assert all(k >= 0x8000 for k in first)
+    # the same writes keep the same tokens (the watch's clock), until they complete
+    assert p.fast.io._all_r2t_pending() == first
+    (r7, r9) = _r2ts(p)
+    p.feed(wire(pdu.H2CData(7, r7.ttag, 0, bytes(r7.r2tl), True)))
+    lane_r9 = next(k for k, t in first.items() if t.cid == 9)
+    assert p.fast.io._all_r2t_pending() == {lane_r9: first[lane_r9]}
+    assert lane.inflight == 1 and r9.cccid == 9
+    # nvmf_get_stats counts them as pending requests waiting for data
+    from blocktarget.rpc_methods.nvmf_stats import _group
+
+    class _Tcp:
+        qpairs = {0: [p.fast.io]}
+
+    t = SimpleNamespace(tcp=_Tcp())
+    g = _group(t, p.fast.reactor)  # type: ignore[arg-type]
+    assert g["pending_requests"] == 1 and g["pending_bdev_io"] == 0
+
+
+def test_connection_closed_with_lane_writes_waiting(pair: Pair) -> None:
+    """The host goes away with writes waiting for data: the lane frees them and the
+    reactor's budget gets their buffers back, as the Python path's."""
+    p = pair
+    p.feed(wr(7, 2, 8, 4, data=b"") + wr(9, 1, 8, 30, data=b""))
+    for side in (p.ref, p.fast):
+        assert side.io.budget.used == 4 * 4096 + 30 * 512
+        side.io.connection_lost(None)
+        assert side.io.budget.used == 0 and side.io.budget_held == 0
+    assert p.fast.io._lane is None
 
 
 def test_reactor_budget_exhausted_pauses_like_python(pair: Pair) -> None:
@@ -911,16 +1188,15 @@ def test_reads_through_the_receive_arena_match(pair: Pair) -> None:
         _read_into(p.fast.io, w)
         for s in (p.ref, p.fast):
             s.run()
-        host = pdu.Decoder(expect=pdu.CONTROLLER_TO_HOST)
-        host._ic_done = True
-        (r2t,) = [x for x in host.feed(bytes(p.fast.tr.out[mark:])) if type(x) is pdu.R2T]
-        assert r2t.cccid == cid
+        r2t = _r2ts(p)[-1]
+        assert r2t.cccid == cid and len(p.fast.tr.out) > mark
         h2c = wire(pdu.H2CData(cid, r2t.ttag, 0, pattern(big, round_), True))
         rest = b"".join(rd(200 + i, 2, i % E4) + wr(300 + i, 1, i % E5) for i in range(20))
         cut = 5000 + round_ * 1500  # the H2CData spans two reads; the rest in the second
-        for piece in (h2c[:cut], h2c[cut:] + rest):
-            p.ref.io.data_received(piece)
-            _read_into(p.fast.io, piece)
+        whole, theirs = h2c + rest, p.for_fast(h2c + rest)  # (the lane side's ttag)
+        for a, b in ((0, cut), (cut, len(whole))):
+            p.ref.io.data_received(whole[a:b])
+            _read_into(p.fast.io, theirs[a:b])
         for s in (p.ref, p.fast):
             s.run()
         p.check()
