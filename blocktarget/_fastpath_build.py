@@ -1,9 +1,10 @@
 """cffi build script (API mode) for `blocktarget._fastpath`: the NVMe/TCP data plane in C.
 
 The C lives in real files under blocktarget/csrc/, one per concern (crc32c.c: the
-digests; lane.c: the target's command path; ...), each area with a header (bt_*.h) whose
-marked section is also the cdef: Python and C read one declaration of every shared
-structure. Every *.c there is compiled into the one extension.
+digests; lane.c: the target's command path; be_uring.c: its io_uring backend; ...), each
+area with a header (bt_*.h) whose marked section is also the cdef: Python and C read one
+declaration of every shared structure. Every *.c there is compiled into the one
+extension; a backend whose library is missing compiles to stubs that say so.
 
 Why it exists: after every pure-Python saving a 4 KiB read still cost about 7 µs of
 Python spread flat over ~15 calls, against SPDK's 2 µs for the whole I/O; no single
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from cffi import FFI
@@ -71,12 +74,30 @@ def sanitize_env(env: dict[str, str] = os.environ) -> list[str]:  # type: ignore
     return dropped
 
 
+def have_header(header: str) -> bool:
+    """Whether the C compiler finds ``header`` (its -dev package is installed)."""
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    try:
+        r = subprocess.run([*cc, "-E", "-x", "c", "-"], input=f"#include <{header}>\n",
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
 _dropped = sanitize_env()
 if _dropped:
     print(f"blocktarget._fastpath: ignoring host-specific compiler flags {_dropped} "
           "(the extension must run on any x86-64-v2 CPU)", file=sys.stderr)
 
 ffibuilder = FFI()
+# Optional backends of the lane, each compiled in when its library's headers are here
+# (be_uring.c: liburing); without one, those namespaces stay on the Python path.
+_macros: list[tuple[str, str | None]] = []
+_libraries: list[str] = []
+if have_header("liburing.h"):
+    _macros.append(("BT_HAVE_URING", "1"))
+    _libraries.append("uring")
 _headers = sorted(HEADERS, key=_lane_first)
 ffibuilder.cdef("".join(cdef_of(h) for h in _headers))
 ffibuilder.set_source(
@@ -84,6 +105,8 @@ ffibuilder.set_source(
     "".join(f'#include "{h.name}"\n' for h in _headers),
     sources=[str(p.relative_to(CSRC.parents[1])) for p in SOURCES],
     include_dirs=[str(CSRC)],
+    define_macros=_macros,
+    libraries=_libraries,
     extra_compile_args=COMPILE_ARGS,
     # no compiler: the install still succeeds and the target uses the pure-Python path
     optional=True,

@@ -219,6 +219,7 @@ class IOChannel:
 # (tests/unit/test_fastpath.py checks they agree).
 LANE_MEM = 1  # process memory: malloc, and split/passthru over it
 LANE_NULL = 2  # reads return zeroes, writes are discarded
+LANE_URING = 3  # a file or block device through the reactor's io_uring
 
 
 @dataclass(frozen=True)
@@ -227,17 +228,21 @@ class LaneTarget:
     memory when it is process memory (an object exporting the buffer protocol, held for
     as long as the lane uses it), the byte offset of the namespace in it (a split's
     remap), and every channel an I/O passes through, outermost first, whose statistics
-    the Python path would count."""
+    the Python path would count. For io_uring: the file descriptor and the reactor's
+    ring (bdevs/uring.py's _Ring, whose ``lane_ctx`` the lane submits to)."""
 
     kind: int
     mem: Any
     offset: int
     channels: tuple[IOChannel, ...]
+    fd: int = -1
+    ring: Any = None
 
     def under(self, ch: IOChannel, offset: int = 0) -> LaneTarget:
         """The same blocks seen through a virtual bdev's channel that remaps them by
         ``offset`` bytes (split, passthru)."""
-        return LaneTarget(self.kind, self.mem, self.offset + offset, (ch, *self.channels))
+        return LaneTarget(self.kind, self.mem, self.offset + offset, (ch, *self.channels),
+                          self.fd, self.ring)
 
 
 @dataclass(eq=False)

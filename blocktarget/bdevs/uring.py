@@ -55,11 +55,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ..bdev import (
+    LANE_URING,
     Bdev,
     BdevIO,
     BdevModule,
     IOChannel,
     IOType,
+    LaneTarget,
     Status,
     check_block_size,
     check_uuid,
@@ -79,6 +81,11 @@ try:  # built at install time from liburing-dev; optional (see _uring_build.py)
 except ImportError as exc:  # pragma: no cover - depends on the install
     ffi = lib = None
     _IMPORT_ERROR = str(exc)
+try:  # the NVMe/TCP C lane's io_uring backend (csrc/be_uring.c); optional too
+    from .._fastpath import ffi as lane_ffi  # type: ignore[import-not-found]
+    from .._fastpath import lib as lane_lib  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover - depends on the install
+    lane_ffi = lane_lib = None
 
 log = logging.getLogger("blocktarget.bdev.uring")
 
@@ -302,6 +309,21 @@ class _Ring:
         self._res = ffi.new("int32_t[]", REAP_BATCH)
         self.fallocate_ok = lib.bt_ring_op_supported(ring, lib.IORING_OP_FALLOCATE) == 1
         self.mode = REAP_MODE if self.loop is not None else "sync"
+        # The C lane submits to this ring too (csrc/be_uring.c) and its completions are
+        # reaped here with Python's, finished in C; None: no lane here (a synchronous
+        # ring, or no lane backend built).
+        self.lane_ctx: Any = None
+        # lanes of connections that went away with I/O here: kept (their handles must
+        # stay valid) until their last completion is reaped (fastlane.Lane.drain)
+        self.zombies: set[Any] = set()
+        if self.mode != "sync" and lane_lib is not None and lane_lib.bt_uring_available():
+            ctx = lane_lib.bt_uring_attach(lane_ffi.cast("void *",
+                                                          int(ffi.cast("uintptr_t", ring))))
+            self.lane_ctx = ctx if ctx != lane_ffi.NULL else None
+            self._ready = lane_ffi.new("void *[]", REAP_BATCH)
+            self._nready = lane_ffi.new("unsigned *")
+            self._lud = lane_ffi.new("uint64_t[]", REAP_BATCH)
+            self._lres = lane_ffi.new("int32_t[]", REAP_BATCH)
         self.efd = -1
         self.poller: Poller | None = None
         if self.mode in ("eventfd", "hybrid"):
@@ -331,9 +353,14 @@ class _Ring:
         ring.users += 1
         return ring
 
+    def lane_busy(self) -> bool:
+        """Whether the C lane has I/O in flight (or SQEs queued) on this ring."""
+        ctx = self.lane_ctx
+        return ctx is not None and bool(ctx.inflight or ctx.ready != lane_ffi.NULL)
+
     def release(self) -> None:
         self.users -= 1
-        if self.users == 0 and not self.ops and not self.backlog:
+        if self.users == 0 and not self.ops and not self.backlog and not self.lane_busy():
             self._close()
 
     def _close(self) -> None:
@@ -347,6 +374,9 @@ class _Ring:
         if self.poller is not None and self.reactor is not None:
             self.reactor.unregister_poller(self.poller)
             self.poller = None
+        if self.lane_ctx is not None:
+            lane_lib.bt_uring_detach(self.lane_ctx)
+            self.lane_ctx = None
         if self.ring is not None:
             lib.bt_ring_free(self.ring)
             self.ring = None
@@ -399,6 +429,15 @@ class _Ring:
         else:
             reactor.kick()
 
+    def lane_io_started(self) -> None:
+        """The C lane submitted I/O (it submits itself, once per receive buffer): watch
+        for its completions as for Python's (hybrid: poll while I/O is in flight)."""
+        self.pending = 0  # (its io_uring_submit also took any SQE Python had queued)
+        if self.mode == "hybrid" and self.poller is None and self.reactor is not None:
+            self.poller = self.reactor.register_poller(self.poll, "uring")
+        elif self.reactor is not None:
+            self.reactor.kick()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         if self.pending and self.ring is not None:
@@ -441,24 +480,41 @@ class _Ring:
         ring = self.ring
         if ring is None:
             return 0
-        ud, res, ops = self._ud, self._res, self.ops
+        ops = self.ops
+        ctx = self.lane_ctx
         while True:
-            n = lib.bt_reap(ring, ud, res, REAP_BATCH)
+            if ctx is not None:
+                # the lane's completions are finished in C; Python gets its own, and
+                # the lanes that now have something to send (or to give back)
+                ud, res, nready = self._lud, self._lres, self._nready
+                n = lane_lib.bt_uring_reap(ctx, ud, res, REAP_BATCH, self._ready, REAP_BATCH,
+                                           nready)
+                lanes = [lane_ffi.from_handle(self._ready[i]) for i in range(nready[0])]
+                more_lanes = ctx.ready != lane_ffi.NULL
+            else:
+                ud, res = self._ud, self._res
+                n = lib.bt_reap(ring, ud, res, REAP_BATCH)
+                lanes, more_lanes = [], False
             for i in range(n):
                 op = ops.pop(ud[i])
                 try:
                     op.ch.finish(op, res[i])
                 except Exception:  # a consumer's bug must not strand the rest of the batch
                     op.ch.bdev.log_exception(op.io)
-            total += n
-            if n < REAP_BATCH:
+            for lane in lanes:
+                try:
+                    lane.drain()
+                except Exception:  # one connection's trouble must not strand the others
+                    log.exception("completing the C lane's I/O failed")
+            total += n + len(lanes)
+            if n < REAP_BATCH and not more_lanes:
                 break
         backlog = self.backlog
         while backlog and len(ops) < RING_ENTRIES:
             self.issue(backlog.popleft())
         if self.pending and self.mode != "sync":
             self.submit()  # what the callbacks queued goes now, not a loop pass later
-        if not ops and not backlog:
+        if not ops and not backlog and not self.lane_busy():
             if self.mode == "hybrid" and self.poller is not None:
                 self.reactor.unregister_poller(self.poller)  # type: ignore[union-attr]
                 self.poller = None  # idle: the reactor may sleep until the next I/O
@@ -669,6 +725,15 @@ class UringChannel(FileChannel):
 
     def _can_fallocate(self) -> bool:
         return self.ring.fallocate_ok  # else fallocate runs on a worker thread
+
+    def lane_target(self) -> LaneTarget | None:
+        # Reads, writes (FUA: RWF_DSYNC, then fdatasync) and flushes (fdatasync) go from
+        # the C lane to this reactor's ring as _Op would send them; anything that does
+        # not complete in full comes back to this channel through the Python path.
+        ring = self.ring
+        if ring is None or ring.lane_ctx is None or self.bdev.fd < 0:
+            return None
+        return LaneTarget(LANE_URING, None, 0, (self,), fd=self.bdev.fd, ring=ring)
 
     def close(self) -> None:
         ring, self.ring = self.ring, None  # type: ignore[assignment]

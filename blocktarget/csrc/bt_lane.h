@@ -16,8 +16,11 @@
 /* What a namespace's blocks are, as far as the lane is concerned. */
 enum bt_backend {
     BT_BE_MEM = 1,   /* plain process memory (malloc; split/passthru over it) */
-    BT_BE_NULL = 2   /* reads return zeroes, writes are discarded */
+    BT_BE_NULL = 2,  /* reads return zeroes, writes are discarded */
+    BT_BE_URING = 3  /* a file or block device through the reactor's io_uring */
 };
+
+struct bt_uring;            /* a reactor's io_uring as the lane uses it (be_uring.c) */
 
 /* The bdev statistics the lane keeps, per namespace. */
 enum bt_stat { BT_ST_READ = 0, BT_ST_WRITE = 1, BT_ST_FLUSH = 2 };
@@ -28,9 +31,14 @@ struct bt_ns {
     uint64_t num_blocks;
     uint32_t backend;       /* enum bt_backend */
     uint8_t write_cache;    /* FUA writes are followed by a flush (counted as one) */
+    uint8_t stale;          /* the subsystem changed: nothing new may start on it */
     unsigned char *mem;     /* BT_BE_MEM: the namespace's first byte (offset remap done) */
-    /* cumulative, for the bdev channels' statistics, by enum bt_stat */
-    uint64_t ops[3], bytes[3];
+    int fd;                 /* BT_BE_URING: the file, */
+    uint64_t fd_offset;     /* where the namespace starts in it, */
+    struct bt_uring *ring;  /* and the reactor's ring */
+    /* cumulative, for the bdev channels' statistics, by enum bt_stat; latency only of
+       what completed asynchronously (the rest is the lane call's time, see fastlane) */
+    uint64_t ops[3], bytes[3], lat_ns[3];
 };
 
 struct bt_cmd;              /* a command the lane owns (lane.c) */
@@ -50,13 +58,17 @@ struct bt_lane {
     uint8_t hdgst;          /* header digests negotiated */
     uint8_t ddgst;          /* data digests negotiated */
     uint8_t hpda;           /* the host's PDU data alignment (0's based dwords) */
-    /* The reactor's R2T/in-capsule buffer budget (tcp_limits.DataBudget), copied in
-       before a call and back after it: the lane applies DataBudget's rules itself. */
-    uint64_t bud_used, bud_limit, bud_held, bud_per_qpair, bud_high;
-    /* commands the lane owns now, and of those how many wait for H2CData (and for how
-       many bytes in all) */
-    uint32_t inflight, r2t_waiting;
+    /* The reactor's R2T/in-capsule buffer budget (tcp_limits.DataBudget) as Python saw
+       it before a call: the lane applies DataBudget's rules itself and counts what it
+       took and gave back (cumulative), which Python adds to the budget afterwards. */
+    uint64_t bud_used, bud_limit, bud_held, bud_per_qpair;
+    uint64_t bud_taken, bud_returned;
+    /* commands the lane owns now; of those, how many wait for H2CData (and for how
+       many bytes in all), are at a backend, or await the Python path (redo) */
+    uint32_t inflight, r2t_waiting, io_inflight, redo;
     uint64_t r2t_wait_bytes;
+    uint64_t submitted;     /* I/Os queued to backends (cumulative) */
+    void *handle;           /* the Python Lane (a cffi handle), for completions */
     /* cumulative, for the controller's SMART counters */
     uint64_t read_cmds, read_bytes, write_cmds, write_bytes;
     uint64_t cmds;          /* every command the lane executed */
@@ -65,6 +77,18 @@ struct bt_lane {
     uint32_t nslots;
     unsigned char *out;
     size_t out_len, out_cap;
+    uint8_t closed;         /* the queue is gone (bt_lane_close) */
+    uint8_t queued_ready;   /* in a ring's ready list: */
+    struct bt_uring *ready_on; /* that ring's */
+    struct bt_lane *next_ready;
+    struct bt_uring *touched; /* a ring with SQEs queued in this call, to submit */
+};
+
+struct bt_uring {
+    void *ring;             /* a liburing struct io_uring (blocktarget._uring's) */
+    uint32_t inflight;      /* the lanes' I/Os at the kernel */
+    uint32_t queued;        /* SQEs queued by lanes, not yet submitted */
+    struct bt_lane *ready;  /* lanes with completions Python has not seen */
 };
 
 /* CRC32C (Castagnoli) of n bytes, continuing from crc (0 to start); the NVMe/TCP
@@ -77,8 +101,30 @@ void bt_crc32c_force_table(int on);
 
 /* A lane for a queue of sqsize + 1 entries, or NULL (out of memory). */
 struct bt_lane *bt_lane_new(uint16_t sqsize);
-/* The queue is gone: free the lane (and the data of commands still waiting for it). */
+/* The queue is gone: drop what waits for the host (writes waiting for data, commands
+   for the Python path, output). I/O at a backend goes on; its completions are counted
+   (bdev statistics) and not answered. */
+void bt_lane_close(struct bt_lane *l);
+/* Free the lane; only once nothing of it is at a backend (io_inflight 0). */
 void bt_lane_free(struct bt_lane *l);
+
+/* A command that did not succeed in the lane (an error or a short transfer at the
+   backend, a full ring): hand the next one to the Python path, which does it again from
+   the start: its SQE, its data for a write (copied to data, room for the largest
+   transfer), *length the data's length (0: none); 1 one was handed, 0 none left. */
+int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uint32_t *length);
+
+/* io_uring (compiled in when liburing was there at build time: bt_uring_available). */
+int bt_uring_available(void);
+/* The lanes' view of a ring made by blocktarget._uring (its struct io_uring *). */
+struct bt_uring *bt_uring_attach(void *ring);
+void bt_uring_detach(struct bt_uring *u);
+/* Reap up to max completions: the lanes' are finished in C; the others' (user_data,
+   res) go to ud/res for Python (the return value says how many). Lanes with new output
+   or commands to redo go to ready (their handles; *nready of them, at most max_ready;
+   the rest stay for the next call). */
+unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned max,
+                       void **ready, unsigned max_ready, unsigned *nready);
 
 /* Take the leading PDUs of in[0:len] that the lane takes (at most max_cmds commands,
    and no new command once max_out bytes of output are pending); returns the input bytes

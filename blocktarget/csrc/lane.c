@@ -5,27 +5,33 @@
  * dispatch, nvme/io.py) would do for the same bytes, and only when the outcome is
  * success. At the first PDU it does not take (any other PDU or opcode, any field that
  * would produce an error status or a transport error, a digest that does not match, an
- * incomplete PDU, a namespace it has no backend for, a budget it may not take) it
- * stops, and the Python path handles the rest of the buffer: every error and every rare
- * case lives there, once. tests/unit/test_fastpath.py feeds the same byte streams to
- * queue pairs with and without the lane and compares every byte sent and the state
- * left behind.
+ * incomplete PDU, a namespace it has no backend for, a budget it may not take, a full
+ * ring) it stops, and the Python path handles the rest of the buffer: every error and
+ * every rare case lives there, once. tests/unit/test_fastpath.py feeds the same byte
+ * streams to queue pairs with and without the lane and compares every byte sent and the
+ * state left behind.
  *
  * Commands the lane takes are its own until they complete: a write of more than the
  * in-capsule data gets an R2T and waits in a slot for its H2CData (ttags from
- * BT_LANE_TTAG up are the lane's). The Python path asks the lane about them when it
- * must (a reused command id, a full queue, an H2CData it decoded itself, Abort, the
- * stall watch) and, for anything unusual about one of them, takes the command over
- * (bt_lane_adopt) and handles it as its own.
+ * BT_LANE_TTAG up are the lane's), and I/O on an asynchronous backend (io_uring) waits
+ * in a slot for its completion, which may come in any order. The Python path asks the
+ * lane about its commands when it must (a reused command id, a full queue, an H2CData
+ * it decoded itself, Abort, the stall watch) and takes one over (bt_lane_adopt) for
+ * anything unusual about its data. A backend that does not do all it should (an error,
+ * a short transfer) sends the command back to the Python path to be done again from the
+ * start (bt_lane_redo): errors and their statuses are the Python path's business.
  *
  * Output (C2HData, R2T, CapsuleResp) accumulates in one growing buffer per lane that
- * Python takes after each call and hands to the socket as is.
+ * Python takes after each call (or after completions) and hands to the socket as is.
  */
+#include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "bt_lane.h"
+#include "lane_int.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the NVMe/TCP fast lane assumes a little-endian host"
@@ -45,7 +51,6 @@
 #define RESP_HLEN 24
 #define DATA_HLEN 24            /* C2HData, H2CData, R2T */
 #define DIGEST 4
-#define SQE_LEN 64
 #define OPC_FLUSH 0x00
 #define OPC_WRITE 0x01
 #define OPC_READ 0x02
@@ -53,26 +58,22 @@
 #define SGL_ID_TRANSPORT 0x5A   /* transport data block, transport specific */
 #define RW_FUA (1u << 30)
 #define OUT_MIN (64u << 10)
+#define ALIGN 4096              /* data buffers: what O_DIRECT asks of any device here */
+#define KEEP_BUF 8192           /* data buffers up to this size stay with their slot */
 
-enum { SLOT_FREE = 0, SLOT_DATA = 1 };
+uint64_t lane_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
-struct bt_cmd {
-    uint8_t state;
-    uint16_t cid;
-    uint32_t seq;               /* uses of this slot: tells the stall watch apart reuses */
-    struct bt_ns *ns;           /* (the table outlives the lane's commands: see fastlane) */
-    uint64_t off;               /* byte offset in the namespace */
-    uint32_t nbytes;
-    uint32_t received;          /* H2CData bytes in so far */
-    unsigned char *data;        /* the transfer's buffer */
-    unsigned char sqe[SQE_LEN]; /* for bt_lane_adopt */
-};
+static inline int is_async(const struct bt_ns *ns)
+{
+    return ns->backend == BT_BE_URING;
+}
 
-static inline uint16_t ld16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline uint32_t ld32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t ld64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-static inline void st16(unsigned char *p, uint16_t v) { memcpy(p, &v, 2); }
-static inline void st32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+static void set_state(struct bt_lane *l, struct bt_cmd *s, uint8_t state);
 
 /* ---- the lane's life ---- */
 
@@ -87,15 +88,34 @@ struct bt_lane *bt_lane_new(uint16_t sqsize)
     return l;
 }
 
-void bt_lane_free(struct bt_lane *l)
+static void lane_destroy(struct bt_lane *l)
 {
-    if (l == NULL)
-        return;
     for (uint32_t i = 0; i < l->nslots; i++)
         free(l->slot[i].data);
     free(l->slot);
     free(l->out);
     free(l);
+}
+
+void bt_lane_close(struct bt_lane *l)
+{
+    l->closed = 1;
+    for (uint32_t i = 0; i < l->nslots; i++) {
+        struct bt_cmd *s = &l->slot[i];
+        if (s->state == SLOT_DATA || s->state == SLOT_REDO)
+            set_state(l, s, SLOT_FREE);
+    }
+    free(l->out);
+    l->out = NULL;
+    l->out_len = l->out_cap = 0;
+}
+
+void bt_lane_free(struct bt_lane *l)
+{
+    if (l == NULL)
+        return;
+    be_uring_unready(l);
+    lane_destroy(l);
 }
 
 void bt_free(void *p)
@@ -157,12 +177,16 @@ static struct bt_cmd *slot_of_ttag(const struct bt_lane *l, uint16_t ttag)
     return c->state == SLOT_DATA ? c : NULL;
 }
 
+/* A free slot, growing the table if there is none; NULL when the queue is full or
+   memory short. Slot indexes must fit user_data (UD_SLOTS). */
 static struct bt_cmd *free_slot(struct bt_lane *l)
 {
     for (uint32_t i = 0; i < l->nslots; i++)
         if (l->slot[i].state == SLOT_FREE)
             return &l->slot[i];
     uint32_t most = (uint32_t)l->sqsize + 1;
+    if (most > UD_SLOTS)
+        most = UD_SLOTS;
     if (l->nslots >= most)
         return NULL;
     uint32_t n = l->nslots ? l->nslots * 2 : 8;
@@ -178,14 +202,62 @@ static struct bt_cmd *free_slot(struct bt_lane *l)
     return first;
 }
 
-static void release(struct bt_lane *l, struct bt_cmd *c)
+/* Move a slot to a new state, keeping the lane's counts of each. */
+static void set_state(struct bt_lane *l, struct bt_cmd *s, uint8_t state)
 {
-    free(c->data);
-    c->data = NULL;
-    c->state = SLOT_FREE;
-    l->inflight--;
-    l->r2t_waiting--;
-    l->r2t_wait_bytes -= c->nbytes;
+    switch (s->state) {
+    case SLOT_FREE:
+        l->inflight++;
+        break;
+    case SLOT_DATA:
+        l->r2t_waiting--;
+        l->r2t_wait_bytes -= s->nbytes;
+        break;
+    case SLOT_IO:
+        l->io_inflight--;
+        break;
+    case SLOT_REDO:
+        l->redo--;
+        break;
+    }
+    switch (state) {
+    case SLOT_FREE:
+        l->inflight--;
+        if (s->data != NULL && s->cap > KEEP_BUF) {
+            free(s->data);
+            s->data = NULL;
+            s->cap = 0;
+        }
+        break;
+    case SLOT_DATA:
+        l->r2t_waiting++;
+        l->r2t_wait_bytes += s->nbytes;
+        break;
+    case SLOT_IO:
+        l->io_inflight++;
+        break;
+    case SLOT_REDO:
+        l->redo++;
+        break;
+    }
+    s->state = state;
+}
+
+/* The slot's data buffer for n bytes, aligned for O_DIRECT; NULL when memory is short.
+   Small buffers stay with the slot for its next command: no allocation once warm. */
+static unsigned char *slot_buffer(struct bt_cmd *s, uint32_t n)
+{
+    if (s->data != NULL && s->cap >= n)
+        return s->data;
+    free(s->data);
+    s->data = NULL;
+    s->cap = 0;
+    void *p;
+    if (posix_memalign(&p, ALIGN, n < ALIGN ? ALIGN : n) != 0)
+        return NULL;
+    s->data = p;
+    s->cap = n < ALIGN ? ALIGN : n;
+    return s->data;
 }
 
 unsigned bt_lane_r2t_list(const struct bt_lane *l, uint16_t *ttags, uint16_t *cids,
@@ -219,7 +291,7 @@ int bt_lane_adopt(struct bt_lane *l, uint16_t ttag, unsigned char *sqe, unsigned
         memcpy(data, c->data, c->received);
     *received = c->received;
     *length = c->nbytes;
-    release(l, c);              /* (its budget goes with it to the Python request) */
+    set_state(l, c, SLOT_FREE);  /* (its budget goes with it to the Python request) */
     return 0;
 }
 
@@ -229,7 +301,7 @@ static struct bt_ns *find_ns(const struct bt_lane *l, uint32_t nsid)
 {
     for (uint32_t i = 0; i < l->nns; i++)
         if (l->ns[i].nsid == nsid)
-            return &l->ns[i];
+            return l->ns[i].stale ? NULL : &l->ns[i];
     return NULL;
 }
 
@@ -242,15 +314,24 @@ static int budget_take(struct bt_lane *l, uint64_t n)
         return 0;
     l->bud_held += n;
     l->bud_used += n;
-    if (l->bud_used > l->bud_high)
-        l->bud_high = l->bud_used;
+    l->bud_taken += n;
     return 1;
+}
+
+/* DataBudget.hold: in-capsule data of a command not yet done (the caller checked that
+   it does not overrun the budget: that pauses the connection, Python's to do) */
+static void budget_hold(struct bt_lane *l, uint64_t n)
+{
+    l->bud_held += n;
+    l->bud_used += n;
+    l->bud_taken += n;
 }
 
 static void budget_give_back(struct bt_lane *l, uint64_t n)
 {
     l->bud_held -= n;
     l->bud_used -= n;
+    l->bud_returned += n;
 }
 
 /* ---- output framing ---- */
@@ -279,6 +360,12 @@ static size_t c2h_bytes(const struct bt_lane *l, uint64_t n)
 {
     uint64_t pdus = (n + l->c2h_chunk - 1) / l->c2h_chunk;
     return pdus * (c2h_pdo(l) + (l->ddgst ? DIGEST : 0)) + n;
+}
+
+/* the whole reply to a successful read of n bytes */
+static size_t read_reply(const struct bt_lane *l, uint64_t n)
+{
+    return c2h_bytes(l, n) + (l->c2h_success ? 0 : resp_len(l));
 }
 
 static unsigned char *put_resp(const struct bt_lane *l, unsigned char *o, uint16_t cid)
@@ -344,7 +431,7 @@ static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_
     return o;
 }
 
-/* ---- execution (the backends that complete at once) ---- */
+/* ---- the replies of commands that succeeded ---- */
 
 static void count(struct bt_ns *ns, int st, uint64_t n)
 {
@@ -352,10 +439,10 @@ static void count(struct bt_ns *ns, int st, uint64_t n)
     ns->bytes[st] += n;
 }
 
-static unsigned char *exec_read(struct bt_lane *l, struct bt_ns *ns, uint64_t off,
+/* A read's data (src; NULL: zeroes) as C2HData PDUs, and its response. */
+static unsigned char *read_done(struct bt_lane *l, struct bt_ns *ns, const unsigned char *src,
                                 uint32_t nbytes, uint16_t cid, unsigned char *o)
 {
-    const unsigned char *src = ns->backend == BT_BE_MEM ? ns->mem + off : NULL;
     uint32_t left = nbytes, datao = 0;
     while (left) {
         uint32_t n = left < l->c2h_chunk ? left : l->c2h_chunk;
@@ -366,32 +453,170 @@ static unsigned char *exec_read(struct bt_lane *l, struct bt_ns *ns, uint64_t of
     if (!l->c2h_success)
         o = put_resp(l, o, cid);
     count(ns, BT_ST_READ, nbytes);
-    l->read_cmds++;
-    l->read_bytes += nbytes;
+    l->cmds++;
     return o;
 }
 
-static unsigned char *exec_write(struct bt_lane *l, struct bt_ns *ns, uint64_t off,
-                                 const unsigned char *data, uint32_t nbytes, int fua,
-                                 uint16_t cid, unsigned char *o)
+/* The controller's SMART counters, counted when the command starts, as io.read and
+   io.write do (and taken back if the command goes to the Python path, which counts it
+   again). */
+static void smart(struct bt_lane *l, int write, uint32_t nbytes, int sign)
 {
-    if (ns->backend == BT_BE_MEM)
-        memcpy(ns->mem + off, data, nbytes);
+    if (write) {
+        l->write_cmds += sign;
+        l->write_bytes += (uint64_t)(int64_t)sign * nbytes;
+    } else {
+        l->read_cmds += sign;
+        l->read_bytes += (uint64_t)(int64_t)sign * nbytes;
+    }
+}
+
+static unsigned char *write_done(struct bt_lane *l, struct bt_ns *ns, uint32_t nbytes,
+                                 int fua, uint16_t cid, unsigned char *o)
+{
     count(ns, BT_ST_WRITE, nbytes);
-    if (fua && ns->write_cache)
+    if (fua)
         /* io.write: a FUA write on a bdev with a volatile cache is a write, then a
-           flush of its blocks; memory has nothing to flush */
+           flush of its blocks (counted by the bdev as one of each) */
         count(ns, BT_ST_FLUSH, nbytes);
-    l->write_cmds++;
-    l->write_bytes += nbytes;
+    l->cmds++;
     return put_resp(l, o, cid);
 }
 
-static unsigned char *exec_flush(struct bt_lane *l, struct bt_ns *ns, uint16_t cid,
+static unsigned char *flush_done(struct bt_lane *l, struct bt_ns *ns, uint16_t cid,
                                  unsigned char *o)
 {
     count(ns, BT_ST_FLUSH, ns->num_blocks * ns->block_size);
+    l->cmds++;
     return put_resp(l, o, cid);
+}
+
+/* ---- asynchronous backends ---- */
+
+static int backend_space(struct bt_ns *ns)
+{
+    return ns->backend == BT_BE_URING ? be_uring_space(ns) : 0;
+}
+
+/* Hand slot s (data in place for a write) to its backend; 0 or -errno (nothing
+   queued). */
+static int start_io(struct bt_lane *l, struct bt_cmd *s, uint8_t kind)
+{
+    s->kind = kind;
+    s->cqes = kind == IO_WRITE && s->fua ? 2 : 1;
+    s->bad = 0;
+    s->start_ns = lane_now_ns();
+    int rc = be_uring_queue(l, s, (uint32_t)(s - l->slot));
+    if (rc < 0)
+        return rc;
+    set_state(l, s, SLOT_IO);
+    l->submitted++;
+    struct bt_uring *u = s->ns->ring;
+    if (l->touched != NULL && l->touched != u)
+        be_uring_submit(l->touched);
+    l->touched = u;
+    return 0;
+}
+
+/* Submit what this call queued (one system call for every SQE of a receive buffer). */
+static void submit_touched(struct bt_lane *l)
+{
+    if (l->touched != NULL) {
+        be_uring_submit(l->touched);
+        l->touched = NULL;
+    }
+}
+
+static void to_redo(struct bt_lane *l, struct bt_cmd *s)
+{
+    if (s->kind != IO_FLUSH)
+        smart(l, s->kind == IO_WRITE, s->nbytes, -1);
+    if (s->held) {
+        budget_give_back(l, s->nbytes);
+        s->held = 0;
+    }
+    set_state(l, s, SLOT_REDO);
+}
+
+void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
+{
+    struct bt_cmd *s = &l->slot[idx];
+    if (s->kind == IO_FLUSH || (s->kind == IO_WRITE && s->fua && s->cqes == 1))
+        s->bad |= res != 0;   /* (fdatasync: 0; -ECANCELED after a failed linked write) */
+    else
+        s->bad |= res != (int32_t)s->nbytes;
+    if (--s->cqes)
+        return;
+    struct bt_ns *ns = s->ns;
+    uint64_t lat = lane_now_ns() - s->start_ns;
+    if (l->closed) {
+        /* nobody to answer; the bdev still counts what it did, as the Python path's
+           channel does for a connection that went away */
+        if (!s->bad) {
+            int st = s->kind == IO_READ ? BT_ST_READ : s->kind == IO_WRITE ? BT_ST_WRITE
+                   : BT_ST_FLUSH;
+            count(ns, st, s->kind == IO_FLUSH ? ns->num_blocks * ns->block_size : s->nbytes);
+            ns->lat_ns[st] += lat;
+            if (s->kind == IO_WRITE && s->fua) {
+                count(ns, BT_ST_FLUSH, s->nbytes);
+                ns->lat_ns[BT_ST_FLUSH] += lat;
+            }
+            l->cmds++;
+        }
+        set_state(l, s, SLOT_FREE);
+        return;
+    }
+    if (s->bad) {
+        to_redo(l, s);
+        return;
+    }
+    size_t need = s->kind == IO_READ ? read_reply(l, s->nbytes) : resp_len(l);
+    unsigned char *o = reserve(l, need);
+    if (o == NULL) {
+        to_redo(l, s);
+        return;
+    }
+    switch (s->kind) {
+    case IO_READ:
+        read_done(l, ns, s->data, s->nbytes, s->cid, o);
+        ns->lat_ns[BT_ST_READ] += lat;
+        break;
+    case IO_WRITE:
+        write_done(l, ns, s->nbytes, s->fua, s->cid, o);
+        ns->lat_ns[BT_ST_WRITE] += lat;
+        if (s->fua)
+            ns->lat_ns[BT_ST_FLUSH] += lat;
+        break;
+    default:
+        flush_done(l, ns, s->cid, o);
+        ns->lat_ns[BT_ST_FLUSH] += lat;
+        break;
+    }
+    l->out_len += need;
+    if (s->held)
+        budget_give_back(l, s->nbytes);
+    s->held = 0;
+    set_state(l, s, SLOT_FREE);
+}
+
+int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uint32_t *length)
+{
+    if (l->redo == 0)
+        return 0;
+    for (uint32_t i = 0; i < l->nslots; i++) {
+        struct bt_cmd *s = &l->slot[i];
+        if (s->state != SLOT_REDO)
+            continue;
+        memcpy(sqe, s->sqe, SQE_LEN);
+        *length = 0;
+        if (s->kind == IO_WRITE) {
+            memcpy(data, s->data, s->nbytes);
+            *length = s->nbytes;
+        }
+        set_state(l, s, SLOT_FREE);
+        return 1;
+    }
+    return 0;
 }
 
 /* ---- the verdict on one capsule ---- */
@@ -408,42 +633,44 @@ struct cmd {
     uint32_t nbytes;
 };
 
-/* The reply's size in bytes for one complete capsule PDU `p` of `plen` bytes, or 0 when
-   the Python path must handle it. Mirrors pdu.Decoder, qpair._capsule, dispatch and
-   io.read/io.write/io.flush for the cases that succeed. */
-static size_t accept_capsule(const struct bt_lane *l, const unsigned char *p, uint32_t plen,
-                             struct cmd *c)
+/* The reply's size in bytes for one complete capsule PDU `p` of `plen` bytes (0 for
+   what will answer later), or -1 when the Python path must handle it. Mirrors
+   pdu.Decoder, qpair._capsule, dispatch and io.read/io.write/io.flush for the cases
+   that succeed. */
+static long accept_capsule(const struct bt_lane *l, const unsigned char *p, uint32_t plen,
+                           struct cmd *c)
 {
     size_t hend = CMD_HLEN + (l->hdgst ? DIGEST : 0);
     if (l->hdgst && ld32(p + CMD_HLEN) != bt_crc32c(0, p, CMD_HLEN))
-        return 0;                 /* Python: header digest error, fatal */
+        return -1;                /* Python: header digest error, fatal */
     c->sqe = p + 8;
     if (plen > hend) {
         size_t dd = l->ddgst ? DIGEST : 0;
         if (p[3] != hend || plen <= hend + dd)
-            return 0;             /* padding before the data, or no data after it */
+            return -1;            /* padding before the data, or no data after it */
         c->data = p + hend;
         c->data_len = plen - (uint32_t)hend - (uint32_t)dd;
         if (l->ddgst && ld32(c->data + c->data_len) != bt_crc32c(0, c->data, c->data_len))
-            return 0;             /* Python: data digest error */
+            return -1;            /* Python: data digest error */
     }                             /* (no data: PDO is not looked at, as in Python) */
     const unsigned char *sqe = c->sqe;
     uint8_t opc = sqe[0], flags = sqe[1];
     if ((flags & 0x03) || (flags >> 6) == 0)  /* fused; PRPs */
-        return 0;
+        return -1;
     /* a busy command id (CID conflict) or a full queue: Python's to answer */
     if (find_cid(l, ld16(sqe + 2)) != NULL || l->inflight > l->sqsize)
-        return 0;
+        return -1;
     struct bt_ns *ns = find_ns(l, ld32(sqe + 4));
     if (ns == NULL)
-        return 0;
+        return -1;
     c->ns = ns;
+    int async = is_async(ns);
     if (opc == OPC_FLUSH) {
         /* no data either way; an SGL of any length is ignored as Python ignores it */
         if (c->data_len)
-            return 0;
+            return -1;
         c->act = ACT_FLUSH;
-        return resp_len(l);
+        return async ? 0 : (long)resp_len(l);
     }
     uint64_t slba = ld64(sqe + 40);
     uint32_t cdw12 = ld32(sqe + 48);
@@ -453,81 +680,164 @@ static size_t accept_capsule(const struct bt_lane *l, const unsigned char *p, ui
     uint8_t sgl_id = sqe[39];
     if (n > l->max_io_size || slba > ns->num_blocks || nlb > ns->num_blocks - slba
         || sgl_len != n)
-        return 0;
+        return -1;
     c->off = slba * ns->block_size;
     c->nbytes = (uint32_t)n;
     if (opc == OPC_READ) {
         if (c->data_len || sgl_id != SGL_ID_TRANSPORT)
-            return 0;
+            return -1;
         c->act = ACT_READ;
-        return c2h_bytes(l, n) + (l->c2h_success ? 0 : resp_len(l));
+        return async ? 0 : (long)read_reply(l, n);
     }
     if (opc != OPC_WRITE)
-        return 0;
+        return -1;
     if (c->data_len) {
         if (sgl_id != SGL_ID_INCAPSULE || ld64(sqe + 24) != 0 || sgl_len != c->data_len
             || c->data_len > l->icd_limit
             /* DataBudget.hold: in-capsule data that overruns the reactor's budget
                pauses the connection (Python's to do) */
             || l->bud_used + c->data_len > l->bud_limit)
-            return 0;
+            return -1;
         c->act = ACT_WRITE_ICD;
-        return resp_len(l);
+        return async ? 0 : (long)resp_len(l);
     }
     if (sgl_id != SGL_ID_TRANSPORT)
-        return 0;
+        return -1;
     c->act = ACT_WRITE_R2T;
-    return r2t_len(l);
+    return (long)r2t_len(l);
+}
+
+static int fua_of(const struct bt_ns *ns, const unsigned char *sqe)
+{
+    return (ld32(sqe + 48) & RW_FUA) && ns->write_cache;
+}
+
+/* Execute an accepted command on a backend that completes at once; o has its reply's
+   room. */
+static void exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsigned char *o)
+{
+    struct bt_ns *ns = c->ns;
+    switch (c->act) {
+    case ACT_READ:
+        smart(l, 0, c->nbytes, 1);
+        read_done(l, ns, ns->backend == BT_BE_MEM ? ns->mem + c->off : NULL, c->nbytes, cid,
+                  o);
+        break;
+    case ACT_WRITE_ICD:
+        if (ns->backend == BT_BE_MEM)
+            memcpy(ns->mem + c->off, c->data, c->nbytes);
+        smart(l, 1, c->nbytes, 1);
+        write_done(l, ns, c->nbytes, fua_of(ns, c->sqe), cid, o);
+        break;
+    default:
+        flush_done(l, ns, cid, o);
+        break;
+    }
+}
+
+/* Start an accepted command on an asynchronous backend: 1 started, 0 not (nothing
+   changed: the Python path takes it). */
+static int exec_async(struct bt_lane *l, const struct cmd *c, uint16_t cid)
+{
+    struct bt_ns *ns = c->ns;
+    int need = c->act == ACT_WRITE_ICD && fua_of(ns, c->sqe) ? 2 : 1;
+    if (backend_space(ns) < need)
+        return 0;
+    struct bt_cmd *s = free_slot(l);
+    if (s == NULL)
+        return 0;
+    uint8_t kind = c->act == ACT_READ ? IO_READ : c->act == ACT_FLUSH ? IO_FLUSH : IO_WRITE;
+    if (kind != IO_FLUSH && slot_buffer(s, c->nbytes) == NULL)
+        return 0;
+    s->seq++;
+    s->cid = cid;
+    s->received = 0;
+    s->held = 0;
+    s->ns = ns;
+    s->off = c->off;
+    s->nbytes = kind == IO_FLUSH ? 0 : c->nbytes;
+    s->fua = kind == IO_WRITE && fua_of(ns, c->sqe);
+    memcpy(s->sqe, c->sqe, SQE_LEN);
+    if (kind == IO_WRITE)
+        memcpy(s->data, c->data, c->nbytes);
+    if (start_io(l, s, kind) < 0)
+        return 0;                   /* (the slot stayed free) */
+    if (kind != IO_FLUSH)
+        smart(l, kind == IO_WRITE, c->nbytes, 1);
+    if (kind == IO_WRITE) {
+        budget_hold(l, c->nbytes);  /* held by the Python path until completion too */
+        s->held = 1;
+    }
+    return 1;
 }
 
 /* Start a write whose data comes by R2T: a slot, the budget, the R2T. Its buffer is
-   allocated only if the data comes in pieces (see place). */
+   allocated only if the data comes in pieces or goes to an asynchronous backend. */
 static int start_r2t(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsigned char *o)
 {
     struct bt_cmd *s = free_slot(l);
     if (s == NULL || !budget_take(l, c->nbytes))
         return 0;
-    s->state = SLOT_DATA;
     s->seq++;
     s->cid = cid;
     s->ns = c->ns;
     s->off = c->off;
     s->nbytes = c->nbytes;
     s->received = 0;
-    s->data = NULL;
+    s->fua = fua_of(c->ns, c->sqe);
+    s->held = 1;
     memcpy(s->sqe, c->sqe, SQE_LEN);
-    l->inflight++;
-    l->r2t_waiting++;
-    l->r2t_wait_bytes += c->nbytes;
+    set_state(l, s, SLOT_DATA);
     put_r2t(l, o, cid, (uint16_t)(BT_LANE_TTAG + (s - l->slot)), c->nbytes);
     return 1;
 }
 
+/* All the data of slot s is in (src): execute the write. Room for a response is
+   reserved. */
+static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *src)
+{
+    struct bt_ns *ns = s->ns;
+    smart(l, 1, s->nbytes, 1);
+    if (!is_async(ns)) {
+        if (ns->backend == BT_BE_MEM)
+            memcpy(ns->mem + s->off, src, s->nbytes);
+        unsigned char *o = l->out + l->out_len;
+        unsigned char *e = write_done(l, ns, s->nbytes, s->fua, s->cid, o);
+        l->out_len += (size_t)(e - o);
+        budget_give_back(l, s->nbytes);
+        s->held = 0;
+        set_state(l, s, SLOT_FREE);
+        return;
+    }
+    if (src != s->data)
+        memcpy(s->data, src, s->nbytes);
+    s->kind = IO_WRITE;
+    if (backend_space(ns) < (s->fua ? 2 : 1) || start_io(l, s, IO_WRITE) < 0)
+        to_redo(l, s);  /* (a full ring: the Python path queues it) */
+}
+
 /* Data in for slot s (checked by the caller, with room for a response reserved):
    place it; once it is all in, execute. The whole transfer in one PDU (the usual case)
-   is written from where it lies, as the Python path does; pieces are gathered in a
-   buffer first, since the write may only happen once all of it is there. 0: out of
-   memory, nothing done. */
+   is written to memory from where it lies, as the Python path does; pieces are
+   gathered in the slot's buffer first, since the write may only happen once all of it
+   is there, and so is anything for an asynchronous backend (the receive buffer is
+   gone by the time it reads). 0: out of memory or the namespace changed meanwhile:
+   nothing done, the Python path takes the write over. */
 static int place(struct bt_lane *l, struct bt_cmd *s, uint32_t datao,
                  const unsigned char *data, uint32_t n)
 {
+    if (s->ns->stale)
+        return 0;
     const unsigned char *src = data;
-    if (n < s->nbytes) {
-        if (s->data == NULL && (s->data = malloc(s->nbytes)) == NULL)
+    if (n < s->nbytes || is_async(s->ns)) {
+        if (s->received == 0 && slot_buffer(s, s->nbytes) == NULL)
             return 0;
         memcpy(s->data + datao, data, n);
         src = s->data;
     }
     s->received += n;
-    if (s->received < s->nbytes)
-        return 1;
-    unsigned char *o = l->out + l->out_len;
-    int fua = (ld32(s->sqe + 48) & RW_FUA) != 0;
-    unsigned char *e = exec_write(l, s->ns, s->off, src, s->nbytes, fua, s->cid, o);
-    l->out_len += (size_t)(e - o);
-    budget_give_back(l, s->nbytes);
-    release(l, s);
-    l->cmds++;
+    if (s->received == s->nbytes)
+        write_in(l, s, src);
     return 1;
 }
 
@@ -550,7 +860,9 @@ int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao
         return 0;
     if (reserve(l, resp_len(l)) == NULL)
         return 0;
-    return place(l, s, datao, data, n);
+    int placed = place(l, s, datao, data, n);
+    submit_touched(l);
+    return placed;
 }
 
 /* One H2CData PDU at p (plen bytes, all there): 1 taken, 0 Python's. */
@@ -584,7 +896,6 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
     size_t dhlen = DATA_HLEN + (l->hdgst ? DIGEST : 0);
     uint8_t hflag = l->hdgst ? F_HDGST : 0;
     unsigned n = 0;
-    uint64_t done0 = l->cmds;
     while (n < max_cmds && len - pos >= 8) {
         const unsigned char *p = in + pos;
         uint32_t plen = ld32(p + 4);
@@ -604,40 +915,29 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
         if (p[1] != want)
             break;
         struct cmd c = {0};
-        size_t reply = accept_capsule(l, p, plen, &c);
-        if (reply == 0 || (l->cmds > done0 && l->out_len + reply > max_out))
+        long reply = accept_capsule(l, p, plen, &c);
+        if (reply < 0 || (n > 0 && l->out_len + (size_t)reply > max_out))
             break;
-        unsigned char *o = reserve(l, reply);
-        if (o == NULL)
+        unsigned char *o = NULL;  /* (an asynchronous command answers later) */
+        if (reply > 0 && (o = reserve(l, (size_t)reply)) == NULL)
             break;
         uint16_t cid = ld16(c.sqe + 2);
         if (c.act == ACT_WRITE_R2T) {
             if (!start_r2t(l, &c, cid, o))
                 break;            /* no budget (the Python path makes it wait) */
+        } else if (is_async(c.ns)) {
+            if (!exec_async(l, &c, cid))
+                break;            /* a full ring, no memory: Python queues it */
         }
         if (!l->flow_disabled)
             l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
-        switch (c.act) {
-        case ACT_READ:
-            exec_read(l, c.ns, c.off, c.nbytes, cid, o);
-            l->cmds++;
-            break;
-        case ACT_WRITE_ICD:
-            exec_write(l, c.ns, c.off, c.data, c.nbytes, (ld32(c.sqe + 48) & RW_FUA) != 0,
-                       cid, o);
-            l->cmds++;
-            break;
-        case ACT_FLUSH:
-            exec_flush(l, c.ns, cid, o);
-            l->cmds++;
-            break;
-        default:                  /* ACT_WRITE_R2T: the R2T is out; data comes later */
-            break;
-        }
-        l->out_len += reply;
+        if (c.act != ACT_WRITE_R2T && !is_async(c.ns))
+            exec_sync(l, &c, cid, o);
+        l->out_len += (size_t)reply;
         pos += plen;
         n++;
     }
+    submit_touched(l);
     *ncmds = n;
     return pos;
 }

@@ -4,15 +4,18 @@ takes and why it stays identical to the Python path; blocktarget/_fastpath_build
 it is built).
 
 A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
-is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, and split or
-passthru over either. Header and data digests and the host's PDU alignment are done in C
+is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, files and block
+devices through the reactor's io_uring (uring), and split or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
 too. A receive buffer starts in the lane only when the queue is in its steady state:
 connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
 decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
-commands (writes waiting for their data) may be outstanding: the Python path asks the
-lane about them where it must (a busy command id, a full queue, an H2CData it decoded,
-Abort, the stall watch) and takes one over (`adopt`) for anything unusual. Whatever the
-lane does not take goes to the Python path unchanged; the Python path remains the
+commands (writes waiting for their data, I/O at io_uring) may be outstanding: the Python
+path asks the lane about them where it must (a busy command id, a full queue, an
+H2CData it decoded, Abort, the stall watch) and takes one over (`adopt`) for anything
+unusual. I/O at io_uring completes in C when the reactor reaps its ring
+(bdevs/uring.py), which then calls `drain` on each lane with something to send; what
+did not succeed there comes back to the Python path to be done again (`_redo`). Whatever
+the lane does not take goes to the Python path unchanged; the Python path remains the
 reference for every byte.
 
 What the Python path would have recorded is recorded here too: the queue's SQ head, the
@@ -28,7 +31,7 @@ import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import LANE_MEM, LANE_NULL, LATENCY_BUCKETS_NS, IOType
+from ..bdev import LANE_MEM, LANE_NULL, LANE_URING, LATENCY_BUCKETS_NS, IOType
 from . import spec
 
 try:
@@ -74,6 +77,17 @@ def create(qp: Qpair) -> Lane | None:
     return Lane(qp)
 
 
+def uring_ctx(ring: Any) -> Any:
+    """The lane's handle on an io_uring made by blocktarget._uring (its ``struct io_uring
+    *``), or None when the lane has no io_uring backend (built without liburing)."""
+    if not AVAILABLE or not lib.bt_uring_available():
+        return None
+    from .._uring import ffi as uffi  # type: ignore[import-not-found]
+
+    u = lib.bt_uring_attach(ffi.cast("void *", int(uffi.cast("uintptr_t", ring))))
+    return None if u == ffi.NULL else u
+
+
 def crc32c_impl() -> str:
     """Which CRC32C the C lane's digests use on this CPU (chosen at load time)."""
     return ffi.string(lib.bt_crc32c_impl()).decode() if AVAILABLE else "none"
@@ -81,7 +95,7 @@ def crc32c_impl() -> str:
 
 class Lane:
     __slots__ = ("qp", "c", "nsmem", "entries", "generation", "ana", "last", "ncmds", "stats",
-                 "_tokens", "_executed")
+                 "rings", "closing", "_tokens", "_executed", "_handle", "_seen")
 
     def __init__(self, qp: Qpair) -> None:
         self.qp = qp
@@ -98,11 +112,15 @@ class Lane:
         c.hdgst = qp.hdgst
         c.ddgst = qp.ddgst
         c.hpda = qp.hpda
+        self._handle = ffi.new_handle(self)  # how a ring's completions find this lane
+        c.handle = self._handle
         self.c = c  # (C memory: freed by close(), never by the garbage collector)
         self.nsmem: Any = None  # struct bt_ns[] (the C side of `entries`)
         # (namespace, channels its I/O passes through, buffer export keeping the memory
         # mapped or None) per slot
         self.entries: list[tuple[Any, tuple[Any, ...], Any]] = []
+        self.rings: tuple[Any, ...] = ()  # the io_uring rings the table's namespaces use
+        self.closing = False  # the queue is gone; I/O of the lane's still at a ring
         self.generation = -1
         self.ana: Any = None
         self.last: list[list[int]] = []  # per slot: counters already folded into stats
@@ -110,32 +128,59 @@ class Lane:
         self.stats = qp.reactor.stats  # c_lane_commands, for metrics and nvmf_get_stats
         self._tokens: dict[tuple[int, int, int], object] = {}  # see r2t_pending
         self._executed = 0  # commands executed, once the C lane is freed
+        # the C side's cumulative counters as last recorded on the Python side: SMART
+        # read/write commands and bytes, commands, budget taken and given back, I/Os
+        self._seen = [0] * 8
 
     def close(self) -> None:
-        """The queue is gone: free the C lane (writes still waiting for data are dropped,
-        as the Python path drops its own) and drop the memory exports (a deleted malloc
-        bdev may then be unmapped)."""
+        """The queue is gone: writes still waiting for data are dropped, as the Python
+        path drops its own. I/O at io_uring is let finish (the kernel uses its buffers):
+        the lane stays with its rings (`zombies`) until its last completion, counted in
+        the bdev statistics as the Python path's channel counts it, then is freed (see
+        drain). Then the memory exports go (a deleted malloc bdev may be unmapped)."""
+        c = self.c
+        if c is None or self.closing:
+            return
+        self.closing = True
+        self._fold(0, 0)
+        lib.bt_lane_close(c)
+        if c.io_inflight:
+            for ring in self.rings:
+                ring.zombies.add(self)
+            return
+        self._free()
+
+    def _free(self) -> None:
         c, self.c = self.c, None
         if c is not None:
             self._executed = c.cmds
             lib.bt_lane_free(c)
+        for ring in self.rings:
+            ring.zombies.discard(self)
+        self._handle = None
         self.entries = []
+        self.rings = ()
         self.nsmem = None
 
     def invalidate(self) -> None:
         """The subsystem's namespaces or ANA states changed (controller.refresh_ana, on
         this reactor): let go of the table now rather than at the next command, so the
         memory of a namespace being removed is not held by an idle connection (malloc's
-        destruct can then unmap it); it is rebuilt when the lane is next used. A write
-        the lane holds waiting for its data refers to the table: the table is kept
-        until none does."""
+        destruct can then unmap it); it is rebuilt when the lane is next used. While the
+        lane has commands (writes waiting for data, I/O in flight), which refer to the
+        table, it stays, marked stale: nothing new starts on it, and a write whose data
+        comes meanwhile goes to the Python path, which decides against the new state."""
         c = self.c
         if c is None:
             return
         self._fold(0, 0)
         if c.inflight:
-            return  # rebuilt later by usable(), which then sees the generation changed
+            arr = self.nsmem
+            for i in range(len(self.entries)):
+                arr[i].stale = 1
+            return
         self.entries = []
+        self.rings = ()
         self.nsmem = None
         c.ns = ffi.NULL
         c.nns = 0
@@ -144,13 +189,12 @@ class Lane:
     # ---- the namespace table ----
     def _refresh(self) -> None:
         """(Re)build the table of namespaces this queue may run in C, after any change
-        to the subsystem or to this path's ANA states. Folds the old table's counters
-        first, so no statistic is lost."""
+        to the subsystem or to this path's ANA states (only once the lane has no
+        command left on the old one). Folds the old table's counters first, so no
+        statistic is lost."""
         qp = self.qp
         sub = qp.subsystem
         self.invalidate()
-        if self.c.inflight:
-            return  # not while a lane write refers to the old table
         entries = []
         inaccessible = qp.ana_inaccessible
         if sub is not None:
@@ -169,6 +213,9 @@ class Lane:
                     if t.mem is None or len(t.mem) < t.offset + size:
                         continue
                     mem = ffi.from_buffer(t.mem, require_writable=True)
+                elif t.kind == LANE_URING:
+                    if t.ring is None or t.ring.lane_ctx is None or t.fd < 0:
+                        continue
                 elif t.kind != LANE_NULL:
                     continue
                 entries.append((ns, t, mem))
@@ -183,22 +230,31 @@ class Lane:
                 e.write_cache = ns.bdev.write_cache
                 if mem is not None:
                     e.mem = ffi.cast("unsigned char *", mem) + t.offset
+                if t.kind == LANE_URING:
+                    e.fd = t.fd
+                    e.fd_offset = t.offset
+                    e.ring = t.ring.lane_ctx
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)
         self.entries = [(ns, t.channels, mem) for ns, t, mem in entries]
-        self.last = [[0] * 6 for _ in entries]
+        self.rings = tuple({id(t.ring): t.ring for _ns, t, _m in entries
+                            if t.ring is not None}.values())
+        self.last = [[0] * 9 for _ in entries]
         self.generation = sub.generation if sub is not None else -1
         self.ana = inaccessible
 
-    def _fold(self, ncmds: int, elapsed_ns: int) -> None:
+    def _fold(self, ncmds: int, elapsed_ns: int | None) -> None:
         """Add what the C side counted since the last fold to the stats of every channel
-        each namespace's I/O passes through."""
+        each namespace's I/O passes through. Latency: ``elapsed_ns`` (a lane call's time)
+        shared out over its ``ncmds`` commands, or None: what C measured from submission
+        to completion of asynchronous I/O."""
         arr = self.nsmem
         if arr is None:
             return
-        per_cmd = elapsed_ns // ncmds if ncmds else 0
-        bucket = _bucket(LATENCY_BUCKETS_NS, per_cmd)
+        if elapsed_ns is not None:
+            per_cmd = elapsed_ns // ncmds if ncmds else 0
+            bucket = _bucket(LATENCY_BUCKETS_NS, per_cmd)
         for i, (_ns, channels, _mem) in enumerate(self.entries):
             e = arr[i]
             last = self.last[i]
@@ -207,24 +263,31 @@ class Lane:
                 if not n:
                     continue
                 nbytes = e.bytes[k] - last[k + 3]
+                if elapsed_ns is None:
+                    lat = e.lat_ns[k] - last[k + 6]
+                    bucket = _bucket(LATENCY_BUCKETS_NS, lat // n)
+                    last[k + 6] += lat
+                else:
+                    lat = per_cmd * n
                 for ch in channels:
                     st = ch.stats
                     st.ops[t] += n
                     st.bytes[t] += nbytes
-                    st.latency_sum_ns[t] += per_cmd * n
+                    st.latency_sum_ns[t] += lat
                     st.latency_buckets[t][bucket] += n
                 last[k] += n
                 last[k + 3] += nbytes
 
+    # ---- what the Python path asks ----
     @property
     def executed(self) -> int:
         """Commands the lane executed in all."""
         return self.c.cmds if self.c is not None else self._executed
 
-    # ---- what the Python path asks ----
     @property
     def inflight(self) -> int:
-        """Commands the lane owns now (writes waiting for their data)."""
+        """Commands the lane owns now (writes waiting for their data, I/O at a backend,
+        commands on their way back to the Python path)."""
         c = self.c
         return c.inflight if c is not None else 0
 
@@ -293,6 +356,9 @@ class Lane:
             return False
         sub = qp.subsystem
         if sub is None or sub.generation != self.generation or qp.ana_inaccessible is not self.ana:
+            if self.c.inflight:
+                self.invalidate()  # (marks the table stale until its commands are done)
+                return False
             self._refresh()
         return self.nsmem is not None
 
@@ -307,7 +373,7 @@ class Lane:
         ncmds = self.ncmds
         run = lib.bt_lane_run
         while pos < total:
-            before = self._enter()
+            self._enter()
             t0 = _now_ns()
             taken = run(c, src + pos, total - pos, BATCH, MAX_OUT, ncmds)
             elapsed = _now_ns() - t0
@@ -315,7 +381,8 @@ class Lane:
                 break
             pos += taken
             qp.rx_pdus += ncmds[0]
-            self._leave(before, elapsed)
+            qp.sqhd = c.sqhd
+            self._sync(elapsed)
             if pos < total:
                 # hand this batch to the socket before the next, as the Python path
                 # does every OUT_BATCH responses; stop if the host is not reading
@@ -333,14 +400,30 @@ class Lane:
         c = self.c
         if c is None:
             return False
-        before = self._enter()
+        self._enter()
         t0 = _now_ns()
         data = ffi.from_buffer("unsigned char[]", p.data)
         placed = lib.bt_lane_h2c(c, p.cccid, p.ttag, p.datao, data, len(p.data), p.last)
-        self._leave(before, _now_ns() - t0)
+        self._sync(_now_ns() - t0)
         return bool(placed)
 
-    def _enter(self) -> tuple[int, int, int, int, int]:
+    def drain(self) -> None:
+        """The reactor's ring completed some of this lane's I/O (in C): record it, queue
+        the output for the socket, and give the Python path what did not succeed. A
+        closed lane only counts, and is freed after its last completion."""
+        c = self.c
+        if c is None:
+            return
+        if self.closing:
+            self.stats.c_lane_commands += c.cmds - self._seen[4]
+            self._seen[4] = c.cmds
+            self._fold(0, None)
+            if not c.io_inflight:
+                self._free()
+            return
+        self._sync(None)
+
+    def _enter(self) -> None:
         """Before a C call: the lane sees the queue's SQ head and the reactor's budget as
         the Python path left them."""
         qp = self.qp
@@ -351,27 +434,32 @@ class Lane:
         c.bud_limit = b.limit
         c.bud_held = qp.budget_held
         c.bud_per_qpair = b.per_qpair
-        c.bud_high = b.high_water
-        return c.read_cmds, c.read_bytes, c.write_cmds, c.write_bytes, c.cmds
 
-    def _leave(self, before: tuple[int, int, int, int, int], elapsed: int) -> None:
-        """After a C call: what it did, recorded where the Python path records it, and
-        its output queued for the socket."""
+    def _sync(self, elapsed: int | None) -> None:
+        """After C ran (a call, or completions): what it did, recorded where the Python
+        path records it, its output queued for the socket, I/O it started watched for,
+        and the commands it gives back done again by the Python path."""
         qp = self.qp
         c = self.c
-        qp.sqhd = c.sqhd
-        b = qp.budget
-        returned = b.used > c.bud_used
-        b.used = c.bud_used
-        b.high_water = c.bud_high
-        qp.budget_held = c.bud_held
-        done = c.cmds - before[4]
-        self.stats.c_lane_commands += done
+        seen = self._seen
+        now = (c.read_cmds, c.read_bytes, c.write_cmds, c.write_bytes, c.cmds, c.bud_taken,
+               c.bud_returned, c.submitted)
         k = qp.counters
-        k.read_cmds += c.read_cmds - before[0]
-        k.read_blocks_bytes += c.read_bytes - before[1]
-        k.write_cmds += c.write_cmds - before[2]
-        k.write_bytes += c.write_bytes - before[3]
+        k.read_cmds += now[0] - seen[0]
+        k.read_blocks_bytes += now[1] - seen[1]
+        k.write_cmds += now[2] - seen[2]
+        k.write_bytes += now[3] - seen[3]
+        done = now[4] - seen[4]
+        self.stats.c_lane_commands += done
+        taken, returned = now[5] - seen[5], now[6] - seen[6]
+        if taken or returned:
+            b = qp.budget
+            b.used += taken - returned
+            qp.budget_held += taken - returned
+            if b.used > b.high_water:
+                b.high_water = b.used
+        started = now[7] != seen[7]
+        self._seen[:] = now
         self._fold(done, elapsed)
         if c.out_len:
             ptr = ffi.new("unsigned char **")
@@ -380,8 +468,25 @@ class Lane:
             if not qp._flush_scheduled:
                 qp._flush_scheduled = True
                 qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
-        if returned and b.waiting:
-            b._wake()
+        if started:
+            for ring in self.rings:
+                ring.lane_io_started()
+        if c.redo:
+            self._redo()
+        if returned and qp.budget.waiting:
+            qp.budget._wake()
+
+    def _redo(self) -> None:
+        """Commands that did not succeed in the lane (an error or a short transfer at the
+        backend, a full ring): the Python path does each again from the start, and its
+        answer (an error status, or success after all) is the reference's."""
+        c = self.c
+        sqe = ffi.new("unsigned char[64]")
+        length = ffi.new("uint32_t *")
+        buf = bytearray(self.qp.opts.max_io_size)
+        while self.c is not None and lib.bt_lane_redo(c, sqe, ffi.from_buffer(buf), length):
+            n = length[0]
+            self.qp.redo(bytes(ffi.buffer(sqe)), bytes(buf[:n]) if n else None)
 
 
 class _R2tToken:

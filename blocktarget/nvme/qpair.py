@@ -614,6 +614,9 @@ class Qpair(asyncio.BufferedProtocol):
         sqe = parse_sqe(p.sqe)
         if self.qid >= 0 and not self.sq_flow_disabled:
             self.sqhd = (self.sqhd + 1) % (self.sqsize + 1)
+            if self._lane is not None and self._lane.c is not None:
+                # (the lane's responses to I/O completing later carry the SQ head too)
+                self._lane.c.sqhd = self.sqhd
         req = Request(self, sqe)
         if self.qid <= 0:
             log.debug("%s: admin cid %d opcode 0x%02x fctype %d cdw10 0x%x cdw11 0x%x", self,
@@ -853,6 +856,21 @@ class Qpair(asyncio.BufferedProtocol):
             self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, 0,
                         "DATA_LAST before all R2T data was sent", self._h2c_header(p))
 
+    def redo(self, sqe_bytes: bytes, data: bytes | None) -> None:
+        """A command the C lane took that did not succeed there (fastlane.Lane._redo):
+        run it again from the start on the Python path, which answers it (with the
+        bdev's error status, typically). Its capsule was counted when it came (SQ head);
+        its data, for a write, is the lane's copy."""
+        sqe = parse_sqe(sqe_bytes)
+        req = Request(self, sqe)
+        if (sqe.opcode & 3) == DIR_NONE:
+            req.xfer_len = 0
+        if data is not None:
+            req.data = data
+            req.received = len(data)
+        self.requests[sqe.cid] = req
+        self._execute(req)
+
     def _adopt(self, ttag: int) -> Request | None:
         """Take one of the C lane's writes waiting for its data over as a Request of the
         Python path, with what data came so far (fastlane.Lane.adopt)."""
@@ -900,6 +918,8 @@ class Qpair(asyncio.BufferedProtocol):
             sqe = parse_sqe(p.sqe)
             if self.qid >= 0 and not self.sq_flow_disabled:
                 self.sqhd = (self.sqhd + 1) % (self.sqsize + 1)
+                if self._lane is not None and self._lane.c is not None:
+                    self._lane.c.sqhd = self.sqhd
             if sqe.cid in self.requests or (self._lane is not None
                                             and self._lane.busy(sqe.cid)):
                 self._respond(sqe.cid, SC_CID_CONFLICT)

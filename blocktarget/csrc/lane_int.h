@@ -1,0 +1,66 @@
+/* Inside the lane: what lane.c shares with its backends (be_*.c). Not part of the cdef
+ * (the name does not start with bt_): Python never sees these. */
+#ifndef BT_LANE_INT_H
+#define BT_LANE_INT_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "bt_lane.h"
+
+#define SQE_LEN 64
+/* user_data of a lane command's SQE: this bit, the slot index (15 bits), the lane's
+   address (48 bits): slots may move when the table grows, the lane never does */
+#define UD_LANE (1ull << 63)
+#define UD_SLOT_SHIFT 48
+#define UD_SLOTS (1u << 15)
+#define UD_PTR_MASK ((1ull << UD_SLOT_SHIFT) - 1)
+
+enum slot_state {
+    SLOT_FREE = 0,
+    SLOT_DATA,   /* a write waiting for its H2CData */
+    SLOT_IO,     /* at an asynchronous backend */
+    SLOT_REDO    /* did not succeed in the lane: the Python path does it again */
+};
+
+enum io_kind { IO_READ = 0, IO_WRITE = 1, IO_FLUSH = 2 };
+
+struct bt_cmd {
+    uint8_t state;
+    uint8_t kind;               /* enum io_kind, once at a backend */
+    uint8_t fua;
+    uint8_t cqes;               /* completions still due from the backend */
+    uint8_t bad;                /* one of them did not do all it should */
+    uint8_t held;               /* the data is counted in the reactor's budget */
+    uint16_t cid;
+    uint32_t seq;               /* uses of this slot: tells the stall watch apart reuses */
+    struct bt_ns *ns;           /* (the table stays while the lane has commands) */
+    uint64_t off;               /* byte offset in the namespace */
+    uint32_t nbytes;
+    uint32_t received;          /* H2CData bytes in so far */
+    unsigned char *data;        /* the transfer's buffer (aligned for O_DIRECT), */
+    uint32_t cap;               /* its size (small ones stay with the slot) */
+    uint64_t start_ns;
+    unsigned char sqe[SQE_LEN]; /* for bt_lane_adopt and redo */
+};
+
+static inline uint16_t ld16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t ld32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t ld64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void st16(unsigned char *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void st32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
+
+uint64_t lane_now_ns(void);
+/* a backend finished slot `idx` of lane l with result res (bytes done or -errno) */
+void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res);
+
+/* the io_uring backend (be_uring.c): how many SQEs the ring can take now; queue the
+   slot's I/O (two linked SQEs for a FUA write: the write, then fdatasync); submit what
+   was queued. 0 / -errno. */
+int be_uring_space(struct bt_ns *ns);
+int be_uring_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx);
+int be_uring_submit(void *ring_ctx);
+/* take a lane Python let go of off its ring's ready list */
+void be_uring_unready(struct bt_lane *l);
+
+#endif
