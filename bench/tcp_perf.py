@@ -8,8 +8,9 @@ the fast initiator; `blocktarget perf` shows whether the Python initiator is the
 
     .venv/bin/python bench/tcp_perf.py [--time 3] [--markdown]
 
-Needs ../shared/tools/spdk (nvmf_tgt, spdk_nvme_perf); without it only blocktarget perf
-against blocktarget runs.
+SPDK's nvmf_tgt and spdk_nvme_perf are optional (bench/spdk_tools.py: $SPDK_TOOLS, then
+.tools/spdk in the checkout, then PATH); without them only blocktarget perf against
+blocktarget runs, and the script says so.
 
 `Target`, `run_spdk_perf` and `run_bt_perf` are also the building blocks of
 bench/vs_spdk.py (issue 7: repetitions, medians, memory, polling, scaling), which
@@ -31,8 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spdk_tools import find_tool, unavailable_reason  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-SPDK = Path(os.environ.get("SPDK_TOOLS", ROOT.parent / "shared" / "tools" / "spdk"))
 NQN = "nqn.2026-01.io.blocktarget:bench"
 WORKLOADS = [
     ("4K randread QD1", "randread", 4096, 1),
@@ -119,7 +123,7 @@ class Target:
             path = workdir / "spdk.json"
             path.write_text(json.dumps(cfg))
             mem = [] if hugepages() else ["--no-huge", "-s", str(spdk_mem_mb)]
-            cmd = [str(SPDK / "nvmf_tgt"), "-m", "0x1", "-r", str(workdir / "spdk.sock"),
+            cmd = [str(find_tool("nvmf_tgt")), "-m", "0x1", "-r", str(workdir / "spdk.sock"),
                    "--json", str(path), "--disable-cpumask-locks", *mem]
         # bt_tree: run blocktarget from another checkout (a before/after comparison);
         # `-m` puts the working directory first on sys.path, so both cwd and PYTHONPATH
@@ -160,7 +164,7 @@ def run_spdk_perf(port: int, rw: str, size: int, qd: int, secs: int,
     """``extra``: more spdk_nvme_perf options, e.g. ("-P", "2") for two I/O queues."""
     trid = f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port} subnqn:{NQN}"
     mem = [] if hugepages() else ["--no-huge", "-s", "1024"]
-    cmd = [str(SPDK / "spdk_nvme_perf"), *mem, "-c", "0x2", "-q", str(qd), "-o", str(size),
+    cmd = [str(find_tool("spdk_nvme_perf")), *mem, "-c", "0x2", "-q", str(qd), "-o", str(size),
            "-w", rw, "-t", str(secs), *extra, "-r", trid]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60).stdout
     m = re.search(r"^Total\s+:\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out, re.M)
@@ -188,7 +192,10 @@ def main() -> int:
     ap.add_argument("--bdevs", default="null,malloc")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
-    have_spdk = (SPDK / "nvmf_tgt").exists() and (SPDK / "spdk_nvme_perf").exists()
+    why = unavailable_reason("nvmf_tgt", "spdk_nvme_perf")
+    have_spdk = why is None
+    if not have_spdk:
+        print(f"{why}: running blocktarget perf against blocktarget only", file=sys.stderr)
     targets = ["blocktarget", "spdk"] if have_spdk else ["blocktarget"]
     initiators = ["spdk_nvme_perf", "blocktarget perf"] if have_spdk else ["blocktarget perf"]
     rows = []

@@ -19,7 +19,9 @@ latency and idle CPU), and reactor scaling (1 vs 2 reactors, 2 connections).
         [--memory] [--raw-tcp] [--polling] [--scaling] [--only blocktarget]
         [--initiators spdk_nvme_perf,'blocktarget perf'] [--tree DIR]
 
-Needs ../shared/tools/spdk (nvmf_tgt, spdk_nvme_perf).
+Needs SPDK's nvmf_tgt and spdk_nvme_perf, optional tools (bench/spdk_tools.py: $SPDK_TOOLS,
+then .tools/spdk in the checkout, then PATH), except for `--only blocktarget --initiators
+'blocktarget perf'`; without them anything else says they are not available and exits 2.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tcp_perf import ROOT, SPDK, Target, run_bt_perf, run_spdk_perf  # noqa: E402
+from spdk_tools import unavailable_reason  # noqa: E402
+from tcp_perf import ROOT, Target, run_bt_perf, run_spdk_perf  # noqa: E402
 
 WORKLOADS: list[tuple[str, str, int, int]] = [
     ("4K randread QD1", "randread", 4096, 1),
@@ -224,7 +227,7 @@ def rss_malloc_1g(tmp: Path, log: Callable[[str], None]) -> dict:
     after spdk_nvme_perf has written every block once (then it is all resident)."""
     res: dict = {}
     for name in ("blocktarget", "spdk"):
-        if name == "spdk" and not (SPDK / "nvmf_tgt").exists():
+        if name == "spdk" and unavailable_reason("nvmf_tgt") is not None:
             continue
         t = Target(name, "malloc1g", tmp, bdev=MALLOC_1G, spdk_mem_mb=2048)
         try:
@@ -267,13 +270,13 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="append to bench/RESULTS.md")
     args = ap.parse_args()
     args.bt_extra = None
-    have_spdk = (SPDK / "nvmf_tgt").exists() and (SPDK / "spdk_nvme_perf").exists()
+    why = unavailable_reason("nvmf_tgt", "spdk_nvme_perf")
+    have_spdk = why is None
     needs_spdk = (args.only != "blocktarget" or "spdk_nvme_perf" in args.initiators
                   or args.polling or args.scaling or args.memory)
     if needs_spdk and not have_spdk:
-        print(f"SPDK's nvmf_tgt/spdk_nvme_perf not found in {SPDK} (set SPDK_TOOLS); "
-              "without them only --only blocktarget --initiators 'blocktarget perf' runs",
-              file=sys.stderr)
+        print(f"{why}; without SPDK's tools only --only blocktarget --initiators "
+              "'blocktarget perf' runs", file=sys.stderr)
         return 2
     unknown = set(args.initiators) - set(INITIATORS)
     if unknown:

@@ -1,8 +1,9 @@
 """SPDK's nvmf_tgt as a reference NVMe/TCP target for host-side tests and benchmarks.
 
-The tools live in ../shared/tools/spdk (override with SPDK_TOOLS). They are optional
-(project rule): when the binary is missing or cannot start here, :class:`SpdkUnavailable`
-says why and the tests skip with that reason.
+SPDK's binaries are optional tools, found as bench/spdk_tools.py says ($SPDK_TOOLS, then
+.tools/spdk in the checkout, then PATH; re-exported here as :func:`find_tool` and
+:func:`tool_unavailable_reason`). When nvmf_tgt is missing or cannot start here,
+:class:`SpdkUnavailable` says why and the tests skip with that reason, in CI too.
 
 The JSON config built by :func:`nvmf_config` is SPDK's config shape, which blocktarget
 also loads, so the same layout can be served by either target.
@@ -10,6 +11,7 @@ also loads, so the same layout can be served by either target.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,14 +22,27 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from blocktarget.rpc_client import RpcClient
 
-SPDK_DIR = Path(os.environ.get("SPDK_TOOLS", "/work/shared/tools/spdk"))
-NVMF_TGT = SPDK_DIR / "nvmf_tgt"
-SPDK_NVME_PERF = SPDK_DIR / "spdk_nvme_perf"
+ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
+
+
+def _load_spdk_tools() -> ModuleType:
+    """bench/spdk_tools.py, the one place that knows where SPDK's tools are."""
+    spec = importlib.util.spec_from_file_location("spdk_tools", ROOT / "bench" / "spdk_tools.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_tools = _load_spdk_tools()
+find_tool = _tools.find_tool
+tool_unavailable_reason = _tools.tool_unavailable_reason
 
 NQN = "nqn.2016-06.io.blocktarget.test:host1"
 RESTRICTED_NQN = "nqn.2016-06.io.blocktarget.test:restricted"
@@ -114,11 +129,8 @@ def nvmf_config(layout: Layout) -> dict[str, Any]:
 
 
 def unavailable_reason() -> str | None:
-    if not NVMF_TGT.exists():
-        return f"SPDK nvmf_tgt not found at {NVMF_TGT}"
-    if not os.access(NVMF_TGT, os.X_OK):
-        return f"{NVMF_TGT} is not executable"
-    return None
+    """Why SPDK's nvmf_tgt cannot be used here, or None."""
+    return tool_unavailable_reason("nvmf_tgt")
 
 
 class SpdkTarget:
@@ -134,7 +146,7 @@ class SpdkTarget:
         self.config_path = self.workdir / "spdk.json"
         self.config_path.write_text(json.dumps(nvmf_config(layout), indent=1))
         self.log_path = self.workdir / "nvmf_tgt.log"
-        self.cmd = [str(NVMF_TGT), "-m", hex(1 << core), "-r", self.sock, "--json",
+        self.cmd = [str(find_tool("nvmf_tgt")), "-m", hex(1 << core), "-r", self.sock, "--json",
                     str(self.config_path), "--disable-cpumask-locks", *memory_args()]
         self.proc: subprocess.Popen[bytes] | None = None
 

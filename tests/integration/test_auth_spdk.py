@@ -2,7 +2,8 @@
 of the target side (its keyring, nvmf_subsystem_add_host with dhchap keys): uni- and
 bidirectional authentication with verified I/O, the strongest pair SPDK picks from
 what we offer (SHA-512, ffdhe8192), and wrong keys refused both ways. SPDK is an
-optional tool (project rule): skipped, saying why, when ../shared/tools/spdk lacks it.
+optional tool (project rule; $SPDK_TOOLS, .tools/spdk or PATH, see bench/spdk_tools.py):
+skipped, saying why, when nvmf_tgt is not available, in CI too.
 Budget: ~5 s.
 """
 

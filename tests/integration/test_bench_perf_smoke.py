@@ -3,8 +3,9 @@ bench/RESULTS.md stay reproducible with the commands written there.
 
 - bench/hotpath.py: in process, no peers needed; reads, in-capsule writes, R2T writes.
 - bench/vs_spdk.py against blocktarget with `blocktarget perf` as the initiator (real
-  target process, real initiator process); with SPDK's tools present also with
-  spdk_nvme_perf against both targets, --markdown into a copy of RESULTS.md.
+  target process, real initiator process); with SPDK's tools present (optional tools, see
+  bench/spdk_tools.py) also with spdk_nvme_perf against both targets, --markdown into a
+  copy of RESULTS.md; without them, that it says they are not available and exits 2.
 Budget: ≈ 15 s without SPDK's tools, ≈ 35 s with them.
 """
 
@@ -21,18 +22,27 @@ import pytest
 
 from blocktarget.nvme import fastlane
 
+from .spdk_target import find_tool, tool_unavailable_reason
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench"
-SPDK = Path(os.environ.get("SPDK_TOOLS", ROOT.parent / "shared" / "tools" / "spdk"))
-HAVE_SPDK = os.access(SPDK / "spdk_nvme_perf", os.X_OK) and os.access(SPDK / "nvmf_tgt",
-                                                                       os.X_OK)
+SPDK_WHY = tool_unavailable_reason("nvmf_tgt") or tool_unavailable_reason("spdk_nvme_perf")
 
 
-def _run(*args: str, timeout: int = 120, cwd: Path = ROOT) -> str:
+def _env() -> dict[str, str]:
+    """The scripts run from a copy of bench/ find SPDK's tools where this checkout does."""
+    env = dict(os.environ)
+    tgt, perf = find_tool("nvmf_tgt"), find_tool("spdk_nvme_perf")
+    if tgt is not None and perf is not None and tgt.parent == perf.parent:
+        env["SPDK_TOOLS"] = str(tgt.parent)
+    return env
+
+
+def _run(*args: str, timeout: int = 120, cwd: Path = ROOT, rc: int = 0) -> str:
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True,
-                       timeout=timeout, cwd=cwd, env={**os.environ, "SPDK_TOOLS": str(SPDK)})
-    assert r.returncode == 0, f"{args} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    return r.stdout
+                       timeout=timeout, cwd=cwd, env=_env())
+    assert r.returncode == rc, f"{args} exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
 
 
 @pytest.mark.parametrize(("args", "in_lane"), [
@@ -71,7 +81,19 @@ def test_vs_spdk_with_blocktarget_perf() -> None:
         assert iops > 0, row
 
 
-@pytest.mark.skipif(not HAVE_SPDK, reason=f"SPDK's tools are not at {SPDK}")
+def test_vs_spdk_without_spdk_says_not_available() -> None:
+    """Without SPDK's tools a run that needs them stops at once, saying what is missing
+    and where it looked (the blocktarget-only run above still works)."""
+    if SPDK_WHY is None:
+        pytest.skip("SPDK's tools are available here: test_vs_spdk_against_spdk_appends_markdown"
+                    " runs them instead")
+    out = _run(str(BENCH / "vs_spdk.py"), "--reps", "1", "--time", "1", rc=2, timeout=60)
+    assert SPDK_WHY in out and "not available" in out and "SPDK_TOOLS" in out, out
+    assert "only --only blocktarget --initiators 'blocktarget perf' runs" in out, out
+
+
+@pytest.mark.spdk
+@pytest.mark.skipif(SPDK_WHY is not None, reason=str(SPDK_WHY))
 def test_vs_spdk_against_spdk_appends_markdown(tmp_path: Path) -> None:
     # run from a copy of the bench directory so the real RESULTS.md is left alone
     work = tmp_path / "repo"

@@ -42,6 +42,7 @@ from blocktarget.host.perf import PerfConfig, run_perf_async
 from blocktarget.nvme import pdu, spec
 
 from .nvme_target_util import HOSTNQN, RawQueue, open_queue, sct_sc
+from .spdk_target import find_tool, tool_unavailable_reason
 from .target_proc import Launcher, RunningTarget, free_port, listen_address, malloc
 
 NQN = "nqn.2026-01.io.blocktarget.test:faults"
@@ -292,21 +293,21 @@ def test_delay_changes_latency_while_io_runs(target: RunningTarget) -> None:
 
 # ------------------------------------------------------------------- spdk_nvme_perf
 
-SPDK_PERF = Path(os.environ.get("SPDK_TOOLS", Path(__file__).resolve().parents[3] / "shared"
-                                / "tools" / "spdk")) / "spdk_nvme_perf"
-
-
+@pytest.mark.spdk
 def test_spdk_host_sees_injected_statuses(target: RunningTarget) -> None:
     """SPDK's initiator reports each failed completion with its SCT/SC; after the
-    injection is used up its I/O carries on, and the run ends normally."""
-    if not os.access(SPDK_PERF, os.X_OK):
-        pytest.skip(f"spdk_nvme_perf is not at {SPDK_PERF}")
+    injection is used up its I/O carries on, and the run ends normally. Skips, saying
+    why, where SPDK's spdk_nvme_perf is not available (an optional tool)."""
+    why = tool_unavailable_reason("spdk_nvme_perf")
+    if why is not None:
+        pytest.skip(why)
+    perf = find_tool("spdk_nvme_perf")
     trid = (f"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:{port_of(target)} "
             f"subnqn:{NQN} ns:1")
     hugepages = Path("/dev/hugepages").is_dir() and int(
         Path("/proc/sys/vm/nr_hugepages").read_text()) >= 512
     mem = [] if hugepages else ["--no-huge", "-s", "1024"]
-    cmd = [str(SPDK_PERF), *mem, "-c", "0x1", "-q", "16", "-o", str(BS), "-w", "randread",
+    cmd = [str(perf), *mem, "-c", "0x1", "-q", "16", "-o", str(BS), "-w", "randread",
            "-t", "4", "-r", trid]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -318,8 +319,6 @@ def test_spdk_host_sees_injected_statuses(target: RunningTarget) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    if "error while loading shared libraries" in out:
-        pytest.skip("spdk_nvme_perf cannot start here (missing shared libraries)")
     reported = re.findall(r"sct[:=]\s*(\d+),?\s*sc[:=]\s*(\d+)", out, re.I)
     total = re.search(r"^Total\s+:\s+([\d.]+)\s+([\d.]+)", out, re.M)
     print(f"spdk_nvme_perf: {len(reported)} failed completions reported "

@@ -176,7 +176,7 @@ def _malloc_target(running_target: Launcher, mib: int = 64,
 
 def _fio(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     if shutil.which("fio") is None:
-        pytest.fail("fio is missing (Debian package fio is in .ci/run's PACKAGES)")
+        pytest.fail("fio is missing (Debian package fio, in scripts/system-deps.sh)")
     # no verify state files left in the working directory
     return subprocess.run(["fio", "--output-format=terse", "--verify_state_save=0", *args],
                           capture_output=True, text=True, timeout=timeout, check=False)

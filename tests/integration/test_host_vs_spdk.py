@@ -2,8 +2,9 @@
 
 Two peers, both loading the same SPDK-shape JSON config (spdk_target.nvmf_config):
 blocktarget's own target, always tested, and SPDK's nvmf_tgt, the reference
-implementation (if our host and it disagree, our host is wrong), tested when
-../shared/tools/spdk has it and skipped, saying why, when not. HOST_TEST_TARGETS=spdk
+implementation (if our host and it disagree, our host is wrong), tested when SPDK's
+nvmf_tgt is available (an optional tool: $SPDK_TOOLS, .tools/spdk or PATH, see
+bench/spdk_tools.py) and skipped, saying why, when not, in CI too. HOST_TEST_TARGETS=spdk
 or =blocktarget narrows the run to one of them. Where blocktarget intentionally
 differs from SPDK, the test asserts blocktarget's exact behaviour.
 """

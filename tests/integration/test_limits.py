@@ -491,14 +491,14 @@ def _spdk_peer_target(launcher: Launcher, nqn: str, bdevs: list[dict], ns_bdev: 
     return port, t
 
 
+@pytest.mark.spdk
 def test_spdk_host_under_a_tight_r2t_budget(tmp_path: object) -> None:
     """SPDK's initiator (spdk_nvme_perf) writing 128 KiB at QD 32 against a target whose
     reactor holds only two 128 KiB R2T buffers: most R2Ts wait for buffers, and the
     host sees delayed R2Ts only, never an error. Skips where SPDK's tools are absent."""
     from . import test_spdk_perf_peer as sp
 
-    if not os.access(sp.PERF, os.X_OK) or not sp._perf_runs():
-        pytest.skip(f"SPDK's spdk_nvme_perf is not usable at {sp.PERF}")
+    sp.perf_path()  # skips, saying why, where SPDK's spdk_nvme_perf is not available
     launcher = Launcher()
     try:
         port, t = _spdk_peer_target(
@@ -517,6 +517,7 @@ def test_spdk_host_under_a_tight_r2t_budget(tmp_path: object) -> None:
         launcher.cleanup()
 
 
+@pytest.mark.spdk
 def test_spdk_host_in_capsule_writes_under_a_tight_budget(tmp_path: object) -> None:
     """SPDK's initiator writing 4 KiB (in-capsule data: 4 KiB <= in_capsule_data_size)
     at QD 32 against a reactor budget of 16 KiB (2 x 8 KiB io units): 128 KiB of
@@ -525,8 +526,7 @@ def test_spdk_host_in_capsule_writes_under_a_tight_budget(tmp_path: object) -> N
     Skips where SPDK's tools are absent."""
     from . import test_spdk_perf_peer as sp
 
-    if not os.access(sp.PERF, os.X_OK) or not sp._perf_runs():
-        pytest.skip(f"SPDK's spdk_nvme_perf is not usable at {sp.PERF}")
+    sp.perf_path()  # skips, saying why, where SPDK's spdk_nvme_perf is not available
     launcher = Launcher()
     try:
         # 200 us per write keeps the 32 commands (and their data) in flight

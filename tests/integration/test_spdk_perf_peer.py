@@ -2,8 +2,9 @@
 
 A second, independent implementation of the host side: if SPDK's initiator accepts our
 ICResp, Connect responses, R2Ts, C2H data and digests, the wire protocol is not just
-matched to one peer. SPDK's tools are optional on a machine, so these tests skip (with
-the reason) where /work/shared/tools/spdk is absent.
+matched to one peer. SPDK's tools are optional (see spdk_target.py: $SPDK_TOOLS, then
+.tools/spdk in the checkout, then PATH), so these tests skip, with the reason, where
+spdk_nvme_perf is not available or cannot start, in CI too.
 """
 
 from __future__ import annotations
@@ -16,31 +17,27 @@ from pathlib import Path
 
 import pytest
 
+from .spdk_target import find_tool, tool_unavailable_reason
 from .target_proc import RunningTarget, free_port, listen_address
 
-SPDK_DIR = Path(os.environ.get("SPDK_TOOLS", Path(__file__).resolve().parents[3] / "shared"
-                               / "tools" / "spdk"))
-PERF = SPDK_DIR / "spdk_nvme_perf"
 NQN = "nqn.2026-01.io.blocktarget:spdkperf"
 
-pytestmark = pytest.mark.skipif(
-    not os.access(PERF, os.X_OK), reason=f"SPDK's spdk_nvme_perf is not at {PERF}"
-)
+pytestmark = pytest.mark.spdk
 
 
-def _perf_runs() -> bool:
-    """The binary needs a few shared libraries (see the SPDK README)."""
-    try:
-        r = subprocess.run([str(PERF), "-h"], capture_output=True, text=True, timeout=20)
-    except OSError:
-        return False
-    return "error while loading shared libraries" not in r.stderr
+def perf_path() -> Path:
+    """spdk_nvme_perf, or a skip saying why it cannot be used (not found, cannot start)."""
+    why = tool_unavailable_reason("spdk_nvme_perf")
+    if why is not None:
+        pytest.skip(why)
+    path = find_tool("spdk_nvme_perf")
+    assert path is not None
+    return path
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory) -> Iterator[RunningTarget]:
-    if not _perf_runs():
-        pytest.skip("spdk_nvme_perf cannot start here (missing shared libraries)")
+    perf_path()
     port = free_port()
     cfg = {"subsystems": [
         {"subsystem": "bdev", "config": [
@@ -67,7 +64,7 @@ def _perf(target: RunningTarget, *args: str) -> str:
         Path("/proc/sys/vm/nr_hugepages").read_text()) >= 512
     mem = [] if hugepages else ["--no-huge", "-s", "1024"]
     core = "0x2" if (os.cpu_count() or 1) > 1 else "0x1"
-    cmd = [str(PERF), *mem, "-c", core, "-t", "2", *args, "-r", trid]
+    cmd = [str(perf_path()), *mem, "-c", core, "-t", "2", *args, "-r", trid]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     out = r.stdout + r.stderr
     assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{out[-3000:]}"

@@ -93,7 +93,8 @@ def test_rpc_create_delete_aliases_and_errors(running_target: Launcher,
         assert m in methods
 
     assert t.rpc("bdev_uring_create", name="U1", filename=f1, engine=ENGINE) == "U1"
-    assert t.rpc("bdev_aio_create", name="A1", filename=f2, block_size=4096) == "A1"
+    assert t.rpc("bdev_aio_create", name="A1", filename=f2, block_size=4096,
+                 engine=ENGINE) == "A1"
     assert t.http_rpc("bdev_create", type="uring", name="C1", filename=f3,
                       engine="threads") == "C1"
     u1 = t.rpc("bdev_get_bdevs", name="U1")[0]
@@ -113,7 +114,8 @@ def test_rpc_create_delete_aliases_and_errors(running_target: Launcher,
             t.rpc(method, **params)
         return ei.value
 
-    e = err("bdev_aio_create", name="X", filename=str(tmp_path / "missing.img"))
+    e = err("bdev_aio_create", name="X", filename=str(tmp_path / "missing.img"),
+            engine=ENGINE)
     assert e.code == -2 and "No such file or directory" in e.message
     assert str(tmp_path / "missing.img") in e.message
     e = err("bdev_uring_create", name="X", filename=f1, block_size=1000)
@@ -122,7 +124,7 @@ def test_rpc_create_delete_aliases_and_errors(running_target: Launcher,
     assert e.code == -32602 and "engine" in e.message
     e = err("bdev_uring_create", name="X")
     assert e.code == -32602 and "filename" in e.message
-    assert err("bdev_uring_create", name="U1", filename=f1).code == -17
+    assert err("bdev_uring_create", name="U1", filename=f1, engine=ENGINE).code == -17
     assert len(t.rpc("bdev_get_bdevs")) == 3, "no failed create left anything behind"
 
     t.rpc("bdev_malloc_create", name="M", num_blocks=16, block_size=512)

@@ -387,9 +387,13 @@ def test_file_shrunk_under_the_bdev_is_a_read_error(
 # ---- create: parameters, detection, errors ------------------------------------------
 
 
-def test_default_block_size_and_config_entry(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_default_block_size_and_config_entry(tmp_path: Path, engine: str) -> None:
+    """The default engine is io_uring (left out of the create call here); the threads
+    engine is named explicitly and saved as such."""
     path = new_file(tmp_path / "d.img", MiB + 100)
-    b = make(filename=path, uuid="5f1b1c1e-0d4c-4d4e-9a52-1b2c3d4e5f60")
+    chosen = {} if engine == "uring" else {"engine": engine}
+    b = make(filename=path, uuid="5f1b1c1e-0d4c-4d4e-9a52-1b2c3d4e5f60", **chosen)
     try:
         assert (b.block_size, b.num_blocks) == (512, 2048), "a partial last block is cut"
         assert b.write_cache is True, "a file has a volatile cache: the page cache/disk"
@@ -398,7 +402,7 @@ def test_default_block_size_and_config_entry(tmp_path: Path) -> None:
         assert desc["supported_io_types"]["unmap"] and desc["supported_io_types"]["compare"]
         assert b.config_entry() == {
             "method": "bdev_uring_create",
-            "params": {"name": "U0", "filename": path, "block_size": 512, "engine": "uring",
+            "params": {"name": "U0", "filename": path, "block_size": 512, "engine": engine,
                        "uuid": "5f1b1c1e-0d4c-4d4e-9a52-1b2c3d4e5f60"},
         }
         again = MODULES["uring"].create(validate(MODULES["uring"].schema,
@@ -421,34 +425,38 @@ def test_default_block_size_and_config_entry(tmp_path: Path) -> None:
     ({"filename": "/dev/null"}, -32602, "not a regular file or a block device"),
     ({"size": 4}, -32602, "unknown parameter 'size'"),
 ])
-def test_create_errors(tmp_path: Path, params: dict[str, Any], code: int, text: str) -> None:
-    p = {"filename": new_file(tmp_path / "d.img"), **params}
+@pytest.mark.parametrize("engine", ENGINES)
+def test_create_errors(tmp_path: Path, params: dict[str, Any], code: int, text: str,
+                       engine: str) -> None:
+    p = {"filename": new_file(tmp_path / "d.img"), "engine": engine, **params}
     with pytest.raises(RpcError) as ei:
         make(**p)
     assert ei.value.code == code and text in ei.value.message, ei.value.message
 
 
-def test_create_errors_file_too_small_and_unreadable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_create_errors_file_too_small_and_unreadable(tmp_path: Path, engine: str) -> None:
     empty = new_file(tmp_path / "empty.img", 0)
     with pytest.raises(InvalidParams, match="smaller than one block"):
-        make(filename=empty)
+        make(filename=empty, engine=engine)
     small = new_file(tmp_path / "small.img", 2048)
     with pytest.raises(InvalidParams, match=r"2048 bytes < 4096"):
-        make(filename=small, block_size=4096)
+        make(filename=small, block_size=4096, engine=engine)
     if os.geteuid() != 0:  # root opens anything
         ro = new_file(tmp_path / "ro.img")
         os.chmod(ro, 0o400)
         with pytest.raises(RpcError) as ei:
-            make(filename=ro)
+            make(filename=ro, engine=engine)
         assert ei.value.code == -errno.EACCES
 
 
-def test_no_fd_leak_on_failed_create(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_fd_leak_on_failed_create(tmp_path: Path, engine: str) -> None:
     small = new_file(tmp_path / "small.img", 1024)
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         with pytest.raises(InvalidParams):
-            make(filename=small, block_size=4096)
+            make(filename=small, block_size=4096, engine=engine)
     assert len(os.listdir("/proc/self/fd")) == before
 
 

@@ -32,7 +32,8 @@ VMDIR=${VMDIR:-$HOME/.cache/blocktarget/vm}
 KSERIES=6.12
 BASE_MODULES="virtio_pci virtio_net 9pnet_virtio 9p configfs crc32c_generic crc32c-intel
               nvme-core nvme-fabrics nvme-tcp nvmet nvmet-tcp brd"
-PACKAGES="qemu-system-x86 busybox-static cpio kmod nvme-cli fio zstd xz-utils"
+# the VM tier's host packages: listed once, in scripts/system-deps.sh (role vm)
+PACKAGES=$("$HERE/../../../scripts/system-deps.sh" --list vm | xargs)
 
 INSTALL=1
 EXTRA=${BLOCKTARGET_VM_MODULES:-}
