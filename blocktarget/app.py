@@ -1,7 +1,20 @@
 """Target: the composition root. It owns the registries, the reactors, the transport and
 the control plane, and starts and stops them in an order that never leaves a half-open
-target behind: config replayed first (nothing listening yet), then reactors, then the RPC
-servers, then the NVMe/TCP listeners; shutdown in reverse.
+target behind, and that makes "ready" observable from outside:
+
+1. the config is replayed in-process (methods called directly, nothing listening yet);
+2. the reactors start;
+3. the NVMe/TCP listeners bind and accept (a host may connect from here on);
+4. the HTTP RPC/metrics server starts;
+5. the Unix RPC socket appears, atomically (bound and listening under a temporary name,
+   then renamed into place), so its existence means everything above is serving;
+6. ``ready`` is set (``framework_wait_init`` returns), then systemd gets READY=1.
+
+Scripts, SPDK's tools, systemd and Kubernetes probes all wait for the socket, READY=1 or a
+first RPC answer; each of those therefore implies that every listener in the config
+accepts. There is no pre-init RPC state (SPDK's ``--wait-for-rpc``): configuration that
+must exist before hosts connect belongs in the config file; changes at run time go
+through RPC (``load_config`` included). Shutdown runs in reverse.
 """
 
 from __future__ import annotations
@@ -73,6 +86,16 @@ class Target:
         self.http_port: int | None = None
         self._stop_event: asyncio.Event | None = None
         self.metrics_registry: Any = None
+        # set once everything in the config serves (start() step 6); framework_wait_init
+        # waits for it. Created on first use so a Target built outside a loop works.
+        self._ready: asyncio.Event | None = None
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set when every listener accepts and the RPC servers are up (cleared on stop)."""
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        return self._ready
 
     # ---- config ----
     async def apply_config(self, doc: dict[str, Any], source: str) -> int:
@@ -216,6 +239,8 @@ class Target:
 
     # ---- lifecycle ----
     async def start(self) -> None:
+        """Start serving, in the order of the module docstring; on any failure everything
+        started so far is stopped again and the error raised."""
         self.loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         try:
@@ -228,7 +253,11 @@ class Target:
                 from .metrics import make_registry
 
                 self.metrics_registry = make_registry(self)
-            await self._start_rpc()
+            unix = self._unix_server()
+            if unix is not None:
+                # before anything binds: "in use by another running target" or "not a
+                # socket" is the clearer message, and nothing is served in vain
+                await self._check_unix(unix)
             from .transport_tcp import TcpTransport
 
             self.tcp = TcpTransport(self)
@@ -237,29 +266,45 @@ class Target:
                     await self.tcp.listen(addr)
                 except RpcError as exc:  # worded already ("cannot listen on ...: address ...")
                     raise StartupError(exc.message) from None
+            await self._start_http()
+            if unix is not None:
+                await self._start_unix(unix)
         except BaseException:
             await self.stop()
             raise
+        self.ready.set()
         log.info(
             "blocktarget %s started: %d reactor(s) on cores %s, %d bdev(s), %d subsystem(s)",
             self.version, len(self.reactors), [r.core for r in self.reactors],
             len(self.bdevs), len(self.subsystems),
         )
 
-    async def _start_rpc(self) -> None:
+    def _unix_server(self) -> UnixRpcServer | None:
         s = self.settings
-        if s.rpc_unix:
-            self._unix = UnixRpcServer(self.dispatcher, s.rpc_unix,
-                                       max_request_bytes=s.rpc_max_request_bytes,
-                                       max_connections=s.rpc_max_connections,
-                                       request_timeout=s.rpc_request_timeout_sec,
-                                       idle_timeout=s.rpc_idle_timeout_sec)
-            try:
-                await self._unix.start()
-            except OSError as exc:
-                self._unix = None
-                raise StartupError(f"cannot serve RPC on {s.rpc_unix}: {_why(exc)}") from None
-            log.info("RPC listening on unix:%s", s.rpc_unix)
+        if not s.rpc_unix:
+            return None
+        return UnixRpcServer(self.dispatcher, s.rpc_unix,
+                             max_request_bytes=s.rpc_max_request_bytes,
+                             max_connections=s.rpc_max_connections,
+                             request_timeout=s.rpc_request_timeout_sec,
+                             idle_timeout=s.rpc_idle_timeout_sec)
+
+    async def _check_unix(self, unix: UnixRpcServer) -> None:
+        try:
+            await unix.check_path()
+        except OSError as exc:
+            raise StartupError(f"cannot serve RPC on {unix.path}: {_why(exc)}") from None
+
+    async def _start_unix(self, unix: UnixRpcServer) -> None:
+        try:
+            await unix.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve RPC on {unix.path}: {_why(exc)}") from None
+        self._unix = unix
+        log.info("RPC listening on unix:%s", unix.path)
+
+    async def _start_http(self) -> None:
+        s = self.settings
         if s.rpc_http:
             from aiohttp import web
 
@@ -316,16 +361,21 @@ class Target:
         await self._stop_event.wait()
 
     async def stop(self) -> None:
-        """Stop accepting, close connections (outstanding I/O completes), then the rest."""
-        if self.tcp is not None:
-            await self.tcp.close()
-            self.tcp = None
-        if self._http_runner is not None:
-            await self._http_runner.cleanup()
-            self._http_runner = None
+        """Stop accepting, close connections (outstanding I/O completes), then the rest.
+
+        The reverse of start(): the Unix socket goes first, so while it exists the
+        listeners still accept."""
+        if self._ready is not None:
+            self._ready.clear()
         if self._unix is not None:
             await self._unix.stop()
             self._unix = None
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+            self._http_runner = None
+        if self.tcp is not None:
+            await self.tcp.close()
+            self.tcp = None
         if self.started:
             self.reactors.stop()
             self.started = False

@@ -10,12 +10,14 @@ method lookup, parameter checking and error codes. The Unix socket speaks SPDK's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hmac
 import inspect
 import json
 import logging
 import os
+import socket
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ MAX_CONNECTIONS = 64  # default bound of concurrent RPC connections / HTTP reque
 UNAUTHORIZED = -32001  # server-defined JSON-RPC code: missing or wrong bearer token
 SERVER_BUSY = -32002  # server-defined: too many concurrent RPC connections
 REQUEST_TIMEOUT = -32003  # server-defined: a request not completed in time (rpc_guard.py)
+_SUN_PATH_MAX = 108  # sockaddr_un.sun_path on Linux, the terminating NUL included
 
 Handler = Callable[["Target", dict[str, Any]], Any]
 
@@ -304,7 +307,10 @@ class UnixRpcServer:
     def refused(self) -> int:
         return self.table.refused
 
-    async def start(self) -> None:
+    async def check_path(self) -> None:
+        """Raise OSError unless the socket path can be taken: a non-socket file there is
+        never replaced, nor a socket another process still serves (EADDRINUSE). A stale
+        socket (its process killed) may stay: start() replaces it atomically."""
         if os.path.exists(self.path):
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 raise OSError(f"{self.path} exists and is not a socket")
@@ -312,14 +318,54 @@ class UnixRpcServer:
                 raise OSError(
                     errno.EADDRINUSE, f"RPC socket {self.path} is in use by another running target"
                 )
-            os.unlink(self.path)  # stale socket from a killed process
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        old = os.umask(0o177)  # create it 0600: the socket is full control of the target
+
+    async def start(self) -> None:
+        """Serve on ``path``. The socket is bound and listening under a temporary name in
+        the same directory and then renamed into place, so the path never exists without
+        accepting: a client that waits for the file and connects at once is never
+        refused (the target creates it last, as its readiness signal; app.py)."""
+        await self.check_path()
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{os.getpid()}.tmp")
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            tmp = os.path.join(directory, f".bt{os.getpid()}")  # as short as it gets
+        if len(os.fsencode(tmp)) >= _SUN_PATH_MAX:
+            # no room for a temporary name: bind in place; the file then exists for the
+            # moment between bind() and listen() without accepting
+            tmp = self.path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.server = await asyncio.start_unix_server(self._client, path=self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+            if tmp != self.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)  # left by a killed process with our pid
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)  # stale (check_path said so)
+            old = os.umask(0o177)  # created 0600: the socket is full control of the target
+            try:
+                sock.bind(tmp)
+            finally:
+                os.umask(old)
+            os.chmod(tmp, 0o600)
+            sock.listen(128)
+            sock.setblocking(False)
+            self.server = await asyncio.start_unix_server(self._client, sock=sock)
+        except BaseException:
+            sock.close()
+            if tmp != self.path:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        if tmp != self.path:
+            try:
+                os.rename(tmp, self.path)  # atomic; replaces a stale socket
+            except BaseException:
+                self.server.close()
+                self.server = None
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     async def stop(self) -> None:
         if self.server is not None:

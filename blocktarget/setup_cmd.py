@@ -1,9 +1,11 @@
 """``blocktarget setup``: prepare the host for the user-space NVMe driver (SPDK's setup.sh).
 
-* ``blocktarget setup [--pci BDF ...] [--hugemem MiB]`` reserves hugepages, loads
-  vfio-pci and binds NVMe controllers to it (all of them by default, or the ones named),
-  using ``driver_override`` so that exactly these functions change driver and nothing
-  else re-binds behind our back.
+* ``blocktarget setup [--pci BDF ...] [--hugemem MiB] [--force]`` reserves hugepages,
+  loads vfio-pci and binds NVMe controllers to it (all of them by default, or the ones
+  named), using ``driver_override`` so that exactly these functions change driver and
+  nothing else re-binds behind our back. The hugepage default and limit follow the
+  machine's MemTotal (blocktarget/memory.py): a request that would leave the system too
+  little is refused with exit status 2 before anything is touched, unless ``--force``.
 * ``blocktarget setup reset [--pci BDF ...]`` gives them back to the kernel's driver.
 * ``blocktarget setup status`` shows hugepages, the IOMMU, and every NVMe controller
   with its driver, IOMMU group and block devices.
@@ -31,14 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from .memory import default_hugemem_kb, max_hugemem_kb, mib, min_left_kb, read_meminfo
+
 NVME_CLASS = "0x010802"
 _NS_RE = re.compile(r"^(nvme\d+)(c\d+)?(n\d+)$")
 VFIO_DRIVER = "vfio-pci"
-DEFAULT_HUGEMEM_MB = 2048
 
 
 class SetupError(Exception):
     """A step cannot be done; the message says why and what to do."""
+
+
+class UnsafeRequest(SetupError):
+    """The request would leave the machine too little memory; exit status 2 (a bad
+    request, like a bad config), and nothing has been touched."""
 
 
 @dataclass
@@ -187,11 +195,16 @@ class Host:
                        int(self._read(d / "free_hugepages", "0") or 0))
         return out
 
+    def meminfo(self) -> dict[str, int]:
+        """/proc/meminfo under ``root`` (kB): tests describe a 2 GiB or a 24 GiB machine."""
+        return read_meminfo(self.root / "proc/meminfo")
+
     def default_hugepage_kb(self) -> int:
-        for line in self._read(self.root / "proc/meminfo").splitlines():
-            if line.startswith("Hugepagesize:"):
-                return int(line.split()[1])
-        return 2048
+        return self.meminfo().get("Hugepagesize", 2048)
+
+    def mem_total_kb(self) -> int:
+        """MemTotal in kB; 0 when unknown."""
+        return self.meminfo().get("MemTotal", 0)
 
     def vfio_loaded(self) -> bool:
         return (self.drivers / VFIO_DRIVER).exists()
@@ -265,14 +278,71 @@ def _modprobe(mod: str, out: TextIO) -> None:
     print(f"loaded kernel module {mod}", file=out)
 
 
-def reserve_hugepages(host: Host, mb: int, out: TextIO) -> None:
+@dataclass
+class HugepagePlan:
+    """How many pages of the default size to have reserved, and why."""
+
+    page_kb: int
+    pages: int
+    why: str  # how the number was chosen, for the operator
+    warning: str = ""  # printed with the result (a forced request, an oversized pool)
+
+
+def plan_hugepages(host: Host, hugemem_mb: int | None, force: bool = False) -> HugepagePlan:
+    """Decide the reservation before anything is touched.
+
+    ``None`` is the default: min(2048 MiB, 25% of MemTotal) within the limit. An explicit
+    request that would leave the system less than it must keep (memory.py) raises
+    UnsafeRequest unless ``force``; so does any request when MemTotal is unknown."""
     kb = host.default_hugepage_kb()
-    want = (mb * 1024 + kb - 1) // kb
+    total_kb = host.mem_total_kb()
+    other_kb = sum(size * n for size, (n, _) in host.hugepages().items() if size != kb)
+    if hugemem_mb is not None and hugemem_mb < 0:
+        raise UnsafeRequest(f"--hugemem {hugemem_mb}: must be 0 or more MiB")
+    if not total_kb:
+        if force and hugemem_mb is not None:
+            return HugepagePlan(kb, -(-hugemem_mb * 1024 // kb), f"--hugemem {hugemem_mb}",
+                                "MemTotal unknown: reserved without the safety check (--force)")
+        raise UnsafeRequest(f"cannot read MemTotal from {host.root / 'proc/meminfo'}, so "
+                            "cannot tell how much memory hugepages may take; pass --hugemem "
+                            "MiB --force to reserve anyway")
+    left = min_left_kb(total_kb)
+    limit = max(0, max_hugemem_kb(total_kb) - other_kb)
+    rule = (f"at least {mib(left)} of this machine's {mib(total_kb)} must stay outside "
+            "hugepages: max(25%, min(1 GiB, 50%)) of MemTotal")
+    if other_kb:
+        rule += f"; {mib(other_kb)} are already in pools of other page sizes"
+    if hugemem_mb is None:
+        want_kb = default_hugemem_kb(total_kb, kb, other_kb)
+        why = f"default: min(2048 MiB, 25% of MemTotal {mib(total_kb)})"
+        if want_kb < min(2048 * 1024, total_kb // 4) // kb * kb:
+            why += f", cut to the {mib(limit)} allowed ({rule})"
+        return HugepagePlan(kb, want_kb // kb, why)
+    pages = -(-hugemem_mb * 1024 // kb)  # whole pages, rounded up
+    if pages * kb <= limit:
+        return HugepagePlan(kb, pages, f"--hugemem {hugemem_mb}")
+    have, _ = host.hugepages().get(kb, (0, 0))
+    if pages <= have:  # already reserved (by someone): nothing more is taken
+        return HugepagePlan(kb, pages, f"--hugemem {hugemem_mb}")
+    msg = (f"--hugemem {hugemem_mb} would leave the system "
+           f"{mib(max(0, total_kb - other_kb - pages * kb))}; {rule}, so at most "
+           f"{mib(limit)} may be reserved here")
+    if not force:
+        raise UnsafeRequest(f"{msg}. Ask for less, or add --force if this machine really "
+                            "has nothing else to run")
+    return HugepagePlan(kb, pages, f"--hugemem {hugemem_mb}", f"{msg} (--force)")
+
+
+def reserve_hugepages(host: Host, plan: HugepagePlan, out: TextIO) -> None:
+    kb, want = plan.page_kb, plan.pages
     path = host.root / f"sys/kernel/mm/hugepages/hugepages-{kb}kB/nr_hugepages"
     total, free = host.hugepages().get(kb, (0, 0))
+    if plan.warning:
+        print(f"hugepages: warning: {plan.warning}", file=out)
     if total >= want:
-        print(f"hugepages: {total} x {kb} kB reserved ({free} free), {want} needed: unchanged",
-              file=out)
+        print(f"hugepages: {total} x {kb} kB reserved ({free} free), {want} needed: "
+              f"unchanged ({plan.why})", file=out)
+        _warn_if_oversized(host, out)
         return
     host.write(path, f"{want}\n")
     total, free = host.hugepages().get(kb, (0, 0))
@@ -280,7 +350,18 @@ def reserve_hugepages(host: Host, mb: int, out: TextIO) -> None:
         f" -- only {total} of {want}: memory is fragmented or short; free memory or reserve "
         "at boot (hugepages= on the kernel command line)")
     print(f"hugepages: reserved {total} x {kb} kB = {total * kb // 1024} MiB "
-          f"({free} free){note}", file=out)
+          f"({free} free; {plan.why}){note}", file=out)
+
+
+def _warn_if_oversized(host: Host, out: TextIO) -> None:
+    """A pool reserved earlier (by hand, at boot, by an old setup) may already take more
+    than the system can spare: not ours to shrink, but worth a line."""
+    total_kb = host.mem_total_kb()
+    held = sum(size * n for size, (n, _) in host.hugepages().items())
+    if total_kb and held > max_hugemem_kb(total_kb):
+        print(f"hugepages: warning: pools hold {mib(held)} of {mib(total_kb)}, leaving less "
+              f"than the {mib(min_left_kb(total_kb))} the system should keep; `blocktarget "
+              "setup reset --release-hugepages` gives them back", file=out)
 
 
 def _select(host: Host, pci: list[str] | None) -> list[PciNvme]:
@@ -341,17 +422,24 @@ def release_hugepages(host: Host, out: TextIO) -> None:
         print(f"hugepages {kb} kB: released {total - left} of {total}{note}", file=out)
 
 
-def config(host: Host, pci: list[str] | None, hugemem: int, out: TextIO,
-           load: bool = True, user: str | None = None) -> int:
-    """Bind to vfio-pci; returns the exit status (1 when a named device was refused)."""
+def config(host: Host, pci: list[str] | None, hugemem: int | None, out: TextIO,
+           load: bool = True, user: str | None = None, force: bool = False) -> int:
+    """Reserve hugepages and bind to vfio-pci; returns the exit status (1 when a named
+    device was refused). ``hugemem`` in MiB: None for the machine's default, 0 to leave
+    hugepages alone."""
     if user is not None:
         _lookup_user(user)  # a typo fails before anything is touched
+    plan = plan_hugepages(host, hugemem, force) if hugemem != 0 else None  # idem
     if host.iommu_groups() == 0:
         raise SetupError("no IOMMU groups: the IOMMU is off. Enable VT-d/AMD-Vi in the "
                          "firmware and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD); "
                          "blocktarget's driver does not run without an IOMMU")
-    if hugemem:
-        reserve_hugepages(host, hugemem, out)
+    if plan is not None:
+        if plan.pages:
+            reserve_hugepages(host, plan, out)
+        else:
+            print(f"hugepages: none reserved ({plan.why}); the driver then uses 4 KiB pages "
+                  "where the IOMMU maps them. --hugemem MiB --force reserves anyway", file=out)
     if not host.vfio_loaded():
         if not load:
             raise SetupError("vfio-pci is not loaded")
@@ -435,6 +523,15 @@ def status(host: Host, out: TextIO) -> int:
                   f"({total * kb // 1024} MiB)", file=out)
     else:
         print("hugepages: none configured", file=out)
+    total_kb = host.mem_total_kb()
+    if total_kb:
+        kb = host.default_hugepage_kb()
+        other = sum(size * n for size, (n, _) in hp.items() if size != kb)
+        print(f"memory: {mib(total_kb)} total; hugepages may take up to "
+              f"{mib(max_hugemem_kb(total_kb))} (at least {mib(min_left_kb(total_kb))} stays "
+              f"outside); `setup` reserves {mib(default_hugemem_kb(total_kb, kb, other))} by "
+              "default", file=out)
+        _warn_if_oversized(host, out)
     groups = host.iommu_groups()
     print(f"IOMMU: {'on, ' + str(groups) + ' groups' if groups else 'off (no IOMMU groups)'}",
           file=out)
@@ -469,11 +566,13 @@ def add_commands(sub: Any) -> None:
                    default="config")
     p.add_argument("--pci", action="append", metavar="BDF",
                    help="only this controller (repeatable), e.g. 0000:01:00.0")
-    p.add_argument("--hugemem", type=int, default=DEFAULT_HUGEMEM_MB, metavar="MiB",
-                   help=f"hugepage memory to reserve (default {DEFAULT_HUGEMEM_MB}; 0 leaves "
-                   "hugepages alone)")
+    p.add_argument("--hugemem", type=int, default=None, metavar="MiB",
+                   help="hugepage memory to reserve (default: min(2048, 25%% of MemTotal); "
+                   "0 leaves hugepages alone). Refused (exit 2) if it would leave the system "
+                   "less than max(25%%, min(1 GiB, 50%%)) of MemTotal, unless --force")
     p.add_argument("--force", action="store_true",
-                   help="reset: release devices even while a process holds them open")
+                   help="config: reserve --hugemem even past the safe limit; reset: release "
+                   "devices even while a process holds them open")
     p.add_argument("--user", metavar="USER",
                    help="config: give USER the /dev/vfio group nodes so a non-root target "
                    "(e.g. the systemd unit's User=) can open them")
@@ -492,7 +591,11 @@ def main(args: argparse.Namespace, host: Host | None = None, out: TextIO = sys.s
         if args.action == "reset":
             return reset(host, args.pci, out, force=args.force,
                          hugepages=getattr(args, "release_hugepages", False))
-        return config(host, args.pci, args.hugemem, out, user=getattr(args, "user", None))
+        return config(host, args.pci, args.hugemem, out, user=getattr(args, "user", None),
+                      force=args.force)
+    except UnsafeRequest as exc:
+        print(f"blocktarget setup: {exc}", file=sys.stderr)
+        return 2
     except SetupError as exc:
         print(f"blocktarget setup: {exc}", file=sys.stderr)
         return 1

@@ -37,6 +37,7 @@ can finish the removal.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections import deque
@@ -57,7 +58,7 @@ from ..nvme.driver.ctrlr import (
     buffer_prps,
     open_pcie,
 )
-from ..nvme.driver.dma import DmaBuffer
+from ..nvme.driver.dma import DmaBuffer, DmaError
 from ..nvme.driver.qpair import STATUS_MASK
 from ..params import Param, Schema, non_empty, positive
 
@@ -674,6 +675,8 @@ async def attach_pcie(target: Target | None, params: dict[str, Any]) -> list[str
     except OSError as exc:
         raise RpcError(f"cannot attach {bdf}: {exc.strerror or exc}",
                        -(exc.errno or 19)) from None
+    except DmaError as exc:  # the message says how much, what is free, and the knob
+        raise RpcError(f"cannot attach {bdf}: {exc}", -errno.ENOMEM) from None
     except Exception as exc:
         raise RpcError(f"cannot attach {bdf}: {exc}") from None
     return await register_controller(target, name, bdf, ctrlr, dict(params, traddr=bdf))

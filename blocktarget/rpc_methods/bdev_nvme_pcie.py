@@ -24,7 +24,12 @@ _NAME = Schema((Param("name", str, required=True),))
 @method("bdev_nvme_attach_controller_pcie", nvme_pcie.ATTACH_SCHEMA, section="bdev")
 async def bdev_nvme_attach_controller_pcie(target: Target, params: dict[str, Any]) -> list[str]:
     """Attach a local NVMe controller through VFIO (`blocktarget setup` binds it first);
-    one bdev per namespace, named <name>n<nsid>."""
+    one bdev per namespace, named <name>n<nsid>.
+
+    All the DMA memory its I/O queues will use (one queue per reactor: io_queue_size - 1
+    buffers of max_transfer_kb each, with their PRP lists) is taken and faulted in here,
+    so when the hugepage pool is short the attach fails at once with -12 (ENOMEM) and a
+    message saying how much it needed and what was free; a config with it then exits 2."""
     return await nvme_pcie.attach_pcie(target, params)
 
 

@@ -67,8 +67,14 @@ def framework_get_reactors(target: Target, params: dict[str, Any]) -> dict[str, 
 
 
 @method("framework_wait_init", in_config=False)
-def framework_wait_init(target: Target, params: dict[str, Any]) -> bool:
-    """SPDK clients call this before configuring; initialisation is done before RPC starts."""
+async def framework_wait_init(target: Target, params: dict[str, Any]) -> bool:
+    """Returns true once everything in the config serves (a call before that waits).
+
+    "Serves" means every NVMe/TCP listener of the config accepts and the RPC servers are
+    up. The Unix socket is created last, so a call through it returns at once; a call
+    over HTTP, which starts a moment earlier, may wait for that moment. SPDK's tools
+    call this before configuring a target."""
+    await target.ready.wait()
     return True
 
 

@@ -285,6 +285,11 @@ def test_second_start_fails_address_in_use(running_target: Launcher, conflict: s
         rpc["unix"] = second_sock
     if conflict == "listener":
         rpc["http"] = f"127.0.0.1:{free_port()}"
+    if conflict == "http":  # listeners bind before the HTTP server: give it its own port
+        free_listener = listen_address(free_port())
+        for entry in doc["subsystems"][1]["config"]:
+            if entry["method"] == "nvmf_subsystem_add_listener":
+                entry["params"]["listen_address"] = free_listener
     second.config_path.write_text(json.dumps(doc))
     t0 = time.monotonic()
     r = run_cli("start", "-c", str(second.config_path))
@@ -300,6 +305,11 @@ def test_second_start_fails_address_in_use(running_target: Launcher, conflict: s
     assert first.http_rpc("bdev_get_bdevs")[0]["name"] == "M0"
     if conflict != "unix":
         assert not os.path.exists(second_sock), "the failed start cleaned up its socket"
+    if conflict == "http":
+        assert f"cannot serve RPC on http://{rpc['http']}" in r.stderr
+        assert port_free(int(free_listener["trsvcid"])), "the listener it bound is closed"
+    elif conflict == "unix":  # found before the (equally taken) listener is tried
+        assert f"cannot serve RPC on {first.sock_path}: address already in use" in r.stderr
     assert first.stop() == 0
 
 

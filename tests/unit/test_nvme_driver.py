@@ -12,6 +12,7 @@ vanishes (reads all ones) — the paths a real SSD rarely exercises on demand.
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 import threading
 import time
@@ -27,7 +28,13 @@ from blocktarget.nvme.driver.ctrlr import (
     Options,
     buffer_prps,
 )
-from blocktarget.nvme.driver.dma import PAGE_SIZE, BufferPool, DmaAllocator, DmaBuffer
+from blocktarget.nvme.driver.dma import (
+    HUGEPAGE_SIZE,
+    PAGE_SIZE,
+    BufferPool,
+    DmaAllocator,
+    DmaBuffer,
+)
 from blocktarget.nvme.driver.qpair import (
     SC_ABORTED_SQ_DELETION,
     QueuePair,
@@ -552,6 +559,150 @@ def test_allocator_falls_back_to_4k_only_when_iommu_maps_them(
         b.alloc(4096)
 
 
+def test_attach_takes_all_the_dma_memory_its_queues_will_use(iommu: FakeIommu) -> None:
+    """Bring-up reserves the I/O queues' rings and full buffer pools (PRP lists
+    included): filling every pool afterwards maps nothing new, so no I/O can fail later
+    for DMA memory the attach did not get."""
+    a = DmaAllocator(iommu, name="budget", use_hugepages=False)
+    try:
+        _, c = make_ctrlr(iommu, a, io_queues=2)
+        need = c.io_dma_bytes(2)
+        assert need > 2 * 63 * c.max_transfer, "rings + 63 buffers of 128 KiB per queue"
+        maps = dict(iommu.maps)
+        queues = [c.create_io_queue(), c.create_io_queue()]
+        held = []
+        for q in queues:
+            while (buf := q.get_buffer()) is not None:
+                held.append(buf)
+                assert buf.prp_list is not None
+        assert len(held) == 2 * 63, "every command slot of both queues has its buffer"
+        assert iommu.maps == maps, "nothing mapped after bring-up"
+        assert a.mapped_bytes <= need + 2 * HUGEPAGE_SIZE, "and not much more than needed"
+        for q, bufs in ((queues[0], held[:63]), (queues[1], held[63:])):
+            for b in bufs:
+                q.put_buffer(b)
+        c.close()
+    finally:
+        a.close()
+
+
+def test_attach_fails_at_once_without_the_dma_memory(iommu: FakeIommu) -> None:
+    """No hugepages to be had and an IOMMU that cannot map 4 KiB pages: the bring-up
+    (the attach RPC, the config line) fails, saying how much is needed and the knob."""
+    from blocktarget.nvme.driver.dma import DmaError, free_hugepages
+
+    if free_hugepages() * HUGEPAGE_SIZE >= 32 << 20:
+        pytest.skip("this machine has free hugepages: the shortage is not reached")
+    iommu.iova_pgsizes = HUGEPAGE_SIZE
+    a = DmaAllocator(iommu, name="short", use_hugepages=True)
+    try:
+        with pytest.raises(DmaError) as ei:
+            make_ctrlr(iommu, a, io_queues=2)
+    finally:
+        a.close()
+    msg = str(ei.value)
+    assert msg.startswith("short: ") and "MiB of DMA memory needed as 2 MiB hugepages" in msg
+    assert "are free" in msg and "blocktarget setup --hugemem MiB" in msg
+    assert not iommu.maps, "nothing stays mapped"
+
+
+def _set_pool(pages: int) -> int:
+    path = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+    with open(path, "w") as f:
+        f.write(f"{pages}\n")
+    with open(path) as f:
+        return int(f.read())
+
+
+@pytest.fixture
+def hugepage_pool():  # type: ignore[no-untyped-def]
+    """Set the real 2 MiB pool (root only) for a moment; the old size comes back after."""
+    import os
+
+    from blocktarget.nvme.driver.dma import reserved_hugepages
+
+    if os.geteuid() != 0 or not os.access(
+            "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", os.W_OK):
+        pytest.skip("needs root to size the hugepage pool")
+    old = reserved_hugepages()
+    try:
+        yield _set_pool
+    finally:
+        _set_pool(old)
+
+
+def test_real_hugepage_pool_too_small_then_enough(iommu: FakeIommu, hugepage_pool) -> None:  # type: ignore[no-untyped-def]
+    """The real kernel's pool: a few pages short of what two queues need, the bring-up
+    fails and names the numbers; with enough, every region is hugepages."""
+    from blocktarget.nvme.driver.dma import DmaError, free_hugepages
+
+    iommu.iova_pgsizes = HUGEPAGE_SIZE
+    base = free_hugepages()
+    if hugepage_pool(base + 4) < base + 4 or free_hugepages() < 4:
+        pytest.skip("the kernel could not grow the hugepage pool")
+    a = DmaAllocator(iommu, name="pool", use_hugepages=True)
+    with pytest.raises(DmaError) as ei:
+        make_ctrlr(iommu, a, io_queues=2)
+    a.close()
+    assert re.search(r"^pool: 16 MiB of DMA memory needed as 2 MiB hugepages \(8 pages\), "
+                     r"but \d+ of the pool's \d+ are free", str(ei.value)), ei.value
+    assert str(ei.value).endswith(
+        "(2 I/O queue(s), one per reactor, of 63 commands with a 128 KiB buffer each; "
+        "io_queue_size and max_transfer_kb make that less)"), "the bring-up got this far"
+    pages = 12 + base  # two queues need 16 MiB (8 pages), the admin region one page
+    if hugepage_pool(pages) < pages:
+        pytest.skip("the kernel could not grow the hugepage pool")
+    a = DmaAllocator(iommu, name="pool", use_hugepages=True)
+    try:
+        _, c = make_ctrlr(iommu, a, io_queues=2)
+        assert a.describe()["page_kind"] == "2MiB-hugepages"
+        assert a.hugepage_bytes >= c.io_dma_bytes(2)
+        c.close()
+    finally:
+        a.close()
+
+
+def test_populate_turns_a_would_be_sigbus_into_an_error() -> None:
+    """A shared mapping past the end of its (empty) file: touching it is SIGBUS, the
+    kernel's answer for memory it cannot back, as a hugetlb cgroup limit gives it.
+    populate() reports EFAULT instead, and the process lives."""
+    import errno
+    import os
+
+    from blocktarget.nvme.driver.dma import populate
+    from blocktarget.nvme.driver.vfio import MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, libc
+
+    fd = os.memfd_create("bt-sigbus")
+    try:
+        addr = libc.mmap(ffi.NULL, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        assert addr != MAP_FAILED
+        try:
+            assert populate(addr, 8192) == errno.EFAULT
+            os.ftruncate(fd, 8192)  # now backed: the same call succeeds
+            assert populate(addr, 8192) == 0
+        finally:
+            libc.munmap(addr, 8192)
+    finally:
+        os.close(fd)
+
+
+def test_oversized_hugepage_pool_is_said_in_the_log(
+        iommu: FakeIommu, tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The OOM kill after a greedy reservation left no message: the allocator says it."""
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:        2097152 kB\nHugePages_Total:    1024\n"
+                    "Hugepagesize:       2048 kB\nHugetlb:         2097152 kB\n")
+    with caplog.at_level("WARNING"):
+        DmaAllocator(iommu, name="greedy", use_hugepages=True, meminfo=info).close()
+    assert "greedy: hugepage pools hold 2048 MiB of this machine's 2048 MiB, leaving the " \
+           "system less than the 1024 MiB it should keep" in caplog.text
+    caplog.clear()
+    info.write_text("MemTotal:        2097152 kB\nHugetlb:          524288 kB\n")
+    with caplog.at_level("WARNING"):
+        DmaAllocator(iommu, name="fine", use_hugepages=True, meminfo=info).close()
+    assert "hugepage pools" not in caplog.text
+
+
 def test_buffer_pool_grows_to_its_limit(alloc: DmaAllocator) -> None:
     pool = BufferPool(alloc, 128 * 1024, 20)
     got = [pool.get() for _ in range(20)]
@@ -1067,6 +1218,60 @@ async def test_attach_pcie_errors_name_the_fix() -> None:
         await nvme_pcie.attach_pcie(None, {"name": "X", "traddr": "zz"})
     with pytest.raises(RpcError, match="no PCI device 0000:7f:1f.7"):
         await nvme_pcie.attach_pcie(None, {"name": "X", "traddr": "7f:1f.7"})
+
+
+async def test_attach_without_dma_memory_is_an_rpc_error_and_config_exit_2(
+        iommu: FakeIommu, monkeypatch: pytest.MonkeyPatch, tmp_path: Any,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The attach that cannot get its DMA memory answers the RPC with -ENOMEM and the
+    numbers, and a config with that line makes `blocktarget start` exit 2 before
+    serving. The device behind VFIO is the fake controller (no IOMMU here); bring-up
+    and the DMA allocator are the real ones."""
+    import errno
+    import json
+    import os
+
+    from blocktarget import app
+    from blocktarget.bdevs import nvme_pcie
+    from blocktarget.config import Settings
+    from blocktarget.errors import RpcError
+    from blocktarget.nvme.driver.dma import free_hugepages
+    from blocktarget.rpc import call_method
+
+    if free_hugepages() * HUGEPAGE_SIZE >= 32 << 20:
+        pytest.skip("this machine has free hugepages: the shortage is not reached")
+    iommu.iova_pgsizes = HUGEPAGE_SIZE  # no 4 KiB fallback
+
+    def open_fake(bdf: str, *, name: str = "", options: Any = None, io_queues: int = 1,
+                  use_hugepages: bool = True) -> Controller:
+        a = DmaAllocator(iommu, name=name or bdf, use_hugepages=use_hugepages)
+        c = Controller(FakeNvme(iommu), a, name=name or bdf, options=options)
+        try:
+            c.init(io_queues)
+        except BaseException:
+            a.close()
+            raise
+        return c
+
+    monkeypatch.setattr(nvme_pcie, "open_pcie", open_fake)
+    params = {"name": "D", "trtype": "PCIe", "traddr": "0000:01:00.0"}
+    t = app.Target(Settings(cores=sorted(os.sched_getaffinity(0))[:1], rpc_http=None,
+                            rpc_unix=None, metrics=False, pin=False))
+    with pytest.raises(RpcError) as ei:
+        await call_method(t, "bdev_nvme_attach_controller", params)
+    assert ei.value.code == -errno.ENOMEM
+    assert ei.value.message.startswith("cannot attach 0000:01:00.0: D: ")
+    assert "MiB of DMA memory needed as 2 MiB hugepages" in ei.value.message
+    assert not t.bdevs.find("Dn1") and not iommu.maps
+    doc = {"subsystems": [{"subsystem": "bdev", "config": [
+        {"method": "bdev_nvme_attach_controller", "params": params}]}]}
+    settings = Settings(cores=sorted(os.sched_getaffinity(0))[:1], rpc_http=None,
+                        rpc_unix=str(tmp_path / "never.sock"), metrics=False, pin=False)
+    with caplog.at_level("ERROR"):
+        assert await app.run(settings, json.loads(json.dumps(doc)), "cfg.json") == 2
+    assert "cfg.json: subsystems[0].config[0] (bdev_nvme_attach_controller): cannot attach " \
+           "0000:01:00.0: D: " in caplog.text
+    assert not (tmp_path / "never.sock").exists(), "nothing served"
 
 
 async def test_spdk_attach_name_dispatches_pcie() -> None:

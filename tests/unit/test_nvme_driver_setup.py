@@ -19,7 +19,12 @@ from blocktarget.setup_cmd import Host, SetupError
 
 
 class FakeKernel(Host):
-    """Host over a tmp tree whose sysfs files behave like the kernel's."""
+    """Host over a tmp tree whose sysfs files behave like the kernel's; the pool of
+    2 MiB pages can grow to ``room`` pages (the rest of memory is fragmented or in use)."""
+
+    def __init__(self, root: Path, room: int = 48) -> None:
+        super().__init__(root)
+        self.room = room
 
     def write(self, path: Path, value: str) -> None:
         rel = path.relative_to(self.root).as_posix()
@@ -38,7 +43,7 @@ class FakeKernel(Host):
         if rel.endswith("/nr_hugepages"):
             d = path.parent
             want = int(v)
-            got = min(want, 48)  # the fake machine has room for 48 pages
+            got = min(want, self.room)
             (d / "nr_hugepages").write_text(f"{got}\n")
             (d / "free_hugepages").write_text(f"{got}\n")
             return
@@ -78,6 +83,18 @@ def _device(root: Path, bdf: str, *, driver: str | None, group: int | None,
             (part / "dev").write_text(f"259:{p}\n")
 
 
+GIB_KB = 1024 * 1024
+
+
+def machine(root: Path, mem_total_kb: int) -> None:
+    """/proc/meminfo of a machine with this much memory (the kernel's own format)."""
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "proc/meminfo").write_text(
+        f"MemTotal:       {mem_total_kb} kB\nMemFree:        {mem_total_kb // 2} kB\n"
+        f"MemAvailable:   {mem_total_kb // 2} kB\nHugePages_Total:       0\n"
+        "Hugepagesize:       2048 kB\nHugetlb:               0 kB\n")
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     for drv in ("nvme", "vfio-pci"):
@@ -87,8 +104,7 @@ def root(tmp_path: Path) -> Path:
     hp.mkdir(parents=True)
     (hp / "nr_hugepages").write_text("0\n")
     (hp / "free_hugepages").write_text("0\n")
-    (tmp_path / "proc").mkdir()
-    (tmp_path / "proc/meminfo").write_text("MemTotal: 1000 kB\nHugepagesize:       2048 kB\n")
+    machine(tmp_path, 8 * GIB_KB)
     (tmp_path / "proc/mounts").write_text(
         "sysfs /sys sysfs rw 0 0\n/dev/nvme0n1p2 / ext4 rw 0 0\n")
     (tmp_path / "proc/swaps").write_text("Filename Type Size Used Priority\n")
@@ -244,3 +260,154 @@ def test_reset_can_release_hugepages(root: Path) -> None:
     assert rc == 0 and "hugepages 2048 kB: released 32 of 32" in out
     assert host.hugepages()[2048][0] == 0
     assert host.describe("0000:02:00.0").driver == "nvme"
+
+
+# ---- how much memory hugepages may take (blocktarget/memory.py) ----------------------------
+
+
+def _pool(host: Host) -> int:
+    return host.hugepages()[2048][0]
+
+
+def _bound(host: Host) -> bool:
+    return host.describe("0000:02:00.0").driver == "vfio-pci"
+
+
+def test_2gib_guest_default_leaves_room(root: Path) -> None:
+    """The machine of the issue: 2 GiB. The default is 25% (512 MiB), not 2,048 MiB."""
+    machine(root, 2 * GIB_KB)
+    host = FakeKernel(root, room=2048)
+    rc, out = _run(host, "--pci", "0000:02:00.0")
+    assert rc == 0, out
+    assert _pool(host) == 256
+    assert ("hugepages: reserved 256 x 2048 kB = 512 MiB (256 free; default: min(2048 MiB, "
+            "25% of MemTotal 2048 MiB))") in out
+    assert _bound(host)
+
+
+def test_2gib_guest_refuses_what_would_starve_it(
+        root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """2,048 MiB (the old default) would leave nothing: exit 2, the reason on stderr, and
+    nothing touched -- no pages, no binding. 1 GiB must stay outside hugepages, so 1,024
+    MiB is the most, and a page more is refused."""
+    machine(root, 2 * GIB_KB)
+    host = FakeKernel(root, room=2048)
+    for mb in ("2048", "1026"):
+        rc, out = _run(host, "--pci", "0000:02:00.0", "--hugemem", mb)
+        err = capsys.readouterr().err
+        assert rc == 2, (mb, out, err)
+        assert out == "" and _pool(host) == 0 and not _bound(host), "nothing touched"
+        assert err.startswith(f"blocktarget setup: --hugemem {mb} would leave the system ")
+        assert ("at least 1024 MiB of this machine's 2048 MiB must stay outside hugepages"
+                in err)
+        assert "at most 1024 MiB may be reserved here" in err and "--force" in err
+    rc, out = _run(host, "--pci", "0000:02:00.0", "--hugemem", "1024")
+    assert rc == 0 and _pool(host) == 512 and _bound(host)
+
+
+def test_force_reserves_past_the_limit_and_says_so(root: Path) -> None:
+    machine(root, 2 * GIB_KB)
+    host = FakeKernel(root, room=2048)
+    rc, out = _run(host, "--hugemem", "2048", "--force", "--pci", "0000:02:00.0")
+    assert rc == 0, out
+    assert _pool(host) == 1024
+    assert "hugepages: warning: --hugemem 2048 would leave the system 0 MiB" in out
+    assert "(--force)" in out
+    rc, out = _run(host, "status")
+    assert "memory: 2048 MiB total; hugepages may take up to 1024 MiB (at least 1024 MiB " \
+           "stays outside); `setup` reserves 512 MiB by default" in out
+    assert "hugepages: warning: pools hold 2048 MiB of 2048 MiB" in out
+
+
+def test_24gib_host_default_and_limit(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 24 GiB host: the default is the 2,048 MiB cap; 25% (6 GiB) must stay outside, so
+    18 GiB may be reserved and a page more may not."""
+    machine(root, 24 * GIB_KB)
+    host = FakeKernel(root, room=1 << 20)
+    rc, out = _run(host, "--hugemem", "0", "--pci", "0000:02:00.0")
+    assert rc == 0 and _pool(host) == 0, "0 leaves hugepages alone"
+    rc, out = _run(host)
+    assert rc == 0 and _pool(host) == 1024, out
+    assert "= 2048 MiB (1024 free; default: min(2048 MiB, 25% of MemTotal 24576 MiB))" in out
+    rc, _ = _run(host, "--hugemem", str(18 * 1024 + 2))
+    assert rc == 2 and _pool(host) == 1024
+    assert "at least 6144 MiB of this machine's 24576 MiB" in capsys.readouterr().err
+    rc, out = _run(host, "--hugemem", str(18 * 1024))
+    assert rc == 0 and _pool(host) == 9216, out
+
+
+def test_small_guest_and_other_page_sizes(root: Path) -> None:
+    """A 1 GiB guest (the VM tests' size) keeps half: its default is 256 MiB and the VM
+    tests' 64 MiB passes. Pools of other page sizes (1 GiB pages reserved at boot) count
+    against the limit, and cut the default."""
+    machine(root, GIB_KB)
+    host = FakeKernel(root, room=1024)
+    rc, out = _run(host, "--hugemem", "64", "--pci", "0000:02:00.0")
+    assert rc == 0 and _pool(host) == 32, out
+    rc, out = _run(host, "--pci", "0000:02:00.0")
+    assert rc == 0 and _pool(host) == 128, out
+    machine(root, 4 * GIB_KB)  # at most 3 GiB; two 1 GiB pages leave 1 GiB for 2 MiB pages
+    big = root / "sys/kernel/mm/hugepages/hugepages-1048576kB"
+    big.mkdir()
+    (big / "nr_hugepages").write_text("2\n")
+    (big / "free_hugepages").write_text("2\n")
+    host.write(root / "sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages", "0\n")
+    rc, out = _run(host, "--pci", "0000:02:00.0")
+    assert rc == 0 and _pool(host) == 512, out
+    assert "default: min(2048 MiB, 25% of MemTotal 4096 MiB)" in out  # 1 GiB: no cut needed
+    rc, out = _run(host, "--hugemem", "1026", "--pci", "0000:02:00.0")
+    assert rc == 2 and _pool(host) == 512
+
+
+def test_default_is_cut_and_can_be_nothing(root: Path) -> None:
+    machine(root, 2 * GIB_KB)
+    big = root / "sys/kernel/mm/hugepages/hugepages-1048576kB"
+    big.mkdir()
+    (big / "nr_hugepages").write_text("1\n")  # the whole 1 GiB allowance, taken at boot
+    (big / "free_hugepages").write_text("1\n")
+    host = FakeKernel(root, room=1024)
+    rc, out = _run(host, "--pci", "0000:02:00.0")
+    assert rc == 0 and _pool(host) == 0
+    assert "hugepages: none reserved (default: min(2048 MiB, 25% of MemTotal 2048 MiB), " \
+           "cut to the 0 MiB allowed" in out
+    assert "1024 MiB are already in pools of other page sizes" in out
+    assert _bound(host), "binding goes on: the driver can use 4 KiB pages"
+
+
+def test_unknown_memtotal_needs_force(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (root / "proc/meminfo").write_text("Hugepagesize:       2048 kB\n")
+    host = FakeKernel(root)
+    rc, _ = _run(host, "--hugemem", "64")
+    assert rc == 2 and "cannot read MemTotal" in capsys.readouterr().err
+    assert _pool(host) == 0
+    rc, out = _run(host, "--hugemem", "64", "--force", "--pci", "0000:02:00.0")
+    assert rc == 0 and _pool(host) == 32 and "without the safety check" in out
+
+
+def test_memory_policy_numbers() -> None:
+    from blocktarget.memory import default_hugemem_kb, max_hugemem_kb, min_left_kb, read_meminfo
+
+    mib = 1024
+    assert [min_left_kb(g * GIB_KB) // mib for g in (1, 2, 3, 4, 8, 24)] == \
+        [512, 1024, 1024, 1024, 2048, 6144]
+    assert [max_hugemem_kb(g * GIB_KB) // mib for g in (1, 2, 4, 24)] == [512, 1024, 3072, 18432]
+    assert [default_hugemem_kb(g * GIB_KB, 2048) // mib for g in (1, 2, 8, 24)] == \
+        [256, 512, 2048, 2048]
+    assert default_hugemem_kb(1003520, 2048) == 244 * mib, "whole 2 MiB pages, rounded down"
+    assert default_hugemem_kb(4 * GIB_KB, 1 << 20) == GIB_KB, "1 GiB pages"
+    assert read_meminfo("/nonexistent/meminfo") == {}
+
+
+def test_status_on_the_real_machine_reads_real_memtotal() -> None:
+    """No root needed, nothing written: the numbers come from this machine's meminfo."""
+    import subprocess
+    import sys
+
+    from blocktarget.memory import max_hugemem_kb, read_meminfo
+
+    total = read_meminfo()["MemTotal"]
+    r = subprocess.run([sys.executable, "-m", "blocktarget", "setup", "status"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (f"memory: {total // 1024} MiB total; hugepages may take up to "
+            f"{max_hugemem_kb(total) // 1024} MiB") in r.stdout

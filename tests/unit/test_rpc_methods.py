@@ -860,7 +860,33 @@ async def test_load_config_all_or_nothing(target: Target) -> None:
 
 
 async def test_wait_methods(target: Target) -> None:
-    assert await ok(target, "framework_wait_init") is True
+    """framework_wait_init answers only once the config's listeners accept: a call made
+    before start() waits, and when it returns a host can connect to every listener."""
+    port = free_port()
+    await ok(target, "bdev_null_create", name="N", num_blocks=8)
+    await ok(target, "nvmf_create_subsystem", nqn=NQN, allow_any_host=True)
+    await ok(target, "nvmf_subsystem_add_listener", nqn=NQN, listen_address={
+        "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": str(port)})
+    seen: list[bool] = []
+
+    async def wait_then_connect() -> Any:
+        result = await ok(target, "framework_wait_init")
+        try:  # at the moment it returns, the listener must already accept
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            seen.append(True)
+        except OSError:
+            seen.append(False)
+        return result
+
+    waiter = asyncio.create_task(wait_then_connect())
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not waiter.done(), "framework_wait_init returned before the target started"
+    await target.start()
+    assert await asyncio.wait_for(waiter, 5) is True
+    assert seen == [True]
+    assert await ok(target, "framework_wait_init") is True, "and at once when ready"
     assert await ok(target, "bdev_wait_for_examine") is True
 
 

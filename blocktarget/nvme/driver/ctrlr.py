@@ -43,9 +43,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import spec, structs
-from .dma import PAGE_SIZE, BufferPool, DmaAllocator, DmaBuffer
+from .dma import HUGEPAGE_SIZE, PAGE_SIZE, BufferPool, DmaAllocator, DmaBuffer, DmaError
 from .qpair import (
+    CQE_SIZE,
     SC_ABORTED_SQ_DELETION,
+    SQE_SIZE,
     STATUS_MASK,
     QueuePair,
     build_prps,
@@ -236,6 +238,35 @@ class Controller:
         self._identify()
         self._set_num_queues(io_queues)
         self._scan_namespaces()
+        # all the DMA memory the I/O queues will use, now: a short hugepage pool fails
+        # the attach that asked, with the amount in the message, not an I/O later
+        nq = min(max(1, io_queues), self.nr_io_queues)
+        need = self.io_dma_bytes(nq)
+        try:
+            self.allocator.reserve(need)
+        except DmaError as exc:
+            depth = min(self.opts.io_queue_depth, self.cap.max_queue_entries)
+            raise DmaError(f"{exc} ({nq} I/O queue(s), one per reactor, of {depth - 1} "
+                           f"commands with a {self.max_transfer >> 10} KiB buffer each; "
+                           "io_queue_size and max_transfer_kb make that less)") from None
+        log.info("%s: %d KiB of DMA memory reserved for %d I/O queue(s)", self.name,
+                 need >> 10, nq)
+
+    def io_dma_bytes(self, nqueues: int) -> int:
+        """The most DMA memory ``nqueues`` I/O queues take from the allocator: both
+        rings, and a full buffer pool (one ``max_transfer`` buffer per command slot, as
+        create_io_queue sizes it) with each buffer's PRP list, alignment padding of the
+        allocator's bump pointer included."""
+        assert self.cap is not None
+        depth = min(self.opts.io_queue_depth, self.cap.max_queue_entries)
+        rings = sum(-(-n // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE
+                    for n in (depth * SQE_SIZE, depth * CQE_SIZE))
+        slots = depth - 1
+        prp = prp_list_size(self.max_transfer)
+        per_buf = self.max_transfer + (prp + prp_list_align(prp) if prp else 0)
+        grow_by = max(1, HUGEPAGE_SIZE // self.max_transfer)  # BufferPool's chunk
+        chunks = -(-slots // grow_by)
+        return nqueues * (rings + slots * per_buf + chunks * PAGE_SIZE)
 
     def _wait_csts(self, want: Callable[[int], bool], what: str, timeout_ms: int) -> int:
         deadline = time.monotonic() + max(timeout_ms, 500) / 1000

@@ -12,6 +12,16 @@ Mappings are ``MAP_SHARED`` and ``MADV_DONTFORK``: a private mapping would turn
 copy-on-write after a ``fork()`` (subprocess, multiprocessing) and our next store would
 land in a fresh page while the device keeps DMA-ing into the old, pinned one.
 
+Fail fast: every region is faulted in when it is mapped (``MADV_POPULATE_WRITE``, or
+``mlock`` on kernels before 5.14), so memory the kernel cannot back is an error at that
+moment, raised to whoever asked (the attach RPC or the config line), instead of a SIGBUS
+that kills the target on first touch (a hugetlb cgroup limit, a cpuset without pages;
+``MAP_POPULATE`` alone ignores such failures). The driver also reserves, when a
+controller is attached, all the memory its I/O queues will use (:meth:`DmaAllocator.reserve`),
+so a short pool fails the attach, not an I/O an hour later. When hugepage pools already
+take more of the machine than it can spare (blocktarget/memory.py) the allocator logs a
+warning at creation: an OOM kill leaves no message of its own.
+
 IOVAs are assigned by us, not derived from virtual addresses: an emulated or small IOMMU
 may offer only 39 address bits, less than a user virtual address can need.
 
@@ -22,14 +32,18 @@ allocator's lock.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from ...memory import MEMINFO, max_hugemem_kb, mib, min_left_kb, read_meminfo
 from .vfio import (
     MADV_DONTFORK,
+    MADV_POPULATE_WRITE,
     MAP_ANONYMOUS,
     MAP_FAILED,
     MAP_HUGE_SHIFT,
@@ -76,12 +90,53 @@ def default_hugepage_size() -> int:
 
 
 def free_hugepages(size: int = HUGEPAGE_SIZE) -> int:
-    path = f"/sys/kernel/mm/hugepages/hugepages-{size // 1024}kB/free_hugepages"
+    return _hugepage_count(size, "free_hugepages")
+
+
+def reserved_hugepages(size: int = HUGEPAGE_SIZE) -> int:
+    """The pool's size (nr_hugepages), free or not."""
+    return _hugepage_count(size, "nr_hugepages")
+
+
+def _hugepage_count(size: int, what: str) -> int:
+    path = f"/sys/kernel/mm/hugepages/hugepages-{size // 1024}kB/{what}"
     try:
         with open(path) as f:
             return int(f.read())
     except (OSError, ValueError):
         return 0
+
+
+def populate(addr: Any, size: int) -> int:
+    """Fault in every page of a fresh mapping now; 0, or the errno of the failure.
+
+    ``MADV_POPULATE_WRITE`` reports what a first touch would have turned into SIGBUS
+    (EFAULT) or an OOM (ENOMEM). Kernels before 5.14 reject it (EINVAL): ``mlock`` then
+    faults the pages in and reports failures too (it needs the memlock limit that
+    VFIO's pinning needs anyway)."""
+    if libc.madvise(addr, size, MADV_POPULATE_WRITE) == 0:
+        return 0
+    err = ffi.errno
+    if err != errno.EINVAL:
+        return err
+    if libc.mlock(addr, size) == 0:
+        return 0
+    return ffi.errno or errno.ENOMEM
+
+
+def hugepage_pressure(meminfo: str | Path = MEMINFO) -> str:
+    """A warning when hugepage pools hold more than the system can spare (memory.py),
+    else ''. Said in the target's log because the OOM kill it leads to says nothing."""
+    info = read_meminfo(meminfo)
+    total = info.get("MemTotal", 0)
+    held = info.get("Hugetlb", info.get("HugePages_Total", 0) * info.get("Hugepagesize", 0))
+    if not total or held <= max_hugemem_kb(total):
+        return ""
+    return (f"hugepage pools hold {mib(held)} of this machine's {mib(total)}, leaving the "
+            f"system less than the {mib(min_left_kb(total))} it should keep: this process "
+            "or another may be killed by the OOM killer; give pages back with `blocktarget "
+            "setup reset --release-hugepages` and reserve what `blocktarget setup status` "
+            "advises")
 
 
 @dataclass(eq=False)
@@ -117,15 +172,21 @@ class DmaBuffer:
         return self.mem[:length]
 
 
-def _mmap_anon(size: int, hugepage_size: int | None) -> Any:
+def _mmap_anon(size: int, hugepage_size: int | None) -> tuple[Any, int]:
+    """A populated shared anonymous mapping: (address, 0), or (None, errno) when the
+    kernel refuses it or cannot back every page of it (then nothing stays mapped)."""
     flags = MAP_SHARED | MAP_ANONYMOUS | MAP_POPULATE
     if hugepage_size:
         flags |= MAP_HUGETLB | (hugepage_size.bit_length() - 1) << MAP_HUGE_SHIFT
     addr = libc.mmap(ffi.NULL, size, PROT_READ | PROT_WRITE, flags, -1, 0)
     if addr == MAP_FAILED:
-        return None
+        return None, ffi.errno
+    err = populate(addr, size)
+    if err:
+        libc.munmap(addr, size)
+        return None, err
     libc.madvise(addr, size, MADV_DONTFORK)
-    return addr
+    return addr, 0
 
 
 class DmaAllocator:
@@ -144,6 +205,7 @@ class DmaAllocator:
         hugepage_size: int | None = None,
         use_hugepages: bool = True,
         region_size: int | None = None,
+        meminfo: str | Path = MEMINFO,
     ) -> None:
         self.mapper = mapper
         self.name = name
@@ -157,6 +219,8 @@ class DmaAllocator:
         self._lock = threading.Lock()
         self._warned_4k = False
         self.closed = False
+        if use_hugepages and (warning := hugepage_pressure(meminfo)):
+            log.warning("%s: %s", name, warning)
 
     # ---- stats ----
     @property
@@ -179,25 +243,24 @@ class DmaAllocator:
         size = (size + hp - 1) // hp * hp
         addr = None
         huge = False
+        huge_err = 0
         if self.use_hugepages:
-            addr = _mmap_anon(size, hp)
+            addr, huge_err = _mmap_anon(size, hp)
             huge = addr is not None
         if addr is None:
             if not self.mapper.iova_pgsizes & PAGE_SIZE:
-                raise DmaError(
-                    f"{self.name}: no free {hp >> 20} MiB hugepage for {size} bytes and the "
-                    "IOMMU cannot map 4 KiB pages: reserve hugepages "
-                    "(`blocktarget setup --hugemem MiB`)")
-            addr = _mmap_anon(size, None)
+                raise DmaError(self._no_hugepages(size, huge_err))
+            addr, err = _mmap_anon(size, None)
             if addr is None:
-                raise DmaError(f"{self.name}: cannot allocate {size} bytes: "
-                               f"{os.strerror(ffi.errno)}")
+                raise DmaError(f"{self.name}: cannot get {mib(size >> 10)} of DMA memory "
+                               f"(4 KiB pages, as {self._why_not_huge(huge_err)}): "
+                               f"{os.strerror(err)}")
             if not self._warned_4k:
                 self._warned_4k = True
-                why = "disabled" if not self.use_hugepages else "none free"
-                log.warning("%s: hugepages %s; using 4 KiB pages for DMA (the IOMMU maps "
-                            "them to contiguous IOVAs; expect more IOTLB misses). Reserve "
-                            "hugepages with `blocktarget setup --hugemem`", self.name, why)
+                log.warning("%s: %s; using 4 KiB pages for DMA (the IOMMU maps them to "
+                            "contiguous IOVAs; expect more IOTLB misses). Reserve hugepages "
+                            "with `blocktarget setup --hugemem`", self.name,
+                            self._why_not_huge(huge_err))
             libc.mlock(addr, size)
         vaddr = int(ffi.cast("uintptr_t", addr))
         try:
@@ -212,6 +275,39 @@ class DmaAllocator:
         log.info("%s: mapped %d KiB of %s at IOVA %#x", self.name, size >> 10,
                  f"{hp >> 20} MiB hugepages" if huge else "4 KiB pages", iova)
         return region
+
+    def _why_not_huge(self, err: int) -> str:
+        if not self.use_hugepages:
+            return "hugepages are disabled"
+        return f"no {self.hugepage_size >> 20} MiB hugepages to be had ({os.strerror(err)})"
+
+    def _no_hugepages(self, size: int, err: int) -> str:
+        hp = self.hugepage_size
+        free, pool = free_hugepages(hp), reserved_hugepages(hp)
+        if err == errno.EFAULT:  # mapped, but the pages could not be faulted in
+            why = ("the kernel could not fault them in (a hugetlb cgroup limit or a cpuset "
+                   "without free pages; a first touch would have been SIGBUS)")
+        else:
+            why = f"{free} of the pool's {pool} are free ({os.strerror(err)})"
+        return (f"{self.name}: {mib(size >> 10)} of DMA memory needed as {hp >> 20} MiB "
+                f"hugepages ({size // hp} pages), but {why}, and the IOMMU cannot map "
+                "4 KiB pages instead: reserve more (`blocktarget setup --hugemem MiB`; "
+                "`blocktarget setup status` shows what this machine can spare) or stop "
+                "what holds them")
+
+    def reserve(self, nbytes: int) -> None:
+        """Map ``nbytes`` now, so the allocations that follow (up to that much, padding
+        included) need no new mapping: whoever attaches a device learns at once whether
+        its DMA memory is there, instead of an I/O failing for it later. Raises
+        DmaError, with nothing new mapped, when the memory cannot be had."""
+        with self._lock:
+            if self.closed:
+                raise DmaError(f"{self.name}: allocator is closed")
+            have = self._cur.size - self._cur_off if self._cur is not None else 0
+            if nbytes <= have:
+                return
+            self._cur = self._new_region(nbytes)
+            self._cur_off = 0
 
     def alloc(self, size: int, align: int = PAGE_SIZE) -> DmaBuffer:
         """A zero-filled buffer of ``size`` bytes aligned to ``align`` (power of two)."""

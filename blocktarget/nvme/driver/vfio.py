@@ -58,6 +58,7 @@ MAP_POPULATE = 0x8000
 MAP_HUGETLB = 0x40000
 MAP_HUGE_SHIFT = 26
 MADV_DONTFORK = 10
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in now, an error instead of SIGBUS
 MAP_FAILED = ffi.cast("void *", -1)
 
 # ioctl numbers: _IO(';', 100 + n)
