@@ -85,6 +85,15 @@ def have_header(header: str) -> bool:
     return r.returncode == 0
 
 
+def missing_parts(module: object) -> list[str]:
+    """Optional backends the built extension lacks whose libraries are here now, for
+    scripts/extensions.py (a venv built before liburing-dev was installed is rebuilt)."""
+    lib = module.lib  # type: ignore[attr-defined]
+    if have_header("liburing.h") and not lib.bt_uring_available():
+        return ["its io_uring backend (liburing.h is here now)"]
+    return []
+
+
 _dropped = sanitize_env()
 if _dropped:
     print(f"blocktarget._fastpath: ignoring host-specific compiler flags {_dropped} "

@@ -70,11 +70,21 @@ def discover(setup_py: Path) -> list[Extension]:
 
 def probe_import(ext: Extension) -> None:
     try:
-        importlib.import_module(ext.module)
+        module = importlib.import_module(ext.module)
     except (ImportError, OSError) as exc:  # OSError: a shared library it links is gone
         ext.built, ext.why_not_built = False, f"{type(exc).__name__}: {exc}"
-    else:
-        ext.built = True
+        return
+    ext.built = True
+    # A build script may say which optional parts of its extension were compiled out but
+    # would compile now (`missing_parts(module) -> list[str]`, e.g. the C lane's io_uring
+    # backend when liburing-dev came after the venv): then the extension is as good as
+    # missing, and a reinstall builds it whole.
+    hook = runpy.run_path(str(ext.build_script)).get("missing_parts")
+    missing = hook(module) if hook is not None else []
+    if missing:
+        ext.built = False
+        ext.why_not_built = f"built without {', '.join(missing)}"
+        ext.buildable = True
 
 
 @contextlib.contextmanager
@@ -124,7 +134,7 @@ def survey(setup_py: Path, *, try_builds: bool = True) -> list[Extension]:
     exts = discover(setup_py)
     for ext in exts:
         probe_import(ext)
-        if not ext.built and try_builds:
+        if not ext.built and ext.buildable is None and try_builds:
             probe_build(ext)
     return exts
 

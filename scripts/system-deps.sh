@@ -38,6 +38,9 @@ TEST_PACKAGES=(
   systemd
   # FUSE export tests: fusermount3, mkfs.ext4/e2fsck
   fuse3 e2fsprogs
+  # build-flag tests: the C sources must compile for arm64 too (a cross compiler), and the
+  # objects are inspected with objdump (binutils, with gcc)
+  gcc-aarch64-linux-gnu
 )
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
