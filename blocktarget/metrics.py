@@ -97,8 +97,19 @@ class TargetCollector(Collector):
         opened = CounterMetricFamily("blocktarget_reactor_connections_opened",
                                      "Connections accepted by the reactor", labels=["reactor"])
         lane = CounterMetricFamily("blocktarget_reactor_c_lane_commands",
-                                   "NVMe commands executed by the C lane (plain reads and "
-                                   "in-capsule writes on malloc namespaces)", labels=["reactor"])
+                                   "NVMe commands executed by the C data plane (reads, writes "
+                                   "and flushes it serves)", labels=["reactor"])
+        released = CounterMetricFamily(
+            "blocktarget_reactor_gil_released_seconds",
+            "Reactor time in the C data plane's calls, which run without the GIL",
+            labels=["reactor"])
+        held = CounterMetricFamily(
+            "blocktarget_reactor_gil_held_seconds",
+            "Reactor CPU time outside the C data plane (Python, and system calls made "
+            "holding the GIL): the share that serializes reactors", labels=["reactor"])
+        cpu_mode = CounterMetricFamily("blocktarget_reactor_cpu_seconds",
+                                       "Reactor thread CPU time by mode",
+                                       labels=["reactor", "mode"])
         for r in t.reactors:
             labels = [str(r.index), str(r.core)]
             cpu = r.cpu_ns()
@@ -109,7 +120,13 @@ class TargetCollector(Collector):
             conns.add_metric([str(r.index)], len(r.owned.get("connection", ())))
             opened.add_metric([str(r.index)], r.stats.connections_opened)
             lane.add_metric([str(r.index)], r.stats.c_lane_commands)
-        yield from (busy, idle, msgs, polls, conns, opened, lane)
+            free = r.stats.gil_released_ns
+            released.add_metric([str(r.index)], free / 1e9)
+            held.add_metric([str(r.index)], max(cpu - free, 0) / 1e9)
+            user, system = r.cpu_split_ns()
+            cpu_mode.add_metric([str(r.index), "user"], user / 1e9)
+            cpu_mode.add_metric([str(r.index), "system"], system / 1e9)
+        yield from (busy, idle, msgs, polls, conns, opened, lane, released, held, cpu_mode)
 
         # ---- subsystems ----
         subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")

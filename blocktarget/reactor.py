@@ -114,6 +114,10 @@ class ReactorStats:
     connections_closed: int = 0
     adopt_failed: int = 0  # sockets handed to this reactor that died before adoption
     c_lane_commands: int = 0  # NVMe commands executed by the C lane (nvme/fastlane.py)
+    # Time in the C lane's calls (cffi releases the GIL around them): the part of the
+    # reactor's CPU another reactor's Python could run beside. The rest of busy time holds
+    # the GIL, which is what limits reactors on a machine with cores to spare.
+    gil_released_ns: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")
@@ -344,6 +348,18 @@ class Reactor:
                 return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
             except (OSError, ValueError, IndexError):
                 return 0
+
+    def cpu_split_ns(self) -> tuple[int, int]:
+        """(user, system) CPU time of the reactor thread, from /proc (clock ticks)."""
+        if not self.tid:
+            return 0, 0
+        try:
+            with open(f"/proc/self/task/{self.tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0, 0
+        tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) * tick, int(fields[12]) * tick
 
     def wall_ns(self) -> int:
         return time.monotonic_ns() - self._start_ns if self._start_ns else 0

@@ -49,6 +49,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -487,8 +488,11 @@ class _Ring:
                 # the lane's completions are finished in C; Python gets its own, and
                 # the lanes that now have something to send (or to give back)
                 ud, res, nready = self._lud, self._lres, self._nready
+                t0 = time.perf_counter_ns()
                 n = lane_lib.bt_uring_reap(ctx, ud, res, REAP_BATCH, self._ready, REAP_BATCH,
                                            nready)
+                if self.reactor is not None:  # (cffi released the GIL for the call)
+                    self.reactor.stats.gil_released_ns += time.perf_counter_ns() - t0
                 lanes = [lane_ffi.from_handle(self._ready[i]) for i in range(nready[0])]
                 more_lanes = ctx.ready != lane_ffi.NULL
             else:

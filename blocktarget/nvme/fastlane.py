@@ -382,6 +382,7 @@ class Lane:
             pos += taken
             qp.rx_pdus += ncmds[0]
             qp.sqhd = c.sqhd
+            self.stats.gil_released_ns += elapsed
             self._sync(elapsed)
             if pos < total:
                 # hand this batch to the socket before the next, as the Python path
@@ -404,7 +405,9 @@ class Lane:
         t0 = _now_ns()
         data = ffi.from_buffer("unsigned char[]", p.data)
         placed = lib.bt_lane_h2c(c, p.cccid, p.ttag, p.datao, data, len(p.data), p.last)
-        self._sync(_now_ns() - t0)
+        elapsed = _now_ns() - t0
+        self.stats.gil_released_ns += elapsed
+        self._sync(elapsed)
         return bool(placed)
 
     def drain(self) -> None:

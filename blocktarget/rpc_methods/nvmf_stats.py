@@ -57,6 +57,7 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "pending_requests": requests,
         "pending_bdev_io": requests - waiting,
         "c_lane_commands": reactor.stats.c_lane_commands,
+        "gil_released_ns": reactor.stats.gil_released_ns,
         "transports": [{"trtype": "TCP", "pending_data_buffer": waiting,
                         "pending_data_buffer_bytes": waiting_bytes}],
     }
