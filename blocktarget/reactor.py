@@ -116,7 +116,9 @@ class ReactorStats:
     c_lane_commands: int = 0  # NVMe commands executed by the C lane (nvme/fastlane.py)
     # Time in the C lane's calls (cffi releases the GIL around them): the part of the
     # reactor's CPU another reactor's Python could run beside. The rest of busy time holds
-    # the GIL, which is what limits reactors on a machine with cores to spare.
+    # the GIL, which is what limits reactors on a machine with cores to spare. Wall time
+    # (a vDSO clock read, ~50 ns): the thread's CPU clock is a system call here (1.1 us,
+    # too dear at QD1), and on a core the reactor has to itself the two are the same.
     gil_released_ns: int = 0
 
 
