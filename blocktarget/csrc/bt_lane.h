@@ -68,6 +68,11 @@ struct bt_lane {
     uint32_t inflight, r2t_waiting, io_inflight, redo;
     uint64_t r2t_wait_bytes;
     uint64_t submitted;     /* I/Os queued to backends (cumulative) */
+    /* An H2CData PDU the lane is receiving across receive buffers: payload and digest
+       bytes still to come (while either is non-zero, the next bytes are the lane's). */
+    uint32_t rx_left;
+    uint8_t rx_dleft;
+    uint64_t rx_pdus;       /* such PDUs received whole (cumulative: the stall watch) */
     void *handle;           /* the Python Lane (a cffi handle), for completions */
     /* cumulative, for the controller's SMART counters */
     uint64_t read_cmds, read_bytes, write_cmds, write_bytes;
@@ -82,6 +87,12 @@ struct bt_lane {
     struct bt_uring *ready_on; /* that ring's */
     struct bt_lane *next_ready;
     struct bt_uring *touched; /* a ring with SQEs queued in this call, to submit */
+    uint32_t rx_slot;       /* the PDU being received: its slot, */
+    uint32_t rx_off;        /* where its next payload byte goes in the slot's buffer, */
+    uint32_t rx_n;          /* its payload length, */
+    uint32_t rx_crc;        /* the data digest so far, */
+    uint8_t rx_last;        /* its LAST flag, */
+    unsigned char rx_dgst[4]; /* and the digest bytes received */
 };
 
 struct bt_uring {
@@ -111,8 +122,15 @@ void bt_lane_free(struct bt_lane *l);
 /* A command that did not succeed in the lane (an error or a short transfer at the
    backend, a full ring): hand the next one to the Python path, which does it again from
    the start: its SQE, its data for a write (copied to data, room for the largest
-   transfer), *length the data's length (0: none); 1 one was handed, 0 none left. */
-int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uint32_t *length);
+   transfer), *length the data's length (0: none); *failed 1 when it must not be done but
+   failed (its data came with a bad data digest: Transient Transport Error, as the
+   Python path answers); 1 one was handed, 0 none left. */
+int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uint32_t *length,
+                 int *failed);
+
+/* The rest of an H2CData PDU the lane began receiving (rx_left/rx_dleft): takes what of
+   in[0:len] belongs to it and returns how much. */
+size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len);
 
 /* io_uring (compiled in when liburing was there at build time: bt_uring_available). */
 int bt_uring_available(void);

@@ -529,7 +529,7 @@ static void submit_touched(struct bt_lane *l)
 
 static void to_redo(struct bt_lane *l, struct bt_cmd *s)
 {
-    if (s->kind != IO_FLUSH)
+    if (s->kind != IO_FLUSH && !s->corrupt)
         smart(l, s->kind == IO_WRITE, s->nbytes, -1);
     if (s->held) {
         budget_give_back(l, s->nbytes);
@@ -599,7 +599,8 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
     set_state(l, s, SLOT_FREE);
 }
 
-int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uint32_t *length)
+int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uint32_t *length,
+                 int *failed)
 {
     if (l->redo == 0)
         return 0;
@@ -609,10 +610,12 @@ int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uin
             continue;
         memcpy(sqe, s->sqe, SQE_LEN);
         *length = 0;
-        if (s->kind == IO_WRITE) {
+        *failed = s->corrupt;
+        if (s->kind == IO_WRITE && !s->corrupt) {
             memcpy(data, s->data, s->nbytes);
             *length = s->nbytes;
         }
+        s->corrupt = 0;
         set_state(l, s, SLOT_FREE);
         return 1;
     }
@@ -786,6 +789,8 @@ static int start_r2t(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsig
     s->received = 0;
     s->fua = fua_of(c->ns, c->sqe);
     s->held = 1;
+    s->corrupt = 0;
+    s->kind = IO_WRITE;
     memcpy(s->sqe, c->sqe, SQE_LEN);
     set_state(l, s, SLOT_DATA);
     put_r2t(l, o, cid, (uint16_t)(BT_LANE_TTAG + (s - l->slot)), c->nbytes);
@@ -793,10 +798,15 @@ static int start_r2t(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsig
 }
 
 /* All the data of slot s is in (src): execute the write. Room for a response is
-   reserved. */
+   reserved. A write whose data failed a digest, or whose namespace changed meanwhile,
+   goes to the Python path instead (it fails the one, decides the other). */
 static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *src)
 {
     struct bt_ns *ns = s->ns;
+    if (s->corrupt || ns->stale) {
+        to_redo(l, s);
+        return;
+    }
     smart(l, 1, s->nbytes, 1);
     if (!is_async(ns)) {
         if (ns->backend == BT_BE_MEM)
@@ -865,6 +875,71 @@ int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao
     return placed;
 }
 
+/* An H2CData PDU of plen bytes of which only `have` are in the buffer, header whole:
+   the lane receives its payload itself, now and from the next buffers (bt_lane_rx), into
+   the write's buffer, computing the data digest as the bytes come. 1 taken (all `have`
+   bytes), 0 Python's (its decoder then gathers the PDU). */
+static int begin_h2c(struct bt_lane *l, const unsigned char *p, uint32_t plen, size_t have)
+{
+    size_t hend = DATA_HLEN + (l->hdgst ? DIGEST : 0);
+    size_t dd = l->ddgst ? DIGEST : 0;
+    uint8_t want = (l->hdgst ? F_HDGST : 0) | (l->ddgst ? F_DDGST : 0);
+    if (have < hend || p[2] != DATA_HLEN || (p[1] & ~F_LAST) != want || p[3] != hend
+        || plen <= hend + dd)
+        return 0;
+    uint32_t n = plen - (uint32_t)hend - (uint32_t)dd;
+    if (ld32(p + 16) != n)
+        return 0;
+    struct bt_cmd *s = slot_of_ttag(l, ld16(p + 10));
+    uint32_t datao = ld32(p + 12);
+    if (!h2c_fits(l, s, ld16(p + 8), datao, n, p[1] & F_LAST) || s->ns->stale)
+        return 0;
+    if (l->hdgst && ld32(p + DATA_HLEN) != bt_crc32c(0, p, DATA_HLEN))
+        return 0;
+    if (s->received == 0 && slot_buffer(s, s->nbytes) == NULL)
+        return 0;
+    l->rx_slot = (uint32_t)(s - l->slot);
+    l->rx_off = datao;
+    l->rx_n = n;
+    l->rx_crc = 0;
+    l->rx_last = p[1] & F_LAST;
+    l->rx_left = n;
+    l->rx_dleft = (uint8_t)dd;
+    bt_lane_rx(l, p + hend, have - hend);
+    return 1;
+}
+
+size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
+{
+    size_t pos = 0;
+    struct bt_cmd *s = &l->slot[l->rx_slot];
+    if (l->rx_left) {
+        uint32_t n = len < l->rx_left ? (uint32_t)len : l->rx_left;
+        memcpy(s->data + l->rx_off, in, n);
+        if (l->ddgst)
+            l->rx_crc = bt_crc32c(l->rx_crc, in, n);
+        l->rx_off += n;
+        l->rx_left -= n;
+        pos = n;
+    }
+    while (l->rx_left == 0 && l->rx_dleft && pos < len) {
+        l->rx_dgst[DIGEST - l->rx_dleft] = in[pos++];
+        l->rx_dleft--;
+    }
+    if (l->rx_left || l->rx_dleft)
+        return pos;
+    /* the PDU is whole */
+    l->rx_pdus++;
+    if (l->ddgst && ld32(l->rx_dgst) != l->rx_crc)
+        s->corrupt = 1;  /* the Python path fails the write once all its data is in */
+    s->received += l->rx_n;
+    if (s->received == s->nbytes && reserve(l, resp_len(l)) != NULL)
+        write_in(l, s, s->data);
+    else if (s->received == s->nbytes)
+        to_redo(l, s);
+    return pos;
+}
+
 /* One H2CData PDU at p (plen bytes, all there): 1 taken, 0 Python's. */
 static int take_h2c(struct bt_lane *l, const unsigned char *p, uint32_t plen)
 {
@@ -899,8 +974,13 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
     while (n < max_cmds && len - pos >= 8) {
         const unsigned char *p = in + pos;
         uint32_t plen = ld32(p + 4);
-        if (plen > len - pos)
+        if (plen > len - pos) {
+            /* a write's data PDU that goes on in the next buffers: received by the lane
+               as it comes (else Python's decoder gathers it, one more copy) */
+            if (p[0] == PDU_H2C_DATA && plen >= dhlen && begin_h2c(l, p, plen, len - pos))
+                pos = len;  /* (counted in rx_pdus once whole, as the decoder counts) */
             break;
+        }
         if (p[0] == PDU_H2C_DATA) {
             if (plen < dhlen || !take_h2c(l, p, plen))
                 break;

@@ -32,6 +32,7 @@ struct bt_cmd {
     uint8_t cqes;               /* completions still due from the backend */
     uint8_t bad;                /* one of them did not do all it should */
     uint8_t held;               /* the data is counted in the reactor's budget */
+    uint8_t corrupt;            /* some of its H2CData failed the data digest */
     uint16_t cid;
     uint32_t seq;               /* uses of this slot: tells the stall watch apart reuses */
     struct bt_ns *ns;           /* (the table stays while the lane has commands) */

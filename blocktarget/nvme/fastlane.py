@@ -129,8 +129,9 @@ class Lane:
         self._tokens: dict[tuple[int, int, int], object] = {}  # see r2t_pending
         self._executed = 0  # commands executed, once the C lane is freed
         # the C side's cumulative counters as last recorded on the Python side: SMART
-        # read/write commands and bytes, commands, budget taken and given back, I/Os
-        self._seen = [0] * 8
+        # read/write commands and bytes, commands, budget taken and given back, I/Os,
+        # H2CData PDUs received across buffers
+        self._seen = [0] * 9
 
     def close(self) -> None:
         """The queue is gone: writes still waiting for data are dropped, as the Python
@@ -395,6 +396,26 @@ class Lane:
             return data
         return memoryview(data)[pos:] if pos < total else b""
 
+    @property
+    def receiving(self) -> int:
+        """Bytes of an H2CData PDU the lane is receiving that are still to come (the
+        next bytes on the connection are the lane's); 0 when between PDUs."""
+        c = self.c
+        return c.rx_left + c.rx_dleft if c is not None else 0
+
+    def rx(self, data: Any) -> Any:
+        """The next bytes of the H2CData PDU the lane is receiving: it takes what belongs
+        to the PDU; returns the rest."""
+        c = self.c
+        src = ffi.from_buffer("unsigned char[]", data)
+        self._enter()
+        t0 = _now_ns()
+        taken = lib.bt_lane_rx(c, src, len(src))
+        elapsed = _now_ns() - t0
+        self.stats.gil_released_ns += elapsed
+        self._sync(elapsed)
+        return memoryview(data)[taken:] if taken < len(src) else b""
+
     def h2c(self, p: Any) -> bool:
         """Place an H2CData PDU the Python decoder assembled for one of the lane's
         writes (it spanned receive buffers); False: the lane will not (adopt it)."""
@@ -446,7 +467,8 @@ class Lane:
         c = self.c
         seen = self._seen
         now = (c.read_cmds, c.read_bytes, c.write_cmds, c.write_bytes, c.cmds, c.bud_taken,
-               c.bud_returned, c.submitted)
+               c.bud_returned, c.submitted, c.rx_pdus)
+        qp.rx_pdus += now[8] - seen[8]
         k = qp.counters
         k.read_cmds += now[0] - seen[0]
         k.read_blocks_bytes += now[1] - seen[1]
@@ -486,10 +508,13 @@ class Lane:
         c = self.c
         sqe = ffi.new("unsigned char[64]")
         length = ffi.new("uint32_t *")
+        failed = ffi.new("int *")
         buf = bytearray(self.qp.opts.max_io_size)
-        while self.c is not None and lib.bt_lane_redo(c, sqe, ffi.from_buffer(buf), length):
+        while self.c is not None and lib.bt_lane_redo(c, sqe, ffi.from_buffer(buf), length,
+                                                      failed):
             n = length[0]
-            self.qp.redo(bytes(ffi.buffer(sqe)), bytes(buf[:n]) if n else None)
+            self.qp.redo(bytes(ffi.buffer(sqe)), bytes(buf[:n]) if n else None,
+                         corrupt=bool(failed[0]))
 
 
 class _R2tToken:

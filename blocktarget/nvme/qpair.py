@@ -315,6 +315,11 @@ class Qpair(asyncio.BufferedProtocol):
         try:
             lane = self._lane
             if lane is not None and len(data):
+                if lane.receiving:
+                    # the rest of an H2CData PDU the lane is receiving is the lane's
+                    data = lane.rx(data)
+                    if not len(data):
+                        return
                 need = self.decoder.to_boundary()
                 if 0 < need < len(data):
                     # finish the PDU in progress first, so the rest starts on a boundary
@@ -856,13 +861,19 @@ class Qpair(asyncio.BufferedProtocol):
             self._fatal(pdu.Fes.PDU_SEQUENCE_ERROR, 0,
                         "DATA_LAST before all R2T data was sent", self._h2c_header(p))
 
-    def redo(self, sqe_bytes: bytes, data: bytes | None) -> None:
+    def redo(self, sqe_bytes: bytes, data: bytes | None, corrupt: bool = False) -> None:
         """A command the C lane took that did not succeed there (fastlane.Lane._redo):
         run it again from the start on the Python path, which answers it (with the
         bdev's error status, typically). Its capsule was counted when it came (SQ head);
-        its data, for a write, is the lane's copy."""
+        its data, for a write, is the lane's copy. ``corrupt``: its data came with a
+        data digest that did not match: failed, as _h2c_data fails such a write."""
         sqe = parse_sqe(sqe_bytes)
         req = Request(self, sqe)
+        if corrupt:
+            log.warning("%s: data digest error on cid %d", self, sqe.cid)
+            self.requests[sqe.cid] = req
+            req.fail(SC_TRANSIENT)
+            return
         if (sqe.opcode & 3) == DIR_NONE:
             req.xfer_len = 0
         if data is not None:
@@ -1036,7 +1047,8 @@ class Qpair(asyncio.BufferedProtocol):
             return
         verdict = watch.check(loop.time(), connected=self.qid >= 0,
                               # (not read while paused for the budget: not its stall)
-                              buffered=0 if self._budget_paused else self.decoder.buffered,
+                              buffered=0 if self._budget_paused else (
+                                  self.decoder.buffered + self._lane_partial()),
                               pdus=self.rx_pdus,
                               r2t_pending=self._all_r2t_pending(),
                               write_paused_since=self._write_paused_at)
@@ -1047,6 +1059,12 @@ class Qpair(asyncio.BufferedProtocol):
             self.close(why)
             return
         self._watch_handle = loop.call_later(period, self._check_watch, period)
+
+    def _lane_partial(self) -> int:
+        """Bytes of a PDU the C lane has begun receiving (for the stall watch)."""
+        lane = self._lane
+        c = lane.c if lane is not None else None
+        return 0 if c is None or not (c.rx_left or c.rx_dleft) else c.rx_off + 1
 
     def _all_r2t_pending(self) -> Any:
         """Every write waiting for data, the Python path's and the C lane's."""

@@ -437,6 +437,13 @@ class Pair:
             # the Python path does not count the PDUs of a batch that ended in a
             # protocol error (the count is the stall watch's, which closing stops)
             del sa["rx_pdus"], sb["rx_pdus"]
+        for name in sa["mem"]:
+            x, y = sa["mem"][name], sb["mem"][name]
+            if x != y:
+                i = next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v),
+                         min(len(x or b""), len(y or b"")))
+                raise AssertionError(f"{name} differs at byte {i} (block {i // 512} of 512 "
+                                     f"B, {i // 4096} of 4 KiB)")
         for key in sa:
             assert sa[key] == sb[key], f"{key}: python {sa[key]!r:.300} lane {sb[key]!r:.300}"
         # the reactor's counter (metrics, nvmf_get_stats) counts what the lane executed

@@ -847,3 +847,54 @@ def test_reads_through_the_receive_arena_match(pair: Pair) -> None:
     assert bytes(p.fast.bdev("M4K").mem[13 * 4096 : 17 * 4096]) == pattern(big, 5)
     # the bytes were decoded where they landed: the arena is the reactor's
     assert p.fast.reactor.rx_arena is not None and p.ref.reactor.rx_arena is None
+
+
+@pytest.mark.parametrize("icreq", ["plain", "hdgst+ddgst"])
+def test_h2c_received_across_buffers_at_every_cut(icreq: str) -> None:
+    """An R2T write's data PDU cut in two receive buffers at every offset near its header
+    and its end and at a stride between (the second buffer carrying a read after it): once its header is whole the lane receives the
+    payload itself, into the write's buffer, the data digest computed as it comes; the
+    bytes after it are the lane's again. A cut inside the header leaves the PDU to the
+    Python decoder. Everything sent and left behind matches the Python path."""
+    ic = ICREQS[icreq]
+    with encoding(ic):
+        p = Pair(icreq=ic)
+        try:
+            hlen = 24 + (4 if ic.header_digest else 0)
+            for round_, size in enumerate((3 * 4096, 2 * 4096 + 512 * 3)):
+                cid = 10 + round_
+                nlb = size // 512
+                plen = len(wire(pdu.H2CData(cid, 0, 0, bytes(size), True)))
+                # every cut in and near the header and the trailing digest, a stride between
+                cuts = sorted({*range(1, 40), *range(40, plen - 40, 509), *range(plen - 40, plen)})
+                for cut in cuts:
+                    p.feed(wr(cid, 1, 8 + round_ * 64, nlb, data=b""))
+                    r = [x for x in _r2ts(p) if x.cccid == cid][-1]
+                    h = wire(pdu.H2CData(cid, r.ttag, 0, pattern(size, cut), True))
+                    seen = p.fast.io._lane.c.rx_pdus
+                    p.feed(h[:cut], h[cut:] + rd(200, 1, 8 + round_ * 64, nlb))
+                    p.check()
+                    lane = p.fast.io._lane
+                    assert lane.inflight == 0 and not lane.receiving
+                    # the lane received it itself whenever the header came whole first
+                    assert (lane.c.rx_pdus > seen) == (cut >= hlen), cut
+        finally:
+            p.close()
+
+
+def test_data_digest_error_in_a_payload_received_across_buffers() -> None:
+    ic = ICREQS["hdgst+ddgst"]
+    with encoding(ic):
+        p = Pair(icreq=ic)
+        try:
+            p.feed(wr(7, 2, 8, 4, data=b""))
+            (r,) = _r2ts(p)
+            h = bytearray(wire(pdu.H2CData(7, r.ttag, 0, pattern(r.r2tl, 3), True)))
+            h[5000] ^= 1  # in the payload, after the cut: the lane finds it at the end
+            p.feed(bytes(h[:1000]), bytes(h[1000:]) + rd(9, 2, 2))
+            p.check()
+            assert p.ref.admin.ctrl.error_count == 1
+            assert p.fast.io._lane.inflight == 0 and p.fast.io._lane.c.rx_pdus == 1
+            assert bytes(p.fast.bdev("M4K").mem[8 * 4096:12 * 4096]) != pattern(r.r2tl, 3)
+        finally:
+            p.close()

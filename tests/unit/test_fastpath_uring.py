@@ -215,7 +215,7 @@ def test_many_outstanding_complete_in_any_order(where: Path) -> None:
     try:
         stream = b"".join(
             (rd(i, 2, i % 96, 1 + i % 4 if i % 96 + 4 <= 96 else 1) if i % 3 == 0 else
-             wr(i, 1, (i * 5) % 500, 1 + i % 8) if i % 3 == 1 else
+             wr(i, 1, (i // 3) * 12, 1 + i % 8) if i % 3 == 1 else  # (apart: see _apart)
              cmd(FLUSH, i, 5, sgl_len=0) if i % 9 == 2 else rd(i, 6, i % 200, 8))
             for i in range(120))
         p.feed(stream)
