@@ -22,6 +22,7 @@ from .errors import AlreadyExists, NoSuchDevice, RpcError
 from .keyring import Keyring
 from .nvme.auth import DhchapOptions
 from .nvme.controller import ControllerTable
+from .nvme.dh_workers import DhWorkers
 from .nvme.subsystem import ListenAddress, Subsystem, SubsystemRegistry
 from .reactor import DEFAULT_POLL_MODE, ReactorPool, default_cores
 from .rpc import (
@@ -56,6 +57,8 @@ class Target:
         self.transports: dict[str, TransportOptions] = {}
         self.keyring = Keyring()
         self.dhchap = DhchapOptions()  # DH-HMAC-CHAP digests/groups (nvmf_set_config)
+        # DH-HMAC-CHAP exponentiations off the reactors; no process until the first one
+        self.dh_workers = DhWorkers(self.settings.auth_workers)
         self.reactors = ReactorPool(
             self.settings.cores or default_cores(),
             pin=self.settings.pin,
@@ -218,6 +221,8 @@ class Target:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        if not self.dh_workers.enabled and self.settings.auth_workers != 0:
+            self.dh_workers = DhWorkers(self.settings.auth_workers)  # (a restart)
         try:
             self.reactors.start()
         except OSError as exc:
@@ -329,6 +334,8 @@ class Target:
         if self.started:
             self.reactors.stop()
             self.started = False
+        # after the connections: their pending jobs were cancelled or are dropped
+        await asyncio.to_thread(self.dh_workers.shutdown)
         for b in reversed(list(self.bdevs)):  # stacked bdevs before their bases
             for key in list(b.channels):
                 ch = b.channels.pop(key)
