@@ -57,8 +57,6 @@ class Target:
         self.transports: dict[str, TransportOptions] = {}
         self.keyring = Keyring()
         self.dhchap = DhchapOptions()  # DH-HMAC-CHAP digests/groups (nvmf_set_config)
-        # DH-HMAC-CHAP exponentiations off the reactors; no process until the first one
-        self.dh_workers = DhWorkers(self.settings.auth_workers)
         self.reactors = ReactorPool(
             self.settings.cores or default_cores(),
             pin=self.settings.pin,
@@ -67,6 +65,8 @@ class Target:
             poll_modes=(DEFAULT_POLL_MODE if self.settings.poll_mode is None
                         else self.settings.poll_mode),
         )
+        # DH-HMAC-CHAP exponentiations off the reactors; no process until the first one
+        self.dh_workers = self._dh_workers()
         self.dispatcher = Dispatcher(self)
         self.started = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -76,6 +76,15 @@ class Target:
         self.http_port: int | None = None
         self._stop_event: asyncio.Event | None = None
         self.metrics_registry: Any = None
+
+    def _dh_workers(self) -> DhWorkers:
+        """On the CPUs the reactors are not pinned to, when there are such CPUs."""
+        try:
+            allowed = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            allowed = set()
+        free = allowed - {r.core for r in self.reactors} if self.settings.pin else allowed
+        return DhWorkers(self.settings.auth_workers, cpus=free or allowed or None)
 
     # ---- config ----
     async def apply_config(self, doc: dict[str, Any], source: str) -> int:
@@ -222,7 +231,7 @@ class Target:
         self.loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         if not self.dh_workers.enabled and self.settings.auth_workers != 0:
-            self.dh_workers = DhWorkers(self.settings.auth_workers)  # (a restart)
+            self.dh_workers = self._dh_workers()  # (a restart)
         try:
             self.reactors.start()
         except OSError as exc:

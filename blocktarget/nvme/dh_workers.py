@@ -25,8 +25,11 @@ How (decisions, each for a reason):
   MAX_INFLIGHT jobs in its pipe, so a write never blocks a reactor; the rest wait in a
   queue that the workers' reader threads feed from. Per-queue ordering in auth_cmd.py
   keeps at most one job per queue, so that queue is bounded by the connections.
-- Workers run niced (WORKER_NICE): when hosts connect during heavy I/O and the cores
-  are busy, the reactors keep the CPU and the authentication takes longer instead.
+- Workers run on the CPUs the target may use minus the reactors' cores when any are
+  left (``cpus``; the Target computes it), else on all of them. Set explicitly: a child
+  inherits the CPU mask of the thread that starts it, and that is a reactor, pinned to
+  its core. And they run niced (WORKER_NICE): when they must share a core with a busy
+  reactor, the reactor keeps the CPU and the authentication takes longer instead.
 - A worker that dies fails its jobs with `WorkersUnavailable` (the caller computes
   inline: correct, but the stall is back, so it is logged) and is replaced at the next
   job; after MAX_EARLY_DEATHS workers that died before finishing a single job (cannot
@@ -70,13 +73,16 @@ class DhJobError(Exception):
     """The job raised in the worker; the text is ``Type: message``."""
 
 
+def _allowed_cpus() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
 def default_workers() -> int:
     """Half the CPUs this process may run on (the reactors need the rest), 1 to 4."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_DEFAULT_WORKERS, cpus // 2))
+    return max(1, min(MAX_DEFAULT_WORKERS, len(_allowed_cpus()) // 2))
 
 
 def _write_frame(f: IO[bytes], obj: Any) -> None:
@@ -98,14 +104,15 @@ def _read_frame(f: IO[bytes]) -> Any:
 
 
 class _Worker:
-    def __init__(self, nice: int) -> None:
+    def __init__(self, nice: int, cpus: frozenset[int] | None) -> None:
         import blocktarget
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(blocktarget.__file__)))
         path = os.environ.get("PYTHONPATH")
         env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(nice)], stdin=subprocess.PIPE,
+            [sys.executable, "-m", __name__, str(nice),
+             ",".join(map(str, sorted(cpus))) if cpus else ""], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self.proc.pid
         self.inflight: dict[int, Future[Any]] = {}
@@ -142,9 +149,12 @@ class _Worker:
 class DhWorkers:
     """The target's DH worker processes (see the module docstring)."""
 
-    def __init__(self, workers: int | None = None, *, nice: int = WORKER_NICE) -> None:
+    def __init__(self, workers: int | None = None, *, nice: int = WORKER_NICE,
+                 cpus: set[int] | frozenset[int] | None = None) -> None:
         self.workers = default_workers() if workers is None else max(0, workers)
         self.nice = nice
+        # None: the CPUs of the thread that creates us (not of the one that submits)
+        self.cpus = frozenset(cpus) if cpus else frozenset(_allowed_cpus())
         self._lock = threading.Lock()
         self._running: list[_Worker] = []
         self._queue: deque[tuple[int, Future[Any], str, tuple[Any, ...]]] = deque()
@@ -192,7 +202,7 @@ class DhWorkers:
     def _start_locked(self) -> None:
         while len(self._running) < self.workers:
             try:
-                w = _Worker(self.nice)
+                w = _Worker(self.nice, self.cpus)
             except OSError as exc:
                 self._give_up_locked(f"cannot start a worker process: {exc}")
                 return
@@ -296,6 +306,11 @@ def _worker_main(argv: list[str]) -> int:
         try:
             os.nice(nice)
         except OSError:  # not allowed here: full priority is still correct
+            pass
+    if len(argv) > 1 and argv[1]:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in argv[1].split(",")})
+        except (AttributeError, OSError, ValueError):  # (CPUs gone since): stay where we are
             pass
     from blocktarget.nvme import auth
 
