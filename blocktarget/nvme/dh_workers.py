@@ -36,7 +36,8 @@ How (decisions, each for a reason):
   import blocktarget? no processes allowed?) the pool gives up and says so once.
 - `shutdown` (with the target) closes the pipes: each worker exits after its current
   job. A target killed outright (SIGKILL, OOM) closes them too, by dying: nothing is
-  left behind.
+  left behind. Workers ignore SIGINT, SIGTERM and SIGHUP, which reach them with the
+  target's (Ctrl-C, `systemctl stop`): their pipe ends them, in order.
 """
 
 from __future__ import annotations
@@ -298,9 +299,12 @@ class DhWorkers:
 
 def _worker_main(argv: list[str]) -> int:
     """A worker: jobs in on stdin, results out on stdout, until stdin closes."""
-    # Ctrl-C reaches the whole process group: the target handles it and closes our pipe;
-    # a KeyboardInterrupt traceback per worker would only be noise.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Our life is the target's: we exit when it closes our pipe or dies. Signals meant
+    # for the whole group (Ctrl-C, a terminal's hangup, systemd's stop, which signals
+    # every process of the unit at once) must not kill us first: the target would log a
+    # lost worker, and start another, while it stops.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     nice = int(argv[0]) if argv else WORKER_NICE
     if nice:
         try:

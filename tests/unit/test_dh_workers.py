@@ -127,3 +127,17 @@ def test_workers_exit_with_a_killed_target(tmp_path) -> None:  # type: ignore[no
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_group_signals_do_not_kill_a_worker(workers: DhWorkers) -> None:
+    """Ctrl-C, a hangup and systemd's stop reach every process of the target at once;
+    the workers outlive them and end when the target closes their pipes."""
+    f = workers.submit(auth.dh_keypair, auth.DhGroup.FFDHE2048)
+    assert f is not None and f.result(30)
+    pids = workers.pids
+    for pid in pids:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(pid, sig)
+    time.sleep(0.2)
+    f = workers.submit(auth.dh_keypair, auth.DhGroup.FFDHE2048)
+    assert f is not None and f.result(30) and workers.pids == pids
