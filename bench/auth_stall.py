@@ -13,9 +13,10 @@ every reactor, its largest gap and the time lost in gaps over 5 ms.
 
 The target runs in this process (as `blocktarget start` does: reactor threads, RPC off)
 so the reactors can be probed; every host runs in a process of its own, so a host's own
-DH computation (our initiator's, GIL-bound) stalls only itself. The storm hosts stand
-in for other machines: they run at ``--storm-nice`` (default 10) so that on a small
-machine they take CPU from the target and the stream host only when it is idle.
+DH computation (our initiator's, GIL-bound) stalls only itself. On a small machine the
+storm hosts, which stand for other machines, compete for the same CPUs as the target
+and the stream: ``--storm-nice`` lowers their priority (default 0: none; niced, they
+can starve on a machine busy with other work, and then there is no storm to speak of).
 ``--auth-workers 0`` shows the old behaviour (the exponentiations on the reactors).
 
     .venv/bin/python bench/auth_stall.py [--seconds 5] [--rounds 2] [--hosts 8]
@@ -448,7 +449,7 @@ def main() -> int:
     ap.add_argument("--auth-workers", type=int, default=None,
                     help="the target's auth_workers (default: automatic; 0: on the reactors)")
     ap.add_argument("--cores", default="", help="reactor cores, e.g. 0,1 (default: all)")
-    ap.add_argument("--storm-nice", type=int, default=10)
+    ap.add_argument("--storm-nice", type=int, default=0)
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

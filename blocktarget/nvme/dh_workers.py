@@ -28,8 +28,12 @@ How (decisions, each for a reason):
 - Workers run on the CPUs the target may use minus the reactors' cores when any are
   left (``cpus``; the Target computes it), else on all of them. Set explicitly: a child
   inherits the CPU mask of the thread that starts it, and that is a reactor, pinned to
-  its core. And they run niced (WORKER_NICE): when they must share a core with a busy
-  reactor, the reactor keeps the CPU and the authentication takes longer instead.
+  its core. They are not niced: measured (bench/RESULTS.md), a worker at nice 10 on a
+  machine busy with other work got so little CPU that authentication fell from 19 to 4
+  queues/s (a host with many queues then misses the target's deadline for
+  authenticating: its keep-alive timeout, 5 s by default on Linux), and the I/O stream
+  gained nothing; what protects the reactors is that the GIL is no longer held and
+  that the workers run on other cores.
 - A worker that dies fails its jobs with `WorkersUnavailable` (the caller computes
   inline: correct, but the stall is back, so it is logged) and is replaced at the next
   job; after MAX_EARLY_DEATHS workers that died before finishing a single job (cannot
@@ -58,7 +62,6 @@ from typing import IO, Any
 
 log = logging.getLogger(__name__)
 
-WORKER_NICE = 10  # CFS weight ~1/10 of a reactor's: I/O first when the CPUs are full
 MAX_DEFAULT_WORKERS = 4
 MAX_INFLIGHT = 8  # jobs written to one worker's pipe (each < 4 KiB; a pipe holds 64 KiB)
 MAX_EARLY_DEATHS = 3
@@ -105,15 +108,15 @@ def _read_frame(f: IO[bytes]) -> Any:
 
 
 class _Worker:
-    def __init__(self, nice: int, cpus: frozenset[int] | None) -> None:
+    def __init__(self, cpus: frozenset[int] | None) -> None:
         import blocktarget
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(blocktarget.__file__)))
         path = os.environ.get("PYTHONPATH")
         env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(nice),
-             ",".join(map(str, sorted(cpus))) if cpus else ""], stdin=subprocess.PIPE,
+            [sys.executable, "-m", __name__, ",".join(map(str, sorted(cpus))) if cpus else ""],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env=env, close_fds=True)
         self.pid = self.proc.pid
         self.inflight: dict[int, Future[Any]] = {}
@@ -150,10 +153,9 @@ class _Worker:
 class DhWorkers:
     """The target's DH worker processes (see the module docstring)."""
 
-    def __init__(self, workers: int | None = None, *, nice: int = WORKER_NICE,
+    def __init__(self, workers: int | None = None, *,
                  cpus: set[int] | frozenset[int] | None = None) -> None:
         self.workers = default_workers() if workers is None else max(0, workers)
-        self.nice = nice
         # None: the CPUs of the thread that creates us (not of the one that submits)
         self.cpus = frozenset(cpus) if cpus else frozenset(_allowed_cpus())
         self._lock = threading.Lock()
@@ -203,7 +205,7 @@ class DhWorkers:
     def _start_locked(self) -> None:
         while len(self._running) < self.workers:
             try:
-                w = _Worker(self.nice, self.cpus)
+                w = _Worker(self.cpus)
             except OSError as exc:
                 self._give_up_locked(f"cannot start a worker process: {exc}")
                 return
@@ -305,15 +307,9 @@ def _worker_main(argv: list[str]) -> int:
     # lost worker, and start another, while it stops.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    nice = int(argv[0]) if argv else WORKER_NICE
-    if nice:
+    if argv and argv[0]:
         try:
-            os.nice(nice)
-        except OSError:  # not allowed here: full priority is still correct
-            pass
-    if len(argv) > 1 and argv[1]:
-        try:
-            os.sched_setaffinity(0, {int(c) for c in argv[1].split(",")})
+            os.sched_setaffinity(0, {int(c) for c in argv[0].split(",")})
         except (AttributeError, OSError, ValueError):  # (CPUs gone since): stay where we are
             pass
     from blocktarget.nvme import auth
