@@ -256,6 +256,9 @@ class DhWorkers:
                     self._start_locked()  # its replacement takes the queued jobs
                     self._pump_locked()
         rc = w.proc.wait()
+        with self._lock:
+            if w in self._all:  # reaped: nothing left for shutdown to do with it
+                self._all.remove(w)
         if not closed:
             log.warning("DH worker %d exited (status %s); %d job(s) fall back to the reactor",
                         w.pid, rc, len(orphans))
