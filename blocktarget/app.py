@@ -35,6 +35,7 @@ from .errors import AlreadyExists, NoSuchDevice, RpcError
 from .keyring import Keyring
 from .nvme.auth import DhchapOptions
 from .nvme.controller import ControllerTable
+from .nvme.dh_workers import DhWorkers
 from .nvme.subsystem import ListenAddress, Subsystem, SubsystemRegistry
 from .reactor import DEFAULT_POLL_MODE, ReactorPool, default_cores
 from .rpc import (
@@ -77,6 +78,8 @@ class Target:
             poll_modes=(DEFAULT_POLL_MODE if self.settings.poll_mode is None
                         else self.settings.poll_mode),
         )
+        # DH-HMAC-CHAP exponentiations off the reactors; no process until the first one
+        self.dh_workers = self._dh_workers()
         self.dispatcher = Dispatcher(self)
         self.started = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -96,6 +99,15 @@ class Target:
         if self._ready is None:
             self._ready = asyncio.Event()
         return self._ready
+
+    def _dh_workers(self) -> DhWorkers:
+        """On the CPUs the reactors are not pinned to, when there are such CPUs."""
+        try:
+            allowed = os.sched_getaffinity(0)
+        except (AttributeError, OSError):
+            allowed = set()
+        free = allowed - {r.core for r in self.reactors} if self.settings.pin else allowed
+        return DhWorkers(self.settings.auth_workers, cpus=free or allowed or None)
 
     # ---- config ----
     async def apply_config(self, doc: dict[str, Any], source: str) -> int:
@@ -243,6 +255,8 @@ class Target:
         started so far is stopped again and the error raised."""
         self.loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
+        if not self.dh_workers.enabled and self.settings.auth_workers != 0:
+            self.dh_workers = self._dh_workers()  # (a restart)
         try:
             self.reactors.start()
         except OSError as exc:
@@ -379,6 +393,8 @@ class Target:
         if self.started:
             self.reactors.stop()
             self.started = False
+        # after the connections: their pending jobs were cancelled or are dropped
+        await asyncio.to_thread(self.dh_workers.shutdown)
         for b in reversed(list(self.bdevs)):  # stacked bdevs before their bases
             for key in list(b.channels):
                 ch = b.channels.pop(key)

@@ -113,6 +113,9 @@ class Settings:
     rpc_max_connections: int = DEFAULT_RPC_MAX_CONNECTIONS
     rpc_request_timeout_sec: int = DEFAULT_RPC_REQUEST_TIMEOUT_SEC
     rpc_idle_timeout_sec: int = DEFAULT_RPC_IDLE_TIMEOUT_SEC
+    # DH-HMAC-CHAP worker processes (nvme/dh_workers.py); None = automatic, 0 = none:
+    # the exponentiations then run on the reactors and stall their I/O
+    auth_workers: int | None = None
 
     def describe(self) -> dict[str, Any]:
         http: Any = self.rpc_http
@@ -149,6 +152,8 @@ class Settings:
             d["pin"] = False
         if self.allowed_dirs is not None:
             d["allowed_dirs"] = list(self.allowed_dirs)
+        if self.auth_workers is not None:
+            d["auth_workers"] = self.auth_workers
         return d
 
 
@@ -202,7 +207,8 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     bt = doc.get("blocktarget", {})
     if not isinstance(bt, dict):
         raise ConfigError(f"{source}: 'blocktarget' must be an object")
-    unknown = set(bt) - {"cores", "rpc", "metrics", "log_level", "poll", "pin", "allowed_dirs"}
+    unknown = set(bt) - {"cores", "rpc", "metrics", "log_level", "poll", "pin", "allowed_dirs",
+                         "auth_workers"}
     if unknown:
         raise ConfigError(f"{source}: blocktarget: unknown setting '{sorted(unknown)[0]}'")
     s = Settings()
@@ -274,6 +280,12 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
             raise ConfigError(f"{source}: blocktarget.allowed_dirs must be a list of "
                               "directory paths")
         s.allowed_dirs = list(dirs)
+    workers = bt.get("auth_workers")
+    if workers is not None:  # null: automatic (dh_workers.default_workers)
+        if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= 64:
+            raise ConfigError(f"{source}: blocktarget.auth_workers must be an integer "
+                              "from 0 to 64, or null")
+        s.auth_workers = workers
     return s
 
 

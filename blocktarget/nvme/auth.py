@@ -36,6 +36,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import dh as _crypto_dh
 
@@ -262,29 +263,80 @@ def _parameters(group: int) -> _crypto_dh.DHParameters:
     return p
 
 
-class DhExchange:
-    """One side's ephemeral DH key for one transaction."""
+# The two modular exponentiations below are the whole cost of a DH transaction (about
+# 8 ms each for ffdhe8192 on a current x86 core, several times that on slower ones) and
+# `cryptography` holds the GIL through them. They are pure functions of picklable
+# arguments so the target can run them in a worker process (nvme/dh_workers.py) while
+# its reactor goes on serving I/O; the host side and the sans-I/O engine call them
+# directly.
 
-    def __init__(self, group: int) -> None:
+
+def dh_keypair(group: int) -> tuple[int, bytes]:
+    """A fresh ephemeral key of ``group``: (private exponent, public value g^x mod p as
+    big-endian bytes of the prime's length)."""
+    key = _parameters(group).generate_private_key()
+    nums = key.private_numbers()
+    size = DHGROUP_BITS[DhGroup(group)] // 8
+    return nums.x, nums.public_numbers.y.to_bytes(size, "big")
+
+
+def dh_shared(group: int, private: int, public: bytes, peer: bytes) -> bytes:
+    """g^xy mod p from our key (``private``, ``public``) and the peer's value, as many
+    bytes as the prime. The peer value must have passed `DhExchange.check_peer`."""
+    _quiet()
+    pn = _parameters(group).parameter_numbers()
+    ours = _crypto_dh.DHPrivateNumbers(
+        private, _crypto_dh.DHPublicNumbers(int.from_bytes(public, "big"), pn)).private_key()
+    theirs = _crypto_dh.DHPublicNumbers(int.from_bytes(peer, "big"), pn).public_key()
+    return ours.exchange(theirs).rjust(len(public), b"\0")
+
+
+class DhExchange:
+    """One side's ephemeral DH key for one transaction. ``keypair``: one `dh_keypair`
+    made elsewhere (a worker process); without it the key is made here."""
+
+    def __init__(self, group: int, keypair: tuple[int, bytes] | None = None) -> None:
         self.group = DhGroup(group)
         self.size = DHGROUP_BITS[self.group] // 8
         self.prime = ffdhe.PRIMES[DHGROUP_BITS[self.group]]
-        self._key = _parameters(group).generate_private_key()
-        self.public = self._key.public_key().public_numbers().y.to_bytes(self.size, "big")
+        self._x, self.public = keypair if keypair is not None else dh_keypair(self.group)
 
-    def shared(self, peer: bytes) -> bytes:
-        """g^xy mod p, as many bytes as the prime. A peer value outside 2..p-2 (which
-        would force a known secret) is refused."""
+    def __repr__(self) -> str:  # never the private exponent
+        return f"DhExchange({self.group.name.lower()})"
+
+    def check_peer(self, peer: bytes) -> None:
+        """A peer value of the wrong length, or outside 2..p-2 (which would force a
+        known secret), is refused."""
         if len(peer) != self.size:
             raise AuthFailure(Reason.INCORRECT_PAYLOAD,
                               f"DH value of {len(peer)} bytes for {self.group.name.lower()}")
         y = int.from_bytes(peer, "big")
         if not 1 < y < self.prime - 1:
             raise AuthFailure(Reason.FAILED, "peer DH value out of range")
-        _quiet()
-        pub = _crypto_dh.DHPublicNumbers(y, self._key.parameters().parameter_numbers())
-        s = self._key.exchange(pub.public_key())
-        return s.rjust(self.size, b"\0")
+
+    def shared_args(self, peer: bytes) -> tuple[int, int, bytes, bytes]:
+        """`dh_shared`'s arguments for ``peer`` (checked first)."""
+        self.check_peer(peer)
+        return int(self.group), self._x, self.public, bytes(peer)
+
+    def shared(self, peer: bytes) -> bytes:
+        """g^xy mod p, as many bytes as the prime, computed here."""
+        return dh_shared(*self.shared_args(peer))
+
+
+@dataclass(repr=False)
+class DhJob:
+    """A modular exponentiation a transaction needs before it can go on. ``fn(*args)``
+    is pure and picklable, so whoever drives the engine may run it anywhere (the
+    target: a worker process) and hand the result back with `ControllerAuth.job_done`;
+    ``then`` applies it. The args hold the private exponent: no repr."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    then: Callable[[Any], None]
+
+    def __repr__(self) -> str:
+        return f"DhJob({getattr(self.fn, '__name__', '?')})"
 
 
 # ---------------------------------------------------------------------------
@@ -410,7 +462,14 @@ class ControllerAuth:
     `send` takes an Authentication Send payload, `receive` makes the Authentication
     Receive payload. Protocol errors never fail the NVMe command: they move the
     transaction to FAILURE1 and the next Receive tells the host why (as Linux nvmet and
-    SPDK do). ``done``/``failed`` say when the transaction is over."""
+    SPDK do). ``done``/``failed`` say when the transaction is over.
+
+    With a DH group the transaction needs two modular exponentiations, the costly part
+    (~8 ms of GIL-held CPU each for ffdhe8192 here): our key pair once Negotiate has chosen
+    the group, the session secret once the Reply brought the host's value. Each is left
+    in ``job`` (a `DhJob`) for the caller to run where it likes and report with
+    `job_done`/`job_failed` before the next `send`/`receive`; a caller that does not
+    (tests, a target with no DH workers) gets it computed inline by that next call."""
 
     def __init__(self, *, hostnqn: str, subnqn: str, host_key: DhchapKey,
                  ctrl_key: DhchapKey | None, options: DhchapOptions | None = None,
@@ -434,6 +493,7 @@ class ControllerAuth:
         self._s1 = 0
         self._dh: DhExchange | None = None
         self._r2 = b""
+        self.job: DhJob | None = None
 
     @property
     def done(self) -> bool:
@@ -448,8 +508,38 @@ class ControllerAuth:
         self.reason = reason
         self.why = why
 
+    # ---- DH jobs ----
+    def job_done(self, result: Any) -> None:
+        """The result of ``job`` (computed wherever the caller ran it)."""
+        job, self.job = self.job, None
+        if job is None:
+            return
+        try:
+            job.then(result)
+        except AuthFailure as exc:
+            self._fail(exc.reason, str(exc))
+
+    def job_failed(self, why: str) -> None:
+        """``job`` could not be computed: the transaction fails (the host may retry)."""
+        self.job = None
+        self._dh = None
+        self._fail(Reason.FAILED, why)
+
+    def run_job(self) -> None:
+        """Compute ``job`` here and now."""
+        job = self.job
+        if job is None:
+            return
+        try:
+            result = job.fn(*job.args)
+        except Exception as exc:  # (cryptography refusing a value: the host's doing)
+            self.job_failed(f"DH computation failed: {type(exc).__name__}")
+            return
+        self.job_done(result)
+
     # ---- Authentication Send ----
     def send(self, msg: bytes) -> None:
+        self.run_job()  # a job the caller left pending: the message depends on it
         try:
             auth_type, auth_id, tid = header(msg)
             handler = self._SEND.get((auth_type, auth_id))
@@ -495,6 +585,11 @@ class ControllerAuth:
         if self.dhgroup < 0:
             raise AuthFailure(Reason.DHGROUP_UNUSABLE, "no DH group in common")
         self.step = Step.CHALLENGE
+        if self.dhgroup:  # our key pair, ready (computed meanwhile) when the Receive comes
+            self.job = DhJob(dh_keypair, (self.dhgroup,), self._keypair_ready)
+
+    def _keypair_ready(self, keypair: tuple[int, bytes]) -> None:
+        self._dh = DhExchange(self.dhgroup, keypair)
 
     def _reply(self, msg: bytes, tid: int) -> None:
         self._expect(Step.REPLY, tid)
@@ -510,11 +605,18 @@ class ControllerAuth:
         r1 = msg[_REPLY.size:_REPLY.size + hl]
         c2 = msg[_REPLY.size + hl:_REPLY.size + 2 * hl]
         dhv = msg[_REPLY.size + 2 * hl:]
-        session = None
-        if self._dh is not None:
-            session = self._dh.shared(dhv)
+        dh, self._dh = self._dh, None  # the ephemeral key serves once
+        if dh is not None:
+            self.job = DhJob(dh_shared, dh.shared_args(dhv),
+                             lambda session: self._verify(r1, c2, cvalid, seqnum, session))
         elif dhvlen:
             raise AuthFailure(Reason.INCORRECT_PAYLOAD, "DH value with the null DH group")
+        else:
+            self._verify(r1, c2, cvalid, seqnum, None)
+
+    def _verify(self, r1: bytes, c2: bytes, cvalid: int, seqnum: int,
+                session: bytes | None) -> None:
+        """The Reply's response checked (with the session secret, if any)."""
         expect = host_response(self._host_key, self.digest, self._c1, self._s1, self.tid,
                                self.hostnqn, self.subnqn, session)
         if not hmac.compare_digest(expect, r1):
@@ -526,7 +628,6 @@ class ControllerAuth:
             self._r2 = ctrl_response(self._ctrl_key, self.digest, c2, seqnum, self.tid,
                                      self.hostnqn, self.subnqn, session)
             self.bidirectional = True
-        self._dh = None  # the ephemeral key has served
         self.step = Step.SUCCESS1
 
     def _success2(self, msg: bytes, tid: int) -> None:
@@ -553,6 +654,7 @@ class ControllerAuth:
     # ---- Authentication Receive ----
     def receive(self, al: int) -> bytes:
         """The next message for the host, at most ``al`` bytes long (else Failure1)."""
+        self.run_job()
         try:
             if self.step is Step.CHALLENGE:
                 return self._challenge(al)
@@ -568,8 +670,6 @@ class ControllerAuth:
 
     def _challenge(self, al: int) -> bytes:
         hl = HASH_LEN[HashId(self.digest)]
-        if self.dhgroup:
-            self._dh = DhExchange(self.dhgroup)
         dhv = self._dh.public if self._dh is not None else b""
         if al < _CHALLENGE.size + hl + len(dhv):
             raise AuthFailure(Reason.INCORRECT_PAYLOAD, f"receive buffer of {al} bytes too small")

@@ -17,12 +17,22 @@ between it and a queue pair:
   one) is closed, so a host cannot park unauthenticated connections.
 - Keys are looked up when a transaction starts, so nvmf_subsystem_set_keys applies to
   the next (re-)authentication without touching connected queues.
+- The DH exponentiations (the engine's ``job``) run in the target's worker processes
+  (dh_workers.py), never on the reactor: a job starts as soon as the message that makes
+  it possible is handled (our key pair right after Negotiate, the session secret right
+  after Reply) and the Send completes at once. The queue's Authentication commands are
+  handled strictly in order: one arriving while a job is in flight waits in
+  ``qp.auth_waiting`` and runs when the result is back (`_job_finished`, on the
+  reactor), so the Receive that needs it answers then. A queue closed meanwhile drops
+  the result; a job not yet started is cancelled (`on_teardown`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
 
 from . import spec
 from .auth import (
@@ -38,6 +48,7 @@ from .auth import (
     HashId,
     MsgId,
 )
+from .dh_workers import WorkersUnavailable
 from .structs import auth_fields
 from .subsystem import DISCOVERY_NQN
 
@@ -140,6 +151,22 @@ def _settle(qp: Qpair, auth: ControllerAuth) -> bool:
 
 
 def auth_send(qp: Qpair, req: Request) -> None:
+    _in_order(qp, req, _send)
+
+
+def auth_recv(qp: Qpair, req: Request) -> None:
+    _in_order(qp, req, _recv)
+
+
+def _in_order(qp: Qpair, req: Request, handler: Callable[[Qpair, Request], None]) -> None:
+    """Run ``handler`` now, or after the job in flight and the commands before it."""
+    if qp.auth_job is not None or qp.auth_waiting:
+        qp.auth_waiting.append((handler, req))
+        return
+    handler(qp, req)
+
+
+def _send(qp: Qpair, req: Request) -> None:
     if _host_entry_keys(qp) is None and qp.auth is None:
         req.fail(SC_SEQUENCE)  # nothing to authenticate (as SPDK)
         return
@@ -154,10 +181,11 @@ def auth_send(qp: Qpair, req: Request) -> None:
     auth = qp.auth
     auth.send(msg)
     req.complete(0)
-    _settle(qp, auth)
+    if not _settle(qp, auth):
+        _start_job(qp, auth)
 
 
-def auth_recv(qp: Qpair, req: Request) -> None:
+def _recv(qp: Qpair, req: Request) -> None:
     if _host_entry_keys(qp) is None and qp.auth is None:
         req.fail(SC_SEQUENCE)
         return
@@ -176,4 +204,65 @@ def auth_recv(qp: Qpair, req: Request) -> None:
     # The whole allocation length, zero-filled after the message, as Linux nvmet does:
     # hosts size their buffer (and their transfer) before they know the message length.
     req.complete_data(msg.ljust(al, b"\0"))
-    _settle(qp, auth)
+    if not _settle(qp, auth):
+        _start_job(qp, auth)
+
+
+# ---- DH jobs in the worker processes ----
+
+
+def _start_job(qp: Qpair, auth: ControllerAuth) -> None:
+    """Hand the engine's pending job to a worker. Without workers it stays pending and
+    the engine computes it inline in the next send/receive (on the reactor)."""
+    job = auth.job
+    if job is None or qp.closed:
+        return
+    fut = qp.target.dh_workers.submit(job.fn, *job.args)
+    if fut is None:
+        return
+    qp.auth_job = fut
+    loop = qp.reactor.loop
+
+    def done(f: Future[Any]) -> None:  # in a worker's reader thread: to the reactor
+        try:
+            loop.call_soon_threadsafe(_job_finished, qp, auth, f)  # type: ignore[union-attr]
+        except RuntimeError:  # the reactor's loop is closed: the target is stopping
+            pass
+
+    fut.add_done_callback(done)
+
+
+def _job_finished(qp: Qpair, auth: ControllerAuth, fut: Future[Any]) -> None:
+    """On the reactor: apply the result, then run the commands that waited for it."""
+    if qp.auth_job is not fut:
+        return  # the queue was torn down meanwhile: nothing to answer
+    qp.auth_job = None
+    if qp.closed or fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is None:
+        auth.job_done(fut.result())
+    elif isinstance(exc, WorkersUnavailable):  # (logged by the pool)
+        auth.run_job()
+    else:
+        log.warning("%s: DH computation for %s failed: %r", qp, qp.hostnqn, exc)
+        auth.job_failed(f"DH computation failed: {type(exc).__name__}")
+    if _settle(qp, auth):
+        return
+    _drain(qp)
+
+
+def _drain(qp: Qpair) -> None:
+    while qp.auth_waiting and qp.auth_job is None and not qp.closed:
+        handler, req = qp.auth_waiting.pop(0)
+        handler(qp, req)
+
+
+def on_teardown(qp: Qpair) -> None:
+    """The queue is closing: a job not yet started is cancelled, a running one's result
+    will be dropped (`_job_finished`), the waiting commands go with the queue."""
+    fut: Any = qp.auth_job
+    qp.auth_job = None
+    if fut is not None:
+        fut.cancel()
+    qp.auth_waiting.clear()

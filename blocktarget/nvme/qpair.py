@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..tcp_limits import QUEUE_OVERFLOW, DataBudget, StallWatch
-from . import fastlane, pdu, spec
+from . import auth_cmd, fastlane, pdu, spec
 from .controller import QpairCounters
 from .dispatch import dispatch
 from .rx_arena import RxArena
@@ -178,6 +178,10 @@ class Qpair(asyncio.BufferedProtocol):
         # Authentication Send/Receive with AUTH_REQUIRED; auth is the open transaction.
         self.auth_pending = False
         self.auth: Any = None
+        # a DH job of `auth` in a worker process (a Future), and the Authentication
+        # commands that arrived meanwhile: (handler, request), handled in order after it
+        self.auth_job: Any = None
+        self.auth_waiting: list[Any] = []
         self.requests: dict[int, Request] = {}
         self.channels: dict[int, Any] = {}  # nsid -> (namespace, bdev channel)
         self.r2t_pending: dict[int, Request] = {}  # ttag -> request awaiting H2CData
@@ -543,6 +547,8 @@ class Qpair(asyncio.BufferedProtocol):
         if self.closed and self.transport is None:
             return
         self.closed = True
+        if self.auth_job is not None or self.auth_waiting:
+            auth_cmd.on_teardown(self)
         for req in list(self.requests.values()):
             req.done = True  # bdev completions arriving later are dropped
         for req in self.r2t_pending.values():

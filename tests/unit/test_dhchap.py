@@ -303,7 +303,9 @@ def test_wrong_host_key_is_refused() -> None:
                  dhgroups=[1])
     c.send(h.negotiate())
     c.send(h.reply(c.receive(4096)))
-    assert c.step is Step.FAILURE1
+    assert c.step is Step.REPLY and c.job is not None  # the check needs the DH secret
+    c.run_job()
+    assert c.step is Step.FAILURE1 and c.job is None
     msg = c.receive(4096)
     assert msg[7] == Reason.FAILED and c.failed
     with pytest.raises(AuthRejected) as exc:
