@@ -45,8 +45,8 @@ class TransportOptions:
     max_connections_per_address: int = 1024  # from one host address
     stall_timeout_sec: int = 30  # a PDU begun but unfinished; or no Connect yet
     r2t_timeout_sec: int = 30  # an R2T whose data has not all arrived
-    # plain reads and in-capsule writes on malloc namespaces run in C (nvme/fastlane.py);
-    # false: every command takes the Python path
+    # reads, writes and flushes on the backends the C lane serves run in C
+    # (nvme/fastlane.py); false: every command takes the Python path
     c_fast_path: bool = True
 
     @classmethod
@@ -125,8 +125,8 @@ TRANSPORT_SCHEMA = Schema(
         Param("r2t_timeout_sec", int,
               help="close a connection that leaves an R2T unanswered this long (0: never)"),
         Param("c_fast_path", bool,
-              help="run plain reads and in-capsule writes on malloc namespaces in the C "
-              "lane (blocktarget's own; false: every command on the Python path)"),
+              help="run reads, writes and flushes in the C data plane where the bdev allows "
+              "(blocktarget's own; false: every command on the Python path)"),
     ),
     # SPDK options with no meaning in this implementation: accepted so SPDK configs load
     extra_ok=frozenset({
