@@ -184,7 +184,7 @@ def perf_config(args: argparse.Namespace) -> PerfConfig:
         hostnqn=args.hostnqn, size=parse_size(args.size) if args.size else 0,
         progress=not args.quiet, seed=args.seed,
         journal=args.journal, check_only=args.check_only, journal_sync=args.journal_sync,
-        engine=args.engine,
+        engine=args.engine, copy_data=args.copy_data,
         dhchap_secret=args.dhchap_secret, dhchap_ctrl_secret=args.dhchap_ctrl_secret,
     )
     cfg.validate()
@@ -280,6 +280,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="I/O loop: c (fast, in the C extension), python (the reference), "
                    "auto (default: c unless the run needs python, e.g. --journal)")
+    p.add_argument("--copy-data", action="store_true",
+                   help="C engine: receive read data into per-command buffers as an "
+                   "application would (by default data nobody checks is dropped, large "
+                   "payloads without being copied at all)")
     p.add_argument("--seed", type=int, help="random seed (reproducible offsets)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -266,6 +266,7 @@ class PerfConfig:
     check_only: bool = False  # with journal: check it, run no workload
     journal_sync: bool = False  # fsync each acknowledgement (host power-loss safety)
     engine: str = "auto"  # the I/O loop: "c" (fastperf.py), "python" (_Engine), "auto"
+    copy_data: bool = False  # C engine: land read data in buffers even unverified
     # DH-HMAC-CHAP keys (DHHC-1:..); never part of the printed result
     dhchap_secret: str | None = field(default=None, repr=False)
     dhchap_ctrl_secret: str | None = field(default=None, repr=False)
@@ -820,7 +821,7 @@ async def _prepare(cfg: PerfConfig, index: int, count: int,
         eng: _Engine | CEngine
         if why_python is None:
             eng = CEngine(ctrl.io_queues[0], cfg, cfg.nsid, ns.lba_size, index * per, per,
-                          qd, result)
+                          qd, result, land=cfg.copy_data)
         else:
             eng = _Engine(ctrl.io_queues[0], cfg, cfg.nsid, ns.lba_size, index * per, per,
                           qd, result)
