@@ -271,7 +271,7 @@ static void event(struct st *s, uint32_t kind, const struct slot *sl, uint32_t s
 
 static inline void push(struct st *s, const void *base, size_t len)
 {
-    if (s->iov_tail == s->iov_cap) {  /* never full with everything sent: compact */
+    if (s->iov_tail == s->iov_cap) {  /* sized for the worst case (setup): compact */
         uint32_t n = s->iov_tail - s->iov_head;
         memmove(s->iov, s->iov + s->iov_head, n * sizeof *s->iov);
         s->iov_head = 0;
@@ -940,7 +940,12 @@ static int setup(struct st *s, struct bt_perf *p)
     s->nslots = p->qd;
     s->slots = calloc(s->nslots, sizeof *s->slots);
     s->freel = calloc(s->nslots, sizeof *s->freel);
-    s->iov_cap = s->nslots * (3 + 3 * s->nh2c) + 8;
+    /* what can be queued at once: per command its capsule (header, data, digest) or
+       the H2CData PDUs answering one R2T (MAXR2T 0: one at a time), plus a TermReq */
+    uint64_t cap = (uint64_t)s->nslots * (3 + 3 * (uint64_t)s->nh2c) + 8;
+    if (cap > (1u << 22))
+        return fail(s, BT_PERF_BADCFG, "queue depth x transfer size too large");
+    s->iov_cap = (uint32_t)cap;
     s->iov = calloc(s->iov_cap, sizeof *s->iov);
     s->rx = malloc(RX_CAP);
     if (s->slots == NULL || s->freel == NULL || s->iov == NULL || s->rx == NULL)

@@ -183,7 +183,12 @@ class CEngine:
         before = (p.verified_reads, p.verify_failures)
         async with self.qp.lend_socket() as fd:
             p.fd = fd
-            rc = await _run_in_thread(p)
+            try:
+                rc = await _run_in_thread(p)
+            except asyncio.CancelledError:
+                # stopped mid-stream: what is on the wire belongs to no Python command
+                self.qp.close(ConnectionAbortedError(errno.ECONNABORTED, "perf cancelled"))
+                raise
         res = self.result
         res.verified_reads += p.verified_reads - before[0]
         res.verify_failures += p.verify_failures - before[1]
