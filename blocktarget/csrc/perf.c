@@ -192,9 +192,14 @@ static inline uint64_t rnd(struct st *s)
     return x * 0x2545F4914F6CDD1Dull;
 }
 
+/* uniform in [0, n): the high half of a 64x64-bit product (Lemire), without a division */
 static inline uint64_t rnd_below(struct st *s, uint64_t n)
 {
+#ifdef __SIZEOF_INT128__
     return (uint64_t)(((unsigned __int128)rnd(s) * n) >> 64);
+#else
+    return rnd(s) % n;
+#endif
 }
 
 /* ---- errors ---- */

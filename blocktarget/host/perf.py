@@ -3,7 +3,14 @@ spdk_nvme_perf and fio.
 
 Design notes:
 
-* The I/O loop is callback driven on :meth:`QueuePair.submit_cb`, not one coroutine
+* Two engines run the I/O loop. The C engine (:mod:`.fastperf`, csrc/perf.c; the
+  default, ``--engine auto``) runs each phase of a connection's workload in one C call
+  with the GIL released, at a small fraction of the Python engine's CPU per I/O, so
+  that the target, not the initiator, limits a benchmark. The Python engine below
+  (:class:`_Engine`, ``--engine python``) is its reference and runs what the C engine
+  does not (``--journal``); both produce the same results, messages and errors, and the
+  result names the engine that ran.
+* The Python I/O loop is callback driven on :meth:`QueuePair.submit_cb`, not one coroutine
   per I/O: a completion resubmits from inside ``data_received``, so every completion in
   a TCP segment turns into a new command in the same loop iteration and they all leave
   in one ``writelines``. Coroutines would cost a Task step per I/O.
@@ -276,8 +283,8 @@ class PerfConfig:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
-        if self.engine == "c" and self.journal is not None:
-            raise ValueError("--journal runs on the Python engine (--engine auto or python)")
+        if self.engine == "c" and (why := fastperf.unsupported(self)) is not None:
+            raise ValueError(f"--engine c: {why} (use --engine auto or python)")
         if self.io_size <= 0:
             raise ValueError("io size must be positive")
         if not 1 <= self.qd <= 65534:
