@@ -103,9 +103,10 @@
 #define CELL_DDGST 128
 #define RX_CAP (256u * 1024)
 #define DIRECT_MIN 16384u      /* payload left to receive for recv() straight to its place */
-#define SKIM_MIN 32768u        /* I/O size from which unread payloads are never copied */
+#define SKIM_MIN 32768u        /* I/O size from which headers are received exactly */
 #define POLL_MAX_MS 100
 #define LOWAT_MAX (1u << 20)
+#define LOWAT_WAIT_MS 2
 #define MAX_IOV 1024
 
 enum { RX_CH, RX_HDR, RX_DATA, RX_DDGST };
@@ -135,11 +136,12 @@ struct st {
     uint32_t *freel;
     uint32_t nfree, inflight, active, parked;
     int stopping;
-    int skim;                   /* read PDU headers exactly, discard payloads in the kernel */
+    int exact;                  /* large reads: headers received exactly, payloads
+                                   straight to their place or discarded in the kernel */
     uint32_t refill;            /* free slots worth a submission round while data waits */
     uint32_t resp_min;          /* fewest bytes a command's answer puts on the wire */
     uint32_t lowat;             /* SO_RCVLOWAT set on the socket (1: the default) */
-    int lowat_off;              /* a poll timed out waiting for it: not this phase */
+    uint64_t rx_bytes, done;    /* this phase: bytes received, commands completed */
     /* send queue */
     struct iovec *iov;
     uint32_t iov_head, iov_tail, iov_cap;
@@ -492,6 +494,7 @@ static void complete(struct st *s, struct slot *sl, uint32_t status)
     struct bt_perf *p = s->p;
     s->inflight--;
     p->completed++;
+    s->done++;
     s->last_progress = s->now;
     if (p->verify)
         s->busy[sl->unit >> 3] &= (uint8_t)~(1u << (sl->unit & 7));
@@ -838,17 +841,19 @@ static int parse(struct st *s)
 /* One receive; >0 bytes, 0 EOF, <0 errno-style (-EAGAIN...). A payload still to come
    goes straight to its place (or is discarded in the kernel) once the buffer is empty.
 
-   Skimming (large I/O whose payload nobody reads): a receive into the buffer would copy
-   whatever is queued, payloads included, so headers are received exactly (every PDU a
-   controller sends is at least 24 bytes, plus 4 with header digests but for a final
-   TermReq) and payloads skipped with MSG_TRUNC: a few more system calls, no copy. */
+   Large reads (exact): a receive into the buffer would copy whatever is queued, payloads
+   included, and the payloads then again to their place; so headers are received
+   exactly (every PDU a controller sends is at least 24 bytes, plus 4 with header
+   digests but for a final TermReq; a data digest is read with the next header) and
+   payloads straight into the command's buffer or, when nobody reads them, skipped with
+   MSG_TRUNC: a few more system calls, one copy or none. */
 static ssize_t receive(struct st *s, int *full)
 {
     struct bt_perf *p = s->p;
     ssize_t n;
     *full = 0;
     if (s->rstate == RX_DATA && s->rpos == s->rend && s->dremain
-        && (s->dremain >= DIRECT_MIN || s->skim) && (s->ddest != NULL || !s->ddgst_on)) {
+        && (s->dremain >= DIRECT_MIN || s->exact) && (s->ddest != NULL || !s->ddgst_on)) {
         s->rpos = s->rend = 0;
         if (s->ddest != NULL) {
             unsigned char *dst = s->ddest + (s->ddatal - s->dremain);
@@ -877,12 +882,14 @@ static ssize_t receive(struct st *s, int *full)
         s->rpos = 0;
     }
     size_t room = RX_CAP - s->rend;
-    if (s->skim && s->rstate != RX_DATA) {
-        size_t have = s->rend, want;
+    if (s->exact && s->rstate != RX_DATA) {
+        size_t have = s->rend, want, base = SMALL_HLEN + (p->hdgst ? DIGEST : 0);
         if (s->rstate == RX_HDR)
             want = s->hdr_need - have;
+        else if (s->rstate == RX_DDGST)  /* the digest and the next PDU's header */
+            want = DIGEST + base - have;
         else  /* RX_CH with less than a common header */
-            want = SMALL_HLEN + (p->hdgst ? DIGEST : 0) - have;
+            want = base - have;
         n = recv(p->fd, s->rx + s->rend, want, MSG_DONTWAIT);
         p->syscalls_rx++;
         if (n > 0) {
@@ -978,8 +985,8 @@ static int setup(struct st *s, struct bt_perf *p)
         }
         s->wcrc_all = bt_crc32c(0, p->wbuf, p->io_size);
     }
-    s->skim = p->io_size >= SKIM_MIN && !p->verify && !p->land && !p->ddgst
-              && (p->mode == BT_PERF_READBACK || (p->mode == BT_PERF_TIMED && p->read_share));
+    s->exact = p->io_size >= SKIM_MIN && (p->verify || p->land || !p->ddgst)
+               && (p->mode == BT_PERF_READBACK || (p->mode == BT_PERF_TIMED && p->read_share));
     s->refill = s->nslots / 4 ? s->nslots / 4 : 1;
     if (p->mode == BT_PERF_READBACK || (p->mode == BT_PERF_TIMED && p->read_share >= 100))
         s->resp_min = p->io_size;
@@ -993,21 +1000,26 @@ static int setup(struct st *s, struct bt_perf *p)
     return 0;
 }
 
-/* Wake from poll only once a batch of answers is in (SO_RCVLOWAT): a wakeup costs more
-   than handling several answers, and with a quarter of the queue depth still answered
-   in batch the controller never runs dry. Only while at least twice the batch is in
-   flight, every command owing at least resp_min bytes, so the bytes do come; a poll
-   that times out anyway (errors answer reads with 24 bytes, a slow device) turns it off
-   for the phase. */
+/* Wake from poll only once a batch of answers is in (SO_RCVLOWAT): a wakeup costs far
+   more than handling an answer (a context switch, ~10 µs in a VM), and with a quarter of
+   the queue depth answered per wakeup the rest keeps the controller busy. Only while at
+   least twice that batch is in flight. A batch is sized from what answers have carried
+   so far in this phase (before enough of them: the least an answer can be), so error
+   answers (24 bytes for a read) shrink it rather than stall it; and poll waits at most
+   LOWAT_WAIT_MS for it before reading whatever is there (a slow or starved controller
+   costs a few spare wakeups, never throughput). */
 static int set_lowat(struct st *s)
 {
     struct bt_perf *p = s->p;
     uint32_t want = 1;
-    if (!s->stopping && !s->lowat_off && s->refill >= 2 && s->inflight >= 2 * s->refill) {
-        uint64_t w = (uint64_t)s->refill * s->resp_min;
-        want = w > LOWAT_MAX ? LOWAT_MAX : (uint32_t)w;
+    if (!s->stopping && s->refill >= 2 && s->inflight >= 2 * s->refill) {
+        uint64_t per = s->done >= s->nslots ? s->rx_bytes / s->done : s->resp_min;
+        uint64_t w = (uint64_t)s->refill * per;
+        want = w > LOWAT_MAX ? LOWAT_MAX : w < 2 ? 1 : (uint32_t)w;
     }
-    if (want == s->lowat)
+    /* small drifts are not worth a system call */
+    if (want == s->lowat || (want > 1 && s->lowat > 1 && want < s->lowat + s->lowat / 4
+                             && want > s->lowat - s->lowat / 4))
         return 0;
     int v = (int)want;
     if (setsockopt(p->fd, SOL_SOCKET, SO_RCVLOWAT, &v, sizeof v) < 0) {
@@ -1089,6 +1101,8 @@ int bt_perf_run(struct bt_perf *p)
                 if (left / 1000000u < (uint64_t)ms)
                     ms = (int)((left + 999999u) / 1000000u);
             }
+            if (s.lowat > 1 && ms > LOWAT_WAIT_MS)
+                ms = LOWAT_WAIT_MS;
             struct pollfd pf = {.fd = p->fd, .events = POLLIN};
             if (s.iov_head < s.iov_tail)
                 pf.events |= POLLOUT;
@@ -1108,12 +1122,8 @@ int bt_perf_run(struct bt_perf *p)
                          (double)p->timeout_ns / 1e9, s.inflight);
                     break;
                 }
-                if (r == 0 && s.lowat > 1) {
-                    /* the answers in flight are shorter than guessed (errors) or slow:
-                       batching wakeups buys nothing here; read what is there */
-                    s.lowat_off = 1;
-                    try_recv = 1;
-                }
+                if (r == 0 && s.lowat > 1)
+                    try_recv = 1;  /* the batch is late: read what is there */
                 continue;
             }
         }
@@ -1134,6 +1144,7 @@ int bt_perf_run(struct bt_perf *p)
             break;
         }
         s.last_progress = s.now;
+        s.rx_bytes += (uint64_t)n;
         try_recv = full;
         if (p->fatal || parse(&s) < 0)
             break;

@@ -436,3 +436,18 @@ async def test_write_reaches_the_disk_intact(disk: Disk) -> None:
         block = bytes(disk.data[unit * 4096:(unit + 1) * 4096])
         gen = int.from_bytes(block[12:16], "little")
         assert gen >= 2 and block == make_pattern(unit * 8, 8, BS, gen), unit
+
+
+async def test_error_answers_do_not_stall_batched_wakeups() -> None:
+    """Large reads make the C loop wait for a batch of data per wakeup (SO_RCVLOWAT);
+    a controller failing every read answers with 24 bytes instead: the batch is sized
+    from what answers actually carry, so the run goes on at the fake's pace."""
+    status = spec.make_status(spec.Sct.MEDIA_ERROR, 0x81)
+
+    def handler(conn: FakeConn, p: Any) -> None:
+        conn.respond(sqe_of(p).cid, status=status)
+
+    res = await _run("c", handler, "read", io_size=131072, units=8, qd=32, time_s=1.0,
+                     verify=False)
+    assert res.read.ops == 0 and res.read.errors > 2000, res.read.errors
+    assert len(res.messages) == 10
