@@ -1006,9 +1006,9 @@ static int setup(struct st *s, struct bt_perf *p)
 }
 
 /* Wake from poll only once a batch of answers is in (SO_RCVLOWAT): a wakeup costs far
-   more than handling an answer (a context switch, ~10 µs in a VM), and with a quarter of
-   the queue depth answered per wakeup the rest keeps the controller busy. Only while at
-   least twice that batch is in flight. A batch is sized from what answers have carried
+   more than handling an answer (a context switch, ~10 µs in a VM), and with half the
+   queue depth answered per wakeup the other half keeps the controller busy. Only while
+   the queue is full (twice the batch in flight). A batch is sized from what answers have carried
    so far in this phase (before enough of them: the least an answer can be), so error
    answers (24 bytes for a read) shrink it rather than stall it; and poll waits at most
    LOWAT_WAIT_MS for it before reading whatever is there (a slow or starved controller
@@ -1017,9 +1017,10 @@ static int set_lowat(struct st *s)
 {
     struct bt_perf *p = s->p;
     uint32_t want = 1;
-    if (!s->stopping && s->refill >= 2 && s->inflight >= 2 * s->refill) {
+    uint32_t batch = s->nslots / 2;
+    if (!s->stopping && batch >= 2 && s->inflight >= 2 * batch) {
         uint64_t per = s->done >= s->nslots ? s->rx_bytes / s->done : s->resp_min;
-        uint64_t w = (uint64_t)s->refill * per;
+        uint64_t w = (uint64_t)batch * per;
         want = w > LOWAT_MAX ? LOWAT_MAX : w < 2 ? 1 : (uint32_t)w;
     }
     /* small drifts are not worth a system call */

@@ -255,7 +255,7 @@ def _corrupting(disk: Disk, nth: int) -> Any:
 
 @pytest.mark.parametrize("engine", ENGINES)
 async def test_a_stale_block_is_caught(disk: Disk, engine: str) -> None:
-    res = await _run(engine, _corrupting(disk, UNITS + 5), "randread")  # after the prefill
+    res = await _run(engine, _corrupting(disk, 5), "randread")  # (the prefill only writes)
     assert res.verify_failures == 1 and not res.ok
     assert len(res.messages) == 1
     assert res.messages[0].startswith("verify: LBA ")
@@ -412,7 +412,7 @@ async def test_cancel_stops_the_c_loop(disk: Disk) -> None:
     t0 = asyncio.get_running_loop().time()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert asyncio.get_running_loop().time() - t0 < 2.0
+    assert asyncio.get_running_loop().time() - t0 < 5.0  # (the run was to last 30 s)
 
 
 async def test_results_merge_across_engines(disk: Disk) -> None:
