@@ -382,8 +382,10 @@ async def test_fatal_cases_match(case: str) -> None:
     (py_exc, py_rx), (c_exc, c_rx) = got["python"], got["c"]
     assert type(c_exc) is type(py_exc)
 
-    def text(exc: BaseException) -> str:  # the peer's port and the CIDs differ per run
-        return re.sub(r"\d+", "#", str(exc))
+    def text(exc: BaseException) -> str:
+        # the peer's port and the CIDs differ per run; a close with our bytes unread on
+        # the fake's side is a reset or an EOF depending on timing, for either engine
+        return re.sub(r"\d+", "#", re.sub(r" lost: .*", " lost", str(exc)))
 
     assert text(c_exc) == text(py_exc)
     if isinstance(py_exc, TransportError):
