@@ -769,7 +769,9 @@ static int header(struct st *s, const unsigned char *h)
     }
 }
 
-static int finish_c2h_checked(struct st *s, int digest_bad)
+/* The current C2HData PDU is in (payload and digest): account for it; with SUCCESS it
+   completes the command (connection.py's _c2h / _data_digest_error). */
+static int finish_c2h(struct st *s, int digest_bad)
 {
     struct slot *sl = s->dslot;
     struct bt_perf *p = s->p;
@@ -828,7 +830,7 @@ static int parse(struct st *s)
             if (s->dremain == 0) {
                 if (s->ddgst_on)
                     s->rstate = RX_DDGST;
-                else if (finish_c2h_checked(s, 0) < 0)
+                else if (finish_c2h(s, 0) < 0)
                     return -1;
             }
             break;
@@ -836,7 +838,7 @@ static int parse(struct st *s)
             if (avail < DIGEST)
                 return 0;
             s->rpos += DIGEST;
-            if (finish_c2h_checked(s, ld32(h) != s->dcrc) < 0)
+            if (finish_c2h(s, ld32(h) != s->dcrc) < 0)
                 return -1;
             break;
         }
