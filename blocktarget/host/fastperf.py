@@ -71,10 +71,10 @@ _EVENTS = 10  # perf.py's _MAX_MESSAGES: no more can be reported anyway
 
 def unsupported(cfg: PerfConfig) -> str | None:
     """Why ``cfg`` cannot run on the C engine (None: it can)."""
-    if not AVAILABLE:
-        return "the C extension (blocktarget._fastpath) is not built"
     if cfg.journal is not None:
         return "--journal runs on the Python engine"
+    if not AVAILABLE:
+        return "the C extension (blocktarget._fastpath) is not built"
     return None
 
 
