@@ -21,7 +21,7 @@ from blocktarget.nvme import spec, structs
 
 from .connection import NvmeStatusError
 from .controller import connect, discover
-from .perf import WORKLOADS, PerfConfig, format_result, parse_size, result_json, run_perf
+from .perf import ENGINES, WORKLOADS, PerfConfig, format_result, parse_size, result_json, run_perf
 
 __all__ = ["add_commands", "format_discovery_entry"]
 
@@ -184,6 +184,7 @@ def perf_config(args: argparse.Namespace) -> PerfConfig:
         hostnqn=args.hostnqn, size=parse_size(args.size) if args.size else 0,
         progress=not args.quiet, seed=args.seed,
         journal=args.journal, check_only=args.check_only, journal_sync=args.journal_sync,
+        engine=args.engine, copy_data=args.copy_data,
         dhchap_secret=args.dhchap_secret, dhchap_ctrl_secret=args.dhchap_ctrl_secret,
     )
     cfg.validate()
@@ -276,6 +277,13 @@ def add_commands(sub: Any) -> None:
                    help="with --journal: only check the journaled blocks, no workload")
     p.add_argument("--journal-sync", action="store_true",
                    help="fsync the journal after each acknowledgement (host power loss)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="I/O loop: c (fast, in the C extension), python (the reference), "
+                   "auto (default: c unless the run needs python, e.g. --journal)")
+    p.add_argument("--copy-data", action="store_true",
+                   help="C engine: receive read data into per-command buffers as an "
+                   "application would (by default data nobody checks is dropped, large "
+                   "payloads without being copied at all)")
     p.add_argument("--seed", type=int, help="random seed (reproducible offsets)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -32,12 +32,14 @@ Choices (each checked against Linux ``drivers/nvme/host/tcp.c`` and SPDK
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
+import os
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 from blocktarget.nvme import pdu, spec
@@ -276,6 +278,43 @@ class QueuePair(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed_future)
+
+    @contextlib.asynccontextmanager
+    async def lend_socket(self, timeout: float = 10.0) -> AsyncIterator[int]:
+        """Lend the connected socket to a data plane outside this object (``perf``'s C
+        loop, csrc/perf.c) and take it back afterwards.
+
+        Only between PDUs with nothing outstanding: no command in flight, nothing
+        half-decoded, every queued byte written (waited for, up to ``timeout``).
+        Reading is paused so the event loop does not race the borrower for bytes, and
+        the borrower gets a duplicate descriptor, so a teardown of this queue pair
+        meanwhile (a failed keep-alive closes the controller) can never hand its number
+        to another file under the borrower's feet. The borrower must leave the stream at
+        a PDU boundary with nothing outstanding, or the queue pair must be closed.
+        """
+        if self._error is not None:
+            raise self._error
+        if self.outstanding or not self._dec.idle:
+            raise RuntimeError(f"queue pair {self.qid} is busy: cannot lend its socket")
+        self._flush()
+        t = self._transport
+        assert t is not None
+        async with asyncio.timeout(timeout):
+            while t.get_write_buffer_size():
+                if self._error is not None:
+                    raise self._error
+                await asyncio.sleep(0.001)
+        sock = t.get_extra_info("socket")
+        if sock is None:  # pragma: no cover - every TCP transport has one
+            raise RuntimeError("transport has no socket")
+        t.pause_reading()
+        fd = os.dup(sock.fileno())
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+            if self._error is None and self._transport is not None:
+                self._transport.resume_reading()
 
     def _fail_all(self, err: BaseException) -> None:
         for cid, cmd in enumerate(self._cmds):

@@ -3,7 +3,14 @@ spdk_nvme_perf and fio.
 
 Design notes:
 
-* The I/O loop is callback driven on :meth:`QueuePair.submit_cb`, not one coroutine
+* Two engines run the I/O loop. The C engine (:mod:`.fastperf`, csrc/perf.c; the
+  default, ``--engine auto``) runs each phase of a connection's workload in one C call
+  with the GIL released, at a small fraction of the Python engine's CPU per I/O, so
+  that the target, not the initiator, limits a benchmark. The Python engine below
+  (:class:`_Engine`, ``--engine python``) is its reference and runs what the C engine
+  does not (``--journal``); both produce the same results, messages and errors, and the
+  result names the engine that ran.
+* The Python I/O loop is callback driven on :meth:`QueuePair.submit_cb`, not one coroutine
   per I/O: a completion resubmits from inside ``data_received``, so every completion in
   a TCP segment turns into a new command in the same loop iteration and they all leave
   in one ``writelines``. Coroutines would cost a Task step per I/O.
@@ -48,11 +55,14 @@ from typing import Any, TextIO
 
 from blocktarget.nvme import spec
 
+from . import fastperf
 from .connection import Completion, QueuePair
 from .controller import Controller, connect
+from .fastperf import CEngine
 from .journal import Journal, check_unit
 
 __all__ = [
+    "ENGINES",
     "WORKLOADS",
     "LatencyHistogram",
     "OpStats",
@@ -67,6 +77,7 @@ __all__ = [
 ]
 
 WORKLOADS = ("read", "write", "randread", "randwrite", "rw", "randrw")
+ENGINES = ("auto", "c", "python")
 
 # ---------------------------------------------------------------------------- sizes
 
@@ -261,6 +272,8 @@ class PerfConfig:
     journal: str | None = None  # file of acknowledged writes (see module docstring)
     check_only: bool = False  # with journal: check it, run no workload
     journal_sync: bool = False  # fsync each acknowledgement (host power-loss safety)
+    engine: str = "auto"  # the I/O loop: "c" (fastperf.py), "python" (_Engine), "auto"
+    copy_data: bool = False  # C engine: land read data in buffers even unverified
     # DH-HMAC-CHAP keys (DHHC-1:..); never part of the printed result
     dhchap_secret: str | None = field(default=None, repr=False)
     dhchap_ctrl_secret: str | None = field(default=None, repr=False)
@@ -268,6 +281,10 @@ class PerfConfig:
     def validate(self) -> None:
         if self.workload not in WORKLOADS:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
+        if self.engine == "c" and (why := fastperf.unsupported(self)) is not None:
+            raise ValueError(f"--engine c: {why} (use --engine auto or python)")
         if self.io_size <= 0:
             raise ValueError("io size must be positive")
         if not 1 <= self.qd <= 65534:
@@ -343,6 +360,8 @@ class PerfResult:
     journal_landed: int = 0  # of them, units holding a write that was in flight
     journal_acked: int = 0  # writes this run journaled as acknowledged
     aborted: str = ""  # journal runs: why the run ended early (connection lost)
+    engine: str = ""  # the I/O loop that ran: "c" or "python"
+    engine_note: str = ""  # --engine auto chose Python: why
 
     @property
     def total(self) -> OpStats:
@@ -362,19 +381,23 @@ class PerfResult:
         self.messages.extend(other.messages)
         self.qd = other.qd or self.qd
         self.cpu_s += other.cpu_s
+        self.engine = other.engine or self.engine
+        self.engine_note = other.engine_note or self.engine_note
         return self
 
     def to_wire(self) -> dict[str, Any]:
         return {"elapsed_s": self.elapsed_s, "read": self.read.to_dict(),
                 "write": self.write.to_dict(), "verify_failures": self.verify_failures,
                 "verified_reads": self.verified_reads, "messages": self.messages,
-                "qd": self.qd, "cpu_s": self.cpu_s}
+                "qd": self.qd, "cpu_s": self.cpu_s, "engine": self.engine,
+                "engine_note": self.engine_note}
 
     @classmethod
     def from_wire(cls, config: PerfConfig, d: dict[str, Any]) -> PerfResult:
         return cls(config, d["elapsed_s"], OpStats.from_dict(d["read"]),
                    OpStats.from_dict(d["write"]), d["verify_failures"], d["verified_reads"],
-                   list(d["messages"]), d["qd"], cpu_s=d.get("cpu_s", 0.0))
+                   list(d["messages"]), d["qd"], cpu_s=d.get("cpu_s", 0.0),
+                   engine=d.get("engine", ""), engine_note=d.get("engine_note", ""))
 
     def summary(self) -> dict[str, Any]:
         """Numbers for --json and tests: IOPS, MiB/s, latency (us) per direction."""
@@ -398,6 +421,7 @@ class PerfResult:
         ops = self.read.ops + self.write.ops
         return {
             "config": cfg, "elapsed_s": self.elapsed_s, "qd": self.qd,
+            "engine": self.engine, "engine_note": self.engine_note,
             "initiator_cpu": {
                 "seconds": self.cpu_s,
                 "percent_of_one_core": 100.0 * self.cpu_s / (self.elapsed_s or 1.0),
@@ -430,7 +454,10 @@ class _Slot:
 
 
 class _Engine:
-    """Keeps ``qd`` commands in flight on one queue pair until the deadline."""
+    """Keeps ``qd`` commands in flight on one queue pair until the deadline (the Python
+    engine: the reference for fastperf.CEngine, and what --journal runs on)."""
+
+    kind = "python"
 
     def __init__(self, qp: QueuePair, cfg: PerfConfig, nsid: int, lba_size: int,
                  first_unit: int, units: int, qd: int, result: PerfResult) -> None:
@@ -470,6 +497,11 @@ class _Engine:
             s.buf = memoryview(bytearray(cfg.io_size))
             s.cb = self._make_cb(s)
             self.slots.append(s)
+
+    @property
+    def depth(self) -> int:
+        """Commands in flight at most."""
+        return len(self.slots)
 
     def _make_cb(self, slot: _Slot) -> Callable[[Completion | None, Any], None]:
         def cb(cpl: Completion | None, data: Any) -> None:
@@ -764,8 +796,18 @@ async def _open(cfg: PerfConfig) -> tuple[Controller, int]:
     return ctrl, ctrl.io_queue_size - 1
 
 
+def _choose_engine(cfg: PerfConfig) -> str | None:
+    """None: the C engine runs ``cfg``; else why the Python engine does."""
+    if cfg.engine == "python":
+        return "--engine python"
+    why = fastperf.unsupported(cfg)
+    if why is not None and cfg.engine == "c":
+        raise ValueError(f"--engine c: {why}")
+    return why
+
+
 async def _prepare(cfg: PerfConfig, index: int, count: int,
-                   progress: TextIO | None) -> tuple[Controller, _Engine]:
+                   progress: TextIO | None) -> tuple[Controller, _Engine | CEngine]:
     ctrl, qd = await _open(cfg)
     try:
         ns = await ctrl.namespace(cfg.nsid)
@@ -782,12 +824,22 @@ async def _prepare(cfg: PerfConfig, index: int, count: int,
             raise ValueError(f"working set of {working} bytes is too small for "
                              f"{count} connection(s) of {cfg.io_size}-byte I/O")
         result = PerfResult(cfg, qd=qd)
-        eng = _Engine(ctrl.io_queues[0], cfg, cfg.nsid, ns.lba_size, index * per, per, qd,
-                      result)
-        result.qd = len(eng.slots)
+        why_python = _choose_engine(cfg)
+        eng: _Engine | CEngine
+        if why_python is None:
+            eng = CEngine(ctrl.io_queues[0], cfg, cfg.nsid, ns.lba_size, index * per, per,
+                          qd, result, land=cfg.copy_data)
+        else:
+            eng = _Engine(ctrl.io_queues[0], cfg, cfg.nsid, ns.lba_size, index * per, per,
+                          qd, result)
+            result.engine_note = why_python if cfg.engine == "auto" else ""
+        result.engine = eng.kind
+        result.qd = eng.depth
         if cfg.verify:
-            eng.gens = array.array("I", bytes(4 * per))
+            if isinstance(eng, _Engine):
+                eng.gens = array.array("I", bytes(4 * per))
             if cfg.journal is not None:
+                assert isinstance(eng, _Engine)
                 # no prefill: blocks the journal does not know are simply not verified
                 eng.journal = Journal(cfg.journal, cfg.io_size, ns.lba_size, cfg.nsid,
                                       sync=cfg.journal_sync)
@@ -852,7 +904,7 @@ async def run_perf_async(cfg: PerfConfig, progress: TextIO | None = None) -> Per
     return eng.result
 
 
-async def _print_progress(eng: _Engine, out: TextIO) -> None:
+async def _print_progress(eng: _Engine | CEngine, out: TextIO) -> None:
     start = time.monotonic()
     last = (0, 0, 0)
     last_t = start
@@ -1003,7 +1055,9 @@ def format_result(res: PerfResult) -> str:
         f"{cfg.workload} {cfg.io_size} B, QD {res.qd} x {cfg.connections} connection(s), "
         f"{res.elapsed_s:.2f} s, {cfg.nqn} at {cfg.addr}:{cfg.port}"
         + (" [verify]" if cfg.verify else "")
-        + (" [hdgst]" if cfg.hdgst else "") + (" [ddgst]" if cfg.ddgst else ""),
+        + (" [hdgst]" if cfg.hdgst else "") + (" [ddgst]" if cfg.ddgst else "")
+        + (f", engine {res.engine}" if res.engine else "")
+        + (f" ({res.engine_note})" if res.engine_note else ""),
         f"{'':8}{'IOPS':>14}{'MiB/s':>11}{'avg us':>11}{'min us':>10}{'p50 us':>10}"
         f"{'p99 us':>10}{'p99.9 us':>10}{'max us':>11}{'errors':>8}",
     ]

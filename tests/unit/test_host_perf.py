@@ -250,3 +250,16 @@ def test_discovery_entry_format() -> None:
                  "treq:    not required", "trsvcid: 4420", "traddr:  10.0.0.1",
                  "subnqn:  nqn.2026-01.io.blocktarget:default", "sectype: none"):
         assert line in text
+
+
+def test_engine_arguments() -> None:
+    d = perf_config(_perf_args())
+    assert (d.engine, d.copy_data) == ("auto", False)
+    c = perf_config(_perf_args("--engine", "python", "--copy-data"))
+    assert (c.engine, c.copy_data) == ("python", True)
+    with pytest.raises(SystemExit):
+        _perf_args("--engine", "rust")
+    with pytest.raises(ValueError, match="--journal runs on the Python engine"):
+        perf_config(_perf_args("--engine", "c", "--verify", "--journal", "/tmp/x.journal"))
+    j = perf_config(_perf_args("--verify", "--journal", "/tmp/x.journal"))
+    assert j.engine == "auto"  # and the run picks Python (tests/integration/test_perf_engines)
