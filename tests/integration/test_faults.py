@@ -493,8 +493,13 @@ def test_abrupt_disconnects_mid_r2t(target: RunningTarget) -> None:
 def test_message_storm_during_io(target: RunningTarget) -> None:
     """4 threads fire RPCs back to back for 8 s (about 1 in 4 a broadcast to both
     reactors, 1 in 20 a namespace add/remove pair, which messages every reactor; at
-    least 3,000 in all, ~10,000-20,000 here) while two verifying hosts keep I/O on both
-    reactors. Longer: BT_STORM_S=600."""
+    least 1,000 in all, ~10,000-20,000 here on a quiet machine, 2,000-5,500 with both
+    cores kept busy by other processes) while two verifying hosts keep I/O on both
+    reactors. Longer: BT_STORM_S=600.
+
+    The floors and ceilings are about the machine as much as the target, so they are
+    set well clear of what a loaded 2-core machine gives: an RPC or I/O that took 5 s
+    was held up by something other than load (seen: up to 1.2 s)."""
     port = port_of(target)
     storm_s = float(os.environ.get("BT_STORM_S", "8"))
     lat: list[float] = []
@@ -571,11 +576,11 @@ def test_message_storm_during_io(target: RunningTarget) -> None:
           f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {mx * 1e3:.1f} ms; "
           f"host: {ios} verified I/Os, p99 {io_p99 * 1e3:.1f} ms, max {io_max * 1e3:.1f} ms, "
           f"errors {sum(r.read.errors + r.write.errors + r.verify_failures for r in results)}")
-    assert len(lat) >= 3000, "too few RPCs to call it a storm"
+    assert len(lat) >= 1000, "too few RPCs to call it a storm"
     assert elapsed < storm_s + 2.5, "the storm outlasted the I/O it was meant to disturb"
     for r in results:
         assert r.ok and r.verified_reads > 0, r.messages
-    assert mx < 2.0, "an RPC took over 2 s during the storm"
-    assert io_max < 2.0, "an I/O took over 2 s during the storm"
+    assert mx < 5.0, "an RPC took over 5 s during the storm"
+    assert io_max < 5.0, "an I/O took over 5 s during the storm"
 
 
