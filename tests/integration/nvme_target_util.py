@@ -93,6 +93,9 @@ class Tgt:
     def rpc(self, method: str, **params: Any) -> Any:
         return self.proc.rpc(method, **params)
 
+    def sync_reactors(self) -> None:
+        self.proc.sync_reactors()
+
 
 def start_target(launcher: Launcher, cores: tuple[int, ...] = (0,), **kw: Any) -> Tgt:
     port = free_port()

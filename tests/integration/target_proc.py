@@ -184,6 +184,18 @@ class RunningTarget:
         with self.client() as c:
             return c.call(method, params or None)
 
+    def sync_reactors(self) -> None:
+        """Return once every reactor has run the messages posted to it before this call.
+
+        An RPC that changes what connected hosts see (a namespace added or removed, an
+        ANA state) returns once the change is made; each controller and queue pair then
+        learns of it in a message to its own reactor. A host command sent right after the
+        RPC can reach that reactor first when it runs late (a loaded machine): the reactor
+        handles the socket before the message. nvmf_get_stats is answered by every
+        reactor, after the messages queued ahead of it, so commands sent after this call
+        find the change applied."""
+        self.rpc("nvmf_get_stats")
+
     def http_rpc(self, method: str, **params: Any) -> Any:
         req: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": 1}
         if params:

@@ -45,11 +45,15 @@ class Ana:
         return self.proc.rpc(method, **params)
 
     def set_state(self, port: int, state: str, grp: int | None = None) -> Any:
+        """Set an ANA state; I/O sent after this returns sees it (the queue pairs learn
+        of it in messages to their reactors: RunningTarget.sync_reactors)."""
         p: dict[str, Any] = {"nqn": NQN, "listen_address": listen_address(port),
                              "ana_state": state}
         if grp is not None:
             p["anagrpid"] = grp
-        return self.rpc("nvmf_subsystem_listener_set_ana_state", **p)
+        changed = self.rpc("nvmf_subsystem_listener_set_ana_state", **p)
+        self.proc.sync_reactors()
+        return changed
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +236,7 @@ async def test_inaccessible_path_fails_io_with_path_status_and_sends_aen(ana: An
         ana.rpc("bdev_malloc_create", name="M5", num_blocks=64, block_size=512)
         ana.rpc("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "M5", "nsid": 4})
         try:
-            await asyncio.sleep(0.2)
+            ana.proc.sync_reactors()  # the queue pairs have learnt of the namespace
             st = await io_status(b, spec.IoOpcode.READ, 4)
             assert spec.status_sct(st) == spec.Sct.PATH
             assert await io_status(a, spec.IoOpcode.READ, 4) == 0

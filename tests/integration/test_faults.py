@@ -24,6 +24,7 @@ import os
 import random
 import re
 import socket
+import statistics
 import struct
 import subprocess
 import threading
@@ -32,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -106,10 +107,18 @@ def stats(t: RunningTarget) -> dict[str, int]:
 # ---------------------------------------------------------------- a load with statuses
 
 
+class Done(NamedTuple):
+    sent: float  # time.perf_counter() when the command was sent
+    latency: float
+    kind: str  # "read" or "write"
+    status: int
+
+
 @dataclass
 class Load:
     """Workers doing 4 KiB random reads and writes with ``check=False``: every status
-    the host receives is counted, by direction; latencies go to the current window."""
+    the host receives is counted, by direction, and every command logged with the time
+    it was sent, so a check can take exactly the commands sent after a change."""
 
     ctrl: Controller
     nsid: int
@@ -117,7 +126,8 @@ class Load:
     read_pct: int = 50
     status: dict[str, Counter[int]] = field(default_factory=lambda: {"read": Counter(),
                                                                      "write": Counter()})
-    window: list[float] = field(default_factory=list)
+    log: list[Done] = field(default_factory=list)
+    sending: list[float] = field(default_factory=list)  # per worker: when its last was sent
     stop: bool = False
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -127,6 +137,7 @@ class Load:
         while not self.stop:
             lba = rng.randrange(NB)
             t0 = time.perf_counter()
+            self.sending[seed] = t0
             if rng.randrange(100) < self.read_pct:
                 r = await self.ctrl.io(READ, self.nsid, lba, 0, 0, in_len=BS, check=False,
                                        timeout=20)
@@ -135,10 +146,11 @@ class Load:
                 r = await self.ctrl.io(WRITE, self.nsid, lba, 0, 0, data_out=data, check=False,
                                        timeout=20)
                 kind = "write"
-            self.window.append(time.perf_counter() - t0)
+            self.log.append(Done(t0, time.perf_counter() - t0, kind, r.completion.status))
             self.status[kind][r.completion.status] += 1
 
     def start(self) -> None:
+        self.sending = [0.0] * self.workers
         self.tasks = [asyncio.ensure_future(self._worker(i)) for i in range(self.workers)]
 
     async def finish(self, timeout: float = 20) -> None:
@@ -154,19 +166,29 @@ class Load:
     def errors(self) -> dict[str, dict[int, int]]:
         return {k: {s: n for s, n in c.items() if s} for k, c in self.status.items()}
 
-    async def until(self, pred: Any, timeout: float = 15) -> None:
+    async def until(self, pred: Any, timeout: float = 15, what: str = "timed out") -> None:
         deadline = time.monotonic() + timeout
         while not pred():
-            assert time.monotonic() < deadline, f"timed out; statuses {self.status}"
+            assert time.monotonic() < deadline, f"{what}; statuses {self.status}"
             await asyncio.sleep(0.02)
 
-    async def measure(self, seconds: float) -> float:
-        """Mean latency (s) of commands completed during the next ``seconds``."""
-        self.window = []
+    def sent_since(self, t: float) -> list[Done]:
+        """The completed commands sent at or after ``t`` (time.perf_counter())."""
+        return [d for d in self.log if d.sent >= t]
+
+    async def measure(self, seconds: float) -> list[Done]:
+        """The commands sent during the next ``seconds``, once the last of them is back:
+        a change made before the window applies to all of them, and none sent before it
+        (under the old setting) is counted, however late it completes on a loaded
+        machine."""
+        start = time.perf_counter()
         await asyncio.sleep(seconds)
-        lat = self.window
-        assert lat, "no I/O completed in the window"
-        return sum(lat) / len(lat)
+        end = time.perf_counter()
+        # a worker that has sent a command after the window has completed all of its own
+        await self.until(lambda: min(self.sending) >= end)
+        done = [d for d in self.sent_since(start) if d.sent < end]
+        assert done, "no I/O sent in the window"
+        return done
 
 
 async def wait_stats(t: RunningTarget, pred: Any, timeout: float = 15) -> None:
@@ -214,18 +236,17 @@ def test_error_injection_during_io(target: RunningTarget) -> None:
             await load.until(lambda: sum(load.status["read"].values())
                              + sum(load.status["write"].values()) > before + 200)
             await rpc_async(target, "bdev_error_inject_error", name="EE_M0", io_type="clear")
+            cleared = time.perf_counter()
             # Internal Error is retryable (no DNR), media errors are not (DNR set)
             internal = load.errors()["read"].get(Status.INTERNAL_ERROR, 0) + \
                 load.errors()["write"].get(Status.INTERNAL_ERROR, 0)
             assert internal >= 200, load.status
-            # Commands the bdev failed just before the clear may still be on their way
-            # back to the host: let those in flight at clear time come home first.
-            await load.measure(0.2)
-            snapshot = {k: Counter(v) for k, v in load.status.items()}
-            await load.measure(0.5)
-            for kind in ("read", "write"):
-                new = load.status[kind] - snapshot[kind]
-                assert set(new) == {0}, f"{kind} after clearing: {dict(new)}"
+            # Every command sent after the clear returned is clean. (Those the bdev failed
+            # just before it may come home later, on a loaded machine well after: they
+            # are not judged - a race seen under load when counting by time.)
+            await load.until(lambda: len(load.sent_since(cleared)) >= 200)
+            after = Counter(d.status for d in load.sent_since(cleared))
+            assert set(after) == {0}, f"after clearing: {dict(after)}"
 
             # pending: 5 reads held in the bdev, everything else keeps flowing
             await rpc_async(target, "bdev_error_inject_error", name="EE_M0", io_type="read",
@@ -240,10 +261,9 @@ def test_error_injection_during_io(target: RunningTarget) -> None:
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.05)
             # 5 of the 8 workers are stuck in a read; the other 3 still complete I/O
-            done_before = sum(load.status["write"].values()) + sum(load.status["read"].values())
-            await asyncio.sleep(0.5)
-            done_after = sum(load.status["write"].values()) + sum(load.status["read"].values())
-            assert done_after > done_before, "I/O stopped while 5 reads were held"
+            done_before = len(load.log)
+            await load.until(lambda: len(load.log) >= done_before + 20,
+                             what="I/O stopped while 5 reads were held")
             assert stats(target)["pending_bdev_io"] >= 5
             assert await rpc_async(target, "bdev_error_resume_pending", name="EE_M0") == 5
             await load.finish()
@@ -258,8 +278,16 @@ def test_error_injection_during_io(target: RunningTarget) -> None:
     asyncio.run(go())
 
 
+DELAY_S = 0.050
+
+
 def test_delay_changes_latency_while_io_runs(target: RunningTarget) -> None:
-    async def go() -> dict[str, float]:
+    """Checked per command sent after each change (Load.measure), and by medians rather
+    than means: on a loaded 2-core machine the host-side latency of undelayed 4 KiB I/O
+    was seen at a 10 ms mean (a 0.5 s window at 15 ms median once), and delayed I/O 12
+    ms over the delay in the median. The delay (50 ms) is large against that, so each
+    check has a margin the load does not eat."""
+    async def go() -> dict[str, list[Done]]:
         ctrl = await connect("127.0.0.1", port_of(target), NQN, nr_io_queues=1, timeout=20)
         load = Load(ctrl, 2, workers=4)
         try:
@@ -268,13 +296,13 @@ def test_delay_changes_latency_while_io_runs(target: RunningTarget) -> None:
             for kind in ("read", "write"):
                 for lat in ("p99", "avg"):  # p99 first: it may not be below avg
                     await rpc_async(target, "bdev_delay_update_latency", delay_bdev_name="D1",
-                                    latency_type=f"{lat}_{kind}", latency_us=20_000)
+                                    latency_type=f"{lat}_{kind}",
+                                    latency_us=int(DELAY_S * 1e6))
             slow = await load.measure(1.0)
             for kind in ("read", "write"):
                 for lat in ("avg", "p99"):
                     await rpc_async(target, "bdev_delay_update_latency", delay_bdev_name="D1",
                                     latency_type=f"{lat}_{kind}", latency_us=0)
-            await load.measure(0.3)  # commands delayed before the change drain out
             fast = await load.measure(0.5)
             await load.finish()
         finally:
@@ -283,12 +311,24 @@ def test_delay_changes_latency_while_io_runs(target: RunningTarget) -> None:
         assert load.errors() == {"read": {}, "write": {}}
         return {"base": base, "slow": slow, "fast": fast}
 
-    r = asyncio.run(go())
-    print(f"delay bdev mean latency: {r['base'] * 1e3:.2f} ms -> 20 ms set: "
-          f"{r['slow'] * 1e3:.2f} ms -> 0 set: {r['fast'] * 1e3:.2f} ms")
-    assert r["slow"] >= 0.020, r  # the configured latency is a floor
-    assert r["slow"] < 0.020 + 0.030, r  # ... plus at most a timer tick and the load
-    assert r["base"] < 0.010 and r["fast"] < 0.010, r
+    w = asyncio.run(go())
+
+    def median(window: str, kind: str) -> float:
+        return statistics.median(d.latency for d in w[window] if d.kind == kind)
+
+    med = {(window, kind): median(window, kind) for window in w for kind in ("read", "write")}
+    fastest = min(d.latency for d in w["slow"])
+    print("delay bdev median latency (read/write): " + " -> ".join(
+        f"{med[window, 'read'] * 1e3:.2f}/{med[window, 'write'] * 1e3:.2f} ms ({window})"
+        for window in w) + f"; {DELAY_S * 1e3:.0f} ms set for 'slow': {len(w['slow'])} "
+        f"commands sent then, the fastest in {fastest * 1e3:.2f} ms")
+    # the configured latency is a floor for every command sent while it is set
+    assert fastest >= DELAY_S, sorted(d.latency for d in w["slow"])[:3]
+    for kind in ("read", "write"):
+        # ... plus a timer tick and the load: the delay once, not twice
+        assert med["slow", kind] < 2 * DELAY_S, med
+        # without it, before and after, most commands take less than the delay
+        assert med["base", kind] < DELAY_S and med["fast", kind] < DELAY_S, med
 
 
 # ------------------------------------------------------------------- spdk_nvme_perf
@@ -421,8 +461,11 @@ def test_abrupt_disconnects_mid_r2t(target: RunningTarget) -> None:
             got = await asyncio.gather(*(abort_mid_r2t(port, m) for m in range(4)))
             r2ts += sum(got)
             if i == hosts // 8:
-                mid = stats(target)
-                assert mid["pending_data_buffer_bytes"] <= 4 * 8 * R2T_LEN, mid
+                # Half-way: no more held than one round of hosts (4 x 8 buffers) while
+                # the target catches up with the closes of the round just gone (it may
+                # not have seen them yet when asked); a leak keeps what 30 rounds left.
+                await wait_stats(target, lambda s: s["pending_data_buffer_bytes"]
+                                 <= 4 * 8 * R2T_LEN, timeout=10)
         return await good, r2ts
 
     res, r2ts = asyncio.run(go())
@@ -449,8 +492,13 @@ def test_abrupt_disconnects_mid_r2t(target: RunningTarget) -> None:
 def test_message_storm_during_io(target: RunningTarget) -> None:
     """4 threads fire RPCs back to back for 8 s (about 1 in 4 a broadcast to both
     reactors, 1 in 20 a namespace add/remove pair, which messages every reactor; at
-    least 3,000 in all, ~10,000-20,000 here) while two verifying hosts keep I/O on both
-    reactors. Longer: BT_STORM_S=600."""
+    least 1,000 in all, ~10,000-20,000 here on a quiet machine, 2,000-5,500 with both
+    cores kept busy by other processes) while two verifying hosts keep I/O on both
+    reactors. Longer: BT_STORM_S=600.
+
+    The floors and ceilings are about the machine as much as the target, so they are
+    set well clear of what a loaded 2-core machine gives: an RPC or I/O that took 5 s
+    was held up by something other than load (seen: up to 1.2 s)."""
     port = port_of(target)
     storm_s = float(os.environ.get("BT_STORM_S", "8"))
     lat: list[float] = []
@@ -527,11 +575,11 @@ def test_message_storm_during_io(target: RunningTarget) -> None:
           f"p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, max {mx * 1e3:.1f} ms; "
           f"host: {ios} verified I/Os, p99 {io_p99 * 1e3:.1f} ms, max {io_max * 1e3:.1f} ms, "
           f"errors {sum(r.read.errors + r.write.errors + r.verify_failures for r in results)}")
-    assert len(lat) >= 3000, "too few RPCs to call it a storm"
+    assert len(lat) >= 1000, "too few RPCs to call it a storm"
     assert elapsed < storm_s + 2.5, "the storm outlasted the I/O it was meant to disturb"
     for r in results:
         assert r.ok and r.verified_reads > 0, r.messages
-    assert mx < 2.0, "an RPC took over 2 s during the storm"
-    assert io_max < 2.0, "an I/O took over 2 s during the storm"
+    assert mx < 5.0, "an RPC took over 5 s during the storm"
+    assert io_max < 5.0, "an I/O took over 5 s during the storm"
 
 

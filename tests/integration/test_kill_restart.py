@@ -18,7 +18,9 @@ for FUA writes.
 Budget: ~1 s a cycle on a quiet 2-core machine (a target start is ~0.4 s, a checker
 start and check ~0.3 s, the load up to 0.15 s after the first acknowledgements); 100
 cycles took 126 s with other test runs sharing the cores (load average ~3.5), 238 s at
-~5. The test fails if 100 cycles take over 300 s.
+~5, 371 s with two busy loops per core besides (issue 18: over the 300 s budget of
+the time). The test fails if 100 cycles take over 600 s: the budget ends a run that
+cannot finish, it does not time the target.
 Longer runs: `python -m tests.integration.test_kill_restart --cycles 1000`.
 """
 
@@ -48,7 +50,7 @@ NQN = "nqn.2026-01.io.blocktarget.test:killrestart"
 BS = 4096
 UNITS = 64  # 4 KiB units per namespace: small, so each restart's check is quick
 CYCLES = int(os.environ.get("BT_KILL_CYCLES", "100"))
-BUDGET_S = 300.0
+BUDGET_S = 600.0  # see the module docstring
 ENGINE = "uring" if uring.uring_unavailable_reason() is None else "threads"
 
 pytestmark = pytest.mark.skipif(not pmem.libpmem_available(),

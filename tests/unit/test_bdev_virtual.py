@@ -13,6 +13,7 @@ import asyncio
 import errno
 import itertools
 import os
+import statistics
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -208,24 +209,26 @@ async def test_bdev_create_generic_makes_every_virtual_type(t: Target) -> None:
 
 
 async def test_delay_latency_within_bounds_and_p99(t: Target) -> None:
-    """The configured latency is a floor (asserted exactly); the ceiling allows for a
-    loaded machine, the p99 being far enough above the average to tell them apart."""
+    """The configured latency is a floor (asserted exactly). The ceilings allow for a
+    loaded machine, whose reactor may run a due timer well over 0.1 s late (seen with 2
+    busy cores): they catch a latency in the wrong unit or the p99 given in place of
+    the average (hence a p99 of 1 s, far above both the average and the ceiling)."""
     await malloc(t, "M0")
     await ok(t, "bdev_delay_create", base_bdev_name="M0", name="D0", avg_read_latency=20_000,
-             p99_read_latency=20_000, avg_write_latency=2_000, p99_write_latency=200_000)
+             p99_read_latency=20_000, avg_write_latency=2_000, p99_write_latency=1_000_000)
     for _ in range(3):
         x, lat = await io(t, "D0", IOType.READ, 0, 1)
         assert x.status == 0
-        assert 0.020 <= lat < 0.020 + 0.100, f"read latency {lat * 1e3:.1f} ms, want ~20 ms"
+        assert 0.020 <= lat < 0.020 + 0.5, f"read latency {lat * 1e3:.1f} ms, want ~20 ms"
     # one write in a hundred (the hundredth, per channel) gets the p99 latency
     lats = []
     for i in range(100):
         x, lat = await io(t, "D0", IOType.WRITE, i, 1, pattern(1, i))
         assert x.status == 0
         lats.append(lat)
-    assert lats[99] >= 0.200
-    assert all(0.002 <= lat < 0.200 for lat in lats[:99]), sorted(lats)[-3:]
-    assert sum(lats[:99]) / 99 < 0.010, "the average is the average latency"
+    assert lats[99] >= 1.0
+    assert all(0.002 <= lat < 0.5 for lat in lats[:99]), sorted(lats)[-3:]
+    assert statistics.median(lats[:99]) < 0.010, "the average is the average latency"
     assert base_bytes(t, "M0", 99, 1) == pattern(1, 99), "the data still goes down"
     # unmap is not delayed
     x, lat = await io(t, "D0", IOType.UNMAP, 0, 1)
@@ -234,16 +237,18 @@ async def test_delay_latency_within_bounds_and_p99(t: Target) -> None:
 
 async def test_delay_update_latency_live(t: Target) -> None:
     await malloc(t, "M0")
+    # the p99 (1 s, never reached in two reads) is far above what the ceilings tell
+    # apart, so they can allow for a loaded machine's late timers (see above)
     await ok(t, "bdev_delay_create", base_bdev_name="M0", name="D0", avg_read_latency=0,
-             p99_read_latency=100_000, avg_write_latency=0, p99_write_latency=0)
+             p99_read_latency=1_000_000, avg_write_latency=0, p99_write_latency=0)
     _, lat = await io(t, "D0", IOType.READ)
-    assert lat < 0.100
+    assert lat < 0.5
     assert await ok(t, "bdev_delay_update_latency", delay_bdev_name="D0",
                     latency_type="avg_read", latency_us=30_000) is True
     _, lat = await io(t, "D0", IOType.READ)
-    assert 0.030 <= lat < 0.130
+    assert 0.030 <= lat < 0.030 + 0.5
     ds = (await ok(t, "bdev_get_bdevs", name="D0"))[0]["driver_specific"]["delay"]
-    assert ds["avg_read_latency"] == 30_000 and ds["p99_read_latency"] == 100_000
+    assert ds["avg_read_latency"] == 30_000 and ds["p99_read_latency"] == 1_000_000
     cfg = [e for e in t.save_config()["subsystems"][0]["config"]
            if e["method"] == "bdev_delay_create"]
     assert cfg[0]["params"]["avg_read_latency"] == 30_000, "save_config keeps the change"

@@ -288,28 +288,53 @@ def test_poll_mode_config() -> None:
 
 
 def _poll_runs_over(r: Reactor, secs: float, before: Any = None) -> int:
+    """Polls the reactor ran in ``secs``, counted from the moment ``before`` ran on it
+    (in the same message, so a test thread descheduled meanwhile cannot miss the start
+    of a spin that ``before`` begins)."""
     def read() -> int:
+        if before is not None:
+            before()
         return r.stats.poll_runs
 
-    if before is not None:
-        r.send(before).result(2)
     n0 = r.send(read).result(2)
     time.sleep(secs)
-    return r.send(read).result(2) - n0
+    return r.send(lambda: r.stats.poll_runs).result(2) - n0
+
+
+def _settle(r: Reactor, limit: float) -> float:
+    """Wait until the reactor stops polling (no poll over 50 ms); the seconds it took.
+    A reactor that never stops gives up after ``limit`` (the caller's check fails)."""
+    t0 = time.monotonic()
+    n = r.send(lambda: r.stats.poll_runs).result(2)
+    while time.monotonic() - t0 < limit:
+        time.sleep(0.05)
+        n, before = r.send(lambda: r.stats.poll_runs).result(2), n
+        if n == before:
+            break
+    return time.monotonic() - t0
 
 
 @pytest.mark.parametrize("mode", ["event", "adaptive", "busy"])
 def test_poll_modes_spin_as_documented(mode: str) -> None:
-    r = Reactor(0, AVAILABLE[0], pin=False, busy_poll_us=20_000, poll_mode=mode)
+    # busy_poll_us 100 ms: a window long enough that a reactor thread kept off the CPU
+    # for a while on a loaded machine still polls in it many times
+    r = Reactor(0, AVAILABLE[0], pin=False, busy_poll_us=100_000, poll_mode=mode)
     r.start()
     try:
-        time.sleep(0.1)  # any start-up spin is over
+        # The start-up spin (adaptive: busy_poll_us from the start) is over; waited for
+        # rather than slept through, as a loaded machine may run the reactor late. A
+        # busy reactor never settles: it is measured as it is.
+        settled = _settle(r, 0.1 if mode == "busy" else 5.0)
         idle = _poll_runs_over(r, 0.2)
-        after_io = _poll_runs_over(r, 0.01, before=r.note_io if r.spin_on_io else None)
-        time.sleep(0.05)
+        # the whole busy_poll_us window after socket activity (timed on the reactor from
+        # note_io), counted from note_io itself
+        after_io = _poll_runs_over(r, 0.15, before=r.note_io if r.spin_on_io else None)
+        _settle(r, 0.1 if mode == "busy" else 5.0)
         later = _poll_runs_over(r, 0.2)
     finally:
         r.stop()
+    if mode != "busy":  # 100 ms of spin, not a reactor that spins for ever
+        assert settled < 1.0, f"the start-up spin lasted {settled:.2f} s"
     if mode == "busy":
         assert idle > 100 and later > 100  # always spinning
     elif mode == "adaptive":

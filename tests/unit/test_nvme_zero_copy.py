@@ -70,11 +70,18 @@ class Rig:
         """Pool buffers out of every live queue (lent or under a command)."""
         return sum(rq.q.pool.in_use for rq in self.pc.queues.values())
 
-    async def settle(self, cond: Any, timeout: float = 5.0) -> None:
+    async def settle(self, cond: Any, timeout: float = 5.0, what: str = "not reached") -> None:
         deadline = time.monotonic() + timeout
         while not cond():
-            assert time.monotonic() < deadline, f"not reached: {self.counters()}"
+            assert time.monotonic() < deadline, f"{what}: {self.counters()}"
             await asyncio.sleep(0.01)
+
+    async def queue_gone(self, cntlid: int, qid: int) -> None:
+        """Until the target has dropped I/O queue ``qid`` of controller ``cntlid`` (its
+        close reaches the target's reactor asynchronously; a Connect for that qid before
+        then is refused as already connected)."""
+        ctrl = self.target.controllers.find(NQN, cntlid)
+        await self.settle(lambda: qid not in ctrl.qpairs)
 
 
 @pytest.fixture
@@ -227,7 +234,7 @@ async def test_abort_and_disconnect_mid_r2t_release_the_lent_buffer(rig: Rig) ->
         cntlid = ctrl.cntlid
         # the initiator holds qid 1 and 2; take qid 2's place on a raw socket: close it
         ctrl.io_queues[1].close()
-        await asyncio.sleep(0.05)
+        await rig.queue_gone(cntlid, 2)
         sock, dec, pending = await asyncio.to_thread(_raw_io_queue, rig.port, cntlid)
         n = 64 * 1024
 
@@ -260,9 +267,8 @@ async def test_abort_and_disconnect_mid_r2t_release_the_lent_buffer(rig: Rig) ->
         half = pdu.H2CData(cccid=7, ttag=r2t.ttag, datao=0, data=b"\xab" * (n // 2),
                            last=False)
         await asyncio.to_thread(_raw, sock, half)
-        await asyncio.sleep(0.05)
+        await rig.settle(lambda: rig.lent[-1].mem[:n // 2] == b"\xab" * (n // 2))
         assert rig.counters()["lent_buffers"] == 1, "held while the data is arriving"
-        assert rig.lent[-1].mem[:n // 2] == b"\xab" * (n // 2), "received into DMA memory"
         sock.close()
         await rig.settle(lambda: rig.counters()["lent_buffers"] == 0)
         assert rig.lent[-1].buf is None
@@ -287,7 +293,9 @@ async def test_read_buffer_is_held_until_the_socket_has_taken_it(rig: Rig) -> No
         tr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         tr.pause_reading()
         reads = [asyncio.ensure_future(ctrl.read(1, 0, 256)) for _ in range(40)]
-        await asyncio.sleep(0.3)
+        # (the target serves the reads in its own time; a loaded machine may take a while)
+        await rig.settle(lambda: rig.counters()["lent_buffers"] > 0,
+                         what="lent buffers were released while the socket still held them")
         held = rig.counters()["lent_buffers"]
         assert held > 0, "lent buffers were released while the socket still held them"
         cap = next(iter(rig.pc.queues.values())).lend_cap
@@ -424,7 +432,7 @@ async def test_large_h2c_payload_is_received_by_the_kernel_into_the_lent_buffer(
         await ctrl.write(1, 0, bytes(4096), qid=1)  # opens the channel
         cntlid = ctrl.cntlid
         ctrl.io_queues[1].close()  # qid 2 is taken over by a raw socket
-        await asyncio.sleep(0.05)
+        await rig.queue_gone(cntlid, 2)
         sock, dec, pending = await asyncio.to_thread(_raw_io_queue, rig.port, cntlid,
                                                      digests)
 
