@@ -937,6 +937,7 @@ size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
         write_in(l, s, s->data);
     else if (s->received == s->nbytes)
         to_redo(l, s);
+    submit_touched(l);  /* (every entry point submits what it queued before returning) */
     return pos;
 }
 

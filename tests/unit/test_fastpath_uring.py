@@ -290,3 +290,24 @@ def test_connection_closed_with_io_in_flight(where: Path) -> None:
     finally:
         p.close()
     assert MDTS and BDEVS  # (imported for the case table's geometry)
+
+
+def test_r2t_data_received_across_buffers_on_files(where: Path) -> None:
+    """Write data that arrives in pieces of a receive buffer each (as from a real socket):
+    the lane receives the payload itself and submits the write once it is whole."""
+    ic = ICREQS["hdgst+ddgst"]
+    with encoding(ic):
+        p = _pair(where, icreq=ic)
+        try:
+            for i, cut in enumerate((30, 100, 5000, 16000)):
+                p.feed(wr(20 + i, 2, 8 + 4 * i, 4, data=b""))
+                r = _r2ts(p)[-1]
+                h = wire(pdu.H2CData(20 + i, r.ttag, 0, pattern(r.r2tl, i), True))
+                p.feed(h[:cut], h[cut:])
+                p.check()
+                assert p.fast.io._lane.inflight == 0
+            assert p.fast.io._lane.c.rx_pdus == 4 and p.taken() == 4
+            p.feed(b"".join(rd(40 + i, 2, 8 + 4 * i, 4) for i in range(4)))
+            p.check()
+        finally:
+            p.close()

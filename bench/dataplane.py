@@ -1,0 +1,213 @@
+"""The C data plane end to end, per backend (issue 15 item 8): the lane against the Python
+path in one run, with `blocktarget perf`'s C engine as the initiator, and where the
+reactor's time goes (GIL held or not).
+
+For each backend (malloc, null, a uring bdev on a /dev/shm file and on a file of the
+checkout's disk, malloc with header and data digests), one blocktarget target with one
+reactor pinned to CPU 0 is started twice, with the C lane (the default) and with
+`c_fast_path: false` (every command on the Python path), the two alternating over
+`--reps`; `blocktarget perf --engine c` runs each workload from CPU 1 (taskset). The
+table gives medians:
+
+- IOPS, and the ratio lane / Python path (same run, same machine state);
+- target CPU µs per I/O (utime + stime of the target process over the perf run);
+- of the reactor's busy time per I/O, the part in the C lane's calls (the GIL released:
+  `blocktarget_reactor_gil_released_seconds`) and the rest (GIL held: Python, and the
+  event loop's socket system calls, which uvloop makes holding it);
+- the reactor scaling that GIL share predicts (Amdahl: 1 / (f + (1 - f) / N) for the
+  held fraction f), for 1, 2, 4, 8 and 16 reactors on as many cores.
+
+SPDK's figures on this machine kind (measured outside, given in issue 15; SPDK's binaries
+are not available here) are printed beside the rows they exist for, as a reference to
+read ratios against, never as a same-run comparison.
+
+    .venv/bin/python bench/dataplane.py [--time 5] [--reps 3]
+        [--backends malloc,null,uring-shm,uring-disk,digests] [--workloads ...] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from initiator import commit, loadavg, machine  # noqa: E402
+from tcp_perf import NQN, ROOT, Target  # noqa: E402
+
+from blocktarget.rpc_client import RpcClient  # noqa: E402
+
+WORKLOADS: list[tuple[str, str, int, int]] = [
+    ("4K randread QD32", "randread", 4096, 32),
+    ("4K randwrite QD32", "randwrite", 4096, 32),
+    ("128K read QD32", "read", 131072, 32),
+    ("128K write QD32", "write", 131072, 32),
+    ("4K randread QD1", "randread", 4096, 1),
+]
+BACKENDS = ("malloc", "null", "uring-shm", "uring-disk", "digests")
+# SPDK v26.05 nvmf_tgt, one core, spdk_nvme_perf on the other (issue 15, 2026-12-07, this
+# machine kind): IOPS (QD1: mean latency in µs). "uring-shm" stands for SPDK's aio on a
+# loop device over tmpfs, the closest it has to our uring bdev on a tmpfs file.
+SPDK = {("malloc", "4K randread QD32"): 225_000, ("malloc", "128K read QD32"): 1751 * 8,
+        ("null", "4K randread QD32"): 245_000, ("null", "128K write QD32"): 17_500,
+        ("uring-shm", "4K randread QD32"): 37_700, ("uring-shm", "4K randwrite QD32"): 36_400,
+        ("digests", "4K randread QD32"): 157_000}
+SPDK_QD1_US = {"malloc": 33.5}
+NS = 65536  # 4 KiB blocks: 256 MiB
+
+
+def bdev_for(backend: str, workdir: Path) -> dict:
+    if backend in ("malloc", "digests"):
+        return {"method": "bdev_malloc_create",
+                "params": {"name": "B0", "num_blocks": NS, "block_size": 4096}}
+    if backend == "null":
+        return {"method": "bdev_null_create",
+                "params": {"name": "B0", "num_blocks": NS, "block_size": 4096}}
+    path = workdir / "b0.img"  # (workdir: on /dev/shm for uring-shm, see main)
+    with open(path, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, NS * 4096)
+    return {"method": "bdev_uring_create",
+            "params": {"name": "B0", "filename": str(path), "block_size": 4096}}
+
+
+def reactor_times(t: Target, sock: Path) -> tuple[int, int]:
+    """(busy ns, ns in the C lane's calls) of the target's reactors."""
+    with RpcClient(unix=str(sock), timeout=10) as c:
+        busy = sum(r["busy"] for r in c.call("framework_get_reactors")["reactors"])
+        free = sum(g.get("gil_released_ns", 0)
+                   for g in c.call("nvmf_get_stats")["poll_groups"])
+    return busy, free
+
+
+def run_perf(port: int, rw: str, size: int, qd: int, secs: float, digests: bool) -> dict:
+    cmd = ["taskset", "-c", "1", sys.executable, "-m", "blocktarget", "perf", "-a",
+           "127.0.0.1", "-s", str(port), "-n", NQN, "-w", rw, "-o", str(size), "-q", str(qd),
+           "-t", str(secs), "--json", "--quiet", "--engine", "c",
+           *(["-g", "-G"] if digests else [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 120)
+    try:
+        doc = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        return {"error": (r.stdout + r.stderr)[-300:]}
+    tot = doc["total"]
+    return {"iops": tot["iops"], "ops": tot["ops"], "errors": tot["errors"],
+            "lat_us": tot["lat_us"]["mean"]}
+
+
+def measure(t: Target, sock: Path, wl: tuple[str, str, int, int], secs: float,
+            digests: bool) -> dict:
+    _label, rw, size, qd = wl
+    cpu0 = t.cpu_seconds()
+    busy0, free0 = reactor_times(t, sock)
+    r = run_perf(t.port, rw, size, qd, secs, digests)
+    cpu = t.cpu_seconds() - cpu0
+    busy1, free1 = reactor_times(t, sock)
+    if "error" in r or not r["ops"]:
+        return r
+    n = r["ops"]
+    r["tgt_us"] = cpu * 1e6 / n
+    r["free_us"] = (free1 - free0) / 1e3 / n
+    r["held_us"] = max((busy1 - busy0) - (free1 - free0), 0) / 1e3 / n
+    return r
+
+
+def amdahl(f: float, n: int) -> float:
+    return 1.0 / (f + (1.0 - f) / n)
+
+
+def med(rs: list[dict], key: str) -> float:
+    vals = [r[key] for r in rs if key in r]
+    return statistics.median(vals) if vals else 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--time", type=float, default=5.0, help="seconds per perf run")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--backends", type=lambda s: s.split(","), default=list(BACKENDS))
+    ap.add_argument("--workloads", type=lambda s: s.split(","), default=None,
+                    help="labels, comma-separated (default: all)")
+    ap.add_argument("--markdown", action="store_true", help="append to bench/RESULTS.md")
+    args = ap.parse_args()
+    wls = [w for w in WORKLOADS if args.workloads is None or w[0] in args.workloads]
+    started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    head = f"commit {commit()}, {machine()}, {started}, {loadavg()} at start"
+    print(head, file=sys.stderr)
+    rows = []
+    for backend in args.backends:
+        digests = backend == "digests"
+        for wl in wls:
+            runs: dict[str, list[dict]] = {"lane": [], "python": []}
+            for rep in range(args.reps):
+                order = ["lane", "python"] if rep % 2 == 0 else ["python", "lane"]
+                for path in order:
+                    # uring-disk: the file on the checkout's disk (/tmp may be tmpfs)
+                    where = {"uring-shm": "/dev/shm", "uring-disk": str(ROOT / "bench")}
+                    with tempfile.TemporaryDirectory(prefix="dataplane-",
+                                                     dir=where.get(backend)) as tmp:
+                        transport = {"c_fast_path": path == "lane"}
+                        if digests:
+                            transport.update(header_digest=True, data_digest=True)
+                        t = Target("blocktarget", backend, Path(tmp), cores=(0,),
+                                   bdev=bdev_for(backend, Path(tmp)), transport=transport,
+                                   bt_extra={"allowed_dirs": [tmp]})
+                        try:
+                            time.sleep(0.3)
+                            r = measure(t, Path(tmp) / "bt.sock", wl, args.time, digests)
+                        finally:
+                            t.stop()
+                        runs[path].append(r)
+                        print(f"{backend:10} {wl[0]:18} {path:6} {r}", file=sys.stderr)
+            lane, py = runs["lane"], runs["python"]
+            row = {"backend": backend, "workload": wl[0], "qd": wl[3],
+                   "lane_iops": med(lane, "iops"), "py_iops": med(py, "iops"),
+                   "lane_lat": med(lane, "lat_us"), "py_lat": med(py, "lat_us"),
+                   "lane_us": med(lane, "tgt_us"), "py_us": med(py, "tgt_us"),
+                   "free_us": med(lane, "free_us"), "held_us": med(lane, "held_us"),
+                   "errors": sum(r.get("errors", 0) for r in lane + py),
+                   "failed": [r["error"] for r in lane + py if "error" in r][:1]}
+            rows.append(row)
+    lines = [f"Run of {started}: {head}.", "",
+             "| backend | workload | IOPS lane | IOPS Python path | lane / Python | "
+             "target CPU µs/IO lane (Python path) | GIL held / released µs/IO (lane) | "
+             "GIL-held share | predicted scaling 1/2/4/8/16 reactors | SPDK (issue 15) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        busy = r["held_us"] + r["free_us"]
+        f = r["held_us"] / busy if busy else 1.0
+        scale = "/".join(f"{amdahl(f, n):.1f}" for n in (1, 2, 4, 8, 16))
+        if r["qd"] == 1:
+            lane_v, py_v = f"{r['lane_lat']:.1f} µs", f"{r['py_lat']:.1f} µs"
+            ratio = f"{r['py_lat'] / r['lane_lat']:.2f}" if r["lane_lat"] else "-"
+            spdk = SPDK_QD1_US.get(r["backend"])
+            ref = (f"{spdk} µs (lane {r['lane_lat'] / spdk:.2f}×)" if spdk else "-")
+        else:
+            lane_v, py_v = f"{r['lane_iops']:,.0f}", f"{r['py_iops']:,.0f}"
+            ratio = f"{r['lane_iops'] / r['py_iops']:.2f}" if r["py_iops"] else "-"
+            spdk = SPDK.get((r["backend"], r["workload"]))
+            ref = f"{spdk:,} (lane {r['lane_iops'] / spdk:.2f})" if spdk else "-"
+        lines.append(
+            f"| {r['backend']} | {r['workload']} | {lane_v} | {py_v} | {ratio} | "
+            f"{r['lane_us']:.2f} ({r['py_us']:.2f}) | {r['held_us']:.2f} / {r['free_us']:.2f} | "
+            f"{f:.0%} | {scale} | {ref} |")
+        if r["errors"] or r["failed"]:
+            lines.append(f"|  | errors {r['errors']} {r['failed']} | | | | | | | | |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        cmd = "    .venv/bin/python bench/dataplane.py " + " ".join(sys.argv[1:])
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write("\n" + cmd + "\n\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
