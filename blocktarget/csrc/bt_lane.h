@@ -73,6 +73,9 @@ struct bt_lane {
     uint32_t rx_left;
     uint8_t rx_dleft;
     uint64_t rx_pdus;       /* such PDUs received whole (cumulative: the stall watch) */
+    /* The start of a capsule a receive buffer ended in, kept by the lane (carry_len
+       bytes of carry_plen, 0 while unknown) to finish with the next buffer's bytes. */
+    uint32_t carry_len, carry_plen;
     void *handle;           /* the Python Lane (a cffi handle), for completions */
     /* cumulative, for the controller's SMART counters */
     uint64_t read_cmds, read_bytes, write_cmds, write_bytes;
@@ -93,6 +96,7 @@ struct bt_lane {
     uint32_t rx_crc;        /* the data digest so far, */
     uint8_t rx_last;        /* its LAST flag, */
     unsigned char rx_dgst[4]; /* and the digest bytes received */
+    unsigned char *carry;   /* the capsule being finished (carry_len bytes so far) */
 };
 
 struct bt_uring {
@@ -131,6 +135,15 @@ int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uin
 /* The rest of an H2CData PDU the lane began receiving (rx_left/rx_dleft): takes what of
    in[0:len] belongs to it and returns how much. */
 size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len);
+
+/* The rest of the capsule the lane carries (carry_len): takes what of in[0:len] belongs to
+   it and returns how much. Once whole, the lane executes it if `run` (the Python path has
+   nothing outstanding: the lane may run) and it is the lane's; otherwise (or when the
+   bytes turn out not to frame a capsule it could carry) *handed gets the PDU's bytes (or
+   what the lane had), for the Python path to handle first, with *nhanded their length
+   (free with bt_free). *ncmds: PDUs the lane executed. */
+size_t bt_lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int run,
+                     unsigned char **handed, size_t *nhanded, unsigned *ncmds);
 
 /* io_uring (compiled in when liburing was there at build time: bt_uring_available). */
 int bt_uring_available(void);

@@ -416,6 +416,36 @@ class Lane:
         self._sync(elapsed)
         return memoryview(data)[taken:] if taken < len(src) else b""
 
+    @property
+    def carrying(self) -> bool:
+        """Does the lane hold the start of a capsule (the next bytes finish it)?"""
+        c = self.c
+        return c is not None and c.carry_len > 0
+
+    def carry(self, data: Any) -> tuple[bytes | None, Any]:
+        """Finish the capsule the lane carries with the first bytes of ``data``: the lane
+        executes it if it may; else it comes back whole (or as the bytes that did not
+        frame a capsule) for the Python path to handle first. Returns (those bytes or
+        None, the rest of ``data``)."""
+        qp = self.qp
+        c = self.c
+        src = ffi.from_buffer("unsigned char[]", data)
+        out, nout = ffi.new("unsigned char **"), ffi.new("size_t *")
+        run = self.usable()
+        self._enter()
+        t0 = _now_ns()
+        taken = lib.bt_lane_carry(c, src, len(src), run, out, nout, self.ncmds)
+        elapsed = _now_ns() - t0
+        self.stats.gil_released_ns += elapsed
+        qp.rx_pdus += self.ncmds[0]
+        qp.sqhd = c.sqhd
+        self._sync(elapsed)
+        handed = None
+        if nout[0]:
+            handed = bytes(ffi.buffer(out[0], nout[0]))
+            lib.bt_free(out[0])
+        return handed, (memoryview(data)[taken:] if taken < len(src) else b"")
+
     def h2c(self, p: Any) -> bool:
         """Place an H2CData PDU the Python decoder assembled for one of the lane's
         writes (it spanned receive buffers); False: the lane will not (adopt it)."""

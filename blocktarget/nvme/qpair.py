@@ -319,6 +319,13 @@ class Qpair(asyncio.BufferedProtocol):
         try:
             lane = self._lane
             if lane is not None and len(data):
+                if lane.carrying:
+                    # the rest of a capsule the lane kept from the last buffer
+                    handed, data = lane.carry(data)
+                    if handed is not None:
+                        self._decode(handed)  # not the lane's: Python's, before the rest
+                    if not len(data) or self.closed:
+                        return
                 if lane.receiving:
                     # the rest of an H2CData PDU the lane is receiving is the lane's
                     data = lane.rx(data)
@@ -1070,7 +1077,9 @@ class Qpair(asyncio.BufferedProtocol):
         """Bytes of a PDU the C lane has begun receiving (for the stall watch)."""
         lane = self._lane
         c = lane.c if lane is not None else None
-        return 0 if c is None or not (c.rx_left or c.rx_dleft) else c.rx_off + 1
+        if c is None:
+            return 0
+        return c.carry_len + (c.rx_off + 1 if c.rx_left or c.rx_dleft else 0)
 
     def _all_r2t_pending(self) -> Any:
         """Every write waiting for data, the Python path's and the C lane's."""

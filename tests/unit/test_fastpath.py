@@ -309,23 +309,66 @@ STREAM = rd(1, 2, 3) + wr(2, 1, 7, 2) + rd(3, 1, 7, 2) + cmd(FLUSH, 4, 2, sgl_le
 
 def test_split_at_every_offset() -> None:
     """The same stream cut at every byte offset into two chunks (and at a stride into
-    three): the lane starts only on a PDU boundary (Decoder.to_boundary finishes the
-    PDU in progress on the Python path) and hands over a partial PDU at the end."""
+    three): a buffer that ends inside a capsule leaves its start with the lane, which
+    finishes and executes it with the next buffer's first bytes; so every command of
+    every feed is the lane's, wherever the cuts fall."""
     p = Pair()
     try:
         n = len(STREAM)
+        feeds = 0
         for cut in range(1, n):
             p.feed(STREAM[:cut], STREAM[cut:])
+            feeds += 1
         for a in range(1, n, 37):
             for b in range(a + 1, n, 53):
                 p.feed(STREAM[:a], STREAM[a:b], STREAM[b:])
+                feeds += 1
         p.check()
-        # a cut inside the first PDU leaves the rest of the buffer on a boundary after
-        # it: the lane still runs on every feed that contains a whole read or write
-        assert p.taken() > n, p.taken()
+        assert p.taken() == 5 * feeds, (p.taken(), feeds)
         assert not p.fast.io.requests and p.fast.io.decoder.idle
+        assert not p.fast.io._lane.carrying
     finally:
         p.close()
+
+
+@pytest.mark.parametrize("icreq", ["plain", "hdgst+ddgst"])
+def test_carried_capsule_the_lane_does_not_take(icreq: str) -> None:
+    """A capsule split across buffers that turns out not to be the lane's (an opcode it
+    leaves to Python, a busy command id, a bad digest, garbage) is handed whole to the
+    Python path, before the bytes after it; the same answers and state as without the
+    lane. And one that is the lane's, but comes while a command of the Python path is
+    outstanding, goes to the Python path too."""
+    ic = ICREQS[icreq]
+    with encoding(ic):
+        p = Pair(icreq=ic)
+        try:
+            odd = [cmd(WZ, 30, 2, 3, 2, sgl_len=0),
+                   _corrupt(rd(31, 2, 1), 73 if ic.header_digest else 12),
+                   cmd(0x7F, 32, 2), wr(33, 1, 3, 4), bytes([0x04, 0, 72, 0]) + bytes(200)]
+            for i, x in enumerate(odd):
+                for cut in (3, 8, len(x) // 2, len(x) - 1):
+                    if p.ref.io.closed:
+                        p.close()
+                        p = Pair(icreq=ic)
+                    head = rd(40 + i, 2, 5)
+                    p.feed(head + x[:cut], x[cut:] + rd(50 + i, 1, 7))
+                    p.check()
+            if p.ref.io.closed:
+                p.close()
+                p = Pair(icreq=ic)
+            w = wr(60, 1, 9, 2)
+            p.feed(rd(61, 2, 5) + w[:40])
+            before = p.taken()
+            assert p.fast.io._lane.carrying and before == 1
+            for side in (p.ref, p.fast):  # a command of the Python path outstanding
+                side.io.requests[999] = SimpleNamespace(cid=999, done=False)  # type: ignore[assignment]
+            p.feed(w[40:])
+            for side in (p.ref, p.fast):
+                del side.io.requests[999]
+            p.check()
+            assert p.taken() == before and not p.fast.io._lane.carrying
+        finally:
+            p.close()
 
 
 # ------------------------------------------------------------------ random streams
