@@ -43,6 +43,14 @@ struct bt_ns {
 
 struct bt_cmd;              /* a command the lane owns (lane.c) */
 
+/* A piece of the lane's output for the socket: len bytes from start, in memory owned by
+   `owner` (freed with bt_free once sent). */
+struct bt_chunk {
+    void *owner;
+    unsigned char *start;
+    size_t len;
+};
+
 struct bt_lane {
     struct bt_ns *ns;
     uint32_t nns;
@@ -85,6 +93,8 @@ struct bt_lane {
     uint32_t nslots;
     unsigned char *out;
     size_t out_len, out_cap;
+    struct bt_chunk *chunks;  /* output sealed before `out`, in order */
+    uint32_t nchunks, chunks_cap;
     uint8_t closed;         /* the queue is gone (bt_lane_close) */
     uint8_t queued_ready;   /* in a ring's ready list: */
     struct bt_uring *ready_on; /* that ring's */
@@ -159,11 +169,12 @@ unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned 
 
 /* Take the leading PDUs of in[0:len] that the lane takes (at most max_cmds commands,
    and no new command once max_out bytes of output are pending); returns the input bytes
-   taken. Output accumulates in the lane until bt_lane_take_out. */
+   taken. Output accumulates in the lane until bt_lane_take_chunks. */
 size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsigned max_cmds,
                    size_t max_out, unsigned *ncmds);
-/* Hand the pending output over: *buf (free it with bt_free) and its length (0: none). */
-size_t bt_lane_take_out(struct bt_lane *l, unsigned char **buf);
+/* Hand the pending output over, in order: up to max pieces into out (each freed with
+   bt_free(owner) once sent); returns how many (call again while it returns max). */
+unsigned bt_lane_take_chunks(struct bt_lane *l, struct bt_chunk *out, unsigned max);
 void bt_free(void *p);
 
 /* Is cid the id of a command the lane owns? */

@@ -60,6 +60,9 @@
 #define OUT_MIN (64u << 10)
 #define ALIGN 4096              /* data buffers: what O_DIRECT asks of any device here */
 #define KEEP_BUF 8192           /* data buffers up to this size stay with their slot */
+#define OUT_SEAL (256u << 10)   /* an output buffer this full is sealed, not grown */
+#define ZC_MIN (32u << 10)      /* asynchronous reads this large are sent from where they
+                                   were read (their C2HData header built in front) */
 
 uint64_t lane_now_ns(void)
 {
@@ -88,12 +91,21 @@ struct bt_lane *bt_lane_new(uint16_t sqsize)
     return l;
 }
 
+static void drop_chunks(struct bt_lane *l)
+{
+    for (uint32_t i = 0; i < l->nchunks; i++)
+        free(l->chunks[i].owner);
+    l->nchunks = 0;
+}
+
 static void lane_destroy(struct bt_lane *l)
 {
     for (uint32_t i = 0; i < l->nslots; i++)
-        free(l->slot[i].data);
+        free(l->slot[i].base);
     free(l->slot);
     free(l->out);
+    drop_chunks(l);
+    free(l->chunks);
     free(l->carry);
     free(l);
 }
@@ -109,6 +121,7 @@ void bt_lane_close(struct bt_lane *l)
     free(l->out);
     l->out = NULL;
     l->out_len = l->out_cap = 0;
+    drop_chunks(l);
     l->carry_len = l->carry_plen = 0;
 }
 
@@ -125,23 +138,61 @@ void bt_free(void *p)
     free(p);
 }
 
-size_t bt_lane_take_out(struct bt_lane *l, unsigned char **buf)
+/* room for k more chunks; 0: out of memory */
+static int chunk_room(struct bt_lane *l, uint32_t k)
 {
-    size_t n = l->out_len;
-    if (n == 0) {
-        *buf = NULL;
+    if (l->nchunks + k <= l->chunks_cap)
+        return 1;
+    uint32_t cap = l->chunks_cap ? l->chunks_cap * 2 : 16;
+    while (cap < l->nchunks + k)
+        cap *= 2;
+    struct bt_chunk *c = realloc(l->chunks, cap * sizeof(*c));
+    if (c == NULL)
         return 0;
-    }
-    *buf = l->out;
+    l->chunks = c;
+    l->chunks_cap = cap;
+    return 1;
+}
+
+static int push_chunk(struct bt_lane *l, void *owner, unsigned char *start, size_t len)
+{
+    if (!chunk_room(l, 1))
+        return 0;
+    l->chunks[l->nchunks++] = (struct bt_chunk){owner, start, len};
+    return 1;
+}
+
+/* The current output buffer joins the chunks (nothing is copied). 0: out of memory. */
+static int seal_out(struct bt_lane *l)
+{
+    if (l->out_len == 0)
+        return 1;
+    if (!push_chunk(l, l->out, l->out, l->out_len))
+        return 0;
     l->out = NULL;
     l->out_len = l->out_cap = 0;
+    return 1;
+}
+
+unsigned bt_lane_take_chunks(struct bt_lane *l, struct bt_chunk *out, unsigned max)
+{
+    if (!seal_out(l))
+        return 0;
+    unsigned n = l->nchunks < max ? l->nchunks : max;
+    memcpy(out, l->chunks, n * sizeof(*out));
+    memmove(l->chunks, l->chunks + n, (l->nchunks - n) * sizeof(*out));
+    l->nchunks -= n;
     return n;
 }
 
-/* room for n more output bytes; NULL when memory is short */
+/* room for n more output bytes; NULL when memory is short. A full buffer past OUT_SEAL
+   is sealed and a new one begun, rather than grown: growing copies what it holds (a
+   batch of 128 KiB reads was copied over and over). */
 static unsigned char *reserve(struct bt_lane *l, size_t n)
 {
     if (l->out_len + n > l->out_cap) {
+        if (l->out_len && l->out_len + n > OUT_SEAL && !seal_out(l))
+            return NULL;
         size_t cap = l->out_cap ? l->out_cap * 2 : OUT_MIN;
         while (cap < l->out_len + n)
             cap *= 2;
@@ -225,9 +276,9 @@ static void set_state(struct bt_lane *l, struct bt_cmd *s, uint8_t state)
     switch (state) {
     case SLOT_FREE:
         l->inflight--;
-        if (s->data != NULL && s->cap > KEEP_BUF) {
-            free(s->data);
-            s->data = NULL;
+        if (s->base != NULL && (s->cap > KEEP_BUF || s->data != s->base)) {
+            free(s->base);
+            s->data = s->base = NULL;
             s->cap = 0;
         }
         break;
@@ -249,16 +300,33 @@ static void set_state(struct bt_lane *l, struct bt_cmd *s, uint8_t state)
    Small buffers stay with the slot for its next command: no allocation once warm. */
 static unsigned char *slot_buffer(struct bt_cmd *s, uint32_t n)
 {
-    if (s->data != NULL && s->cap >= n)
+    if (s->data != NULL && s->data == s->base && s->cap >= n)
         return s->data;
-    free(s->data);
-    s->data = NULL;
+    free(s->base);
+    s->data = s->base = NULL;
     s->cap = 0;
     void *p;
     if (posix_memalign(&p, ALIGN, n < ALIGN ? ALIGN : n) != 0)
         return NULL;
-    s->data = p;
+    s->data = s->base = p;
     s->cap = n < ALIGN ? ALIGN : n;
+    return s->data;
+}
+
+/* A buffer for a large read, with a page of headroom in front of the data (which stays
+   page-aligned for O_DIRECT): its C2HData header is built there and the PDU sent from
+   it as it lies (see read_zero_copy). */
+static unsigned char *read_buffer(struct bt_cmd *s, uint32_t n)
+{
+    free(s->base);
+    s->data = s->base = NULL;
+    s->cap = 0;
+    void *p;
+    if (posix_memalign(&p, ALIGN, ALIGN + (size_t)n + DIGEST) != 0)
+        return NULL;
+    s->base = p;
+    s->data = (unsigned char *)p + ALIGN;
+    s->cap = n;
     return s->data;
 }
 
@@ -540,6 +608,49 @@ static void to_redo(struct bt_lane *l, struct bt_cmd *s)
     set_state(l, s, SLOT_REDO);
 }
 
+/* A large read done into a buffer with headroom (one C2HData PDU): its header and
+   padding are built in front of the data, its digest after it, and the whole PDU joins
+   the output as it lies; the buffer goes with it (the slot gets a new one next time).
+   0: out of memory, nothing changed. */
+static int read_zero_copy(struct bt_lane *l, struct bt_cmd *s)
+{
+    size_t pdo = c2h_pdo(l);
+    unsigned char *h = s->data - pdo;
+    size_t resp = l->c2h_success ? 0 : resp_len(l);
+    /* everything that can fail first: the output so far sealed (it goes before this
+       PDU), room for the chunk, and a new buffer for the response after it */
+    if (!seal_out(l) || !chunk_room(l, 1) || (resp && reserve(l, resp) == NULL))
+        return 0;
+    uint32_t n = s->nbytes;
+    memset(h, 0, pdo);
+    h[0] = PDU_C2H_DATA;
+    h[1] = (l->hdgst ? F_HDGST : 0) | (l->ddgst ? F_DDGST : 0) | F_LAST
+         | (l->c2h_success ? F_SUCCESS : 0);
+    h[2] = DATA_HLEN;
+    h[3] = (unsigned char)pdo;
+    st32(h + 4, (uint32_t)(pdo + n + (l->ddgst ? DIGEST : 0)));
+    st16(h + 8, s->cid);
+    st32(h + 16, n);
+    if (l->hdgst)
+        st32(h + DATA_HLEN, bt_crc32c(0, h, DATA_HLEN));
+    size_t len = pdo + n;
+    if (l->ddgst) {
+        st32(s->data + n, bt_crc32c(0, s->data, n));
+        len += DIGEST;
+    }
+    l->chunks[l->nchunks++] = (struct bt_chunk){s->base, h, len};  /* (room made above) */
+    s->data = s->base = NULL;
+    s->cap = 0;
+    if (resp) {
+        unsigned char *o = reserve(l, resp);  /* (reserved above: cannot fail) */
+        put_resp(l, o, s->cid);
+        l->out_len += resp;
+    }
+    count(s->ns, BT_ST_READ, n);
+    l->cmds++;
+    return 1;
+}
+
 void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
 {
     struct bt_cmd *s = &l->slot[idx];
@@ -570,6 +681,16 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
     }
     if (s->bad) {
         to_redo(l, s);
+        return;
+    }
+    if (s->kind == IO_READ && s->data != s->base) {
+        /* a large read: its PDU is sent from the buffer it was read into */
+        if (read_zero_copy(l, s)) {
+            ns->lat_ns[BT_ST_READ] += lat;
+            set_state(l, s, SLOT_FREE);
+        } else {
+            to_redo(l, s);
+        }
         return;
     }
     size_t need = s->kind == IO_READ ? read_reply(l, s->nbytes) : resp_len(l);
@@ -752,8 +873,12 @@ static int exec_async(struct bt_lane *l, const struct cmd *c, uint16_t cid)
     if (s == NULL)
         return 0;
     uint8_t kind = c->act == ACT_READ ? IO_READ : c->act == ACT_FLUSH ? IO_FLUSH : IO_WRITE;
-    if (kind != IO_FLUSH && slot_buffer(s, c->nbytes) == NULL)
+    if (kind == IO_READ && c->nbytes >= ZC_MIN && c->nbytes <= l->c2h_chunk) {
+        if (read_buffer(s, c->nbytes) == NULL)
+            return 0;
+    } else if (kind != IO_FLUSH && slot_buffer(s, c->nbytes) == NULL) {
         return 0;
+    }
     s->seq++;
     s->cid = cid;
     s->received = 0;

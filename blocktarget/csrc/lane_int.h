@@ -40,6 +40,7 @@ struct bt_cmd {
     uint32_t nbytes;
     uint32_t received;          /* H2CData bytes in so far */
     unsigned char *data;        /* the transfer's buffer (aligned for O_DIRECT), */
+    unsigned char *base;        /* the allocation it lies in (headroom before a read), */
     uint32_t cap;               /* its size (small ones stay with the slot) */
     uint64_t start_ns;
     unsigned char sqe[SQE_LEN]; /* for bt_lane_adopt and redo */

@@ -59,6 +59,7 @@ _bucket = bisect.bisect_left
 _alloc = ffi.new_allocator(should_clear_after_alloc=False) if AVAILABLE else None
 _ST = ((_READ, 0), (_WRITE, 1), (_FLUSH, 2))  # IOType -> enum bt_stat
 R2T_LIST_MAX = 1024  # lane R2Ts reported to the stall watch per check (slots are fewer)
+CHUNKS = 64  # output pieces taken from the lane per C call
 
 
 def new_buffer(n: int) -> memoryview:
@@ -95,7 +96,7 @@ def crc32c_impl() -> str:
 
 class Lane:
     __slots__ = ("qp", "c", "nsmem", "entries", "generation", "ana", "last", "ncmds", "stats",
-                 "rings", "closing", "_tokens", "_executed", "_handle", "_seen")
+                 "rings", "closing", "_tokens", "_executed", "_handle", "_seen", "_chunks")
 
     def __init__(self, qp: Qpair) -> None:
         self.qp = qp
@@ -125,6 +126,7 @@ class Lane:
         self.ana: Any = None
         self.last: list[list[int]] = []  # per slot: counters already folded into stats
         self.ncmds = ffi.new("unsigned *")
+        self._chunks = ffi.new("struct bt_chunk[]", CHUNKS)
         self.stats = qp.reactor.stats  # c_lane_commands, for metrics and nvmf_get_stats
         self._tokens: dict[tuple[int, int, int], object] = {}  # see r2t_pending
         self._executed = 0  # commands executed, once the C lane is freed
@@ -516,10 +518,8 @@ class Lane:
         started = now[7] != seen[7]
         self._seen[:] = now
         self._fold(done, elapsed)
-        if c.out_len:
-            ptr = ffi.new("unsigned char **")
-            n = lib.bt_lane_take_out(c, ptr)
-            qp._out.append(ffi.buffer(ffi.gc(ptr[0], lib.bt_free), n))
+        if c.out_len or c.nchunks:
+            self._take_output()
             if not qp._flush_scheduled:
                 qp._flush_scheduled = True
                 qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
@@ -530,6 +530,25 @@ class Lane:
             self._redo()
         if returned and qp.budget.waiting:
             qp.budget._wake()
+
+    def _take_output(self) -> None:
+        """The lane's output, queued for the socket as it lies in C memory: each piece
+        is freed once the transport lets go of it (uvloop keeps views of what it could
+        not send at once)."""
+        c, out, take = self.c, self.qp._out, lib.bt_lane_take_chunks
+        chunks = self._chunks
+        while True:
+            n = take(c, chunks, CHUNKS)
+            for i in range(n):
+                ch = chunks[i]
+                owner = ffi.gc(ffi.cast("unsigned char *", ch.owner), lib.bt_free)
+                off = ch.start - owner
+                if off == 0:
+                    out.append(ffi.buffer(owner, ch.len))
+                else:  # (the view keeps the buffer, and so its owner, alive)
+                    out.append(memoryview(ffi.buffer(owner, off + ch.len))[off:])
+            if n < CHUNKS:
+                return
 
     def _redo(self) -> None:
         """Commands that did not succeed in the lane (an error or a short transfer at the
