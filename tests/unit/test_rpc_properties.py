@@ -67,6 +67,9 @@ class RpcSim:
         self.loop = asyncio.new_event_loop()
         self.target = Target(Settings(cores=[0], rpc_http=None, rpc_unix=None, metrics=False,
                                       pin=False))
+        # it stands for a serving target: framework_wait_init, which waits for start(),
+        # must answer (else it waits forever; test_rpc_methods covers the waiting)
+        self.target.ready.set()
         self.tmp = tmp
 
     def handle(self, request: Any) -> Any:
