@@ -87,7 +87,8 @@ struct bt_perf {
     uint8_t verify;         /* --verify: stamped writes, every read checked against gens */
     uint8_t land;           /* receive read data into per-command buffers even without
                                verify (else payloads nobody reads are dropped unread) */
-    uint8_t pad0;
+    uint8_t spin;           /* busy-poll the socket instead of sleeping in poll() (as
+                               spdk_nvme_perf does): no wakeup in a completion's latency */
     uint32_t write_flags;   /* OR'ed into every write's CDW12 (FUA) */
     uint64_t seed;
     uint64_t duration_ns;   /* BT_PERF_TIMED */

@@ -1020,7 +1020,12 @@ static int set_lowat(struct st *s)
     struct bt_perf *p = s->p;
     uint32_t want = 1;
     uint32_t batch = s->nslots / 2;
-    if (!s->stopping && batch >= 2 && s->inflight >= 2 * batch) {
+    /* Not while writes go by R2T: an R2T is an answer that gates the data the
+       controller needs before it can answer anything else, so waiting for a batch of
+       answers stalled every round for LOWAT_WAIT_MS (128 KiB writes at QD4: 0.9K IOPS
+       against 13.7K without the wait). */
+    int r2t_writes = p->read_share < 100 && p->io_size > p->icd_max;
+    if (!s->stopping && !r2t_writes && batch >= 2 && s->inflight >= 2 * batch) {
         uint64_t per = s->done >= s->nslots ? s->rx_bytes / s->done : s->resp_min;
         uint64_t w = (uint64_t)batch * per;
         want = w > LOWAT_MAX ? LOWAT_MAX : w < 2 ? 1 : (uint32_t)w;
@@ -1100,7 +1105,7 @@ int bt_perf_run(struct bt_perf *p)
         if (s.inflight == 0 && s.parked == 0 && s.iov_head == s.iov_tail
             && (s.stopping || s.active == 0))
             break;
-        if (!try_recv) {
+        if (!try_recv && !p->spin) {
             if (set_lowat(&s) < 0)
                 break;
             int ms = POLL_MAX_MS;
@@ -1145,6 +1150,13 @@ int bt_perf_run(struct bt_perf *p)
         if (n < 0) {
             if (n == -EAGAIN || n == -EWOULDBLOCK || n == -EINTR) {
                 try_recv = 0;
+                if (p->spin && (s.inflight || s.iov_head < s.iov_tail)
+                    && s.now - s.last_progress > p->timeout_ns) {
+                    fail(&s, BT_PERF_TIMEOUT,
+                         "no completion in %.1f s with %u commands outstanding",
+                         (double)p->timeout_ns / 1e9, s.inflight);
+                    break;
+                }
                 continue;
             }
             p->err = (int)-n;

@@ -184,7 +184,7 @@ def perf_config(args: argparse.Namespace) -> PerfConfig:
         hostnqn=args.hostnqn, size=parse_size(args.size) if args.size else 0,
         progress=not args.quiet, seed=args.seed,
         journal=args.journal, check_only=args.check_only, journal_sync=args.journal_sync,
-        engine=args.engine, copy_data=args.copy_data,
+        engine=args.engine, copy_data=args.copy_data, busy_poll=args.busy_poll,
         dhchap_secret=args.dhchap_secret, dhchap_ctrl_secret=args.dhchap_ctrl_secret,
     )
     cfg.validate()
@@ -284,6 +284,10 @@ def add_commands(sub: Any) -> None:
                    help="C engine: receive read data into per-command buffers as an "
                    "application would (by default data nobody checks is dropped, large "
                    "payloads without being copied at all)")
+    p.add_argument("--busy-poll", action="store_true",
+                   help="C engine: spin on the socket instead of sleeping until answers "
+                   "come (as spdk_nvme_perf does): a completion's latency without a "
+                   "wakeup in it, for a whole core")
     p.add_argument("--seed", type=int, help="random seed (reproducible offsets)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")

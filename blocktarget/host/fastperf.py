@@ -101,7 +101,7 @@ class CEngine:
 
     def __init__(self, qp: QueuePair, cfg: PerfConfig, nsid: int, lba_size: int,
                  first_unit: int, units: int, qd: int, result: PerfResult, *,
-                 land: bool = False) -> None:
+                 land: bool = False, spin: bool = False) -> None:
         if not AVAILABLE:
             raise RuntimeError(unsupported(cfg))
         self.qp = qp
@@ -137,6 +137,7 @@ class CEngine:
         p.random = cfg.random
         p.verify = cfg.verify
         p.land = land
+        p.spin = spin
         p.timeout_ns = int(IO_TIMEOUT_S * 1e9)
         p.next_gen = 2
         if self.gens is not None:

@@ -274,6 +274,7 @@ class PerfConfig:
     journal_sync: bool = False  # fsync each acknowledgement (host power-loss safety)
     engine: str = "auto"  # the I/O loop: "c" (fastperf.py), "python" (_Engine), "auto"
     copy_data: bool = False  # C engine: land read data in buffers even unverified
+    busy_poll: bool = False  # C engine: spin on the socket, never sleep (latency runs)
     # DH-HMAC-CHAP keys (DHHC-1:..); never part of the printed result
     dhchap_secret: str | None = field(default=None, repr=False)
     dhchap_ctrl_secret: str | None = field(default=None, repr=False)
@@ -285,6 +286,12 @@ class PerfConfig:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}")
         if self.engine == "c" and (why := fastperf.unsupported(self)) is not None:
             raise ValueError(f"--engine c: {why} (use --engine auto or python)")
+        if self.busy_poll:
+            if self.engine == "python":
+                raise ValueError("--busy-poll: only the C engine spins (not --engine python)")
+            if (why := fastperf.unsupported(self)) is not None:
+                raise ValueError(f"--busy-poll: only the C engine spins, and this run needs "
+                                 f"the Python engine ({why})")
         if self.io_size <= 0:
             raise ValueError("io size must be positive")
         if not 1 <= self.qd <= 65534:
@@ -828,7 +835,7 @@ async def _prepare(cfg: PerfConfig, index: int, count: int,
         eng: _Engine | CEngine
         if why_python is None:
             eng = CEngine(ctrl.io_queues[0], cfg, cfg.nsid, ns.lba_size, index * per, per,
-                          qd, result, land=cfg.copy_data)
+                          qd, result, land=cfg.copy_data, spin=cfg.busy_poll)
         else:
             eng = _Engine(ctrl.io_queues[0], cfg, cfg.nsid, ns.lba_size, index * per, per,
                           qd, result)

@@ -159,3 +159,17 @@ def test_cli_says_which_engine_ran(tgt: Tgt, tmp_path: Path) -> None:
     assert r.returncode == 2 and "--journal runs on the Python engine" in r.stderr
     r = run_cli(*common[:-1], "--engine", "python", "-w", "randread")
     assert r.returncode == 0 and ", engine python" in r.stdout, r.stdout
+
+
+def test_busy_poll_spins_and_is_refused_where_it_cannot(tgt: Tgt, tmp_path: Path) -> None:
+    """--busy-poll: the C engine spins on the socket (no poll() call at all, and a
+    verified run stays clean); with the Python engine, or a run that needs it, it is
+    refused rather than ignored."""
+    res = _run(tgt, "c", workload="randrw", verify=True, busy_poll=True, qd=1, time_s=0.5)
+    assert res.ok and res.verified_reads > 0 and res.verify_failures == 0, res.messages
+    common = ["perf", "-a", tgt.addr, "-s", str(tgt.port), "-n", NQN, "-t", "0.5",
+              "--size", "2M", "--busy-poll"]
+    r = run_cli(*common, "--engine", "python")
+    assert r.returncode == 2 and "only the C engine spins" in r.stderr, r.stderr
+    r = run_cli(*common, "--verify", "--journal", str(tmp_path / "j"))
+    assert r.returncode == 2 and "--busy-poll" in r.stderr, r.stderr
