@@ -847,6 +847,12 @@ class Pool:
         return index % len(self.lanes)
 
     # ---- I/O ----
+    def set_broken(self, why: str) -> None:
+        """Refuse writes from now on (the C lane's too) until the pool is reopened."""
+        self.broken = why
+        if self.core is not None:
+            _clib.bt_pmem_set_broken(self.core.c)
+
     def _range(self, lane: int, lba: int, count: int, buf: Any) -> None:
         """What the C engine would refuse (its memory is not bounds-checked by Python)."""
         if not (0 <= lane < len(self.lanes) and 0 <= lba and 0 <= count
@@ -918,7 +924,7 @@ class Pool:
                 raise PoolBroken(self.broken)
             if rc != _clib.BT_PMEM_OK:
                 exc = core.failure("persisting a block write")
-                self.broken = f"a write failed half way ({exc!r}); reopen the pool"
+                self.set_broken(f"a write failed half way ({exc!r}); reopen the pool")
                 raise exc
             return
         ln = self.lanes[lane]
@@ -932,7 +938,7 @@ class Pool:
                 except BaseException as exc:
                     # the run-time free lists may no longer match the media: stop writing;
                     # reopening the pool recovers from what is on the media
-                    self.broken = f"a write failed half way ({exc!r}); reopen the pool"
+                    self.set_broken(f"a write failed half way ({exc!r}); reopen the pool")
                     raise
                 done += n
 

@@ -262,6 +262,11 @@ int bt_pmem_broken(struct bt_pmem *p)
     return __atomic_load_n(&p->broken, __ATOMIC_ACQUIRE);
 }
 
+void bt_pmem_set_broken(struct bt_pmem *p)
+{
+    __atomic_store_n(&p->broken, 1, __ATOMIC_RELEASE);
+}
+
 int bt_pmem_errno(struct bt_pmem *p)
 {
     return p->err;

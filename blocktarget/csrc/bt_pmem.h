@@ -84,6 +84,8 @@ int bt_pmem_write(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count
 /* make count blocks read as zeroes (map flag; no data written) */
 int bt_pmem_zero(struct bt_pmem *p, uint64_t lba, uint64_t count);
 int bt_pmem_broken(struct bt_pmem *p);
+/* No more writes (Python found the pool unusable): the lane leaves them to Python too. */
+void bt_pmem_set_broken(struct bt_pmem *p);
 int bt_pmem_errno(struct bt_pmem *p);
 
 /* ---- cdef end ---- */

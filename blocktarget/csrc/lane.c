@@ -1328,11 +1328,17 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
         }
         if (!l->flow_disabled)
             l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
-        if (c.act != ACT_WRITE_R2T && !is_async(c.ns))
-            reply = exec_sync(l, &c, cid, o, reply);
+        int refused = 0;
+        if (c.act != ACT_WRITE_R2T && !is_async(c.ns)) {
+            long done = exec_sync(l, &c, cid, o, reply);
+            refused = done != reply;
+            reply = done;
+        }
         l->out_len += (size_t)reply;
         pos += plen;
         n++;
+        if (refused)
+            break;  /* the Python path answers it before anything after it, in order */
     }
     if (n < max_cmds && pos < len && len - pos < 8 && begin_carry(l, in + pos, len - pos))
         pos = len;  /* a capsule's first bytes, its length not even there yet */
