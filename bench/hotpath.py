@@ -130,6 +130,14 @@ def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
 
         path = os.path.join(workdir, "hotpath.pool")
         pmem.create_pool_file(path, BLOCKS, 4096, lanes=1)
+        pool, fd = pmem.open_pool(path)  # every block written: reads copy, not zero-fill
+        try:
+            chunk = memoryview(bytes(range(256)) * (1 << 12))  # 256 blocks
+            for lba in range(0, BLOCKS, 256):
+                pool.write(0, lba, 256, chunk)
+        finally:
+            pool.close()
+            os.close(fd)
         return [{"method": "bdev_pmem_create", "params": {"name": "M0", "pmem_file": path}}]
     path = os.path.join(workdir, "hotpath.img")
     with open(path, "wb") as f:  # allocated, so reads do not just see holes
