@@ -247,3 +247,37 @@ def test_recorder_pool_formats_like_libpmem() -> None:
     rec = CrashRecorder(bytes(layout.file_size))
     format_pool(rec, layout, uuid.UUID(int=1).bytes)
     assert Pool(rec, core=True).check() == []
+
+
+def test_without_the_lane_extension_python_runs_the_btt(pool_dir: Path) -> None:
+    """No compiler at install time: blocktarget._fastpath is absent, the pmem bdev runs
+    the BTT's Python methods and offers the lane nothing."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'blocktarget._fastpath':\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from blocktarget.bdev import BdevIO, IOType, load_builtin_modules\n"
+        "load_builtin_modules()\n"
+        "from blocktarget.bdevs import pmem\n"
+        "assert not pmem.c_engine_available()\n"
+        "path = sys.argv[1]\n"
+        "pmem.create_pool_file(path, 64, 4096, 1, 4)\n"
+        "b = pmem.create({'name': 'P', 'pmem_file': path})\n"
+        "assert b.pool.core is None\n"
+        "ch = b.get_io_channel(None)\n"
+        "assert ch.lane_target() is None\n"
+        "out = []\n"
+        "ch.submit(BdevIO(IOType.WRITE, 3, 9, bytes([7]) * 9 * 4096, out.append))\n"
+        "ch.submit(BdevIO(IOType.READ, 3, 9, None, out.append))\n"
+        "assert [io.status for io in out] == [0, 0] and bytes(out[1].buf) == bytes([7]) * 9 * 4096\n"
+        "assert b.pool.check() == []\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-c", code, str(pool_dir / "pool")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["ok"]
