@@ -648,7 +648,10 @@ class _Core:
         else:
             # (the memory itself, not the memoryview: the garbage collector may clear a
             # memoryview with an export, which crashes)
-            buf = ffi.from_buffer("unsigned char[]", pm.mem.obj, require_writable=True)
+            whole = pm.mem.obj
+            if not isinstance(whole, bytearray) or len(whole) != pm.size:
+                whole = pm.mem  # (a view of part of something: only the view will do)
+            buf = ffi.from_buffer("unsigned char[]", whole, require_writable=True)
             base = buf
             hook = ffi.new("struct bt_pmem_hook *")
             err = self._err  # (the callbacks hold this, not self: no reference cycle)
