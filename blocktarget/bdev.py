@@ -220,6 +220,7 @@ class IOChannel:
 LANE_MEM = 1  # process memory: malloc, and split/passthru over it
 LANE_NULL = 2  # reads return zeroes, writes are discarded
 LANE_URING = 3  # a file or block device through the reactor's io_uring
+LANE_NVME = 4  # a PCIe NVMe namespace through the reactor's hardware queue pair
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,9 @@ class LaneTarget:
     as long as the lane uses it), the byte offset of the namespace in it (a split's
     remap), and every channel an I/O passes through, outermost first, whose statistics
     the Python path would count. For io_uring: the file descriptor and the reactor's
-    ring (bdevs/uring.py's _Ring, whose ``lane_ctx`` the lane submits to)."""
+    ring (bdevs/uring.py's _Ring, whose ``lane_ctx`` the lane submits to). For NVMe:
+    the reactor's queue (bdevs/nvme_pcie.py's ReactorQueue, whose ``lane_ctx`` is the
+    queue pair's C ring state) and the namespace's id on the device (``nsid``)."""
 
     kind: int
     mem: Any
@@ -237,12 +240,13 @@ class LaneTarget:
     channels: tuple[IOChannel, ...]
     fd: int = -1
     ring: Any = None
+    nsid: int = 0
 
     def under(self, ch: IOChannel, offset: int = 0) -> LaneTarget:
         """The same blocks seen through a virtual bdev's channel that remaps them by
         ``offset`` bytes (split, passthru)."""
         return LaneTarget(self.kind, self.mem, self.offset + offset, (ch, *self.channels),
-                          self.fd, self.ring)
+                          self.fd, self.ring, self.nsid)
 
 
 @dataclass(eq=False)

@@ -5,15 +5,18 @@ it is built).
 
 A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
 is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, files and block
-devices through the reactor's io_uring (uring), and split or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
+devices through the reactor's io_uring (uring), PCIe NVMe namespaces through the
+reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c, nvme/driver/cring.py), and split
+or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
 too. A receive buffer starts in the lane only when the queue is in its steady state:
 connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
 decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
 commands (writes waiting for their data, I/O at io_uring) may be outstanding: the Python
 path asks the lane about them where it must (a busy command id, a full queue, an
 H2CData it decoded, Abort, the stall watch) and takes one over (`adopt`) for anything
-unusual. I/O at io_uring completes in C when the reactor reaps its ring
-(bdevs/uring.py), which then calls `drain` on each lane with something to send; what
+unusual. I/O at io_uring (or an NVMe queue pair) completes in C when the reactor reaps
+its ring (bdevs/uring.py; driver/cring.py for NVMe), which then calls `drain` on each
+lane with something to send; what
 did not succeed there comes back to the Python path to be done again (`_redo`). Whatever
 the lane does not take goes to the Python path unchanged; the Python path remains the
 reference for every byte.
@@ -31,7 +34,7 @@ import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import LANE_MEM, LANE_NULL, LANE_URING, LATENCY_BUCKETS_NS, IOType
+from ..bdev import LANE_MEM, LANE_NULL, LANE_NVME, LANE_URING, LATENCY_BUCKETS_NS, IOType
 from . import spec
 
 try:
@@ -219,6 +222,9 @@ class Lane:
                 elif t.kind == LANE_URING:
                     if t.ring is None or t.ring.lane_ctx is None or t.fd < 0:
                         continue
+                elif t.kind == LANE_NVME:
+                    if t.ring is None or t.ring.lane_ctx is None or t.offset % bdev.block_size:
+                        continue
                 elif t.kind != LANE_NULL:
                     continue
                 entries.append((ns, t, mem))
@@ -237,6 +243,10 @@ class Lane:
                     e.fd = t.fd
                     e.fd_offset = t.offset
                     e.ring = t.ring.lane_ctx
+                elif t.kind == LANE_NVME:
+                    e.fd_offset = t.offset
+                    e.nvmeq = t.ring.lane_ctx
+                    e.hw_nsid = t.nsid
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)
@@ -541,6 +551,13 @@ class Lane:
             n = take(c, chunks, CHUNKS)
             for i in range(n):
                 ch = chunks[i]
+                if ch.dma:
+                    # a read sent from the NVMe DMA buffer the device wrote: the buffer
+                    # goes back to its queue pair's pool once the transport lets go
+                    start = ffi.gc(ffi.cast("unsigned char *", ch.start),
+                                   lambda _p, b=ch.owner: lib.bt_nvme_buf_put(b))
+                    out.append(ffi.buffer(start, ch.len))
+                    continue
                 owner = ffi.gc(ffi.cast("unsigned char *", ch.owner), lib.bt_free)
                 off = ch.start - owner
                 if off == 0:
