@@ -4,9 +4,10 @@ controllers behind them.
 
 The controller is test_nvme_driver's FakeNvme (a behavioural model: registers, queues
 in "DMA" memory reached only through a fake IOMMU, its own PRP walker), with one change
-the C lane needs: its doorbells are real memory (`MemBarNvme`), which C writes as it
-writes a mapped BAR, and which the device watches from a thread of its own, as hardware
-watches its registers. Admin doorbells still reach it through write32, synchronously.
+the C lane needs: its doorbells are real memory (test_nvme_driver.MemBarNvme), which C
+writes as it writes a mapped BAR, and which the device watches from a thread of its own,
+as hardware watches its registers. Admin doorbells still reach it through write32,
+synchronously.
 
 Each side has its own controllers: nsid 1 (512-byte blocks), nsid 2 (4 KiB), nsid 5 the
 second half of a split NVMe namespace, nsid 6 a passthru over one; nsid 3 stays a null
@@ -25,7 +26,6 @@ with the lane's commands at the device, the device holding commands past their t
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -46,103 +46,15 @@ from lane_harness import (
     wr,
 )
 from test_fastpath import CASES, ICREQS, _r2ts, finish_r2t
-from test_nvme_driver import FakeIommu, FakeNvme
+from test_nvme_driver import FakeIommu, MemBarNvme
 
 from blocktarget.bdevs import nvme_pcie
 from blocktarget.nvme import fastlane, pdu
-from blocktarget.nvme.driver import regs
 from blocktarget.nvme.driver.ctrlr import Controller, Options
 from blocktarget.nvme.driver.dma import DmaAllocator
-from blocktarget.nvme.driver.vfio import ffi
 
 LANE_NVME = fastlane.AVAILABLE and hasattr(fastlane.lib, "bt_nvmeq_new")
 pytestmark = pytest.mark.skipif(not fastlane.AVAILABLE, reason="the C lane is not built")
-
-
-class MemBarNvme(FakeNvme):
-    """FakeNvme whose doorbell registers are real memory: C code writes them by address
-    (`doorbell_addr`, what vfio.MappedBar offers), and the device notices, from its own
-    thread, as a controller notices doorbell writes. Completions are posted with the
-    phase bit written last, as a device's DMA write lands in order."""
-
-    POLL_S = 0.0002
-
-    def __init__(self, iommu: FakeIommu, **kw: Any) -> None:
-        super().__init__(iommu, **kw)
-        self.bar = ffi.new("uint32_t[]", 0x4000 // 4)
-        self._bar_addr = int(ffi.cast("uintptr_t", self.bar))
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="fake-nvme", daemon=True)
-        self.thread.start()
-
-    def doorbell_addr(self, offset: int) -> int:
-        return self._bar_addr + offset
-
-    def _db(self, qid: int, cq: bool) -> int:
-        return (regs.DOORBELL_BASE + (2 * qid + cq) * self.stride) // 4
-
-    def write32(self, off: int, value: int) -> None:
-        if off >= regs.DOORBELL_BASE and not self.removed:
-            self.bar[off // 4] = value
-        super().write32(off, value)
-
-    def _set_cc(self, value: int) -> None:
-        with self.lock:
-            if self.cc & 1 and not value & 1:
-                # a controller reset clears its doorbell registers with its queues
-                for i in range(regs.DOORBELL_BASE // 4, len(self.bar)):
-                    self.bar[i] = 0
-            super()._set_cc(value)
-
-    def _admin(self, raw: bytes) -> tuple[int, int]:
-        status, dw0 = super()._admin(raw)
-        if raw[0] in (0x01, 0x05) and not status:  # Create I/O SQ / CQ
-            # a new queue's doorbell starts at 0 (the host's tail and head do)
-            qid = int.from_bytes(raw[40:42], "little")
-            self.bar[self._db(qid, raw[0] == 0x05)] = 0
-        return status, dw0
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.service()
-            time.sleep(self.POLL_S)
-
-    def service(self) -> None:
-        """Take what the doorbells say: new CQ heads, then new SQ tails (I/O queues; the
-        admin queue is served at its write32)."""
-        if self.removed:
-            return
-        with self.lock:
-            for qid, cq in list(self.cqs.items()):
-                if qid:
-                    cq["head"] = self.bar[self._db(qid, True)]
-            for qid, sq in list(self.sqs.items()):
-                tail = self.bar[self._db(qid, False)]
-                if qid and tail != sq["tail"]:
-                    sq["tail"] = tail
-                    self._process(qid)
-
-    def post(self, sqid: int, cid: int, status: int, dw0: int = 0) -> None:
-        sq = self.sqs[sqid]
-        cqid = sq["cqid"]
-        cq = self.cqs[cqid]
-        if cqid:
-            cq["head"] = self.bar[self._db(cqid, True)]
-        nxt = (cq["tail"] + 1) % cq["size"]
-        assert nxt != cq["head"], "CQ overflow: the driver let too many commands out"
-        import struct
-
-        cqe = struct.pack("<IIHHHH", dw0, 0, sq["head"], sqid, cid, status << 1 | cq["phase"])
-        at = cq["base"] + cq["tail"] * 16
-        self.iommu.write(at, cqe[:14])
-        self.iommu.write(at + 14, cqe[14:])  # (the phase bit last)
-        cq["tail"] = nxt
-        if nxt == 0:
-            cq["phase"] ^= 1
 
 
 _FAKES: list[MemBarNvme] = []
