@@ -259,7 +259,12 @@ int be_nvme_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx)
                       : c->nbytes <= 2 * NVME_PAGE ? b->iova + NVME_PAGE : b->prp_list);
         put32(e + 40, (uint32_t)lba);
         put32(e + 44, (uint32_t)(lba >> 32));
-        /* the host's FUA bit passes through, as NvmeChannel passes it */
+        /* the host's FUA bit passes through, as NvmeChannel passes it. (The Python
+           path's io.write also follows a FUA write on a bdev with a volatile cache by a
+           Flush of the bdev; on NVMe the FUA bit alone makes the write durable, so the
+           lane sends none, and counts the flush in the bdev's statistics as that path
+           does. Likewise a Flush goes to the device even without a volatile cache,
+           where NvmeChannel answers it at once: a no-op for the device either way.) */
         put32(e + 48, (nlb - 1) | (c->kind == IO_WRITE ? ld32(c->sqe + 48) & CDW12_FUA : 0));
         if (c->kind == IO_READ)
             q->lane_reads++;

@@ -434,3 +434,12 @@ def test_connection_closed_with_io_at_the_device() -> None:
         assert bytes(dev.storage[1][0:8192]) == pattern(8192, 0)  # (the writes were done)
     finally:
         p.close()
+
+
+def test_backend_kinds_agree_with_c() -> None:
+    """bdev.LANE_* are enum bt_backend's numbers (bt_lane.h)."""
+    from blocktarget import bdev
+
+    lib = fastlane.lib
+    assert (bdev.LANE_MEM, bdev.LANE_NULL, bdev.LANE_URING, bdev.LANE_NVME) == (
+        lib.BT_BE_MEM, lib.BT_BE_NULL, lib.BT_BE_URING, lib.BT_BE_NVME)

@@ -22,6 +22,7 @@ state in Python as before.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -33,11 +34,15 @@ try:
 except ImportError:  # not built: queue pairs keep their ring state in Python
     ffi = lib = None
 
+log = logging.getLogger(__name__)
+
 REAP_BATCH = 64
 READY_MAX = 64
 # what each lane buffer takes besides its data: a page of headroom before it (C2HData
 # header) and one after it (data digest; pages keep the next buffer's data aligned)
 LANE_BUF_EXTRA = 2 * PAGE_SIZE
+# lane buffers a socket still held when their queue pair went (see free_buffers)
+_KEPT: list[Any] = []
 
 
 def available(mmio: Any) -> bool:
@@ -98,8 +103,15 @@ class CRing:
 
     def free_buffers(self, allocator: DmaAllocator) -> bool:
         """Give the pool's DMA memory back, unless a socket still holds one of its buffers
-        (then it stays until the allocator closes). Returns whether it went."""
+        (a read being sent from it, C memory Python cannot see exported): then the
+        buffers are kept referenced for good, which keeps the allocator from unmapping
+        their region (its release sees the exports and leaves it mapped) under the
+        socket. Returns whether the memory went."""
         if self.c.bufs_out:
+            log.warning("queue pair torn down with %d lane buffer(s) still being sent: "
+                        "their DMA memory stays mapped", self.c.bufs_out)
+            _KEPT.append(self.bufs)
+            self.bufs = []
             return False
         for whole, plist in self.bufs:
             allocator.free(whole)
