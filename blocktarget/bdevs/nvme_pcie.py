@@ -407,13 +407,15 @@ class NvmeChannel(IOChannel):
         # Reads, writes (the host's FUA bit passed through) and flushes go from the C
         # lane to this reactor's queue pair as _rw_one would send them (one command, data
         # in a DMA buffer); anything that does not succeed comes back to this channel
-        # through the Python path. Not while the controller is being reset, failed or
-        # gone: the Python path holds or fails I/O then.
+        # through the Python path. Never for a device that is gone or a queue that
+        # failed. While the controller is being reset the lane starts nothing either, but
+        # that is decided per command, in C (the queue pair's `suspended`, set by
+        # QueuePair.suspend until resume): a connection's table is built once, and one
+        # built during a reset must serve the namespace again after it.
         rq = self.rq
         ctrlr = self.bdev.owner.ctrlr
-        q = self.q
-        if (rq.lane_ctx is None or ctrlr.resetting or ctrlr.removed or ctrlr.failed
-                or ctrlr.closed or q.suspended or q.failed_status):
+        if (rq.lane_ctx is None or ctrlr.removed or ctrlr.closed or self.q.failed_status
+                or rq.lane_ctx.dead):
             return None
         return LaneTarget(LANE_NVME, None, 0, (self,), ring=rq, nsid=self.nsid)
 

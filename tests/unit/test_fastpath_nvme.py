@@ -368,19 +368,30 @@ def test_reset_with_lane_commands_at_the_device() -> None:
 
 
 def test_no_lane_while_the_controller_resets() -> None:
-    """lane_target says no while the controller is resetting or has failed (the Python
-    path holds or fails I/O then)."""
+    """While the queue pair is suspended for a reset the lane starts nothing (the C side
+    refuses, per command): the Python path queues the command until the queue is back.
+    A removed device's namespaces are not the lane's at all."""
     p = _pair()
     try:
-        ch = p.fast.io.channel_of(p.fast.sub.namespaces[2])[1]
+        side = p.fast
+        p.feed(rd(9, 2, 0))  # (the channel and its queue pair are made on first use)
+        side.tr.out.clear()
+        rq = next(rq for rq in _queues(side) if rq.owner.name == "B")
+        rq.q.suspend()
+        side.io.data_received(rd(1, 2, 3))
+        p.loop.run_until_complete(asyncio.sleep(0.05))
+        assert p.taken() == 1 and rq.q.waiting and not side.tr.out
+        rq.q.resume()
+        side.settle()
+        assert side.tr.out[0] == 0x07 and p.taken() == 1
+        side.io.data_received(rd(2, 2, 3))
+        side.settle()
+        assert p.taken() == 2  # (the same table: the lane serves the queue again)
+        ch = side.io.channel_of(side.sub.namespaces[2])[1]
         assert ch.lane_target() is not None
-        ctrlr = p.fast.bdev("Bn1").owner.ctrlr
-        ctrlr.resetting = True
+        side.bdev("Bn1").owner.ctrlr.removed = True
         assert ch.lane_target() is None
-        ctrlr.resetting = False
-        ctrlr.failed = True
-        assert ch.lane_target() is None
-        ctrlr.failed = False
+        side.bdev("Bn1").owner.ctrlr.removed = False
     finally:
         p.close()
 

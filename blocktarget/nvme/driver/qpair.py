@@ -397,7 +397,9 @@ class QueuePair:
     def describe(self) -> dict[str, Any]:
         return {"qid": self.qid, "depth": self.depth, "outstanding": self.outstanding,
                 "waiting": len(self.waiting), "submitted": self.submitted,
-                "completed": self.completed, "doorbells": self.doorbells,
+                "completed": self.completed,
+                # (with the ring state in C, C counts every SQ doorbell, the lane's too)
+                "doorbells": self.doorbells + (self.cring.c.doorbells if self.cring else 0),
                 "timeouts": self.timeouts, "resubmitted": self.resubmitted,
                 "suspended": self.suspended}
 
