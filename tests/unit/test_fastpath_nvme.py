@@ -454,3 +454,32 @@ def test_backend_kinds_agree_with_c() -> None:
     lib = fastlane.lib
     assert (bdev.LANE_MEM, bdev.LANE_NULL, bdev.LANE_URING, bdev.LANE_NVME) == (
         lib.BT_BE_MEM, lib.BT_BE_NULL, lib.BT_BE_URING, lib.BT_BE_NVME)
+
+
+def test_device_removed_under_lane_commands() -> None:
+    """The device vanishes (registers read all ones) with commands at it: the Python
+    path fails its own with ABORTED_SQ_DELETION, the lane hands its own back and the
+    Python path fails them the same way; what comes after is the Python path's too."""
+    p = _pair()
+    try:
+        p.feed(rd(9, 2, 0))  # (the queue pairs are made on first use)
+        for side in _sides(p):
+            _dev(side, "Bn1").hold_io = 2
+            side.bdev("Bn1").owner.ctrlr.on_removed = None  # (no namespace removal here)
+        _feed_nowait(p, rd(1, 2, 1) + rd(2, 2, 5, 2))
+        _wait(p, lambda: all(len(_dev(s, "Bn1").held) == 2 for s in _sides(p)), what="held")
+        rq = next(rq for rq in _queues(p.fast) if rq.owner.name == "B")
+        assert rq.lane_ctx.lane_inflight == 2
+        for side in _sides(p):
+            _dev(side, "Bn1").removed = True
+        _wait(p, lambda: all(not _pending(s) and not s.io.requests for s in _sides(p)),
+              what="answered")
+        p.check()
+        assert p.ref.admin.ctrl.error_count == 2
+        assert rq.lane_ctx.dead and rq.lane_ctx.lane_inflight == 0 and rq.lane_ctx.bufs_out == 0
+        before = p.taken()
+        p.feed(rd(3, 2, 1) + wr(4, 2, 2))
+        p.check()
+        assert p.taken() == before and p.ref.admin.ctrl.error_count == 4
+    finally:
+        p.close()
