@@ -123,7 +123,9 @@ class Lane:
         # (namespace, channels its I/O passes through, buffer export keeping the memory
         # mapped or None) per slot
         self.entries: list[tuple[Any, tuple[Any, ...], Any]] = []
-        self.rings: tuple[Any, ...] = ()  # the io_uring rings the table's namespaces use
+        # the io_uring rings and NVMe queue pairs (nvme_pcie.ReactorQueue) the table's
+        # namespaces use
+        self.rings: tuple[Any, ...] = ()
         self.closing = False  # the queue is gone; I/O of the lane's still at a ring
         self.generation = -1
         self.ana: Any = None
@@ -140,8 +142,9 @@ class Lane:
 
     def close(self) -> None:
         """The queue is gone: writes still waiting for data are dropped, as the Python
-        path drops its own. I/O at io_uring is let finish (the kernel uses its buffers):
-        the lane stays with its rings (`zombies`) until its last completion, counted in
+        path drops its own. I/O at io_uring or an NVMe device is let finish (the kernel or
+        the device uses its buffers): the lane stays with its rings (`zombies`) until
+        its last completion, counted in
         the bdev statistics as the Python path's channel counts it, then is freed (see
         drain). Then the memory exports go (a deleted malloc bdev may be unmapped)."""
         c = self.c
@@ -474,9 +477,10 @@ class Lane:
         return bool(placed)
 
     def drain(self) -> None:
-        """The reactor's ring completed some of this lane's I/O (in C): record it, queue
-        the output for the socket, and give the Python path what did not succeed. A
-        closed lane only counts, and is freed after its last completion."""
+        """The reactor's ring (or NVMe queue pair) completed some of this lane's I/O (in
+        C): record it, queue the output for the socket, and give the Python path what
+        did not succeed. A closed lane only counts, and is freed after its last
+        completion."""
         c = self.c
         if c is None:
             return
