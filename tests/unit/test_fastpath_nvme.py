@@ -354,7 +354,8 @@ def test_reset_with_lane_commands_at_the_device() -> None:
         for side in _sides(p):
             owner = side.bdev("Bn1").owner
             p.loop.run_until_complete(owner.reset())
-            assert owner.ctrlr.resets == 1
+            assert owner.ctrlr.resets == 1, owner.ctrlr.last_reset
+            print(side is p.fast, owner.ctrlr.last_reset)
         for side in _sides(p):
             side.settle()
         p.check()

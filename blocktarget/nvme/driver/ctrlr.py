@@ -787,9 +787,12 @@ def _reap_and_reinit(q: QueuePair) -> None:
     in_flight = q.outstanding
     q.process_completions()
     if in_flight:
+        lane = q.cring.c.lane_inflight if q.cring is not None else 0
         log.info("%s: %d command(s) in flight at the reset: %d completed by the device "
-                 "while it was disabled, %d to re-submit", q.name, in_flight,
-                 in_flight - q.outstanding, q.outstanding)
+                 "while it was disabled, %d to re-submit%s", q.name, in_flight,
+                 in_flight - q.outstanding, q.outstanding,
+                 f" ({lane} of them the C lane's, which the Python path does again)"
+                 if lane else "")
     q.reinit()
 
 
