@@ -119,6 +119,7 @@ class ReactorQueue:
         self.zombies: set[Any] = set()
         if cr is not None:
             cr.on_ready = self._lanes_ready
+            cr.stats = reactor.stats if reactor is not None else None
 
     @property
     def lane_reads(self) -> int:

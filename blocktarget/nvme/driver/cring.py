@@ -23,6 +23,7 @@ state in Python as before.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ except ImportError:  # not built: queue pairs keep their ring state in Python
     ffi = lib = None
 
 log = logging.getLogger(__name__)
+_now_ns = time.perf_counter_ns
 
 REAP_BATCH = 64
 READY_MAX = 64
@@ -83,6 +85,9 @@ class CRing:
         self._exp_abort = ffi.new("uint8_t[]", REAP_BATCH)
         # who hears of lanes with completions (nvme_pcie.ReactorQueue: Lane.drain)
         self.on_ready: Callable[[list[Any]], None] | None = None
+        # the owner reactor's stats: the reaps' time in C (GIL released) is counted in
+        # its gil_released_ns, as the lane's own calls are
+        self.stats: Any = None
         self.push = lambda sqe, _p=lib.bt_nvmeq_push, _c=c: _p(_c, sqe)
         self.ring = lambda _r=lib.bt_nvmeq_ring, _c=c: _r(_c)
 
@@ -129,8 +134,12 @@ class CRing:
         head, phase = c.cq_head, c.phase
         cids, status, dw0 = self._cids, self._status, self._dw0
         left = max_completions or 1 << 30
+        stats = self.stats
         while True:
+            t0 = _now_ns()
             n = lib.bt_nvmeq_reap(c, cids, status, dw0, min(REAP_BATCH, left))
+            if stats is not None:
+                stats.gil_released_ns += _now_ns() - t0
             for i in range(n):
                 take(cids[i], status[i], dw0[i])
             left -= n
