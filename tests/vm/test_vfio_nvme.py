@@ -14,8 +14,8 @@ It runs twice: with the C lane serving the namespace (csrc/be_nvme.c: SQEs, door
 and the CQ driven from C on the reactor's queue pair; the default) and with the Python
 path (``c_fast_path: false``). With the lane it asserts that the lane executed most of
 the I/O (nvmf_get_stats ``c_lane_commands``, the queue's ``lane_reads``/``lane_writes``),
-across the reset too; with the Python path, its zero-copy paths. Each run also times a
-few seconds of 4 KiB random reads (under TCG: a comparison, not a figure for a disk).
+across the reset too; with the Python path, its zero-copy paths. (The device is
+throttled for the reset's sake: throughput is bench/nvme_lane_vm.py's business.)
 
 On a host with a real SSD the same guest script runs unchanged (see tests/vm/README.md,
 "VFIO NVMe on real hardware"): ``write_guest_files(dir)``, then ``bash vfio_nvme.sh`` as
@@ -296,22 +296,6 @@ async def main():
     for q, t in zip(ctrl.io_queues, saved_transports):
         q._transport = t
 
-    # a few seconds of 4 KiB random reads at queue depth 16 (a comparison of the two
-    # paths on this emulated device, the initiator in the same guest)
-    import random
-    rnd = random.Random(7)
-    done = [0]
-    t_end = time.monotonic() + 3
-
-    async def reader():
-        while time.monotonic() < t_end:
-            await ctrl.read(1, rnd.randrange(0, nsze // 8) * 8, 8 if bs == 512 else 1)
-            done[0] += 1
-
-    t0 = time.monotonic()
-    await asyncio.gather(*(reader() for _ in range(16)))
-    secs = time.monotonic() - t0
-    print(f"4k randread qd16: {done[0] / secs:.0f} IOPS ({'lane' if LANE else 'python'} path)")
 
     stats = rpc("nvmf_get_stats")
     lane = sum(g["c_lane_commands"] for g in stats["poll_groups"])
@@ -451,7 +435,7 @@ def test_vfio_nvme_setup_attach_export_reset_detach(vm: Guest, lane: bool) -> No
     dp = json.loads(re.search(r"data path: (\{.*\})", out).group(1))
     m = re.search(r"lane: (\d+) of the host's (\d+) I/O commands", out)
     assert m, out
-    print(m.group(0), "|", re.search(r"4k randread qd16: .*", out).group(0))
+    print(m.group(0))
     if lane:
         assert dp["lane_reads"] > 0 and dp["lane_writes"] > 0, dp
         assert int(m.group(1)) >= int(m.group(2)) // 2, m.group(0)
