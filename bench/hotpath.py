@@ -10,7 +10,7 @@ code controls, measured without the other engineers' load moving it: use it to j
 hot-path change, and vs_spdk.py for the whole figure.
 
     .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096] [--write]
-        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|pmem]
+        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|pmem|nvme]
         [--pmem-python-engine]
 
 `--backend` puts another bdev behind the namespace: null, a split part of a malloc bdev,
@@ -24,6 +24,13 @@ spends per command, the kernel's share for the file included, waiting excluded.
 msyncs; run with PMEM_IS_PMEM_FORCE=1 in the environment for the cache-flush path of
 real persistent memory. Its BTT runs in C (csrc/be_pmem.c) on both paths when the
 extension is built; `--pmem-python-engine` gives the Python path the Python BTT instead.
+
+`--backend nvme` puts a PCIe NVMe namespace behind it: the user-space driver over the
+unit tests' fake controller (test_nvme_driver.MemBarNvme, doorbells in memory, the
+driver's DMA memory in 4 KiB pages behind a fake IOMMU). The device runs in no thread of
+its own: the loop gives it its turn (service()) between reactor turns, untimed, so the
+figure is the target's CPU per command (the lane's SQEs, doorbell, CQ polling, or the
+Python path's), the device's excluded; the clock is the reactor thread's.
 """
 
 from __future__ import annotations
@@ -108,11 +115,14 @@ def wire(p: pdu.Pdu, qp: Qpair) -> bytes:
     return b"".join(bytes(b) for b in pdu.encode(p, hdgst=qp.hdgst, ddgst=qp.ddgst))
 
 
-BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "pmem")
+BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "pmem", "nvme")
 
 
 def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
     """The bdev RPCs that make namespace 1's bdev "M0" of BLOCKS 4 KiB blocks."""
+    if backend == "nvme":  # (the controller is attached by setup(): "NVn1")
+        return [{"method": "bdev_passthru_create",
+                 "params": {"base_bdev_name": "NVn1", "name": "M0"}}]
     if backend == "malloc":
         return [{"method": "bdev_malloc_create",
                  "params": {"name": "M0", "num_blocks": BLOCKS, "block_size": 4096}}]
@@ -150,6 +160,8 @@ def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc
           workdir: str = "") -> tuple[Target, Reactor, Any]:
     target = Target(Settings(cores=[0], rpc_http=None, rpc_unix=None, metrics=False,
                              pin=False, allowed_dirs=[workdir] if workdir else None))
+    if backend == "nvme":
+        loop.run_until_complete(_attach_fake_nvme(target))
     doc = {"subsystems": [
         {"subsystem": "bdev", "config": backend_bdevs(backend, workdir)},
         {"subsystem": "nvmf", "config": [
@@ -168,6 +180,31 @@ def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc
     reactor.loop = loop
     reactor.tid = threading.get_native_id()
     return target, reactor, addr
+
+
+FAKE_DEVICES: list[Any] = []
+
+
+async def _attach_fake_nvme(target: Target) -> None:
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "tests", "unit"))
+    from test_nvme_driver import FakeIommu, MemBarNvme
+
+    from blocktarget.bdevs import nvme_pcie
+    from blocktarget.nvme.driver.ctrlr import Controller
+    from blocktarget.nvme.driver.dma import DmaAllocator
+
+    iommu = FakeIommu()
+    dev = MemBarNvme(iommu, thread=False, blocks=BLOCKS, block_size=4096, mqes=127)
+    alloc = DmaAllocator(iommu, name="hotpath", use_hugepages=False)
+    c = Controller(dev, alloc, name="NV")
+    c.init(1)
+    await nvme_pcie.register_controller(target, "NV", "0000:00:09.0", c,
+                                        {"name": "NV", "traddr": "0000:00:09.0"})
+    nvme_pcie._CONTROLLERS.pop("NV", None)  # (each run attaches its own)
+    FAKE_DEVICES[:] = [dev]
 
 
 def connect(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor, addr: Any,
@@ -214,19 +251,27 @@ def deliver(qp: Qpair, data: bytes, reads: int, copy: bool) -> None:
         off += len(piece)
 
 
-def _settle(loop: asyncio.AbstractEventLoop, io: Qpair, reactor: Reactor) -> None:
-    """Run the loop until no command of ``io`` is outstanding (io_uring: completions)."""
+def _settle(loop: asyncio.AbstractEventLoop, io: Qpair, reactor: Reactor,
+            timed: list[float] | None = None) -> None:
+    """Run the loop until no command of ``io`` is outstanding (io_uring: completions;
+    NVMe: the fake device is given its turn between loop turns, outside ``timed``)."""
     from blocktarget.bdevs import uring
 
     ring = uring._Ring._rings.get(reactor)
+    clock = time.thread_time
     while True:
         lane = getattr(io, "_lane", None)
         busy = io.requests or (lane is not None and lane.inflight) or (
             ring is not None and (ring.ops or ring.lane_busy()))
         if not busy:
             return
+        for dev in FAKE_DEVICES:
+            dev.service()
+        c0 = clock()
         loop.call_soon(loop.stop)
         loop.run_forever()
+        if timed is not None:
+            timed[0] += clock() - c0
 
 
 def run(ops: int, batch: int, size: int, write: bool, digests: bool,
@@ -280,7 +325,9 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
     payload = memoryview(bytes(range(256)) * (size // 256))
     stop, run_once = loop.stop, loop.run_forever
     call_soon = loop.call_soon
-    clock = time.process_time
+    # (the NVMe fake device's time is its own: only the reactor thread's CPU counts)
+    nvme = backend == "nvme"
+    clock = time.thread_time if nvme else time.process_time
     rounds = max(ops // batch, 1)
     t0, cpu = time.perf_counter(), 0.0
     for _ in range(rounds):
@@ -288,9 +335,16 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
         deliver(io, chunk, reads, copy)
         call_soon(stop)  # runs the flush the qpair scheduled, then returns
         run_once()
-        if not r2t:
-            _settle(loop, io, reactor)
-        cpu += clock() - c0
+        if nvme:
+            cpu += clock() - c0
+            timed = [0.0]
+            if not r2t:
+                _settle(loop, io, reactor, timed)
+            cpu += timed[0]
+        else:
+            if not r2t:
+                _settle(loop, io, reactor)
+            cpu += clock() - c0
         if r2t:  # the host's side (not timed): answer each R2T with one H2CData
             out = bytes(tr.last)  # type: ignore[union-attr]
             tr.last.clear()  # type: ignore[union-attr]
@@ -300,8 +354,14 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
             deliver(io, h2c, reads, copy)
             call_soon(stop)
             run_once()
-            _settle(loop, io, reactor)
-            cpu += clock() - c0
+            if nvme:
+                cpu += clock() - c0
+                timed = [0.0]
+                _settle(loop, io, reactor, timed)
+                cpu += timed[0]
+            else:
+                _settle(loop, io, reactor)
+                cpu += clock() - c0
             tr.last.clear()  # type: ignore[union-attr]
     wall = time.perf_counter() - t0
     n = rounds * batch

@@ -221,6 +221,7 @@ LANE_MEM = 1  # process memory: malloc, and split/passthru over it
 LANE_NULL = 2  # reads return zeroes, writes are discarded
 LANE_URING = 3  # a file or block device through the reactor's io_uring
 LANE_PMEM = 4  # a pmem pool's block translation table in C (csrc/be_pmem.c)
+LANE_NVME = 5  # a PCIe NVMe namespace through the reactor's hardware queue pair
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,9 @@ class LaneTarget:
     the Python path would count. For io_uring: the file descriptor and the reactor's
     ring (bdevs/uring.py's _Ring, whose ``lane_ctx`` the lane submits to). For pmem:
     (the pool's ``struct bt_pmem *``, the BTT lane of this reactor); ``offset`` is then
-    where the namespace starts in the pool's blocks, in bytes."""
+    where the namespace starts in the pool's blocks, in bytes. For NVMe:
+    the reactor's queue (bdevs/nvme_pcie.py's ReactorQueue, whose ``lane_ctx`` is the
+    queue pair's C ring state) and the namespace's id on the device (``nsid``)."""
 
     kind: int
     mem: Any
@@ -241,12 +244,13 @@ class LaneTarget:
     fd: int = -1
     ring: Any = None
     pmem: Any = None
+    nsid: int = 0
 
     def under(self, ch: IOChannel, offset: int = 0) -> LaneTarget:
         """The same blocks seen through a virtual bdev's channel that remaps them by
         ``offset`` bytes (split, passthru)."""
         return LaneTarget(self.kind, self.mem, self.offset + offset, (ch, *self.channels),
-                          self.fd, self.ring, self.pmem)
+                          self.fd, self.ring, self.pmem, self.nsid)
 
 
 @dataclass(eq=False)

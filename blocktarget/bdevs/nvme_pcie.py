@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import Bdev, BdevIO, IOChannel, IOType, Status
+from ..bdev import LANE_NVME, Bdev, BdevIO, IOChannel, IOType, LaneTarget, Status
 from ..errors import AlreadyExists, Busy, InvalidParams, NoSuchDevice, RpcError
 from ..nvme import spec
 from ..nvme.driver.ctrlr import (
@@ -75,7 +75,7 @@ MAX_WZ_BLOCKS = 1 << 16  # NLB is a 16-bit 0's based field
 MAX_DSM_RANGE_BLOCKS = 0xFFFFFFFF
 # data_path counters (driver_specific), kept per queue and summed
 _COUNTERS = ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes",
-             "rx_direct_bytes", "rx_copied_bytes")
+             "rx_direct_bytes", "rx_copied_bytes", "lane_reads", "lane_writes")
 
 
 # ---------------------------------------------------------------------------
@@ -109,6 +109,39 @@ class ReactorQueue:
         self.rx_copied_bytes = 0
         self._next_tick = 0.0
         self._kick = reactor.kick if reactor is not None else _noop
+        # The NVMe/TCP C lane submits to this queue too when its ring state is in C
+        # (driver/cring.py): its completions are finished in C when poll() reaps the CQ,
+        # and the lanes with something to send hear of it here (Lane.drain).
+        cr = getattr(q, "cring", None)
+        self.lane_ctx: Any = cr.c if cr is not None else None
+        # lanes of connections that went away with I/O here: kept (their handles must
+        # stay valid) until their last completion (fastlane.Lane.drain)
+        self.zombies: set[Any] = set()
+        if cr is not None:
+            cr.on_ready = self._lanes_ready
+            cr.stats = reactor.stats if reactor is not None else None
+
+    @property
+    def lane_reads(self) -> int:
+        """Reads the C lane sent to this queue (their data went to the host from the
+        DMA buffer the device wrote)."""
+        return int(self.lane_ctx.lane_reads) if self.lane_ctx is not None else 0
+
+    @property
+    def lane_writes(self) -> int:
+        """Writes the C lane sent (their data received or copied into DMA memory once)."""
+        return int(self.lane_ctx.lane_writes) if self.lane_ctx is not None else 0
+
+    def _lanes_ready(self, lanes: list[Any]) -> None:
+        for lane in lanes:
+            try:
+                lane.drain()
+            except Exception:  # one connection's trouble must not strand the others
+                log.exception("completing the C lane's NVMe I/O failed")
+
+    def lane_io_started(self) -> None:
+        """The C lane submitted commands (and rang the doorbell): poll for them."""
+        self._kick()
 
     def poll(self) -> int:
         q = self.q
@@ -370,6 +403,22 @@ class NvmeChannel(IOChannel):
         self.q.submit(OP.DATASET_MANAGEMENT, self.nsid, prp1=prp1, prp2=prp2,
                       cdw10=len(group) - 1, cdw11=DSM_AD, cb=cb, buf=buf)
         self._kick()
+
+    def lane_target(self) -> LaneTarget | None:
+        # Reads, writes (the host's FUA bit passed through) and flushes go from the C
+        # lane to this reactor's queue pair as _rw_one would send them (one command, data
+        # in a DMA buffer); anything that does not succeed comes back to this channel
+        # through the Python path. Never for a device that is gone or a queue that
+        # failed. While the controller is being reset the lane starts nothing either, but
+        # that is decided per command, in C (the queue pair's `suspended`, set by
+        # QueuePair.suspend until resume): a connection's table is built once, and one
+        # built during a reset must serve the namespace again after it.
+        rq = self.rq
+        ctrlr = self.bdev.owner.ctrlr
+        if (rq.lane_ctx is None or ctrlr.removed or ctrlr.closed or self.q.failed_status
+                or rq.lane_ctx.dead):
+            return None
+        return LaneTarget(LANE_NVME, None, 0, (self,), ring=rq, nsid=self.nsid)
 
     def close(self) -> None:
         self.bdev.owner.release_queue(self.reactor, self.rq)

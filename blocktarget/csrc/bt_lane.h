@@ -18,11 +18,14 @@ enum bt_backend {
     BT_BE_MEM = 1,   /* plain process memory (malloc; split/passthru over it) */
     BT_BE_NULL = 2,  /* reads return zeroes, writes are discarded */
     BT_BE_URING = 3, /* a file or block device through the reactor's io_uring */
-    BT_BE_PMEM = 4   /* a pmem pool's block translation table (be_pmem.c, bt_pmem.h) */
+    BT_BE_PMEM = 4,  /* a pmem pool's block translation table (be_pmem.c, bt_pmem.h) */
+    BT_BE_NVME = 5   /* a PCIe NVMe namespace through the reactor's hardware queue */
 };
 
 struct bt_uring;            /* a reactor's io_uring as the lane uses it (be_uring.c) */
 struct bt_pmem;             /* a pmem pool's BTT (be_pmem.c) */
+struct bt_nvmeq;            /* a reactor's NVMe I/O queue pair as both paths use it
+                               (be_nvme.c, bt_nvme.h) */
 
 /* The bdev statistics the lane keeps, per namespace. */
 enum bt_stat { BT_ST_READ = 0, BT_ST_WRITE = 1, BT_ST_FLUSH = 2 };
@@ -41,6 +44,9 @@ struct bt_ns {
     struct bt_uring *ring;  /* and the reactor's ring */
     struct bt_pmem *pmem;   /* BT_BE_PMEM: the pool, */
     uint32_t pmem_lane;     /* and the BTT lane of this reactor */
+    struct bt_nvmeq *nvmeq; /* BT_BE_NVME: the reactor's queue pair (fd_offset: where the
+                               namespace starts on the device, in bytes), */
+    uint32_t hw_nsid;       /* and the namespace's id on the device */
     /* cumulative, for the bdev channels' statistics, by enum bt_stat; latency only of
        what completed asynchronously (the rest is the lane call's time, see fastlane) */
     uint64_t ops[3], bytes[3], lat_ns[3];
@@ -54,6 +60,7 @@ struct bt_chunk {
     void *owner;
     unsigned char *start;
     size_t len;
+    uint8_t dma;            /* owner is an NVMe DMA buffer: bt_nvme_buf_put, not bt_free */
 };
 
 struct bt_lane {
@@ -105,6 +112,10 @@ struct bt_lane {
     struct bt_uring *ready_on; /* that ring's */
     struct bt_lane *next_ready;
     struct bt_uring *touched; /* a ring with SQEs queued in this call, to submit */
+    struct bt_nvmeq *touched_nvme; /* a queue pair with SQEs written in this call */
+    uint8_t nvme_queued;    /* in a queue pair's ready list: */
+    struct bt_nvmeq *nvme_ready_on; /* that queue pair's */
+    struct bt_lane *nvme_next;
     uint32_t rx_slot;       /* the PDU being received: its slot, */
     uint32_t rx_off;        /* where its next payload byte goes in the slot's buffer, */
     uint32_t rx_n;          /* its payload length, */
@@ -171,6 +182,8 @@ void bt_uring_detach(struct bt_uring *u);
    the rest stay for the next call). */
 unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned max,
                        void **ready, unsigned max_ready, unsigned *nready);
+
+/* bt_nvme.h: the NVMe backend's queue pair and its calls. */
 
 /* Take the leading PDUs of in[0:len] that the lane takes (at most max_cmds commands,
    and no new command once max_out bytes of output are pending); returns the input bytes

@@ -32,6 +32,7 @@
 
 #include "bt_lane.h"
 #include "bt_pmem.h"
+#include "bt_nvme.h"
 #include "lane_int.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -74,7 +75,14 @@ uint64_t lane_now_ns(void)
 
 static inline int is_async(const struct bt_ns *ns)
 {
-    return ns->backend == BT_BE_URING;
+    return ns->backend == BT_BE_URING || ns->backend == BT_BE_NVME;
+}
+
+/* SQEs a command takes at its backend: io_uring follows a FUA write with fdatasync;
+   NVMe carries FUA in the write itself */
+static inline int sqes_for(const struct bt_ns *ns, int fua)
+{
+    return fua && ns->backend == BT_BE_URING ? 2 : 1;
 }
 
 static void set_state(struct bt_lane *l, struct bt_cmd *s, uint8_t state);
@@ -131,6 +139,7 @@ void bt_lane_free(struct bt_lane *l)
     if (l == NULL)
         return;
     be_uring_unready(l);
+    be_nvme_unready(l);
     lane_destroy(l);
 }
 
@@ -159,7 +168,7 @@ static int push_chunk(struct bt_lane *l, void *owner, unsigned char *start, size
 {
     if (!chunk_room(l, 1))
         return 0;
-    l->chunks[l->nchunks++] = (struct bt_chunk){owner, start, len};
+    l->chunks[l->nchunks++] = (struct bt_chunk){owner, start, len, 0};
     return 1;
 }
 
@@ -277,6 +286,11 @@ static void set_state(struct bt_lane *l, struct bt_cmd *s, uint8_t state)
     switch (state) {
     case SLOT_FREE:
         l->inflight--;
+        if (s->dma != NULL) {
+            be_nvme_buf_release(s->dma);
+            s->dma = NULL;
+            s->data = s->base;
+        }
         if (s->base != NULL && (s->cap > KEEP_BUF || s->data != s->base)) {
             free(s->base);
             s->data = s->base = NULL;
@@ -328,6 +342,26 @@ static unsigned char *read_buffer(struct bt_cmd *s, uint32_t n)
     s->base = p;
     s->data = (unsigned char *)p + ALIGN;
     s->cap = n;
+    return s->data;
+}
+
+/* The buffer a command's data goes in at its backend (s->ns set): one of the queue
+   pair's DMA buffers for NVMe (the device reads or writes it; a kept heap buffer is let
+   go), else an aligned heap buffer, with headroom for a large read (`zc`). NULL: none. */
+static unsigned char *io_buffer(struct bt_cmd *s, uint32_t n, int zc)
+{
+    if (s->ns->backend != BT_BE_NVME)
+        return zc ? read_buffer(s, n) : slot_buffer(s, n);
+    if (s->dma != NULL)
+        return s->data;
+    struct bt_nvme_buf *b = be_nvme_buf_get(s->ns->nvmeq);
+    if (b == NULL)
+        return NULL;
+    free(s->base);
+    s->base = NULL;
+    s->cap = 0;
+    s->dma = b;
+    s->data = be_nvme_buf_data(b);
     return s->data;
 }
 
@@ -580,7 +614,8 @@ static unsigned char *flush_done(struct bt_lane *l, struct bt_ns *ns, uint16_t c
 
 static int backend_space(struct bt_ns *ns)
 {
-    return ns->backend == BT_BE_URING ? be_uring_space(ns) : 0;
+    return ns->backend == BT_BE_URING ? be_uring_space(ns)
+         : ns->backend == BT_BE_NVME ? be_nvme_space(ns) : 0;
 }
 
 /* Hand slot s (data in place for a write) to its backend; 0 or -errno (nothing
@@ -588,9 +623,21 @@ static int backend_space(struct bt_ns *ns)
 static int start_io(struct bt_lane *l, struct bt_cmd *s, uint8_t kind)
 {
     s->kind = kind;
-    s->cqes = kind == IO_WRITE && s->fua ? 2 : 1;
+    s->cqes = (uint8_t)sqes_for(s->ns, kind == IO_WRITE && s->fua);
     s->bad = 0;
     s->start_ns = lane_now_ns();
+    if (s->ns->backend == BT_BE_NVME) {
+        int rc = be_nvme_queue(l, s, (uint32_t)(s - l->slot));
+        if (rc < 0)
+            return rc;
+        set_state(l, s, SLOT_IO);
+        l->submitted++;
+        struct bt_nvmeq *q = s->ns->nvmeq;
+        if (l->touched_nvme != NULL && l->touched_nvme != q)
+            be_nvme_submit(l->touched_nvme);
+        l->touched_nvme = q;
+        return 0;
+    }
     int rc = be_uring_queue(l, s, (uint32_t)(s - l->slot));
     if (rc < 0)
         return rc;
@@ -609,6 +656,10 @@ static void submit_touched(struct bt_lane *l)
     if (l->touched != NULL) {
         be_uring_submit(l->touched);
         l->touched = NULL;
+    }
+    if (l->touched_nvme != NULL) {  /* one doorbell write for the call's commands */
+        be_nvme_submit(l->touched_nvme);
+        l->touched_nvme = NULL;
     }
 }
 
@@ -653,7 +704,12 @@ static int read_zero_copy(struct bt_lane *l, struct bt_cmd *s)
         st32(s->data + n, bt_crc32c(0, s->data, n));
         len += DIGEST;
     }
-    l->chunks[l->nchunks++] = (struct bt_chunk){s->base, h, len};  /* (room made above) */
+    /* (room made above); a DMA buffer goes back to its pool once sent */
+    if (s->dma != NULL)
+        l->chunks[l->nchunks++] = (struct bt_chunk){s->dma, h, len, 1};
+    else
+        l->chunks[l->nchunks++] = (struct bt_chunk){s->base, h, len, 0};
+    s->dma = NULL;
     s->data = s->base = NULL;
     s->cap = 0;
     if (resp) {
@@ -669,7 +725,8 @@ static int read_zero_copy(struct bt_lane *l, struct bt_cmd *s)
 void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
 {
     struct bt_cmd *s = &l->slot[idx];
-    if (s->kind == IO_FLUSH || (s->kind == IO_WRITE && s->fua && s->cqes == 1))
+    if (s->kind == IO_FLUSH
+        || (s->kind == IO_WRITE && s->fua && s->cqes == 1 && s->ns->backend == BT_BE_URING))
         s->bad |= res != 0;   /* (fdatasync: 0; -ECANCELED after a failed linked write) */
     else
         s->bad |= res != (int32_t)s->nbytes;
@@ -698,7 +755,9 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
         to_redo(l, s);
         return;
     }
-    if (s->kind == IO_READ && s->data != s->base) {
+    int zc = s->dma != NULL ? s->nbytes >= ZC_MIN && s->nbytes <= l->c2h_chunk
+                            : s->data != s->base;
+    if (s->kind == IO_READ && zc) {
         /* a large read: its PDU is sent from the buffer it was read into */
         if (read_zero_copy(l, s)) {
             ns->lat_ns[BT_ST_READ] += lat;
@@ -822,6 +881,8 @@ static long accept_capsule(const struct bt_lane *l, const unsigned char *p, uint
     if (n > l->max_io_size || slba > ns->num_blocks || nlb > ns->num_blocks - slba
         || sgl_len != n)
         return -1;
+    if (ns->backend == BT_BE_NVME && n > ns->nvmeq->max_transfer)
+        return -1;                /* more than one device command: the Python path splits */
     c->off = slba * ns->block_size;
     c->nbytes = (uint32_t)n;
     if (opc == OPC_READ) {
@@ -968,19 +1029,18 @@ static long exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsi
 static int exec_async(struct bt_lane *l, const struct cmd *c, uint16_t cid)
 {
     struct bt_ns *ns = c->ns;
-    int need = c->act == ACT_WRITE_ICD && fua_of(ns, c->sqe) ? 2 : 1;
+    int need = sqes_for(ns, c->act == ACT_WRITE_ICD && fua_of(ns, c->sqe));
     if (backend_space(ns) < need)
         return 0;
     struct bt_cmd *s = free_slot(l);
     if (s == NULL)
         return 0;
     uint8_t kind = c->act == ACT_READ ? IO_READ : c->act == ACT_FLUSH ? IO_FLUSH : IO_WRITE;
-    if (kind == IO_READ && c->nbytes >= ZC_MIN && c->nbytes <= l->c2h_chunk) {
-        if (read_buffer(s, c->nbytes) == NULL)
-            return 0;
-    } else if (kind != IO_FLUSH && slot_buffer(s, c->nbytes) == NULL) {
+    s->ns = ns;
+    if (kind != IO_FLUSH
+        && io_buffer(s, c->nbytes, kind == IO_READ && c->nbytes >= ZC_MIN
+                                   && c->nbytes <= l->c2h_chunk) == NULL)
         return 0;
-    }
     s->seq++;
     s->cid = cid;
     s->received = 0;
@@ -992,8 +1052,14 @@ static int exec_async(struct bt_lane *l, const struct cmd *c, uint16_t cid)
     memcpy(s->sqe, c->sqe, SQE_LEN);
     if (kind == IO_WRITE)
         memcpy(s->data, c->data, c->nbytes);
-    if (start_io(l, s, kind) < 0)
-        return 0;                   /* (the slot stayed free) */
+    if (start_io(l, s, kind) < 0) {
+        if (s->dma != NULL) {       /* (the slot stayed free: its DMA buffer goes back) */
+            be_nvme_buf_release(s->dma);
+            s->dma = NULL;
+            s->data = s->base;
+        }
+        return 0;
+    }
     if (kind != IO_FLUSH)
         smart(l, kind == IO_WRITE, c->nbytes, 1);
     if (kind == IO_WRITE) {
@@ -1068,7 +1134,7 @@ static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *s
     if (src != s->data)
         memcpy(s->data, src, s->nbytes);
     s->kind = IO_WRITE;
-    if (backend_space(ns) < (s->fua ? 2 : 1) || start_io(l, s, IO_WRITE) < 0)
+    if (backend_space(ns) < sqes_for(ns, s->fua) || start_io(l, s, IO_WRITE) < 0)
         to_redo(l, s);  /* (a full ring: the Python path queues it) */
 }
 
@@ -1086,7 +1152,7 @@ static int place(struct bt_lane *l, struct bt_cmd *s, uint32_t datao,
         return 0;
     const unsigned char *src = data;
     if (n < s->nbytes || is_async(s->ns)) {
-        if (s->received == 0 && slot_buffer(s, s->nbytes) == NULL)
+        if (s->received == 0 && io_buffer(s, s->nbytes, 0) == NULL)
             return 0;
         memcpy(s->data + datao, data, n);
         src = s->data;
@@ -1142,7 +1208,7 @@ static int begin_h2c(struct bt_lane *l, const unsigned char *p, uint32_t plen, s
         return 0;
     if (l->hdgst && ld32(p + DATA_HLEN) != bt_crc32c(0, p, DATA_HLEN))
         return 0;
-    if (s->received == 0 && slot_buffer(s, s->nbytes) == NULL)
+    if (s->received == 0 && io_buffer(s, s->nbytes, 0) == NULL)
         return 0;
     l->rx_slot = (uint32_t)(s - l->slot);
     l->rx_off = datao;

@@ -43,6 +43,7 @@ struct bt_cmd {
     unsigned char *base;        /* the allocation it lies in (headroom before a read), */
     uint32_t cap;               /* its size (small ones stay with the slot) */
     uint64_t start_ns;
+    struct bt_nvme_buf *dma;    /* BT_BE_NVME: the DMA buffer `data` lies in (or NULL) */
     unsigned char sqe[SQE_LEN]; /* for bt_lane_adopt and redo */
 };
 
@@ -64,5 +65,18 @@ int be_uring_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx);
 int be_uring_submit(void *ring_ctx);
 /* take a lane Python let go of off its ring's ready list */
 void be_uring_unready(struct bt_lane *l);
+
+/* the NVMe backend (be_nvme.c): lane command ids free on the queue pair (0 while it is
+   suspended or gone); a DMA buffer from its pool (NULL: none free) and its data; write
+   the slot's SQE at the tail (0 / -errno); ring the SQ doorbell for what was written;
+   take a freed lane off its ready list. */
+struct bt_nvme_buf;
+int be_nvme_space(struct bt_ns *ns);
+struct bt_nvme_buf *be_nvme_buf_get(struct bt_nvmeq *q);
+unsigned char *be_nvme_buf_data(struct bt_nvme_buf *b);
+void be_nvme_buf_release(struct bt_nvme_buf *b);
+int be_nvme_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx);
+void be_nvme_submit(struct bt_nvmeq *q);
+void be_nvme_unready(struct bt_lane *l);
 
 #endif

@@ -6,15 +6,18 @@ it is built).
 A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
 is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, files and block
 devices through the reactor's io_uring (uring), pmem pools (the BTT in C, csrc/be_pmem.c,
-which the pmem bdev's Python path calls too), and split or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
+which the pmem bdev's Python path calls too), PCIe NVMe namespaces through the
+reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c, nvme/driver/cring.py), and split
+or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
 too. A receive buffer starts in the lane only when the queue is in its steady state:
 connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
 decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
 commands (writes waiting for their data, I/O at io_uring) may be outstanding: the Python
 path asks the lane about them where it must (a busy command id, a full queue, an
 H2CData it decoded, Abort, the stall watch) and takes one over (`adopt`) for anything
-unusual. I/O at io_uring completes in C when the reactor reaps its ring
-(bdevs/uring.py), which then calls `drain` on each lane with something to send; what
+unusual. I/O at io_uring (or an NVMe queue pair) completes in C when the reactor reaps
+its ring (bdevs/uring.py; driver/cring.py for NVMe), which then calls `drain` on each
+lane with something to send; what
 did not succeed there comes back to the Python path to be done again (`_redo`). Whatever
 the lane does not take goes to the Python path unchanged; the Python path remains the
 reference for every byte.
@@ -32,7 +35,7 @@ import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import LANE_MEM, LANE_NULL, LANE_PMEM, LANE_URING, LATENCY_BUCKETS_NS, IOType
+from ..bdev import LANE_MEM, LANE_NULL, LANE_NVME, LANE_PMEM, LANE_URING, LATENCY_BUCKETS_NS, IOType
 from . import spec
 
 try:
@@ -121,7 +124,9 @@ class Lane:
         # (namespace, channels its I/O passes through, buffer export keeping the memory
         # mapped or None) per slot
         self.entries: list[tuple[Any, tuple[Any, ...], Any]] = []
-        self.rings: tuple[Any, ...] = ()  # the io_uring rings the table's namespaces use
+        # the io_uring rings and NVMe queue pairs (nvme_pcie.ReactorQueue) the table's
+        # namespaces use
+        self.rings: tuple[Any, ...] = ()
         self.closing = False  # the queue is gone; I/O of the lane's still at a ring
         self.generation = -1
         self.ana: Any = None
@@ -138,8 +143,9 @@ class Lane:
 
     def close(self) -> None:
         """The queue is gone: writes still waiting for data are dropped, as the Python
-        path drops its own. I/O at io_uring is let finish (the kernel uses its buffers):
-        the lane stays with its rings (`zombies`) until its last completion, counted in
+        path drops its own. I/O at io_uring or an NVMe device is let finish (the kernel or
+        the device uses its buffers): the lane stays with its rings (`zombies`) until
+        its last completion, counted in
         the bdev statistics as the Python path's channel counts it, then is freed (see
         drain). Then the memory exports go (a deleted malloc bdev may be unmapped)."""
         c = self.c
@@ -223,6 +229,9 @@ class Lane:
                 elif t.kind == LANE_PMEM:
                     if t.pmem is None:
                         continue
+                elif t.kind == LANE_NVME:
+                    if t.ring is None or t.ring.lane_ctx is None or t.offset % bdev.block_size:
+                        continue
                 elif t.kind != LANE_NULL:
                     continue
                 entries.append((ns, t, mem))
@@ -244,6 +253,10 @@ class Lane:
                 elif t.kind == LANE_PMEM:
                     e.pmem, e.pmem_lane = t.pmem
                     e.fd_offset = t.offset
+                elif t.kind == LANE_NVME:
+                    e.fd_offset = t.offset
+                    e.nvmeq = t.ring.lane_ctx
+                    e.hw_nsid = t.nsid
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)
@@ -471,9 +484,10 @@ class Lane:
         return bool(placed)
 
     def drain(self) -> None:
-        """The reactor's ring completed some of this lane's I/O (in C): record it, queue
-        the output for the socket, and give the Python path what did not succeed. A
-        closed lane only counts, and is freed after its last completion."""
+        """The reactor's ring (or NVMe queue pair) completed some of this lane's I/O (in
+        C): record it, queue the output for the socket, and give the Python path what
+        did not succeed. A closed lane only counts, and is freed after its last
+        completion."""
         c = self.c
         if c is None:
             return
@@ -548,6 +562,13 @@ class Lane:
             n = take(c, chunks, CHUNKS)
             for i in range(n):
                 ch = chunks[i]
+                if ch.dma:
+                    # a read sent from the NVMe DMA buffer the device wrote: the buffer
+                    # goes back to its queue pair's pool once the transport lets go
+                    start = ffi.gc(ffi.cast("unsigned char *", ch.start),
+                                   lambda _p, b=ch.owner: lib.bt_nvme_buf_put(b))
+                    out.append(ffi.buffer(start, ch.len))
+                    continue
                 owner = ffi.gc(ffi.cast("unsigned char *", ch.owner), lib.bt_free)
                 off = ch.start - owner
                 if off == 0:

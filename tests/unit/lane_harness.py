@@ -83,6 +83,11 @@ class Layout:
     contents: Callable[[Any], bytes | None] = (
         lambda b: bytes(b.mem) if b.host_memory() is not None else None)
     ordered: bool = True  # completions in command order (False: any order, async I/O)
+    # run before the config (given the target and the side's directory): bdevs that no
+    # RPC can make here (test_fastpath_nvme.py's fake PCIe controllers)
+    setup: Callable[[Any, Any], Any] | None = None
+    # I/O of the side still at a backend other than io_uring (None: none)
+    pending: Callable[[Any], bool] | None = None
 
 
 MEMORY = Layout()
@@ -174,6 +179,8 @@ class Side:
         self.target = Target(Settings(
             cores=[0], rpc_http=None, rpc_unix=None, metrics=False, pin=False,
             allowed_dirs=None if workdir is None else [str(workdir)]))
+        if layout.setup is not None:
+            loop.run_until_complete(layout.setup(self.target, workdir))
         bdevs = layout.bdevs(workdir)
         doc = {"subsystems": [
             {"subsystem": "bdev", "config": bdevs},
@@ -243,7 +250,8 @@ class Side:
         lane = io._lane if io is not None else None
         ring = uring._Ring._rings.get(self.reactor)
         return bool((lane is not None and lane.c is not None and lane.c.io_inflight)
-                    or (ring is not None and (ring.ops or ring.lane_busy())))
+                    or (ring is not None and (ring.ops or ring.lane_busy()))
+                    or (self.layout.pending is not None and self.layout.pending(self)))
 
     def settle(self, timeout: float = 10.0) -> None:
         """Run the loop until every I/O the feed started has completed and been sent."""

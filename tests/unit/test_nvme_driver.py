@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from blocktarget.nvme import spec, structs
-from blocktarget.nvme.driver import regs
+from blocktarget.nvme.driver import cring, regs
 from blocktarget.nvme.driver.ctrlr import (
     Controller,
     ControllerError,
@@ -338,6 +338,96 @@ class FakeNvme:
                     status, dw0 = self._io(raw)
                     self.post(qid, structs.parse_sqe(raw).cid, status, dw0)
             self.held.clear()
+
+
+class MemBarNvme(FakeNvme):
+    """FakeNvme whose doorbell registers are real memory: C code writes them by address
+    (`doorbell_addr`, what vfio.MappedBar offers), and the device notices, from its own
+    thread, as a controller notices doorbell writes. Completions are posted with the
+    phase bit written last, as a device's DMA write lands in order."""
+
+    POLL_S = 0.0002
+
+    def __init__(self, iommu: FakeIommu, *, thread: bool = True, **kw: Any) -> None:
+        """``thread`` False: no thread of its own; whoever drives it calls service()
+        (bench/hotpath.py, to leave the device's time out of the target's)."""
+        super().__init__(iommu, **kw)
+        self.bar = ffi.new("uint32_t[]", 0x4000 // 4)
+        self._bar_addr = int(ffi.cast("uintptr_t", self.bar))
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        if thread:
+            self.thread = threading.Thread(target=self._run, name="fake-nvme", daemon=True)
+            self.thread.start()
+
+    def doorbell_addr(self, offset: int) -> int:
+        return self._bar_addr + offset
+
+    def _db(self, qid: int, cq: bool) -> int:
+        return (regs.DOORBELL_BASE + (2 * qid + cq) * self.stride) // 4
+
+    def write32(self, off: int, value: int) -> None:
+        if off >= regs.DOORBELL_BASE and not self.removed:
+            self.bar[off // 4] = value
+        super().write32(off, value)
+
+    def _set_cc(self, value: int) -> None:
+        with self.lock:
+            if self.cc & 1 and not value & 1:
+                # a controller reset clears its doorbell registers with its queues
+                for i in range(regs.DOORBELL_BASE // 4, len(self.bar)):
+                    self.bar[i] = 0
+            super()._set_cc(value)
+
+    def _admin(self, raw: bytes) -> tuple[int, int]:
+        status, dw0 = super()._admin(raw)
+        if raw[0] in (0x01, 0x05) and not status:  # Create I/O SQ / CQ
+            # a new queue's doorbell starts at 0 (the host's tail and head do)
+            qid = int.from_bytes(raw[40:42], "little")
+            self.bar[self._db(qid, raw[0] == 0x05)] = 0
+        return status, dw0
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.service()
+            time.sleep(self.POLL_S)
+
+    def service(self) -> None:
+        """Take what the doorbells say: new CQ heads, then new SQ tails (I/O queues; the
+        admin queue is served at its write32)."""
+        if self.removed:
+            return
+        with self.lock:
+            for qid, cq in list(self.cqs.items()):
+                if qid:
+                    cq["head"] = self.bar[self._db(qid, True)]
+            for qid, sq in list(self.sqs.items()):
+                tail = self.bar[self._db(qid, False)]
+                if qid and tail != sq["tail"]:
+                    sq["tail"] = tail
+                    self._process(qid)
+
+    def post(self, sqid: int, cid: int, status: int, dw0: int = 0) -> None:
+        sq = self.sqs[sqid]
+        cqid = sq["cqid"]
+        cq = self.cqs[cqid]
+        if cqid:
+            cq["head"] = self.bar[self._db(cqid, True)]
+        nxt = (cq["tail"] + 1) % cq["size"]
+        assert nxt != cq["head"], "CQ overflow: the driver let too many commands out"
+        cqe = struct.pack("<IIHHHH", dw0, 0, sq["head"], sqid, cid, status << 1 | cq["phase"])
+        at = cq["base"] + cq["tail"] * 16
+        self.iommu.write(at, cqe[:14])
+        self.iommu.write(at + 14, cqe[14:])  # (the phase bit last)
+        cq["tail"] = nxt
+        if nxt == 0:
+            cq["phase"] ^= 1
+
 
 
 def _set_half(old: int, half: int, value: int) -> int:
@@ -1386,3 +1476,97 @@ def test_normalize_bdf() -> None:
     assert normalize_bdf("0000:5E:00.1") == "0000:5e:00.1"
     with pytest.raises(ValueError, match="not a PCI address"):
         normalize_bdf("5e:00")
+
+
+# ---------------------------------------------------------------------------
+# the ring state in C (driver/cring.py): the Python path over it
+
+
+def _wait_until(q: QueuePair, cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "not reached"
+        q.process_completions()
+        time.sleep(0.0005)
+
+
+@pytest.fixture
+def membar(iommu: FakeIommu, alloc: DmaAllocator) -> Any:
+    devs: list[MemBarNvme] = []
+
+    def make(**kw: Any) -> tuple[MemBarNvme, Controller]:
+        opts = kw.pop("options", None) or Options()
+        dev = MemBarNvme(iommu, **kw)
+        devs.append(dev)
+        c = Controller(dev, alloc, name="fake", options=opts)
+        c.init(1)
+        return dev, c
+
+    yield make
+    for d in devs:
+        d.stop()
+
+
+cring_built = pytest.mark.skipif(not cring.available(MemBarNvme.__new__(MemBarNvme)),
+                                 reason="the C lane is not built")
+
+
+@cring_built
+def test_c_ring_python_path_roundtrip(membar: Any) -> None:
+    """With the ring state in C, the Python path keeps the low command ids and its I/O
+    goes through the same doorbells and CQ the lane uses."""
+    dev, c = membar()
+    q = c.create_io_queue(16)
+    # 15 command ids: the Python path's 0..7, the lane's 8..14
+    assert q.cring is not None and q.cring.cid0 == 8 and len(q.trackers) == 8
+    buf = q.get_buffer()
+    assert buf is not None
+    payload = bytes((i * 5) & 0xFF for i in range(16384))
+    buf.mem[:len(payload)] = payload
+    prp1, prp2 = buffer_prps(buf, len(payload))
+    out: list[int] = []
+    q.submit(spec.IoOpcode.WRITE, 1, prp1=prp1, prp2=prp2, cdw10=40, cdw12=31,
+             cb=lambda st, dw0: out.append(st))
+    _wait_until(q, lambda: out)
+    assert out == [0] and dev.storage[1][40 * 512:40 * 512 + 16384] == payload
+    assert q.cring.c.doorbells >= 1 and q.cring.c.sq_tail == 1 and q.cring.c.cq_head == 1
+    assert struct.unpack_from("<H", q.sq.mem, 2)[0] < q.cring.cid0  # (the SQE's cid)
+    c.close()
+
+
+@cring_built
+def test_c_ring_reset_resubmits_python_commands(membar: Any) -> None:
+    dev, c = membar()
+    q = c.create_io_queue(16)
+    results: list[int] = []
+    dev.hold_io = 3
+    for _ in range(6):
+        q.submit(spec.IoOpcode.FLUSH, 1, cb=lambda st, dw0: results.append(st))
+    _wait_until(q, lambda: len(results) == 3)
+    assert q.outstanding == 3
+    c.reset_sync()
+    _wait_until(q, lambda: len(results) == 6)
+    assert results == [0] * 6 and q.resubmitted == 3
+    assert q.cring.c.suspended == 0
+    c.close()
+
+
+@cring_built
+def test_c_ring_timeout_abort_and_device_gone(membar: Any) -> None:
+    dev, c = membar(options=Options(io_timeout_s=0.05))
+    q = c.create_io_queue(8)
+    out: list[int] = []
+    dev.hold_io = 1
+    q.submit(spec.IoOpcode.FLUSH, 1, cb=lambda st, dw0: out.append(st))
+    _wait_until(q, lambda: len(dev.held) == 1)
+    time.sleep(0.06)
+    c.tick(q)
+    assert c.aborts_sent == 1
+    _wait_until(q, lambda: out)
+    assert out == [0x007]
+    dev.hold_io = 1
+    q.submit(spec.IoOpcode.FLUSH, 1, cb=lambda st, dw0: out.append(st))
+    _wait_until(q, lambda: len(dev.held) == 1)
+    assert q.fail_all() == 1 and out == [0x007, SC_ABORTED_SQ_DELETION]
+    assert q.cring.c.dead == 1
+    c.close()

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import spec, structs
+from . import cring
 from .dma import HUGEPAGE_SIZE, PAGE_SIZE, BufferPool, DmaAllocator, DmaBuffer, DmaError
 from .qpair import (
     CQE_SIZE,
@@ -68,8 +69,10 @@ from .regs import (
     DeviceRemoved,
     Registers,
     Version,
+    cq_head_doorbell,
     describe_csts,
     make_cc,
+    sq_tail_doorbell,
 )
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,9 @@ class Options:
     max_transfer: int = DEFAULT_MAX_TRANSFER
     action_on_timeout: str = "abort"  # "abort" (then reset), "reset", "none"
     max_resubmits: int = 3
+    # I/O queues keep their ring state in C, shared with the NVMe/TCP C lane
+    # (driver/cring.py), where the lane is built and the BAR is mapped memory
+    c_ring: bool = True
 
 
 async def _inline_call(qp: QueuePair, fn: Callable[[], Any]) -> Any:
@@ -266,7 +272,11 @@ class Controller:
         per_buf = self.max_transfer + (prp + prp_list_align(prp) if prp else 0)
         grow_by = max(1, HUGEPAGE_SIZE // self.max_transfer)  # BufferPool's chunk
         chunks = -(-slots // grow_by)
-        return nqueues * (rings + slots * per_buf + chunks * PAGE_SIZE)
+        # (with the ring state in C, the C lane's share of the slots has buffers of its
+        # own, each with a page of headroom and one of tail room)
+        lane = (cring.lane_cids(depth) * cring.LANE_BUF_EXTRA
+                if self.opts.c_ring and cring.available(self.mmio) else 0)
+        return nqueues * (rings + slots * per_buf + chunks * PAGE_SIZE + lane)
 
     def _wait_csts(self, want: Callable[[int], bool], what: str, timeout_ms: int) -> int:
         deadline = time.monotonic() + max(timeout_ms, 500) / 1000
@@ -438,7 +448,23 @@ class Controller:
             raise
         q.owner = owner
         q.max_transfer = self.max_transfer
-        q.pool = BufferPool(self.allocator, self.max_transfer, depth - 1)
+        py_cids = depth - 1
+        try:
+            if self.opts.c_ring and cring.available(self.mmio):
+                lanes = cring.lane_cids(depth)
+                py_cids -= lanes
+                cr = cring.CRing(q.sq, q.cq, depth, py_cids,
+                                 self.mmio.doorbell_addr(sq_tail_doorbell(qid, self.stride)),
+                                 self.mmio.doorbell_addr(cq_head_doorbell(qid, self.stride)),
+                                 self.max_transfer)
+                cr.add_buffers(self.allocator, lanes, self.max_transfer)
+                q.attach_cring(cr)
+        except BaseException:
+            q.free()
+            with self._admin_lock:
+                self._free_qids.append(qid)
+            raise
+        q.pool = BufferPool(self.allocator, self.max_transfer, py_cids)
         try:
             self._create_on_device(q)
         except BaseException:
@@ -513,6 +539,18 @@ class Controller:
                 return
             if not self._send_abort(q, tr, now):
                 return  # admin queue busy or the abort limit reached: try on the next tick
+        cr = q.cring
+        if cr is not None and action != "none":
+            # the C lane's commands: the same rule, their clock kept in C
+            for cid, aborting in cr.expired(cr.now_ns() - int(self.opts.io_timeout_s * 1e9)):
+                if aborting or action == "reset":
+                    self.request_reset(f"command {cid} on queue {q.qid} still outstanding "
+                                       "after its timeout" + (" and an Abort" if aborting
+                                                              else ""))
+                    return
+                if not self._send_abort(q, _LaneCommand(cid), now):
+                    return
+                cr.aborting(cid)
         self.poll_admin()
 
     def _send_abort(self, q: IoQueue, tr: Any, now: float) -> bool:
@@ -732,15 +770,29 @@ class Controller:
         }  # fmt: skip
 
 
+class _LaneCommand:
+    """A C lane command as _send_abort sees a tracker (its clock is kept in C)."""
+
+    __slots__ = ("cid", "aborting", "deadline")
+
+    def __init__(self, cid: int) -> None:
+        self.cid = cid
+        self.aborting = False
+        self.deadline = 0.0
+
+
 def _reap_and_reinit(q: QueuePair) -> None:
     """With the controller disabled the CQ is final: take the completions that made it
     (their commands are done), then clear the rings for re-creation."""
     in_flight = q.outstanding
     q.process_completions()
     if in_flight:
+        lane = q.cring.c.lane_inflight if q.cring is not None else 0
         log.info("%s: %d command(s) in flight at the reset: %d completed by the device "
-                 "while it was disabled, %d to re-submit", q.name, in_flight,
-                 in_flight - q.outstanding, q.outstanding)
+                 "while it was disabled, %d to re-submit%s", q.name, in_flight,
+                 in_flight - q.outstanding, q.outstanding,
+                 f" ({lane} of them the C lane's, which the Python path does again)"
+                 if lane else "")
     q.reinit()
 
 

@@ -18,6 +18,12 @@ fresh deadlines) ahead of anything that queued meanwhile, so a caller sees a del
 completion, not an error — reads and writes are idempotent. A command lost to more than
 ``max_resubmits`` resets fails with ABORTED_SQ_DELETION.
 
+Shared with the C lane: when ``attach_cring`` gave the queue a :class:`cring.CRing`, the
+ring state (tail, head, phase, the pending doorbell) lives there, in C, and both this
+class and the NVMe/TCP C lane move it; this class keeps the command ids below
+``CRing.cid0`` (its trackers) and the lane the rest, and every CQ entry is reaped by C,
+which finishes the lane's and hands over these (see cring.py for why).
+
 PRPs: data buffers come from per-queue pools and each buffer carries a PRP list built
 once (its page addresses after the first), so the per-I/O work is choosing PRP2: none,
 the second page, or the list. :func:`build_prps` is the general builder (unaligned start,
@@ -194,6 +200,16 @@ class QueuePair:
         # event-loop turn cost one MMIO write instead of one each.
         self.batch_doorbells = False
         self._sq_dirty = False
+        self.cring: Any = None  # cring.CRing once attached: ring state in C, shared
+
+    def attach_cring(self, cring: Any) -> None:
+        """Keep the ring state in ``cring`` from now on, and only the command ids below
+        its ``cid0`` (the rest are the C lane's). Only on a queue with nothing submitted
+        yet."""
+        assert self.outstanding == 0 and not self.waiting and self.sq_tail == 0
+        self.cring = cring
+        del self.trackers[cring.cid0:]
+        self.free_cids = [cid for cid in self.free_cids if cid < cring.cid0]
 
     # ---- submission ----
     def submit(self, opcode: int, nsid: int = 0, *, prp1: int = 0, prp2: int = 0,
@@ -227,12 +243,18 @@ class QueuePair:
         tr.seq = self._seq
         self._seq += 1
         tr.deadline = _monotonic() + self.timeout_s
+        self.submitted += 1
+        cring = self.cring
+        if cring is not None:
+            cring.push(sqe)
+            if not self.batch_doorbells:
+                cring.ring()
+            return
         tail = self.sq_tail
         off = tail * SQE_SIZE
         self._sq_mem[off:off + SQE_SIZE] = sqe
         tail += 1
         self.sq_tail = tail = 0 if tail == self.depth else tail
-        self.submitted += 1
         if self.batch_doorbells:
             self._sq_dirty = True
         else:
@@ -242,6 +264,9 @@ class QueuePair:
     def flush_doorbell(self) -> None:
         """Write the SQ tail once for everything submitted since the last write (batched
         mode: the owner's poller calls this first thing on every run)."""
+        if self.cring is not None:
+            self.cring.ring()  # (nothing while suspended; the lane's tail goes too)
+            return
         if self._sq_dirty:
             self._sq_dirty = False
             if not self.suspended:
@@ -268,6 +293,9 @@ class QueuePair:
         return tr
 
     def _write_sqe(self, sqe: bytes) -> None:
+        if self.cring is not None:
+            self.cring.push(sqe)
+            return
         off = self.sq_tail * SQE_SIZE
         self._sq_mem[off:off + SQE_SIZE] = sqe
         tail = self.sq_tail + 1
@@ -284,6 +312,8 @@ class QueuePair:
     # ---- completion ----
     def process_completions(self, max_completions: int = 0) -> int:
         """Reap new CQEs (all, or up to ``max_completions``); returns how many."""
+        if self.cring is not None:
+            return self._reap_c(max_completions)
         mem = self._cq_mem
         head = self.cq_head
         phase = self.phase
@@ -318,6 +348,27 @@ class QueuePair:
         self.completed += len(done)
         return len(done) or 1
 
+    def _reap_c(self, max_completions: int) -> int:
+        """process_completions with the ring state in C: the lane's entries are finished
+        there, ours come back here."""
+        trackers = self.trackers
+        done: list[tuple[Tracker, int, int]] = []
+
+        def take(cid: int, status: int, dw0: int) -> None:
+            if cid < len(trackers) and trackers[cid].active:
+                done.append((trackers[cid], status, dw0))
+
+        moved = self.cring.reap(take, max_completions)
+        if not moved:
+            return 0
+        self.sq_head = self.cring.c.sq_head
+        for tr, status, dw0 in done:
+            self._finish(tr, status, dw0)
+        if self.waiting and self._drain_waiting():
+            self.cring.ring()
+        self.completed += len(done)
+        return len(done) or 1
+
     def _finish(self, tr: Tracker, status: int, dw0: int) -> None:
         cb = tr.cb
         tr.active = False
@@ -331,7 +382,9 @@ class QueuePair:
     # ---- introspection ----
     @property
     def outstanding(self) -> int:
-        return len(self.trackers) - len(self.free_cids)
+        """Commands at the device, the C lane's included."""
+        n = len(self.trackers) - len(self.free_cids)
+        return n + self.cring.c.lane_inflight if self.cring is not None else n
 
     def active_trackers(self) -> list[Tracker]:
         return [t for t in self.trackers if t.active]
@@ -344,7 +397,9 @@ class QueuePair:
     def describe(self) -> dict[str, Any]:
         return {"qid": self.qid, "depth": self.depth, "outstanding": self.outstanding,
                 "waiting": len(self.waiting), "submitted": self.submitted,
-                "completed": self.completed, "doorbells": self.doorbells,
+                "completed": self.completed,
+                # (with the ring state in C, C counts every SQ doorbell, the lane's too)
+                "doorbells": self.doorbells + (self.cring.c.doorbells if self.cring else 0),
                 "timeouts": self.timeouts, "resubmitted": self.resubmitted,
                 "suspended": self.suspended}
 
@@ -353,10 +408,18 @@ class QueuePair:
         """Stop writing to the rings (the controller is about to be reset); returns how
         many commands the device holds at this moment."""
         self.suspended = True
+        if self.cring is not None:
+            self.cring.c.suspended = 1  # the lane starts nothing, rings no doorbell
         return self.outstanding
 
     def reinit(self) -> None:
-        """Empty rings, phase 1: what a freshly created queue looks like to the device."""
+        """Empty rings, phase 1: what a freshly created queue looks like to the device.
+        The C lane's commands still in the old rings go back to the Python path, which
+        does them again (queued behind the suspension, resubmitted on resume)."""
+        if self.cring is not None:
+            self._sq_dirty = False
+            self.cring.reinit()
+            return
         self._sq_mem[:] = bytes(len(self._sq_mem))
         self._cq_mem[:] = bytes(len(self._cq_mem))
         self.sq_tail = 0
@@ -383,7 +446,10 @@ class QueuePair:
             n += 1
         self.resubmitted += n
         self._drain_waiting()
-        if self.sq_tail:
+        if self.cring is not None:
+            self.cring.c.suspended = 0
+            self.cring.ring()
+        elif self.sq_tail:
             self._ring_sq(self.sq_tail)
             self.doorbells += 1
         for tr in failed:
@@ -395,6 +461,11 @@ class QueuePair:
         the queue is being torn down); later submissions fail the same way at once."""
         self.failed_status = status
         n = 0
+        if self.cring is not None:
+            # the lane's commands will not complete either: back to the Python path,
+            # which fails them with this status like its own
+            self.cring.c.dead = 1
+            n += self.cring.reinit()
         for tr in self.trackers:
             if tr.active:
                 self._finish(tr, status, 0)
@@ -406,6 +477,9 @@ class QueuePair:
         return n
 
     def free(self) -> None:
+        if self.cring is not None:
+            self.cring.c.dead = 1
+            self.cring.free_buffers(self.allocator)
         self.allocator.free(self.sq)
         self.allocator.free(self.cq)
 

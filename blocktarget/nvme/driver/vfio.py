@@ -415,6 +415,11 @@ class MappedBar:
 
         return ring
 
+    def doorbell_addr(self, offset: int) -> int:
+        """The address of the register at ``offset``, for C code that writes doorbells
+        itself (the C lane, driver/cring.py)."""
+        return int(ffi.cast("uintptr_t", self._addr)) + offset
+
     def unmap(self) -> None:
         if self._addr is not None:
             libc.munmap(self._addr, self.size)
