@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #include "bt_lane.h"
+#include "bt_net.h"
 #include "lane_int.h"
 
 #ifdef BT_HAVE_URING
@@ -155,6 +156,8 @@ unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned 
         u->ready = l->next_ready;
         l->next_ready = NULL;
         l->queued_ready = 0;
+        if (l->conn != NULL)
+            net_lane_output(l->conn);  /* sent from here: no trip through Python */
         ready_out[k++] = l->handle;
     }
     *nready = k;

@@ -21,6 +21,7 @@ enum bt_backend {
 };
 
 struct bt_uring;            /* a reactor's io_uring as the lane uses it (be_uring.c) */
+struct bt_conn;             /* a connection lent to the reactor's C poller (net.c) */
 
 /* The bdev statistics the lane keeps, per namespace. */
 enum bt_stat { BT_ST_READ = 0, BT_ST_WRITE = 1, BT_ST_FLUSH = 2 };
@@ -107,6 +108,7 @@ struct bt_lane {
     uint8_t rx_last;        /* its LAST flag, */
     unsigned char rx_dgst[4]; /* and the digest bytes received */
     unsigned char *carry;   /* the capsule being finished (carry_len bytes so far) */
+    struct bt_conn *conn;   /* while lent to net.c: its output is sent from C */
 };
 
 struct bt_uring {

@@ -478,6 +478,17 @@ class Lane:
                 self._free()
             return
         self._sync(None)
+        if self.qp._net is not None:
+            self.qp._net_events()
+
+    def net_sync(self, busy_ns: int) -> None:
+        """After the reactor's C poller ran this lane (netpoll.py): record what it did
+        as after a lane call of ``busy_ns``."""
+        c = self.c
+        if c is None:
+            return
+        self.qp.sqhd = c.sqhd
+        self._sync(busy_ns)
 
     def _enter(self) -> None:
         """Before a C call: the lane sees the queue's SQ head and the reactor's budget as
@@ -519,15 +530,22 @@ class Lane:
         self._seen[:] = now
         self._fold(done, elapsed)
         if c.out_len or c.nchunks:
-            self._take_output()
-            if not qp._flush_scheduled:
-                qp._flush_scheduled = True
-                qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
+            if qp._net is not None:  # (the socket is lent to C: sent from there)
+                lib.bt_net_flush(qp._net)
+            else:
+                self._take_output()
+                if not qp._flush_scheduled:
+                    qp._flush_scheduled = True
+                    qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
         if started:
             for ring in self.rings:
                 ring.lane_io_started()
         if c.redo:
             self._redo()
+            if qp._net is not None:
+                # the Python path has a command outstanding now: it runs what follows
+                # too until that is done (as usable() would have it), so C lets go
+                qp._net_back()
         if returned and qp.budget.waiting:
             qp.budget._wake()
 

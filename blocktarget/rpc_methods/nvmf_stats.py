@@ -58,6 +58,9 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "pending_bdev_io": requests - waiting,
         "c_lane_commands": reactor.stats.c_lane_commands,
         "gil_released_ns": reactor.stats.gil_released_ns,
+        # the C socket poller (nvme/netpoll.py): its calls, and sockets lent to it
+        "net_polls": reactor.stats.net_polls,
+        "net_lends": reactor.stats.net_lends,
         "transports": [{"trtype": "TCP", "pending_data_buffer": waiting,
                         "pending_data_buffer_bytes": waiting_bytes}],
     }

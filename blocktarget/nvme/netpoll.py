@@ -1,0 +1,258 @@
+"""The reactor's C socket poller (blocktarget/csrc/net.c): connections lent to C.
+
+Why: with the C lane doing each command's work, most of a reactor's time per 4 KiB I/O
+was the event loop's per-read Python callback and the glue around the lane calls, all
+of it holding the GIL (bench/dataplane.py), which is what limits reactors on a machine
+with cores to spare. So an I/O queue pair in its steady state lends its socket to C: its
+transport stops reading (``pause_reading``) and one call per loop wake-up (the poller's
+epoll fd is watched with ``loop.add_reader``) receives, runs the lane and sends for
+every lent connection of the reactor, many reads per call, the GIL released throughout.
+
+When: exactly when the next receive buffer would start in the lane anyway
+(``Lane.usable``), the transport has nothing queued (so nothing can be overtaken), and
+no memory is lent to the connection (the NVMe PCIe bdev's direct receive stays
+Python's). C gives the socket back at the first input the lane does not take, at the
+end of the stream or a socket error, and when a lane command must be done again by the
+Python path; the queue pair gives it back itself before closing. Giving back: C's unsent
+output goes to the transport first, the transport reads again, and the input C did not
+run goes to ``data_received`` as if just read, so the Python path sees the stream as
+it always does. The next time the connection is in its steady state (checked where the
+queue pair flushes its output) it is lent again.
+
+While lent, everything the queue pair sends goes through C's one queue per socket
+(``write``), the Python path's responses too, so lane and Python output never overtake
+each other. Flow control is the transport's: output beyond its high mark stops reading
+until it drains to the low mark, and the queue pair hears of both as pause_writing and
+resume_writing (its stall watch closes a connection whose host never reads).
+
+The transport option ``c_net_poll`` (default true) switches this off: the lane still
+runs, called from ``data_received`` as before.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import fastlane
+
+if TYPE_CHECKING:
+    from ..reactor import Reactor
+    from .qpair import Qpair
+
+ffi, lib = fastlane.ffi, fastlane.lib
+AVAILABLE = fastlane.AVAILABLE and hasattr(lib, "bt_net_new")
+MAX_READY = 1024  # connections reported per poll call
+# One call's time bound: the reactor's Python (timers, the admin queue, other sockets)
+# waits at most this long for its turn.
+BUDGET_NS = 500_000
+CHUNKS = 64
+_now_ns = time.perf_counter_ns
+
+
+def eligible(qp: Qpair) -> bool:
+    """Whether ``qp`` may ever lend its socket: an I/O queue with a lane, the option on,
+    a real socket under its transport (unit tests drive queue pairs with fakes)."""
+    if not AVAILABLE or qp._lane is None or not getattr(qp.opts, "c_net_poll", True):
+        return False
+    t = qp.transport
+    sock = t.get_extra_info("socket") if t is not None else None
+    try:
+        fd = sock.fileno() if sock is not None else -1
+    except (OSError, AttributeError, ValueError):
+        return False
+    if fd < 0 or qp.reactor.loop is None:
+        return False
+    qp._net_fd = fd
+    return True
+
+
+class NetPoller:
+    """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
+
+    __slots__ = ("reactor", "n", "budget", "conns", "_ready", "_nready", "_closing")
+
+    def __init__(self, reactor: Reactor, budget: Any) -> None:
+        n = lib.bt_net_new()
+        if n == ffi.NULL:
+            raise OSError("no memory or file descriptors for the C socket poller")
+        self.reactor = reactor
+        self.n = n
+        self.budget = budget
+        self.conns = 0
+        self._ready = ffi.new("void *[]", MAX_READY)
+        self._nready = ffi.new("unsigned *")
+        self._closing = False
+        reactor.loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
+
+    @classmethod
+    def of(cls, qp: Qpair) -> NetPoller:
+        r = qp.reactor
+        p = r.net_poller
+        if p is None:
+            p = r.net_poller = cls(r, qp.budget)
+        return p
+
+    def poll(self) -> None:
+        """The epoll fd is readable: serve every lent connection with something to do."""
+        n = self.n
+        if n is None:
+            return
+        b = self.budget
+        n.bud_used = b.used
+        # (while connections wait for buffers, the lanes take none beyond the first)
+        n.bud_limit = 0 if b.waiting else b.limit
+        t0 = _now_ns()
+        pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, 0)
+        elapsed = _now_ns() - t0
+        r = self.reactor
+        r.stats.gil_released_ns += elapsed
+        r.stats.net_polls += 1
+        ready = self._ready
+        for i in range(self._nready[0]):
+            qp = ffi.from_handle(ready[i])
+            try:
+                qp._net_ready()
+            except Exception:  # one connection's trouble must not strand the others
+                qp.close("internal error after the C poller")
+                import logging
+
+                logging.getLogger(__name__).exception("%s: after the C poller", qp)
+        if pdus and r.spin_on_io:
+            r.note_io()
+
+    def lend(self, qp: Qpair) -> Any:
+        """Attach ``qp``'s socket and lane; the bt_conn, or None when C cannot take it."""
+        lane = qp._lane
+        high = qp._net_high
+        conn = lib.bt_net_attach(self.n, qp._net_fd, lane.c, qp._net_handle, high, high // 4)
+        if conn == ffi.NULL:
+            return None
+        self.conns += 1
+        return conn
+
+    def let_go(self) -> None:
+        """A connection was given back; the poller goes with the last one (later: the
+        current poll call may still be reporting)."""
+        self.conns -= 1
+        if self.conns == 0 and not self._closing and self.reactor.loop is not None:
+            self._closing = True
+            self.reactor.loop.call_soon(self._maybe_close)
+
+    def _maybe_close(self) -> None:
+        self._closing = False
+        if self.conns or self.n is None:
+            return
+        n, self.n = self.n, None
+        loop = self.reactor.loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(n.epfd)
+        lib.bt_net_free(n)
+        if self.reactor.net_poller is self:
+            self.reactor.net_poller = None
+
+
+def try_lend(qp: Qpair) -> None:
+    """Lend ``qp``'s socket to C if it is in its steady state (see the module doc)."""
+    lane = qp._lane
+    t = qp.transport
+    if (lane is None or lane.c is None or t is None or qp.closed or qp._out or qp._lends
+            or qp._lent_wait or qp._lent_new or qp._budget_paused or lane.c.redo
+            or t.is_closing() or not lane.usable() or t.get_write_buffer_size()):
+        return
+    poller = NetPoller.of(qp)
+    lane._enter()  # (the SQ head and the budget as the Python path left them)
+    conn = poller.lend(qp)
+    if conn is None:
+        qp._net_ok = False  # (no fds or memory: this connection stays on the Python path)
+        return
+    t.pause_reading()
+    qp._net = conn
+    qp._net_seen = [0, 0]
+    qp.reactor.stats.net_lends += 1
+
+
+def give_back(qp: Qpair, send: bool = True) -> tuple[int, bytes | None, bytes | None]:
+    """Take the socket back from C: its unsent output to the transport (``send``) or
+    dropped, the poller let go of. Returns (the events C had not reported, a capsule C
+    gave back to be handled first or None, the input C did not run or None)."""
+    conn = qp._net
+    qp._net = None
+    lib.bt_net_detach(conn)
+    lane = qp._lane
+    if lane is not None and lane.c is not None:
+        lane.net_sync(_count(qp, conn)[1])
+    ev = conn.ev
+    first = rest = None
+    if conn.hand_len:
+        data = ffi.buffer(conn.hand, conn.hand_len)
+        k = conn.hand_first
+        first = data[:k] if k else None
+        rest = data[k:] if conn.hand_len > k else None
+    out = []
+    chunks = ffi.new("struct bt_chunk[]", CHUNKS)
+    while True:
+        k = lib.bt_net_take(conn, chunks, CHUNKS)
+        for i in range(k):
+            ch = chunks[i]
+            owner = ffi.gc(ffi.cast("unsigned char *", ch.owner), lib.bt_free)
+            off = ch.start - owner
+            out.append(memoryview(ffi.buffer(owner, off + ch.len))[off:] if off
+                       else ffi.buffer(owner, ch.len))
+        if k < CHUNKS:
+            break
+    lib.bt_net_conn_free(conn)
+    qp.reactor.net_poller.let_go()
+    t = qp.transport
+    qp._write_paused_at = None  # (C's pause ends here; the transport keeps its own)
+    if out and send and t is not None and not t.is_closing():
+        t.writelines(out)
+    return ev, first, rest
+
+
+def _count(qp: Qpair, conn: Any) -> tuple[int, int]:
+    """What C did on ``qp``'s connection since last asked: (PDUs taken, ns spent)."""
+    seen = qp._net_seen
+    pdus, busy = conn.pdus - seen[0], conn.busy_ns - seen[1]
+    seen[0], seen[1] = conn.pdus, conn.busy_ns
+    qp.rx_pdus += pdus
+    return pdus, busy
+
+
+def ready(qp: Qpair) -> None:
+    """After C served ``qp``'s socket (or its lane's completions were sent from C): record
+    what the lane did, and act on what C reports."""
+    conn = qp._net
+    lane = qp._lane
+    if conn is None or lane is None:
+        return
+    _pdus, busy = _count(qp, conn)
+    lane.net_sync(busy)
+    events(qp)
+
+
+def events(qp: Qpair) -> None:
+    """Act on the events C reported for ``qp``'s connection."""
+    conn = qp._net
+    if conn is None:
+        return
+    ev = conn.ev
+    if not ev:
+        return
+    conn.ev = 0
+    loop = qp.reactor.loop
+    if ev & lib.BT_NET_PAUSED:
+        qp._write_paused_at = loop.time() if loop is not None else 0.0
+    if ev & lib.BT_NET_RESUMED:
+        qp._write_paused_at = None
+    if ev & (lib.BT_NET_HAND | lib.BT_NET_EOF):
+        qp._net_back()
+
+
+def write(qp: Qpair, out: list[Any]) -> None:
+    """The Python path's output for a lent socket: through C's queue, behind the lane's."""
+    data = out[0] if len(out) == 1 else b"".join(out)
+    if lib.bt_net_write(qp._net, ffi.from_buffer("unsigned char[]", data), len(data)) != 0:
+        qp.close("no memory for output")
+        return
+    events(qp)
