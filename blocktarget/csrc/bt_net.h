@@ -43,6 +43,7 @@ struct bt_conn {
     uint64_t pdus;          /* PDUs the lane took whole (cumulative: the stall watch) */
     uint64_t busy_ns;       /* time spent on this connection (cumulative: latency) */
     uint64_t reads, rx_bytes, sends, tx_bytes;  /* cumulative */
+    uint64_t blocked;       /* sends the socket took only part of, or none (cumulative) */
     unsigned char *hand;    /* BT_NET_HAND: hand_len bytes for the Python path, of which */
     size_t hand_len;        /* the first hand_first are a capsule the lane carried and */
     size_t hand_first;      /* gave back, to be handled before the rest */

@@ -231,8 +231,10 @@ static void send_queue(struct bt_conn *c)
         if (r < 0) {
             if (errno == EINTR)
                 continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->blocked++;
                 break;
+            }
             failed(c);
             return;
         }
@@ -245,6 +247,7 @@ static void send_queue(struct bt_conn *c)
             size_t rest = ch->len - c->qoff;
             if (left < rest) {
                 c->qoff += left;
+                c->blocked++;
                 break;
             }
             left -= rest;

@@ -99,15 +99,15 @@ def test_digest_errors_match_python(name: str, build: Any, icreq: str) -> None:
 
 
 def test_split_at_every_offset() -> None:
-    """The stream in two sends cut at every offset (the loop runs between them, so C
-    mostly receives them apart): capsules carried across receives, all the lane's."""
+    """The stream in two sends cut at every third offset (the loop runs between them, so
+    C mostly receives them apart): capsules carried across receives, all the lane's."""
     p = SockPair()
     try:
-        n = len(STREAM)
-        for cut in range(1, n):
+        cuts = range(1, len(STREAM), 3)
+        for cut in cuts:
             p.feed(STREAM[:cut], STREAM[cut:])
         p.check()
-        assert p.taken() == 5 * (n - 1)
+        assert p.taken() == 5 * len(cuts)
         assert p.stats.net_lends == 1  # (never given back)
         assert _lent(p) and not p.fast.io._lane.carrying
     finally:
@@ -203,11 +203,11 @@ def test_partial_sends() -> None:
     p = SockPair(SMALL_CHUNK, sndbuf=4096, rcvbuf=4096, sqsize=127)
     try:
         batch = b"".join(rd(i, 1 + i % 2, i % 32, 4) + wr(1000 + i, 1, 100 + i)
-                         for i in range(60))
+                         for i in range(30))
         p.feed(batch[:len(batch) // 2], batch[len(batch) // 2:])
         p.check()
-        assert p.taken() == 120
-        assert p.fast.io._net.sends > 10
+        assert p.taken() == 60
+        assert p.fast.io._net.blocked > 0
     finally:
         p.close()
 
