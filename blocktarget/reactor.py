@@ -122,6 +122,9 @@ class ReactorStats:
     gil_released_ns: int = 0
     net_polls: int = 0  # calls of the C socket poller (nvme/netpoll.py)
     net_lends: int = 0  # times a connection's socket was lent to it
+    net_pdus: int = 0  # PDUs it took (run by the lane without a Python call per read)
+    # of gil_released_ns, the poller's time finding no socket with anything to do
+    net_idle_ns: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")

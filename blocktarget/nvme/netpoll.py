@@ -46,6 +46,7 @@ MAX_READY = 1024  # connections reported per poll call
 # One call's time bound: the reactor's Python (timers, the admin queue, other sockets)
 # waits at most this long for its turn.
 BUDGET_NS = 500_000
+SPIN_MAX_US = 50  # the longest C waits for a socket with nothing to do in one call
 CHUNKS = 64
 _now_ns = time.perf_counter_ns
 
@@ -102,12 +103,20 @@ class NetPoller:
         n.bud_used = b.used
         # (while connections wait for buffers, the lanes take none beyond the first)
         n.bud_limit = 0 if b.waiting else b.limit
-        t0 = _now_ns()
-        pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, 0)
-        elapsed = _now_ns() - t0
         r = self.reactor
-        r.stats.gil_released_ns += elapsed
-        r.stats.net_polls += 1
+        # Between sockets' reads, C may wait for the next one itself (the GIL released)
+        # instead of going round the event loop, as long as the reactor would spin
+        # anyway (poll_mode) and no poller waits for its turn (a ring's completions).
+        spin = 0 if not r.spin_on_io or r.pollers else min(r.busy_poll_us, SPIN_MAX_US) * 1000
+        idle0 = n.idle_ns
+        t0 = _now_ns()
+        pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
+        elapsed = _now_ns() - t0
+        st = r.stats
+        st.gil_released_ns += elapsed
+        st.net_polls += 1
+        st.net_pdus += pdus
+        st.net_idle_ns += n.idle_ns - idle0
         ready = self._ready
         for i in range(self._nready[0]):
             qp = ffi.from_handle(ready[i])
