@@ -46,6 +46,7 @@ MAX_READY = 1024  # connections reported per poll call
 # One call's time bound: the reactor's Python (timers, the admin queue, other sockets)
 # waits at most this long for its turn.
 BUDGET_NS = 500_000
+RETRY_S = 0.001  # how soon lending is tried again while the transport has output
 SPIN_MAX_US = 50  # the longest C waits for a socket with nothing to do in one call
 CHUNKS = 64
 _now_ns = time.perf_counter_ns
@@ -167,7 +168,14 @@ def try_lend(qp: Qpair) -> None:
     t = qp.transport
     if (lane is None or lane.c is None or t is None or qp.closed or qp._out or qp._lends
             or qp._lent_wait or qp._lent_new or qp._budget_paused or lane.c.redo
-            or t.is_closing() or not lane.usable() or t.get_write_buffer_size()):
+            or t.is_closing() or not lane.usable()):
+        return
+    if t.get_write_buffer_size():
+        # the transport still sends what the Python path wrote (a host that was slow to
+        # read): lend once it is out, or with the next input, whichever comes first
+        loop = qp.reactor.loop
+        if qp._net_retry is None and loop is not None:
+            qp._net_retry = loop.call_later(RETRY_S, _retry, qp)
         return
     poller = NetPoller.of(qp)
     lane._enter()  # (the SQ head and the budget as the Python path left them)
@@ -179,6 +187,12 @@ def try_lend(qp: Qpair) -> None:
     qp._net = conn
     qp._net_seen = [0, 0]
     qp.reactor.stats.net_lends += 1
+
+
+def _retry(qp: Qpair) -> None:
+    qp._net_retry = None
+    if qp._net is None and qp._net_ok and not qp._rx_depth:
+        try_lend(qp)
 
 
 def give_back(qp: Qpair, send: bool = True) -> tuple[int, bytes | None, bytes | None]:

@@ -232,6 +232,7 @@ class Qpair(asyncio.BufferedProtocol):
         self._net_handle: Any = None
         self._net_seen = [0, 0]
         self._rx_depth = 0  # inside data_received: nothing is lent mid-buffer
+        self._net_retry: asyncio.TimerHandle | None = None  # see netpoll.try_lend
 
     def __str__(self) -> str:
         who = f"qid {self.qid}" if self.qid >= 0 else "unconnected"
@@ -278,8 +279,9 @@ class Qpair(asyncio.BufferedProtocol):
                 if self.closed or self._congested(backlog, p):
                     return
             self._handle_pdu(p)
-        self._flush()
-        if not self.closed and self._write_paused_at is None and not self._budget_paused:
+        self._flush()  # (may lend the socket to C: then C reads it, not the transport)
+        if (not self.closed and self._write_paused_at is None and not self._budget_paused
+                and self._net is None):
             self.transport.resume_reading()
 
     def _congested(self, pdus: list[Any], p: Any) -> bool:
@@ -605,6 +607,9 @@ class Qpair(asyncio.BufferedProtocol):
             return
         self.closed = True
         self._net_ok = False
+        if self._net_retry is not None:
+            self._net_retry.cancel()
+            self._net_retry = None
         if self._net is not None:
             netpoll.give_back(self, send=False)  # (the transport is gone)
         if self.auth_job is not None or self.auth_waiting:
@@ -809,7 +814,7 @@ class Qpair(asyncio.BufferedProtocol):
         if self._budget_paused:
             self._budget_paused = False
             if (self.transport is not None and not self.closed
-                    and self._write_paused_at is None):
+                    and self._write_paused_at is None and self._net is None):
                 self.transport.resume_reading()
         waiting = self.r2t_waiting
         while waiting and not self.closed:

@@ -185,6 +185,12 @@ class SockPair(Pair):
             self.fast.settle()
             self.fast.pump(want)
 
+    def check(self) -> None:
+        super().check()
+        qp = self.fast.io
+        if qp._net is not None:  # lent: C alone reads the socket
+            assert qp._net.attached and not qp.transport.is_reading()
+
     def close(self) -> None:
         for s in (self.ref, self.fast):
             for qp in (s.io, s.admin):

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lane_harness import FLUSH, OPTS, SMALL_CHUNK, cmd, encoding, pattern, rd, wire, wr
+from lane_harness import FLUSH, OPTS, SMALL_CHUNK, WZ, cmd, encoding, pattern, rd, wire, wr
 from net_harness import SockPair
 from test_fastpath import (
     CASES,
@@ -193,6 +193,31 @@ def test_host_not_reading_then_catching_up() -> None:
         p.check()
         assert p.taken() == 120 and p.fast.io._write_paused_at is None
         assert p.stats.net_lends == 1 and not p.fast.io._net.paused
+    finally:
+        p.close()
+
+
+def test_given_back_while_the_host_is_not_reading() -> None:
+    """A batch the lane declines at its first command goes to the Python path, whose
+    output then fills the transport until the host reads again (pause_writing); when it
+    catches up (resume_writing) the socket is lent to C again, and the transport must
+    not read it too."""
+    p = SockPair(OPTS, sqsize=127, sndbuf=65536, rcvbuf=65536)
+    try:
+        p.fast.end.reading = False
+        batch = cmd(WZ, 1, 2, 3, 2, sgl_len=0) + b"".join(rd(i + 2, 2, i % 88, 8)
+                                                         for i in range(100))
+        p.ref.io.data_received(batch)
+        p.ref.run()
+        p.fast.send(p.for_fast(batch))
+        p.fast.pump(0, settle=20)
+        assert p.fast.io._net is None and p.fast.io._write_paused_at is not None
+        p.fast.end.reading = True
+        p.settle_fast()
+        p.check()
+        assert p.stats.net_lends == 2 and p.fast.io._net is not None
+        p.feed(rd(500, 2, 1) + wr(501, 1, 3))
+        p.check()
     finally:
         p.close()
 
