@@ -317,6 +317,9 @@ class _Ring:
         # lanes of connections that went away with I/O here: kept (their handles must
         # stay valid) until their last completion is reaped (fastlane.Lane.drain)
         self.zombies: set[Any] = set()
+        # the reactor's C socket poller reaping this ring's lane completions too
+        # (nvme/netpoll.py), if it does
+        self.net_poller: Any = None
         if self.mode != "sync" and lane_lib is not None and lane_lib.bt_uring_available():
             ctx = lane_lib.bt_uring_attach(lane_ffi.cast("void *",
                                                           int(ffi.cast("uintptr_t", ring))))
@@ -376,6 +379,9 @@ class _Ring:
             self.reactor.unregister_poller(self.poller)
             self.poller = None
         if self.lane_ctx is not None:
+            if self.net_poller is not None:
+                self.net_poller.drop_ring(self.lane_ctx)
+                self.net_poller = None
             lane_lib.bt_uring_detach(self.lane_ctx)
             self.lane_ctx = None
         if self.ring is not None:

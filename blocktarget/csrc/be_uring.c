@@ -126,6 +126,31 @@ void be_uring_unready(struct bt_lane *l)
     l->queued_ready = 0;
 }
 
+unsigned be_uring_reap_lanes(struct bt_uring *u, int *python)
+{
+    struct io_uring *ring = (struct io_uring *)u->ring;
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(ring, head, cqe) {
+        uint64_t d = cqe->user_data;
+        if (!(d & UD_LANE)) {
+            *python = 1;
+            break;
+        }
+        struct bt_lane *l = (struct bt_lane *)(uintptr_t)(d & UD_PTR_MASK);
+        uint32_t idx = (uint32_t)((d & ~UD_LANE) >> UD_SLOT_SHIFT);
+        seen++;
+        u->inflight--;
+        lane_io_done(l, idx, cqe->res);
+        ready(u, l);
+        if (l->conn != NULL)
+            net_lane_done(l->conn);
+    }
+    if (seen)
+        io_uring_cq_advance(ring, seen);
+    return seen;
+}
+
 unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned max,
                        void **ready_out, unsigned max_ready, unsigned *nready)
 {
@@ -205,6 +230,13 @@ int be_uring_submit(void *ring_ctx)
 void be_uring_unready(struct bt_lane *l)
 {
     (void)l;
+}
+
+unsigned be_uring_reap_lanes(struct bt_uring *u, int *python)
+{
+    (void)u;
+    (void)python;
+    return 0;
 }
 
 unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned max,

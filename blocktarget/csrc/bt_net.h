@@ -71,6 +71,8 @@ struct bt_net {
     unsigned char *rbuf;
     size_t rcap;
     struct bt_conn *ready;
+    struct bt_uring *rings[8];  /* the lanes' io_uring rings, reaped here too */
+    uint32_t nrings;
 };
 
 /* A poller (an epoll set and a receive buffer), or NULL (out of memory or fds). */
@@ -94,6 +96,12 @@ void bt_net_conn_free(struct bt_conn *c);
 int bt_net_write(struct bt_conn *c, const unsigned char *p, size_t n);
 /* The lane's pending output queued behind what is there and sent. 0 / -1. */
 int bt_net_flush(struct bt_conn *c);
+/* The poller reaps this ring's completions of lent lanes too, and sends their replies
+   (until the first completion of Python's own I/O: Python reaps from there). 0, or -1
+   when it has no room for another ring (then Python alone reaps it, as before). */
+int bt_net_add_ring(struct bt_net *n, struct bt_uring *u);
+/* The ring goes away (before bt_uring_detach). */
+void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u);
 /* Serve the attached connections: receive, run the lanes, send, until none has
    anything to do (or after budget_ns, or once spin_ns passed with nothing to do). The
    connections that did anything or have events go to ready (their handles; up to max,
@@ -103,7 +111,10 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
 
 /* ---- cdef end ---- */
 
-/* (lane_int.h) an attached lane's asynchronous completions produced output: send it */
+/* an attached lane's asynchronous completions produced output: send it */
 void net_lane_output(struct bt_conn *c);
+/* the same, reaped by the poller: sent, and the connection reported to Python (its
+   counters), or given back when a command must be done again by the Python path */
+void net_lane_done(struct bt_conn *c);
 
 #endif

@@ -64,5 +64,8 @@ int be_uring_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx);
 int be_uring_submit(void *ring_ctx);
 /* take a lane Python let go of off its ring's ready list */
 void be_uring_unready(struct bt_lane *l);
+/* reap the lanes' completions at the head of the ring, up to the first of Python's
+   (*python set: one is waiting); the lanes stay on the ready list for Python's reap */
+unsigned be_uring_reap_lanes(struct bt_uring *u, int *python);
 
 #endif

@@ -212,6 +212,9 @@ static void failed(struct bt_conn *c)
     bt_net_detach(c);
 }
 
+static void hand_back(struct bt_conn *c, unsigned char *first, size_t nfirst,
+                      const unsigned char *rest, size_t nrest);
+
 /* Send what is queued, as far as the socket takes it; then the flow control. */
 static void send_queue(struct bt_conn *c)
 {
@@ -307,6 +310,38 @@ void net_lane_output(struct bt_conn *c)
         bt_net_flush(c);
 }
 
+void net_lane_done(struct bt_conn *c)
+{
+    if (!c->attached)
+        return;
+    bt_net_flush(c);
+    if (!c->attached)
+        return;  /* (failed sending: reported already) */
+    mark_ready(c);
+    if (c->lane->redo)
+        hand_back(c, NULL, 0, NULL, 0);  /* the Python path runs the queue for now */
+}
+
+int bt_net_add_ring(struct bt_net *n, struct bt_uring *u)
+{
+    for (uint32_t i = 0; i < n->nrings; i++)
+        if (n->rings[i] == u)
+            return 0;
+    if (n->nrings == sizeof(n->rings) / sizeof(n->rings[0]))
+        return -1;
+    n->rings[n->nrings++] = u;
+    return 0;
+}
+
+void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u)
+{
+    for (uint32_t i = 0; i < n->nrings; i++)
+        if (n->rings[i] == u) {
+            n->rings[i] = n->rings[--n->nrings];
+            return;
+        }
+}
+
 int bt_net_write(struct bt_conn *c, const unsigned char *p, size_t n)
 {
     if (n == 0)
@@ -340,8 +375,10 @@ static void hand_back(struct bt_conn *c, unsigned char *first, size_t nfirst,
     }
     if (c->hand_len == 0)
         c->hand_first = nfirst;
-    memcpy(h + c->hand_len, first, nfirst);
-    memcpy(h + c->hand_len + nfirst, rest, nrest);
+    if (nfirst)
+        memcpy(h + c->hand_len, first, nfirst);
+    if (nrest)
+        memcpy(h + c->hand_len + nfirst, rest, nrest);
     free(first);
     c->hand = h;
     c->hand_len = total;
@@ -476,6 +513,8 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
         int k = epoll_wait(n->epfd, ev, EVENTS, 0);
         if (k < 0 && errno != EINTR)
             break;
+        if (k < 0)
+            k = 0;
         for (int i = 0; i < k; i++) {
             struct bt_conn *c = ev[i].data.ptr;
             if (!c->attached)
@@ -486,7 +525,15 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             serve(c, ev[i].events);
             after += c->pdus;
         }
+        int python = 0;
+        unsigned reaped = 0;
+        for (uint32_t r = 0; r < n->nrings; r++)
+            reaped += be_uring_reap_lanes(n->rings[r], &python);
         t = now_ns();
+        if (python)
+            break;  /* Python's own completions wait: its turn */
+        if (reaped)
+            k += (int)reaped;
         if (k > 0)
             last = t;
         else

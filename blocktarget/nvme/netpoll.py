@@ -107,8 +107,12 @@ class NetPoller:
         r = self.reactor
         # Between sockets' reads, C may wait for the next one itself (the GIL released)
         # instead of going round the event loop, as long as the reactor would spin
-        # anyway (poll_mode) and no poller waits for its turn (a ring's completions).
-        spin = 0 if not r.spin_on_io or r.pollers else min(r.busy_poll_us, SPIN_MAX_US) * 1000
+        # anyway (poll_mode) and no poller but a ring's (which C reaps) waits its turn.
+        spin = 0
+        if r.spin_on_io and all(p.name == "uring" for p in r.pollers):
+            # (the rings' lane completions are reaped in C too, and it returns at the
+            # first of Python's)
+            spin = min(r.busy_poll_us, SPIN_MAX_US) * 1000
         idle0 = n.idle_ns
         t0 = _now_ns()
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
@@ -141,6 +145,18 @@ class NetPoller:
         self.conns += 1
         return conn
 
+    def add_rings(self, lane: Any) -> None:
+        """The poller reaps the lane's rings too (their lane completions, in C)."""
+        for ring in lane.rings:
+            ctx = ring.lane_ctx
+            if ctx is not None and ring.net_poller is not self:
+                if lib.bt_net_add_ring(self.n, ctx) == 0:
+                    ring.net_poller = self
+
+    def drop_ring(self, ctx: Any) -> None:
+        if self.n is not None:
+            lib.bt_net_drop_ring(self.n, ctx)
+
     def let_go(self) -> None:
         """A connection was given back; the poller goes with the last one (later: the
         current poll call may still be reporting)."""
@@ -154,6 +170,11 @@ class NetPoller:
         if self.conns or self.n is None:
             return
         n, self.n = self.n, None
+        from ..bdevs import uring
+
+        ring = uring._Ring._rings.get(self.reactor)
+        if ring is not None and ring.net_poller is self:
+            ring.net_poller = None
         loop = self.reactor.loop
         if loop is not None and not loop.is_closed():
             loop.remove_reader(n.epfd)
@@ -183,6 +204,8 @@ def try_lend(qp: Qpair) -> None:
     if conn is None:
         qp._net_ok = False  # (no fds or memory: this connection stays on the Python path)
         return
+    if lane.rings:
+        poller.add_rings(lane)
     t.pause_reading()
     qp._net = conn
     qp._net_seen = [0, 0]
