@@ -31,6 +31,7 @@ runs, called from ``data_received`` as before.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ..reactor import Reactor
     from .qpair import Qpair
 
+log = logging.getLogger(__name__)
 ffi, lib = fastlane.ffi, fastlane.lib
 AVAILABLE = fastlane.AVAILABLE and hasattr(lib, "bt_net_new")
 MAX_READY = 1024  # connections reported per poll call
@@ -123,15 +125,16 @@ class NetPoller:
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
         ready = self._ready
-        for i in range(self._nready[0]):
-            qp = ffi.from_handle(ready[i])
-            try:
-                qp._net_ready()
-            except Exception:  # one connection's trouble must not strand the others
-                qp.close("internal error after the C poller")
-                import logging
-
-                logging.getLogger(__name__).exception("%s: after the C poller", qp)
+        qps = [ffi.from_handle(ready[i]) for i in range(self._nready[0])]
+        # first what every lane did (the reactor's budget above all: a connection handed
+        # back to the Python path must see what the others took), then the events
+        for stage in (sync, events):
+            for qp in qps:
+                try:
+                    stage(qp)
+                except Exception:  # one connection's trouble must not strand the others
+                    log.exception("%s: after the C poller", qp)
+                    qp.close("internal error after the C poller")
         if pdus and r.spin_on_io:
             r.note_io()
 
@@ -265,16 +268,14 @@ def _count(qp: Qpair, conn: Any) -> tuple[int, int]:
     return pdus, busy
 
 
-def ready(qp: Qpair) -> None:
-    """After C served ``qp``'s socket (or its lane's completions were sent from C): record
-    what the lane did, and act on what C reports."""
+def sync(qp: Qpair) -> None:
+    """After C served ``qp``'s socket (or reaped its lane's completions): record what the
+    lane did where the Python path records it."""
     conn = qp._net
     lane = qp._lane
     if conn is None or lane is None:
         return
-    _pdus, busy = _count(qp, conn)
-    lane.net_sync(busy)
-    events(qp)
+    lane.net_sync(_count(qp, conn)[1])
 
 
 def events(qp: Qpair) -> None:

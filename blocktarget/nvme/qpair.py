@@ -474,9 +474,6 @@ class Qpair(asyncio.BufferedProtocol):
             netpoll.try_lend(self)  # the steady state: lend the socket to C
 
     # ---- the socket lent to the reactor's C poller (netpoll.py) ----
-    def _net_ready(self) -> None:
-        netpoll.ready(self)
-
     def _net_events(self) -> None:
         netpoll.events(self)
 
