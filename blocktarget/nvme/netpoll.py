@@ -201,7 +201,12 @@ def try_lend(qp: Qpair) -> None:
         if qp._net_retry is None and loop is not None:
             qp._net_retry = loop.call_later(RETRY_S, _retry, qp)
         return
-    poller = NetPoller.of(qp)
+    try:
+        poller = NetPoller.of(qp)
+    except OSError:
+        log.exception("no C socket poller on reactor %d", qp.reactor.index)
+        qp._net_ok = False
+        return
     lane._enter()  # (the SQ head and the budget as the Python path left them)
     conn = poller.lend(qp)
     if conn is None:
