@@ -67,6 +67,11 @@ SPDK = {("malloc", "4K randread QD32"): 225_000, ("malloc", "128K read QD32"): 1
         ("digests", "4K randread QD32"): 157_000}
 SPDK_QD1_US = {"malloc": 33.5}
 NS = 65536  # 4 KiB blocks: 256 MiB
+# What the lane (with the reactor's C socket poller, the default) is compared with:
+# --baseline python: every command on the Python path; nonet: the same lane called from
+# the event loop's per-read callbacks (c_net_poll false), what the poller replaced.
+BASELINES = {"python": ("Python path", {"c_fast_path": False}),
+             "nonet": ("lane without C poller", {"c_net_poll": False})}
 
 
 def bdev_for(backend: str, workdir: Path) -> dict:
@@ -151,6 +156,8 @@ def main() -> int:
     ap.add_argument("--workloads", type=lambda s: s.split(","), default=None,
                     help="labels, comma-separated (default: all)")
     ap.add_argument("--markdown", action="store_true", help="append to bench/RESULTS.md")
+    ap.add_argument("--baseline", choices=sorted(BASELINES), default="python",
+                    help="what the lane is compared with (see BASELINES)")
     args = ap.parse_args()
     wls = [w for w in WORKLOADS if args.workloads is None or w[0] in args.workloads]
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -168,7 +175,8 @@ def main() -> int:
                     where = {"uring-shm": "/dev/shm", "uring-disk": str(ROOT / "bench")}
                     with tempfile.TemporaryDirectory(prefix="dataplane-",
                                                      dir=where.get(backend)) as tmp:
-                        transport = {"c_fast_path": path == "lane"}
+                        transport = ({"c_fast_path": True} if path == "lane"
+                                     else dict(BASELINES[args.baseline][1]))
                         if digests:
                             transport.update(header_digest=True, data_digest=True)
                         t = Target("blocktarget", backend, Path(tmp), cores=(0,),
@@ -188,19 +196,28 @@ def main() -> int:
                    "lane_us": med(lane, "tgt_us"), "py_us": med(py, "tgt_us"),
                    "free_us": med(lane, "free_us"), "held_us": med(lane, "held_us"),
                    "idle_us": med(lane, "idle_us"),
+                   "b_held_us": med(py, "held_us"), "b_free_us": med(py, "free_us"),
+                   "b_idle_us": med(py, "idle_us"),
                    "errors": sum(r.get("errors", 0) for r in lane + py),
                    "failed": [r["error"] for r in lane + py if "error" in r][:1]}
             rows.append(row)
+    base = BASELINES[args.baseline][0]
     lines = [f"Run of {started}: {head}.", "",
-             "| backend | workload | IOPS lane | IOPS Python path | lane / Python | "
-             "target CPU µs/IO lane (Python path) | GIL held / released µs/IO (lane) | "
-             "GIL-held share | predicted scaling 1/2/4/8/16 reactors | SPDK (issue 15) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+             f"| backend | workload | IOPS lane | IOPS {base} | lane / baseline | "
+             f"target CPU µs/IO lane ({base}) | GIL held / released µs/IO (lane) | "
+             "GIL-held share | predicted scaling 1/2/4/8/16 reactors | "
+             f"GIL held / released µs/IO, share ({base}) | SPDK (issue 15) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def share(held: float, free: float, idle: float) -> float:
         # (the C poller's spinning with nothing to do is released time, but no work: it
         # is left out of the share, so the share is the held part of the work)
-        busy = r["held_us"] + r["free_us"] - r["idle_us"]
-        f = r["held_us"] / busy if busy else 1.0
+        busy = held + free - idle
+        return held / busy if busy > 0 else 1.0
+
+    for r in rows:
+        f = share(r["held_us"], r["free_us"], r["idle_us"])
+        fb = share(r["b_held_us"], r["b_free_us"], r["b_idle_us"])
         scale = "/".join(f"{amdahl(f, n):.1f}" for n in (1, 2, 4, 8, 16))
         if r["qd"] == 1:
             lane_v, py_v = f"{r['lane_lat']:.1f} µs", f"{r['py_lat']:.1f} µs"
@@ -217,9 +234,10 @@ def main() -> int:
             f"{r['lane_us']:.2f} ({r['py_us']:.2f}) | {r['held_us']:.2f} / "
             f"{r['free_us'] - r['idle_us']:.2f}"
             + (f" (+{r['idle_us']:.2f} C spin)" if r["idle_us"] >= 0.005 else "") + " | "
-            f"{f:.0%} | {scale} | {ref} |")
+            f"{f:.0%} | {scale} | {r['b_held_us']:.2f} / "
+            f"{r['b_free_us'] - r['b_idle_us']:.2f}, {fb:.0%} | {ref} |")
         if r["errors"] or r["failed"]:
-            lines.append(f"|  | errors {r['errors']} {r['failed']} | | | | | | | | |")
+            lines.append(f"|  | errors {r['errors']} {r['failed']} | | | | | | | | | |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:
