@@ -483,12 +483,14 @@ class Lane:
 
     def net_sync(self, busy_ns: int) -> None:
         """After the reactor's C poller ran this lane (netpoll.py): record what it did
-        as after a lane call of ``busy_ns``."""
+        as after a lane call of ``busy_ns`` (with io_uring namespaces: as after
+        completions, whose latency C measured; a memory namespace beside them then
+        records none)."""
         c = self.c
         if c is None:
             return
         self.qp.sqhd = c.sqhd
-        self._sync(busy_ns)
+        self._sync(None if self.rings else busy_ns)
 
     def _enter(self) -> None:
         """Before a C call: the lane sees the queue's SQ head and the reactor's budget as
