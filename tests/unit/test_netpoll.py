@@ -15,6 +15,7 @@ Budget: about 40 s.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from pathlib import Path
@@ -375,5 +376,37 @@ def test_uring_host_goes_away_with_io_in_flight(tmp_path: Path) -> None:
 
         ring = uring._Ring._rings.get(p.fast.reactor)
         assert ring is None or not ring.lane_busy()
+    finally:
+        p.close()
+
+
+def test_two_sockets_one_poller() -> None:
+    """Two lent connections of one reactor share its poller (one epoll set, one call
+    serving both); each gets exactly the bytes the reference sends for its stream."""
+    p = SockPair(cattr=SQFLOW_OFF)  # (no responses to reads: no queue id in the bytes)
+    try:
+        side = p.fast
+        end1 = side.end
+        side._connect(2, side.admin.ctrl.cntlid, SQFLOW_OFF, pdu.ICReq())
+        end2 = side.end
+        end2.out.clear()
+        stream = b"".join(rd(i, 2, i % 96) + rd(100 + i, 1, i, 4) for i in range(40))
+        p.ref.io.data_received(stream)
+        p.ref.run()
+        want = bytes(p.ref.tr.out)
+        assert side.reactor.net_poller is not None and side.reactor.net_poller.conns == 2
+        end1.pending += stream
+        end2.pending += stream
+        for _ in range(2000):
+            for e in (end1, end2):
+                e.push()
+            p.loop.run_until_complete(asyncio.sleep(0.0002))
+            for e in (end1, end2):
+                e.pull()
+            if len(end1.out) >= len(want) and len(end2.out) >= len(want):
+                break
+        assert bytes(end1.out) == want and bytes(end2.out) == want
+        assert p.taken() == 80
+        side.end = end1
     finally:
         p.close()
