@@ -66,7 +66,10 @@ struct bt_net {
        give back to it as they run, and Python adds each lane's counts afterwards. */
     uint64_t bud_used, bud_limit;
     uint32_t nconns;
-    uint64_t polls, idle_ns;  /* cumulative: calls, time spent finding nothing to do */
+    /* cumulative: calls; the thread's CPU time in them (not wall time: a call that
+       serves for long is more likely preempted, and that time is nobody's work); of
+       that, the part spent finding nothing to do (spinning) */
+    uint64_t polls, cpu_ns, idle_ns;
     /* private to net.c */
     unsigned char *rbuf;
     size_t rcap;

@@ -21,6 +21,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "bt_lane.h"
@@ -459,6 +460,14 @@ static inline uint64_t now_ns(void)
     return lane_now_ns();
 }
 
+/* the calling thread's CPU time (a system call here: once per poll, not per read) */
+static uint64_t cpu_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* One connection the poller reported: output first (it may lift a pause), then input
    kept from before, then a receive. */
 static void serve(struct bt_conn *c, uint32_t events)
@@ -502,7 +511,8 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
                      uint64_t budget_ns, uint64_t spin_ns)
 {
     struct epoll_event ev[EVENTS];
-    uint64_t t0 = now_ns(), last = t0, t = t0, prev;
+    uint64_t c0 = cpu_now_ns();
+    uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
     uint64_t before = 0, after = 0;
     unsigned touched = 0;
     n->polls++;
@@ -537,10 +547,14 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
         if (k > 0)
             last = t;
         else
-            n->idle_ns += t - prev;
+            idle += t - prev;
         if (t - t0 >= budget_ns || (k <= 0 && t - last >= spin_ns))
             break;
     }
+    uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0;
+    n->cpu_ns += cpu;
+    /* (idle was measured in wall time: the same share of the CPU time) */
+    n->idle_ns += wall ? (uint64_t)((double)idle * (double)cpu / (double)wall) : 0;
     unsigned k = 0;
     while (n->ready != NULL && k < max) {
         struct bt_conn *c = n->ready;
