@@ -70,6 +70,7 @@ struct bt_net {
        serves for long is more likely preempted, and that time is nobody's work); of
        that, the part spent finding nothing to do (spinning) */
     uint64_t polls, cpu_ns, idle_ns;
+    uint64_t tail_idle_ns;  /* how long the last call found nothing before returning */
     /* private to net.c */
     unsigned char *rbuf;
     size_t rcap;

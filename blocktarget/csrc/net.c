@@ -551,6 +551,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
         if (t - t0 >= budget_ns || (k <= 0 && t - last >= spin_ns))
             break;
     }
+    n->tail_idle_ns = t - last;
     uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0;
     n->cpu_ns += cpu;
     /* (idle was measured in wall time: the same share of the CPU time) */

@@ -48,7 +48,6 @@ MAX_READY = 1024  # connections reported per poll call
 # waits at most this long for its turn.
 BUDGET_NS = 500_000
 RETRY_S = 0.001  # how soon lending is tried again while the transport has output
-SPIN_MAX_US = 50  # the longest C waits for a socket with nothing to do in one call
 CHUNKS = 64
 
 
@@ -105,14 +104,15 @@ class NetPoller:
         # (while connections wait for buffers, the lanes take none beyond the first)
         n.bud_limit = 0 if b.waiting else b.limit
         r = self.reactor
-        # Between sockets' reads, C may wait for the next one itself (the GIL released)
-        # instead of going round the event loop, as long as the reactor would spin
-        # anyway (poll_mode) and no poller but a ring's (which C reaps) waits its turn.
+        # Between sockets' reads, C waits for the next one itself (the GIL released)
+        # for the reactor's busy-poll window, instead of the event loop spinning it
+        # holding the GIL, as long as the reactor would spin anyway (poll_mode) and no
+        # poller but a ring's (which C reaps) waits its turn.
         spin = 0
         if r.spin_on_io and all(p.name == "uring" for p in r.pollers):
             # (the rings' lane completions are reaped in C too, and it returns at the
             # first of Python's)
-            spin = min(r.busy_poll_us, SPIN_MAX_US) * 1000
+            spin = r.busy_poll_us * 1000
         idle0, cpu0 = n.idle_ns, n.cpu_ns
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
         st = r.stats
@@ -132,7 +132,10 @@ class NetPoller:
                     log.exception("%s: after the C poller", qp)
                     qp.close("internal error after the C poller")
         if pdus and r.spin_on_io:
+            # the reactor's busy-poll window runs from the last work C saw, part of
+            # which C already spent spinning: the event loop must not spin it again
             r.note_io()
+            r._last_work_ns -= n.tail_idle_ns
 
     def lend(self, qp: Qpair) -> Any:
         """Attach ``qp``'s socket and lane; the bt_conn, or None when C cannot take it."""
