@@ -126,11 +126,14 @@ void be_uring_unready(struct bt_lane *l)
     l->queued_ready = 0;
 }
 
+#define REAP_LANES 32  /* distinct lanes answered per sweep (one send each) */
+
 unsigned be_uring_reap_lanes(struct bt_uring *u, int *python)
 {
     struct io_uring *ring = (struct io_uring *)u->ring;
     struct io_uring_cqe *cqe;
-    unsigned head, seen = 0;
+    unsigned head, seen = 0, nlanes = 0;
+    struct bt_lane *lanes[REAP_LANES];
     io_uring_for_each_cqe(ring, head, cqe) {
         uint64_t d = cqe->user_data;
         if (!(d & UD_LANE)) {
@@ -139,15 +142,28 @@ unsigned be_uring_reap_lanes(struct bt_uring *u, int *python)
         }
         struct bt_lane *l = (struct bt_lane *)(uintptr_t)(d & UD_PTR_MASK);
         uint32_t idx = (uint32_t)((d & ~UD_LANE) >> UD_SLOT_SHIFT);
+        if (l->conn == NULL) {
+            ready(u, l);  /* (a lane Python runs: its reap finds it) */
+        } else {
+            unsigned i = 0;
+            while (i < nlanes && lanes[i] != l)
+                i++;
+            if (i == nlanes) {
+                if (nlanes == REAP_LANES)
+                    break;  /* (the next sweep) */
+                lanes[nlanes++] = l;
+            }
+        }
         seen++;
         u->inflight--;
         lane_io_done(l, idx, cqe->res);
-        ready(u, l);
-        if (l->conn != NULL)
-            net_lane_done(l->conn);
     }
     if (seen)
         io_uring_cq_advance(ring, seen);
+    /* a lent lane's replies go out once per sweep, and its connection is reported to
+       Python after the poll (its counters); it joins no ready list of the ring */
+    for (unsigned i = 0; i < nlanes; i++)
+        net_lane_done(lanes[i]->conn);
     return seen;
 }
 
