@@ -368,6 +368,10 @@ class _Ring:
             self._close()
 
     def _close(self) -> None:
+        if self.net_poller is not None:  # (first: it watches the eventfd closed below)
+            self.net_poller.drop_ring(self)
+        if self.efd >= 0 and self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.efd)  # (drop_ring gave it back to the loop)
         if self.reactor is not None and _Ring._rings.get(self.reactor) is self:
             del _Ring._rings[self.reactor]
         if self.efd >= 0:
@@ -379,9 +383,6 @@ class _Ring:
             self.reactor.unregister_poller(self.poller)
             self.poller = None
         if self.lane_ctx is not None:
-            if self.net_poller is not None:
-                self.net_poller.drop_ring(self.lane_ctx)
-                self.net_poller = None
             lane_lib.bt_uring_detach(self.lane_ctx)
             self.lane_ctx = None
         if self.ring is not None:

@@ -71,11 +71,13 @@ struct bt_net {
        that, the part spent finding nothing to do (spinning) */
     uint64_t polls, cpu_ns, idle_ns;
     uint64_t tail_idle_ns;  /* how long the last call found nothing before returning */
+    uint8_t python_cqe;     /* a ring has a completion of Python's I/O first: reap it */
     /* private to net.c */
     unsigned char *rbuf;
     size_t rcap;
     struct bt_conn *ready;
-    struct bt_uring *rings[8];  /* the lanes' io_uring rings, reaped here too */
+    struct bt_uring *rings[8];  /* the lanes' io_uring rings, reaped here too, */
+    int ring_efd[8];            /* and their eventfds, in the epoll set */
     uint32_t nrings;
 };
 
@@ -101,9 +103,11 @@ int bt_net_write(struct bt_conn *c, const unsigned char *p, size_t n);
 /* The lane's pending output queued behind what is there and sent. 0 / -1. */
 int bt_net_flush(struct bt_conn *c);
 /* The poller reaps this ring's completions of lent lanes too, and sends their replies
-   (until the first completion of Python's own I/O: Python reaps from there). 0, or -1
-   when it has no room for another ring (then Python alone reaps it, as before). */
-int bt_net_add_ring(struct bt_net *n, struct bt_uring *u);
+   (until the first completion of Python's own I/O: then python_cqe, and Python reaps
+   from there). efd (or -1): the ring's eventfd, which the poller watches (and reads)
+   from now on instead of the event loop. 0, or -1 when it has no room for another ring
+   (then Python alone reaps it, as before). */
+int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd);
 /* The ring goes away (before bt_uring_detach). */
 void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u);
 /* Serve the attached connections: receive, run the lanes, send, until none has

@@ -323,13 +323,24 @@ void net_lane_done(struct bt_conn *c)
         hand_back(c, NULL, 0, NULL, 0);  /* the Python path runs the queue for now */
 }
 
-int bt_net_add_ring(struct bt_net *n, struct bt_uring *u)
+/* epoll data of a ring's eventfd: its index, tagged (connections are pointers, even) */
+#define RING_TAG 1u
+
+int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd)
 {
     for (uint32_t i = 0; i < n->nrings; i++)
         if (n->rings[i] == u)
             return 0;
     if (n->nrings == sizeof(n->rings) / sizeof(n->rings[0]))
         return -1;
+    if (efd >= 0) {
+        struct epoll_event e = {0};
+        e.events = EPOLLIN;
+        e.data.u64 = ((uint64_t)n->nrings << 1) | RING_TAG;
+        if (epoll_ctl(n->epfd, EPOLL_CTL_ADD, efd, &e) != 0)
+            return -1;
+    }
+    n->ring_efd[n->nrings] = efd;
     n->rings[n->nrings++] = u;
     return 0;
 }
@@ -338,7 +349,19 @@ void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u)
 {
     for (uint32_t i = 0; i < n->nrings; i++)
         if (n->rings[i] == u) {
-            n->rings[i] = n->rings[--n->nrings];
+            if (n->ring_efd[i] >= 0)
+                epoll_ctl(n->epfd, EPOLL_CTL_DEL, n->ring_efd[i], NULL);
+            uint32_t last = --n->nrings;
+            if (i != last) {  /* the last one moves into the hole: its tag too */
+                n->rings[i] = n->rings[last];
+                n->ring_efd[i] = n->ring_efd[last];
+                if (n->ring_efd[i] >= 0) {
+                    struct epoll_event e = {0};
+                    e.events = EPOLLIN;
+                    e.data.u64 = ((uint64_t)i << 1) | RING_TAG;
+                    epoll_ctl(n->epfd, EPOLL_CTL_MOD, n->ring_efd[i], &e);
+                }
+            }
             return;
         }
 }
@@ -518,7 +541,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->polls++;
     for (struct bt_conn *c = n->ready; c != NULL; c = c->next_ready)
         touched++;
-    while (n->nconns && touched + EVENTS <= max) {
+    while ((n->nconns || n->nrings) && touched + EVENTS <= max) {
         prev = t;
         int k = epoll_wait(n->epfd, ev, EVENTS, 0);
         if (k < 0 && errno != EINTR)
@@ -526,6 +549,13 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
         if (k < 0)
             k = 0;
         for (int i = 0; i < k; i++) {
+            if (ev[i].data.u64 & RING_TAG) {
+                /* completions posted: reaped below; the counter only wakes us */
+                uint64_t v;
+                ssize_t r = read(n->ring_efd[ev[i].data.u64 >> 1], &v, sizeof(v));
+                (void)r;
+                continue;
+            }
             struct bt_conn *c = ev[i].data.ptr;
             if (!c->attached)
                 continue;   /* let go of earlier in this call */
@@ -540,8 +570,10 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
         for (uint32_t r = 0; r < n->nrings; r++)
             reaped += be_uring_reap_lanes(n->rings[r], &python);
         t = now_ns();
-        if (python)
+        if (python) {
+            n->python_cqe = 1;
             break;  /* Python's own completions wait: its turn */
+        }
         if (reaped)
             k += (int)reaped;
         if (k > 0)

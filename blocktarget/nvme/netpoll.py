@@ -71,7 +71,7 @@ def eligible(qp: Qpair) -> bool:
 class NetPoller:
     """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
 
-    __slots__ = ("reactor", "n", "budget", "conns", "_ready", "_nready", "_closing")
+    __slots__ = ("reactor", "n", "budget", "conns", "rings", "_ready", "_nready", "_closing")
 
     def __init__(self, reactor: Reactor, budget: Any) -> None:
         n = lib.bt_net_new()
@@ -81,6 +81,7 @@ class NetPoller:
         self.n = n
         self.budget = budget
         self.conns = 0
+        self.rings: list[Any] = []  # io_uring rings (bdevs/uring._Ring) it reaps too
         self._ready = ffi.new("void *[]", MAX_READY)
         self._nready = ffi.new("unsigned *")
         self._closing = False
@@ -120,6 +121,10 @@ class NetPoller:
         st.net_polls += 1
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
+        if n.python_cqe:  # (C stopped at a completion of Python's own I/O)
+            n.python_cqe = 0
+            for ring in self.rings:
+                ring.reap()
         ready = self._ready
         qps = [ffi.from_handle(ready[i]) for i in range(self._nready[0])]
         # first what every lane did (the reactor's budget above all: a connection handed
@@ -148,16 +153,31 @@ class NetPoller:
         return conn
 
     def add_rings(self, lane: Any) -> None:
-        """The poller reaps the lane's rings too (their lane completions, in C)."""
+        """The poller reaps the lane's rings too (their lane completions, in C), woken by
+        their eventfds, which it watches instead of the event loop (the loop would wake
+        Python for completions C answers)."""
+        loop = self.reactor.loop
         for ring in lane.rings:
             ctx = ring.lane_ctx
-            if ctx is not None and ring.net_poller is not self:
-                if lib.bt_net_add_ring(self.n, ctx) == 0:
-                    ring.net_poller = self
+            if ctx is None or ring.net_poller is self or ring.net_poller is not None:
+                continue
+            if lib.bt_net_add_ring(self.n, ctx, ring.efd) == 0:
+                ring.net_poller = self
+                self.rings.append(ring)
+                if ring.efd >= 0 and loop is not None:
+                    loop.remove_reader(ring.efd)
 
-    def drop_ring(self, ctx: Any) -> None:
+    def drop_ring(self, ring: Any) -> None:
+        """``ring`` goes away, or the poller does: the event loop watches its eventfd
+        again."""
+        if ring in self.rings:
+            self.rings.remove(ring)
         if self.n is not None:
-            lib.bt_net_drop_ring(self.n, ctx)
+            lib.bt_net_drop_ring(self.n, ring.lane_ctx)
+        ring.net_poller = None
+        loop = self.reactor.loop
+        if ring.efd >= 0 and loop is not None and not loop.is_closed():
+            loop.add_reader(ring.efd, ring._on_eventfd)
 
     def let_go(self) -> None:
         """A connection was given back; the poller goes with the last one (later: the
@@ -171,12 +191,9 @@ class NetPoller:
         self._closing = False
         if self.conns or self.n is None:
             return
+        for ring in list(self.rings):
+            self.drop_ring(ring)
         n, self.n = self.n, None
-        from ..bdevs import uring
-
-        ring = uring._Ring._rings.get(self.reactor)
-        if ring is not None and ring.net_poller is self:
-            ring.net_poller = None
         loop = self.reactor.loop
         if loop is not None and not loop.is_closed():
             loop.remove_reader(n.epfd)
