@@ -441,6 +441,8 @@ class _Ring:
         """The C lane submitted I/O (it submits itself, once per receive buffer): watch
         for its completions as for Python's (hybrid: poll while I/O is in flight)."""
         self.pending = 0  # (its io_uring_submit also took any SQE Python had queued)
+        if self.net_poller is not None:
+            return  # (the C socket poller reaps them, woken by the eventfd it watches)
         if self.mode == "hybrid" and self.poller is None and self.reactor is not None:
             self.poller = self.reactor.register_poller(self.poll, "uring")
         elif self.reactor is not None:
@@ -481,6 +483,13 @@ class _Ring:
         """Reactor poller: submit what is queued, reap what is done."""
         if self.pending:
             self.submit()
+        if self.net_poller is not None and not self.ops and not self.backlog:
+            # only the lanes' I/O here, which the C socket poller reaps (and it hands
+            # over what is Python's): no need to poll, nor to spin the loop for it
+            if self.mode == "hybrid" and self.poller is not None and self.reactor is not None:
+                self.reactor.unregister_poller(self.poller)
+                self.poller = None
+            return 0
         return self.reap()
 
     def reap(self) -> int:

@@ -143,7 +143,8 @@ unsigned be_uring_reap_lanes(struct bt_uring *u, int *python)
         struct bt_lane *l = (struct bt_lane *)(uintptr_t)(d & UD_PTR_MASK);
         uint32_t idx = (uint32_t)((d & ~UD_LANE) >> UD_SLOT_SHIFT);
         if (l->conn == NULL) {
-            ready(u, l);  /* (a lane Python runs: its reap finds it) */
+            ready(u, l);  /* (a lane Python runs: Python's reap hands it over) */
+            *python = 1;
         } else {
             unsigned i = 0;
             while (i < nlanes && lanes[i] != l)

@@ -65,7 +65,8 @@ int be_uring_submit(void *ring_ctx);
 /* take a lane Python let go of off its ring's ready list */
 void be_uring_unready(struct bt_lane *l);
 /* reap the lanes' completions at the head of the ring, up to the first of Python's
-   (*python set: one is waiting); the lanes stay on the ready list for Python's reap */
+   (*python set: one is waiting, or a lane Python runs got one: it joined the ready
+   list, which Python's reap hands over); lent lanes' replies are sent */
 unsigned be_uring_reap_lanes(struct bt_uring *u, int *python);
 
 #endif
