@@ -27,7 +27,11 @@ are not available here) are printed beside the rows they exist for, as a referen
 read ratios against, never as a same-run comparison.
 
     .venv/bin/python bench/dataplane.py [--time 5] [--reps 3]
-        [--backends malloc,null,uring-shm,uring-disk,digests] [--workloads ...] [--markdown]
+        [--backends malloc,null,uring-shm,uring-disk,digests,pmem] [--workloads ...]
+        [--markdown]
+
+`pmem` is a pmem pool on /dev/shm (msync persistence, as on tmpfs; PMEM_IS_PMEM_FORCE=1
+in the environment for the cache-flush path of real persistent memory).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ WORKLOADS: list[tuple[str, str, int, int]] = [
     ("128K write QD32", "write", 131072, 32),
     ("4K randread QD1", "randread", 4096, 1),
 ]
-BACKENDS = ("malloc", "null", "uring-shm", "uring-disk", "digests")
+BACKENDS = ("malloc", "null", "uring-shm", "uring-disk", "digests", "pmem")
 # SPDK v26.05 nvmf_tgt, one core, spdk_nvme_perf on the other (issue 15, 2026-12-07, this
 # machine kind): IOPS (QD1: mean latency in µs). "uring-shm" stands for SPDK's aio on a
 # loop device over tmpfs, the closest it has to our uring bdev on a tmpfs file.
@@ -81,6 +85,12 @@ def bdev_for(backend: str, workdir: Path) -> dict:
     if backend == "null":
         return {"method": "bdev_null_create",
                 "params": {"name": "B0", "num_blocks": NS, "block_size": 4096}}
+    if backend == "pmem":
+        from blocktarget.bdevs import pmem
+
+        pool = workdir / "b0.pool"  # (workdir: on /dev/shm, see main)
+        pmem.create_pool_file(str(pool), NS, 4096, lanes=1)
+        return {"method": "bdev_pmem_create", "params": {"name": "B0", "pmem_file": str(pool)}}
     path = workdir / "b0.img"  # (workdir: on /dev/shm for uring-shm, see main)
     with open(path, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, NS * 4096)
@@ -172,7 +182,8 @@ def main() -> int:
                 order = ["lane", "python"] if rep % 2 == 0 else ["python", "lane"]
                 for path in order:
                     # uring-disk: the file on the checkout's disk (/tmp may be tmpfs)
-                    where = {"uring-shm": "/dev/shm", "uring-disk": str(ROOT / "bench")}
+                    where = {"uring-shm": "/dev/shm", "pmem": "/dev/shm",
+                             "uring-disk": str(ROOT / "bench")}
                     with tempfile.TemporaryDirectory(prefix="dataplane-",
                                                      dir=where.get(backend)) as tmp:
                         transport = ({"c_fast_path": True} if path == "lane"

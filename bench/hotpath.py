@@ -10,7 +10,8 @@ code controls, measured without the other engineers' load moving it: use it to j
 hot-path change, and vs_spdk.py for the whole figure.
 
     .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096] [--write]
-        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk]
+        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|pmem]
+        [--pmem-python-engine]
 
 `--backend` puts another bdev behind the namespace: null, a split part of a malloc bdev,
 or a uring bdev on a file in /dev/shm (tmpfs: the page cache is the device) or on the
@@ -18,6 +19,11 @@ checkout's disk (O_DIRECT where the file system allows it). With io_uring the lo
 until every command is answered, completions noticed through the ring's eventfd only
 (no busy polling, whose spinning would count as CPU): the figure is the CPU the target
 spends per command, the kernel's share for the file included, waiting excluded.
+
+`pmem` is a pmem pool on /dev/shm: tmpfs, so `pmem_is_pmem` is false and every BTT step
+msyncs; run with PMEM_IS_PMEM_FORCE=1 in the environment for the cache-flush path of
+real persistent memory. Its BTT runs in C (csrc/be_pmem.c) on both paths when the
+extension is built; `--pmem-python-engine` gives the Python path the Python BTT instead.
 """
 
 from __future__ import annotations
@@ -102,7 +108,7 @@ def wire(p: pdu.Pdu, qp: Qpair) -> bytes:
     return b"".join(bytes(b) for b in pdu.encode(p, hdgst=qp.hdgst, ddgst=qp.ddgst))
 
 
-BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk")
+BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "pmem")
 
 
 def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
@@ -119,6 +125,20 @@ def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
                 {"method": "bdev_split_create", "params": {"base_bdev": "MB", "split_count": 2}},
                 {"method": "bdev_passthru_create",
                  "params": {"base_bdev_name": "MBp1", "name": "M0"}}]
+    if backend == "pmem":
+        from blocktarget.bdevs import pmem
+
+        path = os.path.join(workdir, "hotpath.pool")
+        pmem.create_pool_file(path, BLOCKS, 4096, lanes=1)
+        pool, fd = pmem.open_pool(path)  # every block written: reads copy, not zero-fill
+        try:
+            chunk = memoryview(bytes(range(256)) * (1 << 12))  # 256 blocks
+            for lba in range(0, BLOCKS, 256):
+                pool.write(0, lba, 256, chunk)
+        finally:
+            pool.close()
+            os.close(fd)
+        return [{"method": "bdev_pmem_create", "params": {"name": "M0", "pmem_file": path}}]
     path = os.path.join(workdir, "hotpath.img")
     with open(path, "wb") as f:  # allocated, so reads do not just see holes
         os.posix_fallocate(f.fileno(), 0, BLOCKS * 4096)
@@ -223,6 +243,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool,
         uring.REAP_MODE = "eventfd"  # no busy polling: its spinning is not work
         base = "/dev/shm" if backend == "uring-shm" else os.path.dirname(os.path.abspath(__file__))
         workdir = tempfile.mkdtemp(prefix="bt-hotpath-", dir=base)
+    elif backend == "pmem":
+        workdir = tempfile.mkdtemp(prefix="bt-hotpath-", dir="/dev/shm")
     try:
         return _run(loop, ops, batch, size, write, digests, lane, reads, copy, backend, workdir)
     finally:
@@ -314,7 +336,13 @@ def main() -> int:
                          "under uvloop) instead of reading into the arena")
     ap.add_argument("--backend", choices=BACKENDS, default="malloc",
                     help="the bdev behind the namespace (default: %(default)s)")
+    ap.add_argument("--pmem-python-engine", action="store_true",
+                    help="pmem: the BTT's Python methods instead of its C engine")
     args = ap.parse_args()
+    if args.pmem_python_engine:
+        from blocktarget.bdevs import pmem
+
+        pmem.USE_C_ENGINE = False
     res = [run(args.ops, args.batch, args.size, args.write, args.digests, not args.python_path,
                args.reads, args.copy_reads, args.backend)
            for _ in range(args.reps)]

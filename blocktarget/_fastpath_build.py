@@ -1,10 +1,12 @@
 """cffi build script (API mode) for `blocktarget._fastpath`: the NVMe/TCP data plane in C.
 
 The C lives in real files under blocktarget/csrc/, one per concern (crc32c.c: the
-digests; lane.c: the target's command path; be_uring.c: its io_uring backend; ...), each
-area with a header (bt_*.h) whose marked section is also the cdef: Python and C read one
-declaration of every shared structure. Every *.c there is compiled into the one
-extension; a backend whose library is missing compiles to stubs that say so.
+digests; lane.c: the target's command path; be_uring.c: its io_uring backend;
+be_pmem.c: the pmem bdev's block translation table; ...), each area with a header
+(bt_*.h) whose marked section is also the cdef: Python and C read one declaration of
+every shared structure. Every *.c there is compiled into the one extension; a backend
+whose library is missing compiles to stubs that say so (be_pmem.c needs none: it calls
+libpmem through pointers bdevs/pmem.py takes from blocktarget._pmem).
 
 Why it exists: after every pure-Python saving a 4 KiB read still cost about 7 µs of
 Python spread flat over ~15 calls, against SPDK's 2 µs for the whole I/O; no single

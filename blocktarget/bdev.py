@@ -220,6 +220,7 @@ class IOChannel:
 LANE_MEM = 1  # process memory: malloc, and split/passthru over it
 LANE_NULL = 2  # reads return zeroes, writes are discarded
 LANE_URING = 3  # a file or block device through the reactor's io_uring
+LANE_PMEM = 4  # a pmem pool's block translation table in C (csrc/be_pmem.c)
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,9 @@ class LaneTarget:
     as long as the lane uses it), the byte offset of the namespace in it (a split's
     remap), and every channel an I/O passes through, outermost first, whose statistics
     the Python path would count. For io_uring: the file descriptor and the reactor's
-    ring (bdevs/uring.py's _Ring, whose ``lane_ctx`` the lane submits to)."""
+    ring (bdevs/uring.py's _Ring, whose ``lane_ctx`` the lane submits to). For pmem:
+    (the pool's ``struct bt_pmem *``, the BTT lane of this reactor); ``offset`` is then
+    where the namespace starts in the pool's blocks, in bytes."""
 
     kind: int
     mem: Any
@@ -237,12 +240,13 @@ class LaneTarget:
     channels: tuple[IOChannel, ...]
     fd: int = -1
     ring: Any = None
+    pmem: Any = None
 
     def under(self, ch: IOChannel, offset: int = 0) -> LaneTarget:
         """The same blocks seen through a virtual bdev's channel that remaps them by
         ``offset`` bytes (split, passthru)."""
         return LaneTarget(self.kind, self.mem, self.offset + offset, (ch, *self.channels),
-                          self.fd, self.ring)
+                          self.fd, self.ring, self.pmem)
 
 
 @dataclass(eq=False)

@@ -66,6 +66,17 @@ about the machine.
 
 Persistence goes through a `PersistentMemory` object so that tests can replace libpmem
 with a recorder that simulates a crash at every persist point.
+
+Two engines run this BTT, with the same stores and persists in the same order: the
+Python methods of `Pool` below (the reference, and what runs without the compiled
+lane), and csrc/be_pmem.c, which `Pool` calls for every read, write and zeroing when
+blocktarget._fastpath is built (`_Core`). The C one holds the free-list slots, map locks
+and read-tracking table then, so the NVMe/TCP lane (nvme/fastlane.py, `lane_target`) and
+the Python path share them and a pool can be served by both at once. It reaches libpmem
+through function pointers taken from blocktarget._pmem (the lane's extension does not
+link libpmem), and a test's `PersistentMemory` through callbacks (`Pool(core=True)`), so
+the crash-point harness crashes the C engine at every drain too. Recovery, formatting
+and checking stay in Python.
 """
 
 from __future__ import annotations
@@ -84,11 +95,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..bdev import (
+    LANE_PMEM,
     Bdev,
     BdevIO,
     BdevModule,
     IOChannel,
     IOType,
+    LaneTarget,
     Status,
     check_block_size,
     check_uuid,
@@ -107,6 +120,15 @@ except ImportError as exc:  # pragma: no cover - exercised only where libpmem-de
     _PMEM_IMPORT_ERROR = str(exc)
 else:
     _PMEM_IMPORT_ERROR = ""
+
+try:  # the C lane's extension carries the C engine of the BTT (csrc/be_pmem.c)
+    from .._fastpath import ffi as _cffi  # type: ignore[attr-defined]
+    from .._fastpath import lib as _clib  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - exercised only without a compiler
+    _cffi = _clib = None
+# Whether a pool opened on a libpmem mapping runs the C engine (when built); tests turn
+# it off to hold the C engine to the Python one.
+USE_C_ENGINE = True
 
 # ---------------------------------------------------------------------------
 # on-media constants
@@ -321,6 +343,9 @@ class PersistentMemory(abc.ABC):
     def persist(self, off: int, length: int) -> None:
         self.flush(off, length)
         self.drain()
+
+    def stored(self, off: int, length: int) -> None:  # noqa: B027 - optional: a no-op
+        """The C engine stored into this range of `mem` itself (a recorder notes it)."""
 
     def copy_out(self, off: int, dst: memoryview) -> None:
         """Copy `len(dst)` bytes at `off` into `dst` (a read)."""
@@ -553,6 +578,127 @@ MAP_LOCK_SHIFT = 4  # 16 consecutive LBAs share a lock: a chunk takes few locks
 ZERO_CHUNK = 4096  # LBAs per map-lock round of unmap / write zeroes
 
 
+# what the C engine takes from libpmem (struct bt_pmem_lib), with the types it calls
+_LIBPMEM_FNS = (("flush", "void (*)(const void *, size_t)"), ("drain", "void (*)(void)"),
+                ("msync", "int (*)(const void *, size_t)"),
+                ("memcpy_nodrain", "void *(*)(void *, const void *, size_t)"))
+
+
+def c_engine_available() -> bool:
+    return _clib is not None
+
+
+class _Raised:
+    """The first exception a callback from C raised (C cannot carry it)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self) -> None:
+        self.exc: BaseException | None = None
+
+
+def _guarded(err: _Raised, fn: Any) -> Any:
+    def call(_ctx: Any, off: int, length: int) -> None:
+        if err.exc is None:
+            try:
+                fn(off, length)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+                err.exc = exc
+    return call
+
+
+def _drain_cb(err: _Raised, pm: PersistentMemory) -> Any:
+    def drain(_ctx: Any) -> int:
+        if err.exc is not None:
+            return 1  # a flush already failed: so does the drain
+        try:
+            pm.drain()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+            err.exc = exc
+            return 1
+        return 0
+    return drain
+
+
+class _Core:
+    """The C engine (csrc/be_pmem.c) over an open pool: its `struct bt_pmem *` (`c`) and
+    what keeps the pointers it holds valid (callbacks, the buffer export of a test's
+    memory)."""
+
+    def __init__(self, pool: Pool) -> None:
+        ffi, lib = _cffi, _clib
+        pm, layout = pool.pm, pool.layout
+        g = ffi.new("struct bt_pmem_geom *", {
+            "block_size": layout.block_size, "entry_size": layout.entry_size,
+            "lanes": layout.lanes, "free_per_lane": layout.free_per_lane,
+            "num_blocks": layout.num_blocks, "internal_blocks": layout.internal_blocks,
+            "flogoff": layout.flogoff, "mapoff": layout.mapoff, "dataoff": layout.dataoff})
+        self._err = _Raised()  # what a test's callback raised
+        self._keep: list[Any] = []
+        plib = ffi.NULL
+        hook = ffi.NULL
+        if isinstance(pm, _LibPmemMapping):
+            pffi = pm._ffi
+            base = ffi.cast("unsigned char *", int(pffi.cast("uintptr_t", pm._p)))
+            plib = ffi.new("struct bt_pmem_lib *")
+            for field, ctype in _LIBPMEM_FNS:
+                fn = pffi.addressof(pm._lib, "pmem_" + field)
+                setattr(plib, field, ffi.cast(ctype, int(pffi.cast("uintptr_t", fn))))
+            mode = lib.BT_PM_FLUSH if pm.is_pmem else lib.BT_PM_MSYNC
+        else:
+            # (the memory itself, not the memoryview: the garbage collector may clear a
+            # memoryview with an export, which crashes)
+            whole = pm.mem.obj
+            if not isinstance(whole, bytearray) or len(whole) != pm.size:
+                whole = pm.mem  # (a view of part of something: only the view will do)
+            buf = ffi.from_buffer("unsigned char[]", whole, require_writable=True)
+            base = buf
+            hook = ffi.new("struct bt_pmem_hook *")
+            err = self._err  # (the callbacks hold this, not self: no reference cycle)
+            cbs = (
+                ffi.callback("void(void *, uint64_t, uint64_t)", _guarded(err, pm.stored)),
+                ffi.callback("void(void *, uint64_t, uint64_t)", _guarded(err, pm.flush)),
+                ffi.callback("int(void *)", _drain_cb(err, pm), error=1),
+            )
+            hook.stored, hook.flush, hook.drain = cbs
+            self._keep += [buf, *cbs]
+            mode = lib.BT_PM_HOOK
+        self._keep += [g, plib, hook]
+        c = lib.bt_pmem_new(base, pm.size, g, mode, plib, hook)
+        if c == ffi.NULL:
+            raise PoolError("the C engine refused the pool's geometry (or no memory)")
+        self.c = c
+        k = layout.free_per_lane
+        for ln in pool.lanes:
+            for s, slot in enumerate(ln.slots):
+                lib.bt_pmem_set_slot(c, ln.index * k + s, slot.next, slot.seq, slot.free)
+
+    def failure(self, what: str) -> BaseException:
+        """The exception for a step that failed in C: a test callback's own, else the
+        errno of the failed msync."""
+        exc, self._err.exc = self._err.exc, None
+        if exc is not None:
+            return exc
+        err = _clib.bt_pmem_errno(self.c) or errno.EIO
+        return OSError(err, f"{what}: {os.strerror(err)}")
+
+    def sync_slots(self, lanes: list[_Lane]) -> None:
+        """The Python view of the free lists from C's (for check())."""
+        nxt, seq = _cffi.new("uint32_t *"), _cffi.new("uint32_t *")
+        free = _cffi.new("uint64_t *")
+        k = len(lanes[0].slots) if lanes else 0
+        for ln in lanes:
+            for s, slot in enumerate(ln.slots):
+                _clib.bt_pmem_get_slot(self.c, ln.index * k + s, nxt, seq, free)
+                slot.next, slot.seq, slot.free = nxt[0], seq[0], free[0]
+
+    def close(self) -> None:
+        c, self.c = self.c, None
+        if c is not None:
+            _clib.bt_pmem_free(c)
+        self._keep = []
+
+
 def format_pool(pm: PersistentMemory, layout: Layout, pool_uuid: bytes,
                 *, zero_map: bool = False) -> None:
     """Write the metadata of an empty pool onto a zero-filled mapping.
@@ -586,10 +732,13 @@ def format_pool(pm: PersistentMemory, layout: Layout, pool_uuid: bytes,
 class Pool:
     """An open pool: recovery on open, then block reads, atomic writes and zeroing.
 
-    Methods take a lane index; callers pick one per reactor (`lane_for`).
+    Methods take a lane index; callers pick one per reactor (`lane_for`). ``core``: run
+    the C engine (None: when built and the memory is a libpmem mapping; True: also over
+    a test's PersistentMemory, through callbacks).
     """
 
-    def __init__(self, pm: PersistentMemory, *, path: str = "") -> None:
+    def __init__(self, pm: PersistentMemory, *, path: str = "",
+                 core: bool | None = None) -> None:
         self.pm = pm
         self.path = path
         self.repaired: list[str] = []
@@ -615,8 +764,13 @@ class Pool:
         self._map_locks = [threading.Lock() for _ in range(MAP_LOCKS)]
         self._zeroes = bytes(self.block_size)
         self.broken = ""
+        self.core: _Core | None = None
         try:
             self.lanes = self._recover()
+            if core is None:
+                core = USE_C_ENGINE and isinstance(pm, _LibPmemMapping)
+            if core and _clib is not None:
+                self.core = _Core(self)
         except BaseException:
             self._map.release()  # no view may outlive the mapping the caller now unmaps
             self._flog.release()
@@ -696,8 +850,31 @@ class Pool:
         return index % len(self.lanes)
 
     # ---- I/O ----
+    def set_broken(self, why: str) -> None:
+        """Refuse writes from now on (the C lane's too) until the pool is reopened."""
+        self.broken = why
+        if self.core is not None:
+            _clib.bt_pmem_set_broken(self.core.c)
+
+    def _range(self, lane: int, lba: int, count: int, buf: Any) -> None:
+        """What the C engine would refuse (its memory is not bounds-checked by Python)."""
+        if not (0 <= lane < len(self.lanes) and 0 <= lba and 0 <= count
+                and lba + count <= self.num_blocks):
+            raise IndexError(f"blocks {lba}+{count} (lane {lane}) are outside the pool")
+        if buf is not None and len(buf) < count * self.block_size:
+            raise ValueError("buffer shorter than the blocks")
+
     def read(self, lane: int, lba: int, count: int, dst: memoryview) -> None:
         """Copy `count` blocks into `dst`; each block is read whole, old or new."""
+        core = self.core
+        if core is not None:
+            self._range(lane, lba, count, dst)
+            rc = _clib.bt_pmem_read(core.c, lane, lba, count,
+                                    _cffi.from_buffer("unsigned char[]", dst,
+                                                      require_writable=True))
+            if rc == _clib.BT_PMEM_MEDIA:
+                raise MediaError(f"a block of {lba}+{count} is marked bad")
+            return
         ln = self.lanes[lane]
         with ln.lock:
             self._read(ln.index, lba, count, dst)
@@ -740,6 +917,19 @@ class Pool:
         """Write `count` blocks from `src`; each block atomically (old or new after a crash)."""
         if self.broken:
             raise PoolBroken(self.broken)
+        core = self.core
+        if core is not None:
+            self._range(lane, lba, count, src)
+            rc = _clib.bt_pmem_write(core.c, lane, lba, count,
+                                     _cffi.from_buffer("unsigned char[]", src))
+            if rc == _clib.BT_PMEM_BROKEN:
+                self.broken = "a write failed half way (in the C lane); reopen the pool"
+                raise PoolBroken(self.broken)
+            if rc != _clib.BT_PMEM_OK:
+                exc = core.failure("persisting a block write")
+                self.set_broken(f"a write failed half way ({exc!r}); reopen the pool")
+                raise exc
+            return
         ln = self.lanes[lane]
         k = len(ln.slots)
         with ln.lock:
@@ -751,7 +941,7 @@ class Pool:
                 except BaseException as exc:
                     # the run-time free lists may no longer match the media: stop writing;
                     # reopening the pool recovers from what is on the media
-                    self.broken = f"a write failed half way ({exc!r}); reopen the pool"
+                    self.set_broken(f"a write failed half way ({exc!r}); reopen the pool")
                     raise
                 done += n
 
@@ -826,6 +1016,16 @@ class Pool:
         """Make blocks read as zeroes by setting the map's zero flag (no data written)."""
         if self.broken:
             raise PoolBroken(self.broken)
+        core = self.core
+        if core is not None:
+            self._range(0, lba, count, None)
+            rc = _clib.bt_pmem_zero(core.c, lba, count)
+            if rc == _clib.BT_PMEM_BROKEN:
+                self.broken = "a write failed half way (in the C lane); reopen the pool"
+                raise PoolBroken(self.broken)
+            if rc != _clib.BT_PMEM_OK:
+                raise core.failure("persisting zeroed map entries")
+            return
         pm, es, m = self.pm, self._es, self._map
         shift, zero, mask = self._shift, self._zero, self._mask
         end = lba + count
@@ -859,6 +1059,8 @@ class Pool:
         exactly one LBA or one free-list slot. Returns the problems found; call it with
         no I/O in flight."""
         layout = self.layout
+        if self.core is not None:
+            self.core.sync_slots(self.lanes)
         internal, shift, mask = layout.internal_blocks, self._shift, self._mask
         owner = bytearray(internal)
         problems: list[str] = []
@@ -899,6 +1101,9 @@ class Pool:
         }
 
     def close(self) -> None:
+        if self.core is not None:
+            self.core.close()
+            self.core = None
         self._map.release()
         self._flog.release()
         self.pm.close()
@@ -1072,6 +1277,14 @@ class PmemChannel(IOChannel):
     def __init__(self, bdev: PmemBdev, reactor: Any) -> None:
         super().__init__(bdev, reactor)
         self.lane = bdev.pool.lane_for(reactor.index if reactor is not None else 0)
+
+    def lane_target(self) -> LaneTarget | None:
+        """Reads, writes and flushes in the C lane, through the same C engine (and so
+        the same slots, locks and read tracking) as this channel's own I/O."""
+        core = self.bdev.pool.core
+        if core is None:
+            return None
+        return LaneTarget(LANE_PMEM, None, 0, (self,), pmem=(core.c, self.lane))
 
     def _submit(self, io: BdevIO) -> None:
         pool = self.bdev.pool

@@ -17,10 +17,12 @@
 enum bt_backend {
     BT_BE_MEM = 1,   /* plain process memory (malloc; split/passthru over it) */
     BT_BE_NULL = 2,  /* reads return zeroes, writes are discarded */
-    BT_BE_URING = 3  /* a file or block device through the reactor's io_uring */
+    BT_BE_URING = 3, /* a file or block device through the reactor's io_uring */
+    BT_BE_PMEM = 4   /* a pmem pool's block translation table (be_pmem.c, bt_pmem.h) */
 };
 
 struct bt_uring;            /* a reactor's io_uring as the lane uses it (be_uring.c) */
+struct bt_pmem;             /* a pmem pool's BTT (be_pmem.c) */
 struct bt_conn;             /* a connection lent to the reactor's C poller (net.c) */
 
 /* The bdev statistics the lane keeps, per namespace. */
@@ -35,8 +37,11 @@ struct bt_ns {
     uint8_t stale;          /* the subsystem changed: nothing new may start on it */
     unsigned char *mem;     /* BT_BE_MEM: the namespace's first byte (offset remap done) */
     int fd;                 /* BT_BE_URING: the file, */
-    uint64_t fd_offset;     /* where the namespace starts in it, */
+    uint64_t fd_offset;     /* where the namespace starts in it (BT_BE_PMEM: in the pool's
+                               blocks, in bytes), */
     struct bt_uring *ring;  /* and the reactor's ring */
+    struct bt_pmem *pmem;   /* BT_BE_PMEM: the pool, */
+    uint32_t pmem_lane;     /* and the BTT lane of this reactor */
     /* cumulative, for the bdev channels' statistics, by enum bt_stat; latency only of
        what completed asynchronously (the rest is the lane call's time, see fastlane) */
     uint64_t ops[3], bytes[3], lat_ns[3];

@@ -31,6 +31,7 @@
 #include <time.h>
 
 #include "bt_lane.h"
+#include "bt_pmem.h"
 #include "lane_int.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -469,11 +470,10 @@ static unsigned char *put_r2t(const struct bt_lane *l, unsigned char *o, uint16_
     return o + r2t_len(l);
 }
 
-/* One C2HData PDU: its header, padding, n bytes of data from `src` (NULL: zeroes), its
-   digests. */
-static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_t cid,
-                              uint32_t datao, const unsigned char *src, uint32_t n,
-                              int last)
+/* A C2HData PDU's header (and padding) for n bytes of data; returns where the data
+   goes (then c2h_tail). */
+static unsigned char *c2h_head(const struct bt_lane *l, unsigned char *o, uint16_t cid,
+                               uint32_t datao, uint32_t n, int last)
 {
     size_t pdo = c2h_pdo(l);
     memset(o, 0, pdo);
@@ -488,17 +488,32 @@ static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_
     st32(o + 16, n);
     if (l->hdgst)
         st32(o + DATA_HLEN, bt_crc32c(0, o, DATA_HLEN));
-    unsigned char *d = o + pdo;
-    if (src != NULL)
-        memcpy(d, src, n);
-    else
-        memset(d, 0, n);
-    o = d + n;
+    return o + pdo;
+}
+
+/* The data digest after the n bytes of data at d; returns the PDU's end. */
+static unsigned char *c2h_tail(const struct bt_lane *l, unsigned char *d, uint32_t n)
+{
+    unsigned char *o = d + n;
     if (l->ddgst) {
         st32(o, bt_crc32c(0, d, n));
         o += DIGEST;
     }
     return o;
+}
+
+/* One C2HData PDU: its header, padding, n bytes of data from `src` (NULL: zeroes), its
+   digests. */
+static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_t cid,
+                              uint32_t datao, const unsigned char *src, uint32_t n,
+                              int last)
+{
+    unsigned char *d = c2h_head(l, o, cid, datao, n, last);
+    if (src != NULL)
+        memcpy(d, src, n);
+    else
+        memset(d, 0, n);
+    return c2h_tail(l, d, n);
 }
 
 /* ---- the replies of commands that succeeded ---- */
@@ -812,6 +827,9 @@ static long accept_capsule(const struct bt_lane *l, const unsigned char *p, uint
     if (opc == OPC_READ) {
         if (c->data_len || sgl_id != SGL_ID_TRANSPORT)
             return -1;
+        /* (a pool is read a C2HData PDU at a time: whole blocks each) */
+        if (ns->backend == BT_BE_PMEM && n > l->c2h_chunk && l->c2h_chunk % ns->block_size)
+            return -1;
         c->act = ACT_READ;
         return async ? 0 : (long)read_reply(l, n);
     }
@@ -838,20 +856,103 @@ static int fua_of(const struct bt_ns *ns, const unsigned char *sqe)
     return (ld32(sqe + 48) & RW_FUA) && ns->write_cache;
 }
 
+/* ---- pmem (be_pmem.c): synchronous like memory, but the BTT may refuse a command (a
+   block whose map entry carries the error flag, a pool that takes no more writes): the
+   command then goes to the Python path in a slot (SLOT_REDO), which answers it as the
+   reference does. ---- */
+
+static inline uint64_t pmem_lba(const struct bt_ns *ns, uint64_t off)
+{
+    return (ns->fd_offset + off) / ns->block_size;
+}
+
+/* What a refusal needs, made sure of before the command is accepted (nothing may fail
+   once the queue's SQ head moved): a free slot, and for in-capsule data its buffer.
+   0: the Python path takes the command now. */
+static int pmem_ready(struct bt_lane *l, const struct cmd *c)
+{
+    if (c->act == ACT_FLUSH)
+        return 1;
+    if (c->act != ACT_READ && bt_pmem_broken(c->ns->pmem))
+        return 0;  /* (it would refuse: the Python path answers at once) */
+    struct bt_cmd *s = free_slot(l);
+    return s != NULL && (c->act != ACT_WRITE_ICD || slot_buffer(s, c->nbytes) != NULL);
+}
+
+/* The command the BTT refused, to the Python path (the slot pmem_ready found). */
+static void pmem_refused(struct bt_lane *l, const struct cmd *c, uint16_t cid, uint8_t kind)
+{
+    struct bt_cmd *s = free_slot(l);
+    s->seq++;
+    s->cid = cid;
+    s->ns = c->ns;
+    s->off = c->off;
+    s->nbytes = c->nbytes;
+    s->kind = kind;
+    s->fua = 0;
+    s->held = 0;
+    s->corrupt = 0;
+    s->received = 0;
+    memcpy(s->sqe, c->sqe, SQE_LEN);
+    if (kind == IO_WRITE)
+        memcpy(slot_buffer(s, c->nbytes), c->data, c->nbytes);  /* (kept: pmem_ready) */
+    set_state(l, s, SLOT_REDO);
+}
+
+/* A read from a pool, each piece straight into its C2HData PDU; 0, or the BTT's
+   refusal (the output is not advanced: nothing was sent). */
+static int pmem_read_done(struct bt_lane *l, struct bt_ns *ns, const struct cmd *c,
+                          uint16_t cid, unsigned char *o)
+{
+    uint64_t lba = pmem_lba(ns, c->off);
+    uint32_t left = c->nbytes, datao = 0;
+    while (left) {
+        uint32_t n = left < l->c2h_chunk ? left : l->c2h_chunk;
+        unsigned char *d = c2h_head(l, o, cid, datao, n, n == left);
+        int rc = bt_pmem_read(ns->pmem, ns->pmem_lane, lba + datao / ns->block_size,
+                              n / ns->block_size, d);
+        if (rc != BT_PMEM_OK)
+            return rc;
+        o = c2h_tail(l, d, n);
+        datao += n;
+        left -= n;
+    }
+    if (!l->c2h_success)
+        put_resp(l, o, cid);
+    count(ns, BT_ST_READ, c->nbytes);
+    l->cmds++;
+    return 0;
+}
+
 /* Execute an accepted command on a backend that completes at once; o has its reply's
-   room. */
-static void exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsigned char *o)
+   room. Returns the reply's length (0: the command went to the Python path). */
+static long exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsigned char *o,
+                      long reply)
 {
     struct bt_ns *ns = c->ns;
     switch (c->act) {
     case ACT_READ:
+        if (ns->backend == BT_BE_PMEM) {
+            if (pmem_read_done(l, ns, c, cid, o) != 0) {
+                pmem_refused(l, c, cid, IO_READ);
+                return 0;
+            }
+            smart(l, 0, c->nbytes, 1);
+            break;
+        }
         smart(l, 0, c->nbytes, 1);
         read_done(l, ns, ns->backend == BT_BE_MEM ? ns->mem + c->off : NULL, c->nbytes, cid,
                   o);
         break;
     case ACT_WRITE_ICD:
-        if (ns->backend == BT_BE_MEM)
+        if (ns->backend == BT_BE_MEM) {
             memcpy(ns->mem + c->off, c->data, c->nbytes);
+        } else if (ns->backend == BT_BE_PMEM
+                   && bt_pmem_write(ns->pmem, ns->pmem_lane, pmem_lba(ns, c->off),
+                                    c->nbytes / ns->block_size, c->data) != BT_PMEM_OK) {
+            pmem_refused(l, c, cid, IO_WRITE);
+            return 0;
+        }
         smart(l, 1, c->nbytes, 1);
         write_done(l, ns, c->nbytes, fua_of(ns, c->sqe), cid, o);
         break;
@@ -859,6 +960,7 @@ static void exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsi
         flush_done(l, ns, cid, o);
         break;
     }
+    return reply;
 }
 
 /* Start an accepted command on an asynchronous backend: 1 started, 0 not (nothing
@@ -936,8 +1038,25 @@ static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *s
     }
     smart(l, 1, s->nbytes, 1);
     if (!is_async(ns)) {
-        if (ns->backend == BT_BE_MEM)
+        if (ns->backend == BT_BE_MEM) {
             memcpy(ns->mem + s->off, src, s->nbytes);
+        } else if (ns->backend == BT_BE_PMEM
+                   && bt_pmem_write(ns->pmem, ns->pmem_lane, pmem_lba(ns, s->off),
+                                    s->nbytes / ns->block_size, src) != BT_PMEM_OK) {
+            /* the BTT refused (the pool takes no more writes): the Python path answers;
+               it needs the data in the slot, and without memory for that it gets the
+               command as failed (an error either way, just not the same one) */
+            if (src != s->data) {
+                if (slot_buffer(s, s->nbytes) != NULL) {
+                    memcpy(s->data, src, s->nbytes);
+                } else {
+                    smart(l, 1, s->nbytes, -1);
+                    s->corrupt = 1;
+                }
+            }
+            to_redo(l, s);
+            return;
+        }
         unsigned char *o = l->out + l->out_len;
         unsigned char *e = write_done(l, ns, s->nbytes, s->fua, s->cid, o);
         l->out_len += (size_t)(e - o);
@@ -1204,14 +1323,22 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
         } else if (is_async(c.ns)) {
             if (!exec_async(l, &c, cid))
                 break;            /* a full ring, no memory: Python queues it */
+        } else if (c.ns->backend == BT_BE_PMEM && !pmem_ready(l, &c)) {
+            break;
         }
         if (!l->flow_disabled)
             l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
-        if (c.act != ACT_WRITE_R2T && !is_async(c.ns))
-            exec_sync(l, &c, cid, o);
+        int refused = 0;
+        if (c.act != ACT_WRITE_R2T && !is_async(c.ns)) {
+            long done = exec_sync(l, &c, cid, o, reply);
+            refused = done != reply;
+            reply = done;
+        }
         l->out_len += (size_t)reply;
         pos += plen;
         n++;
+        if (refused)
+            break;  /* the Python path answers it before anything after it, in order */
     }
     if (n < max_cmds && pos < len && len - pos < 8 && begin_carry(l, in + pos, len - pos))
         pos = len;  /* a capsule's first bytes, its length not even there yet */

@@ -5,7 +5,8 @@ it is built).
 
 A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
 is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, files and block
-devices through the reactor's io_uring (uring), and split or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
+devices through the reactor's io_uring (uring), pmem pools (the BTT in C, csrc/be_pmem.c,
+which the pmem bdev's Python path calls too), and split or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
 too. A receive buffer starts in the lane only when the queue is in its steady state:
 connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
 decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
@@ -31,7 +32,7 @@ import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import LANE_MEM, LANE_NULL, LANE_URING, LATENCY_BUCKETS_NS, IOType
+from ..bdev import LANE_MEM, LANE_NULL, LANE_PMEM, LANE_URING, LATENCY_BUCKETS_NS, IOType
 from . import spec
 
 try:
@@ -219,6 +220,9 @@ class Lane:
                 elif t.kind == LANE_URING:
                     if t.ring is None or t.ring.lane_ctx is None or t.fd < 0:
                         continue
+                elif t.kind == LANE_PMEM:
+                    if t.pmem is None:
+                        continue
                 elif t.kind != LANE_NULL:
                     continue
                 entries.append((ns, t, mem))
@@ -237,6 +241,9 @@ class Lane:
                     e.fd = t.fd
                     e.fd_offset = t.offset
                     e.ring = t.ring.lane_ctx
+                elif t.kind == LANE_PMEM:
+                    e.pmem, e.pmem_lane = t.pmem
+                    e.fd_offset = t.offset
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)

@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from blocktarget.bdevs import pmem
+from blocktarget.nvme import fastlane
 
 from .target_proc import Launcher, config, free_port, listen_address
 
@@ -103,7 +104,9 @@ for line in sys.stdin:
         _, status = os.waitpid(int(line.split()[1]), 0)
         print(status, flush=True)
         continue
-    path, log_path, seed = line.split()
+    path, log_path, seed, engine = line.split()
+    from blocktarget.bdevs import pmem
+    pmem.USE_C_ENGINE = engine == "c"
     pid = os.fork()
     if pid:
         print(pid, flush=True)
@@ -123,7 +126,7 @@ def writer(path, log_path, seed):
     unit = struct.Struct("<QQ")
     rng = random.Random(seed)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.write(log, b"R %d\n" % bdev.pool.pm.is_pmem)
+    os.write(log, b"R %d %d\n" % (bdev.pool.pm.is_pmem, bdev.pool.core is not None))
     status = []
     while True:
         lba = rng.randrange(nb)
@@ -182,11 +185,16 @@ def read_all(path: Path) -> list[bytes]:
     return [bytes(buf[i * BS:(i + 1) * BS]) for i in range(NB)]
 
 
+@pytest.mark.parametrize("engine", [
+    "python",
+    pytest.param("c", marks=pytest.mark.skipif(not pmem.c_engine_available(),
+                                               reason="blocktarget._fastpath not built"))])
 @pytest.mark.parametrize("persist", ["msync", "flush"])
-def test_kill_loop(pool_dir: Path, persist: str) -> None:
+def test_kill_loop(pool_dir: Path, persist: str, engine: str) -> None:
     """`persist`: how the writer makes stores durable, chosen with libpmem's
     PMEM_IS_PMEM_FORCE (0: `pmem_is_pmem` false, the bdev msyncs, as on tmpfs; 1: the
-    cache-flush path of real persistent memory), so both code paths meet `kill -9`."""
+    cache-flush path of real persistent memory), so both code paths meet `kill -9`;
+    `engine`: the BTT's Python methods or its C engine (csrc/be_pmem.c)."""
     path = pool_dir / "pool"
     pmem.create_pool_file(str(path), NB, BS, lanes=1, free_per_lane=4)
     model = [0] * NB  # generation each block must hold (0: zeroes)
@@ -201,7 +209,7 @@ def test_kill_loop(pool_dir: Path, persist: str) -> None:
         assert zygote.stdout.readline().strip() == "ready"
         while cycles < CYCLES and time.monotonic() - start < KILL_BUDGET_S:
             log_path = pool_dir / f"log{cycles}"
-            zygote.stdin.write(f"{path} {log_path} {rng.getrandbits(32)}\n")
+            zygote.stdin.write(f"{path} {log_path} {rng.getrandbits(32)} {engine}\n")
             zygote.stdin.flush()
             pid = int(zygote.stdout.readline())
             # wait for the writer to be running, then let it write for a random while
@@ -209,8 +217,10 @@ def test_kill_loop(pool_dir: Path, persist: str) -> None:
             while not (log_path.exists() and log_path.read_bytes().startswith(b"R ")):
                 assert time.monotonic() < deadline, "writer did not start"
                 time.sleep(0.002)
-            assert log_path.read_bytes()[2:3] == (b"1" if persist == "flush" else b"0"), (
+            ready = log_path.read_bytes().split(b"\n")[0].split()
+            assert ready[1] == (b"1" if persist == "flush" else b"0"), (
                 "PMEM_IS_PMEM_FORCE did not select the persistence path")
+            assert ready[2] == (b"1" if engine == "c" else b"0"), "not the engine asked for"
             time.sleep(rng.uniform(0.0, 0.1))
             os.kill(pid, signal.SIGKILL)
             zygote.stdin.write(f"reap {pid}\n")
@@ -333,6 +343,11 @@ async def _load(port: int, acked: dict[int, int], maybe: dict[int, set[int]],
             pass
 
 
+def _lane_commands(t: Launcher) -> int:
+    stats = t.rpc("nvmf_get_stats")
+    return sum(g["c_lane_commands"] for g in stats["poll_groups"])
+
+
 def test_target_export_and_kill(running_target: Launcher, pool_dir: Path) -> None:
     pool = pool_dir / "pool"
     port = free_port()
@@ -372,6 +387,10 @@ def test_target_export_and_kill(running_target: Launcher, pool_dir: Path) -> Non
             await ctrl.disconnect()
 
     asyncio.run(functional())
+    # the reads and writes above were the C lane's (the pmem BTT in C), where it is built
+    lane_cmds = [_lane_commands(first)]
+    if fastlane.AVAILABLE and pmem.c_engine_available():
+        assert lane_cmds[0] >= 4, lane_cmds
     first.kill()  # SIGKILL, no shutdown
 
     acked: dict[int, int] = {}
@@ -389,6 +408,7 @@ def test_target_export_and_kill(running_target: Launcher, pool_dir: Path) -> Non
         async def load_then_kill(t=t, cycle=cycle) -> None:  # type: ignore[no-untyped-def]
             task = asyncio.ensure_future(_load(port, acked, maybe, 10.0, cycle, stats))
             await asyncio.sleep(rng.uniform(0.3, 1.0))
+            lane_cmds.append(await asyncio.to_thread(_lane_commands, t))
             os.kill(t.pid, signal.SIGKILL)
             await asyncio.wait_for(task, 15)
 
@@ -400,8 +420,12 @@ def test_target_export_and_kill(running_target: Launcher, pool_dir: Path) -> Non
     stats["landed"] += asyncio.run(_verify(port, acked, maybe))
     stats["in_flight"] += len(maybe)
     print(f"target killed 3 times under load: {stats['acked']} acknowledged writes intact, "
-          f"{stats['in_flight']} writes in flight at the kills, {stats['landed']} of them landed")
+          f"{stats['in_flight']} writes in flight at the kills, {stats['landed']} of them landed; "
+          f"C lane commands before each kill: {lane_cmds}")
     assert stats["in_flight"] > 0, "no write was in flight at a kill: the test proved little"
+    if fastlane.AVAILABLE and pmem.c_engine_available():
+        # the load was served by the lane, killed with its writes in flight
+        assert all(n > 0 for n in lane_cmds[1:]), lane_cmds
     info = last.rpc("bdev_pmem_get_pool_info", pmem_file=str(pool))
     assert info[0]["in_use_by"] == "Pmem0"
     last.stop()

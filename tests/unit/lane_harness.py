@@ -351,14 +351,17 @@ class Pair:
     """The reference side (Python path only) and the lane side, fed identically."""
 
     def __init__(self, opts: dict[str, Any] | None = None, *, workdir: Any = None,
-                 **kw: Any) -> None:
+                 reference: Callable[[], Any] = contextlib.nullcontext, **kw: Any) -> None:
+        """``reference``: a context in which the reference side is made (its bdevs then
+        use their Python engines where they have another: pmem)."""
         self.loop = asyncio.new_event_loop()
         dirs = [None, None]
         if workdir is not None:  # each side's files in a directory of its own
             dirs = [workdir / "ref", workdir / "fast"]
             for d in dirs:
                 d.mkdir(exist_ok=True)
-        self.ref = Side(self.loop, False, opts or OPTS, workdir=dirs[0], **kw)
+        with reference():
+            self.ref = Side(self.loop, False, opts or OPTS, workdir=dirs[0], **kw)
         self.fast = Side(self.loop, True, opts or OPTS, workdir=dirs[1], **kw)
         assert self.ref.io._lane is None
 

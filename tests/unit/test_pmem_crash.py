@@ -70,6 +70,8 @@ class CrashRecorder(PersistentMemory):
     def _touch(self, off: int, length: int) -> None:
         self.dirty.update(range(off // LINE, (off + length - 1) // LINE + 1))
 
+    stored = _touch  # the C engine stores into `cur` itself, then says where
+
     def store(self, off: int, value: int, width: int) -> None:
         assert off % width == 0, f"unaligned {width}-byte store at {off}"
         assert off // WORD == (off + width - 1) // WORD, "a store must stay in one 8-byte word"
@@ -200,11 +202,15 @@ def _fresh(layout: Layout) -> CrashRecorder:
     return rec
 
 
-def run_random_ops(seed: int, entry_size: int, ops: int, **layout_kw: int) -> Checker:
+def run_random_ops(seed: int, entry_size: int, ops: int, *, core: bool = False,
+                   **layout_kw: int) -> Checker:
+    """``core``: the pool under test runs the C engine (csrc/be_pmem.c); recovery and
+    the checks are Python's either way."""
     rng = random.Random(seed)
     layout = _layout(entry_size, **layout_kw)
     rec = _fresh(layout)
-    pool = Pool(rec)
+    pool = Pool(rec, core=core)
+    assert (pool.core is not None) == core
     chk = Checker(layout, random.Random(seed + 1))
     rec.on_drain = chk.on_drain
     bs, nb = layout.block_size, layout.num_blocks

@@ -289,3 +289,96 @@ echo DONE
             assert lane == 0 and os.environ.get("CI") != "true", "the C lane is not built"
     finally:
         t.kill()
+
+
+PMEM_NQN = "nqn.2026-01.io.blocktarget:pmem-lane"
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("persist", ["msync", "flush"])
+def test_fio_verify_through_pmem_lane(vm: Guest, tmp_path, persist: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel host's verified I/O on pmem pools through the C lane (the BTT in C,
+    csrc/be_pmem.c): a pool (nsid 1) and the second half of a split pool (2, an offset
+    remap), with and without digests, 4 KiB random writes in capsule and 128 KiB
+    sequential ones by R2T, each verified with crc32c; the lane must have served nearly
+    all of them. `persist`: PMEM_IS_PMEM_FORCE 0 (msync, as tmpfs is) or 1 (cache-line
+    flushes and a fence). The pools are consistent afterwards."""
+    from blocktarget.bdevs import pmem
+
+    if not pmem.libpmem_available():
+        pytest.skip("blocktarget._pmem not built (libpmem-dev missing)")
+    monkeypatch.setenv("PMEM_IS_PMEM_FORCE", "1" if persist == "flush" else "0")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
+    pools = [os.path.join(shm, f"bt-vm-pmem-{os.getpid()}-{i}") for i in range(2)]
+    for path in pools:
+        if os.path.exists(path):
+            os.unlink(path)
+    pmem.create_pool_file(pools[0], 4096, 4096, lanes=2)
+    pmem.create_pool_file(pools[1], 8192, 4096, lanes=2, free_per_lane=8)
+    port = free_port()
+    la = listen_address(port)
+    cfg = {"subsystems": [
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_pmem_create", "params": {"name": "PM0", "pmem_file": pools[0]}},
+            {"method": "bdev_pmem_create", "params": {"name": "PM1", "pmem_file": pools[1]}},
+            {"method": "bdev_split_create", "params": {"base_bdev": "PM1", "split_count": 2}},
+        ]},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
+            {"method": "nvmf_create_subsystem",
+             "params": {"nqn": PMEM_NQN, "allow_any_host": True}},
+            *({"method": "nvmf_subsystem_add_ns",
+               "params": {"nqn": PMEM_NQN, "namespace": {"bdev_name": b, "nsid": i + 1}}}
+              for i, b in enumerate(("PM0", "PM1p1"))),
+            {"method": "nvmf_subsystem_add_listener",
+             "params": {"nqn": PMEM_NQN, "listen_address": la}},
+        ]}]}
+    t = RunningTarget(tmp_path, cfg, cores=None)
+    t.start()
+    try:
+        info = t.rpc("bdev_get_bdevs", name="PM0")[0]["driver_specific"]["pmem"]
+        assert info["is_pmem"] is (persist == "flush")
+        env = {"RPC_PORT": str(t.http_port), "PORT": str(port), "NQN": PMEM_NQN}
+        res = vm.run(PRELUDE + r"""
+set -x
+for pass in plain digests; do
+  if [ $pass = digests ]; then extra="-g -G"; else extra=""; fi
+  nvme connect -t tcp -a $HOST_ADDR -s $PORT -n $NQN $extra || exit 10
+  for ns in 1 2; do
+    dev=$(nsdev $NQN $ns) || exit 11
+    fio --name=r$ns --filename=$dev --rw=randwrite --bs=4k --size=2M --ioengine=libaio \
+        --direct=1 --iodepth=16 --verify=crc32c --verify_fatal=1 \
+        --output=$pass-4k-$ns.txt || exit 12
+    fio --name=s$ns --filename=$dev --rw=write --bs=128k --size=4M --ioengine=libaio \
+        --direct=1 --iodepth=4 --verify=crc32c --verify_fatal=1 \
+        --output=$pass-128k-$ns.txt || exit 13
+  done
+  nvme disconnect -n $NQN || exit 16
+  sleep 0.5
+done
+echo DONE
+""", env=env, timeout=840)
+        res.check()
+        for f in sorted(res.rundir.glob("*-*.txt")):
+            assert "err= 0" in f.read_text(), f.name
+        assert "DONE" in res.output
+        stats = t.rpc("nvmf_get_stats")
+        lane = sum(g["c_lane_commands"] for g in stats["poll_groups"])
+        # per pass: 2 x (512 writes + 512 verify reads + 32 + 32)
+        expected = 2 * 2 * (512 * 2 + 32 * 2)
+        print(f"pmem ({persist}): {lane} commands in the C lane, {expected} verified I/Os")
+        if fastlane.AVAILABLE and pmem.c_engine_available():
+            assert lane >= 0.9 * expected, (lane, expected)
+        else:
+            assert lane == 0 and os.environ.get("CI") != "true", "the C lane is not built"
+    finally:
+        t.kill()
+    for path in pools:
+        pool, fd = pmem.open_pool(path)
+        try:
+            assert pool.check() == []
+        finally:
+            pool.close()
+            os.close(fd)
+            os.unlink(path)
