@@ -14,8 +14,10 @@ measured). The table gives medians:
 
 - IOPS, and the ratio lane / Python path (same run, same machine state);
 - target CPU µs per I/O (utime + stime of the target process over the perf run);
-- of the reactor's busy time per I/O, the part in the C lane's calls (the GIL released:
-  `blocktarget_reactor_gil_released_seconds`) and the rest (GIL held: Python, and the
+- of the reactor's busy time per I/O, the part in the C data plane's calls (the GIL
+  released: `blocktarget_reactor_gil_released_seconds`, the lane's calls and the C socket
+  poller's, less its spinning with nothing to do, shown apart as "C spin": released but
+  no work) and the rest (GIL held: Python, and the
   event loop's socket system calls, which uvloop makes holding it);
 - the reactor scaling that GIL share predicts (Amdahl: 1 / (f + (1 - f) / N) for the
   held fraction f), for 1, 2, 4, 8 and 16 reactors on as many cores.
@@ -69,6 +71,11 @@ SPDK = {("malloc", "4K randread QD32"): 225_000, ("malloc", "128K read QD32"): 1
         ("digests", "4K randread QD32"): 157_000}
 SPDK_QD1_US = {"malloc": 33.5}
 NS = 65536  # 4 KiB blocks: 256 MiB
+# What the lane (with the reactor's C socket poller, the default) is compared with:
+# --baseline python: every command on the Python path; nonet: the same lane called from
+# the event loop's per-read callbacks (c_net_poll false), what the poller replaced.
+BASELINES = {"python": ("Python path", {"c_fast_path": False}),
+             "nonet": ("lane without C poller", {"c_net_poll": False})}
 
 
 def bdev_for(backend: str, workdir: Path) -> dict:
@@ -91,13 +98,15 @@ def bdev_for(backend: str, workdir: Path) -> dict:
             "params": {"name": "B0", "filename": str(path), "block_size": 4096}}
 
 
-def reactor_times(t: Target, sock: Path) -> tuple[int, int]:
-    """(busy ns, ns in the C lane's calls) of the target's reactors."""
+def reactor_times(t: Target, sock: Path) -> tuple[int, int, int]:
+    """(busy ns, ns in the C data plane's calls, of those the C socket poller's spinning
+    with nothing to do) of the target's reactors."""
     with RpcClient(unix=str(sock), timeout=10) as c:
         busy = sum(r["busy"] for r in c.call("framework_get_reactors")["reactors"])
-        free = sum(g.get("gil_released_ns", 0)
-                   for g in c.call("nvmf_get_stats")["poll_groups"])
-    return busy, free
+        groups = c.call("nvmf_get_stats")["poll_groups"]
+    free = sum(g.get("gil_released_ns", 0) for g in groups)
+    idle = sum(g.get("net_idle_ns", 0) for g in groups)
+    return busy, free, idle
 
 
 def run_perf(port: int, rw: str, size: int, qd: int, secs: float, digests: bool) -> dict:
@@ -126,16 +135,17 @@ def measure(t: Target, sock: Path, wl: tuple[str, str, int, int], secs: float,
     _label, rw, size, qd = wl
     warm_up(t.port, digests)
     cpu0 = t.cpu_seconds()
-    busy0, free0 = reactor_times(t, sock)
+    busy0, free0, idle0 = reactor_times(t, sock)
     r = run_perf(t.port, rw, size, qd, secs, digests)
     cpu = t.cpu_seconds() - cpu0
-    busy1, free1 = reactor_times(t, sock)
+    busy1, free1, idle1 = reactor_times(t, sock)
     if "error" in r or not r["ops"]:
         return r
     n = r["ops"]
     r["tgt_us"] = cpu * 1e6 / n
     r["free_us"] = (free1 - free0) / 1e3 / n
     r["held_us"] = max((busy1 - busy0) - (free1 - free0), 0) / 1e3 / n
+    r["idle_us"] = (idle1 - idle0) / 1e3 / n
     return r
 
 
@@ -156,6 +166,8 @@ def main() -> int:
     ap.add_argument("--workloads", type=lambda s: s.split(","), default=None,
                     help="labels, comma-separated (default: all)")
     ap.add_argument("--markdown", action="store_true", help="append to bench/RESULTS.md")
+    ap.add_argument("--baseline", choices=sorted(BASELINES), default="python",
+                    help="what the lane is compared with (see BASELINES)")
     args = ap.parse_args()
     wls = [w for w in WORKLOADS if args.workloads is None or w[0] in args.workloads]
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -174,7 +186,8 @@ def main() -> int:
                              "uring-disk": str(ROOT / "bench")}
                     with tempfile.TemporaryDirectory(prefix="dataplane-",
                                                      dir=where.get(backend)) as tmp:
-                        transport = {"c_fast_path": path == "lane"}
+                        transport = ({"c_fast_path": True} if path == "lane"
+                                     else dict(BASELINES[args.baseline][1]))
                         if digests:
                             transport.update(header_digest=True, data_digest=True)
                         t = Target("blocktarget", backend, Path(tmp), cores=(0,),
@@ -193,17 +206,29 @@ def main() -> int:
                    "lane_lat": med(lane, "lat_us"), "py_lat": med(py, "lat_us"),
                    "lane_us": med(lane, "tgt_us"), "py_us": med(py, "tgt_us"),
                    "free_us": med(lane, "free_us"), "held_us": med(lane, "held_us"),
+                   "idle_us": med(lane, "idle_us"),
+                   "b_held_us": med(py, "held_us"), "b_free_us": med(py, "free_us"),
+                   "b_idle_us": med(py, "idle_us"),
                    "errors": sum(r.get("errors", 0) for r in lane + py),
                    "failed": [r["error"] for r in lane + py if "error" in r][:1]}
             rows.append(row)
+    base = BASELINES[args.baseline][0]
     lines = [f"Run of {started}: {head}.", "",
-             "| backend | workload | IOPS lane | IOPS Python path | lane / Python | "
-             "target CPU µs/IO lane (Python path) | GIL held / released µs/IO (lane) | "
-             "GIL-held share | predicted scaling 1/2/4/8/16 reactors | SPDK (issue 15) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| backend | workload | IOPS lane | IOPS {base} | lane / baseline | "
+             f"target CPU µs/IO lane ({base}) | GIL held / released µs/IO (lane) | "
+             "GIL-held share | predicted scaling 1/2/4/8/16 reactors | "
+             f"GIL held / released µs/IO, share ({base}) | SPDK (issue 15) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def share(held: float, free: float, idle: float) -> float:
+        # (the C poller's spinning with nothing to do is released time, but no work: it
+        # is left out of the share, so the share is the held part of the work)
+        busy = held + free - idle
+        return held / busy if busy > 0 else 1.0
+
     for r in rows:
-        busy = r["held_us"] + r["free_us"]
-        f = r["held_us"] / busy if busy else 1.0
+        f = share(r["held_us"], r["free_us"], r["idle_us"])
+        fb = share(r["b_held_us"], r["b_free_us"], r["b_idle_us"])
         scale = "/".join(f"{amdahl(f, n):.1f}" for n in (1, 2, 4, 8, 16))
         if r["qd"] == 1:
             lane_v, py_v = f"{r['lane_lat']:.1f} µs", f"{r['py_lat']:.1f} µs"
@@ -217,10 +242,13 @@ def main() -> int:
             ref = f"{spdk:,} (lane {r['lane_iops'] / spdk:.2f})" if spdk else "-"
         lines.append(
             f"| {r['backend']} | {r['workload']} | {lane_v} | {py_v} | {ratio} | "
-            f"{r['lane_us']:.2f} ({r['py_us']:.2f}) | {r['held_us']:.2f} / {r['free_us']:.2f} | "
-            f"{f:.0%} | {scale} | {ref} |")
+            f"{r['lane_us']:.2f} ({r['py_us']:.2f}) | {r['held_us']:.2f} / "
+            f"{r['free_us'] - r['idle_us']:.2f}"
+            + (f" (+{r['idle_us']:.2f} C spin)" if r["idle_us"] >= 0.005 else "") + " | "
+            f"{f:.0%} | {scale} | {r['b_held_us']:.2f} / "
+            f"{r['b_free_us'] - r['b_idle_us']:.2f}, {fb:.0%} | {ref} |")
         if r["errors"] or r["failed"]:
-            lines.append(f"|  | errors {r['errors']} {r['failed']} | | | | | | | | |")
+            lines.append(f"|  | errors {r['errors']} {r['failed']} | | | | | | | | | |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -107,6 +107,15 @@ class TargetCollector(Collector):
             "blocktarget_reactor_gil_held_seconds",
             "Reactor CPU time outside the C data plane (Python, and system calls made "
             "holding the GIL): the share that serializes reactors", labels=["reactor"])
+        net_pdus = CounterMetricFamily(
+            "blocktarget_reactor_c_poller_pdus",
+            "PDUs taken by the reactor's C socket poller (sockets of queue pairs in their "
+            "steady state, served without a Python call per read)", labels=["reactor"])
+        net_idle = CounterMetricFamily(
+            "blocktarget_reactor_c_poller_idle_seconds",
+            "Of the GIL-released time, the C socket poller's waiting for a socket with "
+            "something to do (spinning, as the reactor's poll mode would)",
+            labels=["reactor"])
         cpu_mode = CounterMetricFamily("blocktarget_reactor_cpu_seconds",
                                        "Reactor thread CPU time by mode",
                                        labels=["reactor", "mode"])
@@ -123,10 +132,13 @@ class TargetCollector(Collector):
             free = r.stats.gil_released_ns
             released.add_metric([str(r.index)], free / 1e9)
             held.add_metric([str(r.index)], max(cpu - free, 0) / 1e9)
+            net_pdus.add_metric([str(r.index)], r.stats.net_pdus)
+            net_idle.add_metric([str(r.index)], r.stats.net_idle_ns / 1e9)
             user, system = r.cpu_split_ns()
             cpu_mode.add_metric([str(r.index), "user"], user / 1e9)
             cpu_mode.add_metric([str(r.index), "system"], system / 1e9)
-        yield from (busy, idle, msgs, polls, conns, opened, lane, released, held, cpu_mode)
+        yield from (busy, idle, msgs, polls, conns, opened, lane, released, held, net_pdus,
+                    net_idle, cpu_mode)
 
         # ---- subsystems ----
         subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")

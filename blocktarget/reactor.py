@@ -120,6 +120,11 @@ class ReactorStats:
     # (a vDSO clock read, ~50 ns): the thread's CPU clock is a system call here (1.1 us,
     # too dear at QD1), and on a core the reactor has to itself the two are the same.
     gil_released_ns: int = 0
+    net_polls: int = 0  # calls of the C socket poller (nvme/netpoll.py)
+    net_lends: int = 0  # times a connection's socket was lent to it
+    net_pdus: int = 0  # PDUs it took (run by the lane without a Python call per read)
+    # of gil_released_ns, the poller's time finding no socket with anything to do
+    net_idle_ns: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")
@@ -147,6 +152,8 @@ class Reactor:
     stats: ReactorStats = field(default_factory=ReactorStats)
     # receive memory of this reactor's NVMe/TCP connections (nvme/rx_arena.py)
     rx_arena: Any = None
+    # the C socket poller of this reactor's lent connections (nvme/netpoll.py), if any
+    net_poller: Any = None
     pollers: list[Poller] = field(default_factory=list)
     # Objects owned by this reactor, by kind, for framework_get_reactors and metrics.
     owned: dict[str, set[Any]] = field(default_factory=dict)

@@ -48,6 +48,9 @@ class TransportOptions:
     # reads, writes and flushes on the backends the C lane serves run in C
     # (nvme/fastlane.py); false: every command takes the Python path
     c_fast_path: bool = True
+    # the socket of an I/O queue pair in its steady state is served by the reactor's C
+    # poller (nvme/netpoll.py); false: the event loop reads it and calls the lane
+    c_net_poll: bool = True
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TransportOptions:
@@ -127,6 +130,10 @@ TRANSPORT_SCHEMA = Schema(
         Param("c_fast_path", bool,
               help="run reads, writes and flushes in the C data plane where the bdev allows "
               "(blocktarget's own; false: every command on the Python path)"),
+        Param("c_net_poll", bool,
+              help="serve the sockets of I/O queue pairs in their steady state from the "
+              "reactor's C poller, the GIL released (blocktarget's own; false: the event "
+              "loop reads them and calls the C lane)"),
     ),
     # SPDK options with no meaning in this implementation: accepted so SPDK configs load
     extra_ok=frozenset({
@@ -142,5 +149,5 @@ TRANSPORT_SCHEMA = Schema(
 
 # blocktarget-only options, written by save_config only when set (SPDK would reject them)
 _OWN_LIMITS = ("max_qpair_buffer_bytes", "max_connections", "max_connections_per_address",
-               "stall_timeout_sec", "r2t_timeout_sec", "c_fast_path")
+               "stall_timeout_sec", "r2t_timeout_sec", "c_fast_path", "c_net_poll")
 _DEFAULTS = TransportOptions()

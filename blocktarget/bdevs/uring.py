@@ -317,6 +317,9 @@ class _Ring:
         # lanes of connections that went away with I/O here: kept (their handles must
         # stay valid) until their last completion is reaped (fastlane.Lane.drain)
         self.zombies: set[Any] = set()
+        # the reactor's C socket poller reaping this ring's lane completions too
+        # (nvme/netpoll.py), if it does
+        self.net_poller: Any = None
         if self.mode != "sync" and lane_lib is not None and lane_lib.bt_uring_available():
             ctx = lane_lib.bt_uring_attach(lane_ffi.cast("void *",
                                                           int(ffi.cast("uintptr_t", ring))))
@@ -365,6 +368,10 @@ class _Ring:
             self._close()
 
     def _close(self) -> None:
+        if self.net_poller is not None:  # (first: it watches the eventfd closed below)
+            self.net_poller.drop_ring(self)
+        if self.efd >= 0 and self.loop is not None and not self.loop.is_closed():
+            self.loop.remove_reader(self.efd)  # (drop_ring gave it back to the loop)
         if self.reactor is not None and _Ring._rings.get(self.reactor) is self:
             del _Ring._rings[self.reactor]
         if self.efd >= 0:
@@ -434,6 +441,8 @@ class _Ring:
         """The C lane submitted I/O (it submits itself, once per receive buffer): watch
         for its completions as for Python's (hybrid: poll while I/O is in flight)."""
         self.pending = 0  # (its io_uring_submit also took any SQE Python had queued)
+        if self.net_poller is not None:
+            return  # (the C socket poller reaps them, woken by the eventfd it watches)
         if self.mode == "hybrid" and self.poller is None and self.reactor is not None:
             self.poller = self.reactor.register_poller(self.poll, "uring")
         elif self.reactor is not None:
@@ -474,6 +483,13 @@ class _Ring:
         """Reactor poller: submit what is queued, reap what is done."""
         if self.pending:
             self.submit()
+        if self.net_poller is not None and not self.ops and not self.backlog:
+            # only the lanes' I/O here, which the C socket poller reaps (and it hands
+            # over what is Python's): no need to poll, nor to spin the loop for it
+            if self.mode == "hybrid" and self.poller is not None and self.reactor is not None:
+                self.reactor.unregister_poller(self.poller)
+                self.poller = None
+            return 0
         return self.reap()
 
     def reap(self) -> int:

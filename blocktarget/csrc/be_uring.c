@@ -15,6 +15,7 @@
 #include <stdlib.h>
 
 #include "bt_lane.h"
+#include "bt_net.h"
 #include "lane_int.h"
 
 #ifdef BT_HAVE_URING
@@ -125,6 +126,48 @@ void be_uring_unready(struct bt_lane *l)
     l->queued_ready = 0;
 }
 
+#define REAP_LANES 32  /* distinct lanes answered per sweep (one send each) */
+
+unsigned be_uring_reap_lanes(struct bt_uring *u, int *python)
+{
+    struct io_uring *ring = (struct io_uring *)u->ring;
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0, nlanes = 0;
+    struct bt_lane *lanes[REAP_LANES];
+    io_uring_for_each_cqe(ring, head, cqe) {
+        uint64_t d = cqe->user_data;
+        if (!(d & UD_LANE)) {
+            *python = 1;
+            break;
+        }
+        struct bt_lane *l = (struct bt_lane *)(uintptr_t)(d & UD_PTR_MASK);
+        uint32_t idx = (uint32_t)((d & ~UD_LANE) >> UD_SLOT_SHIFT);
+        if (l->conn == NULL) {
+            ready(u, l);  /* (a lane Python runs: Python's reap hands it over) */
+            *python = 1;
+        } else {
+            unsigned i = 0;
+            while (i < nlanes && lanes[i] != l)
+                i++;
+            if (i == nlanes) {
+                if (nlanes == REAP_LANES)
+                    break;  /* (the next sweep) */
+                lanes[nlanes++] = l;
+            }
+        }
+        seen++;
+        u->inflight--;
+        lane_io_done(l, idx, cqe->res);
+    }
+    if (seen)
+        io_uring_cq_advance(ring, seen);
+    /* a lent lane's replies go out once per sweep, and its connection is reported to
+       Python after the poll (its counters); it joins no ready list of the ring */
+    for (unsigned i = 0; i < nlanes; i++)
+        net_lane_done(lanes[i]->conn);
+    return seen;
+}
+
 unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned max,
                        void **ready_out, unsigned max_ready, unsigned *nready)
 {
@@ -155,6 +198,8 @@ unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned 
         u->ready = l->next_ready;
         l->next_ready = NULL;
         l->queued_ready = 0;
+        if (l->conn != NULL)
+            net_lane_output(l->conn);  /* sent from here: no trip through Python */
         ready_out[k++] = l->handle;
     }
     *nready = k;
@@ -202,6 +247,13 @@ int be_uring_submit(void *ring_ctx)
 void be_uring_unready(struct bt_lane *l)
 {
     (void)l;
+}
+
+unsigned be_uring_reap_lanes(struct bt_uring *u, int *python)
+{
+    (void)u;
+    (void)python;
+    return 0;
 }
 
 unsigned bt_uring_reap(struct bt_uring *u, uint64_t *ud, int32_t *res, unsigned max,

@@ -26,6 +26,7 @@ struct bt_uring;            /* a reactor's io_uring as the lane uses it (be_urin
 struct bt_pmem;             /* a pmem pool's BTT (be_pmem.c) */
 struct bt_nvmeq;            /* a reactor's NVMe I/O queue pair as both paths use it
                                (be_nvme.c, bt_nvme.h) */
+struct bt_conn;             /* a connection lent to the reactor's C poller (net.c) */
 
 /* The bdev statistics the lane keeps, per namespace. */
 enum bt_stat { BT_ST_READ = 0, BT_ST_WRITE = 1, BT_ST_FLUSH = 2 };
@@ -123,6 +124,7 @@ struct bt_lane {
     uint8_t rx_last;        /* its LAST flag, */
     unsigned char rx_dgst[4]; /* and the digest bytes received */
     unsigned char *carry;   /* the capsule being finished (carry_len bytes so far) */
+    struct bt_conn *conn;   /* while lent to net.c: its output is sent from C */
 };
 
 struct bt_uring {

@@ -103,7 +103,7 @@ struct bt_lane *bt_lane_new(uint16_t sqsize)
 static void drop_chunks(struct bt_lane *l)
 {
     for (uint32_t i = 0; i < l->nchunks; i++)
-        free(l->chunks[i].owner);
+        chunk_release(&l->chunks[i]);
     l->nchunks = 0;
 }
 

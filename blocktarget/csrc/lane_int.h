@@ -4,6 +4,7 @@
 #define BT_LANE_INT_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bt_lane.h"
@@ -65,6 +66,10 @@ int be_uring_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx);
 int be_uring_submit(void *ring_ctx);
 /* take a lane Python let go of off its ring's ready list */
 void be_uring_unready(struct bt_lane *l);
+/* reap the lanes' completions at the head of the ring, up to the first of Python's
+   (*python set: one is waiting, or a lane Python runs got one: it joined the ready
+   list, which Python's reap hands over); lent lanes' replies are sent */
+unsigned be_uring_reap_lanes(struct bt_uring *u, int *python);
 
 /* the NVMe backend (be_nvme.c): lane command ids free on the queue pair (0 while it is
    suspended or gone); a DMA buffer from its pool (NULL: none free) and its data; write
@@ -78,5 +83,15 @@ void be_nvme_buf_release(struct bt_nvme_buf *b);
 int be_nvme_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx);
 void be_nvme_submit(struct bt_nvmeq *q);
 void be_nvme_unready(struct bt_lane *l);
+
+/* A piece of output sent (or dropped): its owner goes back where it came from, a DMA
+   buffer to its queue pair's pool (a zero-copy NVMe read), anything else to the heap. */
+static inline void chunk_release(const struct bt_chunk *ch)
+{
+    if (ch->dma)
+        be_nvme_buf_release((struct bt_nvme_buf *)ch->owner);
+    else
+        free(ch->owner);
+}
 
 #endif

@@ -74,6 +74,22 @@ def new_buffer(n: int) -> memoryview:
     return memoryview(ffi.buffer(_alloc("unsigned char[]", n)))
 
 
+def chunk_view(ch: Any) -> Any:
+    """A piece of C output (a ``struct bt_chunk``) as a buffer for the socket that gives
+    its memory back once nothing refers to it any more (uvloop keeps views of what it
+    could not send at once): a read sent from the NVMe DMA buffer the device wrote goes
+    back to its queue pair's pool, anything else to the heap."""
+    if ch.dma:
+        start = ffi.gc(ffi.cast("unsigned char *", ch.start),
+                       lambda _p, b=ch.owner: lib.bt_nvme_buf_put(b))
+        return ffi.buffer(start, ch.len)
+    owner = ffi.gc(ffi.cast("unsigned char *", ch.owner), lib.bt_free)
+    off = ch.start - owner
+    if off == 0:
+        return ffi.buffer(owner, ch.len)
+    return memoryview(ffi.buffer(owner, off + ch.len))[off:]  # (keeps the owner alive)
+
+
 def create(qp: Qpair) -> Lane | None:
     """A lane for ``qp`` (an I/O queue that just connected), or None when it cannot have
     one: the extension is missing or switched off."""
@@ -100,7 +116,7 @@ def crc32c_impl() -> str:
 
 class Lane:
     __slots__ = ("qp", "c", "nsmem", "entries", "generation", "ana", "last", "ncmds", "stats",
-                 "rings", "closing", "_tokens", "_executed", "_handle", "_seen", "_chunks")
+                 "rings", "urings", "closing", "_tokens", "_executed", "_handle", "_seen", "_chunks")
 
     def __init__(self, qp: Qpair) -> None:
         self.qp = qp
@@ -127,6 +143,8 @@ class Lane:
         # the io_uring rings and NVMe queue pairs (nvme_pcie.ReactorQueue) the table's
         # namespaces use
         self.rings: tuple[Any, ...] = ()
+        # of those, the io_uring rings (the C socket poller reaps them; nvme/netpoll.py)
+        self.urings: tuple[Any, ...] = ()
         self.closing = False  # the queue is gone; I/O of the lane's still at a ring
         self.generation = -1
         self.ana: Any = None
@@ -169,7 +187,7 @@ class Lane:
             ring.zombies.discard(self)
         self._handle = None
         self.entries = []
-        self.rings = ()
+        self.rings = self.urings = ()
         self.nsmem = None
 
     def invalidate(self) -> None:
@@ -190,7 +208,7 @@ class Lane:
                 arr[i].stale = 1
             return
         self.entries = []
-        self.rings = ()
+        self.rings = self.urings = ()
         self.nsmem = None
         c.ns = ffi.NULL
         c.nns = 0
@@ -263,6 +281,8 @@ class Lane:
         self.entries = [(ns, t.channels, mem) for ns, t, mem in entries]
         self.rings = tuple({id(t.ring): t.ring for _ns, t, _m in entries
                             if t.ring is not None}.values())
+        self.urings = tuple(r for r in self.rings if any(
+            t.ring is r and t.kind == LANE_URING for _ns, t, _m in entries))
         self.last = [[0] * 9 for _ in entries]
         self.generation = sub.generation if sub is not None else -1
         self.ana = inaccessible
@@ -499,6 +519,19 @@ class Lane:
                 self._free()
             return
         self._sync(None)
+        if self.qp._net is not None:
+            self.qp._net_events()
+
+    def net_sync(self, busy_ns: int) -> None:
+        """After the reactor's C poller ran this lane (netpoll.py): record what it did
+        as after a lane call of ``busy_ns`` (with io_uring namespaces: as after
+        completions, whose latency C measured; a memory namespace beside them then
+        records none)."""
+        c = self.c
+        if c is None:
+            return
+        self.qp.sqhd = c.sqhd
+        self._sync(None if self.rings else busy_ns)
 
     def _enter(self) -> None:
         """Before a C call: the lane sees the queue's SQ head and the reactor's budget as
@@ -540,15 +573,22 @@ class Lane:
         self._seen[:] = now
         self._fold(done, elapsed)
         if c.out_len or c.nchunks:
-            self._take_output()
-            if not qp._flush_scheduled:
-                qp._flush_scheduled = True
-                qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
+            if qp._net is not None:  # (the socket is lent to C: sent from there)
+                lib.bt_net_flush(qp._net)
+            else:
+                self._take_output()
+                if not qp._flush_scheduled:
+                    qp._flush_scheduled = True
+                    qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
         if started:
             for ring in self.rings:
                 ring.lane_io_started()
         if c.redo:
             self._redo()
+            if qp._net is not None:
+                # the Python path has a command outstanding now: it runs what follows
+                # too until that is done (as usable() would have it), so C lets go
+                qp._net_back()
         if returned and qp.budget.waiting:
             qp.budget._wake()
 
@@ -561,20 +601,7 @@ class Lane:
         while True:
             n = take(c, chunks, CHUNKS)
             for i in range(n):
-                ch = chunks[i]
-                if ch.dma:
-                    # a read sent from the NVMe DMA buffer the device wrote: the buffer
-                    # goes back to its queue pair's pool once the transport lets go
-                    start = ffi.gc(ffi.cast("unsigned char *", ch.start),
-                                   lambda _p, b=ch.owner: lib.bt_nvme_buf_put(b))
-                    out.append(ffi.buffer(start, ch.len))
-                    continue
-                owner = ffi.gc(ffi.cast("unsigned char *", ch.owner), lib.bt_free)
-                off = ch.start - owner
-                if off == 0:
-                    out.append(ffi.buffer(owner, ch.len))
-                else:  # (the view keeps the buffer, and so its owner, alive)
-                    out.append(memoryview(ffi.buffer(owner, off + ch.len))[off:])
+                out.append(chunk_view(chunks[i]))
             if n < CHUNKS:
                 return
 

@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..tcp_limits import QUEUE_OVERFLOW, DataBudget, StallWatch
-from . import auth_cmd, fastlane, pdu, spec
+from . import auth_cmd, fastlane, netpoll, pdu, spec
 from .controller import QpairCounters
 from .dispatch import dispatch
 from .rx_arena import RxArena
@@ -224,6 +224,15 @@ class Qpair(asyncio.BufferedProtocol):
         self._direct_rx: _DirectReceiver | None = None
         # the C lane (fastlane.py), created when an I/O queue connects, if it may have one
         self._lane: fastlane.Lane | None = None
+        # ---- the socket lent to the reactor's C poller (netpoll.py) ----
+        self._net: Any = None  # its struct bt_conn while lent
+        self._net_ok = False  # this connection may lend its socket (netpoll.eligible)
+        self._net_fd = -1
+        self._net_high = 0  # the transport's high write mark, which C keeps too
+        self._net_handle: Any = None
+        self._net_seen = [0, 0]
+        self._rx_depth = 0  # inside data_received: nothing is lent mid-buffer
+        self._net_retry: asyncio.TimerHandle | None = None  # see netpoll.try_lend
 
     def __str__(self) -> str:
         who = f"qid {self.qid}" if self.qid >= 0 else "unconnected"
@@ -244,6 +253,7 @@ class Qpair(asyncio.BufferedProtocol):
         # Output queued beyond this means the host is not reading: pause_writing() then
         # stops reading its commands. High enough that a healthy host never gets there.
         high = max(4 * self.opts.max_io_size, 1 << 20)
+        self._net_high = high
         set_limits = getattr(transport, "set_write_buffer_limits", None)
         if set_limits is not None:  # (unit tests drive Qpair with fake transports)
             set_limits(high=high, low=high // 4)
@@ -269,8 +279,9 @@ class Qpair(asyncio.BufferedProtocol):
                 if self.closed or self._congested(backlog, p):
                     return
             self._handle_pdu(p)
-        self._flush()
-        if not self.closed and self._write_paused_at is None and not self._budget_paused:
+        self._flush()  # (may lend the socket to C: then C reads it, not the transport)
+        if (not self.closed and self._write_paused_at is None and not self._budget_paused
+                and self._net is None):
             self.transport.resume_reading()
 
     def _congested(self, pdus: list[Any], p: Any) -> bool:
@@ -316,6 +327,7 @@ class Qpair(asyncio.BufferedProtocol):
         # end, so they need no call_soon'd flush: that was one extra loop callback per
         # wake-up (measurable at QD1). Completions arriving later schedule as usual.
         self._flush_scheduled = True
+        self._rx_depth += 1
         try:
             lane = self._lane
             if lane is not None and len(data):
@@ -344,6 +356,7 @@ class Qpair(asyncio.BufferedProtocol):
             if self._lends and not self.closed and self._rx_view is None:
                 self._try_direct()
         finally:
+            self._rx_depth -= 1
             self._flush()  # also on the early returns: resets _flush_scheduled
 
     def _decode(self, chunk: Any, frozen: bool = False) -> None:
@@ -441,6 +454,11 @@ class Qpair(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._net is not None:  # the socket is C's: one queue for everything sent
+            if self._out:
+                out, self._out = self._out, []
+                netpoll.write(self, out)
+            return
         if self._out and self.transport is not None and not self.transport.is_closing():
             out, self._out = self._out, []
             self.transport.writelines(out)
@@ -452,6 +470,34 @@ class Qpair(asyncio.BufferedProtocol):
                 lent, self._lent_new = self._lent_new, []
                 for b in lent:
                     b.release()
+        if self._net_ok and not self._rx_depth:
+            netpoll.try_lend(self)  # the steady state: lend the socket to C
+
+    # ---- the socket lent to the reactor's C poller (netpoll.py) ----
+    def _net_events(self) -> None:
+        netpoll.events(self)
+
+    def _net_back(self) -> None:
+        """Take the socket back from C (it met input the lane does not take, the end of
+        the stream, or the Python path has a command to do): the transport reads again,
+        and what C received but did not run is handled as if just read."""
+        _ev, first, rest = netpoll.give_back(self)
+        t = self.transport
+        if (t is not None and not self.closed and not t.is_closing()
+                and self._write_paused_at is None and not self._budget_paused):
+            t.resume_reading()
+        if first is None and rest is None:
+            return
+        self._rx_depth += 1
+        self._flush_scheduled = True
+        try:
+            if first is not None:
+                self._decode(first)  # a capsule the lane carried but does not take
+            if rest is not None and not self.closed:
+                self.data_received(rest)
+        finally:
+            self._rx_depth -= 1
+            self._flush()
 
     # ---- lent read data: released once the socket has it ----
     def _tx_written(self, out: list[Any]) -> None:
@@ -538,6 +584,9 @@ class Qpair(asyncio.BufferedProtocol):
         if self.closed:
             return
         log.info("%s: closing (%s)", self, reason or "closed")
+        self._net_ok = False
+        if self._net is not None:
+            netpoll.give_back(self)  # (its unsent output first, then ours, then close)
         self._flush()
         if self.transport is not None:
             self.transport.close()
@@ -554,6 +603,12 @@ class Qpair(asyncio.BufferedProtocol):
         if self.closed and self.transport is None:
             return
         self.closed = True
+        self._net_ok = False
+        if self._net_retry is not None:
+            self._net_retry.cancel()
+            self._net_retry = None
+        if self._net is not None:
+            netpoll.give_back(self, send=False)  # (the transport is gone)
         if self.auth_job is not None or self.auth_waiting:
             auth_cmd.on_teardown(self)
         for req in list(self.requests.values()):
@@ -756,7 +811,7 @@ class Qpair(asyncio.BufferedProtocol):
         if self._budget_paused:
             self._budget_paused = False
             if (self.transport is not None and not self.closed
-                    and self._write_paused_at is None):
+                    and self._write_paused_at is None and self._net is None):
                 self.transport.resume_reading()
         waiting = self.r2t_waiting
         while waiting and not self.closed:
@@ -1061,7 +1116,8 @@ class Qpair(asyncio.BufferedProtocol):
         verdict = watch.check(loop.time(), connected=self.qid >= 0,
                               # (not read while paused for the budget: not its stall)
                               buffered=0 if self._budget_paused else (
-                                  self.decoder.buffered + self._lane_partial()),
+                                  self.decoder.buffered + self._lane_partial()
+                                  + (self._net.pend_len if self._net is not None else 0)),
                               pdus=self.rx_pdus,
                               r2t_pending=self._all_r2t_pending(),
                               write_paused_since=self._write_paused_at)
@@ -1100,6 +1156,9 @@ class Qpair(asyncio.BufferedProtocol):
         self.c2h_success_ok = self.sq_flow_disabled and self.opts.c2h_success
         ctrl.add_qpair(qid, self)
         self._lane = fastlane.create(self)
+        if netpoll.eligible(self):
+            self._net_ok = True
+            self._net_handle = fastlane.ffi.new_handle(self)
 
 
 def _wire_data(buf: Any, total: int) -> bytes | memoryview:

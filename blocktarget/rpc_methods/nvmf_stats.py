@@ -58,6 +58,11 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "pending_bdev_io": requests - waiting,
         "c_lane_commands": reactor.stats.c_lane_commands,
         "gil_released_ns": reactor.stats.gil_released_ns,
+        # the C socket poller (nvme/netpoll.py): its calls, and sockets lent to it
+        "net_polls": reactor.stats.net_polls,
+        "net_lends": reactor.stats.net_lends,
+        "net_pdus": reactor.stats.net_pdus,
+        "net_idle_ns": reactor.stats.net_idle_ns,
         "transports": [{"trtype": "TCP", "pending_data_buffer": waiting,
                         "pending_data_buffer_bytes": waiting_bytes}],
     }

@@ -1,0 +1,128 @@
+/* blocktarget C data plane: a reactor's socket poller for the lanes' connections
+ * (net.c), the structures shared with Python (cffi cdef between the marker lines, as in
+ * bt_lane.h).
+ *
+ * Why: with the lane doing a command's work in C, the reactor's time per I/O went to the
+ * event loop's per-read Python callback and the glue around each lane call (1.3 of 2 µs
+ * per 4 KiB read, all of it holding the GIL). A connection in its steady state is
+ * therefore lent to C: its transport stops reading, and net.c receives, runs the lane
+ * and sends for every such connection of the reactor, many reads per Python call, the
+ * GIL released throughout. Python gets back only what the lane does not take (bytes
+ * for the Python path), the end of the connection, and flow-control changes.
+ */
+#ifndef BT_NET_H
+#define BT_NET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "bt_lane.h"
+
+/* ---- cdef begin ---- */
+
+/* What a connection has for Python after a poll (bits of bt_conn.ev). */
+enum bt_net_ev {
+    BT_NET_HAND = 1,     /* bytes for the Python path (hand); C let go of the socket */
+    BT_NET_EOF = 2,      /* end of stream or a socket error; C let go of the socket */
+    BT_NET_PAUSED = 4,   /* output over the high mark: reading stopped (pause_writing) */
+    BT_NET_RESUMED = 8   /* below the low mark again: reading again (resume_writing) */
+};
+
+struct bt_net;
+
+/* One connection lent to C. Its fd stays the transport's: C never closes it. */
+struct bt_conn {
+    int fd;
+    struct bt_lane *lane;
+    void *handle;           /* the Python queue pair (a cffi handle) */
+    uint32_t ev;            /* enum bt_net_ev bits Python has not seen (Python clears) */
+    uint8_t attached;       /* in the poller: C does the socket's I/O */
+    uint8_t paused;         /* not reading: output over `high` (until under `low`) */
+    size_t high, low;       /* the transport's write buffer limits, as Python set them */
+    size_t out_bytes;       /* output queued, not yet sent */
+    uint64_t pdus;          /* PDUs the lane took whole (cumulative: the stall watch) */
+    uint64_t busy_ns;       /* time spent on this connection (cumulative: latency) */
+    uint64_t reads, rx_bytes, sends, tx_bytes;  /* cumulative */
+    uint64_t blocked;       /* sends the socket took only part of, or none (cumulative) */
+    unsigned char *hand;    /* BT_NET_HAND: hand_len bytes for the Python path, of which */
+    size_t hand_len;        /* the first hand_first are a capsule the lane carried and */
+    size_t hand_first;      /* gave back, to be handled before the rest */
+    size_t pend_len;        /* input received but not yet run (reading paused meanwhile) */
+    /* private to net.c */
+    struct bt_net *net;
+    struct bt_chunk *q;     /* output, in order: q[qhead .. qhead + qn) */
+    uint32_t qhead, qn, qcap;
+    size_t qoff;            /* bytes of q[qhead] already sent */
+    unsigned char *pend;
+    uint8_t epout;          /* EPOLLOUT requested */
+    uint8_t on_ready;
+    struct bt_conn *next_ready;
+};
+
+struct bt_net {
+    int epfd;               /* readable when a connection has something: loop.add_reader */
+    /* The reactor's R2T/in-capsule buffer budget as Python saw it before bt_net_poll
+       (used; limit, 0 while other connections wait for it): the lanes take from and
+       give back to it as they run, and Python adds each lane's counts afterwards. */
+    uint64_t bud_used, bud_limit;
+    uint32_t nconns;
+    /* cumulative: calls; the thread's CPU time in them (not wall time: a call that
+       serves for long is more likely preempted, and that time is nobody's work); of
+       that, the part spent finding nothing to do (spinning) */
+    uint64_t polls, cpu_ns, idle_ns;
+    uint64_t tail_idle_ns;  /* how long the last call found nothing before returning */
+    uint8_t python_cqe;     /* a ring has a completion of Python's I/O first: reap it */
+    /* private to net.c */
+    unsigned char *rbuf;
+    size_t rcap;
+    struct bt_conn *ready;
+    struct bt_uring *rings[8];  /* the lanes' io_uring rings, reaped here too, */
+    int ring_efd[8];            /* and their eventfds, in the epoll set */
+    uint32_t nrings;
+};
+
+/* A poller (an epoll set and a receive buffer), or NULL (out of memory or fds). */
+struct bt_net *bt_net_new(void);
+/* Only once no connection is attached. */
+void bt_net_free(struct bt_net *n);
+/* Lend the connected socket fd (whose transport no longer reads it) and its lane to C;
+   NULL when it cannot be (errno). */
+struct bt_conn *bt_net_attach(struct bt_net *n, int fd, struct bt_lane *l, void *handle,
+                              size_t high, size_t low);
+/* Take the socket back (idempotent): C stops reading and sending; unsent output stays
+   queued for bt_net_take, unrun input joins `hand`. */
+void bt_net_detach(struct bt_conn *c);
+/* The unsent output of a detached connection, in order, as up to max pieces (each freed
+   with bt_free(owner) once sent); returns how many (call again while it returns max). */
+unsigned bt_net_take(struct bt_conn *c, struct bt_chunk *out, unsigned max);
+/* Free a detached connection (what it still queues is dropped). */
+void bt_net_conn_free(struct bt_conn *c);
+/* Output of the Python path for an attached connection: queued (copied) behind the
+   lane's and sent as the socket takes it. 0, or -1 when memory is short. */
+int bt_net_write(struct bt_conn *c, const unsigned char *p, size_t n);
+/* The lane's pending output queued behind what is there and sent. 0 / -1. */
+int bt_net_flush(struct bt_conn *c);
+/* The poller reaps this ring's completions of lent lanes too, and sends their replies
+   (until the first completion of Python's own I/O: then python_cqe, and Python reaps
+   from there). efd (or -1): the ring's eventfd, which the poller watches (and reads)
+   from now on instead of the event loop. 0, or -1 when it has no room for another ring
+   (then Python alone reaps it, as before). */
+int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd);
+/* The ring goes away (before bt_uring_detach). */
+void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u);
+/* Serve the attached connections: receive, run the lanes, send, until none has
+   anything to do (or after budget_ns, or once spin_ns passed with nothing to do). The
+   connections that did anything or have events go to ready (their handles; up to max,
+   *nready of them); returns the PDUs the lanes took. */
+uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
+                     uint64_t budget_ns, uint64_t spin_ns);
+
+/* ---- cdef end ---- */
+
+/* an attached lane's asynchronous completions produced output: send it */
+void net_lane_output(struct bt_conn *c);
+/* the same, reaped by the poller: sent, and the connection reported to Python (its
+   counters), or given back when a command must be done again by the Python path */
+void net_lane_done(struct bt_conn *c);
+
+#endif

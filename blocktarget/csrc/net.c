@@ -1,0 +1,601 @@
+/* A reactor's socket poller for the lanes' connections (bt_net.h says why).
+ *
+ * Ownership: a connection is lent to C only in its steady state (nvme/netpoll.py decides
+ * when: what makes lane.usable() true, nothing queued on the transport), with its
+ * transport paused for reading. From then on C alone reads and writes the fd, and
+ * everything sent on it goes through the one queue here, the Python path's output too
+ * (bt_net_write), so the two never overtake each other. C gives the socket back
+ * (detaches) at the first input the lane does not take, at the end of the stream or a
+ * socket error, and whenever Python asks; the unsent output then goes to the transport
+ * before anything else, and the transport reads again. C never closes the fd: the
+ * transport owns it.
+ *
+ * Flow control as the Python path's: output queued beyond the transport's high mark
+ * stops reading (the input not yet run waits in `pend`), the low mark resumes it, and
+ * Python hears of both (its stall watch closes a connection whose host never reads).
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bt_lane.h"
+#include "bt_net.h"
+#include "lane_int.h"
+
+#define RBUF (256u << 10)      /* one receive: as the event loop's own read size */
+#define BATCH 64               /* commands per lane call: output is sent between calls */
+#define MAX_OUT (1u << 20)     /* output bytes per lane call (fastlane.MAX_OUT) */
+#define IOV 64                 /* pieces per sendmsg */
+#define EVENTS 64
+
+struct bt_net *bt_net_new(void)
+{
+    struct bt_net *n = calloc(1, sizeof(*n));
+    if (n == NULL)
+        return NULL;
+    n->epfd = epoll_create1(EPOLL_CLOEXEC);
+    n->rbuf = malloc(RBUF);
+    if (n->epfd < 0 || n->rbuf == NULL) {
+        if (n->epfd >= 0)
+            close(n->epfd);
+        free(n->rbuf);
+        free(n);
+        return NULL;
+    }
+    n->rcap = RBUF;
+    return n;
+}
+
+void bt_net_free(struct bt_net *n)
+{
+    if (n == NULL)
+        return;
+    close(n->epfd);
+    free(n->rbuf);
+    free(n);
+}
+
+static void mark_ready(struct bt_conn *c)
+{
+    if (!c->on_ready) {
+        c->on_ready = 1;
+        c->next_ready = c->net->ready;
+        c->net->ready = c;
+    }
+}
+
+/* The epoll interest of an attached connection: input unless paused, output while
+   some is queued and the socket refused it. */
+static void watch(struct bt_conn *c)
+{
+    if (!c->attached)
+        return;
+    struct epoll_event e = {0};
+    e.events = (c->paused ? 0 : EPOLLIN) | (c->epout ? EPOLLOUT : 0) | EPOLLRDHUP;
+    e.data.ptr = c;
+    epoll_ctl(c->net->epfd, EPOLL_CTL_MOD, c->fd, &e);
+}
+
+struct bt_conn *bt_net_attach(struct bt_net *n, int fd, struct bt_lane *l, void *handle,
+                              size_t high, size_t low)
+{
+    struct bt_conn *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return NULL;
+    c->fd = fd;
+    c->lane = l;
+    c->handle = handle;
+    c->high = high;
+    c->low = low;
+    c->net = n;
+    struct epoll_event e = {0};
+    e.events = EPOLLIN | EPOLLRDHUP;
+    e.data.ptr = c;
+    if (epoll_ctl(n->epfd, EPOLL_CTL_ADD, fd, &e) != 0) {
+        int err = errno;
+        free(c);
+        errno = err;
+        return NULL;
+    }
+    c->attached = 1;
+    l->conn = c;
+    n->nconns++;
+    return c;
+}
+
+/* Keep input not yet run: it goes before the next receive (or to Python). */
+static int stash(struct bt_conn *c, const unsigned char *in, size_t len)
+{
+    unsigned char *p = realloc(c->pend, c->pend_len + len);
+    if (p == NULL)
+        return -1;
+    memcpy(p + c->pend_len, in, len);
+    c->pend = p;
+    c->pend_len += len;
+    return 0;
+}
+
+void bt_net_detach(struct bt_conn *c)
+{
+    if (!c->attached)
+        return;
+    c->attached = 0;
+    epoll_ctl(c->net->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    c->net->nconns--;
+    if (c->lane != NULL && c->lane->conn == c)
+        c->lane->conn = NULL;
+    if (c->pend_len) {
+        /* input the lane has not seen: the Python path's now, after any hand */
+        unsigned char *h = realloc(c->hand, c->hand_len + c->pend_len);
+        if (h != NULL) {
+            memcpy(h + c->hand_len, c->pend, c->pend_len);
+            c->hand = h;
+            c->hand_len += c->pend_len;
+            c->ev |= BT_NET_HAND;
+        }
+        free(c->pend);
+        c->pend = NULL;
+        c->pend_len = 0;
+    }
+}
+
+unsigned bt_net_take(struct bt_conn *c, struct bt_chunk *out, unsigned max)
+{
+    unsigned n = c->qn < max ? c->qn : max;
+    for (unsigned i = 0; i < n; i++) {
+        out[i] = c->q[c->qhead + i];
+        if (i == 0 && c->qoff) {
+            out[0].start += c->qoff;
+            out[0].len -= c->qoff;
+            c->qoff = 0;
+        }
+        c->out_bytes -= out[i].len;
+    }
+    c->qhead += n;
+    c->qn -= n;
+    return n;
+}
+
+void bt_net_conn_free(struct bt_conn *c)
+{
+    if (c == NULL)
+        return;
+    bt_net_detach(c);
+    if (c->on_ready) {
+        struct bt_conn **pp = &c->net->ready;
+        while (*pp != NULL && *pp != c)
+            pp = &(*pp)->next_ready;
+        if (*pp == c)
+            *pp = c->next_ready;
+    }
+    for (uint32_t i = 0; i < c->qn; i++)
+        chunk_release(&c->q[c->qhead + i]);
+    free(c->q);
+    free(c->pend);
+    free(c->hand);
+    free(c);
+}
+
+/* room for k more queued pieces; 0: out of memory */
+static int q_room(struct bt_conn *c, uint32_t k)
+{
+    if (c->qhead + c->qn + k <= c->qcap)
+        return 1;
+    if (c->qhead) {  /* slide what is left to the front first */
+        memmove(c->q, c->q + c->qhead, c->qn * sizeof(*c->q));
+        c->qhead = 0;
+        if (c->qn + k <= c->qcap)
+            return 1;
+    }
+    uint32_t cap = c->qcap ? c->qcap * 2 : 64;
+    while (cap < c->qn + k)
+        cap *= 2;
+    struct bt_chunk *q = realloc(c->q, cap * sizeof(*q));
+    if (q == NULL)
+        return 0;
+    c->q = q;
+    c->qcap = cap;
+    return 1;
+}
+
+/* A socket error or the peer gone: C lets go of the socket and Python's transport,
+   reading again, meets the same condition and ends the connection as it always does. */
+static void failed(struct bt_conn *c)
+{
+    c->ev |= BT_NET_EOF;
+    mark_ready(c);
+    bt_net_detach(c);
+}
+
+static void hand_back(struct bt_conn *c, unsigned char *first, size_t nfirst,
+                      const unsigned char *rest, size_t nrest);
+
+/* Send what is queued, as far as the socket takes it; then the flow control. */
+static void send_queue(struct bt_conn *c)
+{
+    while (c->qn && c->attached) {
+        struct iovec iov[IOV];
+        unsigned k = c->qn < IOV ? c->qn : IOV;
+        for (unsigned i = 0; i < k; i++) {
+            struct bt_chunk *ch = &c->q[c->qhead + i];
+            size_t off = i == 0 ? c->qoff : 0;
+            iov[i].iov_base = ch->start + off;
+            iov[i].iov_len = ch->len - off;
+        }
+        struct msghdr m = {0};
+        m.msg_iov = iov;
+        m.msg_iovlen = k;
+        ssize_t r = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->blocked++;
+                break;
+            }
+            failed(c);
+            return;
+        }
+        c->sends++;
+        c->tx_bytes += (uint64_t)r;
+        c->out_bytes -= (size_t)r;
+        size_t left = (size_t)r;
+        while (left) {
+            struct bt_chunk *ch = &c->q[c->qhead];
+            size_t rest = ch->len - c->qoff;
+            if (left < rest) {
+                c->qoff += left;
+                c->blocked++;
+                break;
+            }
+            left -= rest;
+            chunk_release(ch);
+            c->qoff = 0;
+            c->qhead++;
+            c->qn--;
+        }
+    }
+    if (!c->attached)
+        return;
+    uint8_t epout = c->qn != 0;
+    uint8_t paused = c->paused;
+    if (!paused && c->out_bytes > c->high) {
+        paused = 1;
+        c->ev = (c->ev & ~(uint32_t)BT_NET_RESUMED) | BT_NET_PAUSED;
+        mark_ready(c);
+    } else if (paused && c->out_bytes <= c->low) {
+        paused = 0;
+        c->ev = (c->ev & ~(uint32_t)BT_NET_PAUSED) | BT_NET_RESUMED;
+        mark_ready(c);
+    }
+    if (epout != c->epout || paused != c->paused) {
+        c->epout = epout;
+        c->paused = paused;
+        watch(c);
+    }
+}
+
+/* The lane's output joins the queue (nothing copied). 0, or -1 out of memory. */
+static int take_lane_output(struct bt_conn *c)
+{
+    struct bt_lane *l = c->lane;
+    while (l->out_len || l->nchunks) {
+        if (!q_room(c, 16))
+            return -1;
+        unsigned n = bt_lane_take_chunks(l, c->q + c->qhead + c->qn, 16);
+        if (n == 0)
+            return l->out_len || l->nchunks ? -1 : 0;
+        for (unsigned i = 0; i < n; i++)
+            c->out_bytes += c->q[c->qhead + c->qn + i].len;
+        c->qn += n;
+    }
+    return 0;
+}
+
+int bt_net_flush(struct bt_conn *c)
+{
+    int rc = take_lane_output(c);
+    send_queue(c);
+    return rc;
+}
+
+void net_lane_output(struct bt_conn *c)
+{
+    if (c->attached)
+        bt_net_flush(c);
+}
+
+void net_lane_done(struct bt_conn *c)
+{
+    if (!c->attached)
+        return;
+    bt_net_flush(c);
+    if (!c->attached)
+        return;  /* (failed sending: reported already) */
+    mark_ready(c);
+    if (c->lane->redo)
+        hand_back(c, NULL, 0, NULL, 0);  /* the Python path runs the queue for now */
+}
+
+/* epoll data of a ring's eventfd: its index, tagged (connections are pointers, even) */
+#define RING_TAG 1u
+
+int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd)
+{
+    for (uint32_t i = 0; i < n->nrings; i++)
+        if (n->rings[i] == u)
+            return 0;
+    if (n->nrings == sizeof(n->rings) / sizeof(n->rings[0]))
+        return -1;
+    if (efd >= 0) {
+        struct epoll_event e = {0};
+        e.events = EPOLLIN;
+        e.data.u64 = ((uint64_t)n->nrings << 1) | RING_TAG;
+        if (epoll_ctl(n->epfd, EPOLL_CTL_ADD, efd, &e) != 0)
+            return -1;
+    }
+    n->ring_efd[n->nrings] = efd;
+    n->rings[n->nrings++] = u;
+    return 0;
+}
+
+void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u)
+{
+    for (uint32_t i = 0; i < n->nrings; i++)
+        if (n->rings[i] == u) {
+            if (n->ring_efd[i] >= 0)
+                epoll_ctl(n->epfd, EPOLL_CTL_DEL, n->ring_efd[i], NULL);
+            uint32_t last = --n->nrings;
+            if (i != last) {  /* the last one moves into the hole: its tag too */
+                n->rings[i] = n->rings[last];
+                n->ring_efd[i] = n->ring_efd[last];
+                if (n->ring_efd[i] >= 0) {
+                    struct epoll_event e = {0};
+                    e.events = EPOLLIN;
+                    e.data.u64 = ((uint64_t)i << 1) | RING_TAG;
+                    epoll_ctl(n->epfd, EPOLL_CTL_MOD, n->ring_efd[i], &e);
+                }
+            }
+            return;
+        }
+}
+
+int bt_net_write(struct bt_conn *c, const unsigned char *p, size_t n)
+{
+    if (n == 0)
+        return 0;
+    /* the lane's output so far goes first: it was produced first */
+    if (take_lane_output(c) != 0 || !q_room(c, 1))
+        return -1;
+    unsigned char *copy = malloc(n);
+    if (copy == NULL)
+        return -1;
+    memcpy(copy, p, n);
+    c->q[c->qhead + c->qn++] = (struct bt_chunk){copy, copy, n};
+    c->out_bytes += n;
+    send_queue(c);
+    return 0;
+}
+
+/* Give the rest of the input to the Python path (first: a capsule the lane carried and
+   gave back, to be handled before it) and let go of the socket. */
+static void hand_back(struct bt_conn *c, unsigned char *first, size_t nfirst,
+                      const unsigned char *rest, size_t nrest)
+{
+    size_t total = c->hand_len + nfirst + nrest;
+    unsigned char *h = realloc(c->hand, total ? total : 1);
+    if (h == NULL) {
+        /* nothing can be handed without memory: end the connection rather than lose
+           bytes of the stream */
+        free(first);
+        failed(c);
+        return;
+    }
+    if (c->hand_len == 0)
+        c->hand_first = nfirst;
+    if (nfirst)
+        memcpy(h + c->hand_len, first, nfirst);
+    if (nrest)
+        memcpy(h + c->hand_len + nfirst, rest, nrest);
+    free(first);
+    c->hand = h;
+    c->hand_len = total;
+    c->ev |= BT_NET_HAND;
+    mark_ready(c);
+    bt_net_detach(c);
+}
+
+/* Run received bytes through the lane, sending its output between batches. Input that
+   cannot be run now (output over the high mark) is kept in pend; input the lane does
+   not take goes to Python with the socket. */
+static void consume(struct bt_conn *c, const unsigned char *in, size_t len)
+{
+    struct bt_lane *l = c->lane;
+    struct bt_net *n = c->net;
+    size_t pos = 0;
+    while (pos < len && c->attached) {
+        if (c->paused) {
+            if (stash(c, in + pos, len - pos) != 0)
+                failed(c);
+            return;
+        }
+        l->bud_used = n->bud_used;
+        l->bud_limit = n->bud_limit;
+        size_t t;
+        unsigned ncmds = 0;
+        if (l->carry_len) {
+            unsigned char *handed;
+            size_t nhanded;
+            t = bt_lane_carry(l, in + pos, len - pos, 1, &handed, &nhanded, &ncmds);
+            n->bud_used = l->bud_used;
+            c->pdus += ncmds;
+            pos += t;
+            if (nhanded) {
+                take_lane_output(c);
+                send_queue(c);
+                if (handed == NULL) {
+                    failed(c);  /* (no memory for the capsule's bytes) */
+                    return;
+                }
+                hand_back(c, handed, nhanded, in + pos, len - pos);
+                return;
+            }
+        } else if (l->rx_left || l->rx_dleft) {
+            t = bt_lane_rx(l, in + pos, len - pos);
+            n->bud_used = l->bud_used;
+            pos += t;
+        } else {
+            t = bt_lane_run(l, in + pos, len - pos, BATCH, MAX_OUT, &ncmds);
+            n->bud_used = l->bud_used;
+            c->pdus += ncmds;
+            pos += t;
+            if (t == 0) {
+                take_lane_output(c);
+                send_queue(c);
+                if (c->attached)
+                    hand_back(c, NULL, 0, in + pos, len - pos);
+                return;
+            }
+        }
+        if (take_lane_output(c) != 0) {
+            failed(c);
+            return;
+        }
+        send_queue(c);
+        if (l->redo) {
+            /* a command failed in the lane: the Python path does it again and, while
+               it has a command outstanding, runs everything after it too */
+            if (c->attached)
+                hand_back(c, NULL, 0, in + pos, len - pos);
+            return;
+        }
+    }
+}
+
+static inline uint64_t now_ns(void)
+{
+    return lane_now_ns();
+}
+
+/* the calling thread's CPU time (a system call here: once per poll, not per read) */
+static uint64_t cpu_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* One connection the poller reported: output first (it may lift a pause), then input
+   kept from before, then a receive. */
+static void serve(struct bt_conn *c, uint32_t events)
+{
+    struct bt_net *n = c->net;
+    uint64_t t0 = now_ns();
+    mark_ready(c);
+    if (c->qn && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+        send_queue(c);
+    if (c->attached && !c->paused && c->pend_len) {
+        unsigned char *p = c->pend;
+        size_t len = c->pend_len;
+        c->pend = NULL;
+        c->pend_len = 0;
+        consume(c, p, len);
+        free(p);
+    }
+    int rounds = 4;  /* a socket with more queued than one buffer: a few more reads */
+    while (c->attached && !c->paused && !c->pend_len && rounds--
+           && (events & (EPOLLIN | EPOLLERR | EPOLLHUP | EPOLLRDHUP))) {
+        ssize_t r = recv(c->fd, n->rbuf, n->rcap, MSG_DONTWAIT);
+        if (r > 0) {
+            c->reads++;
+            c->rx_bytes += (uint64_t)r;
+            consume(c, n->rbuf, (size_t)r);
+            if ((size_t)r < n->rcap)
+                break;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        failed(c);  /* end of stream or an error: the transport's to find and report */
+        break;
+    }
+    c->busy_ns += now_ns() - t0;
+}
+
+uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
+                     uint64_t budget_ns, uint64_t spin_ns)
+{
+    struct epoll_event ev[EVENTS];
+    uint64_t c0 = cpu_now_ns();
+    uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
+    uint64_t before = 0, after = 0;
+    unsigned touched = 0;
+    n->polls++;
+    for (struct bt_conn *c = n->ready; c != NULL; c = c->next_ready)
+        touched++;
+    while ((n->nconns || n->nrings) && touched + EVENTS <= max) {
+        prev = t;
+        int k = epoll_wait(n->epfd, ev, EVENTS, 0);
+        if (k < 0 && errno != EINTR)
+            break;
+        if (k < 0)
+            k = 0;
+        for (int i = 0; i < k; i++) {
+            if (ev[i].data.u64 & RING_TAG) {
+                /* completions posted: reaped below; the counter only wakes us */
+                uint64_t v;
+                ssize_t r = read(n->ring_efd[ev[i].data.u64 >> 1], &v, sizeof(v));
+                (void)r;
+                continue;
+            }
+            struct bt_conn *c = ev[i].data.ptr;
+            if (!c->attached)
+                continue;   /* let go of earlier in this call */
+            if (!c->on_ready)
+                touched++;
+            before += c->pdus;
+            serve(c, ev[i].events);
+            after += c->pdus;
+        }
+        int python = 0;
+        unsigned reaped = 0;
+        for (uint32_t r = 0; r < n->nrings; r++)
+            reaped += be_uring_reap_lanes(n->rings[r], &python);
+        t = now_ns();
+        if (python) {
+            n->python_cqe = 1;
+            break;  /* Python's own completions wait: its turn */
+        }
+        if (reaped)
+            k += (int)reaped;
+        if (k > 0)
+            last = t;
+        else
+            idle += t - prev;
+        if (t - t0 >= budget_ns || (k <= 0 && t - last >= spin_ns))
+            break;
+    }
+    n->tail_idle_ns = t - last;
+    uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0;
+    n->cpu_ns += cpu;
+    /* (idle was measured in wall time: the same share of the CPU time) */
+    n->idle_ns += wall ? (uint64_t)((double)idle * (double)cpu / (double)wall) : 0;
+    unsigned k = 0;
+    while (n->ready != NULL && k < max) {
+        struct bt_conn *c = n->ready;
+        n->ready = c->next_ready;
+        c->next_ready = NULL;
+        c->on_ready = 0;
+        ready[k++] = c->handle;
+    }
+    *nready = k;
+    return after - before;
+}

@@ -1,0 +1,322 @@
+"""The reactor's C socket poller (blocktarget/csrc/net.c): connections lent to C.
+
+Why: with the C lane doing each command's work, most of a reactor's time per 4 KiB I/O
+was the event loop's per-read Python callback and the glue around the lane calls, all
+of it holding the GIL (bench/dataplane.py), which is what limits reactors on a machine
+with cores to spare. So an I/O queue pair in its steady state lends its socket to C: its
+transport stops reading (``pause_reading``) and one call per loop wake-up (the poller's
+epoll fd is watched with ``loop.add_reader``) receives, runs the lane and sends for
+every lent connection of the reactor, many reads per call, the GIL released throughout.
+
+When: exactly when the next receive buffer would start in the lane anyway
+(``Lane.usable``), the transport has nothing queued (so nothing can be overtaken), and
+no memory is lent to the connection (the NVMe PCIe bdev's direct receive stays
+Python's). C gives the socket back at the first input the lane does not take, at the
+end of the stream or a socket error, and when a lane command must be done again by the
+Python path; the queue pair gives it back itself before closing. Giving back: C's unsent
+output goes to the transport first, the transport reads again, and the input C did not
+run goes to ``data_received`` as if just read, so the Python path sees the stream as
+it always does. The next time the connection is in its steady state (checked where the
+queue pair flushes its output) it is lent again.
+
+While lent, everything the queue pair sends goes through C's one queue per socket
+(``write``), the Python path's responses too, so lane and Python output never overtake
+each other. Flow control is the transport's: output beyond its high mark stops reading
+until it drains to the low mark, and the queue pair hears of both as pause_writing and
+resume_writing (its stall watch closes a connection whose host never reads).
+
+The transport option ``c_net_poll`` (default true) switches this off: the lane still
+runs, called from ``data_received`` as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import fastlane
+
+if TYPE_CHECKING:
+    from ..reactor import Reactor
+    from .qpair import Qpair
+
+log = logging.getLogger(__name__)
+ffi, lib = fastlane.ffi, fastlane.lib
+AVAILABLE = fastlane.AVAILABLE and hasattr(lib, "bt_net_new")
+MAX_READY = 1024  # connections reported per poll call
+# One call's time bound: the reactor's Python (timers, the admin queue, other sockets)
+# waits at most this long for its turn.
+BUDGET_NS = 500_000
+RETRY_S = 0.001  # how soon lending is tried again while the transport has output
+CHUNKS = 64
+
+
+def eligible(qp: Qpair) -> bool:
+    """Whether ``qp`` may ever lend its socket: an I/O queue with a lane, the option on,
+    a real socket under its transport (unit tests drive queue pairs with fakes)."""
+    if not AVAILABLE or qp._lane is None or not getattr(qp.opts, "c_net_poll", True):
+        return False
+    t = qp.transport
+    sock = t.get_extra_info("socket") if t is not None else None
+    try:
+        fd = sock.fileno() if sock is not None else -1
+    except (OSError, AttributeError, ValueError):
+        return False
+    if fd < 0 or qp.reactor.loop is None:
+        return False
+    qp._net_fd = fd
+    return True
+
+
+class NetPoller:
+    """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
+
+    __slots__ = ("reactor", "n", "budget", "conns", "rings", "_ready", "_nready", "_closing")
+
+    def __init__(self, reactor: Reactor, budget: Any) -> None:
+        n = lib.bt_net_new()
+        if n == ffi.NULL:
+            raise OSError("no memory or file descriptors for the C socket poller")
+        self.reactor = reactor
+        self.n = n
+        self.budget = budget
+        self.conns = 0
+        self.rings: list[Any] = []  # io_uring rings (bdevs/uring._Ring) it reaps too
+        self._ready = ffi.new("void *[]", MAX_READY)
+        self._nready = ffi.new("unsigned *")
+        self._closing = False
+        reactor.loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
+
+    @classmethod
+    def of(cls, qp: Qpair) -> NetPoller:
+        r = qp.reactor
+        p = r.net_poller
+        if p is None:
+            p = r.net_poller = cls(r, qp.budget)
+        return p
+
+    def poll(self) -> None:
+        """The epoll fd is readable: serve every lent connection with something to do."""
+        n = self.n
+        if n is None:
+            return
+        b = self.budget
+        n.bud_used = b.used
+        # (while connections wait for buffers, the lanes take none beyond the first)
+        n.bud_limit = 0 if b.waiting else b.limit
+        r = self.reactor
+        # Between sockets' reads, C waits for the next one itself (the GIL released)
+        # for the reactor's busy-poll window, instead of the event loop spinning it
+        # holding the GIL, as long as the reactor would spin anyway (poll_mode) and no
+        # poller but a ring's (which C reaps) waits its turn.
+        spin = 0
+        if r.spin_on_io and all(p.name == "uring" for p in r.pollers):
+            # (the rings' lane completions are reaped in C too, and it returns at the
+            # first of Python's)
+            spin = r.busy_poll_us * 1000
+        idle0, cpu0 = n.idle_ns, n.cpu_ns
+        pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
+        st = r.stats
+        st.gil_released_ns += n.cpu_ns - cpu0  # (CPU time: see struct bt_net)
+        st.net_polls += 1
+        st.net_pdus += pdus
+        st.net_idle_ns += n.idle_ns - idle0
+        if n.python_cqe:  # (C stopped at a completion of Python's own I/O)
+            n.python_cqe = 0
+            for ring in self.rings:
+                ring.reap()
+        ready = self._ready
+        qps = [ffi.from_handle(ready[i]) for i in range(self._nready[0])]
+        # first what every lane did (the reactor's budget above all: a connection handed
+        # back to the Python path must see what the others took), then the events
+        for stage in (sync, events):
+            for qp in qps:
+                try:
+                    stage(qp)
+                except Exception:  # one connection's trouble must not strand the others
+                    log.exception("%s: after the C poller", qp)
+                    qp.close("internal error after the C poller")
+        if pdus and r.spin_on_io:
+            # the reactor's busy-poll window runs from the last work C saw, part of
+            # which C already spent spinning: the event loop must not spin it again
+            r.note_io()
+            r._last_work_ns -= n.tail_idle_ns
+
+    def lend(self, qp: Qpair) -> Any:
+        """Attach ``qp``'s socket and lane; the bt_conn, or None when C cannot take it."""
+        lane = qp._lane
+        high = qp._net_high
+        conn = lib.bt_net_attach(self.n, qp._net_fd, lane.c, qp._net_handle, high, high // 4)
+        if conn == ffi.NULL:
+            return None
+        self.conns += 1
+        return conn
+
+    def add_rings(self, lane: Any) -> None:
+        """The poller reaps the lane's rings too (their lane completions, in C), woken by
+        their eventfds, which it watches instead of the event loop (the loop would wake
+        Python for completions C answers)."""
+        loop = self.reactor.loop
+        for ring in lane.urings:  # (NVMe queue pairs are the reactor's pollers' to reap)
+            ctx = ring.lane_ctx
+            if ctx is None or ring.net_poller is self or ring.net_poller is not None:
+                continue
+            if lib.bt_net_add_ring(self.n, ctx, ring.efd) == 0:
+                ring.net_poller = self
+                self.rings.append(ring)
+                if ring.efd >= 0 and loop is not None:
+                    loop.remove_reader(ring.efd)
+
+    def drop_ring(self, ring: Any) -> None:
+        """``ring`` goes away, or the poller does: the event loop watches its eventfd
+        again."""
+        if ring in self.rings:
+            self.rings.remove(ring)
+        if self.n is not None:
+            lib.bt_net_drop_ring(self.n, ring.lane_ctx)
+        ring.net_poller = None
+        loop = self.reactor.loop
+        if ring.efd >= 0 and loop is not None and not loop.is_closed():
+            loop.add_reader(ring.efd, ring._on_eventfd)
+
+    def let_go(self) -> None:
+        """A connection was given back; the poller goes with the last one (later: the
+        current poll call may still be reporting)."""
+        self.conns -= 1
+        if self.conns == 0 and not self._closing and self.reactor.loop is not None:
+            self._closing = True
+            self.reactor.loop.call_soon(self._maybe_close)
+
+    def _maybe_close(self) -> None:
+        self._closing = False
+        if self.conns or self.n is None:
+            return
+        for ring in list(self.rings):
+            self.drop_ring(ring)
+        n, self.n = self.n, None
+        loop = self.reactor.loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(n.epfd)
+        lib.bt_net_free(n)
+        if self.reactor.net_poller is self:
+            self.reactor.net_poller = None
+
+
+def try_lend(qp: Qpair) -> None:
+    """Lend ``qp``'s socket to C if it is in its steady state (see the module doc)."""
+    lane = qp._lane
+    t = qp.transport
+    if (lane is None or lane.c is None or t is None or qp.closed or qp._out or qp._lends
+            or qp._lent_wait or qp._lent_new or qp._budget_paused or lane.c.redo
+            or t.is_closing() or not lane.usable()):
+        return
+    if t.get_write_buffer_size():
+        # the transport still sends what the Python path wrote (a host that was slow to
+        # read): lend once it is out, or with the next input, whichever comes first
+        loop = qp.reactor.loop
+        if qp._net_retry is None and loop is not None:
+            qp._net_retry = loop.call_later(RETRY_S, _retry, qp)
+        return
+    try:
+        poller = NetPoller.of(qp)
+    except OSError:
+        log.exception("no C socket poller on reactor %d", qp.reactor.index)
+        qp._net_ok = False
+        return
+    lane._enter()  # (the SQ head and the budget as the Python path left them)
+    conn = poller.lend(qp)
+    if conn is None:
+        qp._net_ok = False  # (no fds or memory: this connection stays on the Python path)
+        return
+    if lane.urings:
+        poller.add_rings(lane)
+    t.pause_reading()
+    qp._net = conn
+    qp._net_seen = [0, 0]
+    qp.reactor.stats.net_lends += 1
+
+
+def _retry(qp: Qpair) -> None:
+    qp._net_retry = None
+    if qp._net is None and qp._net_ok and not qp._rx_depth:
+        try_lend(qp)
+
+
+def give_back(qp: Qpair, send: bool = True) -> tuple[int, bytes | None, bytes | None]:
+    """Take the socket back from C: its unsent output to the transport (``send``) or
+    dropped, the poller let go of. Returns (the events C had not reported, a capsule C
+    gave back to be handled first or None, the input C did not run or None)."""
+    conn = qp._net
+    qp._net = None
+    lib.bt_net_detach(conn)
+    lane = qp._lane
+    if lane is not None and lane.c is not None:
+        lane.net_sync(_count(qp, conn)[1])
+    ev = conn.ev
+    first = rest = None
+    if conn.hand_len:
+        data = ffi.buffer(conn.hand, conn.hand_len)
+        k = conn.hand_first
+        first = data[:k] if k else None
+        rest = data[k:] if conn.hand_len > k else None
+    out = []
+    chunks = ffi.new("struct bt_chunk[]", CHUNKS)
+    while True:
+        k = lib.bt_net_take(conn, chunks, CHUNKS)
+        for i in range(k):
+            out.append(fastlane.chunk_view(chunks[i]))
+        if k < CHUNKS:
+            break
+    lib.bt_net_conn_free(conn)
+    qp.reactor.net_poller.let_go()
+    t = qp.transport
+    qp._write_paused_at = None  # (C's pause ends here; the transport keeps its own)
+    if out and send and t is not None and not t.is_closing():
+        t.writelines(out)
+    return ev, first, rest
+
+
+def _count(qp: Qpair, conn: Any) -> tuple[int, int]:
+    """What C did on ``qp``'s connection since last asked: (PDUs taken, ns spent)."""
+    seen = qp._net_seen
+    pdus, busy = conn.pdus - seen[0], conn.busy_ns - seen[1]
+    seen[0], seen[1] = conn.pdus, conn.busy_ns
+    qp.rx_pdus += pdus
+    return pdus, busy
+
+
+def sync(qp: Qpair) -> None:
+    """After C served ``qp``'s socket (or reaped its lane's completions): record what the
+    lane did where the Python path records it."""
+    conn = qp._net
+    lane = qp._lane
+    if conn is None or lane is None:
+        return
+    lane.net_sync(_count(qp, conn)[1])
+
+
+def events(qp: Qpair) -> None:
+    """Act on the events C reported for ``qp``'s connection."""
+    conn = qp._net
+    if conn is None:
+        return
+    ev = conn.ev
+    if not ev:
+        return
+    conn.ev = 0
+    loop = qp.reactor.loop
+    if ev & lib.BT_NET_PAUSED:
+        qp._write_paused_at = loop.time() if loop is not None else 0.0
+    if ev & lib.BT_NET_RESUMED:
+        qp._write_paused_at = None
+    if ev & (lib.BT_NET_HAND | lib.BT_NET_EOF):
+        qp._net_back()
+
+
+def write(qp: Qpair, out: list[Any]) -> None:
+    """The Python path's output for a lent socket: through C's queue, behind the lane's."""
+    data = out[0] if len(out) == 1 else b"".join(out)
+    if lib.bt_net_write(qp._net, ffi.from_buffer("unsigned char[]", data), len(data)) != 0:
+        qp.close("no memory for output")
+        return
+    events(qp)
