@@ -165,7 +165,10 @@ class CRing:
 
     def expired(self, before_ns: int) -> list[tuple[int, bool]]:
         """The lane's commands submitted before ``before_ns`` (monotonic ns): (cid,
-        Abort already sent)."""
+        Abort already sent). A time before the clock's start (a machine up for less
+        than the I/O timeout: the monotonic clock counts from boot) has none."""
+        if before_ns <= 0:
+            return []
         n = lib.bt_nvmeq_expired(self.c, before_ns, self._exp_cids, self._exp_abort,
                                  REAP_BATCH)
         return [(self._exp_cids[i], bool(self._exp_abort[i])) for i in range(n)]
