@@ -34,11 +34,21 @@ START_TIMEOUT = 20.0
 TEST_ALLOWED_DIRS = [tempfile.gettempdir(), "/dev/shm"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (the kernel's pick, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on right now (the kernel's pick, then released), and
+    never one this process handed out before: a test holding a port for a target it
+    kills and restarts leaves it free meanwhile, and the restart's own pick (the RPC
+    port) once came back as that very port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
