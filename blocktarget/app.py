@@ -133,6 +133,9 @@ class Target:
             for ns in sub.ns_list():
                 nvmf_calls.append({"method": "nvmf_subsystem_add_ns",
                                    "params": {"nqn": sub.nqn, "namespace": ns.config_params()}})
+                for host in sorted(ns.visible_hosts or ()):
+                    nvmf_calls.append({"method": "nvmf_ns_add_host", "params": {
+                        "nqn": sub.nqn, "nsid": ns.nsid, "host": host}})
             for host, extra in sub.hosts.items():
                 nvmf_calls.append({"method": "nvmf_subsystem_add_host",
                                    "params": {"nqn": sub.nqn, "host": host, **extra}})
@@ -228,8 +231,15 @@ class Target:
             elif ctrl.subsystem is not sub:
                 continue
             elif event in ("ns_added", "ns_removed"):
+                if not detail.visible_to(ctrl.hostnqn):
+                    continue  # a masked namespace this host never saw
                 ctrl.refresh_ana()  # the namespace's group may be inaccessible here
                 loop.call_soon_threadsafe(ctrl.ns_changed, detail.nsid)
+            elif event == "ns_visibility":
+                ns, host = detail
+                if ctrl.hostnqn == host:
+                    ctrl.refresh_ana()
+                    loop.call_soon_threadsafe(ctrl.ns_changed, ns.nsid)
             elif event == "ana_changed" and ctrl.listener == detail:
                 ctrl.ana_changed()
 

@@ -185,9 +185,9 @@ def identify(qp: Qpair, req: Request) -> None:
         if nsid == 0 or (nsid > sub.max_namespaces and nsid != spec.NSID_ALL):
             req.fail(SC_INVALID_NS)
             return
-        ns = sub.namespaces.get(nsid)
+        ns = sub.visible_ns(nsid, ctrl.hostnqn)
         if ns is None:
-            # an allocated-but-inactive (or broadcast) nsid reads as zeroes
+            # an allocated-but-inactive (or broadcast, or masked) nsid reads as zeroes
             req.complete_data(bytes(spec.IDENTIFY_DATA_SIZE))
             return
         req.complete_data(identify_ns_data(ns, sub.ana_reporting))
@@ -195,9 +195,9 @@ def identify(qp: Qpair, req: Request) -> None:
         if nsid >= 0xFFFFFFFE:
             req.fail(SC_INVALID_NS)
             return
-        req.complete_data(build_ns_list(sorted(sub.namespaces), after=nsid))
+        req.complete_data(build_ns_list(sub.visible_nsids(ctrl.hostnqn), after=nsid))
     elif cns == spec.Cns.NS_DESC_LIST:
-        ns = sub.namespaces.get(nsid)
+        ns = sub.visible_ns(nsid, ctrl.hostnqn)
         if ns is None:
             req.fail(SC_INVALID_NS)
             return
@@ -264,7 +264,7 @@ def _ana(ctrl: Controller, rgo: bool) -> bytes:
     out = [
         AnaGroup(grp, ANA_STATES[sub.ana_state(addr, grp)], tuple(nsids),
                  sub.ana_group_chgcnt.get((addr, grp), 0) if addr is not None else 0)
-        for grp, nsids in sorted(sub.ana_groups().items())
+        for grp, nsids in sorted(sub.ana_groups(ctrl.hostnqn).items())
     ]
     return build_ana_log(sub.ana_chgcnt, out, rgo=rgo)
 
@@ -287,7 +287,8 @@ def get_log_page(qp: Qpair, req: Request) -> None:
         page = build_error_log(list(ctrl.errors)).ljust(
             ERROR_LOG_ENTRIES * spec.ERROR_LOG_ENTRY_SIZE, b"\0")
     elif lid == spec.LogPage.SMART:
-        if s.nsid not in (0, spec.NSID_ALL) and s.nsid not in ctrl.subsystem.namespaces:
+        if (s.nsid not in (0, spec.NSID_ALL)
+                and ctrl.subsystem.visible_ns(s.nsid, ctrl.hostnqn) is None):
             req.fail(SC_INVALID_NS if s.nsid > ctrl.subsystem.max_namespaces
                      else SC_INVALID_FIELD)
             return

@@ -229,6 +229,8 @@ class Lane:
             for nsid, ns in sorted(sub.namespaces.items()):
                 if inaccessible and nsid in inaccessible:
                     continue
+                if not ns.visible_to(qp.hostnqn):
+                    continue  # masked: the Python path fails it as an absent namespace
                 bdev = ns.bdev
                 if not _LANE_IO <= bdev.io_types:
                     continue

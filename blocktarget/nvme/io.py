@@ -57,8 +57,10 @@ def _channel(qp: Qpair, req: Request) -> tuple[Namespace, IOChannel] | None:
         return None
     sub = qp.subsystem
     ns = sub.namespaces.get(nsid) if sub is not None else None
-    if ns is None:
-        req.fail(SC_INVALID_NS)  # includes the broadcast nsid: VWC says unsupported
+    if ns is None or (ns.visible_hosts is not None and qp.hostnqn not in ns.visible_hosts):
+        # (the broadcast nsid too: VWC says unsupported; a masked namespace this host
+        # may not see is absent for it)
+        req.fail(SC_INVALID_NS)
         return None
     return qp.channel_of(ns)
 

@@ -844,7 +844,7 @@ class Qpair(asyncio.BufferedProtocol):
         the device reads it. The channel is found and cached as io._channel does (the
         write needs it anyway); for other bdevs this costs two lookups per R2T."""
         sub = self.subsystem
-        ns = sub.namespaces.get(req.nsid) if sub is not None else None
+        ns = sub.visible_ns(req.nsid, self.hostnqn) if sub is not None else None
         if ns is None:
             return  # dispatch fails the command
         try:

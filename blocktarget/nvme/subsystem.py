@@ -108,6 +108,14 @@ class Namespace:
     nguid: str  # 32 hex digits
     eui64: str | None = None  # 16 hex digits
     anagrpid: int = 1
+    # Namespace masking (SPDK's no_auto_visible): None, visible to every host the
+    # subsystem admits; else only to these host NQNs (nvmf_ns_add_host). Replaced whole,
+    # never changed in place: reactors read it on the I/O path without a lock.
+    visible_hosts: frozenset[str] | None = None
+
+    def visible_to(self, hostnqn: str) -> bool:
+        hosts = self.visible_hosts
+        return hosts is None or hostnqn in hosts
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -120,6 +128,9 @@ class Namespace:
         }
         if self.eui64:
             d["eui64"] = self.eui64.upper()
+        if self.visible_hosts is not None:
+            d["no_auto_visible"] = True
+            d["hosts"] = [{"nqn": h} for h in sorted(self.visible_hosts)]
         return d
 
     def config_params(self) -> dict[str, Any]:
@@ -129,6 +140,8 @@ class Namespace:
             d["eui64"] = self.eui64.upper()
         if self.anagrpid != self.nsid:  # the default group is the nsid (as SPDK)
             d["anagrpid"] = self.anagrpid
+        if self.visible_hosts is not None:  # (its hosts: nvmf_ns_add_host calls)
+            d["no_auto_visible"] = True
         return d
 
 
@@ -170,6 +183,14 @@ class Subsystem:
     def ns_list(self) -> list[Namespace]:
         return [self.namespaces[k] for k in sorted(self.namespaces)]
 
+    def visible_ns(self, nsid: int, hostnqn: str) -> Namespace | None:
+        """The namespace as one host sees it: a masked one it may not see is absent."""
+        ns = self.namespaces.get(nsid)
+        return ns if ns is not None and ns.visible_to(hostnqn) else None
+
+    def visible_nsids(self, hostnqn: str) -> list[int]:
+        return [ns.nsid for ns in self.ns_list() if ns.visible_to(hostnqn)]
+
     # ---- ANA (asymmetric namespace access) ----
     # A controller sees each ANA group in the state its listener has for that group:
     # the same namespace can be optimized through one port and inaccessible through
@@ -181,11 +202,13 @@ class Subsystem:
             return "optimized"
         return self.ana_states.get((addr, grpid), "optimized")
 
-    def ana_groups(self) -> dict[int, list[int]]:
-        """ANA group id -> its nsids (only groups that hold a namespace exist for hosts)."""
+    def ana_groups(self, hostnqn: str | None = None) -> dict[int, list[int]]:
+        """ANA group id -> its nsids (only groups that hold a namespace exist for hosts);
+        with ``hostnqn``, only the namespaces that host may see."""
         groups: dict[int, list[int]] = {}
         for ns in self.ns_list():
-            groups.setdefault(ns.anagrpid, []).append(ns.nsid)
+            if hostnqn is None or ns.visible_to(hostnqn):
+                groups.setdefault(ns.anagrpid, []).append(ns.nsid)
         return groups
 
     def inaccessible_nsids(self, addr: ListenAddress | None) -> frozenset[int]:
@@ -236,7 +259,7 @@ ChangeObserver = Callable[[str, "Subsystem | None", Any], None]
 ANA_STATES = {"optimized": 0x1, "non_optimized": 0x2, "inaccessible": 0x3}
 ANA_NO_IO_STATES = frozenset({"inaccessible"})
 # events that change what a host sees of one subsystem but not the discovery log
-_NOT_IN_DISCOVERY_LOG = frozenset({"ana_changed"})
+_NOT_IN_DISCOVERY_LOG = frozenset({"ana_changed", "ns_visibility"})
 
 
 class SubsystemRegistry:
@@ -300,6 +323,7 @@ class SubsystemRegistry:
         nguid: str | None = None,
         eui64: str | None = None,
         anagrpid: int | None = None,
+        auto_visible: bool = True,
     ) -> Namespace:
         if nsid is None or nsid == 0:
             nsid = next(i for i in range(1, subsys.max_namespaces + 2) if i not in subsys.namespaces)
@@ -326,7 +350,8 @@ class SubsystemRegistry:
                 f"parameter 'anagrpid' {grp} is out of range 1..{subsys.max_namespaces}"
             )
         bdev.claim(f"subsystem {subsys.nqn}")
-        ns = Namespace(nsid, bdev, ns_uuid, ns_nguid, ns_eui, grp)
+        ns = Namespace(nsid, bdev, ns_uuid, ns_nguid, ns_eui, grp,
+                       None if auto_visible else frozenset())
         subsys.namespaces[nsid] = ns
         self.changed("ns_added", subsys, ns)
         return ns
@@ -338,6 +363,27 @@ class SubsystemRegistry:
         ns.bdev.release(f"subsystem {subsys.nqn}")
         self.changed("ns_removed", subsys, ns)
         return ns
+
+    # ---- namespace masking ----
+    def ns_set_host(self, subsys: Subsystem, nsid: int, hostnqn: str, visible: bool) -> None:
+        """Make a masked namespace visible (or not) to one host; its connected
+        controllers get a namespace-attribute event (observers: "ns_visibility")."""
+        ns = subsys.namespaces.get(nsid)
+        if ns is None:
+            raise NoSuchDevice(f"nsid {nsid} does not exist in subsystem '{subsys.nqn}'")
+        hosts = ns.visible_hosts
+        if hosts is None:
+            raise InvalidParams(
+                f"nsid {nsid} of '{subsys.nqn}' is visible to every host: add it with "
+                "no_auto_visible to choose its hosts")
+        if visible and hostnqn in hosts:
+            raise AlreadyExists(f"nsid {nsid} of '{subsys.nqn}' is already visible to "
+                                f"'{hostnqn}'")
+        if not visible and hostnqn not in hosts:
+            raise NoSuchDevice(f"nsid {nsid} of '{subsys.nqn}' is not visible to "
+                               f"'{hostnqn}'")
+        ns.visible_hosts = hosts | {hostnqn} if visible else hosts - {hostnqn}
+        self.changed("ns_visibility", subsys, (ns, hostnqn))
 
     # ---- hosts ----
     def add_host(self, subsys: Subsystem, hostnqn: str, **extra: Any) -> None:

@@ -142,19 +142,22 @@ NS_SCHEMA = Schema(
         Param("nguid", str),
         Param("eui64", str),
         Param("anagrpid", int, check=positive),
+        Param("no_auto_visible", bool, default=False),
     ),
-    extra_ok=frozenset({"ptpl_file", "no_auto_visible", "hide_metadata"}),
+    extra_ok=frozenset({"ptpl_file", "hide_metadata"}),
 )
 
 
 @method(
     "nvmf_subsystem_add_ns",
-    Schema((Param("nqn", str, required=True), Param("namespace", dict, required=True), TGT),
-           extra_ok=frozenset({"no_auto_visible"})),
+    Schema((Param("nqn", str, required=True), Param("namespace", dict, required=True), TGT,
+            Param("no_auto_visible", bool, default=False))),
     section="nvmf",
 )
 async def nvmf_subsystem_add_ns(target: Target, params: dict[str, Any]) -> int:
-    """Add a namespace backed by a bdev; returns its nsid. Connected hosts get an AEN."""
+    """Add a namespace backed by a bdev; returns its nsid. Connected hosts get an AEN.
+    With `no_auto_visible` (in `namespace`, where SPDK's rpc.py puts it, or beside it)
+    no host sees it until `nvmf_ns_add_host` names one."""
     sub = _subsys(target, params["nqn"])
     ns = validate(NS_SCHEMA, params["namespace"])
     bdev = target.bdevs.get(ns["bdev_name"])
@@ -162,10 +165,33 @@ async def nvmf_subsystem_add_ns(target: Target, params: dict[str, Any]) -> int:
         created = target.subsystems.add_namespace(
             sub, bdev, nsid=ns["nsid"] or None, uuid=ns.get("uuid"), nguid=ns.get("nguid"),
             eui64=ns.get("eui64"), anagrpid=ns.get("anagrpid"),
+            auto_visible=not (ns["no_auto_visible"] or params["no_auto_visible"]),
         )
     except ValueError as exc:
         raise InvalidParams(f"parameter 'uuid' {exc}") from None
     return created.nsid
+
+
+NS_HOST_SCHEMA = Schema((Param("nqn", str, required=True), Param("nsid", int, required=True),
+                         Param("host", str, required=True), TGT))
+
+
+@method("nvmf_ns_add_host", NS_HOST_SCHEMA, section="nvmf")
+async def nvmf_ns_add_host(target: Target, params: dict[str, Any]) -> bool:
+    """Make a namespace added with `no_auto_visible` visible to one host (its
+    controllers, connected or not); connected ones get a namespace-attribute event."""
+    sub = _subsys(target, params["nqn"])
+    target.subsystems.ns_set_host(sub, params["nsid"], params["host"], True)
+    return True
+
+
+@method("nvmf_ns_remove_host", NS_HOST_SCHEMA, in_config=False)
+async def nvmf_ns_remove_host(target: Target, params: dict[str, Any]) -> bool:
+    """Hide a masked namespace from one host again: its I/O then fails as for an absent
+    namespace, and its connected controllers get a namespace-attribute event."""
+    sub = _subsys(target, params["nqn"])
+    target.subsystems.ns_set_host(sub, params["nsid"], params["host"], False)
+    return True
 
 
 @method("nvmf_subsystem_remove_ns",
