@@ -29,7 +29,7 @@ import signal
 from typing import Any
 
 from . import __version__
-from .bdev import MODULES, Bdev, BdevRegistry
+from .bdev import EXAMINERS, MODULES, Bdev, BdevRegistry
 from .config import ConfigError, Settings, prepare_rpc_access, replay
 from .errors import AlreadyExists, NoSuchDevice, RpcError
 from .keyring import Keyring
@@ -180,6 +180,9 @@ class Target:
             for bdev in bdevs:
                 await _maybe_await(bdev.destruct())
             raise
+        for bdev in bdevs:
+            for examine in EXAMINERS:  # e.g. an lvol store on it comes back
+                await _maybe_await(examine(self, bdev))
         return made
 
     async def delete_bdev(self, name: str, module: str | None = None) -> None:
@@ -227,7 +230,7 @@ class Target:
                         spec.AsyncEventNotice.DISCOVERY_LOG_CHANGE, spec.LogPage.DISCOVERY)
             elif ctrl.subsystem is not sub:
                 continue
-            elif event in ("ns_added", "ns_removed"):
+            elif event in ("ns_added", "ns_removed", "ns_resized"):
                 ctrl.refresh_ana()  # the namespace's group may be inaccessible here
                 loop.call_soon_threadsafe(ctrl.ns_changed, detail.nsid)
             elif event == "ana_changed" and ctrl.listener == detail:

@@ -236,7 +236,7 @@ ChangeObserver = Callable[[str, "Subsystem | None", Any], None]
 ANA_STATES = {"optimized": 0x1, "non_optimized": 0x2, "inaccessible": 0x3}
 ANA_NO_IO_STATES = frozenset({"inaccessible"})
 # events that change what a host sees of one subsystem but not the discovery log
-_NOT_IN_DISCOVERY_LOG = frozenset({"ana_changed"})
+_NOT_IN_DISCOVERY_LOG = frozenset({"ana_changed", "ns_resized"})
 
 
 class SubsystemRegistry:
