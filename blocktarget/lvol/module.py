@@ -98,7 +98,9 @@ async def create_store(target: Target, bdev_name: str, lvs_name: str, cluster_si
     if IOType.WRITE not in base.io_types or IOType.READ not in base.io_types:
         raise InvalidParams(f"bdev '{base.name}' cannot hold an lvstore: it does not "
                             "both read and write")
-    link = BaseLink(base, CLAIM)  # Busy when exported, stacked on, or holding a store
+    if base.claimed_by is not None:  # exported, stacked on, or holding a store already
+        raise Busy(f"bdev '{base.name}' is already claimed by {base.claimed_by}")
+    link = BaseLink(base, CLAIM)
     ch = link.get_channel(None)
     try:
         store = await format_store(base, ch, lvs_name, cluster_size, clear_method)

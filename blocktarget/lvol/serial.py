@@ -26,8 +26,7 @@ def run_on(reactor: Reactor | None, fn: Callable[..., Any], *args: Any) -> None:
     """Call fn on the reactor's thread: now when already there (or without a reactor,
     as in unit tests where every channel completes synchronously), else soon."""
     loop = reactor.loop if reactor is not None else None
-    thread = getattr(reactor, "_thread", None)
-    if loop is None or (thread is not None and thread.ident == threading.get_ident()):
+    if loop is None or reactor is None or reactor.on_reactor():
         fn(*args)
     else:
         loop.call_soon_threadsafe(fn, *args)

@@ -1,0 +1,327 @@
+"""Logical volumes on a running target: every bdev_lvol_* method's success and error
+paths through the JSON-RPC core, and volume I/O on the reactors (thin allocation, out of
+space, Deallocate, read-only, resize), and a store found again by a second target."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocktarget.app import Target
+from blocktarget.bdev import BdevIO, IOType, Status
+from blocktarget.config import Settings
+from blocktarget.lvol.volume import NS_WRITE_PROTECTED
+
+ENODEV, EEXIST, EBUSY = -errno.ENODEV, -errno.EEXIST, -errno.EBUSY
+BS = 512
+MIB = 1 << 20
+BPC = MIB // BS  # blocks per 1 MiB cluster
+NQN = "nqn.2026-01.io.test:lvol"
+_ids = itertools.count(1)
+
+
+def settings(cores: list[int], **kw: Any) -> Settings:
+    return Settings(cores=cores, rpc_http=None, rpc_unix=None, metrics=False, **kw)
+
+
+@pytest.fixture
+async def t() -> AsyncIterator[Target]:
+    target = Target(settings([0]))
+    await target.start()
+    yield target
+    await target.stop()
+
+
+async def rpc(t: Target, method: str, **params: Any) -> dict[str, Any]:
+    return await t.dispatcher.handle(
+        {"jsonrpc": "2.0", "id": next(_ids), "method": method, "params": params})
+
+
+async def ok(t: Target, method: str, **params: Any) -> Any:
+    resp = await rpc(t, method, **params)
+    assert "error" not in resp, resp
+    return resp["result"]
+
+
+async def err(t: Target, method: str, **params: Any) -> tuple[int, str]:
+    resp = await rpc(t, method, **params)
+    assert "result" not in resp, resp
+    e = resp["error"]
+    assert e["code"] != -32603, f"user error reported as internal: {e}"
+    return e["code"], e["message"]
+
+
+async def io(t: Target, name: str, kind: IOType, offset: int = 0, blocks: int = 1,
+             buf: Any = None, reactor: int = 0) -> BdevIO:
+    r = t.reactors[reactor]
+    bdev = t.bdevs.get(name)
+
+    def run() -> asyncio.Future[BdevIO]:
+        fut = asyncio.get_running_loop().create_future()
+        bdev.get_io_channel(r).submit(BdevIO(kind, offset, blocks, buf, fut.set_result))
+        return fut
+
+    return await asyncio.wait_for(r.call(run), 10)
+
+
+async def write(t: Target, name: str, offset: int, data: bytes, reactor: int = 0) -> int:
+    return (await io(t, name, IOType.WRITE, offset, len(data) // BS, data, reactor)).status
+
+
+async def read(t: Target, name: str, offset: int, blocks: int) -> bytes:
+    x = await io(t, name, IOType.READ, offset, blocks)
+    assert x.status == 0
+    return bytes(x.buf)
+
+
+def pattern(blocks: int, seed: int) -> bytes:
+    return bytes(((i * 13 + seed) & 0xFF) for i in range(blocks * BS))
+
+
+async def store(t: Target, mib: int = 16, name: str = "lvs") -> str:
+    await ok(t, "bdev_malloc_create", name="M0", num_blocks=mib * MIB // BS, block_size=BS)
+    return await ok(t, "bdev_lvol_create_lvstore", bdev_name="M0", lvs_name=name,
+                    cluster_sz=MIB)
+
+
+async def lvstore(t: Target, name: str = "lvs") -> dict[str, Any]:
+    [s] = await ok(t, "bdev_lvol_get_lvstores", lvs_name=name)
+    return s
+
+
+async def test_lvstore_methods_and_shapes(t: Target) -> None:
+    u = await store(t)
+    s = await lvstore(t)
+    assert s == {"uuid": u, "name": "lvs", "base_bdev": "M0", "total_data_clusters": 15,
+                 "free_clusters": 15, "block_size": BS, "cluster_size": MIB}
+    assert await ok(t, "bdev_lvol_get_lvstores", uuid=u) == [s]
+    assert t.bdevs.get("M0").claimed_by == "lvstore"
+    # the base is the store's now
+    assert (await err(t, "bdev_malloc_delete", name="M0"))[0] == EBUSY
+    await ok(t, "bdev_malloc_create", name="M1", num_blocks=4 * MIB // BS, block_size=BS)
+    assert (await err(t, "bdev_lvol_create_lvstore", bdev_name="M0", lvs_name="x"))[0] == EBUSY
+    assert (await err(t, "bdev_lvol_create_lvstore", bdev_name="M1", lvs_name="lvs"))[0] == EEXIST
+    assert (await err(t, "bdev_lvol_create_lvstore", bdev_name="Nope", lvs_name="y"))[0] == ENODEV
+    code, msg = await err(t, "bdev_lvol_create_lvstore", bdev_name="M1", lvs_name="y",
+                          cluster_sz=3000)
+    assert code == -32602 and "cluster_sz" in msg
+    code, msg = await err(t, "bdev_lvol_create_lvstore", bdev_name="M1", lvs_name="y",
+                          cluster_sz=8 * MIB)
+    assert code == -32602 and "holds no" in msg
+    assert t.bdevs.get("M1").claimed_by is None  # a refused create leaves no claim
+    code, msg = await err(t, "bdev_lvol_create_lvstore", bdev_name="M1", lvs_name="a/b")
+    assert code == -32602 and "'/'" in msg
+    code, _ = await err(t, "bdev_lvol_get_lvstores", uuid=u, lvs_name="lvs")
+    assert code == -32602
+    assert (await err(t, "bdev_lvol_get_lvstores", lvs_name="nope"))[0] == ENODEV
+
+    await ok(t, "bdev_lvol_rename_lvstore", old_name="lvs", new_name="pool")
+    assert (await lvstore(t, "pool"))["uuid"] == u
+    assert (await err(t, "bdev_lvol_rename_lvstore", old_name="lvs", new_name="z"))[0] == ENODEV
+    await ok(t, "bdev_lvol_delete_lvstore", lvs_name="pool")
+    assert await ok(t, "bdev_lvol_get_lvstores") == []
+    assert t.bdevs.get("M0").claimed_by is None
+    await ok(t, "bdev_malloc_delete", name="M0")
+
+
+async def test_lvol_methods_shapes_and_errors(t: Target) -> None:
+    u = await store(t)
+    thin = await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="thin", size_in_mib=40,
+                    thin_provision=True)
+    thick = await ok(t, "bdev_lvol_create", uuid=u, lvol_name="thick", size_in_mib=3,
+                     clear_method="write_zeroes")
+    assert (await lvstore(t))["free_clusters"] == 12  # thin over-commits: nothing taken
+    lvols = await ok(t, "bdev_lvol_get_lvols", lvs_name="lvs")
+    assert [(v["alias"], v["uuid"], v["is_thin_provisioned"], v["num_allocated_clusters"])
+            for v in lvols] == [("lvs/thin", thin, True, 0), ("lvs/thick", thick, False, 3)]
+    assert lvols[0]["lvs"] == {"name": "lvs", "uuid": u}
+    [b] = await ok(t, "bdev_get_bdevs", name="lvs/thick")
+    assert b["name"] == thick and b["aliases"] == ["lvs/thick"]
+    assert b["product_name"] == "Logical Volume" and b["num_blocks"] == 3 * BPC
+    d = b["driver_specific"]["lvol"]
+    assert d["lvol_store_uuid"] == u and d["base_bdev"] == "M0"
+    assert d["thin_provision"] is False and d["num_allocated_clusters"] == 3
+    assert d["clear_method"] == "write_zeroes"
+
+    assert (await err(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="thin",
+                      size_in_mib=1))[0] == EEXIST
+    code, msg = await err(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="big",
+                          size_in_mib=13)
+    assert code == -32602 and "free clusters" in msg
+    assert (await err(t, "bdev_lvol_create", lvs_name="no", lvol_name="x",
+                      size_in_mib=1))[0] == ENODEV
+    assert (await err(t, "bdev_lvol_create", lvol_name="x", size_in_mib=1))[0] == -32602
+    assert (await err(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="x", size_in_mib=1,
+                      clear_method="shred"))[0] == -32602
+    assert (await err(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="x" * 64,
+                      size_in_mib=1))[0] == -32602
+    assert (await err(t, "bdev_lvol_delete", name="M0"))[0] == ENODEV
+    assert (await err(t, "bdev_lvol_resize", name="lvs/none", size_in_mib=1))[0] == ENODEV
+
+    await ok(t, "bdev_lvol_rename", old_name="lvs/thin", new_name="slim")
+    assert t.bdevs.get("lvs/slim").uuid == thin and t.bdevs.find("lvs/thin") is None
+    assert (await err(t, "bdev_lvol_rename", old_name=thin, new_name="thick"))[0] == EEXIST
+    await ok(t, "bdev_lvol_rename_lvstore", old_name="lvs", new_name="pool")
+    assert t.bdevs.get("pool/slim").uuid == thin
+
+    # exported: delete refused, store delete refused
+    await ok(t, "nvmf_create_subsystem", nqn=NQN, allow_any_host=True)
+    await ok(t, "nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "pool/thick"})
+    assert (await err(t, "bdev_lvol_delete", name="pool/thick"))[0] == EBUSY
+    assert (await err(t, "bdev_lvol_delete_lvstore", lvs_name="pool"))[0] == EBUSY
+    await ok(t, "nvmf_delete_subsystem", nqn=NQN)
+    await ok(t, "bdev_lvol_delete", name="pool/thick")
+    assert t.bdevs.find(thick) is None
+    assert (await lvstore(t, "pool"))["free_clusters"] == 15
+    await ok(t, "bdev_lvol_delete_lvstore", uuid=u)
+    assert t.bdevs.find(thin) is None
+    cfg = await ok(t, "save_config")
+    assert not any("lvol" in c["method"] for s in cfg["subsystems"] for c in s["config"])
+
+
+async def test_thin_allocation_read_write_and_deallocate(t: Target) -> None:
+    await store(t)
+    await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=8,
+             thin_provision=True)
+    assert await read(t, "lvs/v", 0, 8) == bytes(8 * BS)  # unallocated: zeroes
+    data = pattern(16, 1)
+    assert await write(t, "lvs/v", BPC - 8, data) == 0  # straddles clusters 0 and 1
+    assert (await lvstore(t))["free_clusters"] == 13
+    assert await read(t, "lvs/v", BPC - 16, 32) == bytes(8 * BS) + data + bytes(8 * BS)
+    # a mapped cluster takes the fast path; a cluster further on is allocated
+    more = pattern(4, 2)
+    assert await write(t, "lvs/v", 5 * BPC + 3, more) == 0
+    [v] = await ok(t, "bdev_lvol_get_lvols")
+    assert v["num_allocated_clusters"] == 3
+    assert await read(t, "lvs/v", 5 * BPC, 8) == bytes(3 * BS) + more + bytes(BS)
+
+    # Deallocate: part of a cluster is zeroed, a whole cluster is freed
+    x = await io(t, "lvs/v", IOType.UNMAP, BPC - 8, 4)
+    assert x.status == 0
+    assert await read(t, "lvs/v", BPC - 8, 8) == bytes(4 * BS) + data[4 * BS:8 * BS]
+    x = await io(t, "lvs/v", IOType.UNMAP, 5 * BPC, BPC)
+    assert x.status == 0
+    assert (await lvstore(t))["free_clusters"] == 13
+    assert await read(t, "lvs/v", 5 * BPC, 8) == bytes(8 * BS)
+    x = await io(t, "lvs/v", IOType.WRITE_ZEROES, BPC, 8)
+    assert x.status == 0 and await read(t, "lvs/v", BPC, 8) == bytes(8 * BS)
+    assert (await io(t, "lvs/v", IOType.FLUSH, 0, 0)).status == 0
+    # a freed cluster handed to another volume reads zeroes there, not the old data
+    await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="w", size_in_mib=13)
+    assert await read(t, "lvs/w", 0, 4) == bytes(4 * BS)
+    assert (await lvstore(t))["free_clusters"] == 0
+
+
+async def test_out_of_space_fails_only_new_clusters(t: Target, caplog: Any) -> None:
+    await store(t, mib=4)  # 3 clusters
+    await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=8,
+             thin_provision=True)
+    for c in range(3):
+        assert await write(t, "lvs/v", c * BPC, pattern(2, c)) == 0
+    with caplog.at_level(logging.ERROR, logger="blocktarget.lvol"):
+        assert await write(t, "lvs/v", 4 * BPC, pattern(2, 9)) == Status.CAPACITY_EXCEEDED
+        assert await write(t, "lvs/v", 5 * BPC, pattern(2, 9)) == Status.CAPACITY_EXCEEDED
+    assert "Capacity Exceeded" in caplog.text and "lvs/v" in caplog.text
+    store_obj = t.bdevs.get("lvs/v").store  # type: ignore[attr-defined]
+    assert store_obj.enospc_errors == 2
+    # allocated clusters keep working, and what was written is there
+    assert await write(t, "lvs/v", 2 * BPC + 7, pattern(1, 5)) == 0
+    for c in range(3):
+        assert await read(t, "lvs/v", c * BPC, 2) == pattern(2, c)
+    assert await read(t, "lvs/v", 4 * BPC, 2) == bytes(2 * BS)
+    # freeing a cluster lets the write through
+    assert (await io(t, "lvs/v", IOType.UNMAP, 0, BPC)).status == 0
+    assert await write(t, "lvs/v", 4 * BPC, pattern(2, 9)) == 0
+
+
+async def test_read_only_and_resize(t: Target) -> None:
+    await store(t)
+    await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=2)
+    assert await write(t, "lvs/v", 0, pattern(1, 3)) == 0
+    events: list[tuple[str, Any]] = []
+    t.subsystems.observers.append(lambda ev, sub, detail: events.append((ev, detail)))
+    await ok(t, "nvmf_create_subsystem", nqn=NQN, allow_any_host=True)
+    await ok(t, "nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "lvs/v"})
+    await ok(t, "bdev_lvol_resize", name="lvs/v", size_in_mib=5)  # live, exported
+    bdev = t.bdevs.get("lvs/v")
+    assert bdev.num_blocks == 5 * BPC and (await lvstore(t))["free_clusters"] == 10
+    assert [e for e, _ in events][-1] == "ns_resized" and events[-1][1].nsid == 1
+    assert await read(t, "lvs/v", 4 * BPC, 2) == bytes(2 * BS)  # grown part reads zeroes
+    await ok(t, "bdev_lvol_resize", name="lvs/v", size_in_mib=1)
+    assert bdev.num_blocks == BPC and (await lvstore(t))["free_clusters"] == 14
+    x = await io(t, "lvs/v", IOType.READ, BPC, 1)
+    assert x.status == Status.LBA_OUT_OF_RANGE
+    assert await read(t, "lvs/v", 0, 1) == pattern(1, 3)
+
+    await ok(t, "bdev_lvol_set_read_only", name="lvs/v")
+    assert await write(t, "lvs/v", 0, pattern(1, 4)) == NS_WRITE_PROTECTED
+    assert (await io(t, "lvs/v", IOType.UNMAP, 0, 1)).status == NS_WRITE_PROTECTED
+    assert await read(t, "lvs/v", 0, 1) == pattern(1, 3)
+    [b] = await ok(t, "bdev_get_bdevs", name="lvs/v")
+    assert b["driver_specific"]["lvol"]["read_only"] is True
+
+
+async def test_concurrent_first_writes_from_two_reactors() -> None:
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    target = Target(settings(cores if len(cores) == 2 else [cores[0], cores[0]]))
+    await target.start()
+    try:
+        await store(target)
+        await ok(target, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=8,
+                 thin_provision=True)
+        writes = [write(target, "lvs/v", c * BPC + k * 16, pattern(16, c * 8 + k), k % 2)
+                  for c in range(4) for k in range(8)]
+        assert await asyncio.gather(*writes) == [0] * 32
+        [v] = await ok(target, "bdev_lvol_get_lvols")
+        assert v["num_allocated_clusters"] == 4  # one cluster each, never two
+        for c in range(4):
+            for k in range(8):
+                assert await read(target, "lvs/v", c * BPC + k * 16, 16) == pattern(16, c * 8 + k)
+    finally:
+        await target.stop()
+
+
+async def test_store_found_again_by_a_new_target(tmp_path: Path) -> None:
+    f = tmp_path / "base.img"
+    with open(f, "wb") as fh:
+        fh.truncate(16 * MIB)
+    first = Target(settings([0], allowed_dirs=[str(tmp_path)]))
+    await first.start()
+    try:
+        await ok(first, "bdev_uring_create", name="U0", filename=str(f), block_size=BS)
+        u = await ok(first, "bdev_lvol_create_lvstore", bdev_name="U0", lvs_name="lvs",
+                     cluster_sz=MIB)
+        v = await ok(first, "bdev_lvol_create", lvs_name="lvs", lvol_name="thin",
+                     size_in_mib=32, thin_provision=True)
+        await ok(first, "bdev_lvol_create", lvs_name="lvs", lvol_name="thick", size_in_mib=2)
+        assert await write(first, "lvs/thin", 3 * BPC + 1, pattern(4, 7)) == 0
+        assert (await io(first, "lvs/thin", IOType.FLUSH)).status == 0
+        cfg = await ok(first, "save_config")
+    finally:
+        await first.stop()
+    second = Target(settings([0], allowed_dirs=[str(tmp_path)]))
+    await second.apply_config(cfg, "saved")  # only the uring bdev is in it
+    await second.start()
+    try:
+        assert (await lvstore(second))["uuid"] == u
+        assert t_names(second) == {"U0", v, second.bdevs.get("lvs/thick").name}
+        assert await read(second, "lvs/thin", 3 * BPC + 1, 4) == pattern(4, 7)
+        assert second.bdevs.get("U0").claimed_by == "lvstore"
+        [b] = await ok(second, "bdev_get_bdevs", name=v)
+        assert b["driver_specific"]["lvol"]["num_allocated_clusters"] == 1
+        cfg2 = await ok(second, "save_config")
+        assert cfg2["subsystems"][0]["config"] == cfg["subsystems"][0]["config"]
+    finally:
+        await second.stop()
+
+
+def t_names(t: Target) -> set[str]:
+    return {b.name for b in t.bdevs}
