@@ -9,10 +9,12 @@ stores and volumes are not written to save_config (as in SPDK).
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import Bdev, IOType, register_examiner
+from ..bdev import Bdev, ChannelStats, IOType, register_examiner
 from ..bdevs._stack import BaseLink
 from ..errors import AlreadyExists, Busy, InvalidParams, NoSuchDevice
 from . import baseio
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blocktarget.lvol")
 
 CLAIM = "lvstore"
+EXAMINE_TIMEOUT_S = 10.0  # a base that does not answer a read in this long is not examined
 
 
 class Stores:
@@ -147,16 +150,20 @@ async def add_volume_bdev(target: Target, store: LvolStore, rec: VolumeRecord) -
 
 
 async def examine(target: Target, base: Bdev) -> None:
-    """Open the store on a newly registered bdev, if it holds one, with its volumes."""
+    """Open the store on a newly registered bdev, if it holds one, with its volumes.
+    Nothing here may fail the bdev's creation: problems are logged."""
     if base.claimed_by is not None or IOType.READ not in base.io_types:
         return
+    quiet = _Unaccounted(base)
     link = BaseLink(base, CLAIM)
     ch = link.get_channel(None)
+    store: LvolStore | None = None
     try:
-        store = await probe(base, ch)
+        store = await asyncio.wait_for(probe(base, ch), EXAMINE_TIMEOUT_S)
     except (FormatError, OSError) as e:
         log.error("bdev %s: lvstore found but not opened: %s", base.name, e)
-        store = None
+    except Exception:
+        log.exception("bdev %s: examining it for an lvstore failed", base.name)
     stores = stores_of(target)
     if store is not None and (store.uuid in stores.by_uuid
                               or stores.by_name(store.name) is not None):
@@ -166,7 +173,9 @@ async def examine(target: Target, base: Bdev) -> None:
     if store is None:
         link.put_channel(None)
         link.release()
+        quiet.restore()
         return
+    quiet.restore()
     store.link = link
     store.cp_channel = ch
     stores.by_uuid[store.uuid] = store
@@ -178,6 +187,30 @@ async def examine(target: Target, base: Bdev) -> None:
     log.info("lvstore %s (%s) found on %s: %d lvols, %d of %d clusters free", store.name,
              store.uuid, base.name, len(store.md.volumes), store.free_clusters(),
              store.sb.total_clusters)
+
+
+class _Unaccounted:
+    """Examine's reads are the target's, not a consumer's: the statistics of the bdev and
+    of every bdev under it (iostat, metrics) are put back as they were before it. (The
+    control plane is one thread and examine runs as the bdev is created, so no other
+    I/O is counted on those reactor-less channels meanwhile.)"""
+
+    def __init__(self, bdev: Bdev) -> None:
+        self.saved = []
+        todo = [bdev]
+        while todo:
+            b = todo.pop()
+            ch = b.channels.get(-1)
+            self.saved.append((b, copy.deepcopy(b.retired),
+                               None if ch is None else copy.deepcopy(ch.stats)))
+            todo.extend(link.base for link in getattr(b, "links", ()))
+
+    def restore(self) -> None:
+        for b, retired, stats in self.saved:
+            b.retired = retired
+            ch = b.channels.get(-1)
+            if ch is not None:
+                ch.stats = stats if stats is not None else ChannelStats()
 
 
 def notify_resized(target: Target, bdev: Bdev) -> None:
