@@ -101,6 +101,16 @@ class LvolChannel(StackedChannel):
         if vol.read_only and t in _MODIFYING:
             self.complete(io, NS_WRITE_PROTECTED)
             return
+        if t == IOType.READ or t == IOType.WRITE:
+            # the common case, without building segments: inside one mapped cluster
+            vc, in_off = divmod(io.offset_blocks, store.blocks_per_cluster)
+            pc = vol.map.get(vc)
+            if pc is not None and in_off + io.num_blocks <= store.blocks_per_cluster:
+                epoch = store.io_start()
+                self.base_channels[0].submit(BdevIO(
+                    t, store.cluster_block(pc) + in_off, io.num_blocks, io.buf,
+                    self._one_done, fua=io.fua, ctx=(io, epoch)))
+                return
         segs = segments(io.offset_blocks, io.num_blocks, store.blocks_per_cluster, vol.map)
         if t == IOType.READ:
             self._read(io, segs)
@@ -121,6 +131,13 @@ class LvolChannel(StackedChannel):
             self.complete(io, Status.INVALID_OPCODE)
 
     # ---- fast path ----
+    def _one_done(self, child: BdevIO) -> None:
+        io, epoch = child.ctx
+        self.bdev.store.io_done(epoch)
+        if io.buf is None and child.buf is not None and not child.status:
+            io.buf = child.buf  # a memory base lent its buffer: zero-copy read
+        self.complete(io, child.status)
+
     def _base_block(self, s: Segment) -> int:
         return self.bdev.store.cluster_block(s.pc) + s.in_off
 
@@ -135,13 +152,6 @@ class LvolChannel(StackedChannel):
 
     def _read(self, io: BdevIO, segs: list[Segment]) -> None:
         bs = self.bdev.block_size
-        if len(segs) == 1 and segs[0].pc != UNMAPPED:
-            epoch = self.bdev.store.io_start()
-            fin = self._finish(io, epoch)
-            # one mapped extent: forward (a memory base may lend its buffer: no copy)
-            self.forward(io, self.base_channels[0], self._base_block(segs[0]) - io.offset_blocks,
-                         done=lambda child: self._adopt_done(io, child, fin))
-            return
         if io.buf is None:
             io.buf = memoryview(bytearray(io.num_blocks * bs))
         buf = memoryview(io.buf)
@@ -160,11 +170,6 @@ class LvolChannel(StackedChannel):
             a = s.io_off * bs
             baseio.submit(ch, IOType.READ, self._base_block(s), s.n, buf[a:a + s.n * bs],
                           join.one)
-
-    def _adopt_done(self, io: BdevIO, child: BdevIO, fin: baseio.Done) -> None:
-        if io.buf is None and child.buf is not None and not child.status:
-            io.buf = child.buf
-        fin(child.status)
 
     def _write(self, io: BdevIO, segs: list[Segment]) -> None:
         epoch = self.bdev.store.io_start()
