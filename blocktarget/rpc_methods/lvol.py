@@ -1,4 +1,4 @@
 """Logical volume methods: they live with the rest of the lvol code (blocktarget/lvol/rpc.py);
-importing it here registers them, and the store examiner, with the target."""
+importing it here registers them, the store examiner and the store metrics with the target."""
 
-from ..lvol import rpc  # noqa: F401
+from ..lvol import metrics, rpc  # noqa: F401

@@ -19,6 +19,7 @@ from blocktarget.app import Target
 from blocktarget.bdev import BdevIO, IOType, Status
 from blocktarget.config import Settings
 from blocktarget.lvol.volume import NS_WRITE_PROTECTED
+from blocktarget.metrics import TargetCollector
 
 ENODEV, EEXIST, EBUSY = -errno.ENODEV, -errno.EEXIST, -errno.EBUSY
 BS = 512
@@ -240,6 +241,18 @@ async def test_out_of_space_fails_only_new_clusters(t: Target, caplog: Any) -> N
     # freeing a cluster lets the write through
     assert (await io(t, "lvs/v", IOType.UNMAP, 0, BPC)).status == 0
     assert await write(t, "lvs/v", 4 * BPC, pattern(2, 9)) == 0
+    # and the scrape shows it all
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in TargetCollector(t).collect() for s in fam.samples}
+    lvs = (("lvs", "lvs"),)
+    assert samples[("blocktarget_lvstore_clusters", lvs)] == 3
+    assert samples[("blocktarget_lvstore_free_clusters", lvs)] == 0
+    assert samples[("blocktarget_lvstore_cluster_size_bytes", lvs)] == MIB
+    assert samples[("blocktarget_lvstore_out_of_space_errors_total", lvs)] == 2
+    name = t.bdevs.get("lvs/v").name
+    assert samples[("blocktarget_lvol_allocated_clusters",
+                    (("bdev", name), ("lvs", "lvs")))] == 3
+    assert samples[("blocktarget_bdev_errors_total", (("bdev", name), ("type", "write")))] == 2
 
 
 async def test_read_only_and_resize(t: Target) -> None:
