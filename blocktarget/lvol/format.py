@@ -37,6 +37,7 @@ UNMAPPED = -1
 
 FLAG_THIN = 1
 FLAG_READ_ONLY = 2
+FLAG_SNAPSHOT = 4
 CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 
 # magic, version, lvs uuid, block size, cluster size, md offset, md slot size,
@@ -44,7 +45,8 @@ CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 _SB = struct.Struct("<8sI16sIQQQQQQ")
 _MD_HEAD = struct.Struct("<8s16sQI")  # magic, lvs uuid, generation, payload length
 _CRC = struct.Struct("<I")
-_VOL = struct.Struct("<16sQIBI")  # uuid, clusters, flags, clear method, run count
+# uuid, parent uuid (zeroes: none), clusters, flags, clear method, run count
+_VOL = struct.Struct("<16s16sQIBI")
 _RUN = struct.Struct("<III")  # first virtual cluster, first physical cluster, count
 _VOL_MAX = _VOL.size + 1 + NAME_MAX
 
@@ -138,10 +140,15 @@ class VolumeRecord:
     read_only: bool = False
     clear_method: str = "unmap"
     map: dict[int, int] = field(default_factory=dict)
+    # a clone reads the clusters it has not written from its parent (a snapshot), and
+    # so on up the chain; a cluster belongs to exactly one volume all the same
+    parent: str | None = None
+    snapshot: bool = False
 
     def copy(self) -> VolumeRecord:
         return VolumeRecord(self.uuid, self.name, self.num_clusters, self.thin,
-                            self.read_only, self.clear_method, dict(self.map))
+                            self.read_only, self.clear_method, dict(self.map), self.parent,
+                            self.snapshot)
 
 
 @dataclass
@@ -179,8 +186,10 @@ def encode_metadata(md: Metadata, lvs_uuid: str, generation: int, slot_size: int
     parts = [_name(md.name), struct.pack("<I", len(md.volumes))]
     for v in md.volumes.values():
         rs = runs(v.map)
-        flags = (FLAG_THIN if v.thin else 0) | (FLAG_READ_ONLY if v.read_only else 0)
-        parts.append(_VOL.pack(uuidlib.UUID(v.uuid).bytes, v.num_clusters, flags,
+        flags = ((FLAG_THIN if v.thin else 0) | (FLAG_READ_ONLY if v.read_only else 0)
+                 | (FLAG_SNAPSHOT if v.snapshot else 0))
+        parent = uuidlib.UUID(v.parent).bytes if v.parent else bytes(16)
+        parts.append(_VOL.pack(uuidlib.UUID(v.uuid).bytes, parent, v.num_clusters, flags,
                                CLEAR_METHODS.index(v.clear_method), len(rs)))
         parts.append(_name(v.name))
         parts.extend(_RUN.pack(*r) for r in rs)
@@ -219,11 +228,13 @@ def decode_metadata(raw: bytes, lvs_uuid: str) -> tuple[int, Metadata] | None:
     (count,) = struct.unpack_from("<I", p, off)
     off += 4
     for _ in range(count):
-        ub, clusters, flags, clear, nruns = _VOL.unpack_from(p, off)
+        ub, pb, clusters, flags, clear, nruns = _VOL.unpack_from(p, off)
         off += _VOL.size
         v = VolumeRecord(str(uuidlib.UUID(bytes=ub)), name(), clusters,
                          bool(flags & FLAG_THIN), bool(flags & FLAG_READ_ONLY),
-                         CLEAR_METHODS[clear])
+                         CLEAR_METHODS[clear],
+                         parent=str(uuidlib.UUID(bytes=pb)) if any(pb) else None,
+                         snapshot=bool(flags & FLAG_SNAPSHOT))
         for _ in range(nruns):
             v0, p0, n = _RUN.unpack_from(p, off)
             off += _RUN.size
@@ -231,3 +242,17 @@ def decode_metadata(raw: bytes, lvs_uuid: str) -> tuple[int, Metadata] | None:
                 v.map[v0 + i] = p0 + i
         md.volumes[v.uuid] = v
     return gen, md
+
+
+def resolve(md: Metadata, vol: VolumeRecord, vc: int) -> int:
+    """The physical cluster a read of virtual cluster vc finds: the volume's own, else
+    its parent's, up the chain; UNMAPPED (reads zeroes) when none has it."""
+    v: VolumeRecord | None = vol
+    for _ in range(len(md.volumes)):
+        if v is None or vc >= v.num_clusters:
+            return UNMAPPED
+        p = v.map.get(vc)
+        if p is not None:
+            return p
+        v = md.volumes.get(v.parent) if v.parent else None
+    return UNMAPPED

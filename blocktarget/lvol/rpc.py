@@ -181,6 +181,41 @@ async def bdev_lvol_rename(target: Target, params: dict[str, Any]) -> bool:
     return True
 
 
+@method("bdev_lvol_snapshot", Schema((
+    Param("lvol_name", str, required=True, check=non_empty,
+          help="the volume's UUID or <lvs>/<lvol> alias"),
+    Param("snapshot_name", str, required=True, check=non_empty),
+)), in_config=False)
+async def bdev_lvol_snapshot(target: Target, params: dict[str, Any]) -> str:
+    """Take a read-only, point-in-time snapshot of a volume, live; returns its UUID. The
+    volume becomes a thin clone of it (its first write to each cluster copies it)."""
+    bdev = volume_bdev(target, params["lvol_name"])
+    store = bdev.store
+    alias = f"{store.name}/{params['snapshot_name']}"
+    if target.bdevs.find(alias) is not None:
+        raise AlreadyExists(f"bdev '{alias}' already exists")
+    rec = await store.snapshot_volume(bdev.uuid, params["snapshot_name"])
+    await add_volume_bdev(target, store, rec)
+    return rec.uuid
+
+
+@method("bdev_lvol_clone", Schema((
+    Param("snapshot_name", str, required=True, check=non_empty,
+          help="the snapshot's UUID or <lvs>/<lvol> alias"),
+    Param("clone_name", str, required=True, check=non_empty),
+)), in_config=False)
+async def bdev_lvol_clone(target: Target, params: dict[str, Any]) -> str:
+    """Create a writable thin clone of a snapshot; returns its UUID."""
+    bdev = volume_bdev(target, params["snapshot_name"])
+    store = bdev.store
+    alias = f"{store.name}/{params['clone_name']}"
+    if target.bdevs.find(alias) is not None:
+        raise AlreadyExists(f"bdev '{alias}' already exists")
+    rec = await store.clone_volume(bdev.uuid, params["clone_name"])
+    await add_volume_bdev(target, store, rec)
+    return rec.uuid
+
+
 @method("bdev_lvol_set_read_only", _NAME, in_config=False)
 async def bdev_lvol_set_read_only(target: Target, params: dict[str, Any]) -> bool:
     """Make a volume read-only, durably: writes then fail with Namespace Write Protected."""
@@ -198,6 +233,11 @@ async def bdev_lvol_delete(target: Target, params: dict[str, Any]) -> bool:
         raise Busy(f"lvol '{bdev.aliases[0]}' is in use by {bdev.claimed_by}; "
                    "remove that first")
     store = bdev.store
+    kids = store.children(bdev.uuid)
+    if kids:  # (checked again, under the store's turnstile, by delete_volume)
+        raise Busy(f"lvol '{bdev.aliases[0]}' is the snapshot of "
+                   f"{', '.join(repr(store.name + '/' + k.name) for k in kids)}; "
+                   "delete those first")
     await target.delete_bdev(bdev.name)  # channels closed: no I/O is left in flight
     try:
         await store.delete_volume(bdev.uuid)

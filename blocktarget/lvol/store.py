@@ -15,13 +15,14 @@ through limbo (alloc.py) only after it is durable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
 
 from ..bdev import Bdev, IOChannel, IOType, Status
-from ..errors import AlreadyExists, InvalidParams, RpcError
+from ..errors import AlreadyExists, Busy, InvalidParams, RpcError
 from . import baseio
 from .alloc import ClusterAllocator, IoEpochs, NoSpace
 from .format import (
@@ -68,6 +69,10 @@ class LvolStore:
         self.lock = threading.Lock()
         self.alloc = ClusterAllocator.from_maps(
             sb.total_clusters, ((v.name, v.map) for v in md.volumes.values()))
+        _check_chains(md)
+        # volumes whose writes must not start now (a snapshot of them is being taken):
+        # the fast path sends them to the slow path, which waits behind the turnstile
+        self.frozen: set[str] = set()
         self.epochs = IoEpochs()
         self.turn = Turnstile()
         self.enospc_errors = 0  # writes failed for want of a free cluster
@@ -117,6 +122,14 @@ class LvolStore:
 
     def io_start(self) -> int:
         with self.lock:
+            return self.epochs.start()
+
+    def write_start(self, vol_uuid: str) -> int | None:
+        """io_start for a write, or None while the volume is frozen (checked under the
+        same lock a freeze takes, so a write either counts before it or waits after)."""
+        with self.lock:
+            if vol_uuid in self.frozen:
+                return None
             return self.epochs.start()
 
     def io_done(self, epoch: int) -> None:
@@ -231,6 +244,9 @@ class LvolStore:
         n = -(-size_bytes // self.cluster_size)
         async with self.turn.held():
             old = self.md.volumes[vol_uuid]
+            if old.snapshot:
+                raise InvalidParams(f"lvol '{self.name}/{old.name}' is a snapshot: its size "
+                                    "is fixed")
             if n == old.num_clusters:
                 return old
             freed = [p for v, p in old.map.items() if v >= n]
@@ -251,9 +267,17 @@ class LvolStore:
             await self._release(freed, old.clear_method)
             return self.md.volumes[vol_uuid]
 
+    def children(self, vol_uuid: str) -> list[VolumeRecord]:
+        return [v for v in self.md.volumes.values() if v.parent == vol_uuid]
+
     async def delete_volume(self, vol_uuid: str) -> None:
         async with self.turn.held():
             old = self.md.volumes[vol_uuid]
+            kids = self.children(vol_uuid)
+            if kids:
+                raise Busy(f"lvol '{self.name}/{old.name}' is the snapshot of "
+                           f"{', '.join(repr(self.name + '/' + k.name) for k in kids)}; "
+                           "delete those first")
             await self.commit_held(lambda md: md.volumes.pop(vol_uuid))
             await self._release(list(old.map.values()), old.clear_method)
 
@@ -285,6 +309,55 @@ class LvolStore:
 
             await self.commit_held(edit)
 
+    async def snapshot_volume(self, vol_uuid: str, name: str) -> VolumeRecord:
+        """A read-only, point-in-time copy: the snapshot takes the volume's clusters, the
+        volume becomes a thin clone of it (reads fall through, a first write to a cluster
+        copies it). In-flight writes to the volume are drained first and new ones wait,
+        so no write lands in a cluster after it became the snapshot's."""
+        check_name("lvol", name)
+        async with self.turn.held():
+            if self.volume_by_name(name) is not None:
+                raise AlreadyExists(f"lvol '{self.name}/{name}' already exists")
+            with self.lock:
+                self.frozen.add(vol_uuid)
+                barrier = self.epochs.advance()
+            try:
+                while True:
+                    with self.lock:
+                        busy = self.epochs.oldest_busy()
+                    if busy is None or busy > barrier:
+                        break
+                    await asyncio.sleep(0.0005)
+                old = self.md.volumes[vol_uuid]
+                snap = VolumeRecord(str(uuidlib.uuid4()), name, old.num_clusters, thin=True,
+                                    read_only=True, clear_method=old.clear_method,
+                                    map=dict(old.map), parent=old.parent, snapshot=True)
+
+                def edit(md: Metadata) -> None:
+                    v = md.volumes[vol_uuid]
+                    v.map, v.parent, v.thin = {}, snap.uuid, True
+                    md.volumes[snap.uuid] = snap.copy()
+
+                await self.commit_held(edit)
+            finally:
+                with self.lock:
+                    self.frozen.discard(vol_uuid)
+        return snap
+
+    async def clone_volume(self, snap_uuid: str, name: str) -> VolumeRecord:
+        """A writable thin volume reading through to a snapshot."""
+        check_name("lvol", name)
+        async with self.turn.held():
+            snap = self.md.volumes[snap_uuid]
+            if not snap.snapshot:
+                raise InvalidParams(f"lvol '{self.name}/{snap.name}' is not a snapshot")
+            if self.volume_by_name(name) is not None:
+                raise AlreadyExists(f"lvol '{self.name}/{name}' already exists")
+            rec = VolumeRecord(str(uuidlib.uuid4()), name, snap.num_clusters, thin=True,
+                               clear_method=snap.clear_method, parent=snap_uuid)
+            await self.commit_held(lambda md: md.volumes.__setitem__(rec.uuid, rec.copy()))
+        return rec
+
     async def rename(self, new_name: str) -> None:
         check_name("lvstore", new_name)
 
@@ -292,6 +365,21 @@ class LvolStore:
             md.name = new_name
 
         await self.change(edit)
+
+
+def _check_chains(md: Metadata) -> None:
+    """Every parent exists and is a snapshot, and no chain loops (ValueError)."""
+    for v in md.volumes.values():
+        seen = {v.uuid}
+        p = v.parent
+        while p is not None:
+            parent = md.volumes.get(p)
+            if parent is None or not parent.snapshot:
+                raise ValueError(f"volume {v.name}: parent {p} is missing or not a snapshot")
+            if p in seen:
+                raise ValueError(f"volume {v.name}: its chain of parents loops")
+            seen.add(p)
+            p = parent.parent
 
 
 # ---- creating and finding stores on a base ----

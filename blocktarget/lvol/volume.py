@@ -38,7 +38,7 @@ from ..bdev import BdevIO, IOType, Status
 from ..bdevs._stack import StackedBdev, StackedChannel
 from . import baseio
 from .alloc import NoSpace
-from .format import UNMAPPED, VolumeRecord
+from .format import UNMAPPED, Metadata, VolumeRecord, resolve
 from .serial import run_on
 
 if TYPE_CHECKING:
@@ -59,24 +59,30 @@ _ENOSPC_LOG_INTERVAL_S = 10.0
 class Segment:
     """The part of an I/O inside one virtual cluster."""
 
-    __slots__ = ("vc", "pc", "io_off", "in_off", "n")
+    __slots__ = ("vc", "pc", "src", "io_off", "in_off", "n")
 
-    def __init__(self, vc: int, pc: int, io_off: int, in_off: int, n: int) -> None:
+    def __init__(self, vc: int, pc: int, src: int, io_off: int, in_off: int, n: int) -> None:
         self.vc = vc  # virtual cluster
-        self.pc = pc  # physical cluster, or UNMAPPED
+        self.pc = pc  # the volume's own physical cluster, or UNMAPPED
+        self.src = src  # where a read finds it: own, else up the parent chain, or UNMAPPED
         self.io_off = io_off  # first block within the I/O
         self.in_off = in_off  # first block within the cluster
         self.n = n
 
 
-def segments(offset: int, num: int, bpc: int, m: dict[int, int]) -> list[Segment]:
+def segments(offset: int, num: int, bpc: int, md: Metadata, vol: VolumeRecord
+             ) -> list[Segment]:
     out = []
     pos = 0
+    m = vol.map
+    chained = vol.parent is not None
     while pos < num:
         b = offset + pos
         vc, in_off = divmod(b, bpc)
         n = min(num - pos, bpc - in_off)
-        out.append(Segment(vc, m.get(vc, UNMAPPED), pos, in_off, n))
+        pc = m.get(vc, UNMAPPED)
+        src = resolve(md, vol, vc) if chained and pc == UNMAPPED else pc
+        out.append(Segment(vc, pc, src, pos, in_off, n))
         pos += n
     return out
 
@@ -87,7 +93,8 @@ class LvolChannel(StackedChannel):
     def _submit(self, io: BdevIO) -> None:
         bdev = self.bdev
         store = bdev.store
-        vol = store.md.volumes.get(bdev.uuid)
+        md = store.md  # one consistent view for the whole I/O
+        vol = md.volumes.get(bdev.uuid)
         t = io.type
         if vol is None:
             self.complete(io, Status.INVALID_NAMESPACE)  # deleted under us
@@ -101,17 +108,24 @@ class LvolChannel(StackedChannel):
         if vol.read_only and t in _MODIFYING:
             self.complete(io, NS_WRITE_PROTECTED)
             return
+        bpc = store.blocks_per_cluster
         if t == IOType.READ or t == IOType.WRITE:
             # the common case, without building segments: inside one mapped cluster
-            vc, in_off = divmod(io.offset_blocks, store.blocks_per_cluster)
+            vc, in_off = divmod(io.offset_blocks, bpc)
             pc = vol.map.get(vc)
-            if pc is not None and in_off + io.num_blocks <= store.blocks_per_cluster:
-                epoch = store.io_start()
+            if pc is None and t == IOType.READ and vol.parent is not None:
+                pc = resolve(md, vol, vc)
+                pc = None if pc == UNMAPPED else pc
+            if pc is not None and in_off + io.num_blocks <= bpc:
+                epoch = store.io_start() if t == IOType.READ else store.write_start(vol.uuid)
+                if epoch is None:
+                    self._slow(io)  # frozen for a snapshot: wait behind it
+                    return
                 self.base_channels[0].submit(BdevIO(
                     t, store.cluster_block(pc) + in_off, io.num_blocks, io.buf,
                     self._one_done, fua=io.fua, ctx=(io, epoch)))
                 return
-        segs = segments(io.offset_blocks, io.num_blocks, store.blocks_per_cluster, vol.map)
+        segs = segments(io.offset_blocks, io.num_blocks, bpc, md, vol)
         if t == IOType.READ:
             self._read(io, segs)
         elif t == IOType.WRITE:
@@ -119,16 +133,18 @@ class LvolChannel(StackedChannel):
                 self._slow(io)
             else:
                 self._write(io, segs)
-        elif t == IOType.WRITE_ZEROES:
-            self._zero(io, segs)
-        elif t == IOType.UNMAP:
-            bpc = store.blocks_per_cluster
-            if vol.thin and any(s.pc != UNMAPPED and s.n == bpc for s in segs):
+        elif vol.parent is not None:
+            # a clone: a cluster only its parent has must get zeroes of its own (dropping
+            # it would show the parent's data), so Deallocate frees nothing here
+            if any(s.pc == UNMAPPED and s.src != UNMAPPED for s in segs):
                 self._slow(io)
             else:
                 self._zero(io, segs)
+        elif t == IOType.UNMAP and vol.thin and any(s.pc != UNMAPPED and s.n == bpc
+                                                    for s in segs):
+            self._slow(io)
         else:
-            self.complete(io, Status.INVALID_OPCODE)
+            self._zero(io, segs)
 
     # ---- fast path ----
     def _one_done(self, child: BdevIO) -> None:
@@ -138,8 +154,8 @@ class LvolChannel(StackedChannel):
             io.buf = child.buf  # a memory base lent its buffer: zero-copy read
         self.complete(io, child.status)
 
-    def _base_block(self, s: Segment) -> int:
-        return self.bdev.store.cluster_block(s.pc) + s.in_off
+    def _base_block(self, s: Segment, own: bool = True) -> int:
+        return self.bdev.store.cluster_block(s.pc if own else s.src) + s.in_off
 
     def _finish(self, io: BdevIO, epoch: int) -> baseio.Done:
         store = self.bdev.store
@@ -155,9 +171,9 @@ class LvolChannel(StackedChannel):
         if io.buf is None:
             io.buf = memoryview(bytearray(io.num_blocks * bs))
         buf = memoryview(io.buf)
-        mapped = [s for s in segs if s.pc != UNMAPPED]
+        mapped = [s for s in segs if s.src != UNMAPPED]
         for s in segs:
-            if s.pc == UNMAPPED:
+            if s.src == UNMAPPED:
                 a = s.io_off * bs
                 buf[a:a + s.n * bs] = bytes(s.n * bs)
         if not mapped:
@@ -168,11 +184,14 @@ class LvolChannel(StackedChannel):
         ch = self.base_channels[0]
         for s in mapped:
             a = s.io_off * bs
-            baseio.submit(ch, IOType.READ, self._base_block(s), s.n, buf[a:a + s.n * bs],
-                          join.one)
+            baseio.submit(ch, IOType.READ, self._base_block(s, own=False), s.n,
+                          buf[a:a + s.n * bs], join.one)
 
     def _write(self, io: BdevIO, segs: list[Segment]) -> None:
-        epoch = self.bdev.store.io_start()
+        epoch = self.bdev.store.write_start(self.bdev.uuid)
+        if epoch is None:
+            self._slow(io)
+            return
         self._write_mapped(io, segs, self._finish(io, epoch))
 
     def _write_mapped(self, io: BdevIO, segs: list[Segment], done: baseio.Done) -> None:
@@ -186,16 +205,22 @@ class LvolChannel(StackedChannel):
                           join.one, fua=io.fua)
 
     def _zero(self, io: BdevIO, segs: list[Segment]) -> None:
-        """Write Zeroes, and Deallocate that frees no whole cluster: zero the allocated
-        parts (unallocated ones already read zeroes)."""
+        """Write Zeroes, and Deallocate that frees no whole cluster: zero the volume's own
+        clusters (clusters nobody has already read zeroes)."""
         mapped = [s for s in segs if s.pc != UNMAPPED]
         if not mapped:
             self.complete(io, Status.SUCCESS)
             return
-        epoch = self.bdev.store.io_start()
-        join = baseio.Join(len(mapped), self._finish(io, epoch))
+        epoch = self.bdev.store.write_start(self.bdev.uuid)
+        if epoch is None:
+            self._slow(io)
+            return
+        self._zero_own(mapped, self._finish(io, epoch))
+
+    def _zero_own(self, segs: list[Segment], done: baseio.Done) -> None:
+        join = baseio.Join(len(segs), done)
         ch = self.base_channels[0]
-        for s in mapped:
+        for s in segs:
             baseio.zero(ch, self._base_block(s), s.n, join.one)
 
     # ---- slow path ----
@@ -211,7 +236,8 @@ class LvolChannel(StackedChannel):
             store.turn.leave()
 
         try:
-            vol = store.md.volumes.get(self.bdev.uuid)
+            md = store.md
+            vol = md.volumes.get(self.bdev.uuid)
             if vol is None or self.bdev.removed:
                 finish(Status.INVALID_NAMESPACE)
                 return
@@ -221,9 +247,11 @@ class LvolChannel(StackedChannel):
             if io.offset_blocks + io.num_blocks > self.bdev.num_blocks:
                 finish(Status.LBA_OUT_OF_RANGE)  # shrunk while this I/O queued
                 return
-            segs = segments(io.offset_blocks, io.num_blocks, store.blocks_per_cluster, vol.map)
+            segs = segments(io.offset_blocks, io.num_blocks, store.blocks_per_cluster, md, vol)
             if io.type == IOType.WRITE:
                 self._allocate_and_write(io, vol, segs, finish)
+            elif vol.parent is not None or io.type == IOType.WRITE_ZEROES or not vol.thin:
+                self._allocate_and_write(io, vol, segs, finish, zero=True)
             else:
                 self._deallocate(io, vol, segs, finish)
         except Exception:
@@ -231,12 +259,18 @@ class LvolChannel(StackedChannel):
             finish(Status.INTERNAL_ERROR)
 
     def _allocate_and_write(self, io: BdevIO, vol: VolumeRecord, segs: list[Segment],
-                            finish: baseio.Done) -> None:
+                            finish: baseio.Done, zero: bool = False) -> None:
+        """Give the clusters the I/O touches that the volume does not own yet a cluster of
+        their own: a copy of the parent's (copy-on-write) or zeroes, with the I/O's data
+        (or zeroes, for Write Zeroes and a clone's Deallocate) on top."""
         store = self.bdev.store
-        new = [s for s in segs if s.pc == UNMAPPED]
+        new = [s for s in segs if s.pc == UNMAPPED and (not zero or s.src != UNMAPPED)]
         old = [s for s in segs if s.pc != UNMAPPED]
         if not new:  # another write allocated them while this one queued
-            self._write_mapped(io, old, finish)
+            if zero:
+                self._zero_own(old, finish)
+            else:
+                self._write_mapped(io, old, finish)
             return
         try:
             pcs = store.reserve(len(new))
@@ -249,7 +283,9 @@ class LvolChannel(StackedChannel):
         ch = self.base_channels[0]
         bs = self.bdev.block_size
         cs = store.cluster_size
-        src = memoryview(io.buf)
+        bpc = store.blocks_per_cluster
+        src = None if zero else memoryview(io.buf)
+        wholes = [bytearray(cs) for _ in new]
 
         def failed(status: int) -> None:
             store.unreserve(pcs)
@@ -275,17 +311,32 @@ class LvolChannel(StackedChannel):
             else:
                 baseio.flush(ch, flushed)
 
-        join = baseio.Join(len(segs), written)
-        for s in old:
-            a = s.io_off * bs
-            baseio.submit(ch, IOType.WRITE, self._base_block(s), s.n, src[a:a + s.n * bs],
+        def copied(status: int) -> None:
+            if status:
+                failed(status)
+                return
+            join = baseio.Join(len(old) + len(new), written)
+            for s in old:
+                a = s.io_off * bs
+                if zero:
+                    baseio.zero(ch, self._base_block(s), s.n, join.one)
+                else:
+                    baseio.submit(ch, IOType.WRITE, self._base_block(s), s.n,
+                                  src[a:a + s.n * bs], join.one)  # type: ignore[index]
+            for s, whole in zip(new, wholes, strict=True):
+                a, b = s.in_off * bs, (s.in_off + s.n) * bs
+                if zero:
+                    whole[a:b] = bytes(b - a)
+                else:
+                    whole[a:b] = src[s.io_off * bs:s.io_off * bs + b - a]  # type: ignore[index]
+                baseio.submit(ch, IOType.WRITE, store.cluster_block(s.pc), bpc,
+                              memoryview(whole), join.one)
+
+        cow = [(s, w) for s, w in zip(new, wholes, strict=True) if s.src != UNMAPPED]
+        join = baseio.Join(len(cow), copied)
+        for s, whole in cow:  # the parent's cluster first: the write lands on a copy of it
+            baseio.submit(ch, IOType.READ, store.cluster_block(s.src), bpc, memoryview(whole),
                           join.one)
-        for s in new:
-            whole = bytearray(cs)
-            a = s.io_off * bs
-            whole[s.in_off * bs:(s.in_off + s.n) * bs] = src[a:a + s.n * bs]
-            baseio.submit(ch, IOType.WRITE, store.cluster_block(s.pc), cs // bs,
-                          memoryview(whole), join.one)
 
     def _deallocate(self, io: BdevIO, vol: VolumeRecord, segs: list[Segment],
                     finish: baseio.Done) -> None:
@@ -359,15 +410,22 @@ class LvolBdev(StackedBdev):
         v = self.store.md.volumes.get(self.uuid)
         if v is None:
             return {}
-        return {"lvol": {
+        md = self.store.md
+        out: dict[str, Any] = {
             "name": v.name,
             "lvol_store_uuid": self.store.uuid,
             "base_bdev": self.store.base.name,
             "thin_provision": v.thin,
             "num_allocated_clusters": len(v.map),
-            "snapshot": False,
-            "clone": False,
+            "snapshot": v.snapshot,
+            "clone": v.parent is not None,
             "esnap_clone": False,
             "read_only": v.read_only,
             "clear_method": v.clear_method,
-        }}
+        }
+        parent = md.volumes.get(v.parent) if v.parent else None
+        if parent is not None:
+            out["base_snapshot"] = parent.name
+        if v.snapshot:
+            out["clones"] = [c.name for c in md.volumes.values() if c.parent == v.uuid]
+        return {"lvol": out}

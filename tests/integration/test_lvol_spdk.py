@@ -200,3 +200,52 @@ def test_full_thin_store_fails_only_new_clusters(running_target: Launcher, base_
         assert "Capacity Exceeded" in t.log()
     finally:
         rpc.close()
+
+
+async def _snapshot_io(port: int, rpc: SpdkRpc) -> None:
+    """Write the origin, snapshot it over RPC while connected, write it again: the clone
+    of the snapshot (nsid 2) reads the first data, the origin (nsid 1) the second."""
+    ctrl = await connect("127.0.0.1", port, NQN, nr_io_queues=2, timeout=15)
+    try:
+        first = {lba: blocks(8, lba % 251) for lba in (0, 3 * BPC + 17, 6 * BPC - 8)}
+        for lba, d in first.items():
+            await ctrl.write(1, lba, d)
+        await ctrl.flush(1)
+        snap = await asyncio.to_thread(rpc.uuid, "bdev_lvol_snapshot", "lvs0/vol", "snap0")
+        await asyncio.to_thread(rpc.uuid, "bdev_lvol_clone", snap, "clone0")
+        await asyncio.to_thread(rpc.ok, "nvmf_subsystem_add_ns", "-n", "2", NQN, "lvs0/clone0")
+        second = {lba: blocks(8, 99) for lba in first}
+        for lba, d in second.items():
+            await ctrl.write(1, lba + 2, d)  # partial: the rest of the cluster is copied
+        for lba, d in first.items():
+            want = d[:2 * BS] + second[lba]
+            assert bytes(await ctrl.read(1, lba, 10)) == want, f"origin lba {lba}"
+            assert bytes(await ctrl.read(2, lba, 8)) == d, f"clone lba {lba}"
+        await ctrl.write(2, 0, blocks(1, 5))  # the clone is writable, the snapshot not
+        assert bytes(await ctrl.read(1, 0, 2)) == first[0][:2 * BS]
+    finally:
+        await ctrl.disconnect()
+
+
+def test_snapshot_and_clone_by_spdk_rpc_while_connected(running_target: Launcher,
+                                                        base_file: Path) -> None:
+    t = running_target(target_config(base_file))
+    rpc = SpdkRpc(t.sock_path)
+    try:
+        rpc.uuid("bdev_lvol_create_lvstore", "U0", "lvs0", "-c", str(MIB))
+        rpc.uuid("bdev_lvol_create", "-l", "lvs0", "vol", "8")
+        rpc.ok("nvmf_create_subsystem", NQN, "-a")
+        rpc.ok("nvmf_subsystem_add_ns", NQN, "lvs0/vol")
+        port = free_port()
+        t.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address=listen_address(port))
+        asyncio.run(_snapshot_io(port, rpc))
+        lvols = {v["name"]: v for v in rpc.json("bdev_lvol_get_lvols", "-l", "lvs0")}
+        assert lvols["snap0"]["is_snapshot"] and lvols["snap0"]["num_allocated_clusters"] == 8
+        assert lvols["vol"]["is_clone"] and lvols["vol"]["num_allocated_clusters"] == 4  # 5|6 straddled
+        assert lvols["clone0"]["is_clone"] and lvols["clone0"]["num_allocated_clusters"] == 1
+        [b] = rpc.json("bdev_get_bdevs", "-b", "lvs0/snap0")
+        assert sorted(b["driver_specific"]["lvol"]["clones"]) == ["clone0", "vol"]
+        e = rpc.fails("bdev_lvol_delete", "lvs0/snap0")
+        assert e["code"] == -16 and "delete those first" in e["message"]
+    finally:
+        rpc.close()

@@ -338,3 +338,120 @@ async def test_store_found_again_by_a_new_target(tmp_path: Path) -> None:
 
 def t_names(t: Target) -> set[str]:
     return {b.name for b in t.bdevs}
+
+
+async def test_snapshot_clone_copy_on_write(t: Target) -> None:
+    await store(t)
+    origin = await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="o", size_in_mib=4)
+    a = pattern(BPC, 1)
+    assert await write(t, "lvs/o", 0, a) == 0  # cluster 0 fully written
+    assert await write(t, "lvs/o", 2 * BPC + 5, pattern(3, 2)) == 0
+    snap = await ok(t, "bdev_lvol_snapshot", lvol_name="lvs/o", snapshot_name="s")
+    assert (await lvstore(t))["free_clusters"] == 11  # the snapshot took o's 4 clusters
+    # the origin is a thin clone of the snapshot: same data, no clusters of its own
+    assert await read(t, "lvs/o", 0, BPC) == a
+    lv = {v["name"]: v for v in await ok(t, "bdev_lvol_get_lvols")}
+    assert lv["s"]["is_snapshot"] and lv["o"]["is_clone"] and not lv["o"]["is_snapshot"]
+    assert lv["o"]["num_allocated_clusters"] == 0 and lv["s"]["num_allocated_clusters"] == 4
+    [b] = await ok(t, "bdev_get_bdevs", name="lvs/o")
+    assert b["driver_specific"]["lvol"]["base_snapshot"] == "s"
+    [b] = await ok(t, "bdev_get_bdevs", name=snap)
+    assert b["driver_specific"]["lvol"]["clones"] == ["o"]
+
+    # a partial write to the origin copies the cluster first: the rest keeps the old data
+    b1 = pattern(2, 3)
+    assert await write(t, "lvs/o", 7, b1) == 0
+    assert await read(t, "lvs/o", 0, BPC) == a[:7 * BS] + b1 + a[9 * BS:]
+    assert await read(t, "lvs/s", 0, BPC) == a  # point in time
+    assert await write(t, "lvs/s", 0, b1) == NS_WRITE_PROTECTED
+    assert (await lvstore(t))["free_clusters"] == 10
+
+    # a clone of the snapshot sees the snapshot, not the origin's later writes
+    await ok(t, "bdev_lvol_clone", snapshot_name="lvs/s", clone_name="c")
+    assert await read(t, "lvs/c", 0, BPC) == a
+    assert await read(t, "lvs/c", 2 * BPC + 5, 3) == pattern(3, 2)
+    # Deallocate and Write Zeroes on a clone read zeroes, never the parent's data
+    assert (await io(t, "lvs/c", IOType.UNMAP, 0, BPC)).status == 0
+    assert await read(t, "lvs/c", 0, 4) == bytes(4 * BS)
+    assert (await io(t, "lvs/c", IOType.WRITE_ZEROES, 2 * BPC + 5, 1)).status == 0
+    assert await read(t, "lvs/c", 2 * BPC + 5, 3) == bytes(BS) + pattern(3, 2)[BS:]
+    assert await read(t, "lvs/s", 0, BPC) == a and await read(t, "lvs/o", 9, 1) == a[9 * BS:10 * BS]
+
+    # a snapshot with clones is not deleted; its clones are, then it is
+    code, msg = await err(t, "bdev_lvol_delete", name="lvs/s")
+    assert code == EBUSY and "'lvs/o'" in msg and "'lvs/c'" in msg
+    assert (await err(t, "bdev_lvol_resize", name="lvs/s", size_in_mib=8))[0] == -32602
+    assert (await err(t, "bdev_lvol_clone", snapshot_name="lvs/o", clone_name="x"))[0] == -32602
+    await ok(t, "bdev_lvol_delete", name="lvs/c")
+    await ok(t, "bdev_lvol_delete", name=origin)
+    await ok(t, "bdev_lvol_delete", name="lvs/s")
+    assert (await lvstore(t))["free_clusters"] == 15
+
+
+async def test_snapshot_while_writes_run_is_point_in_time() -> None:
+    """Writes from two reactors run while the snapshot is taken: the snapshot holds, for
+    every block, a value the volume had; the origin then holds each block's last write,
+    and every acknowledged write is in one of them."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    target = Target(settings(cores if len(cores) == 2 else [cores[0], cores[0]]))
+    await target.start()
+    try:
+        await store(target)
+        await ok(target, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=4)
+        blocks = 64
+        last: dict[int, int] = {}  # acknowledged
+        issued: dict[int, int] = {}  # submitted
+        stop = asyncio.Event()
+
+        async def writer(r: int) -> None:
+            gen = 0
+            while not stop.is_set():
+                gen += 1
+                for k in range(r, blocks, 2):
+                    blk = k * (BPC // 16)  # spread over the 4 clusters
+                    issued[blk] = gen
+                    assert await write(target, "lvs/v", blk, pattern(1, gen), r) == 0
+                    last[blk] = gen
+
+        tasks = [asyncio.create_task(writer(r)) for r in (0, 1)]
+        await asyncio.sleep(0.2)
+        before = dict(last)  # acknowledged before the snapshot began: must be in it
+        await ok(target, "bdev_lvol_snapshot", lvol_name="lvs/v", snapshot_name="s")
+        at_snap = dict(issued)  # submitted after it returned: must not be in it
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*tasks)
+        for blk, gen in last.items():
+            assert await read(target, "lvs/v", blk, 1) == pattern(1, gen)
+            got = await read(target, "lvs/s", blk, 1)
+            lo, hi = before.get(blk, 0), at_snap.get(blk, 0)
+            assert any(got == (pattern(1, g) if g else bytes(BS)) for g in range(lo, hi + 1)), (
+                f"block {blk}: the snapshot holds none of generations {lo}..{hi}")
+        assert sum(at_snap.values()) > sum(before.values())  # writes ran across it
+    finally:
+        await target.stop()
+
+
+async def test_snapshot_waits_for_writes_in_flight(t: Target) -> None:
+    """A write held below the store (an error bdev's `pending` injection) when a snapshot
+    starts: the snapshot waits for it, so the write is in the snapshot and in the
+    origin's copy of the cluster, never only in a cluster the origin no longer reads."""
+    await ok(t, "bdev_malloc_create", name="M0", num_blocks=16 * MIB // BS, block_size=BS)
+    await ok(t, "bdev_error_create", base_name="M0")
+    await ok(t, "bdev_lvol_create_lvstore", bdev_name="EE_M0", lvs_name="lvs", cluster_sz=MIB)
+    await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=2)
+    await ok(t, "bdev_error_inject_error", name="EE_M0", io_type="write",
+             error_type="pending", num=1)
+    held = asyncio.create_task(write(t, "lvs/v", 5, pattern(1, 1)))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    snap = asyncio.create_task(ok(t, "bdev_lvol_snapshot", lvol_name="lvs/v",
+                                  snapshot_name="s"))
+    await asyncio.sleep(0.1)
+    assert not snap.done(), "the snapshot did not wait for the write in flight"
+    assert await ok(t, "bdev_error_resume_pending", name="EE_M0") == 1
+    assert await held == 0
+    await snap
+    assert await write(t, "lvs/v", 6, pattern(1, 2)) == 0  # copies cluster 0
+    assert await read(t, "lvs/v", 5, 2) == pattern(1, 1) + pattern(1, 2)
+    assert await read(t, "lvs/s", 5, 2) == pattern(1, 1) + bytes(BS)

@@ -30,7 +30,7 @@ import pytest
 from blocktarget.app import Target
 from blocktarget.bdev import Bdev, BdevIO, IOChannel, IOType, Status
 from blocktarget.config import Settings
-from blocktarget.lvol.format import Metadata
+from blocktarget.lvol.format import UNMAPPED, Metadata, resolve
 from blocktarget.lvol.module import examine, stores_of
 from blocktarget.lvol.store import LvolStore
 
@@ -176,36 +176,45 @@ ZERO = bytes(BS)
 
 
 def check_data(h: Harness, img: bytes, store: LvolStore, which: str,
-               new_data: dict[str, dict[int, bytes]]) -> None:
-    """Every block of every recovered volume: acknowledged data where it was written,
-    the in-flight write's data or zeroes where it went, zeroes everywhere else (never a
-    deleted volume's leftovers), except blocks the host deallocated (old data or zeroes)."""
-    for vol, rec in store.md.volumes.items():
+               new_data: dict[str, dict[int, tuple[bytes, bytes]]]) -> None:
+    """Every block of every recovered volume, read as the volume reads it (its own
+    cluster, else its parent's, up the chain): acknowledged data where it was written,
+    the in-flight write's data or the block's previous value where it went, zeroes
+    everywhere else (never a deleted volume's leftovers), except blocks the host
+    deallocated (old data or zeroes)."""
+    md = store.md
+    for vol, rec in md.volumes.items():
         acked, new, loose = h.acked.get(vol, {}), new_data.get(vol, {}), h.loose.get(vol, set())
-        for vc, pc in rec.map.items():
+        for vc in range(rec.num_clusters):
+            pc = resolve(md, rec, vc)
+            if pc == UNMAPPED:
+                for b in range(vc * BPC, (vc + 1) * BPC):
+                    if b in new:
+                        assert which == "before" and new[b][1] == ZERO, (
+                            f"{rec.name} block {b}: the new cluster is gone")
+                    elif b in acked and b not in loose:
+                        raise AssertionError(f"{rec.name}: acknowledged block {b} unmapped")
+                continue
             a = store.sb.cluster_offset(pc)
             got = img[a:a + CLUSTER]
             for i in range(BPC):
                 b = vc * BPC + i
                 blk = got[i * BS:(i + 1) * BS]
                 if b in new:
-                    assert blk == new[b] if which == "after" else blk in (new[b], ZERO), (
-                        f"{rec.name} block {b}: the new cluster lost its data")
+                    data, prev = new[b]
+                    assert blk == data if which == "after" else blk in (data, prev), (
+                        f"{rec.name} block {b}: neither the new data nor the old")
                 elif b in loose:
                     continue
                 elif b in acked:
                     assert blk == acked[b], f"{rec.name}: acknowledged block {b} lost"
                 else:
                     assert blk == ZERO, f"{rec.name}: block {b} reads stale data"
-        size = rec.num_clusters * BPC
-        for b in acked:
-            if b < size and b // BPC not in rec.map and b not in loose and b not in new:
-                raise AssertionError(f"{rec.name}: acknowledged block {b} unmapped")
 
 
 async def check_all(h: Harness, before: Metadata | None, after: Metadata | None,
-                    images: list[bytes], new_data: dict[str, dict[int, bytes]] | None = None
-                    ) -> int:
+                    images: list[bytes],
+                    new_data: dict[str, dict[int, tuple[bytes, bytes]]] | None = None) -> int:
     """Every image recovers to `before` or `after`, with the acknowledged data."""
     seen = set()
     for img in images:
@@ -280,7 +289,7 @@ async def test_every_metadata_change_is_atomic(h: Harness) -> None:
     thin = h.t.bdevs.get("lvs/thin").uuid
     before, after, images = await h.crashing(
         lambda: _async(lambda: h.write("lvs/thin", BPC - 4, data)))
-    new = {thin: {BPC - 4 + i: data[i * BS:(i + 1) * BS] for i in range(8)}}
+    new = {thin: {BPC - 4 + i: (data[i * BS:(i + 1) * BS], ZERO) for i in range(8)}}
     assert await check_all(h, before, after, images, new) == 2
 
     more = [
@@ -300,6 +309,32 @@ async def test_every_metadata_change_is_atomic(h: Harness) -> None:
         before, after, images = await h.crashing(op)
         assert before != after, what
         assert await check_all(h, before, after, images) == 2, what
+
+    # snapshots and clones: the snapshot takes the clusters, first writes copy them
+    await h.call("bdev_lvol_create", lvs_name="pool", lvol_name="origin", size_in_mib=1)
+    h.write("pool/origin", 0, pattern(BPC, 5))
+    origin = h.t.bdevs.get("pool/origin").uuid
+    before, after, images = await h.crashing(
+        lambda: h.call("bdev_lvol_snapshot", lvol_name="pool/origin", snapshot_name="snap"))
+    snap = h.t.bdevs.get("pool/snap").uuid
+    h.acked[snap] = dict(h.acked[origin])
+    assert await check_all(h, before, after, images) == 2, "snapshot"
+    before, after, images = await h.crashing(
+        lambda: h.call("bdev_lvol_clone", snapshot_name="pool/snap", clone_name="clone"))
+    clone = h.t.bdevs.get("pool/clone").uuid
+    h.acked[clone] = dict(h.acked[snap])
+    assert await check_all(h, before, after, images) == 2, "clone"
+    for name, vol, seed in (("pool/origin", origin, 6), ("pool/clone", clone, 7)):
+        data = pattern(4, seed)
+        prev = dict(h.acked[vol])
+        before, after, images = await h.crashing(
+            lambda n=name, d=data: _async(lambda: h.write(n, 10, d)))
+        new = {vol: {10 + i: (data[i * BS:(i + 1) * BS], prev[10 + i]) for i in range(4)}}
+        assert await check_all(h, before, after, images, new) == 2, f"copy-on-write {name}"
+    for name in ("pool/clone", "pool/origin", "pool/snap"):
+        before, after, images = await h.crashing(
+            lambda n=name: h.call("bdev_lvol_delete", name=n))
+        assert await check_all(h, before, after, images) == 2, f"delete {name}"
 
     before, after, images = await h.crashing(
         lambda: h.call("bdev_lvol_delete_lvstore", lvs_name="pool"))
