@@ -45,8 +45,9 @@ CLEAR_METHODS = ("none", "unmap", "write_zeroes")
 _SB = struct.Struct("<8sI16sIQQQQQQ")
 _MD_HEAD = struct.Struct("<8s16sQI")  # magic, lvs uuid, generation, payload length
 _CRC = struct.Struct("<I")
-# uuid, parent uuid (zeroes: none), clusters, flags, clear method, run count
-_VOL = struct.Struct("<16s16sQIBI")
+# uuid, parent uuid (zeroes: none), clusters, clusters read through the parent, flags,
+# clear method, run count
+_VOL = struct.Struct("<16s16sQQIBI")
 _RUN = struct.Struct("<III")  # first virtual cluster, first physical cluster, count
 _VOL_MAX = _VOL.size + 1 + NAME_MAX
 
@@ -144,11 +145,14 @@ class VolumeRecord:
     # so on up the chain; a cluster belongs to exactly one volume all the same
     parent: str | None = None
     snapshot: bool = False
+    # the first clusters a clone may read from its parent: a clone shrunk and grown
+    # again reads zeroes, not the parent's data, in the part it gave up
+    parent_clusters: int = 0
 
     def copy(self) -> VolumeRecord:
         return VolumeRecord(self.uuid, self.name, self.num_clusters, self.thin,
                             self.read_only, self.clear_method, dict(self.map), self.parent,
-                            self.snapshot)
+                            self.snapshot, self.parent_clusters)
 
 
 @dataclass
@@ -189,7 +193,8 @@ def encode_metadata(md: Metadata, lvs_uuid: str, generation: int, slot_size: int
         flags = ((FLAG_THIN if v.thin else 0) | (FLAG_READ_ONLY if v.read_only else 0)
                  | (FLAG_SNAPSHOT if v.snapshot else 0))
         parent = uuidlib.UUID(v.parent).bytes if v.parent else bytes(16)
-        parts.append(_VOL.pack(uuidlib.UUID(v.uuid).bytes, parent, v.num_clusters, flags,
+        parts.append(_VOL.pack(uuidlib.UUID(v.uuid).bytes, parent, v.num_clusters,
+                               v.parent_clusters, flags,
                                CLEAR_METHODS.index(v.clear_method), len(rs)))
         parts.append(_name(v.name))
         parts.extend(_RUN.pack(*r) for r in rs)
@@ -228,13 +233,13 @@ def decode_metadata(raw: bytes, lvs_uuid: str) -> tuple[int, Metadata] | None:
     (count,) = struct.unpack_from("<I", p, off)
     off += 4
     for _ in range(count):
-        ub, pb, clusters, flags, clear, nruns = _VOL.unpack_from(p, off)
+        ub, pb, clusters, through, flags, clear, nruns = _VOL.unpack_from(p, off)
         off += _VOL.size
         v = VolumeRecord(str(uuidlib.UUID(bytes=ub)), name(), clusters,
                          bool(flags & FLAG_THIN), bool(flags & FLAG_READ_ONLY),
                          CLEAR_METHODS[clear],
                          parent=str(uuidlib.UUID(bytes=pb)) if any(pb) else None,
-                         snapshot=bool(flags & FLAG_SNAPSHOT))
+                         snapshot=bool(flags & FLAG_SNAPSHOT), parent_clusters=through)
         for _ in range(nruns):
             v0, p0, n = _RUN.unpack_from(p, off)
             off += _RUN.size
@@ -254,5 +259,7 @@ def resolve(md: Metadata, vol: VolumeRecord, vc: int) -> int:
         p = v.map.get(vc)
         if p is not None:
             return p
+        if vc >= v.parent_clusters:
+            return UNMAPPED
         v = md.volumes.get(v.parent) if v.parent else None
     return UNMAPPED

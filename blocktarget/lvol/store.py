@@ -256,6 +256,7 @@ class LvolStore:
             def edit(md: Metadata) -> None:
                 v = md.volumes[vol_uuid]
                 v.num_clusters = n
+                v.parent_clusters = min(v.parent_clusters, n)
                 v.map = {a: b for a, b in v.map.items() if a < n}
                 v.map.update(zip(grow, pcs, strict=True))
 
@@ -336,6 +337,7 @@ class LvolStore:
                 def edit(md: Metadata) -> None:
                     v = md.volumes[vol_uuid]
                     v.map, v.parent, v.thin = {}, snap.uuid, True
+                    v.parent_clusters = v.num_clusters
                     md.volumes[snap.uuid] = snap.copy()
 
                 await self.commit_held(edit)
@@ -354,7 +356,8 @@ class LvolStore:
             if self.volume_by_name(name) is not None:
                 raise AlreadyExists(f"lvol '{self.name}/{name}' already exists")
             rec = VolumeRecord(str(uuidlib.uuid4()), name, snap.num_clusters, thin=True,
-                               clear_method=snap.clear_method, parent=snap_uuid)
+                               clear_method=snap.clear_method, parent=snap_uuid,
+                               parent_clusters=snap.num_clusters)
             await self.commit_held(lambda md: md.volumes.__setitem__(rec.uuid, rec.copy()))
         return rec
 

@@ -377,6 +377,11 @@ async def test_snapshot_clone_copy_on_write(t: Target) -> None:
     assert await read(t, "lvs/c", 2 * BPC + 5, 3) == bytes(BS) + pattern(3, 2)[BS:]
     assert await read(t, "lvs/s", 0, BPC) == a and await read(t, "lvs/o", 9, 1) == a[9 * BS:10 * BS]
 
+    # a clone shrunk and grown again reads zeroes where it gave clusters up
+    await ok(t, "bdev_lvol_resize", name="lvs/c", size_in_mib=2)
+    await ok(t, "bdev_lvol_resize", name="lvs/c", size_in_mib=4)
+    assert await read(t, "lvs/c", 2 * BPC + 5, 3) == bytes(3 * BS)
+
     # a snapshot with clones is not deleted; its clones are, then it is
     code, msg = await err(t, "bdev_lvol_delete", name="lvs/s")
     assert code == EBUSY and "'lvs/o'" in msg and "'lvs/c'" in msg
