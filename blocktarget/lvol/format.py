@@ -16,8 +16,9 @@ torn write. The super block never changes after create; deleting the store zeroe
 and a torn super block fails its CRC: the store is then gone, as after the delete.
 
 The cost is a rewrite of the metadata per change, bounded by 12 bytes per allocated
-cluster (runs of consecutive clusters coalesce): fine for control-plane changes and for
-first writes to thin clusters at the sizes tested; a journal is the next step if it shows.
+cluster (runs of consecutive clusters coalesce) and 100 bytes per volume, written up to
+its length only: fine for control-plane changes and for first writes to thin clusters at
+the sizes measured (bench/lvol_overhead.py); a journal is the next step if it shows.
 """
 
 from __future__ import annotations
@@ -185,8 +186,10 @@ def _name(s: str) -> bytes:
     return bytes([len(b)]) + b
 
 
-def encode_metadata(md: Metadata, lvs_uuid: str, generation: int, slot_size: int) -> bytes:
-    """One metadata slot's bytes, padded to the slot (so the old contents never linger)."""
+def encode_metadata(md: Metadata, lvs_uuid: str, generation: int, slot_size: int,
+                    block_size: int = 512) -> bytes:
+    """One metadata slot's bytes, padded to whole blocks: only what is used is written
+    (whatever an older, longer copy left after it lies outside the length and CRC)."""
     parts = [_name(md.name), struct.pack("<I", len(md.volumes))]
     for v in md.volumes.values():
         rs = runs(v.map)
@@ -204,7 +207,7 @@ def encode_metadata(md: Metadata, lvs_uuid: str, generation: int, slot_size: int
     raw = body + _CRC.pack(zlib.crc32(body))
     if len(raw) > slot_size:
         raise FormatError(f"metadata of {len(raw)} bytes exceeds its slot of {slot_size}")
-    return raw + bytes(slot_size - len(raw))
+    return raw + bytes(-len(raw) % block_size)
 
 
 def decode_metadata(raw: bytes, lvs_uuid: str) -> tuple[int, Metadata] | None:

@@ -146,7 +146,7 @@ class LvolStore:
         make it the live metadata; done(status)."""
         gen, slot = self.generation + 1, 1 - self.slot
         try:
-            raw = encode_metadata(new, self.uuid, gen, self.sb.md_slot_size)
+            raw = encode_metadata(new, self.uuid, gen, self.sb.md_slot_size, self.block_size)
         except FormatError as e:
             log.error("lvstore %s: %s", self.name, e)
             done(Status.CAPACITY_EXCEEDED)
@@ -407,7 +407,7 @@ async def format_store(base: Bdev, ch: IOChannel, name: str, cluster_size: int,
         if st:
             raise StoreError(f"bdev '{base.name}': clearing the data region ({clear_method}) "
                              f"failed: NVMe status {st:#x}")
-    raw = encode_metadata(md, sb.uuid, 1, sb.md_slot_size)
+    raw = encode_metadata(md, sb.uuid, 1, sb.md_slot_size, bs)
     steps = [
         (IOType.WRITE, sb.slot_offset(0) // bs, raw),
         (IOType.FLUSH, 0, None),
