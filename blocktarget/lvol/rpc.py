@@ -216,6 +216,25 @@ async def bdev_lvol_clone(target: Target, params: dict[str, Any]) -> str:
     return rec.uuid
 
 
+@method("bdev_lvol_inflate", _NAME, in_config=False)
+async def bdev_lvol_inflate(target: Target, params: dict[str, Any]) -> bool:
+    """Give a volume a cluster of its own for every cluster (copies of what it reads
+    through its parents, or zeroes): it ends thick and independent. Live: the volume
+    stays in use, clusters are copied a batch at a time."""
+    bdev = volume_bdev(target, params["name"])
+    await bdev.store.detach(bdev.uuid, inflate=True)
+    return True
+
+
+@method("bdev_lvol_decouple_parent", _NAME, in_config=False)
+async def bdev_lvol_decouple_parent(target: Target, params: dict[str, Any]) -> bool:
+    """Copy into a clone the clusters its parent snapshot owns; the parent's parent
+    becomes its parent, so the snapshot may then be deleted. Live, like inflate."""
+    bdev = volume_bdev(target, params["name"])
+    await bdev.store.detach(bdev.uuid, inflate=False)
+    return True
+
+
 @method("bdev_lvol_set_read_only", _NAME, in_config=False)
 async def bdev_lvol_set_read_only(target: Target, params: dict[str, Any]) -> bool:
     """Make a volume read-only, durably: writes then fail with Namespace Write Protected."""

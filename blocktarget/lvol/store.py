@@ -27,6 +27,7 @@ from . import baseio
 from .alloc import ClusterAllocator, IoEpochs, NoSpace
 from .format import (
     NAME_MAX,
+    UNMAPPED,
     FormatError,
     Metadata,
     SuperBlock,
@@ -35,6 +36,7 @@ from .format import (
     decode_super,
     encode_metadata,
     geometry,
+    resolve,
 )
 from .serial import Turnstile
 
@@ -73,6 +75,7 @@ class LvolStore:
         # volumes whose writes must not start now (a snapshot of them is being taken):
         # the fast path sends them to the slow path, which waits behind the turnstile
         self.frozen: set[str] = set()
+        self.copy_batch = 16  # clusters inflate/decouple copies per commit
         self.epochs = IoEpochs()
         self.turn = Turnstile()
         self.enospc_errors = 0  # writes failed for want of a free cluster
@@ -332,7 +335,8 @@ class LvolStore:
                 old = self.md.volumes[vol_uuid]
                 snap = VolumeRecord(str(uuidlib.uuid4()), name, old.num_clusters, thin=True,
                                     read_only=True, clear_method=old.clear_method,
-                                    map=dict(old.map), parent=old.parent, snapshot=True)
+                                    map=dict(old.map), parent=old.parent, snapshot=True,
+                                    parent_clusters=old.parent_clusters)
 
                 def edit(md: Metadata) -> None:
                     v = md.volumes[vol_uuid]
@@ -361,6 +365,89 @@ class LvolStore:
             await self.commit_held(lambda md: md.volumes.__setitem__(rec.uuid, rec.copy()))
         return rec
 
+    async def detach(self, vol_uuid: str, *, inflate: bool) -> None:
+        """Inflate (every cluster the volume does not own gets one: a copy of what it
+        reads, or zeroes; it ends thick, with no parent) or decouple (it gets a copy of
+        each cluster its parent owns; its parent's parent becomes its parent). Clusters
+        are copied `copy_batch` at a time, one commit each, holding the turnstile only
+        per batch, so the volume stays in use: every intermediate state reads the same
+        data, and writes between batches are simply clusters with nothing to copy."""
+        while True:
+            async with self.turn.held():
+                md = self.md
+                v = md.volumes[vol_uuid]
+                parent = md.volumes.get(v.parent) if v.parent else None
+                if not inflate and parent is None:
+                    raise InvalidParams(f"lvol '{self.name}/{v.name}' has no parent")
+                todo: list[tuple[int, int]] = []  # (virtual cluster, source or UNMAPPED)
+                for vc in range(v.num_clusters):
+                    if vc in v.map:
+                        continue
+                    if inflate:
+                        todo.append((vc, resolve(md, v, vc)))
+                    elif parent is not None and vc < v.parent_clusters and vc in parent.map:
+                        todo.append((vc, parent.map[vc]))
+                    if len(todo) == self.copy_batch:
+                        break
+                last = len(todo) < self.copy_batch  # the scan reached the end
+                if not todo:
+                    await self.commit_held(lambda m: _detached(m, vol_uuid, inflate))
+                    return
+                await self._copy_in(vol_uuid, todo, inflate if last else None)
+                if last:
+                    return
+            await asyncio.sleep(0)  # I/O queued behind the turnstile goes first
+
+    async def _copy_in(self, vol_uuid: str, todo: list[tuple[int, int]],
+                       detach_inflate: bool | None) -> None:
+        """Copy clusters in (one commit); with detach_inflate not None, the same commit
+        also detaches the volume (the last batch: no state in between)."""
+        try:
+            pcs = self.reserve(len(todo))
+        except NoSpace:
+            raise InvalidParams(
+                f"lvstore '{self.name}' has {self.free_clusters()} free clusters, "
+                f"{len(todo)} more needed") from None
+        ch = self.cp_channel
+        assert ch is not None
+        bpc = self.blocks_per_cluster
+
+        def start(done: Callable[[int], None]) -> None:
+            join = baseio.Join(len(todo), lambda st: baseio.flush(ch, done) if not st
+                               else done(st))
+            for (_, src), pc in zip(todo, pcs, strict=True):
+                if src == UNMAPPED:
+                    baseio.zero(ch, self.cluster_block(pc), bpc, join.one)
+                    continue
+                buf = memoryview(bytearray(self.cluster_size))
+
+                def copied(st: int, pc: int = pc, buf: memoryview = buf) -> None:
+                    if st:
+                        join.one(st)
+                    else:
+                        baseio.submit(ch, IOType.WRITE, self.cluster_block(pc), bpc, buf,
+                                      join.one)
+
+                baseio.submit(ch, IOType.READ, self.cluster_block(src), bpc, buf, copied)
+
+        st = await baseio.wait(start)
+        if st:
+            self.unreserve(pcs)
+            raise StoreError(f"lvstore '{self.name}': copying clusters failed "
+                             f"(NVMe status {st:#x})")
+
+        def edit(md: Metadata) -> None:
+            md.volumes[vol_uuid].map.update(
+                (vc, pc) for (vc, _), pc in zip(todo, pcs, strict=True))
+            if detach_inflate is not None:
+                _detached(md, vol_uuid, detach_inflate)
+
+        try:
+            await self.commit_held(edit)
+        except BaseException:
+            self.unreserve(pcs)
+            raise
+
     async def rename(self, new_name: str) -> None:
         check_name("lvstore", new_name)
 
@@ -368,6 +455,20 @@ class LvolStore:
             md.name = new_name
 
         await self.change(edit)
+
+
+def _detached(md: Metadata, vol_uuid: str, inflate: bool) -> None:
+    v = md.volumes[vol_uuid]
+    parent = md.volumes.get(v.parent) if v.parent else None
+    if inflate or parent is None:
+        v.parent, v.parent_clusters = None, 0
+        if inflate:
+            v.thin = False
+    else:
+        v.parent = parent.parent
+        v.parent_clusters = min(v.parent_clusters, parent.parent_clusters)
+        if v.parent is None:
+            v.parent_clusters = 0
 
 
 def _check_chains(md: Metadata) -> None:

@@ -460,3 +460,53 @@ async def test_snapshot_waits_for_writes_in_flight(t: Target) -> None:
     assert await write(t, "lvs/v", 6, pattern(1, 2)) == 0  # copies cluster 0
     assert await read(t, "lvs/v", 5, 2) == pattern(1, 1) + pattern(1, 2)
     assert await read(t, "lvs/s", 5, 2) == pattern(1, 1) + bytes(BS)
+
+
+async def test_inflate_and_decouple_while_in_use(t: Target) -> None:
+    await store(t)
+    await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=4,
+             thin_provision=True)
+    a, b = pattern(8, 1), pattern(8, 2)
+    assert await write(t, "lvs/v", 0, a) == 0  # cluster 0
+    await ok(t, "bdev_lvol_snapshot", lvol_name="lvs/v", snapshot_name="s1")
+    assert await write(t, "lvs/v", 2 * BPC, b) == 0  # cluster 2, owned by v now
+    await ok(t, "bdev_lvol_snapshot", lvol_name="lvs/v", snapshot_name="s2")
+    # chain: v -> s2 (cluster 2) -> s1 (cluster 0)
+    assert await read(t, "lvs/v", 0, 8) == a and await read(t, "lvs/v", 2 * BPC, 8) == b
+    await ok(t, "bdev_lvol_clone", snapshot_name="lvs/s2", clone_name="c")
+    store_obj = t.bdevs.get("lvs/c").store  # type: ignore[attr-defined]
+    store_obj.copy_batch = 1  # one cluster per commit: writes interleave with the copy
+
+    # decouple v from s2 while a writer keeps writing: v gets s2's cluster, reads s1
+    stop = asyncio.Event()
+    wrote: list[int] = []
+
+    async def writer() -> None:
+        k = 0
+        while not stop.is_set():
+            blk = 3 * BPC + (k % 8)
+            assert await write(t, "lvs/v", blk, pattern(1, k)) == 0
+            wrote.append(k)
+            k += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(writer())
+    await ok(t, "bdev_lvol_decouple_parent", name="lvs/v")
+    stop.set()
+    await task
+    assert wrote
+    [bd] = await ok(t, "bdev_get_bdevs", name="lvs/v")
+    assert bd["driver_specific"]["lvol"]["base_snapshot"] == "s1"
+    assert await read(t, "lvs/v", 0, 8) == a and await read(t, "lvs/v", 2 * BPC, 8) == b
+    k = wrote[-1]
+    assert await read(t, "lvs/v", 3 * BPC + k % 8, 1) == pattern(1, k)
+
+    # inflate c: every cluster its own, thick, no parent; then s2 has no clones left
+    await ok(t, "bdev_lvol_inflate", name="lvs/c")
+    lv = {x["name"]: x for x in await ok(t, "bdev_lvol_get_lvols")}
+    assert lv["c"]["num_allocated_clusters"] == 4 and not lv["c"]["is_clone"]
+    assert not lv["c"]["is_thin_provisioned"]
+    assert await read(t, "lvs/c", 0, 8) == a and await read(t, "lvs/c", 2 * BPC, 8) == b
+    assert await read(t, "lvs/c", BPC, 8) == bytes(8 * BS)
+    await ok(t, "bdev_lvol_delete", name="lvs/s2")
+    assert (await err(t, "bdev_lvol_decouple_parent", name="lvs/c"))[0] == -32602

@@ -331,7 +331,20 @@ async def test_every_metadata_change_is_atomic(h: Harness) -> None:
             lambda n=name, d=data: _async(lambda: h.write(n, 10, d)))
         new = {vol: {10 + i: (data[i * BS:(i + 1) * BS], prev[10 + i]) for i in range(4)}}
         assert await check_all(h, before, after, images, new) == 2, f"copy-on-write {name}"
-    for name in ("pool/clone", "pool/origin", "pool/snap"):
+    # a second level: origin -> snap2 -> snap; then decouple and inflate (copy_batch
+    # large: one commit, so each crash image is before or after as a whole)
+    before, after, images = await h.crashing(
+        lambda: h.call("bdev_lvol_snapshot", lvol_name="pool/origin", snapshot_name="snap2"))
+    h.acked[h.t.bdevs.get("pool/snap2").uuid] = dict(h.acked[origin])
+    assert await check_all(h, before, after, images) == 2, "snapshot of a clone"
+    store = h.store()
+    assert store is not None
+    store.copy_batch = 1 << 20
+    for method, name in (("bdev_lvol_decouple_parent", "pool/origin"),
+                         ("bdev_lvol_inflate", "pool/clone")):
+        before, after, images = await h.crashing(lambda m=method, n=name: h.call(m, name=n))
+        assert await check_all(h, before, after, images) == 2, method
+    for name in ("pool/clone", "pool/origin", "pool/snap2", "pool/snap"):
         before, after, images = await h.crashing(
             lambda n=name: h.call("bdev_lvol_delete", name=n))
         assert await check_all(h, before, after, images) == 2, f"delete {name}"
