@@ -43,7 +43,7 @@ class SpdkRpc(_SpdkRpc):
 @pytest.fixture
 def base_file() -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix="bt-lvol-", suffix=".img", dir=tempfile.gettempdir())
-    os.ftruncate(fd, 24 * MIB)
+    os.ftruncate(fd, 40 * MIB)
     os.close(fd)
     yield Path(name)
     os.unlink(name)
@@ -227,6 +227,16 @@ async def _snapshot_io(port: int, rpc: SpdkRpc) -> None:
         await ctrl.disconnect()
 
 
+async def _read_after_detach(port: int) -> None:
+    ctrl = await connect("127.0.0.1", port, NQN, timeout=15)
+    try:
+        first = blocks(8, 0)
+        assert bytes(await ctrl.read(1, 0, 10)) == first[:2 * BS] + blocks(8, 99)
+        assert bytes(await ctrl.read(2, 0, 8)) == blocks(1, 5) + first[BS:]
+    finally:
+        await ctrl.disconnect()
+
+
 def test_snapshot_and_clone_by_spdk_rpc_while_connected(running_target: Launcher,
                                                         base_file: Path) -> None:
     t = running_target(target_config(base_file))
@@ -247,5 +257,13 @@ def test_snapshot_and_clone_by_spdk_rpc_while_connected(running_target: Launcher
         assert sorted(b["driver_specific"]["lvol"]["clones"]) == ["clone0", "vol"]
         e = rpc.fails("bdev_lvol_delete", "lvs0/snap0")
         assert e["code"] == -16 and "delete those first" in e["message"]
+        # both clones become independent while exported; then the snapshot can go
+        rpc.ok("bdev_lvol_decouple_parent", "lvs0/clone0")
+        rpc.ok("bdev_lvol_inflate", "lvs0/vol")
+        lvols = {v["name"]: v for v in rpc.json("bdev_lvol_get_lvols", "-l", "lvs0")}
+        assert not lvols["vol"]["is_clone"] and lvols["vol"]["num_allocated_clusters"] == 8
+        assert not lvols["clone0"]["is_clone"] and lvols["clone0"]["is_thin_provisioned"]
+        rpc.ok("bdev_lvol_delete", "lvs0/snap0")
+        asyncio.run(_read_after_detach(port))
     finally:
         rpc.close()
