@@ -322,6 +322,9 @@ class LvolStore:
         async with self.turn.held():
             if self.volume_by_name(name) is not None:
                 raise AlreadyExists(f"lvol '{self.name}/{name}' already exists")
+            if self.md.volumes[vol_uuid].snapshot:
+                raise InvalidParams(f"lvol '{self.name}/{self.md.volumes[vol_uuid].name}' is "
+                                    "a snapshot already (clone it, then snapshot the clone)")
             with self.lock:
                 self.frozen.add(vol_uuid)
                 barrier = self.epochs.advance()

@@ -387,6 +387,10 @@ async def test_snapshot_clone_copy_on_write(t: Target) -> None:
     assert code == EBUSY and "'lvs/o'" in msg and "'lvs/c'" in msg
     assert (await err(t, "bdev_lvol_resize", name="lvs/s", size_in_mib=8))[0] == -32602
     assert (await err(t, "bdev_lvol_clone", snapshot_name="lvs/o", clone_name="x"))[0] == -32602
+    assert (await err(t, "bdev_lvol_snapshot", lvol_name="lvs/s",
+                      snapshot_name="x"))[0] == -32602
+    assert (await err(t, "bdev_lvol_snapshot", lvol_name="lvs/o",
+                      snapshot_name="c"))[0] == EEXIST
     await ok(t, "bdev_lvol_delete", name="lvs/c")
     await ok(t, "bdev_lvol_delete", name=origin)
     await ok(t, "bdev_lvol_delete", name="lvs/s")
