@@ -50,6 +50,13 @@ class ClusterAllocator:
                 a._take(p)
         return a
 
+    def grow(self, total: int) -> None:
+        """More clusters (the store grew with its base), all free."""
+        if total > self.total:
+            self._free.extend(b"\x01" * (total - self.total))
+            self.free_count += total - self.total
+            self.total = total
+
     def _take(self, p: int) -> None:
         self._free[p] = 0
         self.free_count -= 1

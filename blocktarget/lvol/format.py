@@ -5,7 +5,8 @@ Layout on the base bdev (byte offsets; every region starts on a base block):
     0                 super block (one base block): geometry, written once at create
     md_offset         metadata slot 0  \\ two copies of the whole metadata, each with
     md_offset+slot    metadata slot 1  /  a generation number and a CRC
-    data_offset       cluster 0, cluster 1, ... (total_clusters of cluster_size bytes)
+    data_offset       cluster 0, cluster 1, ... (the metadata says how many: a store grows
+                      with its base, up to the max_clusters its slots are sized for)
 
 Crash consistency: an update writes the *whole* new metadata, with generation g+1, into
 the slot that does not hold generation g, then flushes the base bdev. A reader takes the
@@ -34,6 +35,8 @@ VERSION = 1
 NAME_MAX = 63  # as SPDK (SPDK_LVOL_NAME_MAX - 1, and the same for a store's name)
 MAX_VOLUMES = 1024
 DEFAULT_CLUSTER_SIZE = 4 * 1024 * 1024
+GROW_FACTOR = 4  # metadata room for a base up to this many times its size at create
+MAX_CLUSTERS = (1 << 32) - 1  # cluster numbers are 32-bit in the maps
 UNMAPPED = -1
 
 FLAG_THIN = 1
@@ -65,13 +68,13 @@ class SuperBlock:
     md_offset: int
     md_slot_size: int
     data_offset: int
-    total_clusters: int
+    max_clusters: int  # what the metadata slots have room for: the store can grow to it
     base_blocks: int
 
     def encode(self) -> bytes:
         body = _SB.pack(SB_MAGIC, VERSION, uuidlib.UUID(self.uuid).bytes, self.block_size,
                         self.cluster_size, self.md_offset, self.md_slot_size,
-                        self.data_offset, self.total_clusters, self.base_blocks)
+                        self.data_offset, self.max_clusters, self.base_blocks)
         raw = body + _CRC.pack(zlib.crc32(body))
         return raw + bytes(self.block_size - len(raw))
 
@@ -80,6 +83,11 @@ class SuperBlock:
 
     def cluster_offset(self, pcluster: int) -> int:
         return self.data_offset + pcluster * self.cluster_size
+
+    def clusters_on(self, base_bytes: int) -> int:
+        """How many clusters a base of this size holds (at most max_clusters)."""
+        return max(0, min((base_bytes - self.data_offset) // self.cluster_size,
+                          self.max_clusters))
 
 
 def decode_super(raw: bytes) -> SuperBlock | None:
@@ -101,7 +109,7 @@ def decode_super(raw: bytes) -> SuperBlock | None:
 
 def md_slot_size(total_clusters: int, block_size: int) -> int:
     """Room for the worst case: every volume at its longest name, every cluster its own run."""
-    need = (_MD_HEAD.size + _CRC.size + 1 + NAME_MAX + 4 + MAX_VOLUMES * _VOL_MAX
+    need = (_MD_HEAD.size + _CRC.size + 1 + NAME_MAX + 12 + MAX_VOLUMES * _VOL_MAX
             + _RUN.size * total_clusters)
     return -(-need // block_size) * block_size
 
@@ -111,8 +119,9 @@ def geometry(base_blocks: int, block_size: int, cluster_size: int, lvs_uuid: str
     """Lay a store out on a base of `base_blocks`; FormatError when nothing fits.
 
     The data region starts cluster-aligned (capped at 1 MiB alignment) so clusters sit on
-    the base's natural boundaries; the metadata slots are sized for the clusters that fit
-    after them, computed by shrinking a first guess until it holds."""
+    the base's natural boundaries; the metadata slots are sized for GROW_FACTOR times the
+    clusters that fit after them (bdev_lvol_grow_lvstore extends a store up to that when
+    its base grew), computed by shrinking a first guess until it holds."""
     if cluster_size % block_size:
         raise FormatError(f"cluster size {cluster_size} is not a multiple of the base "
                           f"block size {block_size}")
@@ -120,11 +129,12 @@ def geometry(base_blocks: int, block_size: int, cluster_size: int, lvs_uuid: str
     align = min(cluster_size, 1 << 20)
     total = size // cluster_size
     while total > 0:
-        slot = md_slot_size(total, block_size)
+        most = min(total * GROW_FACTOR, MAX_CLUSTERS)
+        slot = md_slot_size(most, block_size)
         data = -(-(block_size + 2 * slot) // align) * align
         if data + total * cluster_size <= size:
             return SuperBlock(lvs_uuid, block_size, cluster_size, block_size, slot, data,
-                              total, base_blocks)
+                              most, base_blocks)
         total = min(total - 1, (size - data) // cluster_size)
     raise FormatError(f"a base of {size} bytes holds no {cluster_size}-byte cluster after "
                       "the metadata")
@@ -159,10 +169,12 @@ class VolumeRecord:
 @dataclass
 class Metadata:
     name: str
+    total_clusters: int = 0  # data clusters in use by the store (grows with the base)
     volumes: dict[str, VolumeRecord] = field(default_factory=dict)  # by uuid, in order
 
     def copy(self) -> Metadata:
-        return Metadata(self.name, {u: v.copy() for u, v in self.volumes.items()})
+        return Metadata(self.name, self.total_clusters,
+                        {u: v.copy() for u, v in self.volumes.items()})
 
 
 def runs(m: dict[int, int]) -> list[tuple[int, int, int]]:
@@ -190,7 +202,7 @@ def encode_metadata(md: Metadata, lvs_uuid: str, generation: int, slot_size: int
                     block_size: int = 512) -> bytes:
     """One metadata slot's bytes, padded to whole blocks: only what is used is written
     (whatever an older, longer copy left after it lies outside the length and CRC)."""
-    parts = [_name(md.name), struct.pack("<I", len(md.volumes))]
+    parts = [_name(md.name), struct.pack("<QI", md.total_clusters, len(md.volumes))]
     for v in md.volumes.values():
         rs = runs(v.map)
         flags = ((FLAG_THIN if v.thin else 0) | (FLAG_READ_ONLY if v.read_only else 0)
@@ -233,8 +245,8 @@ def decode_metadata(raw: bytes, lvs_uuid: str) -> tuple[int, Metadata] | None:
         return s
 
     md = Metadata(name())
-    (count,) = struct.unpack_from("<I", p, off)
-    off += 4
+    md.total_clusters, count = struct.unpack_from("<QI", p, off)
+    off += 12
     for _ in range(count):
         ub, pb, clusters, through, flags, clear, nruns = _VOL.unpack_from(p, off)
         off += _VOL.size

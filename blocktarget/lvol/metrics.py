@@ -30,7 +30,7 @@ def families(t: Target) -> Iterator[Any]:
     alloc = GaugeMetricFamily("blocktarget_lvol_allocated_clusters",
                               "Clusters allocated to a logical volume", labels=["bdev", "lvs"])
     for s in stores_of(t):
-        total.add_metric([s.name], s.sb.total_clusters)
+        total.add_metric([s.name], s.total_clusters)
         free.add_metric([s.name], s.free_clusters())
         size.add_metric([s.name], s.cluster_size)
         enospc.add_metric([s.name], s.enospc_errors)

@@ -115,7 +115,7 @@ async def create_store(target: Target, bdev_name: str, lvs_name: str, cluster_si
     store.cp_channel = ch
     stores.by_uuid[store.uuid] = store
     log.info("lvstore %s (%s) created on %s: %d clusters of %d bytes", lvs_name, store.uuid,
-             base.name, store.sb.total_clusters, cluster_size)
+             base.name, store.total_clusters, cluster_size)
     return store
 
 
@@ -186,7 +186,7 @@ async def examine(target: Target, base: Bdev) -> None:
             log.error("lvstore %s: lvol %s not brought up: %s", store.name, rec.name, e)
     log.info("lvstore %s (%s) found on %s: %d lvols, %d of %d clusters free", store.name,
              store.uuid, base.name, len(store.md.volumes), store.free_clusters(),
-             store.sb.total_clusters)
+             store.total_clusters)
 
 
 class _Unaccounted:
@@ -226,10 +226,11 @@ def describe_store(store: LvolStore) -> dict[str, Any]:
         "uuid": store.uuid,
         "name": store.name,
         "base_bdev": store.base.name,
-        "total_data_clusters": store.sb.total_clusters,
+        "total_data_clusters": store.total_clusters,
         "free_clusters": store.free_clusters(),
         "block_size": store.block_size,
         "cluster_size": store.cluster_size,
+        "max_growable_size": store.sb.max_clusters * store.cluster_size,
     }
 
 

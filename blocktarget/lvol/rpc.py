@@ -82,6 +82,15 @@ async def bdev_lvol_delete_lvstore(target: Target, params: dict[str, Any]) -> bo
     return True
 
 
+@method("bdev_lvol_grow_lvstore", Schema(_WHICH_STORE), in_config=False)
+async def bdev_lvol_grow_lvstore(target: Target, params: dict[str, Any]) -> bool:
+    """Take in the space a grown base bdev now has (up to `max_growable_size`, four times
+    the base's size when the store was made). A base is sized when it is created: grow
+    the file or device, recreate the bdev (or restart) and the store is found again."""
+    await stores_of(target).find(params["uuid"], params["lvs_name"]).grow()
+    return True
+
+
 @method("bdev_lvol_rename_lvstore", Schema((
     Param("old_name", str, required=True, check=non_empty),
     Param("new_name", str, required=True, check=non_empty),

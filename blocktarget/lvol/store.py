@@ -70,7 +70,7 @@ class LvolStore:
         self.clear_method = clear_method
         self.lock = threading.Lock()
         self.alloc = ClusterAllocator.from_maps(
-            sb.total_clusters, ((v.name, v.map) for v in md.volumes.values()))
+            md.total_clusters, ((v.name, v.map) for v in md.volumes.values()))
         _check_chains(md)
         # volumes whose writes must not start now (a snapshot of them is being taken):
         # the fast path sends them to the slow path, which waits behind the turnstile
@@ -451,6 +451,27 @@ class LvolStore:
             self.unreserve(pcs)
             raise
 
+    @property
+    def total_clusters(self) -> int:
+        return self.md.total_clusters
+
+    async def grow(self) -> int:
+        """Take in the clusters a grown base now holds (up to max_clusters); one commit.
+        Returns the clusters added."""
+        async with self.turn.held():
+            new = self.sb.clusters_on(self.base.size_bytes)
+            old = self.md.total_clusters
+            if new <= old:
+                return 0
+
+            def edit(md: Metadata) -> None:
+                md.total_clusters = new
+
+            await self.commit_held(edit)
+            with self.lock:
+                self.alloc.grow(new)
+            return new - old
+
     async def rename(self, new_name: str) -> None:
         check_name("lvstore", new_name)
 
@@ -502,9 +523,9 @@ async def format_store(base: Bdev, ch: IOChannel, name: str, cluster_size: int,
         sb = geometry(base.num_blocks, base.block_size, cluster_size, str(uuidlib.uuid4()))
     except FormatError as e:
         raise InvalidParams(f"bdev '{base.name}': {e}") from None
-    md = Metadata(name)
+    md = Metadata(name, sb.clusters_on(base.size_bytes))
     bs = base.block_size
-    data_blocks = sb.total_clusters * (cluster_size // bs)
+    data_blocks = sb.clusters_on(base.size_bytes) * (cluster_size // bs)
     if clear_method != "none":
         st = await baseio.wait(lambda d: baseio.clear(
             ch, clear_method, [(sb.data_offset // bs, data_blocks)], d))
@@ -543,8 +564,6 @@ async def probe(base: Bdev, ch: IOChannel) -> LvolStore | None:
         return None
     if sb.block_size != bs:
         raise FormatError(f"store written with block size {sb.block_size}, base has {bs}")
-    if sb.data_offset + sb.total_clusters * sb.cluster_size > base.size_bytes:
-        raise FormatError("the base is smaller than the store's data region")
     best: tuple[int, int, Metadata] | None = None
     for slot in (0, 1):
         raw = await baseio.read(ch, sb.slot_offset(slot), sb.md_slot_size)
@@ -554,6 +573,9 @@ async def probe(base: Bdev, ch: IOChannel) -> LvolStore | None:
     if best is None:
         raise FormatError("no valid metadata copy")
     gen, slot, md = best
+    if md.total_clusters > sb.clusters_on(base.size_bytes):
+        raise FormatError(f"the base ({base.size_bytes} bytes) is smaller than the store's "
+                          f"{md.total_clusters} clusters")
     try:
         return LvolStore(base, sb, gen, slot, md)
     except ValueError as e:

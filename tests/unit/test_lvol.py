@@ -102,7 +102,10 @@ async def test_lvstore_methods_and_shapes(t: Target) -> None:
     u = await store(t)
     s = await lvstore(t)
     assert s == {"uuid": u, "name": "lvs", "base_bdev": "M0", "total_data_clusters": 15,
-                 "free_clusters": 15, "block_size": BS, "cluster_size": MIB}
+                 "free_clusters": 15, "block_size": BS, "cluster_size": MIB,
+                 "max_growable_size": 60 * MIB}
+    await ok(t, "bdev_lvol_grow_lvstore", lvs_name="lvs")  # the base did not grow
+    assert (await lvstore(t))["total_data_clusters"] == 15
     assert await ok(t, "bdev_lvol_get_lvstores", uuid=u) == [s]
     assert t.bdevs.get("M0").claimed_by == "lvstore"
     # the base is the store's now
@@ -514,3 +517,49 @@ async def test_inflate_and_decouple_while_in_use(t: Target) -> None:
     assert await read(t, "lvs/c", BPC, 8) == bytes(8 * BS)
     await ok(t, "bdev_lvol_delete", name="lvs/s2")
     assert (await err(t, "bdev_lvol_decouple_parent", name="lvs/c"))[0] == -32602
+
+
+async def test_grow_lvstore_after_the_base_grew(tmp_path: Path) -> None:
+    f = tmp_path / "base.img"
+    with open(f, "wb") as fh:
+        fh.truncate(16 * MIB)
+
+    async def started() -> Target:
+        t = Target(settings([0], allowed_dirs=[str(tmp_path)]))
+        await t.start()
+        await ok(t, "bdev_uring_create", name="U0", filename=str(f), block_size=BS)
+        return t
+
+    t = await started()
+    try:
+        await ok(t, "bdev_lvol_create_lvstore", bdev_name="U0", lvs_name="lvs",
+                 cluster_sz=MIB)
+        await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=40,
+                 thin_provision=True)
+        assert await write(t, "lvs/v", 3, pattern(2, 4)) == 0
+        assert (await io(t, "lvs/v", IOType.FLUSH)).status == 0
+        before = await lvstore(t)
+    finally:
+        await t.stop()
+    with open(f, "r+b") as fh:
+        fh.truncate(48 * MIB)  # the base grew while the target was down
+    t = await started()
+    try:
+        assert await lvstore(t) == before  # found again as it was: growing is asked for
+        await ok(t, "bdev_lvol_grow_lvstore", uuid=before["uuid"])
+        s = await lvstore(t)
+        assert s["total_data_clusters"] == before["total_data_clusters"] + 32
+        assert s["free_clusters"] == before["free_clusters"] + 32
+        for c in range(20, 40):  # the new clusters take writes
+            assert await write(t, "lvs/v", c * BPC, pattern(1, c)) == 0
+        assert await read(t, "lvs/v", 3, 2) == pattern(2, 4)
+    finally:
+        await t.stop()
+    t = await started()
+    try:
+        s2 = await lvstore(t)
+        assert s2["total_data_clusters"] == s["total_data_clusters"]
+        assert s2["free_clusters"] == s["free_clusters"] - 20
+        assert await read(t, "lvs/v", 39 * BPC, 1) == pattern(1, 39)
+    finally:
+        await t.stop()

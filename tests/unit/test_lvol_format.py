@@ -29,12 +29,15 @@ def test_geometry_fits_and_aligns() -> None:
     assert sb.data_offset % (1 << 20) == 0
     assert sb.md_offset == 512 and sb.slot_offset(1) == 512 + sb.md_slot_size
     assert sb.slot_offset(1) + sb.md_slot_size <= sb.data_offset
-    assert sb.data_offset + sb.total_clusters * sb.cluster_size <= 64 << 20
-    assert sb.total_clusters == 63  # one cluster's room goes to the metadata
-    assert sb.md_slot_size >= md_slot_size(sb.total_clusters, 512)
+    total = sb.clusters_on(64 << 20)
+    assert sb.data_offset + total * sb.cluster_size <= 64 << 20
+    assert total == 63  # one cluster's room goes to the metadata
+    assert sb.max_clusters == 4 * 63  # room to grow with the base
+    assert sb.md_slot_size >= md_slot_size(sb.max_clusters, 512)
+    assert sb.clusters_on(1 << 30) == sb.max_clusters
     # 4 MiB clusters align the data region at 1 MiB, not 4 MiB
     sb4 = geometry(64 * 2048, 512, 4 << 20, U)
-    assert sb4.data_offset == 1 << 20 and sb4.total_clusters == 15
+    assert sb4.data_offset == 1 << 20 and sb4.clusters_on(64 << 20) == 15
 
 
 def test_geometry_refuses_what_cannot_hold_a_cluster() -> None:
@@ -57,7 +60,7 @@ def test_super_block_round_trip_and_damage() -> None:
 
 
 def _md() -> Metadata:
-    md = Metadata("lvs0")
+    md = Metadata("lvs0", 100)
     md.volumes[str(uuid.UUID(int=2))] = VolumeRecord(
         str(uuid.UUID(int=2)), "thin", 100, thin=True, map={0: 5, 1: 6, 2: 7, 9: 1})
     md.volumes[str(uuid.UUID(int=3))] = VolumeRecord(
