@@ -29,14 +29,14 @@ import signal
 from typing import Any
 
 from . import __version__
-from .bdev import MODULES, Bdev, BdevRegistry
+from .bdev import EXAMINERS, MODULES, Bdev, BdevRegistry
 from .config import ConfigError, Settings, prepare_rpc_access, replay
 from .errors import AlreadyExists, NoSuchDevice, RpcError
 from .keyring import Keyring
 from .nvme.auth import DhchapOptions
 from .nvme.controller import ControllerTable
 from .nvme.dh_workers import DhWorkers
-from .nvme.subsystem import ListenAddress, Subsystem, SubsystemRegistry
+from .nvme.subsystem import NOT_IN_DISCOVERY_LOG, ListenAddress, Subsystem, SubsystemRegistry
 from .reactor import DEFAULT_POLL_MODE, ReactorPool, default_cores
 from .rpc import (
     Dispatcher,
@@ -183,6 +183,9 @@ class Target:
             for bdev in bdevs:
                 await _maybe_await(bdev.destruct())
             raise
+        for bdev in bdevs:
+            for examine in EXAMINERS:  # e.g. an lvol store on it comes back
+                await _maybe_await(examine(self, bdev))
         return made
 
     async def delete_bdev(self, name: str, module: str | None = None) -> None:
@@ -224,15 +227,15 @@ class Target:
             if loop is None or ctrl.dead:
                 continue
             if ctrl.discovery:
-                if event != "ana_changed":  # ANA is not in the discovery log
+                if event not in NOT_IN_DISCOVERY_LOG:  # (ANA, masking, sizes)
                     loop.call_soon_threadsafe(
                         ctrl.post_event, spec.AsyncEventType.NOTICE,
                         spec.AsyncEventNotice.DISCOVERY_LOG_CHANGE, spec.LogPage.DISCOVERY)
             elif ctrl.subsystem is not sub:
                 continue
-            elif event in ("ns_added", "ns_removed"):
+            elif event in ("ns_added", "ns_removed", "ns_resized"):
                 if not detail.visible_to(ctrl.hostnqn):
-                    continue  # a masked namespace this host never saw
+                    continue  # a masked namespace this host does not see
                 ctrl.refresh_ana()  # the namespace's group may be inaccessible here
                 loop.call_soon_threadsafe(ctrl.ns_changed, detail.nsid)
             elif event == "ns_visibility":

@@ -447,6 +447,16 @@ def load_builtin_modules() -> None:
             importlib.import_module(f"{bdevs.__name__}.{info.name}")
 
 
+# Examiners look at every bdev the target registers for metadata of their own (an lvol
+# store's super block) and bring back what it describes, so such bdevs need no config
+# line. An examiner handles its own errors: one unreadable base never fails a create.
+EXAMINERS: list[Callable[[Any, Bdev], Any]] = []
+
+
+def register_examiner(fn: Callable[[Any, Bdev], Any]) -> None:
+    EXAMINERS.append(fn)
+
+
 def check_uuid(value: str) -> str | None:
     try:
         uuidlib.UUID(value)

@@ -32,6 +32,11 @@ _BUCKET_LABELS = [f"{ns / 1e9:g}" for ns in LATENCY_BUCKETS_NS] + ["+Inf"]
 _IO_TYPES = {t: t.name.lower() for t in IOType}
 
 
+# Families of modules that keep state of their own (lvol stores): each source is called
+# with the target at scrape time and yields metric families.
+SOURCES: list[Callable[[Any], Iterator[Any]]] = []
+
+
 class TargetCollector(Collector):
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -165,6 +170,8 @@ class TargetCollector(Collector):
             ctrls.add_metric([s.nqn], per_sub.get(s.nqn, 0))
         yield from (nss, ctrls)
         yield from _limit_families(t)
+        for source in SOURCES:
+            yield from source(t)
         extra = getattr(t, "extra_metrics", None)
         if extra is not None:
             yield from extra()

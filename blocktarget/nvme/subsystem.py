@@ -259,7 +259,7 @@ ChangeObserver = Callable[[str, "Subsystem | None", Any], None]
 ANA_STATES = {"optimized": 0x1, "non_optimized": 0x2, "inaccessible": 0x3}
 ANA_NO_IO_STATES = frozenset({"inaccessible"})
 # events that change what a host sees of one subsystem but not the discovery log
-_NOT_IN_DISCOVERY_LOG = frozenset({"ana_changed", "ns_visibility"})
+NOT_IN_DISCOVERY_LOG = frozenset({"ana_changed", "ns_visibility", "ns_resized"})
 
 
 class SubsystemRegistry:
@@ -290,7 +290,7 @@ class SubsystemRegistry:
         return s
 
     def changed(self, event: str, subsys: Subsystem | None, detail: Any = None) -> None:
-        if event not in _NOT_IN_DISCOVERY_LOG:
+        if event not in NOT_IN_DISCOVERY_LOG:
             self.genctr += 1
         if subsys is not None:
             subsys.generation += 1

@@ -58,6 +58,7 @@ DASHBOARD_MUST_USE = {
     "blocktarget_reactor_idle_seconds_total", "blocktarget_reactor_connections",
     "blocktarget_subsystem_namespaces", "blocktarget_subsystem_connections",
     "blocktarget_rpc_requests_total", "blocktarget_rpc_errors_total", "blocktarget_info",
+    "blocktarget_lvstore_free_clusters", "blocktarget_lvstore_out_of_space_errors_total",
 }
 METRIC_RE = re.compile(r"\bblocktarget_[a-z0-9_]+\b")
 
@@ -606,13 +607,17 @@ MALLOC_BLOCKS, MALLOC_BS = 4096, 4096
 def live(module_launcher: Launcher) -> Iterator[tuple[RunningTarget, int]]:
     port = free_port()
     t = module_launcher(make_config(
-        [malloc("Malloc0", MALLOC_BLOCKS, MALLOC_BS)],
+        [malloc("Malloc0", MALLOC_BLOCKS, MALLOC_BS), malloc("Pool0", 4096, 4096)],
         [{"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
          {"method": "nvmf_create_subsystem", "params": {"nqn": NQN, "allow_any_host": True}},
          {"method": "nvmf_subsystem_add_ns",
           "params": {"nqn": NQN, "namespace": {"bdev_name": "Malloc0"}}},
          {"method": "nvmf_subsystem_add_listener",
           "params": {"nqn": NQN, "listen_address": listen_address(port)}}]))
+    # a logical volume store, so its families have series (stores are made by RPC only)
+    t.rpc("bdev_lvol_create_lvstore", bdev_name="Pool0", lvs_name="lvs0", cluster_sz=1 << 20)
+    t.rpc("bdev_lvol_create", lvs_name="lvs0", lvol_name="vol0", size_in_mib=4,
+          thin_provision=True)
     yield t, port
 
 
@@ -721,7 +726,7 @@ def test_prometheus_scrapes_the_target_and_runs_rules_and_dashboard(
 
         # PromQL sees exactly what the target exports, once the next scrape lands
         def scraped_ops() -> bool:
-            r = prom.query('sum(blocktarget_bdev_ops_total{job="blocktarget"})')
+            r = prom.query('sum(blocktarget_bdev_ops_total{job="blocktarget", bdev="Malloc0"})')
             return bool(r) and float(r[0]["value"][1]) == ops
         prom.wait("scrape after I/O", scraped_ops)
         size = prom.query('blocktarget_bdev_size_bytes{job="blocktarget", bdev="Malloc0"}')

@@ -1,0 +1,269 @@
+"""Logical volumes in a real target process, driven by SPDK's own `rpc.py` (PyPI `spdk`)
+and used over NVMe/TCP by blocktarget's initiator: data written through a thin volume
+is read back byte for byte, a live resize reaches the connected host as a Namespace
+Attribute Changed event and a new size, a full store fails only the writes that need a
+new cluster (Capacity Exceeded), and after a restart from the saved config (which has no
+lvol lines) the store and its volumes are back with their data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blocktarget.host.connection import NvmeStatusError
+from blocktarget.host.controller import connect
+from blocktarget.nvme import spec
+
+from .target_proc import Launcher, RunningTarget, config, free_port, listen_address
+from .test_spdk_client import SPDK_RPC
+from .test_spdk_client import SpdkRpc as _SpdkRpc
+
+NQN = "nqn.2026-01.io.test:lvol"
+BS = 4096
+MIB = 1 << 20
+BPC = MIB // BS  # blocks per 1 MiB cluster
+
+
+class SpdkRpc(_SpdkRpc):
+    def uuid(self, *args: str) -> str:
+        """A UUID result: rpc.py prints strings bare, not as JSON."""
+        out = self.ok(*args).strip()
+        assert len(out) == 36 and out.count("-") == 4, out
+        return out
+
+
+@pytest.fixture
+def base_file() -> Iterator[Path]:
+    fd, name = tempfile.mkstemp(prefix="bt-lvol-", suffix=".img", dir=tempfile.gettempdir())
+    os.ftruncate(fd, 40 * MIB)
+    os.close(fd)
+    yield Path(name)
+    os.unlink(name)
+
+
+def target_config(img: Path) -> dict[str, Any]:
+    return config([{"method": "bdev_uring_create",
+                    "params": {"name": "U0", "filename": str(img), "block_size": BS}}],
+                  [{"method": "nvmf_create_transport", "params": {"trtype": "TCP"}}])
+
+
+def blocks(n: int, seed: int) -> bytes:
+    return bytes(((i * 29 + seed) & 0xFF) for i in range(n * BS))
+
+
+async def _write_verify(port: int, writes: dict[int, bytes]) -> None:
+    ctrl = await connect("127.0.0.1", port, NQN, nr_io_queues=2, timeout=15)
+    try:
+        await asyncio.gather(*(ctrl.write(1, lba, d) for lba, d in writes.items()))
+        await ctrl.flush(1)
+        for lba, d in writes.items():
+            assert bytes(await ctrl.read(1, lba, len(d) // BS)) == d, f"lba {lba}"
+        assert bytes(await ctrl.read(1, 9 * BPC, 2)) == bytes(2 * BS)  # never written
+    finally:
+        await ctrl.disconnect()
+
+
+async def _read_back(port: int, writes: dict[int, bytes]) -> None:
+    ctrl = await connect("127.0.0.1", port, NQN, timeout=15)
+    try:
+        for lba, d in writes.items():
+            assert bytes(await ctrl.read(1, lba, len(d) // BS)) == d, f"lba {lba}"
+    finally:
+        await ctrl.disconnect()
+
+
+async def _resize_seen(port: int, rpc: SpdkRpc, name: str) -> None:
+    ctrl = await connect("127.0.0.1", port, NQN, timeout=15)
+    try:
+        assert (await ctrl.namespace(1)).nsze == 64 * BPC
+        await ctrl.set_features(spec.FeatureId.ASYNC_EVENT, spec.AenConfig.NS_ATTR)
+        aer = await ctrl.async_event_request()
+        await asyncio.to_thread(rpc.ok, "bdev_lvol_resize", name, "96")
+        dw0 = await asyncio.wait_for(aer, 5)
+        assert dw0 == spec.make_aen_result(spec.AsyncEventType.NOTICE,
+                                           spec.AsyncEventNotice.NS_ATTR_CHANGED,
+                                           spec.LogPage.CHANGED_NS)
+        changed = await ctrl.get_log_page(spec.LogPage.CHANGED_NS, 4096)
+        assert int.from_bytes(bytes(changed[:4]), "little") == 1
+        assert (await ctrl.namespace(1, refresh=True)).nsze == 96 * BPC
+        await ctrl.write(1, 95 * BPC, blocks(1, 3))  # the grown part takes writes
+        assert bytes(await ctrl.read(1, 95 * BPC, 1)) == blocks(1, 3)
+    finally:
+        await ctrl.disconnect()
+
+
+async def _fill(port: int, clusters: int) -> list[int]:
+    """Write one block into each of `clusters` clusters; the statuses."""
+    ctrl = await connect("127.0.0.1", port, NQN, timeout=15)
+    out = []
+    try:
+        for c in range(clusters):
+            try:
+                await ctrl.write(1, c * BPC, blocks(1, c))
+                out.append(0)
+            except NvmeStatusError as e:
+                out.append(e.sc | (e.sct << 8))
+        # what was written still reads, and a mapped cluster still takes writes
+        assert bytes(await ctrl.read(1, 0, 1)) == blocks(1, 0)
+        await ctrl.write(1, 5, blocks(1, 77))
+    finally:
+        await ctrl.disconnect()
+    return out
+
+
+def test_lvol_by_spdk_rpc_with_io_resize_and_restart(running_target: Launcher,
+                                                     base_file: Path, tmp_path: Path) -> None:
+    assert Path(SPDK_RPC).exists(), "SPDK's client is a test dependency (pip package 'spdk')"
+    t: RunningTarget = running_target(target_config(base_file))
+    rpc = SpdkRpc(t.sock_path)
+    try:
+        lvs = rpc.uuid("bdev_lvol_create_lvstore", "U0", "lvs0", "-c", str(MIB))
+        [info] = rpc.json("bdev_lvol_get_lvstores", "-l", "lvs0")
+        assert info["uuid"] == lvs and info["cluster_size"] == MIB and info["block_size"] == BS
+        total = info["total_data_clusters"]
+        assert info["free_clusters"] == total >= 20
+        thin = rpc.uuid("bdev_lvol_create", "-l", "lvs0", "-t", "vol", "64")
+        thick = rpc.uuid("bdev_lvol_create", "-u", lvs, "fat", "2", "-c", "write_zeroes")
+        lvols = {v["name"]: v for v in rpc.json("bdev_lvol_get_lvols", "-l", "lvs0")}
+        assert lvols["vol"]["uuid"] == thin and lvols["vol"]["is_thin_provisioned"] is True
+        assert lvols["fat"]["uuid"] == thick and lvols["fat"]["num_allocated_clusters"] == 2
+        rpc.ok("bdev_lvol_rename", "lvs0/fat", "thick")
+        rpc.ok("bdev_lvol_set_read_only", "lvs0/thick")
+        [b] = rpc.json("bdev_get_bdevs", "-b", "lvs0/thick")
+        assert b["name"] == thick and b["driver_specific"]["lvol"]["read_only"] is True
+
+        rpc.ok("nvmf_create_subsystem", NQN, "-a")
+        rpc.ok("nvmf_subsystem_add_ns", NQN, "lvs0/vol")
+        port = free_port()
+        rpc.ok("nvmf_subsystem_add_listener", NQN, "-t", "tcp", "-a", "127.0.0.1",
+               "-s", str(port))
+        e = rpc.fails("bdev_lvol_delete", "lvs0/vol")
+        assert e["code"] == -16
+        writes = {0: blocks(1, 1), BPC - 2: blocks(4, 2), 7 * BPC + 5: blocks(32, 3),
+                  3 * BPC + 200: blocks(32, 4)}
+        asyncio.run(_write_verify(port, writes))
+        [v] = [x for x in rpc.json("bdev_lvol_get_lvols") if x["name"] == "vol"]
+        assert v["num_allocated_clusters"] == 4
+        asyncio.run(_resize_seen(port, rpc, "lvs0/vol"))
+        assert rpc.json("bdev_lvol_get_lvstores")[0]["free_clusters"] == total - 2 - 5
+        saved = json.loads(rpc.ok("save_config"))
+        assert not any("lvol" in c["method"] for s in saved["subsystems"] for c in s["config"])
+    finally:
+        rpc.close()
+    assert t.stop() == 0
+
+    # restart from what save_config wrote: the store is found on U0 again
+    again = running_target(saved)
+    rpc = SpdkRpc(again.sock_path)
+    try:
+        [info] = rpc.json("bdev_lvol_get_lvstores")
+        assert info["uuid"] == lvs and info["free_clusters"] == total - 2 - 5
+        lvols = {v["name"]: v for v in rpc.json("bdev_lvol_get_lvols")}
+        assert set(lvols) == {"vol", "thick"} and lvols["vol"]["num_allocated_clusters"] == 5
+        [b] = rpc.json("bdev_get_bdevs", "-b", "lvs0/thick")
+        assert b["driver_specific"]["lvol"]["read_only"] is True
+        asyncio.run(_read_back(port, {**writes, 95 * BPC: blocks(1, 3)}))
+        rpc.ok("nvmf_delete_subsystem", NQN)
+        rpc.ok("bdev_lvol_delete", "lvs0/vol")
+        rpc.ok("bdev_lvol_rename_lvstore", "lvs0", "lvs1")
+        rpc.ok("bdev_lvol_delete_lvstore", "-l", "lvs1")
+        assert rpc.json("bdev_lvol_get_lvstores") == []
+        assert [b["name"] for b in rpc.json("bdev_get_bdevs")] == ["U0"]
+    finally:
+        rpc.close()
+
+
+def test_full_thin_store_fails_only_new_clusters(running_target: Launcher, base_file: Path
+                                                 ) -> None:
+    t = running_target(target_config(base_file))
+    rpc = SpdkRpc(t.sock_path)
+    try:
+        rpc.uuid("bdev_lvol_create_lvstore", "U0", "lvs0", "-c", str(MIB))
+        total = rpc.json("bdev_lvol_get_lvstores")[0]["total_data_clusters"]
+        rpc.uuid("bdev_lvol_create", "-l", "lvs0", "-t", "big", str(total + 8))
+        rpc.ok("nvmf_create_subsystem", NQN, "-a")
+        rpc.ok("nvmf_subsystem_add_ns", NQN, "lvs0/big")
+        port = free_port()
+        t.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address=listen_address(port))
+        statuses = asyncio.run(_fill(port, total + 3))
+        capacity_exceeded = spec.GenericStatus.CAPACITY_EXCEEDED
+        assert statuses == [0] * total + [capacity_exceeded] * 3
+        assert rpc.json("bdev_lvol_get_lvstores")[0]["free_clusters"] == 0
+        assert "Capacity Exceeded" in t.log()
+    finally:
+        rpc.close()
+
+
+async def _snapshot_io(port: int, rpc: SpdkRpc) -> None:
+    """Write the origin, snapshot it over RPC while connected, write it again: the clone
+    of the snapshot (nsid 2) reads the first data, the origin (nsid 1) the second."""
+    ctrl = await connect("127.0.0.1", port, NQN, nr_io_queues=2, timeout=15)
+    try:
+        first = {lba: blocks(8, lba % 251) for lba in (0, 3 * BPC + 17, 6 * BPC - 8)}
+        for lba, d in first.items():
+            await ctrl.write(1, lba, d)
+        await ctrl.flush(1)
+        snap = await asyncio.to_thread(rpc.uuid, "bdev_lvol_snapshot", "lvs0/vol", "snap0")
+        await asyncio.to_thread(rpc.uuid, "bdev_lvol_clone", snap, "clone0")
+        await asyncio.to_thread(rpc.ok, "nvmf_subsystem_add_ns", "-n", "2", NQN, "lvs0/clone0")
+        second = {lba: blocks(8, 99) for lba in first}
+        for lba, d in second.items():
+            await ctrl.write(1, lba + 2, d)  # partial: the rest of the cluster is copied
+        for lba, d in first.items():
+            want = d[:2 * BS] + second[lba]
+            assert bytes(await ctrl.read(1, lba, 10)) == want, f"origin lba {lba}"
+            assert bytes(await ctrl.read(2, lba, 8)) == d, f"clone lba {lba}"
+        await ctrl.write(2, 0, blocks(1, 5))  # the clone is writable, the snapshot not
+        assert bytes(await ctrl.read(1, 0, 2)) == first[0][:2 * BS]
+    finally:
+        await ctrl.disconnect()
+
+
+async def _read_after_detach(port: int) -> None:
+    ctrl = await connect("127.0.0.1", port, NQN, timeout=15)
+    try:
+        first = blocks(8, 0)
+        assert bytes(await ctrl.read(1, 0, 10)) == first[:2 * BS] + blocks(8, 99)
+        assert bytes(await ctrl.read(2, 0, 8)) == blocks(1, 5) + first[BS:]
+    finally:
+        await ctrl.disconnect()
+
+
+def test_snapshot_and_clone_by_spdk_rpc_while_connected(running_target: Launcher,
+                                                        base_file: Path) -> None:
+    t = running_target(target_config(base_file))
+    rpc = SpdkRpc(t.sock_path)
+    try:
+        rpc.uuid("bdev_lvol_create_lvstore", "U0", "lvs0", "-c", str(MIB))
+        rpc.uuid("bdev_lvol_create", "-l", "lvs0", "vol", "8")
+        rpc.ok("nvmf_create_subsystem", NQN, "-a")
+        rpc.ok("nvmf_subsystem_add_ns", NQN, "lvs0/vol")
+        port = free_port()
+        t.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address=listen_address(port))
+        asyncio.run(_snapshot_io(port, rpc))
+        lvols = {v["name"]: v for v in rpc.json("bdev_lvol_get_lvols", "-l", "lvs0")}
+        assert lvols["snap0"]["is_snapshot"] and lvols["snap0"]["num_allocated_clusters"] == 8
+        assert lvols["vol"]["is_clone"] and lvols["vol"]["num_allocated_clusters"] == 4  # 5|6 straddled
+        assert lvols["clone0"]["is_clone"] and lvols["clone0"]["num_allocated_clusters"] == 1
+        [b] = rpc.json("bdev_get_bdevs", "-b", "lvs0/snap0")
+        assert sorted(b["driver_specific"]["lvol"]["clones"]) == ["clone0", "vol"]
+        e = rpc.fails("bdev_lvol_delete", "lvs0/snap0")
+        assert e["code"] == -16 and "delete those first" in e["message"]
+        # both clones become independent while exported; then the snapshot can go
+        rpc.ok("bdev_lvol_decouple_parent", "lvs0/clone0")
+        rpc.ok("bdev_lvol_inflate", "lvs0/vol")
+        lvols = {v["name"]: v for v in rpc.json("bdev_lvol_get_lvols", "-l", "lvs0")}
+        assert not lvols["vol"]["is_clone"] and lvols["vol"]["num_allocated_clusters"] == 8
+        assert not lvols["clone0"]["is_clone"] and lvols["clone0"]["is_thin_provisioned"]
+        rpc.ok("bdev_lvol_delete", "lvs0/snap0")
+        asyncio.run(_read_after_detach(port))
+    finally:
+        rpc.close()
