@@ -63,6 +63,7 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "net_lends": reactor.stats.net_lends,
         "net_pdus": reactor.stats.net_pdus,
         "net_idle_ns": reactor.stats.net_idle_ns,
+        "poll_runs": reactor.stats.poll_runs,  # the reactor's Python poll loop's turns
         "transports": [{"trtype": "TCP", "pending_data_buffer": waiting,
                         "pending_data_buffer_bytes": waiting_bytes}],
     }
