@@ -59,7 +59,9 @@ static void on_sample(int sig, siginfo_t *si, void *uc)
 
 static int install(void)
 {
-    static int done;  /* (started on reactor threads, which the Python side serializes) */
+    /* (reactor threads may get here at once: both then install the same handler, the
+       second finding the first's, which it accepts) */
+    static volatile int done;
     if (done)
         return 0;
     struct sigaction old;

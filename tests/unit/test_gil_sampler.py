@@ -143,3 +143,27 @@ async def test_metrics_say_whether_sampled() -> None:
     g = res["result"]["poll_groups"][0]
     assert g["gil_sample_period_ns"] == gilsample.PERIOD_US * 1000
     assert g["gil_samples"] >= g["gil_held_samples"] >= 0
+
+
+def test_two_reactors_each_sample_their_own_thread() -> None:
+    """Reactors started together each get a sampler of their own thread (one signal
+    handler for the process): busy Python on one is not counted on the other."""
+    core = sorted(os.sched_getaffinity(0))[0]
+    rs = [Reactor(i, core, pin=False) for i in range(2)]
+    for r in rs:
+        r.start()
+    try:
+        assert all(r.gil is not None for r in rs)
+        idle0 = rs[1].gil.samples  # type: ignore[union-attr]
+
+        def spin() -> None:
+            t0 = time.thread_time_ns()
+            while time.thread_time_ns() - t0 < 0.2e9:
+                sum(range(1000))
+
+        rs[0].send(spin).result(10)
+        assert rs[0].gil.held >= 100  # type: ignore[union-attr]
+        assert rs[1].gil.samples - idle0 < 20  # type: ignore[union-attr]
+    finally:
+        for r in rs:
+            r.stop()
