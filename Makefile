@@ -30,7 +30,7 @@ $(EXT_STATE): FORCE | system-deps
 $(STAMP): pyproject.toml setup.py $(wildcard blocktarget/_*_build.py) \
 		$(wildcard blocktarget/csrc/*) $(EXT_STATE) | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'  # (in-place builds: setup.py build_ext)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) scripts/extensions.py verify $(EXT_STATE)
 	touch $(STAMP)

@@ -92,6 +92,10 @@ class TargetCollector(Collector):
                                    "Messages run on the reactor", labels=["reactor"])
         polls = CounterMetricFamily("blocktarget_reactor_poll_runs",
                                     "Poller loop iterations", labels=["reactor"])
+        poll_err = CounterMetricFamily(
+            "blocktarget_reactor_poller_errors",
+            "Poller calls that raised (the poller is called again after a growing pause; "
+            "a rising count is a bug or a failing device, see the log)", labels=["reactor"])
         conns = GaugeMetricFamily("blocktarget_reactor_connections",
                                   "NVMe/TCP connections owned by the reactor", labels=["reactor"])
         opened = CounterMetricFamily("blocktarget_reactor_connections_opened",
@@ -138,6 +142,7 @@ class TargetCollector(Collector):
             idle.add_metric(labels, max(r.wall_ns() - cpu, 0) / 1e9)
             msgs.add_metric([str(r.index)], r.stats.messages)
             polls.add_metric([str(r.index)], r.stats.poll_runs)
+            poll_err.add_metric([str(r.index)], r.stats.poller_errors)
             conns.add_metric([str(r.index)], len(r.owned.get("connection", ())))
             opened.add_metric([str(r.index)], r.stats.connections_opened)
             lane.add_metric([str(r.index)], r.stats.c_lane_commands)
@@ -151,8 +156,8 @@ class TargetCollector(Collector):
             user, system = r.cpu_split_ns()
             cpu_mode.add_metric([str(r.index), "user"], user / 1e9)
             cpu_mode.add_metric([str(r.index), "system"], system / 1e9)
-        yield from (busy, idle, msgs, polls, conns, opened, lane, released, held, outside,
-                    sampled, net_pdus, net_idle, cpu_mode)
+        yield from (busy, idle, msgs, polls, poll_err, conns, opened, lane, released, held,
+                    outside, sampled, net_pdus, net_idle, cpu_mode)
 
         # ---- subsystems ----
         subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")

@@ -95,6 +95,16 @@ def parse_cores(spec: Any) -> list[int]:
     return cores
 
 
+# A poller that raises is called again after a pause that doubles with each failure in a
+# row (up to the cap), rather than dropped: an NVMe queue or io_uring ring whose poller
+# stops being called never completes its I/O again, so one bad completion would hang
+# every command behind it. The pause keeps a poller that always fails from spinning the
+# reactor and flooding the log.
+POLLER_RETRY_FIRST_S = 0.001
+POLLER_RETRY_MAX_S = 1.0
+POLLER_LOG_EVERY_S = 10.0
+
+
 @dataclass(eq=False)
 class Poller:
     """A function the reactor calls repeatedly; it returns how much work it did."""
@@ -103,6 +113,22 @@ class Poller:
     name: str
     runs: int = 0
     work: int = 0
+    errors: int = 0  # calls that raised, in all
+    failing: int = 0  # calls that raised in a row (0: healthy)
+    retry_at: float = 0.0  # monotonic time before which a failing poller is not called
+    logged_at: float = float("-inf")
+
+    def failed(self, now: float) -> None:
+        """Count a failure and set when to call it again; log its traceback the first
+        time in a row and then at most every POLLER_LOG_EVERY_S."""
+        self.errors += 1
+        self.failing += 1
+        delay = min(POLLER_RETRY_FIRST_S * 2 ** min(self.failing - 1, 20), POLLER_RETRY_MAX_S)
+        self.retry_at = now + delay
+        if self.failing == 1 or now - self.logged_at >= POLLER_LOG_EVERY_S:
+            self.logged_at = now
+            log.exception("poller %s failed (%d in a row, %d in all); calling it again in "
+                          "%.3f s", self.name, self.failing, self.errors, delay)
 
 
 @dataclass
@@ -112,6 +138,7 @@ class ReactorStats:
     messages: int = 0
     poll_runs: int = 0
     poll_work: int = 0
+    poller_errors: int = 0  # poller calls that raised (see Poller)
     connections_opened: int = 0
     connections_closed: int = 0
     adopt_failed: int = 0  # sockets handed to this reactor that died before adoption
@@ -320,12 +347,18 @@ class Reactor:
         self._poll_handle = None
         work = 0
         for poller in tuple(self.pollers):
+            if poller.failing and time.monotonic() < poller.retry_at:
+                continue
             try:
                 done = poller.fn()
-            except Exception:  # a faulty poller must not stop the reactor
-                log.exception("poller %s failed; unregistering it", poller.name)
-                self.unregister_poller(poller)
+            except Exception:  # a faulty poller must not stop the reactor (see Poller)
+                self.stats.poller_errors += 1
+                poller.failed(time.monotonic())
                 continue
+            if poller.failing:
+                log.warning("poller %s works again after %d failures", poller.name,
+                            poller.failing)
+                poller.failing = 0
             poller.runs += 1
             if done:
                 poller.work += done
@@ -408,7 +441,8 @@ class Reactor:
             "busy_seconds": busy / 1e9,
             "idle_seconds": max(wall - busy, 0) / 1e9,
             "messages": self.stats.messages,
-            "pollers": [{"name": p.name, "runs": p.runs, "work": p.work} for p in self.pollers],
+            "pollers": [{"name": p.name, "runs": p.runs, "work": p.work, "errors": p.errors,
+                         "failing": p.failing} for p in self.pollers],
             # list() copies the set in one C call; iterating it directly from this (non-
             # reactor) thread races with own()/disown() ("Set changed size during iteration")
             "connections": sorted(str(c) for c in list(self.owned.get("connection", ()))),

@@ -8,14 +8,19 @@ Budget: ~65 s (the 10-minute run with >= 10,000 churned is `bench/soak.py` witho
 
 "Flat", with the tolerance the measurements support: at every quiescent point the fd
 count is the baseline's (+-2: the RPC socket of the stats call itself may or may not be
-open when /proc is read); RSS rises over the first round (the allocator's arenas grow to
+open when /proc is read; the soak gives sockets of queue pairs the target has already
+dropped up to 10 s to close, as the event loop closes them a turn or a flush later:
+bench/soak.py FD_SETTLE_S); RSS rises over the first round (the allocator's arenas grow to
 the 1,000-connection peak once: ~+23 MiB measured) and after that may drift by at most
-8 MiB in total and 200 KiB per round on the least-squares slope (measured: +1.3 MiB over
+8 MiB in total and 400 KiB per round on the least-squares slope (measured: +1.3 MiB over
 9 rounds, 25 KiB/round before the reactors' C socket pollers; with them +5.0 MiB over 18
 rounds at 15.5 KiB/round: a step after the first round, not a drift — the slope is the
-leak detector, the total a bound on such steps). While the 1,000 controllers are held the target is asked how
+leak detector, the total a bound on such steps; on a loaded machine (load average 6-8,
+other engineers' VMs) runs fit 6-8 rounds, and a step of 3-4 MiB early among so few
+points gave slopes from -9 to 174 KiB/round in four runs and above 200 in one failed
+run, hence 400). While the 1,000 controllers are held the target is asked how
 many queue pairs it serves (its own count, not a sampled peak of fds). A leak of one 4 KiB buffer per connection would be 1.6 MiB per
-round, eight times the slope allowed.
+round, four times the slope allowed.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ def test_soak_ci(tmp_path: Path) -> None:
           f"{rep['errors']} errors; RSS KiB start {rss['start']} after-round-1 "
           f"{rss['after_first_round']} end {rss['end']} max {rss['max']} slope "
           f"{rss['slope_per_round_after_first']}/round; fds start {fds['start']} end "
-          f"{fds['end']} max {fds['max']}")
+          f"{fds['end']} max {fds['max']}, longest fd settle "
+          f"{max((p.get('fd_settle_s', 0) for p in rep['quiescent_points']), default=0)} s")
     assert rep["errors"] == 0, rep["messages"]
     assert r.returncode == 0 and rep["target_exit_status"] == 0, r.stderr[-3000:]
     assert rep["concurrent"] == 1000
@@ -59,4 +65,4 @@ def test_soak_ci(tmp_path: Path) -> None:
     for p in rep["quiescent_points"]:
         assert abs(p["fds"] - fds["start"]) <= 2, f"fds not back to baseline: {p}"
     assert rss["end"] - rss["after_first_round"] < 8 * 1024, rss
-    assert rss["slope_per_round_after_first"] < 200, rss
+    assert rss["slope_per_round_after_first"] < 400, rss
