@@ -14,13 +14,20 @@ measured). The table gives medians:
 
 - IOPS, and the ratio lane / Python path (same run, same machine state);
 - target CPU µs per I/O (utime + stime of the target process over the perf run);
-- of the reactor's busy time per I/O, the part in the C data plane's calls (the GIL
-  released: `blocktarget_reactor_gil_released_seconds`, the lane's calls and the C socket
-  poller's, less its spinning with nothing to do, shown apart as "C spin": released but
-  no work) and the rest (GIL held: Python, and the
-  event loop's socket system calls, which uvloop makes holding it);
+- the reactor's busy time per I/O in three parts: holding the GIL (sampled on the
+  thread's CPU clock, blocktarget/gilsample.py: `blocktarget_reactor_gil_held_seconds`),
+  in the C data plane's calls (the GIL released:
+  `blocktarget_reactor_gil_released_seconds`, the lane's calls and the C socket poller's,
+  less its spinning with nothing to do, shown apart as "C spin": released but no work)
+  and neither (the event loop's epoll and the kernel's work on the thread outside our
+  calls: `blocktarget_reactor_gil_free_other_seconds`); the share is the held part of
+  the work, and in brackets the upper bound that counts everything outside the C calls
+  as held (the only figure a tree without the sampler gives);
 - the reactor scaling that GIL share predicts (Amdahl: 1 / (f + (1 - f) / N) for the
   held fraction f), for 1, 2, 4, 8 and 16 reactors on as many cores.
+
+`--before TREE` compares with the lane of another checkout (built in place) instead of
+the Python path: a change's before and after, alternating in one run.
 
 SPDK's figures on this machine kind (measured outside, given in issue 15; SPDK's binaries
 are not available here) are printed beside the rows they exist for, as a reference to
@@ -98,15 +105,19 @@ def bdev_for(backend: str, workdir: Path) -> dict:
             "params": {"name": "B0", "filename": str(path), "block_size": 4096}}
 
 
-def reactor_times(t: Target, sock: Path) -> tuple[int, int, int]:
+def reactor_times(t: Target, sock: Path) -> tuple[int, int, int, int | None]:
     """(busy ns, ns in the C data plane's calls, of those the C socket poller's spinning
-    with nothing to do) of the target's reactors."""
+    with nothing to do, ns holding the GIL by the reactors' samplers or None where a
+    reactor has none: a tree from before them) of the target's reactors."""
     with RpcClient(unix=str(sock), timeout=10) as c:
         busy = sum(r["busy"] for r in c.call("framework_get_reactors")["reactors"])
         groups = c.call("nvmf_get_stats")["poll_groups"]
     free = sum(g.get("gil_released_ns", 0) for g in groups)
     idle = sum(g.get("net_idle_ns", 0) for g in groups)
-    return busy, free, idle
+    held: int | None = None
+    if all(g.get("gil_sample_period_ns") for g in groups):
+        held = sum(g["gil_held_samples"] * g["gil_sample_period_ns"] for g in groups)
+    return busy, free, idle, held
 
 
 def run_perf(port: int, rw: str, size: int, qd: int, secs: float, digests: bool) -> dict:
@@ -135,16 +146,21 @@ def measure(t: Target, sock: Path, wl: tuple[str, str, int, int], secs: float,
     _label, rw, size, qd = wl
     warm_up(t.port, digests)
     cpu0 = t.cpu_seconds()
-    busy0, free0, idle0 = reactor_times(t, sock)
+    busy0, free0, idle0, held0 = reactor_times(t, sock)
     r = run_perf(t.port, rw, size, qd, secs, digests)
     cpu = t.cpu_seconds() - cpu0
-    busy1, free1, idle1 = reactor_times(t, sock)
+    busy1, free1, idle1, held1 = reactor_times(t, sock)
     if "error" in r or not r["ops"]:
         return r
     n = r["ops"]
     r["tgt_us"] = cpu * 1e6 / n
     r["free_us"] = (free1 - free0) / 1e3 / n
-    r["held_us"] = max((busy1 - busy0) - (free1 - free0), 0) / 1e3 / n
+    # upper bound: everything outside the C calls counted as held (the only figure
+    # before the sampler); sampled: the GIL held, and the rest outside both
+    r["ub_us"] = max((busy1 - busy0) - (free1 - free0), 0) / 1e3 / n
+    if held0 is not None and held1 is not None:
+        r["held_us"] = (held1 - held0) / 1e3 / n
+        r["other_us"] = max(r["ub_us"] - r["held_us"], 0.0)
     r["idle_us"] = (idle1 - idle0) / 1e3 / n
     return r
 
@@ -168,6 +184,9 @@ def main() -> int:
     ap.add_argument("--markdown", action="store_true", help="append to bench/RESULTS.md")
     ap.add_argument("--baseline", choices=sorted(BASELINES), default="python",
                     help="what the lane is compared with (see BASELINES)")
+    ap.add_argument("--before", type=Path, default=None, metavar="TREE",
+                    help="compare with the lane of another checkout (built in place) "
+                         "instead: before/after a change")
     args = ap.parse_args()
     wls = [w for w in WORKLOADS if args.workloads is None or w[0] in args.workloads]
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -187,12 +206,13 @@ def main() -> int:
                     with tempfile.TemporaryDirectory(prefix="dataplane-",
                                                      dir=where.get(backend)) as tmp:
                         transport = ({"c_fast_path": True} if path == "lane"
-                                     else dict(BASELINES[args.baseline][1]))
+                                     or args.before else dict(BASELINES[args.baseline][1]))
                         if digests:
                             transport.update(header_digest=True, data_digest=True)
+                        tree = args.before if path == "python" else None
                         t = Target("blocktarget", backend, Path(tmp), cores=(0,),
                                    bdev=bdev_for(backend, Path(tmp)), transport=transport,
-                                   bt_extra={"allowed_dirs": [tmp]})
+                                   bt_extra={"allowed_dirs": [tmp]}, bt_tree=tree)
                         try:
                             time.sleep(0.3)
                             r = measure(t, Path(tmp) / "bt.sock", wl, args.time, digests)
@@ -206,29 +226,40 @@ def main() -> int:
                    "lane_lat": med(lane, "lat_us"), "py_lat": med(py, "lat_us"),
                    "lane_us": med(lane, "tgt_us"), "py_us": med(py, "tgt_us"),
                    "free_us": med(lane, "free_us"), "held_us": med(lane, "held_us"),
-                   "idle_us": med(lane, "idle_us"),
+                   "ub_us": med(lane, "ub_us"), "other_us": med(lane, "other_us"),
+                   "idle_us": med(lane, "idle_us"), "sampled": all("held_us" in r for r in lane),
                    "b_held_us": med(py, "held_us"), "b_free_us": med(py, "free_us"),
-                   "b_idle_us": med(py, "idle_us"),
+                   "b_ub_us": med(py, "ub_us"), "b_idle_us": med(py, "idle_us"),
+                   "b_sampled": all("held_us" in r for r in py),
                    "errors": sum(r.get("errors", 0) for r in lane + py),
                    "failed": [r["error"] for r in lane + py if "error" in r][:1]}
             rows.append(row)
     base = BASELINES[args.baseline][0]
+    if args.before:
+        rev = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+        base = f"lane at {rev}"
     lines = [f"Run of {started}: {head}.", "",
              f"| backend | workload | IOPS lane | IOPS {base} | lane / baseline | "
-             f"target CPU µs/IO lane ({base}) | GIL held / released µs/IO (lane) | "
-             "GIL-held share | predicted scaling 1/2/4/8/16 reactors | "
-             f"GIL held / released µs/IO, share ({base}) | SPDK (issue 15) |",
+             f"target CPU µs/IO lane ({base}) | GIL held / released / neither µs/IO "
+             "(lane) | GIL-held share, sampled (upper bound) | predicted scaling "
+             f"1/2/4/8/16 reactors | GIL held / released µs/IO, share ({base}) | "
+             "SPDK (issue 15) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def share(held: float, free: float, idle: float) -> float:
-        # (the C poller's spinning with nothing to do is released time, but no work: it
-        # is left out of the share, so the share is the held part of the work)
-        busy = held + free - idle
+    def share(held: float, ub: float, free: float, idle: float) -> float:
+        # the held part of the work: the reactor's CPU time (everything outside the C
+        # calls, ub, and the calls) less the C poller's spinning with nothing to do
+        # (released, but no work)
+        busy = ub + free - idle
         return held / busy if busy > 0 else 1.0
 
     for r in rows:
-        f = share(r["held_us"], r["free_us"], r["idle_us"])
-        fb = share(r["b_held_us"], r["b_free_us"], r["b_idle_us"])
+        held = r["held_us"] if r["sampled"] else r["ub_us"]
+        f = share(held, r["ub_us"], r["free_us"], r["idle_us"])
+        fub = share(r["ub_us"], r["ub_us"], r["free_us"], r["idle_us"])
+        b_held = r["b_held_us"] if r["b_sampled"] else r["b_ub_us"]
+        fb = share(b_held, r["b_ub_us"], r["b_free_us"], r["b_idle_us"])
         scale = "/".join(f"{amdahl(f, n):.1f}" for n in (1, 2, 4, 8, 16))
         if r["qd"] == 1:
             lane_v, py_v = f"{r['lane_lat']:.1f} µs", f"{r['py_lat']:.1f} µs"
@@ -242,11 +273,13 @@ def main() -> int:
             ref = f"{spdk:,} (lane {r['lane_iops'] / spdk:.2f})" if spdk else "-"
         lines.append(
             f"| {r['backend']} | {r['workload']} | {lane_v} | {py_v} | {ratio} | "
-            f"{r['lane_us']:.2f} ({r['py_us']:.2f}) | {r['held_us']:.2f} / "
+            f"{r['lane_us']:.2f} ({r['py_us']:.2f}) | {held:.2f} / "
             f"{r['free_us'] - r['idle_us']:.2f}"
-            + (f" (+{r['idle_us']:.2f} C spin)" if r["idle_us"] >= 0.005 else "") + " | "
-            f"{f:.0%} | {scale} | {r['b_held_us']:.2f} / "
-            f"{r['b_free_us'] - r['b_idle_us']:.2f}, {fb:.0%} | {ref} |")
+            + (f" (+{r['idle_us']:.2f} C spin)" if r["idle_us"] >= 0.005 else "")
+            + (f" / {r['other_us']:.2f}" if r["sampled"] else " / -") + " | "
+            f"{f:.0%} ({fub:.0%}) | {scale} | {b_held:.2f} / "
+            f"{r['b_free_us'] - r['b_idle_us']:.2f}, {fb:.0%}"
+            + ("" if r["b_sampled"] else " (upper bound)") + f" | {ref} |")
         if r["errors"] or r["failed"]:
             lines.append(f"|  | errors {r['errors']} {r['failed']} | | | | | | | | | |")
     text = "\n".join(lines)

@@ -114,8 +114,20 @@ class TargetCollector(Collector):
             labels=["reactor"])
         held = CounterMetricFamily(
             "blocktarget_reactor_gil_held_seconds",
-            "Reactor CPU time outside the C data plane (Python, and system calls made "
-            "holding the GIL): the share that serializes reactors", labels=["reactor"])
+            "Reactor CPU time holding the GIL (Python): the share that serializes "
+            "reactors. Sampled on the thread's CPU clock where "
+            "blocktarget_reactor_gil_sampled is 1; else all CPU time outside the C data "
+            "plane's calls (an upper bound)", labels=["reactor"])
+        outside = CounterMetricFamily(
+            "blocktarget_reactor_gil_free_other_seconds",
+            "Reactor CPU time neither holding the GIL nor in the C data plane's calls: the "
+            "event loop's epoll and the kernel's work on the thread outside them (busy "
+            "minus released minus held; 0 where the GIL is not sampled)",
+            labels=["reactor"])
+        sampled = GaugeMetricFamily(
+            "blocktarget_reactor_gil_sampled",
+            "1 where the reactor's GIL-held time is sampled, 0 where it is the upper bound",
+            labels=["reactor"])
         net_pdus = CounterMetricFamily(
             "blocktarget_reactor_c_poller_pdus",
             "PDUs taken by the reactor's C socket poller (sockets of queue pairs in their "
@@ -139,16 +151,18 @@ class TargetCollector(Collector):
             conns.add_metric([str(r.index)], len(r.owned.get("connection", ())))
             opened.add_metric([str(r.index)], r.stats.connections_opened)
             lane.add_metric([str(r.index)], r.stats.c_lane_commands)
-            free = r.stats.gil_released_ns
+            free, held_ns, other_ns, is_sampled = r.gil_split_ns(cpu)
             released.add_metric([str(r.index)], free / 1e9)
-            held.add_metric([str(r.index)], max(cpu - free, 0) / 1e9)
+            held.add_metric([str(r.index)], held_ns / 1e9)
+            outside.add_metric([str(r.index)], other_ns / 1e9)
+            sampled.add_metric([str(r.index)], int(is_sampled))
             net_pdus.add_metric([str(r.index)], r.stats.net_pdus)
             net_idle.add_metric([str(r.index)], r.stats.net_idle_ns / 1e9)
             user, system = r.cpu_split_ns()
             cpu_mode.add_metric([str(r.index), "user"], user / 1e9)
             cpu_mode.add_metric([str(r.index), "system"], system / 1e9)
-        yield from (busy, idle, msgs, polls, poll_err, conns, opened, lane, released, held, net_pdus,
-                    net_idle, cpu_mode)
+        yield from (busy, idle, msgs, polls, poll_err, conns, opened, lane, released, held,
+                    outside, sampled, net_pdus, net_idle, cpu_mode)
 
         # ---- subsystems ----
         subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")

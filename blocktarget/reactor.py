@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .gilsample import GilSampler
+
 log = logging.getLogger(__name__)
 
 try:  # uvloop is a dependency on Linux, but a reactor must still run without it
@@ -181,6 +183,8 @@ class Reactor:
     rx_arena: Any = None
     # the C socket poller of this reactor's lent connections (nvme/netpoll.py), if any
     net_poller: Any = None
+    # the sampler of this thread's GIL state (gilsample.py), or None
+    gil: GilSampler | None = None
     pollers: list[Poller] = field(default_factory=list)
     # Objects owned by this reactor, by kind, for framework_get_reactors and metrics.
     owned: dict[str, set[Any]] = field(default_factory=dict)
@@ -207,6 +211,7 @@ class Reactor:
             if self.pin:
                 os.sched_setaffinity(0, {self.core})
             self.tid = threading.get_native_id()
+            self.gil = GilSampler.start()  # (on this thread: it samples its caller)
             self.loop = _new_loop()
             asyncio.set_event_loop(self.loop)
             self._stopped = asyncio.Event()
@@ -227,6 +232,8 @@ class Reactor:
                 self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         finally:
             self.loop.close()
+            if self.gil is not None:
+                self.gil.stop()
 
     def stop(self, timeout: float = 5.0) -> None:
         if self.loop is None or self._thread is None:
@@ -402,6 +409,21 @@ class Reactor:
             return 0, 0
         tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
         return int(fields[11]) * tick, int(fields[12]) * tick
+
+    def gil_split_ns(self, busy: int | None = None) -> tuple[int, int, int, bool]:
+        """The reactor thread's CPU time ``busy`` (default: now) as (in the C data plane's
+        calls, the GIL released; holding the GIL; neither: the event loop's epoll and
+        the kernel's work outside our calls) and whether the held part was sampled
+        (gilsample.py). Without a sampler: everything outside the C calls counts as
+        held (an upper bound) and "neither" is 0."""
+        if busy is None:
+            busy = self.cpu_ns()
+        released = self.stats.gil_released_ns
+        g = self.gil
+        if g is None:
+            return released, max(busy - released, 0), 0, False
+        held = g.held_ns()
+        return released, held, max(busy - released - held, 0), True
 
     def wall_ns(self) -> int:
         return time.monotonic_ns() - self._start_ns if self._start_ns else 0

@@ -71,7 +71,8 @@ def eligible(qp: Qpair) -> bool:
 class NetPoller:
     """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
 
-    __slots__ = ("reactor", "n", "budget", "conns", "rings", "_ready", "_nready", "_closing")
+    __slots__ = ("reactor", "n", "budget", "conns", "rings", "_ready", "_nready", "_closing",
+                 "_again")
 
     def __init__(self, reactor: Reactor, budget: Any) -> None:
         n = lib.bt_net_new()
@@ -85,6 +86,7 @@ class NetPoller:
         self._ready = ffi.new("void *[]", MAX_READY)
         self._nready = ffi.new("unsigned *")
         self._closing = False
+        self._again: Any = None  # the loop's handle of a call going on at its next turn
         reactor.loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
 
     @classmethod
@@ -95,11 +97,15 @@ class NetPoller:
             p = r.net_poller = cls(r, qp.budget)
         return p
 
-    def poll(self) -> None:
-        """The epoll fd is readable: serve every lent connection with something to do."""
+    def poll(self, spin_left: int | None = None) -> None:
+        """The epoll fd is readable (or C stopped inside its busy-poll window, of which
+        ``spin_left`` ns are left): serve every lent connection with something to do."""
         n = self.n
         if n is None:
             return
+        if self._again is not None and spin_left is None:
+            self._again.cancel()  # (the epoll fd woke us first: this call goes on)
+            self._again = None
         b = self.budget
         n.bud_used = b.used
         # (while connections wait for buffers, the lanes take none beyond the first)
@@ -114,6 +120,8 @@ class NetPoller:
             # (the rings' lane completions are reaped in C too, and it returns at the
             # first of Python's)
             spin = r.busy_poll_us * 1000
+            if spin_left is not None:
+                spin = min(spin, spin_left)
         idle0, cpu0 = n.idle_ns, n.cpu_ns
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
         st = r.stats
@@ -136,11 +144,25 @@ class NetPoller:
                 except Exception:  # one connection's trouble must not strand the others
                     log.exception("%s: after the C poller", qp)
                     qp.close("internal error after the C poller")
-        if pdus and r.spin_on_io:
+        if spin:
+            # C spins the reactor's busy-poll window itself: the event loop must not
+            # spin it again in Python, holding the GIL (on io_uring, waiting for the
+            # kernel's workers to complete reads, it spun 0.35 times per I/O). If C
+            # stopped inside its window (its time budget, Python's own completions),
+            # it goes on at the loop's next turn, after the rest of Python had its own.
+            tail = n.tail_idle_ns
+            if tail < spin and n.nconns and self._again is None:
+                self._again = r.loop.call_soon(self._resume, spin - tail)  # type: ignore[union-attr]
+        elif pdus and r.spin_on_io:
             # the reactor's busy-poll window runs from the last work C saw, part of
             # which C already spent spinning: the event loop must not spin it again
             r.note_io()
             r._last_work_ns -= n.tail_idle_ns
+
+    def _resume(self, spin_left: int) -> None:
+        """The loop's next turn after C stopped inside its busy-poll window."""
+        self._again = None
+        self.poll(spin_left)
 
     def lend(self, qp: Qpair) -> Any:
         """Attach ``qp``'s socket and lane; the bt_conn, or None when C cannot take it."""
@@ -193,6 +215,9 @@ class NetPoller:
             return
         for ring in list(self.rings):
             self.drop_ring(ring)
+        if self._again is not None:
+            self._again.cancel()
+            self._again = None
         n, self.n = self.n, None
         loop = self.reactor.loop
         if loop is not None and not loop.is_closed():

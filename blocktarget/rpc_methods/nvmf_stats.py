@@ -63,6 +63,12 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "net_lends": reactor.stats.net_lends,
         "net_pdus": reactor.stats.net_pdus,
         "net_idle_ns": reactor.stats.net_idle_ns,
+        "poll_runs": reactor.stats.poll_runs,  # the reactor's Python poll loop's turns
+        # the GIL sampler (gilsample.py): samples of the thread's CPU time, those taken
+        # with the GIL held, ns of CPU time each stands for (0: no sampler)
+        "gil_samples": reactor.gil.samples if reactor.gil is not None else 0,
+        "gil_held_samples": reactor.gil.held if reactor.gil is not None else 0,
+        "gil_sample_period_ns": reactor.gil.period_ns if reactor.gil is not None else 0,
         "transports": [{"trtype": "TCP", "pending_data_buffer": waiting,
                         "pending_data_buffer_bytes": waiting_bytes}],
     }

@@ -377,7 +377,16 @@ class Pair:
         for s in (self.ref, self.fast):
             for qp in (s.io, s.admin):
                 qp.close("test over")
+        self.release()
         self.loop.close()
+
+    def release(self) -> None:
+        """The sides' bdev channels go, so their io_uring rings do (a ring lives while its
+        reactor has a channel on it: left open, every test's ring stayed in
+        uring._Ring._rings for the rest of the session, which test_bdev_uring checks)."""
+        for s in (self.ref, self.fast):
+            for b in list(s.target.bdevs):
+                b.close_channel(s.reactor)
 
     def ttag_map(self) -> dict[int, int]:
         """The reference side's R2T ttags -> the lane side's, for the same writes (the

@@ -199,4 +199,5 @@ class SockPair(Pair):
             self.loop.run_until_complete(asyncio.sleep(0))
         self.fast.end.sock.close()
         assert self.fast.reactor.net_poller is None, "the C poller outlived its sockets"
+        self.release()
         self.loop.close()
