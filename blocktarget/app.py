@@ -117,6 +117,10 @@ class Target:
         """The running state as a config; replaying it rebuilds the same target."""
         # None: another bdev of the same create call writes it (split parts, remote namespaces)
         bdev_calls = [e for b in self.bdevs if (e := b.config_entry()) is not None]
+        # (rate limits after every bdev: a limited one may be made by another's call)
+        bdev_calls += [{"method": "bdev_set_qos_limit",
+                        "params": {"name": b.name, **b.qos.limits.describe()}}
+                       for b in self.bdevs if b.qos is not None]
         nvmf_calls: list[dict[str, Any]] = []
         for opts in self.transports.values():
             nvmf_calls.append({"method": "nvmf_create_transport", "params": opts.config_params()})

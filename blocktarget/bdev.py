@@ -11,7 +11,9 @@ can copy a backend's failure into a CQE without translating it.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import collections
 import enum
 import time
 import uuid as uuidlib
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import AlreadyExists, Busy, InvalidParams, NoSuchDevice
 from .params import Schema
+from .qos import Qos, QosLimits
 
 if TYPE_CHECKING:
     from .reactor import Reactor
@@ -160,6 +163,10 @@ class IOChannel:
         self.reactor = reactor
         self.stats = ChannelStats()
         self.outstanding = 0
+        # I/Os waiting for the bdev's rate limit (qos.py), in order, and the timer that
+        # submits them; None until the first has to wait
+        self.qos_queue: collections.deque[BdevIO] | None = None
+        self._qos_timer: Any = None
 
     def __str__(self) -> str:
         return f"{self.bdev.name}"
@@ -178,11 +185,53 @@ class IOChannel:
         ):
             self.complete(io, Status.LBA_OUT_OF_RANGE)
             return
+        qos = bdev.qos
+        if qos is not None and (io.type == IOType.READ or io.type == IOType.WRITE):
+            if self.qos_queue or qos.admit(io.type == IOType.WRITE,
+                                           io.num_blocks * bdev.block_size):
+                self._qos_hold(io)
+                return
+        self._start(io)
+
+    def _start(self, io: BdevIO) -> None:
         try:
             self._submit(io)
         except Exception:
-            bdev.log_exception(io)
+            self.bdev.log_exception(io)
             self.complete(io, Status.INTERNAL_ERROR)
+
+    # ---- rate limits (qos.py) ----
+    def _qos_hold(self, io: BdevIO) -> None:
+        q = self.qos_queue
+        if q is None:
+            q = self.qos_queue = collections.deque()
+        q.append(io)
+        self.bdev.qos_delayed += 1
+        if self._qos_timer is None:
+            self._qos_schedule(0.001)
+
+    def _qos_schedule(self, delay: float) -> None:
+        loop = self.reactor.loop if self.reactor is not None else None
+        if loop is None:
+            loop = asyncio.get_event_loop()
+        self._qos_timer = loop.call_later(delay, self._qos_release)
+
+    def _qos_release(self) -> None:
+        """Submit the waiting I/Os the limit now allows, oldest first; all of them once
+        the limit is gone."""
+        self._qos_timer = None
+        q = self.qos_queue
+        block_size = self.bdev.block_size
+        while q:
+            io = q[0]
+            qos = self.bdev.qos
+            if qos is not None:
+                wait = qos.admit(io.type == IOType.WRITE, io.num_blocks * block_size)
+                if wait:
+                    self._qos_schedule(wait)
+                    return
+            q.popleft()
+            self._start(io)
 
     def _submit(self, io: BdevIO) -> None:
         raise NotImplementedError
@@ -213,6 +262,13 @@ class IOChannel:
         says so only when the lane's execution is the same as its own, byte for byte and
         counter for counter."""
         return None
+
+
+def lane_target_of(ch: IOChannel) -> LaneTarget | None:
+    """What the C lane may do with a channel's blocks: nothing while its bdev has rate
+    limits, which only the Python path counts (qos.py). Stacked bdevs ask for their
+    base's through this too, so a limit on a base holds for what is stacked on it."""
+    return None if ch.bdev.qos is not None else ch.lane_target()
 
 
 # Backend kinds of the C lane, as `enum bt_backend` in csrc/bt_lane.h numbers them
@@ -273,6 +329,9 @@ class Bdev:
     # counters of channels already closed, so totals never go backwards
     retired: ChannelStats = field(default_factory=ChannelStats)
     removed: bool = False
+    # rate limits (bdev_set_qos_limit): None, none set
+    qos: Qos | None = field(default=None, repr=False)
+    qos_delayed: int = 0  # I/Os that waited for the limits (reactors add; a metric)
 
     def __post_init__(self) -> None:
         if not self.uuid:
@@ -355,12 +414,8 @@ class Bdev:
             "num_blocks": self.num_blocks,
             "uuid": self.uuid,
             "md_size": self.md_size,
-            "assigned_rate_limits": {
-                "rw_ios_per_sec": 0,
-                "rw_mbytes_per_sec": 0,
-                "r_mbytes_per_sec": 0,
-                "w_mbytes_per_sec": 0,
-            },
+            "assigned_rate_limits": (self.qos.limits if self.qos is not None
+                                     else QosLimits()).describe(),
             "claimed": self.claimed_by is not None,
             "claim_type": "exclusive_write" if self.claimed_by is not None else None,
             "claimed_by": self.claimed_by,

@@ -66,7 +66,20 @@ class TargetCollector(Collector):
         claimed = GaugeMetricFamily("blocktarget_bdev_claimed",
                                     "1 if the bdev is used by a namespace or virtual bdev",
                                     labels=["bdev", "module"])
+        qos_limit = GaugeMetricFamily(
+            "blocktarget_bdev_qos_limit",
+            "Rate limit set by bdev_set_qos_limit (I/Os or MB per second; absent: none)",
+            labels=["bdev", "limit"])
+        qos_delayed = CounterMetricFamily(
+            "blocktarget_bdev_qos_delayed",
+            "Reads and writes that waited for the bdev's rate limits", labels=["bdev"])
         for b in t.bdevs:
+            if b.qos is not None:
+                for name, value in b.qos.limits.describe().items():
+                    if value:
+                        qos_limit.add_metric([b.name, name], value)
+            if b.qos is not None or b.qos_delayed:
+                qos_delayed.add_metric([b.name], b.qos_delayed)
             st = b.stats_total()
             size.add_metric([b.name], b.size_bytes)
             claimed.add_metric([b.name, b.module], 1 if b.claimed_by else 0)
@@ -85,7 +98,7 @@ class TargetCollector(Collector):
                         acc += count
                         buckets.append((label, acc))
                     lat.add_metric([b.name, name], buckets, st.latency_sum_ns[io_type] / 1e9)
-        yield from (ops, errs, rbytes, wbytes, lat, size, claimed)
+        yield from (ops, errs, rbytes, wbytes, lat, size, claimed, qos_limit, qos_delayed)
 
         # ---- reactors ----
         busy = CounterMetricFamily("blocktarget_reactor_busy_seconds",

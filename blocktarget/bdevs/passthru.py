@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import BdevIO, BdevModule, LaneTarget, check_uuid, register_module
+from ..bdev import BdevIO, BdevModule, LaneTarget, check_uuid, lane_target_of, register_module
 from ..params import Param, Schema, non_empty
 from ._stack import StackedBdev, StackedChannel, claim_bases, inherited
 
@@ -37,7 +37,7 @@ class PassthruChannel(StackedChannel):
     def lane_target(self) -> LaneTarget | None:
         # the C lane may read and write the base's blocks directly only because this
         # bdev passes them through unchanged: a transforming bdev returns None here
-        base = self.base_channels[0].lane_target()
+        base = lane_target_of(self.base_channels[0])
         return None if base is None else base.under(self)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid as uuidlib
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import BdevIO, BdevModule, LaneTarget, register_module
+from ..bdev import BdevIO, BdevModule, LaneTarget, lane_target_of, register_module
 from ..errors import InvalidParams
 from ..params import Param, Schema, non_empty, positive
 from ._stack import BaseLink, StackedBdev, StackedChannel, inherited
@@ -34,7 +34,7 @@ class SplitChannel(StackedChannel):
         self.forward(io, self.base_channels[0], self.bdev.offset_blocks)
 
     def lane_target(self) -> LaneTarget | None:
-        base = self.base_channels[0].lane_target()
+        base = lane_target_of(self.base_channels[0])
         if base is None:
             return None
         return base.under(self, self.bdev.offset_blocks * self.bdev.block_size)

@@ -35,7 +35,16 @@ import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import LANE_MEM, LANE_NULL, LANE_NVME, LANE_PMEM, LANE_URING, LATENCY_BUCKETS_NS, IOType
+from ..bdev import (
+    LANE_MEM,
+    LANE_NULL,
+    LANE_NVME,
+    LANE_PMEM,
+    LANE_URING,
+    LATENCY_BUCKETS_NS,
+    IOType,
+    lane_target_of,
+)
 from . import spec
 
 try:
@@ -234,7 +243,7 @@ class Lane:
                 bdev = ns.bdev
                 if not _LANE_IO <= bdev.io_types:
                     continue
-                t = qp.channel_of(ns)[1].lane_target()
+                t = lane_target_of(qp.channel_of(ns)[1])
                 if t is None:
                     continue
                 size = bdev.num_blocks * bdev.block_size

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ..bdev import MODULES, Bdev, IOType
 from ..errors import InvalidParams
 from ..params import Param, Schema, validate
+from ..qos import LIMIT_NAMES, Qos, QosLimits
 from ..rpc import method
 
 if TYPE_CHECKING:
@@ -131,6 +132,30 @@ def bdev_get_iostat(target: Target, params: dict[str, Any]) -> dict[str, Any]:
             ]
         out.append(entry)
     return {"tick_rate": 1_000_000_000, "ticks": time.monotonic_ns(), "bdevs": out}
+
+
+@method("bdev_set_qos_limit",
+        Schema((Param("name", str, required=True),
+                *(Param(n, int, help="0 removes this limit") for n in LIMIT_NAMES))),
+        section="bdev")
+async def bdev_set_qos_limit(target: Target, params: dict[str, Any]) -> bool:
+    """Set rate limits on a bdev (SPDK's names; limits not given stay as they were, 0
+    removes one): enforced for the bdev as a whole across every reactor and connection
+    (qos.py). A limited bdev, and what is stacked on it, leaves the C lane for the Python
+    path, which counts every I/O against the limit."""
+    bdev = target.bdevs.get(params["name"])
+    changes = {n: params[n] for n in LIMIT_NAMES if params.get(n) is not None}
+    if not changes:
+        raise InvalidParams(f"give at least one of {', '.join(LIMIT_NAMES)}")
+    limits = (bdev.qos.limits if bdev.qos is not None else QosLimits()).updated(changes)
+    bdev.qos = Qos(limits, bdev.block_size) if limits.any() else None
+    # the queue pairs' C lanes rebuild their namespace tables without (or with) it
+    for sub in target.subsystems:
+        sub.generation += 1
+    for ctrl in target.controllers.all():
+        if not ctrl.discovery:
+            ctrl.refresh_ana()
+    return True
 
 
 @method("bdev_wait_for_examine", in_config=True, section="bdev")
