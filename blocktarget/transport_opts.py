@@ -137,13 +137,15 @@ TRANSPORT_SCHEMA = Schema(
     ),
     # SPDK options with no meaning in this implementation: accepted so SPDK configs load
     extra_ok=frozenset({
-        "buf_cache_size", "dif_insert_or_strip", "zcopy",
+        "buf_cache_size", "zcopy",
         "acceptor_poll_rate", "ack_timeout", "data_wr_pool_size", "control_msg_num",
         "disable_command_passthru", "max_srq_depth", "no_srq", "no_wr_batching",
         "num_cqe", "acceptor_backlog", "kas_enable", "transport_specific",
         # SPDK's rpc.py sends these vfio-user store_true flags (as false) on every call
         "disable_mappable_bar0", "disable_adaptive_irq", "disable_shadow_doorbells",
     }),
+    refused={"dif_insert_or_strip": "end-to-end protection information (DIF) is not "
+                                    "implemented"},
 )
 
 

@@ -76,6 +76,12 @@ CREATE_SUBSYSTEM = Schema(
     extra_ok=frozenset({"passthrough", "enable_nssr"}),
 )
 
+# Why each security/durability option is refused (see params.Schema.refused).
+NO_TLS = "no TLS secure channel in this build (NVMe/TCP is served in the clear)"
+NO_PTPL = "reservations (and their persist-through-power-loss state) are not implemented"
+NO_VISIBILITY = ("per-host namespace visibility (nvmf_ns_add_host) is not implemented: "
+                 "the namespace would be visible to every allowed host")
+
 
 @method("nvmf_create_subsystem", CREATE_SUBSYSTEM, section="nvmf")
 def nvmf_create_subsystem(target: Target, params: dict[str, Any]) -> bool:
@@ -143,14 +149,15 @@ NS_SCHEMA = Schema(
         Param("eui64", str),
         Param("anagrpid", int, check=positive),
     ),
-    extra_ok=frozenset({"ptpl_file", "no_auto_visible", "hide_metadata"}),
+    extra_ok=frozenset({"hide_metadata"}),
+    refused={"ptpl_file": NO_PTPL, "no_auto_visible": NO_VISIBILITY},
 )
 
 
 @method(
     "nvmf_subsystem_add_ns",
     Schema((Param("nqn", str, required=True), Param("namespace", dict, required=True), TGT),
-           extra_ok=frozenset({"no_auto_visible"})),
+           refused={"no_auto_visible": NO_VISIBILITY}),
     section="nvmf",
 )
 async def nvmf_subsystem_add_ns(target: Target, params: dict[str, Any]) -> int:
@@ -185,14 +192,19 @@ LISTENER_SCHEMA = Schema(
         Param("nqn", str, required=True),
         Param("listen_address", dict, required=True),
         TGT,
+        # SPDK's "ssl" implementation is its TLS socket: refused with the secure channel
+        Param("sock_impl", str, choices=("posix", "uring"),
+              help="SPDK's socket implementation; both serve plain TCP here"),
     ),
-    extra_ok=frozenset({"secure_channel", "ana_state", "anagrpid", "sock_impl"}),
+    extra_ok=frozenset({"ana_state", "anagrpid"}),
+    refused={"secure_channel": NO_TLS},
 )
 ADD_LISTENER_SCHEMA = Schema(
     (*LISTENER_SCHEMA.params,
      Param("ana_state", str, choices=tuple(ANA_STATES),
            help="initial ANA state of every group on this listener (default optimized)")),
-    extra_ok=frozenset({"secure_channel", "anagrpid", "sock_impl"}),
+    extra_ok=frozenset({"anagrpid"}),
+    refused={"secure_channel": NO_TLS},
 )
 
 
@@ -261,7 +273,8 @@ async def nvmf_subsystem_remove_listener(target: Target, params: dict[str, Any])
     "nvmf_subsystem_add_host",
     Schema(
         (Param("nqn", str, required=True), Param("host", str, required=True, check=check_nqn),
-         TGT, Param("dhchap_key", str), Param("dhchap_ctrlr_key", str), Param("psk", str)),
+         TGT, Param("dhchap_key", str), Param("dhchap_ctrlr_key", str)),
+        refused={"psk": NO_TLS},
     ),
     section="nvmf",
 )
@@ -274,7 +287,7 @@ def nvmf_subsystem_add_host(target: Target, params: dict[str, Any]) -> bool:
     check_host_keys(target, params.get("dhchap_key"), params.get("dhchap_ctrlr_key"))
     target.subsystems.add_host(
         sub, params["host"], dhchap_key=params.get("dhchap_key"),
-        dhchap_ctrlr_key=params.get("dhchap_ctrlr_key"), psk=params.get("psk"),
+        dhchap_ctrlr_key=params.get("dhchap_ctrlr_key"),
     )
     return True
 

@@ -65,8 +65,11 @@ def _names(kind: str, parse: Any) -> Any:
     "nvmf_set_config",
     Schema(
         (Param("dhchap_digests", list, check=_names("digest", DhchapOptions.parse_digests)),
-         Param("dhchap_dhgroups", list, check=_names("dhgroup", DhchapOptions.parse_dhgroups))),
-        extra_ok=frozenset({"discovery_filter", "admin_cmd_passthru", "poll_groups_mask"}),
+         Param("dhchap_dhgroups", list, check=_names("dhgroup", DhchapOptions.parse_dhgroups)),
+         # SPDK's other filters hide entries from hosts; refused rather than ignored
+         Param("discovery_filter", str, choices=("match_any",),
+               help="every allowed host sees every listener of its subsystems")),
+        extra_ok=frozenset({"admin_cmd_passthru", "poll_groups_mask"}),
     ),
     section="nvmf",
 )
