@@ -1,6 +1,8 @@
 """SPDK options that change security or durability and that blocktarget does not serve are
-refused, never accepted and dropped: a listener asked to be secure must not serve in the
-clear, a host given a PSK must not connect without one (issue 17, item 0).
+refused, never accepted and dropped (issue 17, item 0): a namespace asked to be hidden
+must not be visible to every host, reservations asked to persist must not be volatile.
+secure_channel and psk are served (TLS, tests/integration/test_tls.py); what remains of
+them here is that they are refused when they cannot be served as asked.
 
 Each option is refused with JSON-RPC -32602 naming it, through the dispatcher as the HTTP
 and Unix servers call it; the same option in a config file fails the load (the process
@@ -16,7 +18,7 @@ from typing import Any
 
 import pytest
 from test_config import load, with_call, write
-from test_rpc_methods import HOST, NQN, call, free_port, listen_address, ok, with_subsystem
+from test_rpc_methods import HOST, NQN, NQN2, call, free_port, listen_address, ok, with_subsystem
 from test_rpc_methods import target as target  # noqa: F401  (fixture)
 
 from blocktarget.config import ConfigError
@@ -37,9 +39,6 @@ async def refused(t: Any, method: str, params: dict[str, Any], name: str) -> str
 
 # (method, params needing the subsystem of with_subsystem, refused name, bad value, off value)
 CASES: list[tuple[str, dict[str, Any], str, Any, Any]] = [
-    ("nvmf_subsystem_add_listener", {"nqn": NQN, "listen_address": "PORT"},
-     "secure_channel", True, False),
-    ("nvmf_subsystem_add_host", {"nqn": NQN, "host": HOST}, "psk", "key0", None),
     ("nvmf_subsystem_add_ns", {"nqn": NQN, "namespace": {"bdev_name": "M1"}},
      "no_auto_visible", True, False),
     ("bdev_malloc_create", {"name": "MX", "num_blocks": 64, "block_size": 512},
@@ -76,23 +75,39 @@ async def test_refused_inside_namespace_object(target: Any) -> None:
             ["namespaces"]] == [1], "no namespace was added by a refused call"
 
 
-async def test_secure_listener_not_recorded(target: Any) -> None:
-    """The refused listener is not half-added: it is neither listed nor advertised."""
+async def test_secure_and_plain_never_share_an_address(target: Any) -> None:
+    """One socket serves every subsystem on an address: a secure request on a plain
+    address (or the reverse) is refused, not half-served, and nothing is recorded."""
     await with_subsystem(target)
-    addr = listen_address(free_port())
-    await refused(target, "nvmf_subsystem_add_listener",
-                  {"nqn": NQN, "listen_address": addr, "secure_channel": True}, "secure_channel")
-    assert (await ok(target, "nvmf_get_subsystems", nqn=NQN))[0]["listen_addresses"] == []
+    await ok(target, "nvmf_create_subsystem", nqn=NQN2, allow_any_host=True)
+    plain, secure = listen_address(free_port()), listen_address(free_port())
+    await ok(target, "nvmf_subsystem_add_listener", nqn=NQN, listen_address=plain)
+    await ok(target, "nvmf_subsystem_add_listener", nqn=NQN, listen_address=secure,
+             sock_impl="ssl")  # SPDK's TLS socket: the same as secure_channel
+    for addr, secure_channel in ((plain, True), (secure, False)):
+        resp = await call(target, "nvmf_subsystem_add_listener", {
+            "nqn": NQN2, "listen_address": addr, "secure_channel": secure_channel})
+        assert resp["error"]["code"] == INVALID, resp
+        assert "one address is either secure or plain" in resp["error"]["message"]
+    assert (await ok(target, "nvmf_get_subsystems", nqn=NQN2))[0]["listen_addresses"] == []
+    got = await ok(target, "nvmf_subsystem_get_listeners", nqn=NQN)
+    assert [li["secure_channel"] for li in got] == [False, True]
 
 
-async def test_sock_impl_ssl_refused(target: Any) -> None:
-    """SPDK's "ssl" socket implementation is its TLS: refused like secure_channel."""
+async def test_psk_must_be_a_tls_key(target: Any, tmp_path: Path) -> None:
     await with_subsystem(target)
-    resp = await call(target, "nvmf_subsystem_add_listener", {
-        "nqn": NQN, "listen_address": listen_address(free_port()), "sock_impl": "ssl"})
-    assert resp["error"]["code"] == INVALID and "sock_impl" in resp["error"]["message"]
-    await ok(target, "nvmf_subsystem_add_listener", nqn=NQN,
-             listen_address=listen_address(free_port()), sock_impl="posix")
+    resp = await call(target, "nvmf_subsystem_add_host", {"nqn": NQN, "host": HOST,
+                                                          "psk": "nokey"})
+    assert resp["error"]["code"] == -19  # ENODEV, as for a missing DH-HMAC-CHAP key
+    assert resp["error"]["message"] == "key 'nokey' does not exist"
+    p = tmp_path / "dhchap"
+    p.write_text("DHHC-1:00:" + "A" * 43 + "=:")
+    p.chmod(0o600)
+    await ok(target, "keyring_file_add_key", name="dh", path=str(p))
+    resp = await call(target, "nvmf_subsystem_add_host", {"nqn": NQN, "host": HOST, "psk": "dh"})
+    msg = resp["error"]["message"]
+    assert resp["error"]["code"] == INVALID and "not a TLS PSK" in msg and "AAAA" not in msg
+    assert (await ok(target, "nvmf_get_subsystems", nqn=NQN))[0]["hosts"] == []
 
 
 async def test_discovery_filter(target: Any) -> None:
@@ -111,23 +126,23 @@ async def test_remote_bdev_protection_checks_refused(target: Any) -> None:
     await refused(target, "bdev_nvme_attach_controller", dict(base, psk="key0"), "psk")
 
 
-@pytest.mark.parametrize("name", ["secure_channel", "psk"])
+@pytest.mark.parametrize("name", ["ptpl_file", "discovery_filter"])
 async def test_refused_in_config_file(tmp_path: Path, name: str) -> None:
-    if name == "secure_channel":
-        doc = with_call("nvmf_subsystem_add_listener", {
-            "nqn": "nqn.2026-01.io.test:a", "secure_channel": True,
-            "listen_address": {"trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": "4998"}},
-            "nvmf")
-        entry = "subsystems[1].config[4] (nvmf_subsystem_add_listener)"
+    if name == "ptpl_file":
+        doc = with_call("nvmf_subsystem_add_ns", {
+            "nqn": "nqn.2026-01.io.test:a",
+            "namespace": {"bdev_name": "Null0", "ptpl_file": "/tmp/p.json"}}, "nvmf")
+        entry = "subsystems[1].config[4] (nvmf_subsystem_add_ns)"
+        want = "parameter 'ptpl_file' is not supported"
     else:
-        doc = with_call("nvmf_subsystem_add_host", {
-            "nqn": "nqn.2026-01.io.test:a", "host": HOST, "psk": "key0"}, "nvmf")
-        entry = "subsystems[1].config[4] (nvmf_subsystem_add_host)"
+        doc = with_call("nvmf_set_config", {"discovery_filter": "address"}, "nvmf")
+        entry = "subsystems[1].config[4] (nvmf_set_config)"
+        want = "parameter 'discovery_filter' must be one of"
     path = write(tmp_path, doc)
     with pytest.raises(ConfigError) as ei:
         t = await load(path)
         await t.stop()
-    assert str(ei.value).startswith(f"{path}: {entry}: parameter '{name}' is not supported")
+    assert str(ei.value).startswith(f"{path}: {entry}: {want}"), str(ei.value)
 
 
 def test_schema_refused_semantics() -> None:
