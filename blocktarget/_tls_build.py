@@ -6,7 +6,7 @@ through two session callbacks (`SSL_CTX_set_psk_find_session_callback` on the se
 `SSL_CTX_set_psk_use_session_callback` on the client) that hand OpenSSL an SSL_SESSION
 carrying the key and its cipher suite. API mode so the compiler checks these declarations
 against Debian's libssl-dev (several are macros: SSL_CTX_set_min_proto_version,
-BIO_pending...), and the two callbacks are `extern "Python"`: no C of our own is needed.
+BIO_pending...), and the callbacks are `extern "Python"`: no C of our own is needed.
 
 The extension is optional: without libssl-dev the compile fails, setuptools skips it with
 a warning, and a secure listener or `--tls` says what is missing.
@@ -35,6 +35,7 @@ typedef ... EVP_MD;
 #define SSL_ERROR_ZERO_RETURN ...
 #define SSL_OP_NO_TICKET ...
 #define SSL_OP_ENABLE_KTLS ...
+#define SSL_CLIENT_HELLO_SUCCESS ...
 
 const SSL_METHOD *TLS_server_method(void);
 const SSL_METHOD *TLS_client_method(void);
@@ -53,6 +54,11 @@ typedef int (*SSL_psk_use_session_cb_func)(SSL *ssl, const EVP_MD *md,
                                            SSL_SESSION **sess);
 void SSL_CTX_set_psk_find_session_callback(SSL_CTX *ctx, SSL_psk_find_session_cb_func cb);
 void SSL_CTX_set_psk_use_session_callback(SSL_CTX *ctx, SSL_psk_use_session_cb_func cb);
+typedef int (*SSL_client_hello_cb_fn)(SSL *s, int *al, void *arg);
+void SSL_CTX_set_client_hello_cb(SSL_CTX *c, SSL_client_hello_cb_fn cb, void *arg);
+int SSL_client_hello_get0_ext(SSL *s, unsigned int type, const unsigned char **out,
+                              size_t *outlen);
+int SSL_set_ciphersuites(SSL *s, const char *str);
 
 SSL *SSL_new(SSL_CTX *ctx);
 void SSL_free(SSL *ssl);
@@ -90,6 +96,7 @@ void ERR_clear_error(void);
 void OPENSSL_cleanse(void *ptr, size_t len);
 
 extern "Python" int bt_tls_find_session(SSL *, const unsigned char *, size_t, SSL_SESSION **);
+extern "Python" int bt_tls_client_hello(SSL *, int *, void *);
 extern "Python" int bt_tls_use_session(SSL *, const EVP_MD *, const unsigned char **, size_t *,
                                        SSL_SESSION **);
 """

@@ -101,6 +101,7 @@ class _Contexts:
         lib.SSL_CTX_set_options(ctx, lib.SSL_OP_NO_TICKET)
         if server:
             lib.SSL_CTX_set_psk_find_session_callback(ctx, lib.bt_tls_find_session)
+            lib.SSL_CTX_set_client_hello_cb(ctx, lib.bt_tls_client_hello, ffi.NULL)
         else:
             lib.SSL_CTX_set_psk_use_session_callback(ctx, lib.bt_tls_use_session)
         return ctx
@@ -129,7 +130,36 @@ def _new_session(ssl: Any, key: bytes, hash_id: int) -> Any:
     return sess  # OpenSSL owns it from here
 
 
+PSK_EXTENSION = 41  # pre_shared_key (RFC 8446 4.2.11)
+
+
+def offered_hash(ext: bytes) -> int | None:
+    """The hash named by the first NVMe PSK identity of a pre_shared_key extension:
+    identities<7..2^16-1> of (identity<1..2^16-1>, obfuscated_ticket_age u32), binders."""
+    if len(ext) < 4:
+        return None
+    n = int.from_bytes(ext[2:4], "big")
+    head = ext[4 : 4 + min(n, 8)]
+    if len(head) == 8 and head.startswith(b"NVMe") and head[6:8] in (b"01", b"02"):
+        return int(head[6:8])
+    return None
+
+
 if AVAILABLE:
+    @ffi.def_extern()
+    def bt_tls_client_hello(ssl: Any, al: Any, arg: Any) -> int:
+        """Server, before the cipher suite is chosen: OpenSSL would take the client's
+        first preference and then ignore a PSK of another hash (a SHA-256 PSK offered
+        with both suites, AES-256 first, fails). The NVMe identity names its hash: offer
+        only the suite that goes with it."""
+        out = ffi.new("const unsigned char **")
+        n = ffi.new("size_t *")
+        if lib.SSL_client_hello_get0_ext(ssl, PSK_EXTENSION, out, n) == 1:
+            h = offered_hash(bytes(ffi.buffer(out[0], n[0])))
+            if h is not None:
+                lib.SSL_set_ciphersuites(ssl, CIPHERS[h].encode())
+        return lib.SSL_CLIENT_HELLO_SUCCESS
+
     @ffi.def_extern()
     def bt_tls_find_session(ssl: Any, identity: Any, idlen: int, sessp: Any) -> int:
         """Server: the client offered ``identity``; hand OpenSSL its session, or none."""
