@@ -209,3 +209,32 @@ def test_spdk_rpc_configures_tls(setup: Setup) -> None:
     ident = identity_for(setup.psk, host3, NQN)
     r = s_client(port, str(ident), tls_psk(setup.psk, ident), "TLS_AES_128_GCM_SHA256")
     assert "CONNECTION ESTABLISHED" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_cli_connect_and_perf_with_tls(setup: Setup, tmp_path: Path) -> None:
+    """`blocktarget connect/perf --tls --tls-key FILE`, the operator's way in."""
+    from .target_proc import run_cli
+
+    key = tmp_path / "host.psk"
+    key.write_text(setup.key_text)
+    key.chmod(0o600)
+    common = ["-a", "127.0.0.1", "-s", str(setup.port), "-n", NQN, "--hostnqn", HOST,
+              "--tls", "--tls-key", str(key)]
+    r = run_cli("connect", *common)
+    assert r.returncode == 0, r.stderr
+    assert "TLS          TLS_AES_128_GCM_SHA256" in r.stdout, r.stdout
+    r = run_cli("perf", *common, "-w", "randrw", "-o", "4k", "-q", "8", "-t", "2",
+                "--verify", "--size", "4M", "--json", "--quiet", timeout=60)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["config"]["tls"] is True and "tls_key" not in res["config"]
+    assert res["engine"] == "python" and res["verify_failures"] == 0, res
+    assert res["verified_reads"] > 0 and res["total"]["ops"] > 0, res
+    assert res["total"]["errors"] == 0, res
+    assert setup.key_text not in r.stdout + r.stderr
+    # a key without --tls (or --tls without a key) is an error, not plain TCP
+    r = run_cli("connect", *common[:-3], "--tls-key", str(key))
+    assert r.returncode != 0 and "--tls and --tls-key go together" in r.stderr
+    # the C engine cannot read TLS: asked for it, perf says so
+    r = run_cli("perf", *common, "--engine", "c", "-t", "1")
+    assert r.returncode == 2 and "--tls runs on the Python engine" in r.stderr
