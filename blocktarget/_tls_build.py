@@ -59,6 +59,8 @@ void SSL_CTX_set_client_hello_cb(SSL_CTX *c, SSL_client_hello_cb_fn cb, void *ar
 int SSL_client_hello_get0_ext(SSL *s, unsigned int type, const unsigned char **out,
                               size_t *outlen);
 int SSL_set_ciphersuites(SSL *s, const char *str);
+typedef void (*SSL_CTX_keylog_cb_func)(const SSL *ssl, const char *line);
+void SSL_CTX_set_keylog_callback(SSL_CTX *ctx, SSL_CTX_keylog_cb_func cb);
 
 SSL *SSL_new(SSL_CTX *ctx);
 void SSL_free(SSL *ssl);
@@ -97,6 +99,7 @@ void OPENSSL_cleanse(void *ptr, size_t len);
 
 extern "Python" int bt_tls_find_session(SSL *, const unsigned char *, size_t, SSL_SESSION **);
 extern "Python" int bt_tls_client_hello(SSL *, int *, void *);
+extern "Python" void bt_tls_keylog(const SSL *, const char *);
 extern "Python" int bt_tls_use_session(SSL *, const EVP_MD *, const unsigned char **, size_t *,
                                        SSL_SESSION **);
 """

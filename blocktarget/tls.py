@@ -11,10 +11,9 @@ Only TLS 1.3, only the two cipher suites of the NVMe/TCP secure channel
 handshakes with its PSK: NVMe/TCP has no resumption), no certificates: a client that
 offers no PSK, or one the resolver does not know, fails the handshake.
 
-The record layer runs here, in user space. Kernel TLS (TCP_ULP "tls") would keep the
-data plane's plain socket reads and writes after the handshake, but it needs the
-traffic secrets moved into the kernel, which this build does not do; `ktls_available()`
-reports whether the running kernel offers it (nvmf_get_transports shows both).
+The record layer runs here, in user space, unless the target hands it to kernel TLS
+right after the handshake (ktls.py, with the traffic secrets OpenSSL's key-log callback
+gives this session): `ktls_available()` says whether the running kernel offers it.
 """
 
 from __future__ import annotations
@@ -102,6 +101,8 @@ class _Contexts:
         if server:
             lib.SSL_CTX_set_psk_find_session_callback(ctx, lib.bt_tls_find_session)
             lib.SSL_CTX_set_client_hello_cb(ctx, lib.bt_tls_client_hello, ffi.NULL)
+            # the traffic secrets, for kernel TLS (ktls.py); kept on the session only
+            lib.SSL_CTX_set_keylog_callback(ctx, lib.bt_tls_keylog)
         else:
             lib.SSL_CTX_set_psk_use_session_callback(ctx, lib.bt_tls_use_session)
         return ctx
@@ -184,6 +185,16 @@ if AVAILABLE:
         return 1
 
     @ffi.def_extern()
+    def bt_tls_keylog(ssl: Any, line: Any) -> None:
+        """OpenSSL's key log line "<LABEL> <client random> <secret hex>": only the two
+        application traffic secrets are kept, in the session, never written anywhere."""
+        tls: TlsSession = ffi.from_handle(lib.SSL_get_app_data(ssl))
+        parts = ffi.string(line).split(b" ")
+        if len(parts) == 3 and parts[0] in (b"CLIENT_TRAFFIC_SECRET_0",
+                                            b"SERVER_TRAFFIC_SECRET_0"):
+            tls._secrets[parts[0].decode()] = bytes.fromhex(parts[2].decode())
+
+    @ffi.def_extern()
     def bt_tls_use_session(ssl: Any, md: Any, idp: Any, idlenp: Any, sessp: Any) -> int:
         """Client: offer our identity and PSK."""
         tls: TlsSession = ffi.from_handle(lib.SSL_get_app_data(ssl))
@@ -207,6 +218,11 @@ class TlsSession:
         self.identity = identity  # server: what the client offered
         self.refusal = ""  # server: why the resolver gave no key
         self.failure = ""
+        self.record_layer = "user"  # "kernel" once ktls.install took it over
+        self.ktls_why = ""  # why the kernel did not take it (when it was asked to)
+        self._secrets: dict[str, bytes] = {}  # application traffic secrets (keylog)
+        self._app_in = 0  # application records decrypted here (the kernel's RX sequence)
+        self._app_out = 0  # application writes encrypted here
         self._client_key = key
         self._client_hash = hash_id
         self._client_id = ffi.new("unsigned char[]", identity) if not server else None
@@ -265,6 +281,7 @@ class TlsSession:
         out = []
         while True:
             if lib.SSL_read_ex(self._ssl, self._buf, _CHUNK, self._n) == 1:
+                self._app_in += 1  # (one record per call: TLS 1.3, no pipelining)
                 out.append(ffi.buffer(self._buf, self._n[0])[:])
                 continue
             err = lib.SSL_get_error(self._ssl, 0)
@@ -284,6 +301,7 @@ class TlsSession:
             return
         if lib.SSL_write_ex(self._ssl, ffi.from_buffer(data), len(data), self._n) != 1:
             raise self._fail("TLS send failed")
+        self._app_out += 1
 
     def outgoing(self) -> bytes:
         """Ciphertext for the peer (handshake messages, records, alerts)."""
@@ -293,6 +311,28 @@ class TlsSession:
         buf = ffi.new("unsigned char[]", n)
         got = lib.BIO_read(self._wbio, buf, n)
         return ffi.buffer(buf, max(got, 0))[:]
+
+    def kernel_handoff(self) -> tuple[int, bytes, bytes, int]:
+        """(hash id, TX secret, RX secret, RX sequence) for ktls.install, when the kernel
+        can take the record layer over right now: server side, the handshake just
+        finished, nothing sent yet (TX sequence 0), every record received so far whole
+        and decrypted here (the host's first PDUs often come with its Finished: their
+        count is the RX sequence, their plaintext goes up before the switch), nothing
+        buffered. Raises ktls.KtlsUnavailable saying why not."""
+        from .ktls import KtlsUnavailable
+
+        if not (self.server and self.established):
+            raise KtlsUnavailable("not an established server session")
+        if self._app_out or lib.BIO_ctrl_pending(self._rbio) or lib.BIO_ctrl_pending(
+                self._wbio):
+            raise KtlsUnavailable("a partial record or output is buffered in user space")
+        tx = self._secrets.get("SERVER_TRAFFIC_SECRET_0")
+        rx = self._secrets.get("CLIENT_TRAFFIC_SECRET_0")
+        if tx is None or rx is None:
+            raise KtlsUnavailable("traffic secrets not available")
+        h = 1 if self.cipher == "TLS_AES_128_GCM_SHA256" else 2
+        self._secrets.clear()  # the kernel takes them, or the connection is closed
+        return h, tx, rx, self._app_in
 
     def close(self) -> None:
         """Queue a close_notify alert (then send `outgoing()`)."""

@@ -97,6 +97,12 @@ class TlsTransport:
 class TlsProtocol(asyncio.Protocol):
     """The socket's protocol for one TLS connection (see the module doc).
 
+    With ``kernel_tls`` (the target's default), a server session whose kernel offers kTLS
+    hands the record layer to it right after the handshake (ktls.py): the inner protocol
+    then gets the socket's own transport, and this object drops out of the connection.
+    When the kernel cannot (no kTLS, or records already buffered here), the connection
+    stays in user space; ``session.ktls_why`` says why.
+
     ``on_failure(kind, message)`` hears of a connection that ends before or outside a
     clean TLS life: kind "plain" (an NVMe/TCP ICReq where a ClientHello was due),
     "refused" (the PSK identity is unknown or not allowed: the session's refusal),
@@ -105,8 +111,10 @@ class TlsProtocol(asyncio.Protocol):
 
     def __init__(self, session: TlsSession, inner_factory: Callable[[], asyncio.BaseProtocol],
                  on_failure: Callable[[str, str], None] | None = None,
-                 on_established: Callable[[TlsSession], None] | None = None) -> None:
+                 on_established: Callable[[TlsSession], None] | None = None,
+                 kernel_tls: bool = False) -> None:
         self.session = session
+        self.kernel_tls = kernel_tls
         self.inner_factory = inner_factory
         self.inner: Any = None
         self.raw: Any = None
@@ -156,12 +164,48 @@ class TlsProtocol(asyncio.Protocol):
         if self.inner is None:
             if not self.session.established:
                 return
+            if self.kernel_tls and self._to_kernel(plain):
+                return
             self.inner = self.inner_factory()
+            self.inner.tls_session = self.session  # (what Connect checks the NQNs against)
             if self.on_established is not None:
                 self.on_established(self.session)
             self.inner.connection_made(TlsTransport(self))
         if plain:
             self.inner.data_received(plain)
+
+    def _to_kernel(self, plain: bytes) -> bool:
+        """Try the kTLS hand-off; True when the socket's transport now serves the inner
+        protocol directly (this object is out of the connection). ``plain``: what came
+        decrypted with the handshake, handed up after the switch (its answers must be
+        the kernel's first records)."""
+        from .ktls import KtlsUnavailable, install
+
+        raw = self.raw
+        session = self.session
+        try:
+            sock = raw.get_extra_info("socket") if raw is not None else None
+            if sock is None or raw.get_write_buffer_size():
+                raise KtlsUnavailable("handshake output still queued")
+            h, tx, rx, rx_seq = session.kernel_handoff()
+            install(sock, h, tx, rx, rx_seq)
+        except KtlsUnavailable as exc:
+            session.ktls_why = str(exc)
+            return False
+        except OSError as exc:  # the ULP is on but the keys were refused: unusable socket
+            self.fail("record", str(exc))
+            return True
+        session.record_layer = "kernel"
+        inner = self.inner_factory()
+        inner.tls_session = session
+        if self.on_established is not None:
+            self.on_established(session)
+        self._failed = True  # (nothing more reaches this object)
+        raw.set_protocol(inner)
+        inner.connection_made(raw)
+        if plain:
+            inner.data_received(plain)
+        return True
 
     def eof_received(self) -> bool | None:
         if self.inner is not None:

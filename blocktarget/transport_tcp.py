@@ -147,6 +147,8 @@ class TcpTransport:
         from .tls_transport import TlsProtocol
 
         counts = self.tls_counts.setdefault(reactor.index, {})
+        opts = self.target.transports.get("TCP")
+        kernel_tls = getattr(opts, "tls_record_layer", "auto") == "auto"
         try:
             host, port = conn.getpeername()[:2]
             peer = f"{host}:{port}"
@@ -162,12 +164,16 @@ class TcpTransport:
 
         def established(session: Any) -> None:
             counts["established"] = counts.get("established", 0) + 1
-            log.info("TLS from %s on %s: %s, identity %s", peer, addr, session.cipher,
-                     session.identity.decode(errors="replace"))
+            layer = session.record_layer
+            counts[f"record_layer_{layer}"] = counts.get(f"record_layer_{layer}", 0) + 1
+            why = f" ({session.ktls_why})" if layer == "user" and session.ktls_why else ""
+            log.info("TLS from %s on %s: %s, identity %s, record layer %s%s", peer, addr,
+                     session.cipher, session.identity.decode(errors="replace"), layer, why)
 
         def make() -> asyncio.BaseProtocol:
             return TlsProtocol(TlsSession(True, resolver(self.target, addr)), inner,
-                               on_failure=failed, on_established=established)
+                               on_failure=failed, on_established=established,
+                               kernel_tls=kernel_tls)
 
         return make
 

@@ -82,7 +82,7 @@ def connect(qp: Qpair, req: Request) -> None:
         log.warning("%s: host %s is not allowed to connect to %s", qp, data.hostnqn, sub.nqn)
         req.complete(SC_INVALID_HOST)
         return
-    problem = secure_channel.connect_problem(qp.transport, sub, data.hostnqn)
+    problem = secure_channel.connect_problem(qp, sub, data.hostnqn)
     if problem is not None:
         log.warning("%s: Connect refused: %s", qp, problem)
         req.complete(SC_INVALID_HOST)

@@ -59,9 +59,10 @@ def resolver(target: Target, addr: ListenAddress) -> Resolver:
     return resolve
 
 
-def connect_problem(transport: Any, sub: Subsystem, hostnqn: str) -> str | None:
-    """Why this Connect may not proceed on this connection (None: it may)."""
-    session = transport.get_extra_info("tls") if transport is not None else None
+def connect_problem(qp: Any, sub: Subsystem, hostnqn: str) -> str | None:
+    """Why this Connect may not proceed on this connection (None: it may). The TLS
+    session is the queue pair's (tls_transport sets it, in user space and in kTLS)."""
+    session = getattr(qp, "tls_session", None)
     if session is None:
         if sub.nqn != DISCOVERY_NQN and _host_psk_name(sub, hostnqn):
             return f"host {hostnqn} has a PSK for {sub.nqn}: it must connect with TLS"

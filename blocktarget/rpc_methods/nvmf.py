@@ -66,9 +66,10 @@ def _with_tls(target: Target, d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     d["tls"] = {
         "available": tls.AVAILABLE,
-        # the record layer in use: user space (OpenSSL over memory buffers); kernel TLS
-        # would need the traffic secrets moved into the kernel, which is not done
-        "record_layer": "user" if tls.AVAILABLE else "none",
+        # what new TLS connections get: kernel TLS when asked ("auto") and the kernel has
+        # it, else OpenSSL in user space; per connection in connections.record_layer_*
+        "record_layer": ("none" if not tls.AVAILABLE else "kernel" if (
+            d.get("tls_record_layer") == "auto" and tls.ktls_available()) else "user"),
         "ktls_available": tls.ktls_available(),
         "cipher_suites": tls.SUITES.split(":"),
         "connections": target.tcp.tls_stats() if target.tcp is not None else {},

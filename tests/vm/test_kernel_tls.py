@@ -185,3 +185,101 @@ def test_kernel_host_tls(vm: Guest, tlshd: Path, target: RunningTarget,
         b64 = psk.encode().split(":")[2]
         assert b64[:16] not in log and psk.key.hex() not in log
     assert env["KEY_A"] not in log
+
+
+KTLS_SCRIPT = r"""
+set -x
+for m in tls gcm ghash-generic ghash-clmulni-intel aesni-intel; do
+  modprobe -d $VMDIR/kernel $m 2>/dev/null || echo "no module $m"; done
+cat /proc/sys/net/ipv4/tcp_available_ulp > ulp.txt
+chmod 600 psk_a
+SOCK=/tmp/bt.sock
+$PY -m blocktarget start -c cfg.json -r $SOCK --http "" > target.log 2>&1 &
+for i in $(seq 1 100); do [ -S $SOCK ] && break; sleep 0.2; done
+# 1. our initiator (user-space TLS) against the target's kernel TLS
+$PY -m blocktarget perf -a 127.0.0.1 -s $SECURE -n $NQN --hostnqn $HOST_A --tls \
+    --tls-key psk_a -w randrw -o 4k -q 8 -t 3 --size 4M --verify --json --quiet \
+    > perf.json 2> perf.err || exit 10
+$PY -m blocktarget perf -a 127.0.0.1 -s $SECURE -n $NQN --hostnqn $HOST_A --tls \
+    --tls-key psk_a -w read -o 128k -q 4 -t 2 --size 8M --verify --json --quiet \
+    > perf128.json 2>> perf.err || exit 11
+# 2. the kernel host (tlshd, kTLS) against the target's kernel TLS: kTLS on both ends
+L=$TLSHD/usr/lib/x86_64-linux-gnu
+printf '[authenticate]\nkeyrings=.nvme\n' > tlshd.conf
+$L/ld-linux-x86-64.so.2 --library-path $L $TLSHD/usr/sbin/tlshd -s -c tlshd.conf > tlshd.log 2>&1 &
+sleep 1
+/usr/bin/python3 -c '
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+ring = [int(l.split()[0], 16) for l in open("/proc/keys") if " .nvme: " in l][0]
+key = bytes.fromhex(os.environ["KEY_A"])
+assert libc.syscall(248, b"psk", os.environ["ID_A"].encode(), key, len(key), ring) > 0
+' || exit 12
+echo -n "nqn=$NQN,transport=tcp,traddr=127.0.0.1,trsvcid=$SECURE,hostnqn=$HOST_A,hostid=${HOST_A##*uuid:},nr_io_queues=2,tls" \
+  > /dev/nvme-fabrics || exit 13
+dev=$(nsdev $NQN 1) || exit 14
+fio --name=k1 --filename=$dev --rw=randwrite --bs=4k --size=4M --offset=16M --ioengine=libaio \
+    --direct=1 --iodepth=8 --verify=crc32c --verify_fatal=1 --output=fio1.txt || exit 15
+fio --name=k2 --filename=$dev --rw=write --bs=128k --size=8M --offset=24M --ioengine=libaio \
+    --direct=1 --iodepth=4 --verify=crc32c --verify_fatal=1 --output=fio2.txt || exit 16
+nvme disconnect -n $NQN || exit 17
+$PY -m blocktarget rpc -s $SOCK nvmf_get_transports > transports.json || exit 18
+kill %1
+wait %1
+echo DONE
+"""
+
+
+def test_target_kernel_tls_in_guest(vm: Guest, tlshd: Path) -> None:
+    """The target's record layer in kernel TLS: a guest kernel has it (this host's has
+    not), so the target runs in the guest, with our initiator (user-space TLS) and the
+    kernel host (tlshd + kTLS) as its peers."""
+    import json
+    import sys
+
+    from .harness.vm import PROJECT_ROOT
+
+    psk = ConfiguredPsk.generate(1)
+    ida = identity_for(psk, HOST_A, NQN)
+    secure = 4433
+    cfg = {"blocktarget": {"cores": [0], "metrics": False}, "subsystems": [
+        {"subsystem": "keyring", "config": [
+            {"method": "keyring_file_add_key", "params": {"name": "psk_a", "path": "RUNDIR/psk_a"}}]},
+        {"subsystem": "bdev", "config": [
+            {"method": "bdev_malloc_create",
+             "params": {"name": "M0", "num_blocks": 16384, "block_size": 4096}}]},
+        {"subsystem": "nvmf", "config": [
+            {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
+            {"method": "nvmf_create_subsystem", "params": {"nqn": NQN, "allow_any_host": False}},
+            {"method": "nvmf_subsystem_add_ns",
+             "params": {"nqn": NQN, "namespace": {"bdev_name": "M0"}}},
+            {"method": "nvmf_subsystem_add_host",
+             "params": {"nqn": NQN, "host": HOST_A, "psk": "psk_a"}},
+            {"method": "nvmf_subsystem_add_listener",
+             "params": {"nqn": NQN, "secure_channel": True, "listen_address": {
+                 "trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": str(secure)}}}]}]}
+    # the key file's path is the run dir's, known only in the guest: patched there
+    script = KTLS_SCRIPT.replace("chmod 600 psk_a",
+                                 "sed -i \"s|RUNDIR|$RUNDIR|\" cfg.json; chmod 600 psk_a")
+    env = {"PY": sys.executable, "PYTHONPATH": str(PROJECT_ROOT), "NQN": NQN,
+           "HOST_A": HOST_A, "SECURE": str(secure), "TLSHD": str(tlshd), "ID_A": str(ida),
+           "KEY_A": tls_psk(psk, ida).hex()}
+    res = vm.run(PRELUDE + script, env=env, timeout=400, memory_mb=1536,
+                 files={"cfg.json": json.dumps(cfg), "psk_a": psk.encode() + "\n"})
+    rd = res.rundir
+    log = (rd / "target.log").read_text() if (rd / "target.log").exists() else ""
+    assert res.rc == 0, (res.output[-4000:], log[-3000:])
+    assert "tls" in (rd / "ulp.txt").read_text().split()
+    for f in ("perf.json", "perf128.json"):
+        doc = json.loads((rd / f).read_text())
+        assert doc["verify_failures"] == 0 and doc["verified_reads"] > 0, doc
+        assert doc["total"]["errors"] == 0
+    for f in ("fio1.txt", "fio2.txt"):
+        assert "err= 0" in (rd / f).read_text()
+    layers = [ln for ln in log.splitlines() if "TLS from" in ln]
+    assert layers and all("record layer kernel" in ln for ln in layers), layers
+    counts = json.loads((rd / "transports.json").read_text())[0]["tls"]
+    assert counts["record_layer"] == "kernel"
+    c = counts["connections"]
+    assert c.get("record_layer_kernel", 0) == c.get("established", -1) >= 2 + 2 + 3, c
+    assert psk.encode().split(":")[2][:16] not in log and env["KEY_A"] not in log
