@@ -95,7 +95,7 @@ def _discover(args: argparse.Namespace) -> int:
     async def go() -> int:
         entries = await discover(args.traddr, args.trsvcid, args.hostnqn,
                                  hdgst=args.hdr_digest, ddgst=args.data_digest,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout, tls_key=tls_key_arg(args))
         if args.json:
             print(json.dumps({"records": [
                 {k: (v.hex() if isinstance(v, bytes) else v) for k, v in e._asdict().items()
@@ -108,7 +108,7 @@ def _discover(args: argparse.Namespace) -> int:
 
     try:
         return _run(go())
-    except _RUNTIME_ERRORS as exc:
+    except (*_RUNTIME_ERRORS, ValueError) as exc:  # ValueError: a malformed TLS key
         return _fail("discover", exc)
 
 
@@ -245,11 +245,12 @@ def _target_args(p: argparse.ArgumentParser, *, nqn: bool, hostnqn_short: bool =
                        help="DH-HMAC-CHAP host secret (nvme gen-dhchap-key)")
         p.add_argument("-C", "--dhchap-ctrl-secret", metavar="DHHC-1:..",
                        help="DH-HMAC-CHAP controller secret: authenticate the controller too")
-        p.add_argument("--tls", action="store_true",
-                       help="NVMe/TCP over TLS 1.3 with a pre-shared key (needs --tls-key)")
-        p.add_argument("--tls-key", metavar="NVMeTLSkey-1:..|FILE",
-                       help="the configured PSK (nvme gen-tls-key), or a file holding it: "
-                       "the same key the target's keyring has for this host")
+    p.add_argument("--tls", action="store_true",
+                   help="NVMe/TCP over TLS 1.3 with a pre-shared key (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="NVMeTLSkey-1:..|FILE",
+                   help="the configured PSK (nvme gen-tls-key), or a file holding it: the "
+                   "same key the target's keyring has for this host (discover: the key "
+                   "for any subsystem the host may reach on that port)")
 
 
 def add_commands(sub: Any) -> None:

@@ -697,12 +697,14 @@ async def connect(
 
 async def discover(addr: str, port: int, hostnqn: str | None = None, *,
                    hostid: bytes | str | None = None, hdgst: bool = False, ddgst: bool = False,
-                   timeout: float = DEFAULT_ADMIN_TIMEOUT,
-                   retries: int = 10) -> list[structs.DiscoveryEntry]:
+                   timeout: float = DEFAULT_ADMIN_TIMEOUT, retries: int = 10,
+                   tls_key: str | HostPsk | None = None) -> list[structs.DiscoveryEntry]:
     """Read the discovery log the way a host must: header, then header + entries,
-    then the header again; if GENCTR moved the log changed under us, so start over."""
+    then the header again; if GENCTR moved the log changed under us, so start over.
+    ``tls_key``: through a secure port, with the PSK identity naming the discovery NQN."""
     ctrl = await connect(addr, port, spec.DISCOVERY_NQN, hostnqn=hostnqn, hostid=hostid,
-                         kato_ms=0, hdgst=hdgst, ddgst=ddgst, timeout=timeout)
+                         kato_ms=0, hdgst=hdgst, ddgst=ddgst, timeout=timeout,
+                         tls_key=tls_key)
     try:
         return await read_discovery_log(ctrl, retries=retries)
     finally:

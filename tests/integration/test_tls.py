@@ -239,3 +239,24 @@ def test_cli_connect_and_perf_with_tls(setup: Setup, tmp_path: Path) -> None:
     # the C engine cannot read TLS: asked for it, perf says so
     r = run_cli("perf", *common, "--engine", "c", "-t", "1")
     assert r.returncode == 2 and "--tls runs on the Python engine" in r.stderr
+
+
+def test_cli_discover_over_tls(setup: Setup, tmp_path: Path) -> None:
+    """Discovery through the secure port: the identity names the discovery NQN, and the
+    target takes the host's key for a subsystem it may reach there."""
+    from .target_proc import run_cli
+
+    key = tmp_path / "host.psk"
+    key.write_text(setup.key_text)
+    key.chmod(0o600)
+    r = run_cli("discover", "-a", "127.0.0.1", "-s", str(setup.port), "-q", HOST, "--tls",
+                "--tls-key", str(key), "--json")
+    assert r.returncode == 0, r.stderr
+    recs = json.loads(r.stdout)["records"]
+    secure = [e for e in recs if e["subnqn"] == NQN and e["trsvcid"] == str(setup.port)]
+    assert secure and secure[0]["treq"] & spec.TREQ_SECURE_CHANNEL_MASK == \
+        spec.Treq.SECURE_CHANNEL_REQUIRED
+    # a host without a key for anything on that port is refused at the handshake
+    r = run_cli("discover", "-a", "127.0.0.1", "-s", str(setup.port), "-q", STRANGER,
+                "--tls", "--tls-key", ConfiguredPsk.generate(1).encode(), "--timeout", "5")
+    assert r.returncode != 0 and "TLS" in r.stderr, r.stderr
