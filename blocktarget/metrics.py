@@ -219,7 +219,8 @@ def _limit_families(t: Target) -> Iterator[Any]:
     yield _tls_family(t)
 
 
-TLS_OUTCOMES = ("established", "plain", "refused", "handshake", "record", "closed")
+TLS_OUTCOMES = ("established", "plain", "refused", "handshake", "record", "closed",
+                "timeout")
 
 
 def _tls_family(t: Target) -> Any:
@@ -229,7 +230,8 @@ def _tls_family(t: Target) -> Any:
         "blocktarget_tls_connections",
         "Connections to secure (TLS) listeners by outcome: established, plain (an ICReq "
         "without TLS), refused (unknown PSK identity), handshake (other failure, e.g. a "
-        "wrong key), record (a bad record later), closed (mid-handshake)",
+        "wrong key), record (a bad record later), closed (mid-handshake), timeout (no "
+        "handshake within stall_timeout_sec)",
         labels=["outcome"])
     got = t.tcp.tls_stats() if t.tcp is not None else {}
     for outcome in TLS_OUTCOMES:

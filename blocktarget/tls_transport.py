@@ -107,14 +107,19 @@ class TlsProtocol(asyncio.Protocol):
     clean TLS life: kind "plain" (an NVMe/TCP ICReq where a ClientHello was due),
     "refused" (the PSK identity is unknown or not allowed: the session's refusal),
     "handshake" (any other handshake failure: a wrong key fails the binder check),
-    "record" (a record that does not authenticate), "closed" (closed mid-handshake)."""
+    "record" (a record that does not authenticate), "closed" (closed mid-handshake),
+    "timeout" (no complete handshake within ``handshake_timeout`` seconds: a peer that
+    connects and stalls must not hold a connection slot, as the queue pair's own stall
+    watch only starts once the handshake is done)."""
 
     def __init__(self, session: TlsSession, inner_factory: Callable[[], asyncio.BaseProtocol],
                  on_failure: Callable[[str, str], None] | None = None,
                  on_established: Callable[[TlsSession], None] | None = None,
-                 kernel_tls: bool = False) -> None:
+                 kernel_tls: bool = False, handshake_timeout: float = 0.0) -> None:
         self.session = session
         self.kernel_tls = kernel_tls
+        self.handshake_timeout = handshake_timeout
+        self._timer: asyncio.TimerHandle | None = None
         self.inner_factory = inner_factory
         self.inner: Any = None
         self.raw: Any = None
@@ -128,11 +133,25 @@ class TlsProtocol(asyncio.Protocol):
         out = self.session.outgoing()  # a client's ClientHello
         if out:
             transport.write(out)  # type: ignore[attr-defined]
+        if self.handshake_timeout > 0:
+            self._timer = asyncio.get_running_loop().call_later(
+                self.handshake_timeout, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        if self.inner is None and not self._failed:
+            self.fail("timeout", f"no TLS handshake within {self.handshake_timeout:g} s")
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def fail(self, kind: str, message: str) -> None:
         if self._failed:
             return
         self._failed = True
+        self._stop_timer()
         if self.on_failure is not None:
             self.on_failure(kind, message)
         raw = self.raw
@@ -164,6 +183,7 @@ class TlsProtocol(asyncio.Protocol):
         if self.inner is None:
             if not self.session.established:
                 return
+            self._stop_timer()
             if self.kernel_tls and self._to_kernel(plain):
                 return
             self.inner = self.inner_factory()
@@ -213,6 +233,7 @@ class TlsProtocol(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
         if self.inner is not None:
             self.inner.connection_lost(exc)
         elif not self._failed:

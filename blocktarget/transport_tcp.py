@@ -149,6 +149,8 @@ class TcpTransport:
         counts = self.tls_counts.setdefault(reactor.index, {})
         opts = self.target.transports.get("TCP")
         kernel_tls = getattr(opts, "tls_record_layer", "auto") == "auto"
+        # the handshake gets what a plain connection gets to send its Connect
+        timeout = float(getattr(opts, "stall_timeout_sec", 30))  # (0: never, as there)
         try:
             host, port = conn.getpeername()[:2]
             peer = f"{host}:{port}"
@@ -173,7 +175,7 @@ class TcpTransport:
         def make() -> asyncio.BaseProtocol:
             return TlsProtocol(TlsSession(True, resolver(self.target, addr)), inner,
                                on_failure=failed, on_established=established,
-                               kernel_tls=kernel_tls)
+                               kernel_tls=kernel_tls, handshake_timeout=timeout)
 
         return make
 

@@ -260,3 +260,27 @@ def test_cli_discover_over_tls(setup: Setup, tmp_path: Path) -> None:
     r = run_cli("discover", "-a", "127.0.0.1", "-s", str(setup.port), "-q", STRANGER,
                 "--tls", "--tls-key", ConfiguredPsk.generate(1).encode(), "--timeout", "5")
     assert r.returncode != 0 and "TLS" in r.stderr, r.stderr
+
+
+def test_stalled_handshake_is_closed(tmp_path: Path) -> None:
+    """A peer that connects to a secure port and sends nothing (or half a ClientHello)
+    is closed after stall_timeout_sec and counted, like a plain one that never sends its
+    Connect: it must not hold a connection slot."""
+    import socket
+    import time
+
+    launcher = Launcher()
+    try:
+        t = start_target(launcher, transport={"stall_timeout_sec": 1})
+        port = free_port()
+        t.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address=listen_address(port),
+              secure_channel=True)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, no more
+            t0 = time.monotonic()
+            assert s.recv(100) == b""  # closed by the target
+            assert 0.5 < time.monotonic() - t0 < 8
+        counts = t.rpc("nvmf_get_transports")[0]["tls"]["connections"]
+        assert counts.get("timeout") == 1, counts
+    finally:
+        launcher.cleanup()
