@@ -284,3 +284,31 @@ def test_stalled_handshake_is_closed(tmp_path: Path) -> None:
         assert counts.get("timeout") == 1, counts
     finally:
         launcher.cleanup()
+
+
+async def test_dhchap_inside_tls(setup: Setup, tmp_path: Path) -> None:
+    """A host with both a PSK and a DH-HMAC-CHAP key authenticates in-band over the TLS
+    channel (two separate layers; not the spec's secure concatenation, which derives the
+    TLS PSK from the authentication and is not implemented). Without its DH-HMAC-CHAP
+    secret, the TLS channel alone is not enough."""
+    from blocktarget.host.auth import AuthenticationError
+    from blocktarget.host.connection import NvmeStatusError
+    from blocktarget.nvme.auth import DhchapKey
+
+    host = HOST[:-1] + "4"
+    dh = DhchapKey.generate(1).encode()
+    p = tmp_path / "dh.key"
+    p.write_text(dh)
+    p.chmod(0o600)
+    setup.t.rpc("keyring_file_add_key", name="dh4", path=str(p))
+    setup.t.rpc("nvmf_subsystem_add_host", nqn=NQN, host=host, psk="psk0", dhchap_key="dh4")
+    c = await connect("127.0.0.1", setup.port, NQN, hostnqn=host, tls_key=setup.key_text,
+                      dhchap_secret=dh, nr_io_queues=1, timeout=10)
+    await c.write(1, 300, b"\x5a" * 512)
+    assert bytes(await c.read(1, 300, 1)) == b"\x5a" * 512
+    await c.disconnect()
+    with pytest.raises((AuthenticationError, NvmeStatusError)):
+        await connect("127.0.0.1", setup.port, NQN, hostnqn=host, tls_key=setup.key_text,
+                      timeout=10)
+    log = setup.t.proc.log()
+    assert f"host {host} authenticated" in log and dh.split(":")[2][:16] not in log
