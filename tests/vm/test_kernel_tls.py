@@ -1,4 +1,4 @@
-"""The secure channel against the Linux kernel host (issue 17 item 4): the 6.12 guest's
+"""The secure channel against Linux (issue 17 items 2-4). First the kernel host: the 6.12 guest's
 nvme-tcp with TLS (CONFIG_NVME_TCP_TLS), its handshake done by tlshd (Debian trixie's
 ktls-utils 1.0 with gnutls, fetched by harness/tlshd.sh and run on its own loader) and its
 record layer in the guest kernel's kTLS, against blocktarget on this host, whose record
@@ -16,7 +16,9 @@ tests/unit/test_tls_keys.py.
 One boot: TLS connect with 2 I/O queues, fio crc32c verify, disconnect; a host whose
 keyring holds a wrong key is refused; a plain connect to the secure listener is refused;
 a host without a PSK still works on the plain listener beside it. The target's log and
-counters say the same, and hold no key material.
+counters say the same, and hold no key material. Then, in the guest (whose kernel has
+kTLS), the target with its record layer in kernel TLS, and our initiator against the
+Linux target (nvmet with tlshd as the TLS server).
 """
 
 from __future__ import annotations
@@ -283,3 +285,67 @@ def test_target_kernel_tls_in_guest(vm: Guest, tlshd: Path) -> None:
     c = counts["connections"]
     assert c.get("record_layer_kernel", 0) == c.get("established", -1) >= 2 + 2 + 3, c
     assert psk.encode().split(":")[2][:16] not in log and env["KEY_A"] not in log
+
+
+NVMET_SCRIPT = r"""
+set -x
+for m in tls gcm ghash-generic ghash-clmulni-intel aesni-intel; do
+  modprobe -d $VMDIR/kernel $m 2>/dev/null || echo "no module $m"; done
+L=$TLSHD/usr/lib/x86_64-linux-gnu
+printf '[authenticate]\nkeyrings=.nvme\n' > tlshd.conf
+$L/ld-linux-x86-64.so.2 --library-path $L $TLSHD/usr/sbin/tlshd -s -c tlshd.conf > tlshd.log 2>&1 &
+sleep 1
+/usr/bin/python3 -c '
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+ring = [int(l.split()[0], 16) for l in open("/proc/keys") if " .nvme: " in l][0]
+key = bytes.fromhex(os.environ["KEY_A"])
+assert libc.syscall(248, b"psk", os.environ["ID_A"].encode(), key, len(key), ring) > 0
+' || exit 10
+chmod 600 psk_a
+(cd /sys/kernel/config/nvmet
+ mkdir subsystems/$NQN && echo 0 > subsystems/$NQN/attr_allow_any_host
+ mkdir hosts/$HOST_A && ln -s $PWD/hosts/$HOST_A subsystems/$NQN/allowed_hosts/$HOST_A
+ mkdir subsystems/$NQN/namespaces/1 && echo -n /dev/ram0 > subsystems/$NQN/namespaces/1/device_path
+ echo 1 > subsystems/$NQN/namespaces/1/enable
+ mkdir ports/1 && echo tcp > ports/1/addr_trtype && echo ipv4 > ports/1/addr_adrfam
+ echo 127.0.0.1 > ports/1/addr_traddr && echo 4420 > ports/1/addr_trsvcid
+ echo tls1.3 > ports/1/addr_tsas
+ ln -s $PWD/subsystems/$NQN ports/1/subsystems/$NQN) || exit 11
+$PY -m blocktarget perf -a 127.0.0.1 -s 4420 -n $NQN --hostnqn $HOST_A --tls --tls-key psk_a \
+    -w randrw -o 4k -q 8 -t 3 --size 4M --verify --json --quiet > perf.json 2> perf.err || exit 12
+$PY -m blocktarget perf -a 127.0.0.1 -s 4420 -n $NQN --hostnqn $HOST_A --tls --tls-key psk_a \
+    -w read -o 128k -q 4 -t 2 --size 8M --verify --json --quiet > perf128.json 2>> perf.err || exit 13
+if $PY -m blocktarget connect -a 127.0.0.1 -s 4420 -n $NQN -q $HOST_A --timeout 10 \
+    > plain.txt 2>&1; then exit 14; fi
+if $PY -m blocktarget connect -a 127.0.0.1 -s 4420 -n $NQN -q $HOST_A --timeout 10 --tls \
+    --tls-key "$WRONG" > wrong.txt 2>&1; then exit 15; fi
+echo DONE
+"""
+
+
+def test_initiator_tls_against_kernel_target(vm: Guest, tlshd: Path) -> None:
+    """The other direction (issue 17 item 3): our initiator's TLS against the Linux
+    target (nvmet, addr_tsas tls1.3, tlshd as the server, kTLS) in the guest, with the
+    key the guest's keyring holds under the identity our initiator offers."""
+    import json
+    import sys
+
+    from .harness.vm import PROJECT_ROOT
+
+    psk = ConfiguredPsk.generate(1)
+    ida = identity_for(psk, HOST_A, NQN)
+    env = {"PY": sys.executable, "PYTHONPATH": str(PROJECT_ROOT), "NQN": NQN,
+           "HOST_A": HOST_A, "TLSHD": str(tlshd), "ID_A": str(ida),
+           "KEY_A": tls_psk(psk, ida).hex(), "WRONG": ConfiguredPsk.generate(1).encode()}
+    res = vm.run(PRELUDE + NVMET_SCRIPT, env=env, timeout=300,
+                 files={"psk_a": psk.encode() + "\n"})
+    rd = res.rundir
+    tlshd_log = (rd / "tlshd.log").read_text() if (rd / "tlshd.log").exists() else ""
+    assert res.rc == 0, (res.output[-4000:], tlshd_log[-2000:])
+    for f in ("perf.json", "perf128.json"):
+        doc = json.loads((rd / f).read_text())
+        assert doc["verify_failures"] == 0 and doc["verified_reads"] > 0, doc
+        assert doc["total"]["errors"] == 0
+    assert tlshd_log.count("was successful") >= 4, tlshd_log[-2000:]  # 2 runs x 2 queues
+    assert "failed" in tlshd_log  # the plain and the wrong-key attempts
