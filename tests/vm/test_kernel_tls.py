@@ -226,6 +226,7 @@ fio --name=k2 --filename=$dev --rw=write --bs=128k --size=8M --offset=24M --ioen
     --direct=1 --iodepth=4 --verify=crc32c --verify_fatal=1 --output=fio2.txt || exit 16
 nvme disconnect -n $NQN || exit 17
 $PY -m blocktarget rpc -s $SOCK nvmf_get_transports > transports.json || exit 18
+$PY -m blocktarget rpc -s $SOCK nvmf_get_stats > stats.json || exit 19
 kill %1
 wait %1
 echo DONE
@@ -284,6 +285,19 @@ def test_target_kernel_tls_in_guest(vm: Guest, tlshd: Path) -> None:
     assert counts["record_layer"] == "kernel"
     c = counts["connections"]
     assert c.get("record_layer_kernel", 0) == c.get("established", -1) >= 2 + 2 + 3, c
+    # on kTLS the connections are plain sockets again: the C lane and the C poller serve
+    # them (nvmf_get_stats: commands the lane ran, PDUs the poller took)
+    stats = json.loads((rd / "stats.json").read_text())
+
+    def total(node: object, key: str) -> int:
+        if isinstance(node, dict):
+            return sum(v if k == key and isinstance(v, int) else total(v, key)
+                       for k, v in node.items())
+        if isinstance(node, list):
+            return sum(total(v, key) for v in node)
+        return 0
+
+    assert total(stats, "c_lane_commands") > 0 and total(stats, "net_pdus") > 0, stats
     assert psk.encode().split(":")[2][:16] not in log and env["KEY_A"] not in log
 
 
