@@ -186,6 +186,7 @@ class TlsProtocol(asyncio.Protocol):
             self._stop_timer()
             if self.kernel_tls and self._to_kernel(plain):
                 return
+            self.session._secrets.clear()  # user space from here: nothing needs them
             self.inner = self.inner_factory()
             self.inner.tls_session = self.session  # (what Connect checks the NQNs against)
             if self.on_established is not None:

@@ -159,3 +159,13 @@ async def test_s_client_refused(server: Any, args: list[str], kind: str, why: st
             break
         await asyncio.sleep(0.02)
     assert failures and failures[0][0] == kind and why in failures[0][1], failures
+
+
+def test_traffic_secrets_kept_only_until_the_record_layer_is_chosen() -> None:
+    server = TlsSession(True, resolve)
+    client = TlsSession(False, identity=IDS[1], key=KEYS[1], hash_id=1)
+    pump(client, server)
+    assert set(server._secrets) == {"CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"}
+    assert client._secrets == {}  # (the initiator has no use for them)
+    h, tx, rx, seq = server.kernel_handoff()
+    assert (h, len(tx), len(rx), seq) == (1, 32, 32, 0) and server._secrets == {}
