@@ -144,8 +144,10 @@ class Target:
                 nvmf_calls.append({"method": "nvmf_subsystem_add_host",
                                    "params": {"nqn": sub.nqn, "host": host, **extra}})
             for addr in sub.listeners:
-                nvmf_calls.append({"method": "nvmf_subsystem_add_listener",
-                                   "params": {"nqn": sub.nqn, "listen_address": addr.describe()}})
+                lp: dict[str, Any] = {"nqn": sub.nqn, "listen_address": addr.describe()}
+                if addr in self.subsystems.secure:
+                    lp["secure_channel"] = True
+                nvmf_calls.append({"method": "nvmf_subsystem_add_listener", "params": lp})
             for (addr, grp), state in sorted(sub.ana_states.items(), key=lambda kv: (
                     str(kv[0][0]), kv[0][1])):
                 nvmf_calls.append({"method": "nvmf_subsystem_listener_set_ana_state", "params": {

@@ -63,6 +63,7 @@ def method_docs() -> list[dict[str, Any]]:
             ],
             "allow_extra": m.schema.allow_extra,
             "ignored": sorted(m.schema.extra_ok),
+            "refused": dict(sorted(m.schema.refused.items())),
         })
     return out
 
@@ -132,6 +133,11 @@ def rpc_reference() -> str:
         if d["ignored"]:
             lines.append("Accepted and ignored, for SPDK compatibility: "
                          + ", ".join(f"`{n}`" for n in d["ignored"]) + ".\n")
+        if d["refused"]:
+            lines.append("Refused unless off (they change security or durability and are "
+                         "not served): " + "; ".join(
+                             f"`{n}` ({_cell(why)})" for n, why in d["refused"].items())
+                         + ".\n")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -255,6 +255,27 @@ def _limit_families(t: Target) -> Iterator[Any]:
     for reason, n in sorted(by_reason.items()):
         closed.add_metric([reason], n)
     yield from (conns, limit, refused, closed, used, budget, waits, pauses)
+    yield _tls_family(t)
+
+
+TLS_OUTCOMES = ("established", "plain", "refused", "handshake", "record", "closed",
+                "timeout")
+
+
+def _tls_family(t: Target) -> Any:
+    """Connections to secure listeners by TLS outcome (tls_transport.TlsProtocol's kinds):
+    a rising "refused" or "handshake" is a host with a wrong or unknown key."""
+    fam = CounterMetricFamily(
+        "blocktarget_tls_connections",
+        "Connections to secure (TLS) listeners by outcome: established, plain (an ICReq "
+        "without TLS), refused (unknown PSK identity), handshake (other failure, e.g. a "
+        "wrong key), record (a bad record later), closed (mid-handshake), timeout (no "
+        "handshake within stall_timeout_sec)",
+        labels=["outcome"])
+    got = t.tcp.tls_stats() if t.tcp is not None else {}
+    for outcome in TLS_OUTCOMES:
+        fam.add_metric([outcome], got.get(outcome, 0))
+    return fam
 
 
 def make_registry(target: Target) -> CollectorRegistry:

@@ -32,6 +32,11 @@ class Schema:
     params: tuple[Param, ...] = ()
     allow_extra: bool = False  # SPDK sends fields we may not model; most methods reject
     extra_ok: frozenset[str] = field(default_factory=frozenset)  # accepted and ignored
+    # SPDK options that change security or durability and that this target does not
+    # serve: accepted only when off (absent, false, 0, "", null, SPDK's clients send
+    # them so), refused otherwise with the reason, so that no request for a secure or
+    # durable setup is silently served without it
+    refused: Mapping[str, str] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return [p.name for p in self.params]
@@ -63,6 +68,10 @@ def validate(schema: Schema, params: Mapping[str, Any] | None) -> dict[str, Any]
     out: dict[str, Any] = {}
     known = {p.name for p in schema.params}
     for key in params:
+        if key in schema.refused:
+            if params[key]:
+                raise InvalidParams(f"parameter '{key}' is not supported: {schema.refused[key]}")
+            continue
         if key not in known and key not in schema.extra_ok and not schema.allow_extra:
             raise InvalidParams(f"unknown parameter '{key}'")
     for p in schema.params:
@@ -86,7 +95,8 @@ def validate(schema: Schema, params: Mapping[str, Any] | None) -> dict[str, Any]
         out[p.name] = value
     if schema.allow_extra:
         for key, value in params.items():
-            out.setdefault(key, value)
+            if key not in schema.refused:
+                out.setdefault(key, value)
     return out
 
 

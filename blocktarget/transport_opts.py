@@ -51,6 +51,10 @@ class TransportOptions:
     # the socket of an I/O queue pair in its steady state is served by the reactor's C
     # poller (nvme/netpoll.py); false: the event loop reads it and calls the lane
     c_net_poll: bool = True
+    # TLS connections' record layer: "auto" hands it to kernel TLS after the handshake
+    # where the kernel has it (ktls.py), else keeps it in user space; "user" always keeps
+    # it in user space (OpenSSL)
+    tls_record_layer: str = "auto"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> TransportOptions:
@@ -134,20 +138,26 @@ TRANSPORT_SCHEMA = Schema(
               help="serve the sockets of I/O queue pairs in their steady state from the "
               "reactor's C poller, the GIL released (blocktarget's own; false: the event "
               "loop reads them and calls the C lane)"),
+        Param("tls_record_layer", str, choices=("auto", "user"),
+              help="TLS record layer: auto = kernel TLS where the kernel has it, else user "
+              "space (OpenSSL); user = always user space (blocktarget's own)"),
     ),
     # SPDK options with no meaning in this implementation: accepted so SPDK configs load
     extra_ok=frozenset({
-        "buf_cache_size", "dif_insert_or_strip", "zcopy",
+        "buf_cache_size", "zcopy",
         "acceptor_poll_rate", "ack_timeout", "data_wr_pool_size", "control_msg_num",
         "disable_command_passthru", "max_srq_depth", "no_srq", "no_wr_batching",
         "num_cqe", "acceptor_backlog", "kas_enable", "transport_specific",
         # SPDK's rpc.py sends these vfio-user store_true flags (as false) on every call
         "disable_mappable_bar0", "disable_adaptive_irq", "disable_shadow_doorbells",
     }),
+    refused={"dif_insert_or_strip": "end-to-end protection information (DIF) is not "
+                                    "implemented"},
 )
 
 
 # blocktarget-only options, written by save_config only when set (SPDK would reject them)
 _OWN_LIMITS = ("max_qpair_buffer_bytes", "max_connections", "max_connections_per_address",
-               "stall_timeout_sec", "r2t_timeout_sec", "c_fast_path", "c_net_poll")
+               "stall_timeout_sec", "r2t_timeout_sec", "c_fast_path", "c_net_poll",
+               "tls_record_layer")
 _DEFAULTS = TransportOptions()

@@ -54,6 +54,9 @@ class TcpTransport:
         self.limiter = ConnectionLimiter()
         # R2T buffer budgets, by reactor index, each touched only by its reactor
         self.budgets: dict[int, DataBudget] = {}
+        # TLS outcomes on secure listeners, by reactor index then kind ("established",
+        # or a TlsProtocol failure kind), each dict touched only by its reactor
+        self.tls_counts: dict[int, dict[str, int]] = {r.index: {} for r in target.reactors}
 
     # ---- listening ----
     async def listen(self, addr: ListenAddress) -> None:
@@ -116,13 +119,18 @@ class TcpTransport:
 
     async def _adopt(self, reactor: Reactor, conn: socket.socket, addr: ListenAddress,
                      slot: ConnSlot | None = None) -> None:
-        """On the reactor: wrap the socket in a queue-pair protocol owned by this reactor."""
+        """On the reactor: wrap the socket in a queue-pair protocol owned by this reactor
+        (behind TLS on a secure listener: the queue pair is made once it is up)."""
         loop = asyncio.get_running_loop()
 
-        def make() -> asyncio.BaseProtocol:
+        def make_qpair() -> asyncio.BaseProtocol:
             proto = self.protocol_factory(self.target, reactor, addr)
             proto.conn_slot = slot  # type: ignore[attr-defined]  # released on unregister
             return proto
+
+        make = make_qpair
+        if addr in self.target.subsystems.secure:
+            make = self._tls_factory(reactor, addr, conn, slot, make_qpair)
 
         try:
             await loop.connect_accepted_socket(make, sock=conn)
@@ -130,6 +138,54 @@ class TcpTransport:
             conn.close()
             self.limiter.release(slot)
             reactor.stats.adopt_failed += 1  # never registered: not a live connection
+
+    def _tls_factory(self, reactor: Reactor, addr: ListenAddress, conn: socket.socket,
+                     slot: ConnSlot | None, inner: Callable[[], asyncio.BaseProtocol],
+                     ) -> Callable[[], asyncio.BaseProtocol]:
+        from .nvme.secure_channel import resolver
+        from .tls import TlsSession
+        from .tls_transport import TlsProtocol
+
+        counts = self.tls_counts.setdefault(reactor.index, {})
+        opts = self.target.transports.get("TCP")
+        kernel_tls = getattr(opts, "tls_record_layer", "auto") == "auto"
+        # the handshake gets what a plain connection gets to send its Connect
+        timeout = float(getattr(opts, "stall_timeout_sec", 30))  # (0: never, as there)
+        try:
+            host, port = conn.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+
+        def failed(kind: str, message: str) -> None:
+            counts[kind] = counts.get(kind, 0) + 1
+            if kind != "record":  # (after the handshake, the queue pair releases it)
+                self.limiter.release(slot)
+            # names and reasons only: neither OpenSSL's nor our messages carry keys
+            log.warning("TLS on %s from %s failed (%s): %s", addr, peer, kind, message)
+
+        def established(session: Any) -> None:
+            counts["established"] = counts.get("established", 0) + 1
+            layer = session.record_layer
+            counts[f"record_layer_{layer}"] = counts.get(f"record_layer_{layer}", 0) + 1
+            why = f" ({session.ktls_why})" if layer == "user" and session.ktls_why else ""
+            log.info("TLS from %s on %s: %s, identity %s, record layer %s%s", peer, addr,
+                     session.cipher, session.identity.decode(errors="replace"), layer, why)
+
+        def make() -> asyncio.BaseProtocol:
+            return TlsProtocol(TlsSession(True, resolver(self.target, addr)), inner,
+                               on_failure=failed, on_established=established,
+                               kernel_tls=kernel_tls, handshake_timeout=timeout)
+
+        return make
+
+    def tls_stats(self) -> dict[str, int]:
+        """TLS outcomes on secure listeners, summed over reactors (metrics, RPC)."""
+        out: dict[str, int] = {}
+        for counts in list(self.tls_counts.values()):
+            for k, v in list(counts.items()):
+                out[k] = out.get(k, 0) + v
+        return out
 
     # ---- reactors' bookkeeping (called on the reactor that owns the qpair) ----
     def register_qpair(self, reactor: Reactor, qpair: Any) -> None:

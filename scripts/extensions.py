@@ -1,6 +1,6 @@
 """Which of blocktarget's compiled parts are built, and which could be built here now.
 
-The cffi extensions (blocktarget._fastpath, ._uring, ._pmem; one build script each,
+The cffi extensions (blocktarget._fastpath, ._uring, ._pmem, ._tls; one build script each,
 blocktarget/_*_build.py, listed in setup.py's cffi_modules) are optional: `pip install` skips one whose
 compile fails (no compiler, no liburing-dev, ...) and the install succeeds. So a venv built
 before the system had the headers stays without them after the headers arrive, and the

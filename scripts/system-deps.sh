@@ -22,8 +22,9 @@ RUN_PACKAGES=(
   python3 python3-venv
   # the cffi extensions, compiled when the venv is built (setup.py): a C compiler and Python's
   # headers for all three (_fastpath, the NVMe/TCP C lane), liburing for _uring (the uring
-  # bdev's io_uring engine), libpmem for _pmem (the pmem bdev)
-  gcc libc6-dev python3-dev pkg-config liburing-dev libpmem-dev
+  # bdev's io_uring engine), libpmem for _pmem (the pmem bdev), libssl for _tls (NVMe/TCP's
+  # TLS 1.3 secure channel; openssl is the CLI the TLS tests handshake with)
+  gcc libc6-dev python3-dev pkg-config liburing-dev libpmem-dev libssl-dev openssl
 )
 VM_PACKAGES=(
   # VM tier: a QEMU guest with the Linux NVMe/TCP initiator (tests/vm); the guest runs the

@@ -104,8 +104,9 @@ SCHEMA = Schema(
         Param("md_size", int, default=0),
     ),
     # SPDK's client sends these for malloc; accepted, not modelled
-    extra_ok=frozenset({"optimal_io_boundary", "md_interleave", "dif_type", "dif_is_head_of_md",
+    extra_ok=frozenset({"optimal_io_boundary", "md_interleave", "dif_is_head_of_md",
                         "physical_block_size", "dif_pi_format"}),
+    refused={"dif_type": "end-to-end protection information (DIF/DIX) is not implemented"},
 )
 
 

@@ -59,7 +59,8 @@ SCHEMA = Schema(
         Param("uuid", str, check=check_uuid),
         Param("md_size", int, default=0),
     ),
-    extra_ok=frozenset({"dif_type", "dif_is_head_of_md", "dif_pi_format", "physical_block_size"}),
+    extra_ok=frozenset({"dif_is_head_of_md", "dif_pi_format", "physical_block_size"}),
+    refused={"dif_type": "end-to-end protection information (DIF/DIX) is not implemented"},
 )
 
 

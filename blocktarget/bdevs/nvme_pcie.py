@@ -671,10 +671,10 @@ ATTACH_SCHEMA = Schema(
     ),
     # sent by SPDK's rpc.py or found in SPDK configs; meaningless for a local controller
     extra_ok=frozenset({"adrfam", "trsvcid", "subnqn", "hostnqn", "hostid", "hostaddr",
-                        "hostsvcid", "prchk_reftag", "prchk_guard", "hdgst", "ddgst",
-                        "multipath", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
+                        "hostsvcid", "hdgst", "ddgst", "multipath", "ctrlr_loss_timeout_sec", "reconnect_delay_sec",
                         "fast_io_fail_timeout_sec", "priority", "num_io_queues", "max_bdevs",
                         "allow_unrecognized_csi", "multipath_opts"}),
+    refused={"prchk_reftag": "end-to-end protection information (DIF/DIX) is not implemented", "prchk_guard": "end-to-end protection information (DIF/DIX) is not implemented"},
 )
 
 

@@ -87,10 +87,12 @@ SCHEMA = Schema(
     ),
     # sent by SPDK's rpc.py or found in SPDK configs; accepted, not modelled (see above)
     extra_ok=frozenset({
-        "prchk_reftag", "prchk_guard", "priority", "hostaddr", "hostsvcid", "multipath",
+        "priority", "hostaddr", "hostsvcid", "multipath",
         "ctrlr_loss_timeout_sec", "reconnect_delay_sec", "fast_io_fail_timeout_sec",
         "max_bdevs", "allow_unrecognized_csi", "multipath_opts", "num_io_queues",
     }),
+    refused={"prchk_reftag": "end-to-end protection information (DIF/DIX) is not implemented", "prchk_guard": "end-to-end protection information (DIF/DIX) is not implemented",
+             "psk": "no TLS secure channel in this build"},
 )
 
 

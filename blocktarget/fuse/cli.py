@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import Any
 
+from blocktarget.host.cli import tls_key_arg
 from blocktarget.host.connection import NvmeStatusError
 
 from .device import DeviceError, RemoteController
@@ -32,7 +33,7 @@ async def run_remote_export(args: argparse.Namespace) -> int:
         args.traddr, args.trsvcid, args.nqn, nr_io_queues=args.nr_io_queues,
         queue_size=args.queue_size, hostnqn=args.hostnqn, hdgst=args.hdr_digest,
         ddgst=args.data_digest, timeout=args.timeout, reconnect_delay=args.reconnect_delay,
-        ctrl_loss_tmo=args.ctrl_loss_tmo)
+        ctrl_loss_tmo=args.ctrl_loss_tmo, tls_key=tls_key_arg(args))
     await remote.open()
     try:
         assert remote.ctrl is not None
@@ -83,7 +84,8 @@ def _main(args: argparse.Namespace) -> int:
     except FuseUnavailable as exc:
         print(f"blocktarget fuse-export: {exc}", file=sys.stderr)
         return 1
-    except (NvmeStatusError, ConnectionError, OSError, TimeoutError) as exc:
+    except (NvmeStatusError, ConnectionError, OSError, TimeoutError, ValueError) as exc:
+        # (ValueError: a malformed key, or --tls without --tls-key)
         print(f"blocktarget fuse-export: {args.traddr}:{args.trsvcid} {args.nqn}: "
               f"{exc or type(exc).__name__}", file=sys.stderr)
         return 1
@@ -104,6 +106,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-q", "--hostnqn", help="host NQN (default /etc/nvme/hostnqn or a uuid NQN)")
     p.add_argument("-g", "--hdr-digest", action="store_true", help="enable header digest")
     p.add_argument("-G", "--data-digest", action="store_true", help="enable data digest")
+    p.add_argument("--tls", action="store_true",
+                   help="NVMe/TCP over TLS 1.3 with a pre-shared key (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="NVMeTLSkey-1:..|FILE",
+                   help="the configured PSK (nvme gen-tls-key), or a file holding it")
     p.add_argument("-i", "--nr-io-queues", type=int, default=1, help="I/O queues (default 1)")
     p.add_argument("-Q", "--queue-size", type=int, default=128,
                    help="I/O queue entries (default 128)")

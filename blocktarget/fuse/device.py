@@ -84,11 +84,11 @@ class RemoteController:
     def __init__(self, addr: str, port: int, subnqn: str, *, nr_io_queues: int = 1,
                  queue_size: int = 128, hostnqn: str | None = None, hdgst: bool = False,
                  ddgst: bool = False, timeout: float = 30.0, reconnect_delay: float = 1.0,
-                 ctrl_loss_tmo: float = 60.0) -> None:
+                 ctrl_loss_tmo: float = 60.0, tls_key: str | None = None) -> None:
         self.addr, self.port, self.subnqn = addr, port, subnqn
         self._kw: dict[str, Any] = dict(nr_io_queues=nr_io_queues, queue_size=queue_size,
                                         hostnqn=hostnqn, hdgst=hdgst, ddgst=ddgst,
-                                        timeout=timeout)
+                                        timeout=timeout, tls_key=tls_key)
         self.reconnect_delay = reconnect_delay
         self.ctrl_loss_tmo = ctrl_loss_tmo
         self.ctrl: Controller | None = None

@@ -95,7 +95,7 @@ def _discover(args: argparse.Namespace) -> int:
     async def go() -> int:
         entries = await discover(args.traddr, args.trsvcid, args.hostnqn,
                                  hdgst=args.hdr_digest, ddgst=args.data_digest,
-                                 timeout=args.timeout)
+                                 timeout=args.timeout, tls_key=tls_key_arg(args))
         if args.json:
             print(json.dumps({"records": [
                 {k: (v.hex() if isinstance(v, bytes) else v) for k, v in e._asdict().items()
@@ -108,7 +108,7 @@ def _discover(args: argparse.Namespace) -> int:
 
     try:
         return _run(go())
-    except _RUNTIME_ERRORS as exc:
+    except (*_RUNTIME_ERRORS, ValueError) as exc:  # ValueError: a malformed TLS key
         return _fail("discover", exc)
 
 
@@ -121,6 +121,16 @@ def _hexdump(data: bytes, width: int = 16) -> str:
     )
 
 
+def tls_key_arg(args: argparse.Namespace) -> str | None:
+    """--tls with --tls-key, or neither (ValueError otherwise: a key given without --tls,
+    or --tls without a key, must not quietly mean plain TCP)."""
+    key = getattr(args, "tls_key", None)
+    if bool(getattr(args, "tls", False)) != (key is not None):
+        raise ValueError("--tls and --tls-key go together (this initiator has no kernel "
+                         "keyring to take the key from)")
+    return key
+
+
 def _connect(args: argparse.Namespace) -> int:
     async def go() -> int:
         t0 = time.monotonic()
@@ -128,7 +138,8 @@ def _connect(args: argparse.Namespace) -> int:
                              nr_io_queues=args.nr_io_queues, queue_size=args.queue_size,
                              hdgst=args.hdr_digest, ddgst=args.data_digest,
                              timeout=args.timeout, dhchap_secret=args.dhchap_secret,
-                             dhchap_ctrl_secret=args.dhchap_ctrl_secret)
+                             dhchap_ctrl_secret=args.dhchap_ctrl_secret,
+                             tls_key=tls_key_arg(args))
         try:
             idc = ctrl.id_ctrl
             vs = ctrl.vs
@@ -149,6 +160,9 @@ def _connect(args: argparse.Namespace) -> int:
                   f"{max(0, idc['ioccsz'] * 16 - 64)} bytes, MAXH2CDATA {q0.maxh2cdata}")
             print(f"  digests      header {'on' if q0.hdgst else 'off'}, "
                   f"data {'on' if q0.ddgst else 'off'}")
+            t = q0._transport
+            session = t.get_extra_info("tls") if t is not None else None
+            print(f"  TLS          {session.cipher if session is not None else 'off'}")
             nsids = await ctrl.active_ns_list()
             print(f"  namespaces   {len(nsids)}")
             for nsid in nsids:
@@ -186,6 +200,7 @@ def perf_config(args: argparse.Namespace) -> PerfConfig:
         journal=args.journal, check_only=args.check_only, journal_sync=args.journal_sync,
         engine=args.engine, copy_data=args.copy_data, busy_poll=args.busy_poll,
         dhchap_secret=args.dhchap_secret, dhchap_ctrl_secret=args.dhchap_ctrl_secret,
+        tls_key=tls_key_arg(args),
     )
     cfg.validate()
     return cfg
@@ -230,6 +245,12 @@ def _target_args(p: argparse.ArgumentParser, *, nqn: bool, hostnqn_short: bool =
                        help="DH-HMAC-CHAP host secret (nvme gen-dhchap-key)")
         p.add_argument("-C", "--dhchap-ctrl-secret", metavar="DHHC-1:..",
                        help="DH-HMAC-CHAP controller secret: authenticate the controller too")
+    p.add_argument("--tls", action="store_true",
+                   help="NVMe/TCP over TLS 1.3 with a pre-shared key (needs --tls-key)")
+    p.add_argument("--tls-key", metavar="NVMeTLSkey-1:..|FILE",
+                   help="the configured PSK (nvme gen-tls-key), or a file holding it: the "
+                   "same key the target's keyring has for this host (discover: the key "
+                   "for any subsystem the host may reach on that port)")
 
 
 def add_commands(sub: Any) -> None:

@@ -181,23 +181,56 @@ class QueuePair(asyncio.Protocol):
         self._error: BaseException | None = None
         self._can_write = True
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._tls_raw: Any = None  # the socket's transport under TLS (see _open_tls)
 
     # ---------------------------------------------------------------- lifecycle
 
     @classmethod
     async def open(cls, addr: str, port: int, *, qid: int, depth: int, hdgst: bool = False,
-                   ddgst: bool = False, timeout: float = 10.0) -> QueuePair:
-        """Connect and complete ICReq/ICResp; raises ConnectionError/TimeoutError."""
+                   ddgst: bool = False, timeout: float = 10.0,
+                   tls: tuple[bytes, bytes, int] | None = None) -> QueuePair:
+        """Connect and complete ICReq/ICResp; raises ConnectionError/TimeoutError.
+
+        ``tls`` = (PSK identity, TLS PSK, hash id): the queue runs over TLS 1.3 with that
+        external PSK (host/tls.py derives them); a failed handshake raises ConnectionError."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            _, qp = await loop.create_connection(
-                lambda: cls(qid, depth, hdgst, ddgst, loop), addr, port
-            )
+            if tls is None:
+                _, qp = await loop.create_connection(
+                    lambda: cls(qid, depth, hdgst, ddgst, loop), addr, port
+                )
+            else:
+                qp = await cls._open_tls(loop, addr, port, qid, depth, hdgst, ddgst, tls)
             try:
                 await qp._ic_future
             except BaseException:
                 qp.close()
                 raise
+        return qp
+
+    @classmethod
+    async def _open_tls(cls, loop: asyncio.AbstractEventLoop, addr: str, port: int, qid: int,
+                        depth: int, hdgst: bool, ddgst: bool,
+                        tls: tuple[bytes, bytes, int]) -> QueuePair:
+        from ..tls import TlsSession
+        from ..tls_transport import TlsProtocol
+
+        identity, key, hash_id = tls
+        qp = cls(qid, depth, hdgst, ddgst, loop)
+
+        def failed(kind: str, message: str) -> None:
+            if not qp._ic_future.done():
+                qp._ic_future.set_exception(ConnectionError(f"TLS to {addr}:{port}: {message}"))
+
+        session = TlsSession(False, identity=identity, key=key, hash_id=hash_id)
+        raw, _ = await loop.create_connection(
+            lambda: TlsProtocol(session, lambda: qp, on_failure=failed), addr, port)
+        qp._tls_raw = raw  # closed by close() if the handshake never completes
+        sock = raw.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return qp
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -271,6 +304,8 @@ class QueuePair(asyncio.Protocol):
         t = self._transport
         if t is not None:
             t.close()
+        elif self._tls_raw is not None:
+            self._tls_raw.close()
         self._fail_all(self._error)
         if not self._ic_future.done():
             self._ic_future.set_exception(self._error)

@@ -37,6 +37,7 @@ from blocktarget.nvme import spec, structs
 
 from .auth import AuthenticationError, HostSecrets, authenticate
 from .connection import ADMIN_ICD_MAX, Completion, NvmeStatusError, QueuePair, Response
+from .tls import HostPsk
 
 __all__ = [
     "Controller",
@@ -112,6 +113,10 @@ class _Options:
     disable_sqflow: bool
     timeout: float
     dhchap: HostSecrets | None = None  # DH-HMAC-CHAP keys (--dhchap-secret ...)
+    tls: HostPsk | None = None  # TLS 1.3 PSK of every queue (--tls-key)
+
+    def tls_params(self) -> tuple[bytes, bytes, int] | None:
+        return self.tls.for_queue(self.hostnqn, self.subnqn) if self.tls else None
 
 
 class Controller:
@@ -207,7 +212,8 @@ class Controller:
     async def _bring_up(self) -> None:
         o = self.opts
         admin = await QueuePair.open(o.addr, o.port, qid=0, depth=ADMIN_QUEUE_SIZE - 1,
-                                     hdgst=o.hdgst, ddgst=o.ddgst, timeout=o.timeout)
+                                     hdgst=o.hdgst, ddgst=o.ddgst, timeout=o.timeout,
+                                     tls=o.tls_params())
         admin.icd_max = ADMIN_ICD_MAX
         self.admin_q = admin
         try:
@@ -288,7 +294,7 @@ class Controller:
 
         async def one(qid: int) -> QueuePair:
             qp = await QueuePair.open(o.addr, o.port, qid=qid, depth=qsize - 1, hdgst=o.hdgst,
-                                      ddgst=o.ddgst, timeout=o.timeout)
+                                      ddgst=o.ddgst, timeout=o.timeout, tls=o.tls_params())
             qp.icd_max = icd
             try:
                 await self._fabrics_connect(qp, qid, qsize - 1, 0, self.cntlid)
@@ -650,12 +656,17 @@ async def connect(
     timeout: float = DEFAULT_ADMIN_TIMEOUT,
     dhchap_secret: str | None = None,
     dhchap_ctrl_secret: str | None = None,
+    tls_key: str | HostPsk | None = None,
 ) -> Controller:
     """Connect the admin queue and ``nr_io_queues`` I/O queues to ``subnqn``.
 
     ``dhchap_secret`` (a ``DHHC-1:..`` key) lets every queue pass DH-HMAC-CHAP when the
     controller asks for it; with ``dhchap_ctrl_secret`` the controller must prove it
     holds that key too (bidirectional). A refusal raises AuthenticationError.
+
+    ``tls_key`` (a ``NVMeTLSkey-1:..`` key, a file holding one, or a HostPsk) runs every
+    queue over TLS 1.3 with the PSK derived for this host and subsystem; a refused
+    handshake raises ConnectionError.
 
     ``queue_size`` is the number of entries per I/O queue (capped by CAP.MQES; each
     queue then carries ``queue_size - 1`` commands). ``kato_ms`` 0 disables keep-alive
@@ -677,20 +688,23 @@ async def connect(
     if dhchap_ctrl_secret and not dhchap_secret:
         raise ValueError("a controller secret needs a host secret (dhchap_secret)")
     secrets = HostSecrets.parse(dhchap_secret, dhchap_ctrl_secret) if dhchap_secret else None
+    tls = HostPsk.load(tls_key) if isinstance(tls_key, str) else tls_key
     ctrl = Controller(_Options(addr, port, subnqn, hostnqn, hid, nr_io_queues, queue_size,
-                               kato_ms, hdgst, ddgst, disable_sqflow, timeout, secrets))
+                               kato_ms, hdgst, ddgst, disable_sqflow, timeout, secrets, tls))
     await ctrl._bring_up()
     return ctrl
 
 
 async def discover(addr: str, port: int, hostnqn: str | None = None, *,
                    hostid: bytes | str | None = None, hdgst: bool = False, ddgst: bool = False,
-                   timeout: float = DEFAULT_ADMIN_TIMEOUT,
-                   retries: int = 10) -> list[structs.DiscoveryEntry]:
+                   timeout: float = DEFAULT_ADMIN_TIMEOUT, retries: int = 10,
+                   tls_key: str | HostPsk | None = None) -> list[structs.DiscoveryEntry]:
     """Read the discovery log the way a host must: header, then header + entries,
-    then the header again; if GENCTR moved the log changed under us, so start over."""
+    then the header again; if GENCTR moved the log changed under us, so start over.
+    ``tls_key``: through a secure port, with the PSK identity naming the discovery NQN."""
     ctrl = await connect(addr, port, spec.DISCOVERY_NQN, hostnqn=hostnqn, hostid=hostid,
-                         kato_ms=0, hdgst=hdgst, ddgst=ddgst, timeout=timeout)
+                         kato_ms=0, hdgst=hdgst, ddgst=ddgst, timeout=timeout,
+                         tls_key=tls_key)
     try:
         return await read_discovery_log(ctrl, retries=retries)
     finally:

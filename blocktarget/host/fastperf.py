@@ -73,6 +73,8 @@ def unsupported(cfg: PerfConfig) -> str | None:
     """Why ``cfg`` cannot run on the C engine (None: it can)."""
     if cfg.journal is not None:
         return "--journal runs on the Python engine"
+    if cfg.tls_key is not None:
+        return "--tls runs on the Python engine (the C loop reads the socket: ciphertext)"
     if not AVAILABLE:
         return "the C extension (blocktarget._fastpath) is not built"
     return None

@@ -278,6 +278,7 @@ class PerfConfig:
     # DH-HMAC-CHAP keys (DHHC-1:..); never part of the printed result
     dhchap_secret: str | None = field(default=None, repr=False)
     dhchap_ctrl_secret: str | None = field(default=None, repr=False)
+    tls_key: str | None = field(default=None, repr=False)  # NVMeTLSkey-1 text or its file
 
     def validate(self) -> None:
         if self.workload not in WORKLOADS:
@@ -425,6 +426,7 @@ class PerfResult:
         cfg.pop("hostnqn", None)
         cfg.pop("dhchap_secret", None)
         cfg.pop("dhchap_ctrl_secret", None)
+        cfg["tls"] = cfg.pop("tls_key", None) is not None  # whether, never the key
         ops = self.read.ops + self.write.ops
         return {
             "config": cfg, "elapsed_s": self.elapsed_s, "qd": self.qd,
@@ -799,7 +801,7 @@ async def _open(cfg: PerfConfig) -> tuple[Controller, int]:
     ctrl = await connect(cfg.addr, cfg.port, cfg.nqn, hostnqn=cfg.hostnqn, nr_io_queues=1,
                          queue_size=qsize, hdgst=cfg.hdgst, ddgst=cfg.ddgst,
                          dhchap_secret=cfg.dhchap_secret,
-                         dhchap_ctrl_secret=cfg.dhchap_ctrl_secret)
+                         dhchap_ctrl_secret=cfg.dhchap_ctrl_secret, tls_key=cfg.tls_key)
     return ctrl, ctrl.io_queue_size - 1
 
 

@@ -26,7 +26,7 @@ def port_id(addr: ListenAddress) -> int:
 
 
 def _entry(addr: ListenAddress, subtype: int, subnqn: str, asqsz: int,
-           local: str | None, treq: int = _TREQ) -> DiscoveryEntry:
+           local: str | None, treq: int = _TREQ, secure: bool = False) -> DiscoveryEntry:
     traddr = addr.traddr
     if traddr in ("0.0.0.0", "::") and local and (":" in local) == (addr.adrfam == "IPv6"):
         # A wildcard listener is reached at the address the host used (when that is of
@@ -43,8 +43,13 @@ def _entry(addr: ListenAddress, subtype: int, subnqn: str, asqsz: int,
         trsvcid=addr.trsvcid,
         traddr=traddr,
         subnqn=subnqn,
-        tsas=tcp_tsas(),
+        tsas=tcp_tsas(spec.TcpSecType.TLS13 if secure else spec.TcpSecType.NONE),
     )
+
+
+def _security(secure: bool) -> tuple[int, bool]:
+    """TREQ and whether TSAS says TLS 1.3: a secure listener takes TLS connections only."""
+    return (spec.Treq.SECURE_CHANNEL_REQUIRED if secure else _TREQ), secure
 
 
 def referral_entry(ref: dict[str, Any], asqsz: int) -> DiscoveryEntry:
@@ -64,13 +69,15 @@ def discovery_log(target: Target, hostnqn: str, asked_on: ListenAddress,
                   local_addr: str | None = None) -> bytes:
     opts = target.transports.get("TCP")
     asqsz = opts.max_aq_depth if opts else 128
+    secure = target.subsystems.secure
     entries = [_entry(asked_on, spec.SubsystemType.CURRENT_DISCOVERY, DISCOVERY_NQN, asqsz,
-                      local_addr)]
+                      local_addr, *_security(asked_on in secure))]
     for sub in target.subsystems:
         if not sub.host_allowed(hostnqn):
             continue
         for addr in sub.listeners:
-            entries.append(_entry(addr, spec.SubsystemType.NVME, sub.nqn, asqsz, local_addr))
+            entries.append(_entry(addr, spec.SubsystemType.NVME, sub.nqn, asqsz, local_addr,
+                                  *_security(addr in secure)))
     for ref in target.subsystems.referrals:
         entries.append(referral_entry(ref, asqsz))
     return build_discovery_log(target.subsystems.genctr, entries)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from . import auth_cmd, spec
+from . import auth_cmd, secure_channel, spec
 from .controller import Controller
 from .structs import (
     CONNECT_DATA_OFFSETS,
@@ -80,6 +80,11 @@ def connect(qp: Qpair, req: Request) -> None:
         return
     if not sub.host_allowed(data.hostnqn):
         log.warning("%s: host %s is not allowed to connect to %s", qp, data.hostnqn, sub.nqn)
+        req.complete(SC_INVALID_HOST)
+        return
+    problem = secure_channel.connect_problem(qp, sub, data.hostnqn)
+    if problem is not None:
+        log.warning("%s: Connect refused: %s", qp, problem)
         req.complete(SC_INVALID_HOST)
         return
     opts = qp.opts

@@ -271,6 +271,9 @@ class SubsystemRegistry:
         self.observers: list[ChangeObserver] = []
         self.referrals: list[dict[str, Any]] = []
         self.discovery = Subsystem(DISCOVERY_NQN, subtype="Discovery", allow_any_host=True)
+        # Listen addresses served with TLS only (secure_channel). One socket serves every
+        # subsystem on an address, so an address is secure for all of them or for none.
+        self.secure: set[ListenAddress] = set()
 
     def __iter__(self) -> Iterator[Subsystem]:
         return iter(list(self._subsystems.values()))
@@ -416,16 +419,29 @@ class SubsystemRegistry:
         self.changed("hosts_changed", subsys)
 
     # ---- listeners ----
-    def add_listener(self, subsys: Subsystem, addr: ListenAddress) -> None:
+    def add_listener(self, subsys: Subsystem, addr: ListenAddress, secure: bool = False) -> None:
         if addr in subsys.listeners:
             raise AlreadyExists(f"listener {addr} already exists in '{subsys.nqn}'")
+        self.check_secure(addr, secure)
         subsys.listeners.append(addr)
+        if secure:
+            self.secure.add(addr)
         self.changed("listener_added", subsys, addr)
+
+    def check_secure(self, addr: ListenAddress, secure: bool) -> None:
+        """An address already in use keeps its kind: a plain listener must not open up a
+        secure one (and a secure request must not silently get a plain socket)."""
+        if addr in self.all_listen_addresses() and (addr in self.secure) != secure:
+            have = "secure (TLS)" if addr in self.secure else "plain"
+            raise InvalidParams(f"listener {addr} is already {have} for other subsystems; "
+                                "one address is either secure or plain for all of them")
 
     def remove_listener(self, subsys: Subsystem, addr: ListenAddress) -> None:
         if addr not in subsys.listeners:
             raise NoSuchDevice(f"listener {addr} does not exist in '{subsys.nqn}'")
         subsys.listeners.remove(addr)
+        if addr not in self.all_listen_addresses():
+            self.secure.discard(addr)
         for key in [k for k in subsys.ana_states if k[0] == addr]:
             del subsys.ana_states[key]
         for key in [k for k in subsys.ana_group_chgcnt if k[0] == addr]:

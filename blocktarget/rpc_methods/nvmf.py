@@ -51,12 +51,30 @@ def nvmf_create_transport(target: Target, params: dict[str, Any]) -> bool:
 @method("nvmf_get_transports", Schema((Param("trtype", str), TGT)), in_config=False)
 def nvmf_get_transports(target: Target, params: dict[str, Any]) -> list[dict[str, Any]]:
     """List transports with their options."""
-    out = [t.describe() for t in target.transports.values()]
+    out = [_with_tls(target, t.describe()) for t in target.transports.values()]
     if params.get("trtype"):
         out = [t for t in out if t["trtype"].upper() == params["trtype"].upper()]
         if not out:
             raise NoSuchDevice(f"transport {params['trtype']} does not exist")
     return out
+
+
+def _with_tls(target: Target, d: dict[str, Any]) -> dict[str, Any]:
+    """The secure channel's state beside the TCP options (blocktarget's own field)."""
+    from .. import tls
+
+    d = dict(d)
+    d["tls"] = {
+        "available": tls.AVAILABLE,
+        # what new TLS connections get: kernel TLS when asked ("auto") and the kernel has
+        # it, else OpenSSL in user space; per connection in connections.record_layer_*
+        "record_layer": ("none" if not tls.AVAILABLE else "kernel" if (
+            d.get("tls_record_layer") == "auto" and tls.ktls_available()) else "user"),
+        "ktls_available": tls.ktls_available(),
+        "cipher_suites": tls.SUITES.split(":"),
+        "connections": target.tcp.tls_stats() if target.tcp is not None else {},
+    }
+    return d
 
 
 # ---- subsystems -------------------------------------------------------------
@@ -76,7 +94,8 @@ CREATE_SUBSYSTEM = Schema(
     extra_ok=frozenset({"passthrough", "enable_nssr"}),
 )
 
-
+# Why each security/durability option is refused (see params.Schema.refused).
+NO_PTPL = "reservations (and their persist-through-power-loss state) are not implemented"
 @method("nvmf_create_subsystem", CREATE_SUBSYSTEM, section="nvmf")
 def nvmf_create_subsystem(target: Target, params: dict[str, Any]) -> bool:
     """Create an NVM subsystem (empty: add namespaces, listeners and hosts after)."""
@@ -144,7 +163,8 @@ NS_SCHEMA = Schema(
         Param("anagrpid", int, check=positive),
         Param("no_auto_visible", bool, default=False),
     ),
-    extra_ok=frozenset({"ptpl_file", "hide_metadata"}),
+    extra_ok=frozenset({"hide_metadata"}),
+    refused={"ptpl_file": NO_PTPL},
 )
 
 
@@ -211,14 +231,20 @@ LISTENER_SCHEMA = Schema(
         Param("nqn", str, required=True),
         Param("listen_address", dict, required=True),
         TGT,
+        # SPDK's "ssl" implementation is its TLS socket (secure_channel says it here)
+        Param("sock_impl", str, choices=("posix", "uring", "ssl"),
+              help="SPDK's socket implementation; \"ssl\" means secure_channel"),
     ),
-    extra_ok=frozenset({"secure_channel", "ana_state", "anagrpid", "sock_impl"}),
+    extra_ok=frozenset({"ana_state", "anagrpid", "secure_channel"}),
 )
 ADD_LISTENER_SCHEMA = Schema(
     (*LISTENER_SCHEMA.params,
      Param("ana_state", str, choices=tuple(ANA_STATES),
-           help="initial ANA state of every group on this listener (default optimized)")),
-    extra_ok=frozenset({"secure_channel", "anagrpid", "sock_impl"}),
+           help="initial ANA state of every group on this listener (default optimized)"),
+     Param("secure_channel", bool, default=False,
+           help="TLS 1.3 with pre-shared keys only (hosts need a psk); plain ICReqs are "
+           "refused")),
+    extra_ok=frozenset({"anagrpid"}),
 )
 
 
@@ -234,8 +260,15 @@ async def nvmf_subsystem_add_listener(target: Target, params: dict[str, Any]) ->
     if state is not None and not sub.ana_reporting:
         raise InvalidParams(f"ANA reporting is disabled in '{sub.nqn}' "
                             "(create it with ana_reporting: true)")
+    secure = bool(params["secure_channel"]) or params.get("sock_impl") == "ssl"
+    if secure:
+        from .. import tls
+
+        if not tls.AVAILABLE:
+            raise InvalidParams(f"parameter 'secure_channel' cannot be served: {tls.WHY_NOT}")
+    target.subsystems.check_secure(addr, secure)
     await target.listen(addr)
-    target.subsystems.add_listener(sub, addr)
+    target.subsystems.add_listener(sub, addr, secure=secure)
     if state is not None:
         target.subsystems.set_ana_state(sub, addr, state)
     return True
@@ -267,7 +300,8 @@ def nvmf_subsystem_get_listeners(target: Target, params: dict[str, Any]) -> list
     """The subsystem's listeners in SPDK's shape, with each ANA group's state on each
     (`ana_states`, when ANA reporting is on)."""
     sub = _subsys(target, params["nqn"])
-    return [sub.describe_listener(addr) for addr in sub.listeners]
+    return [{**sub.describe_listener(addr), "secure_channel": addr in target.subsystems.secure}
+            for addr in sub.listeners]
 
 
 @method("nvmf_subsystem_remove_listener", LISTENER_SCHEMA, in_config=False)
@@ -287,7 +321,9 @@ async def nvmf_subsystem_remove_listener(target: Target, params: dict[str, Any])
     "nvmf_subsystem_add_host",
     Schema(
         (Param("nqn", str, required=True), Param("host", str, required=True, check=check_nqn),
-         TGT, Param("dhchap_key", str), Param("dhchap_ctrlr_key", str), Param("psk", str)),
+         TGT, Param("dhchap_key", str), Param("dhchap_ctrlr_key", str),
+         Param("psk", str, help="keyring key (NVMeTLSkey-1 interchange format) for TLS; the "
+               "host must then connect through a secure listener")),
     ),
     section="nvmf",
 )
@@ -298,11 +334,27 @@ def nvmf_subsystem_add_host(target: Target, params: dict[str, Any]) -> bool:
 
     sub = _subsys(target, params["nqn"])
     check_host_keys(target, params.get("dhchap_key"), params.get("dhchap_ctrlr_key"))
+    if params.get("psk") is not None:
+        check_psk(target, params["psk"])
     target.subsystems.add_host(
         sub, params["host"], dhchap_key=params.get("dhchap_key"),
         dhchap_ctrlr_key=params.get("dhchap_ctrlr_key"), psk=params.get("psk"),
     )
     return True
+
+
+def check_psk(target: Target, name: str) -> None:
+    """The key exists and is a TLS PSK in interchange format (the error never shows it)."""
+    from .. import tls
+    from ..nvme.tls_keys import ConfiguredPsk, TlsKeyError
+
+    if not tls.AVAILABLE:
+        raise InvalidParams(f"parameter 'psk' cannot be served: {tls.WHY_NOT}")
+    key = target.keyring.get(name)
+    try:
+        ConfiguredPsk.parse(key.material)
+    except TlsKeyError as exc:
+        raise InvalidParams(f"parameter 'psk': key '{name}': {exc}") from None
 
 
 @method(

@@ -61,12 +61,22 @@ def _names(kind: str, parse: Any) -> Any:
     return check
 
 
+def _match_any_only(value: list[Any]) -> str | None:
+    bad = [v for v in value if v != "match_any"]
+    return f"must be [\"match_any\"]: filters {bad} are not implemented" if bad else None
+
+
 @method(
     "nvmf_set_config",
     Schema(
         (Param("dhchap_digests", list, check=_names("digest", DhchapOptions.parse_digests)),
-         Param("dhchap_dhgroups", list, check=_names("dhgroup", DhchapOptions.parse_dhgroups))),
-        extra_ok=frozenset({"discovery_filter", "admin_cmd_passthru", "poll_groups_mask"}),
+         Param("dhchap_dhgroups", list, check=_names("dhgroup", DhchapOptions.parse_dhgroups)),
+         # SPDK's other filters hide entries from hosts; refused rather than ignored
+         Param("discovery_filter", str, choices=("match_any",),
+               help="every allowed host sees every listener of its subsystems"),
+         Param("discovery_filters", list, check=_match_any_only,
+               help="SPDK's newer list form of discovery_filter: only [\"match_any\"]")),
+        extra_ok=frozenset({"admin_cmd_passthru", "poll_groups_mask"}),
     ),
     section="nvmf",
 )

@@ -635,3 +635,32 @@ def test_unprivileged_user_mounts_through_fusermount3(running_target: Launcher,
         assert not seen["left_mounted"], seen
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_fuse_export_over_tls(running_target: Launcher, mnt: Path, tmp_path: Path,
+                              exports: list[FuseExport]) -> None:
+    """`fuse-export --tls --tls-key FILE` (issue 17 item 3): a secure listener only, fio
+    verify through the file; without the key the export refuses to start, saying why."""
+    from blocktarget.nvme.tls_keys import ConfiguredPsk
+
+    host = "nqn.2014-08.org.nvmexpress:uuid:f5e00000-0000-4000-8000-000000000001"
+    t, _plain = _malloc_target(running_target)
+    key = tmp_path / "psk"
+    key.write_text(ConfiguredPsk.generate(1).encode())
+    key.chmod(0o600)
+    secure = free_port()
+    t.rpc("keyring_file_add_key", name="psk0", path=str(key))
+    t.rpc("nvmf_subsystem_add_host", nqn=NQN, host=host, psk="psk0")
+    t.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address=listen_address(secure),
+          secure_channel=True)
+    e, f = _start(exports, secure, mnt, "-q", host, "--tls", "--tls-key", str(key))
+    r = _fio("--name=tls4k", f"--filename={f}", "--size=8m", "--rw=randwrite", "--bs=4k",
+             "--direct=1", "--ioengine=libaio", "--iodepth=8", "--verify=crc32c",
+             "--do_verify=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert e.stop() == 0, e.output()
+    assert t.rpc("nvmf_get_transports")[0]["tls"]["connections"]["established"] >= 2
+    bad = subprocess.run(blocktarget_cmd("fuse-export", "-a", "127.0.0.1", "-s", str(secure),
+                                         "-n", NQN, "-q", host, "--tls", str(mnt)),
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 1 and "--tls and --tls-key go together" in bad.stderr

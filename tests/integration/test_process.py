@@ -143,6 +143,26 @@ BAD_CONFIGS = {
     "bad_setting": (config(metric=True), "blocktarget: unknown setting 'metric'"),
     "bad_rpc_address": (config(rpc={"http": "nohost"}), "blocktarget.rpc.http: bad HTTP address"),
     "bad_log_level": (config(log_level="loud"), "blocktarget.log_level must be one of"),
+    # issue 17: a security or durability option is served as asked or refused
+    "secure_on_plain": (config([malloc("M0")], [
+        {"method": "nvmf_create_subsystem", "params": {"nqn": NQN}},
+        {"method": "nvmf_create_subsystem", "params": {"nqn": NQN + "2"}},
+        {"method": "nvmf_subsystem_add_listener", "params": {
+            "nqn": NQN, "listen_address": listen_address(4997)}},
+        {"method": "nvmf_subsystem_add_listener", "params": {
+            "nqn": NQN + "2", "secure_channel": True, "listen_address": listen_address(4997)}}]),
+        "subsystems[1].config[3] (nvmf_subsystem_add_listener): listener "),
+    "psk_missing": (config([malloc("M0")], [
+        {"method": "nvmf_create_subsystem", "params": {"nqn": NQN}},
+        {"method": "nvmf_subsystem_add_host", "params": {
+            "nqn": NQN, "host": "nqn.2014-08.org.nvmexpress:uuid:1", "psk": "key0"}}]),
+        "subsystems[1].config[1] (nvmf_subsystem_add_host): key 'key0' does not exist"),
+    "ptpl_file": (config([malloc("M0")], [
+        {"method": "nvmf_create_subsystem", "params": {"nqn": NQN}},
+        {"method": "nvmf_subsystem_add_ns", "params": {
+            "nqn": NQN, "namespace": {"bdev_name": "M0", "ptpl_file": "/tmp/ptpl"}}}]),
+        "subsystems[1].config[1] (nvmf_subsystem_add_ns): parameter 'ptpl_file' is not "
+        "supported"),
 }
 
 

@@ -22,7 +22,7 @@ import pytest
 from blocktarget import _fastpath_build as build
 
 ROOT = Path(__file__).resolve().parents[2]
-EXTENSIONS = ["_fastpath", "_uring", "_pmem"]
+EXTENSIONS = ["_fastpath", "_uring", "_pmem", "_tls"]
 # Mnemonics (AT&T, as objdump prints them) and registers of instruction sets beyond
 # x86-64-v2: AVX/AVX2/AVX-512 (VEX/EVEX: v-prefixed, ymm/zmm/k registers), BMI1/2,
 # LZCNT, MOVBE, FMA, F16C.

@@ -125,7 +125,8 @@ def test_this_tree() -> None:
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert {ln.split(":")[0] for ln in lines} == {
-        "blocktarget._fastpath", "blocktarget._uring", "blocktarget._pmem"}, lines
+        "blocktarget._fastpath", "blocktarget._uring", "blocktarget._pmem",
+        "blocktarget._tls"}, lines
     missing = [ln for ln in lines if not ln.endswith(": built")]
     if CI:
         assert not missing, f"CI=true: `make test` must have built every extension: {missing}"
