@@ -101,6 +101,9 @@ class Poller:
     name: str
     runs: int = 0
     work: int = 0
+    # the reactor's C socket poller reaps what this poller waits for (an NVMe queue pair
+    # registered with it): C may spin for it, the GIL released (nvme/netpoll.py)
+    c_reaped: bool = False
 
 
 @dataclass

@@ -117,6 +117,9 @@ class ReactorQueue:
         # lanes of connections that went away with I/O here: kept (their handles must
         # stay valid) until their last completion (fastlane.Lane.drain)
         self.zombies: set[Any] = set()
+        # the reactor's C socket poller (nvme/netpoll.NetPoller) once a lane whose
+        # socket it holds uses this queue: it reaps the lanes' completions (see poll)
+        self.net_poller: Any = None
         if cr is not None:
             cr.on_ready = self._lanes_ready
             cr.stats = reactor.stats if reactor is not None else None
@@ -144,14 +147,34 @@ class ReactorQueue:
         self._kick()
 
     def poll(self) -> int:
+        """The reactor's poller turn. While lane commands are at the device and the
+        reactor's C socket poller sweeps this queue, one call of it does the work, the
+        GIL released: it rings the doorbell, finishes the lent lanes' completions and
+        sends their replies, and stops at the first entry that is the Python path's,
+        which it then reaps here (reap_python). Otherwise (no lane I/O, no lent socket,
+        a suspended queue) the Python path reaps everything, the lane's completions
+        included (finished in C, drained through Lane.drain)."""
         q = self.q
-        q.flush_doorbell()
-        n = q.process_completions()
+        np = self.net_poller
+        ctx = self.lane_ctx
+        if np is not None and ctx.lane_inflight and not q.suspended:
+            before = ctx.c_reaped
+            np.poll()
+            n = ctx.c_reaped - before
+        else:
+            n = self.reap_python()
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK_INTERVAL_S
             self.owner.ctrlr.tick(self.q, now)
         return n
+
+    def reap_python(self) -> int:
+        """The Python poller's reap of the whole queue (bt_nvmeq_reap): its doorbell
+        rung, every completion taken, the lanes' finished in C."""
+        q = self.q
+        q.flush_doorbell()
+        return q.process_completions()
 
     def with_buffer(self, fn: Callable[[DmaBuffer], None]) -> None:
         """Run ``fn(buf)`` now, or when a buffer comes back (FIFO, so nothing starves)."""
@@ -570,6 +593,8 @@ class PcieController:
             del self.queues[key]
         for k in _COUNTERS:
             self._retired_counts[k] = self._retired_counts.get(k, 0) + getattr(rq, k)
+        if rq.net_poller is not None:
+            rq.net_poller.drop_nvmeq(rq)
         if rq.poller is not None and reactor is not None:
             reactor.unregister_poller(rq.poller)
             rq.poller = None

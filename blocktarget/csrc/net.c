@@ -366,6 +366,26 @@ void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u)
         }
 }
 
+int bt_net_add_nvmeq(struct bt_net *n, struct bt_nvmeq *q)
+{
+    for (uint32_t i = 0; i < n->nnvmeqs; i++)
+        if (n->nvmeqs[i] == q)
+            return 0;
+    if (n->nnvmeqs == sizeof(n->nvmeqs) / sizeof(n->nvmeqs[0]))
+        return -1;
+    n->nvmeqs[n->nnvmeqs++] = q;
+    return 0;
+}
+
+void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q)
+{
+    for (uint32_t i = 0; i < n->nnvmeqs; i++)
+        if (n->nvmeqs[i] == q) {
+            n->nvmeqs[i] = n->nvmeqs[--n->nnvmeqs];
+            return;
+        }
+}
+
 int bt_net_write(struct bt_conn *c, const unsigned char *p, size_t n)
 {
     if (n == 0)
@@ -541,7 +561,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->polls++;
     for (struct bt_conn *c = n->ready; c != NULL; c = c->next_ready)
         touched++;
-    while ((n->nconns || n->nrings) && touched + EVENTS <= max) {
+    while ((n->nconns || n->nrings || n->nnvmeqs) && touched + EVENTS <= max) {
         prev = t;
         int k = epoll_wait(n->epfd, ev, EVENTS, 0);
         if (k < 0 && errno != EINTR)
@@ -565,13 +585,15 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             serve(c, ev[i].events);
             after += c->pdus;
         }
-        int python = 0;
+        int python = 0, python_nvme = 0;
         unsigned reaped = 0;
         for (uint32_t r = 0; r < n->nrings; r++)
             reaped += be_uring_reap_lanes(n->rings[r], &python);
+        for (uint32_t r = 0; r < n->nnvmeqs; r++)
+            reaped += be_nvme_reap_lanes(n->nvmeqs[r], &python_nvme);
         t = now_ns();
-        if (python) {
-            n->python_cqe = 1;
+        if (python || python_nvme) {
+            n->python_cqe = (uint8_t)((python ? 1 : 0) | (python_nvme ? 2 : 0));
             break;  /* Python's own completions wait: its turn */
         }
         if (reaped)

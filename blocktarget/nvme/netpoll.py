@@ -25,6 +25,15 @@ each other. Flow control is the transport's: output beyond its high mark stops r
 until it drains to the low mark, and the queue pair hears of both as pause_writing and
 resume_writing (its stall watch closes a connection whose host never reads).
 
+The lanes' asynchronous backends are reaped here too, so that a lent lane's completion
+is answered in the same GIL-free call: io_uring rings (woken by their eventfds) and the
+reactor's NVMe queue pairs (polled: each round of a call rings the queue's pending
+doorbell and sweeps its CQ; the reactor's Python poller for the queue, while lane
+commands are at the device, just calls this poller). Whatever is not a lent lane's (the
+Python path's own I/O, a lane Python runs or one closed with I/O in flight) stops C's
+sweep there, and Python reaps from that entry on, as before. A suspended (resetting) or
+dead queue is Python's alone (csrc/bt_nvme.h has the ownership rule).
+
 The transport option ``c_net_poll`` (default true) switches this off: the lane still
 runs, called from ``data_received`` as before.
 """
@@ -71,7 +80,8 @@ def eligible(qp: Qpair) -> bool:
 class NetPoller:
     """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
 
-    __slots__ = ("reactor", "n", "budget", "conns", "rings", "_ready", "_nready", "_closing")
+    __slots__ = ("reactor", "n", "budget", "conns", "rings", "nvmeqs", "_ready", "_nready",
+                 "_closing")
 
     def __init__(self, reactor: Reactor, budget: Any) -> None:
         n = lib.bt_net_new()
@@ -82,6 +92,7 @@ class NetPoller:
         self.budget = budget
         self.conns = 0
         self.rings: list[Any] = []  # io_uring rings (bdevs/uring._Ring) it reaps too
+        self.nvmeqs: list[Any] = []  # NVMe queue pairs (bdevs/nvme_pcie.ReactorQueue), too
         self._ready = ffi.new("void *[]", MAX_READY)
         self._nready = ffi.new("unsigned *")
         self._closing = False
@@ -110,9 +121,9 @@ class NetPoller:
         # holding the GIL, as long as the reactor would spin anyway (poll_mode) and no
         # poller but a ring's (which C reaps) waits its turn.
         spin = 0
-        if r.spin_on_io and all(p.name == "uring" for p in r.pollers):
-            # (the rings' lane completions are reaped in C too, and it returns at the
-            # first of Python's)
+        if r.spin_on_io and all(p.name == "uring" or p.c_reaped for p in r.pollers):
+            # (the rings' and queue pairs' lane completions are reaped in C too, and it
+            # returns at the first of Python's)
             spin = r.busy_poll_us * 1000
         idle0, cpu0 = n.idle_ns, n.cpu_ns
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
@@ -121,10 +132,15 @@ class NetPoller:
         st.net_polls += 1
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
-        if n.python_cqe:  # (C stopped at a completion of Python's own I/O)
+        python = n.python_cqe
+        if python:  # (C stopped at a completion of Python's own I/O)
             n.python_cqe = 0
-            for ring in self.rings:
-                ring.reap()
+            if python & 1:
+                for ring in self.rings:
+                    ring.reap()
+            if python & 2:
+                for rq in self.nvmeqs:
+                    rq.reap_python()
         ready = self._ready
         qps = [ffi.from_handle(ready[i]) for i in range(self._nready[0])]
         # first what every lane did (the reactor's budget above all: a connection handed
@@ -167,6 +183,29 @@ class NetPoller:
                 if ring.efd >= 0 and loop is not None:
                     loop.remove_reader(ring.efd)
 
+    def add_nvmeqs(self, lane: Any) -> None:
+        """The poller sweeps the lane's NVMe queue pairs too (see the module doc)."""
+        for rq in lane.nvmeqs:
+            ctx = rq.lane_ctx
+            if ctx is None or rq.net_poller is not None:
+                continue
+            if lib.bt_net_add_nvmeq(self.n, ctx) == 0:
+                rq.net_poller = self
+                if rq.poller is not None:
+                    rq.poller.c_reaped = True
+                self.nvmeqs.append(rq)
+
+    def drop_nvmeq(self, rq: Any) -> None:
+        """``rq`` goes away, or the poller does: its reactor's Python poller alone reaps
+        it again."""
+        if rq in self.nvmeqs:
+            self.nvmeqs.remove(rq)
+        if self.n is not None:
+            lib.bt_net_drop_nvmeq(self.n, rq.lane_ctx)
+        rq.net_poller = None
+        if rq.poller is not None:
+            rq.poller.c_reaped = False
+
     def drop_ring(self, ring: Any) -> None:
         """``ring`` goes away, or the poller does: the event loop watches its eventfd
         again."""
@@ -193,6 +232,8 @@ class NetPoller:
             return
         for ring in list(self.rings):
             self.drop_ring(ring)
+        for rq in list(self.nvmeqs):
+            self.drop_nvmeq(rq)
         n, self.n = self.n, None
         loop = self.reactor.loop
         if loop is not None and not loop.is_closed():
@@ -230,6 +271,8 @@ def try_lend(qp: Qpair) -> None:
         return
     if lane.urings:
         poller.add_rings(lane)
+    if lane.nvmeqs:
+        poller.add_nvmeqs(lane)
     t.pause_reading()
     qp._net = conn
     qp._net_seen = [0, 0]
