@@ -161,8 +161,10 @@ class ReactorQueue:
             before = ctx.c_reaped
             np.poll()
             n = ctx.c_reaped - before
-        else:
+        elif q.outstanding:
             n = self.reap_python()
+        else:
+            n = 0  # (nothing at the device: nothing to reap; a stray entry waits)
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK_INTERVAL_S

@@ -575,7 +575,8 @@ class Lane:
                 b.high_water = b.used
         started = now[7] != seen[7]
         self._seen[:] = now
-        self._fold(done, elapsed)
+        if done:  # (the namespaces' counters move only with a command done)
+            self._fold(done, elapsed)
         if c.out_len or c.nchunks:
             if qp._net is not None:  # (the socket is lent to C: sent from there)
                 lib.bt_net_flush(qp._net)

@@ -58,6 +58,9 @@ MAX_READY = 1024  # connections reported per poll call
 BUDGET_NS = 500_000
 RETRY_S = 0.001  # how soon lending is tried again while the transport has output
 CHUNKS = 64
+# Whether the poller sweeps the lanes' NVMe queue pairs (False: the reactor's Python
+# poller reaps them, as before; bench/nvme_hotpath.py's baseline)
+SWEEP_NVME = True
 
 
 def eligible(qp: Qpair) -> bool:
@@ -271,7 +274,7 @@ def try_lend(qp: Qpair) -> None:
         return
     if lane.urings:
         poller.add_rings(lane)
-    if lane.nvmeqs:
+    if lane.nvmeqs and SWEEP_NVME:
         poller.add_nvmeqs(lane)
     t.pause_reading()
     qp._net = conn
