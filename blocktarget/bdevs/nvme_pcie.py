@@ -75,7 +75,8 @@ MAX_WZ_BLOCKS = 1 << 16  # NLB is a 16-bit 0's based field
 MAX_DSM_RANGE_BLOCKS = 0xFFFFFFFF
 # data_path counters (driver_specific), kept per queue and summed
 _COUNTERS = ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes",
-             "rx_direct_bytes", "rx_copied_bytes", "lane_reads", "lane_writes")
+             "rx_direct_bytes", "rx_copied_bytes", "lane_reads", "lane_writes",
+             "lane_c_reaped")
 
 
 # ---------------------------------------------------------------------------
@@ -134,6 +135,12 @@ class ReactorQueue:
     def lane_writes(self) -> int:
         """Writes the C lane sent (their data received or copied into DMA memory once)."""
         return int(self.lane_ctx.lane_writes) if self.lane_ctx is not None else 0
+
+    @property
+    def lane_c_reaped(self) -> int:
+        """The lane's completions reaped by the reactor's C socket poller (finished and
+        answered in its GIL-free call); the rest were the Python poller's reaps."""
+        return int(self.lane_ctx.c_reaped) if self.lane_ctx is not None else 0
 
     def _lanes_ready(self, lanes: list[Any]) -> None:
         for lane in lanes:

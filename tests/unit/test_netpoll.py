@@ -526,6 +526,8 @@ def test_nvme_lane_completions_are_reaped_by_the_c_poller() -> None:
         p.check()
         assert ctx.lane_reaped - lane0 == 24
         assert ctx.c_reaped - c0 == 24  # (the Python poller's reap took none of them)
+        dp = rq.owner.data_path_counters()
+        assert dp["lane_c_reaped"] == ctx.c_reaped  # (bdev_get_bdevs shows it)
         assert _lent(p) and ctx.lane_inflight == 0 and ctx.bufs_out == 0
     finally:
         p.close()
