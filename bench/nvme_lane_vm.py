@@ -91,9 +91,10 @@ for mode in $MODES; do
   else
     lane=$([ $mode = python ] && echo false || echo true)
     netpoll=$([ $mode = nonet ] && echo false || echo true)
+    pollmode=$([ $mode = lanebusy ] && echo busy || echo adaptive)
     $BT setup --pci $BDF --hugemem 64 > /dev/null
-    sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/" \
-        cfg.json.in > cfg.json
+    sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/;
+         s/@POLLMODE@/$pollmode/" cfg.json.in > cfg.json
     $BT start -c cfg.json > target-$mode.log 2>&1 &
     TPID=$!
     for i in $(seq 1 600); do [ -S $SOCK ] && break; sleep 0.1; done
@@ -142,7 +143,7 @@ with RpcClient(unix=sys.argv[1], timeout=60) as c:
 def _config() -> str:
     cfg = {
         "blocktarget": {"cores": [0], "rpc": {"unix": "@SOCK@", "http": None},
-                        "metrics": False},
+                        "metrics": False, "poll": {"mode": "@POLLMODE@"}},
         "subsystems": [
             {"subsystem": "bdev", "config": [
                 {"method": "bdev_nvme_attach_controller",
@@ -204,6 +205,7 @@ def run(seconds: float, reps: int, modes: tuple[str, ...] = MODES,
 
 LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python path (VFIO)",
           "nonet": "blocktarget, C lane without the C poller (VFIO)",
+          "lanebusy": "blocktarget, C lane, poll mode busy (VFIO)",
           "kernel": "Linux nvmet-tcp + nvme driver"}
 
 
@@ -220,7 +222,8 @@ def main() -> int:
                     help="blocktarget's lane against the kernel's nvmet-tcp over its nvme "
                          "driver, same controller")
     ap.add_argument("--modes", help="comma separated, in the order they alternate: lane, "
-                    "python (c_fast_path false), nonet (c_net_poll false), kernel")
+                    "python (c_fast_path false), nonet (c_net_poll false), lanebusy (poll "
+                    "mode busy: the reactor never sleeps), kernel")
     args = ap.parse_args()
     modes, workloads = (KERNEL_MODES, KERNEL_WORKLOADS) if args.vs_kernel else (MODES, WORKLOADS)
     if args.modes:
@@ -244,17 +247,21 @@ def main() -> int:
             share = f"{med['lane_share']:.0%}" if mode != "kernel" else "-"
             print(f"| {bs} {rw} QD{qd} | {LABELS[mode]} | {med['iops']:,.0f} ({runs}) | "
                   f"{med['lat_us']:.0f} | {own} | {med['sys_us_per_io']:.0f} | {share} |")
-    if "lane" in modes and "kernel" in modes:
-        print("\n| workload | IOPS lane / kernel | mean latency lane / kernel "
-              "| guest CPU per I/O lane / kernel |")
-        print("|---|---|---|---|")
+    if "kernel" in modes:
+        print("\n| workload | blocktarget mode | IOPS / kernel's | mean latency / kernel's "
+              "| guest CPU per I/O / kernel's |")
+        print("|---|---|---|---|---|")
         for rw, bs, qd in workloads:
             m = {mode: _median([r for r in rows if r["rw"] == rw and r["bs"] == bs
                                 and r["qd"] == qd and r["mode"] == mode]) for mode in modes}
-            a, k = m["lane"], m["kernel"]
-            print(f"| {bs} {rw} QD{qd} | {a['iops'] / k['iops']:.2f} | "
-                  f"{a['lat_us'] / k['lat_us']:.2f} | "
-                  f"{a['sys_us_per_io'] / k['sys_us_per_io']:.2f} |")
+            k = m["kernel"]
+            for mode in modes:
+                if mode == "kernel":
+                    continue
+                a = m[mode]
+                print(f"| {bs} {rw} QD{qd} | {mode} | {a['iops'] / k['iops']:.2f} | "
+                      f"{a['lat_us'] / k['lat_us']:.2f} | "
+                      f"{a['sys_us_per_io'] / k['sys_us_per_io']:.2f} |")
     return 0
 
 
