@@ -156,7 +156,8 @@ class ReactorQueue:
     def poll(self) -> int:
         """The reactor's poller turn. While lane commands are at the device and the
         reactor's C socket poller sweeps this queue, one call of it does the work, the
-        GIL released: it rings the doorbell, finishes the lent lanes' completions and
+        GIL released (a sweep, or a whole poll with its spinning when the reactor
+        spins): it rings the doorbell, finishes the lent lanes' completions and
         sends their replies, and stops at the first entry that is the Python path's,
         which it then reaps here (reap_python). Otherwise (no lane I/O, no lent socket,
         a suspended queue) the Python path reaps everything, the lane's completions
@@ -166,7 +167,10 @@ class ReactorQueue:
         ctx = self.lane_ctx
         if np is not None and ctx.lane_inflight and not q.suspended:
             before = ctx.c_reaped
-            np.poll()
+            if self.reactor is not None and self.reactor.spin_on_io:
+                np.poll()  # (it waits for the device, the GIL released, as the loop would)
+            else:
+                np.reap()
             n = ctx.c_reaped - before
         elif q.outstanding:
             n = self.reap_python()

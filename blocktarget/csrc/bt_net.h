@@ -122,6 +122,11 @@ void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u);
 int bt_net_add_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
 /* The queue pair goes away, or its reactor's Python poller takes it back. */
 void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
+/* One sweep of the NVMe queue pairs alone, as a round of bt_net_poll makes it, without
+   polling the sockets (no system call but the replies' sends): the reactor's poller
+   turn while lane commands are at a device and the reactor does not spin. Reports the
+   connections as bt_net_poll does; returns the entries consumed. */
+unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready);
 /* Serve the attached connections: receive, run the lanes, send, until none has
    anything to do (or after budget_ns, or once spin_ns passed with nothing to do). The
    connections that did anything or have events go to ready (their handles; up to max,

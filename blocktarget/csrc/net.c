@@ -550,6 +550,20 @@ static void serve(struct bt_conn *c, uint32_t events)
     c->busy_ns += now_ns() - t0;
 }
 
+/* the connections to report to Python (up to max handles; the rest stay) */
+static unsigned take_ready(struct bt_net *n, void **ready, unsigned max)
+{
+    unsigned k = 0;
+    while (n->ready != NULL && k < max) {
+        struct bt_conn *c = n->ready;
+        n->ready = c->next_ready;
+        c->next_ready = NULL;
+        c->on_ready = 0;
+        ready[k++] = c->handle;
+    }
+    return k;
+}
+
 uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
                      uint64_t budget_ns, uint64_t spin_ns)
 {
@@ -610,14 +624,18 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->cpu_ns += cpu;
     /* (idle was measured in wall time: the same share of the CPU time) */
     n->idle_ns += wall ? (uint64_t)((double)idle * (double)cpu / (double)wall) : 0;
-    unsigned k = 0;
-    while (n->ready != NULL && k < max) {
-        struct bt_conn *c = n->ready;
-        n->ready = c->next_ready;
-        c->next_ready = NULL;
-        c->on_ready = 0;
-        ready[k++] = c->handle;
-    }
-    *nready = k;
+    *nready = take_ready(n, ready, max);
     return after - before;
+}
+
+unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready)
+{
+    int python = 0;
+    unsigned reaped = 0;
+    for (uint32_t r = 0; r < n->nnvmeqs; r++)
+        reaped += be_nvme_reap_lanes(n->nvmeqs[r], &python);
+    if (python)
+        n->python_cqe |= 2;
+    *nready = take_ready(n, ready, max);
+    return reaped;
 }

@@ -41,6 +41,7 @@ runs, called from ``data_received`` as before.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import fastlane
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ffi, lib = fastlane.ffi, fastlane.lib
+_now_ns = time.perf_counter_ns
 AVAILABLE = fastlane.AVAILABLE and hasattr(lib, "bt_net_new")
 MAX_READY = 1024  # connections reported per poll call
 # One call's time bound: the reactor's Python (timers, the admin queue, other sockets)
@@ -135,6 +137,29 @@ class NetPoller:
         st.net_polls += 1
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
+        self._after(n)
+        if pdus and r.spin_on_io:
+            # the reactor's busy-poll window runs from the last work C saw, part of
+            # which C already spent spinning: the event loop must not spin it again
+            r.note_io()
+            r._last_work_ns -= n.tail_idle_ns
+
+    def reap(self) -> None:
+        """Sweep the NVMe queue pairs alone (bt_net_reap: no socket polled, no system
+        call but the replies' sends): the reactor's poller turn for a queue with lane
+        commands at the device, when the reactor does not spin (poll() does, the GIL
+        released, when it would)."""
+        n = self.n
+        if n is None:
+            return
+        t0 = _now_ns()
+        lib.bt_net_reap(n, self._ready, MAX_READY, self._nready)
+        self.reactor.stats.gil_released_ns += _now_ns() - t0
+        self._after(n)
+
+    def _after(self, n: Any) -> None:
+        """After a C call: Python's own completions it stopped at, then what each
+        reported connection's lane did, then their events."""
         python = n.python_cqe
         if python:  # (C stopped at a completion of Python's own I/O)
             n.python_cqe = 0
@@ -155,11 +180,6 @@ class NetPoller:
                 except Exception:  # one connection's trouble must not strand the others
                     log.exception("%s: after the C poller", qp)
                     qp.close("internal error after the C poller")
-        if pdus and r.spin_on_io:
-            # the reactor's busy-poll window runs from the last work C saw, part of
-            # which C already spent spinning: the event loop must not spin it again
-            r.note_io()
-            r._last_work_ns -= n.tail_idle_ns
 
     def lend(self, qp: Qpair) -> Any:
         """Attach ``qp``'s socket and lane; the bt_conn, or None when C cannot take it."""
