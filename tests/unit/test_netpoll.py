@@ -508,16 +508,30 @@ def _stop_fakes() -> None:
         _FAKES.pop().stop()
 
 
-def test_nvme_lane_completions_are_reaped_by_the_c_poller() -> None:
+@pytest.mark.parametrize("mode", ["event", "adaptive"])
+def test_nvme_lane_completions_are_reaped_by_the_c_poller(mode: str,
+                                                         monkeypatch: Any) -> None:
     """With the socket lent, the reactor's C poller sweeps the NVMe queue pairs: every
     lane completion is finished and answered in C (none by the Python poller's reap),
-    the bytes and state the Python path's."""
+    the bytes and state the Python path's. A reactor that does not spin sweeps in its
+    poller turn (bt_net_reap); a spinning one polls, and C waits for the device."""
+    sweeps = [0]
+    reap = netpoll.NetPoller.reap
+
+    def counted(self: Any) -> None:
+        sweeps[0] += 1
+        reap(self)
+
+    monkeypatch.setattr(netpoll.NetPoller, "reap", counted)
     p = _nvme_pair()
     try:
+        p.fast.reactor.set_poll_mode(mode)
+        assert p.fast.reactor.spin_on_io == (mode == "adaptive")
         rq = _nvme_side_queue(p)
         ctx = rq.lane_ctx
         assert rq.net_poller is p.fast.reactor.net_poller and rq.poller.c_reaped
         lane0, c0 = ctx.lane_reaped, ctx.c_reaped
+        sweeps[0] = 0
         # (24: within the lane's 31 command ids of the 64-entry queue, or the rest of the
         # batch would be the Python path's)
         stream = b"".join(rd(i, 2, i % 90, 1 + i % 3) if i % 2 else wr(i, 2, i % 90, 1)
@@ -528,6 +542,8 @@ def test_nvme_lane_completions_are_reaped_by_the_c_poller() -> None:
         assert ctx.c_reaped - c0 == 24  # (the Python poller's reap took none of them)
         dp = rq.owner.data_path_counters()
         assert dp["lane_c_reaped"] == ctx.c_reaped  # (bdev_get_bdevs shows it)
+        # (the poller turn swept (reap) only where the reactor does not spin)
+        assert (sweeps[0] > 0) == (mode == "event"), sweeps
         assert _lent(p) and ctx.lane_inflight == 0 and ctx.bufs_out == 0
     finally:
         p.close()
