@@ -91,10 +91,13 @@ for mode in $MODES; do
   else
     lane=$([ $mode = python ] && echo false || echo true)
     netpoll=$([ $mode = nonet ] && echo false || echo true)
-    pollmode=$([ $mode = lanebusy ] && echo busy || echo adaptive)
+    pollmode=adaptive; busy=200; idle=1000
+    if [ $mode = lanebusy ]; then pollmode=busy; fi
+    # (no spinning at all: the reactor polls the queue every 50 us, sleeping between)
+    if [ $mode = lanenospin ]; then pollmode=event; busy=0; idle=50; fi
     $BT setup --pci $BDF --hugemem 64 > /dev/null
     sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/;
-         s/@POLLMODE@/$pollmode/" cfg.json.in > cfg.json
+         s/@POLLMODE@/$pollmode/; s/@BUSY@/$busy/; s/@IDLE@/$idle/" cfg.json.in > cfg.json
     $BT start -c cfg.json > target-$mode.log 2>&1 &
     TPID=$!
     for i in $(seq 1 600); do [ -S $SOCK ] && break; sleep 0.1; done
@@ -143,7 +146,9 @@ with RpcClient(unix=sys.argv[1], timeout=60) as c:
 def _config() -> str:
     cfg = {
         "blocktarget": {"cores": [0], "rpc": {"unix": "@SOCK@", "http": None},
-                        "metrics": False, "poll": {"mode": "@POLLMODE@"}},
+                        "metrics": False,
+                        "poll": {"mode": "@POLLMODE@", "busy_us": "@BUSY@",
+                                 "idle_us": "@IDLE@"}},
         "subsystems": [
             {"subsystem": "bdev", "config": [
                 {"method": "bdev_nvme_attach_controller",
@@ -163,8 +168,10 @@ def _config() -> str:
             ]},
         ],
     }  # fmt: skip
-    return json.dumps(cfg, indent=1).replace('"@LANE@"', "@LANE@").replace(
-        '"@NETPOLL@"', "@NETPOLL@")
+    text = json.dumps(cfg, indent=1)
+    for key in ("LANE", "NETPOLL", "BUSY", "IDLE"):  # (JSON booleans and numbers)
+        text = text.replace(f'"@{key}@"', f"@{key}@")
+    return text
 
 
 def run(seconds: float, reps: int, modes: tuple[str, ...] = MODES,
@@ -206,6 +213,7 @@ def run(seconds: float, reps: int, modes: tuple[str, ...] = MODES,
 LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python path (VFIO)",
           "nonet": "blocktarget, C lane without the C poller (VFIO)",
           "lanebusy": "blocktarget, C lane, poll mode busy (VFIO)",
+          "lanenospin": "blocktarget, C lane, no spinning, polled every 50 us (VFIO)",
           "kernel": "Linux nvmet-tcp + nvme driver"}
 
 
@@ -223,7 +231,8 @@ def main() -> int:
                          "driver, same controller")
     ap.add_argument("--modes", help="comma separated, in the order they alternate: lane, "
                     "python (c_fast_path false), nonet (c_net_poll false), lanebusy (poll "
-                    "mode busy: the reactor never sleeps), kernel")
+                    "mode busy: the reactor never sleeps), lanenospin (poll mode event, "
+                    "no busy window, the queue polled every 50 us), kernel")
     args = ap.parse_args()
     modes, workloads = (KERNEL_MODES, KERNEL_WORKLOADS) if args.vs_kernel else (MODES, WORKLOADS)
     if args.modes:
