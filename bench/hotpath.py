@@ -11,7 +11,7 @@ hot-path change, and vs_spdk.py for the whole figure.
 
     .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096] [--write]
         [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|pmem|nvme]
-        [--pmem-python-engine]
+        [--pmem-python-engine] [--socket [--spin]]
 
 `--backend` puts another bdev behind the namespace: null, a split part of a malloc bdev,
 or a uring bdev on a file in /dev/shm (tmpfs: the page cache is the device) or on the
@@ -44,7 +44,9 @@ poller keeps polling, the GIL released, for the reactor's busy-poll window after
 last work instead of returning at once, so a batch's NVMe completions are reaped in the
 call that submitted it; the fake device then runs in a thread of its own (as hardware
 does, its time not the reactor thread's), and the poller's spinning with nothing to do
-(its idle_ns, as bench/dataplane.py's "C spin") is subtracted from the figure.
+(its idle_ns, as bench/dataplane.py's "C spin") is subtracted from the figure. The
+device model, in Python, posts completions one at a time, so each sweep then answers one
+command with a send of its own: a cost of the model's pace, not of a device's.
 """
 
 from __future__ import annotations
