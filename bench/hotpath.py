@@ -11,7 +11,7 @@ hot-path change, and vs_spdk.py for the whole figure.
 
     .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096] [--write]
         [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|pmem|nvme]
-        [--pmem-python-engine]
+        [--pmem-python-engine] [--socket [--spin]]
 
 `--backend` puts another bdev behind the namespace: null, a split part of a malloc bdev,
 or a uring bdev on a file in /dev/shm (tmpfs: the page cache is the device) or on the
@@ -35,6 +35,22 @@ driver's DMA memory in 4 KiB pages behind a fake IOMMU). The device runs in no t
 its own: the loop gives it its turn (service()) between reactor turns, untimed, so the
 figure is the target's CPU per command (the lane's SQEs, doorbell, CQ polling, or the
 Python path's), the device's excluded; the clock is the reactor thread's.
+
+`--socket` serves the I/O queue pair over a real loopback TCP connection instead of
+feeding `data_received`: the queue pair lends its socket to the reactor's C poller
+(csrc/net.c) as in the target, so the figure is the steady state of a served
+connection: the poller's receive, lane and send calls, the NVMe queue pairs' sweep by the
+poller, and the Python glue between them; the kernel's socket work on the reactor's
+thread is in it (the host's side, in the same thread, is not: only the event loop's
+turns are timed, with the thread's CPU clock). Reads and in-capsule writes.
+`--spin` runs the reactor as the target does by default (poll mode "adaptive"): the C
+poller keeps polling, the GIL released, for the reactor's busy-poll window after its
+last work instead of returning at once, so a batch's NVMe completions are reaped in the
+call that submitted it; the fake device then runs in a thread of its own (as hardware
+does, its time not the reactor thread's), and the poller's spinning with nothing to do
+(its idle_ns, as bench/dataplane.py's "C spin") is subtracted from the figure. The
+device model, in Python, posts completions one at a time, so each sweep then answers one
+command with a send of its own: a cost of the model's pace, not of a device's.
 """
 
 from __future__ import annotations
@@ -230,6 +246,104 @@ def connect(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor, a
     return qp
 
 
+def _nothing() -> None:
+    pass
+
+
+class HostSocket:
+    """The host's end of a loopback connection whose target end a Qpair serves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, qp: Qpair) -> None:
+        import socket
+
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        host = socket.create_connection(lsock.getsockname())
+        srv, _ = lsock.accept()
+        lsock.close()
+        for sk in (host, srv):  # (a batch of writes in one send; no blocking)
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        host.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host.setblocking(False)
+        self.sock = host
+        self.loop = loop
+        self.got = 0
+        loop.run_until_complete(loop.connect_accepted_socket(lambda: qp, srv))
+
+    def send(self, data: bytes) -> None:
+        mv = memoryview(data)
+        while mv:
+            try:
+                n = self.sock.send(mv)
+            except BlockingIOError:
+                self.turn()
+                continue
+            mv = mv[n:]
+
+    def pull(self) -> int:
+        """Bytes received since the last call (nothing kept: the host drops them)."""
+        n = 0
+        while True:
+            try:
+                b = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return n
+            if not b:
+                raise ConnectionError("the target closed the connection")
+            n += len(b)
+
+    def turn(self) -> None:
+        """One iteration of the event loop, as a running loop makes it (asyncio's own
+        step: no run_forever()/stop() around each, whose start-up per call is not the
+        target's cost and would weigh on a backend that needs two turns per batch)."""
+        once = getattr(self.loop, "_run_once", None)
+        if once is None:  # (another loop: one run_forever() per turn)
+            self.loop.call_soon(self.loop.stop)
+            self.loop.run_forever()
+            return
+        self.loop.call_soon(_nothing)  # (a turn that never blocks in epoll)
+        asyncio.events._set_running_loop(self.loop)
+        try:
+            once()
+        finally:
+            asyncio.events._set_running_loop(None)
+
+    serve_devices = True  # (False: the devices run in threads of their own)
+
+    def exchange(self, data: bytes, expect: int, timed: list[float]) -> None:
+        """Send ``data``, run the loop until ``expect`` bytes came back (the loop's turns
+        timed with the thread's CPU clock, the fake devices served between them)."""
+        self.send(data)
+        clock = time.thread_time
+        got = 0
+        deadline = time.monotonic() + 30
+        while got < expect:
+            c0 = clock()
+            self.turn()
+            timed[0] += clock() - c0
+            got += self.pull()
+            if self.serve_devices:
+                for dev in FAKE_DEVICES:
+                    dev.service()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the host got {got} of {expect} bytes")
+
+
+def connect_socket(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor,
+                   addr: Any, cntlid: int) -> tuple[Qpair, HostSocket]:
+    """The I/O queue pair over a loopback socket (see --socket)."""
+    qp = Qpair(target, reactor, addr)
+    host = HostSocket(loop, qp)
+    timed = [0.0]
+    host.exchange(wire(pdu.ICReq(), qp), 128, timed)
+    host.exchange(wire(pdu.CapsuleCmd(build_connect_sqe(1, 1, 127, 0), build_connect_data(
+        HOSTID, cntlid, NQN, HOSTNQN)), qp), 24, timed)
+    assert qp.ctrl is not None, "connect failed"
+    return qp, host
+
+
 def deliver(qp: Qpair, data: bytes, reads: int, copy: bool) -> None:
     """Hand ``data`` to the queue pair as the event loop would: whole (``reads`` 0), or
     in socket reads of ``reads`` bytes, each either read into the queue pair's receive
@@ -295,7 +409,8 @@ def _settle(loop: asyncio.AbstractEventLoop, io: Qpair, reactor: Reactor,
 
 def run(ops: int, batch: int, size: int, write: bool, digests: bool,
         lane: bool = True, reads: int = 0, copy: bool = False,
-        backend: str = "malloc", loop_kind: str = "asyncio") -> dict[str, float]:
+        backend: str = "malloc", loop_kind: str = "asyncio", sock: bool = False,
+        spin: bool = False) -> dict[str, float]:
     if tune_allocator is not None:
         tune_allocator()  # as ReactorPool.start() does in the target
     if loop_kind == "uvloop":
@@ -315,6 +430,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool,
     elif backend == "pmem":
         workdir = tempfile.mkdtemp(prefix="bt-hotpath-", dir="/dev/shm")
     try:
+        if sock:
+            return _run_socket(loop, ops, batch, size, write, lane, backend, workdir, spin)
         return _run(loop, ops, batch, size, write, digests, lane, reads, copy, backend, workdir)
     finally:
         if workdir:
@@ -415,6 +532,77 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
             "sys_us": sys_s * 1e6 / n}
 
 
+def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int,
+                write: bool, lane: bool, backend: str, workdir: str,
+                spin: bool = False) -> dict[str, float]:
+    """--socket: the steady state of a connection served by the reactor's C poller."""
+    if not lane:
+        raise SystemExit("--socket measures the C poller: not with --python-path")
+    target, reactor, addr = setup(loop, False, backend, workdir)
+    if spin:
+        reactor.set_poll_mode("adaptive")
+        for dev in FAKE_DEVICES:
+            dev.POLL_S = 0.00002
+            dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
+            dev.thread.start()
+    admin = connect(loop, target, reactor, addr, 0, spec.CNTLID_DYNAMIC, False)
+    io, host = connect_socket(loop, target, reactor, addr, admin.ctrl.cntlid)  # type: ignore[union-attr]
+    host.serve_devices = not spin
+    nlb = size // 4096
+    opcode = spec.IoOpcode.WRITE if write else spec.IoOpcode.READ
+    if write and size > io.icd_limit:
+        raise SystemExit("--socket: writes in capsule only (up to the ICD limit)")
+    chunk = b"".join(
+        wire(pdu.CapsuleCmd(build_sqe(opcode, cid, 1, flags=PSDT_SGL, sgl_len=size,
+                                      sgl_id=spec.SGL_ID_INCAPSULE if write
+                                      else spec.SGL_ID_TRANSPORT,
+                                      cdw10=(cid * 7919 * nlb) % (BLOCKS - nlb), cdw12=nlb - 1),
+                            bytes([cid & 0xFF]) * size if write else b""), io)
+        for cid in range(batch))
+    # what the host gets per batch: a response per write; per read its C2HData PDUs
+    # (the last with SUCCESS: no response), as the target is configured
+    if write:
+        expect = batch * 24
+    else:
+        pdus = -(-size // io.c2h_chunk)
+        expect = batch * (size + 24 * pdus + (0 if io.c2h_success_ok else 24))
+    warm = [0.0]
+    for _ in range(4):  # (lent after the first answers: the steady state is timed)
+        host.exchange(chunk, expect, warm)
+    lent = io._net is not None
+    st = reactor.stats
+    lane0, rel0 = getattr(st, "c_lane_commands", 0), getattr(st, "gil_released_ns", 0)
+    idle0 = st.net_idle_ns
+    rounds = max(ops // batch, 1)
+    timed = [0.0]
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        host.exchange(chunk, expect, timed)
+    wall = time.perf_counter() - t0
+    spun = (st.net_idle_ns - idle0) / 1e9  # (the C poller's spinning with nothing to do)
+    n = rounds * batch
+    still_lent = io._net is not None
+    # NVMe: the share of the lane's completions the C poller's sweep took
+    ctxs = [rq.lane_ctx for b in target.bdevs for rq in getattr(
+        getattr(b, "owner", None), "queues", {}).values() if rq.lane_ctx is not None]
+    lane_reaped = sum(c.lane_reaped for c in ctxs)
+    c_share = sum(c.c_reaped for c in ctxs) / lane_reaped if lane_reaped else None
+    io.close("bench over")
+    admin.close("bench over")
+    for _ in range(5):
+        host.turn()
+    host.sock.close()
+    if spin:
+        for dev in FAKE_DEVICES:
+            dev.stop()
+    loop.close()
+    return {"ops": n, "cpu_us": (timed[0] - spun) * 1e6 / n, "wall_us": wall * 1e6 / n,
+            "spin_us": spun * 1e6 / n,
+            "bufs_per_op": 0.0, "lent": float(lent and still_lent), "c_reaped": c_share,
+            "in_lane": (getattr(st, "c_lane_commands", 0) - lane0) / n,
+            "c_us": (getattr(st, "gil_released_ns", 0) - rel0) / 1e3 / n}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", type=int, default=200_000)
@@ -440,13 +628,20 @@ def main() -> int:
                          "io_uring's completions take a turn of their own)")
     ap.add_argument("--pmem-python-engine", action="store_true",
                     help="pmem: the BTT's Python methods instead of its C engine")
+    ap.add_argument("--spin", action="store_true",
+                    help="with --socket: poll mode adaptive, the C poller spinning for the "
+                         "busy-poll window (its idle spinning subtracted); NVMe: the fake "
+                         "device in a thread of its own")
+    ap.add_argument("--socket", action="store_true",
+                    help="serve the queue pair over a loopback socket lent to the reactor's "
+                         "C poller (reads and in-capsule writes)")
     args = ap.parse_args()
     if args.pmem_python_engine:
         from blocktarget.bdevs import pmem
 
         pmem.USE_C_ENGINE = False
     res = [run(args.ops, args.batch, args.size, args.write, args.digests, not args.python_path,
-               args.reads, args.copy_reads, args.backend, args.loop)
+               args.reads, args.copy_reads, args.backend, args.loop, args.socket, args.spin)
            for _ in range(args.reps)]
     best = min(res, key=lambda r: r["cpu_us"])
     kind = "write" if args.write else "read"
@@ -454,11 +649,14 @@ def main() -> int:
           f"CPU µs/command min {best['cpu_us']:.2f} (runs: "
           + ", ".join(f"{r['cpu_us']:.2f}" for r in res) + f"), "
           f"of which in C (GIL released) {best['c_us']:.2f}, "
-          f"in the kernel {best['sys_us']:.2f}; the reactor thread "
-          f"{best['reactor_us']:.2f} (min {min(r['reactor_us'] for r in res):.2f}), other "
-          f"threads (io-wq: the kernel doing the I/O) {best['other_us']:.2f}; "
-          f"{res[0]['bufs_per_op']:.2f} buffers/command, "
-          f"{res[0]['in_lane']:.0%} of commands in the C lane")
+          + (f"socket lent to the C poller: {all(r['lent'] for r in res)}, "
+             + (f"NVMe completions reaped by the C poller {best['c_reaped']:.0%}, "
+                if best.get("c_reaped") is not None else "") if args.socket
+             else f"in the kernel {best['sys_us']:.2f}; the reactor thread "
+                  f"{best['reactor_us']:.2f} (min {min(r['reactor_us'] for r in res):.2f}), "
+                  f"other threads (io-wq: the kernel doing the I/O) {best['other_us']:.2f}; "
+                  f"{res[0]['bufs_per_op']:.2f} buffers/command, ")
+          + f"{res[0]['in_lane']:.0%} of commands in the C lane")
     return 0
 
 

@@ -129,6 +129,9 @@ class Poller:
             self.logged_at = now
             log.exception("poller %s failed (%d in a row, %d in all); calling it again in "
                           "%.3f s", self.name, self.failing, self.errors, delay)
+    # the reactor's C socket poller reaps what this poller waits for (an NVMe queue pair
+    # registered with it): C may spin for it, the GIL released (nvme/netpoll.py)
+    c_reaped: bool = False
 
 
 @dataclass

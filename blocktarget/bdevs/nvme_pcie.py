@@ -71,11 +71,13 @@ log = logging.getLogger(__name__)
 OP = spec.IoOpcode
 FUA_BIT = 1 << 30
 DSM_AD = 1 << 2
+MAIN_POLL_S = 0.0002  # the reactor-less queue's polling period while commands are out
 MAX_WZ_BLOCKS = 1 << 16  # NLB is a 16-bit 0's based field
 MAX_DSM_RANGE_BLOCKS = 0xFFFFFFFF
 # data_path counters (driver_specific), kept per queue and summed
 _COUNTERS = ("zero_copy_reads", "zero_copy_writes", "copied_reads", "copied_writes",
-             "rx_direct_bytes", "rx_copied_bytes", "lane_reads", "lane_writes")
+             "rx_direct_bytes", "rx_copied_bytes", "lane_reads", "lane_writes",
+             "lane_c_reaped")
 
 
 # ---------------------------------------------------------------------------
@@ -108,7 +110,11 @@ class ReactorQueue:
         self.rx_direct_bytes = 0
         self.rx_copied_bytes = 0
         self._next_tick = 0.0
-        self._kick = reactor.kick if reactor is not None else _noop
+        # On a reactor its poller reaps the queue; the reactor-less queue (the control
+        # plane's I/O: a volume store's examine and metadata, bdev_lvol zeroing) is
+        # polled by the main event loop while it has commands out (_main_kick).
+        self._kick = reactor.kick if reactor is not None else self._main_kick
+        self._main_poll: Any = None
         # The NVMe/TCP C lane submits to this queue too when its ring state is in C
         # (driver/cring.py): its completions are finished in C when poll() reaps the CQ,
         # and the lanes with something to send hear of it here (Lane.drain).
@@ -117,6 +123,9 @@ class ReactorQueue:
         # lanes of connections that went away with I/O here: kept (their handles must
         # stay valid) until their last completion (fastlane.Lane.drain)
         self.zombies: set[Any] = set()
+        # the reactor's C socket poller (nvme/netpoll.NetPoller) once a lane whose
+        # socket it holds uses this queue: it reaps the lanes' completions (see poll)
+        self.net_poller: Any = None
         if cr is not None:
             cr.on_ready = self._lanes_ready
             cr.stats = reactor.stats if reactor is not None else None
@@ -132,6 +141,12 @@ class ReactorQueue:
         """Writes the C lane sent (their data received or copied into DMA memory once)."""
         return int(self.lane_ctx.lane_writes) if self.lane_ctx is not None else 0
 
+    @property
+    def lane_c_reaped(self) -> int:
+        """The lane's completions reaped by the reactor's C socket poller (finished and
+        answered in its GIL-free call); the rest were the Python poller's reaps."""
+        return int(self.lane_ctx.c_reaped) if self.lane_ctx is not None else 0
+
     def _lanes_ready(self, lanes: list[Any]) -> None:
         for lane in lanes:
             try:
@@ -143,15 +158,54 @@ class ReactorQueue:
         """The C lane submitted commands (and rang the doorbell): poll for them."""
         self._kick()
 
+    def _main_kick(self) -> None:
+        if self._main_poll is None:
+            self._main_poll = asyncio.get_event_loop().call_soon(self._main_poll_once)
+
+    def _main_poll_once(self) -> None:
+        self._main_poll = None
+        try:
+            self.poll()
+        finally:
+            if self.q.outstanding and not self.owner.ctrlr.removed:
+                self._main_poll = asyncio.get_event_loop().call_later(
+                    MAIN_POLL_S, self._main_poll_once)
+
     def poll(self) -> int:
+        """The reactor's poller turn. While lane commands are at the device and the
+        reactor's C socket poller sweeps this queue, one call of it does the work, the
+        GIL released (a sweep, or a whole poll with its spinning when the reactor
+        spins): it rings the doorbell, finishes the lent lanes' completions and
+        sends their replies, and stops at the first entry that is the Python path's,
+        which it then reaps here (reap_python). Otherwise (no lane I/O, no lent socket,
+        a suspended queue) the Python path reaps everything, the lane's completions
+        included (finished in C, drained through Lane.drain)."""
         q = self.q
-        q.flush_doorbell()
-        n = q.process_completions()
+        np = self.net_poller
+        ctx = self.lane_ctx
+        if np is not None and ctx.lane_inflight and not q.suspended:
+            before = ctx.c_reaped
+            if self.reactor is not None and self.reactor.spin_on_io:
+                np.poll()  # (it waits for the device, the GIL released, as the loop would)
+            else:
+                np.reap()
+            n = ctx.c_reaped - before
+        elif q.outstanding:
+            n = self.reap_python()
+        else:
+            n = 0  # (nothing at the device: nothing to reap; a stray entry waits)
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK_INTERVAL_S
             self.owner.ctrlr.tick(self.q, now)
         return n
+
+    def reap_python(self) -> int:
+        """The Python poller's reap of the whole queue (bt_nvmeq_reap): its doorbell
+        rung, every completion taken, the lanes' finished in C."""
+        q = self.q
+        q.flush_doorbell()
+        return q.process_completions()
 
     def with_buffer(self, fn: Callable[[DmaBuffer], None]) -> None:
         """Run ``fn(buf)`` now, or when a buffer comes back (FIFO, so nothing starves)."""
@@ -209,10 +263,6 @@ class LentBuffer:
             rq.rx_direct_bytes += self.rx_direct
             rq.rx_copied_bytes += self.rx_copied
             rq.put_buffer(buf)
-
-
-def _noop() -> None:
-    pass
 
 
 # ---------------------------------------------------------------------------
@@ -570,6 +620,8 @@ class PcieController:
             del self.queues[key]
         for k in _COUNTERS:
             self._retired_counts[k] = self._retired_counts.get(k, 0) + getattr(rq, k)
+        if rq.net_poller is not None:
+            rq.net_poller.drop_nvmeq(rq)
         if rq.poller is not None and reactor is not None:
             reactor.unregister_poller(rq.poller)
             rq.poller = None

@@ -17,6 +17,7 @@
 #include <time.h>
 
 #include "bt_lane.h"
+#include "bt_net.h"
 #include "bt_nvme.h"
 #include "lane_int.h"
 
@@ -298,22 +299,104 @@ void be_nvme_unready(struct bt_lane *l)
     l->nvme_queued = 0;
 }
 
-/* the lane's command `cid` is done with res (bytes done, 0 for a flush, or -errno) */
-static void finish(struct bt_nvmeq *q, uint16_t cid, int ok)
+/* the lane's command `cid` is done (ok: success at the device); its lane, or NULL */
+static struct bt_lane *complete(struct bt_nvmeq *q, uint16_t cid, int ok)
 {
     struct nvme_priv *p = priv(q);
     struct nvme_cmd *k = &p->cmds[cid - q->cid0];
     struct bt_lane *l = k->l;
     if (l == NULL)
-        return;  /* (no such command: a stray completion is ignored, as Python does) */
+        return NULL;  /* (no such command: a stray completion is ignored, as Python does) */
     uint32_t idx = k->idx;
     k->l = NULL;
     p->free_cids[p->nfree++] = cid;
     q->lane_inflight--;
+    q->lane_reaped++;
     struct bt_cmd *s = &l->slot[idx];
     int32_t res = !ok ? -EIO : s->kind == IO_FLUSH ? 0 : (int32_t)s->nbytes;
     lane_io_done(l, idx, res);
-    ready(q, l);
+    return l;
+}
+
+/* the same, the lane told through the queue's ready list (Python drains it) */
+static void finish(struct bt_nvmeq *q, uint16_t cid, int ok)
+{
+    struct bt_lane *l = complete(q, cid, ok);
+    if (l != NULL)
+        ready(q, l);
+}
+
+/* the entry at the CQ head if the device has posted it (its status word), else -1 */
+static inline int cq_peek(const struct bt_nvmeq *q, const unsigned char **entry)
+{
+    const unsigned char *e = q->cq + (size_t)q->cq_head * NVME_CQE;
+    uint16_t st = *(volatile const uint16_t *)(e + 14);
+    if ((st & 1) != q->phase)
+        return -1;
+    /* the rest of the entry is read only after its phase bit said it is new */
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    *entry = e;
+    return st;
+}
+
+static inline void cq_advance(struct bt_nvmeq *q, const unsigned char *e)
+{
+    q->sq_head = ld16(e + 8);
+    if (++q->cq_head == q->depth) {
+        q->cq_head = 0;
+        q->phase ^= 1;
+    }
+}
+
+#define SWEEP_LANES 32  /* distinct lanes answered per sweep (one send each) */
+
+unsigned be_nvme_reap_lanes(struct bt_nvmeq *q, int *python)
+{
+    if (q->suspended || q->dead)
+        return 0;  /* (a reset or a removal: Python's, until resume) */
+    bt_nvmeq_ring(q);
+    struct bt_lane *lanes[SWEEP_LANES];
+    unsigned seen = 0, nlanes = 0;
+    const unsigned char *e;
+    int st;
+    while ((st = cq_peek(q, &e)) >= 0) {
+        uint16_t cid = ld16(e + 12);
+        struct bt_lane *l = NULL;
+        if (cid >= q->cid0 && cid < q->depth - 1) {
+            l = priv(q)->cmds[cid - q->cid0].l;
+            if (l != NULL && l->conn == NULL) {
+                *python = 1;  /* (a lane Python runs, or a closed one: Python's reap) */
+                break;
+            }
+        } else {
+            *python = 1;      /* the Python path's own command */
+            break;
+        }
+        if (l != NULL) {
+            unsigned i = 0;
+            while (i < nlanes && lanes[i] != l)
+                i++;
+            if (i == nlanes) {
+                if (nlanes == SWEEP_LANES)
+                    break;  /* (the next sweep) */
+                lanes[nlanes++] = l;
+            }
+        }
+        cq_advance(q, e);
+        seen++;
+        if (l != NULL) {
+            complete(q, cid, (st >> 1) == 0);
+            q->c_reaped++;
+        }
+    }
+    if (seen)
+        *(volatile uint32_t *)q->cq_db = q->cq_head;
+    /* each lane's replies go out once per sweep; a command to redo gives the socket
+       back (net_lane_done), and the connection is reported to Python after the poll */
+    for (unsigned i = 0; i < nlanes; i++)
+        if (lanes[i]->conn != NULL)
+            net_lane_done(lanes[i]->conn);
+    return seen;
 }
 
 unsigned bt_nvmeq_reap(struct bt_nvmeq *q, uint16_t *cids, uint16_t *status, uint32_t *dw0,

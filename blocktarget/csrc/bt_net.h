@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "bt_lane.h"
+#include "bt_nvme.h"
 
 /* ---- cdef begin ---- */
 
@@ -71,7 +72,8 @@ struct bt_net {
        that, the part spent finding nothing to do (spinning) */
     uint64_t polls, cpu_ns, idle_ns;
     uint64_t tail_idle_ns;  /* how long the last call found nothing before returning */
-    uint8_t python_cqe;     /* a ring has a completion of Python's I/O first: reap it */
+    uint8_t python_cqe;     /* a completion of Python's first: 1 on an io_uring ring,
+                               2 on an NVMe queue pair (bits): Python reaps it */
     /* private to net.c */
     unsigned char *rbuf;
     size_t rcap;
@@ -79,6 +81,8 @@ struct bt_net {
     struct bt_uring *rings[8];  /* the lanes' io_uring rings, reaped here too, */
     int ring_efd[8];            /* and their eventfds, in the epoll set */
     uint32_t nrings;
+    struct bt_nvmeq *nvmeqs[8]; /* the reactor's NVMe queue pairs the lanes use */
+    uint32_t nnvmeqs;
 };
 
 /* A poller (an epoll set and a receive buffer), or NULL (out of memory or fds). */
@@ -110,6 +114,19 @@ int bt_net_flush(struct bt_conn *c);
 int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd);
 /* The ring goes away (before bt_uring_detach). */
 void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u);
+/* The poller sweeps this NVMe queue pair too (polled: the device raises no event), each
+   round of a poll: it rings its pending SQ doorbell, and finishes and answers the
+   completions of lent lanes, until the first entry that is Python's (then python_cqe
+   bit 2: Python reaps from there; bt_nvme.h says who moves the CQ head when). 0, or -1
+   when it has no room for another (then the reactor's Python poller reaps it all). */
+int bt_net_add_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
+/* The queue pair goes away, or its reactor's Python poller takes it back. */
+void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
+/* One sweep of the NVMe queue pairs alone, as a round of bt_net_poll makes it, without
+   polling the sockets (no system call but the replies' sends): the reactor's poller
+   turn while lane commands are at a device and the reactor does not spin. Reports the
+   connections as bt_net_poll does; returns the entries consumed. */
+unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready);
 /* Serve the attached connections: receive, run the lanes, send, until none has
    anything to do (or after budget_ns, or once spin_ns passed with nothing to do). The
    connections that did anything or have events go to ready (their handles; up to max,

@@ -8,8 +8,18 @@
  * Command ids are partitioned: 0 .. cid0 - 1 are the Python path's (its trackers, its
  * waiting queue, its timeouts and resubmission after a reset), cid0 .. depth - 2 the
  * lane's. Together they never exceed depth - 1 commands, so neither ring overflows,
- * whoever submits. The CQ is reaped in one place (bt_nvmeq_reap): the lane's completions
- * are finished in C, the Python path's handed to it.
+ * whoever submits.
+ *
+ * Who may move the CQ head and phase, and when: only code running on the queue's
+ * reactor thread, through bt_nvmeq_reap (the Python poller's turn: every entry; the
+ * lane's finished in C, the Python path's handed to it) or be_nvme_reap_lanes (the
+ * reactor's C socket poller, net.c, when the queue is registered with it: only the
+ * completions of lanes whose socket is lent to that poller, in ring order, stopping at
+ * the first entry that is anyone else's). Both run on that one thread, so they never
+ * overlap; the C poller stops rather than skip, so entries are consumed in order and the
+ * head doorbell written by whoever consumed last is right. While the queue is suspended
+ * (a reset) or dead, the C poller does not touch it at all: bt_nvmeq_reinit and the
+ * Python path own it until resume.
  */
 #ifndef BT_NVME_H
 #define BT_NVME_H
@@ -42,6 +52,8 @@ struct bt_nvmeq {
     uint32_t bufs;           /* pool buffers in all */
     uint64_t lane_reads, lane_writes, lane_flushes;  /* submitted by the lane (cumulative) */
     uint64_t doorbells;      /* SQ doorbell writes, either path's */
+    uint64_t lane_reaped;    /* the lane's completions consumed (cumulative; either reaper) */
+    uint64_t c_reaped;       /* of those, by the reactor's C poller (net.c) */
     struct bt_lane *ready;   /* lanes with completions Python has not seen */
     void *priv;              /* be_nvme.c's */
 };

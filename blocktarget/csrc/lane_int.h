@@ -83,6 +83,10 @@ void be_nvme_buf_release(struct bt_nvme_buf *b);
 int be_nvme_queue(struct bt_lane *l, struct bt_cmd *c, uint32_t idx);
 void be_nvme_submit(struct bt_nvmeq *q);
 void be_nvme_unready(struct bt_lane *l);
+/* the reactor's C poller's sweep of a queue pair (net.c): pending doorbells rung, the
+   completions of lent lanes finished and their replies sent; stops at the first entry
+   Python must see (*python = 1), leaving it in the CQ. Returns the entries consumed. */
+unsigned be_nvme_reap_lanes(struct bt_nvmeq *q, int *python);
 
 /* A piece of output sent (or dropped): its owner goes back where it came from, a DMA
    buffer to its queue pair's pool (a zero-copy NVMe read), anything else to the heap. */

@@ -366,6 +366,26 @@ void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u)
         }
 }
 
+int bt_net_add_nvmeq(struct bt_net *n, struct bt_nvmeq *q)
+{
+    for (uint32_t i = 0; i < n->nnvmeqs; i++)
+        if (n->nvmeqs[i] == q)
+            return 0;
+    if (n->nnvmeqs == sizeof(n->nvmeqs) / sizeof(n->nvmeqs[0]))
+        return -1;
+    n->nvmeqs[n->nnvmeqs++] = q;
+    return 0;
+}
+
+void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q)
+{
+    for (uint32_t i = 0; i < n->nnvmeqs; i++)
+        if (n->nvmeqs[i] == q) {
+            n->nvmeqs[i] = n->nvmeqs[--n->nnvmeqs];
+            return;
+        }
+}
+
 int bt_net_write(struct bt_conn *c, const unsigned char *p, size_t n)
 {
     if (n == 0)
@@ -530,6 +550,20 @@ static void serve(struct bt_conn *c, uint32_t events)
     c->busy_ns += now_ns() - t0;
 }
 
+/* the connections to report to Python (up to max handles; the rest stay) */
+static unsigned take_ready(struct bt_net *n, void **ready, unsigned max)
+{
+    unsigned k = 0;
+    while (n->ready != NULL && k < max) {
+        struct bt_conn *c = n->ready;
+        n->ready = c->next_ready;
+        c->next_ready = NULL;
+        c->on_ready = 0;
+        ready[k++] = c->handle;
+    }
+    return k;
+}
+
 uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
                      uint64_t budget_ns, uint64_t spin_ns)
 {
@@ -541,7 +575,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->polls++;
     for (struct bt_conn *c = n->ready; c != NULL; c = c->next_ready)
         touched++;
-    while ((n->nconns || n->nrings) && touched + EVENTS <= max) {
+    while ((n->nconns || n->nrings || n->nnvmeqs) && touched + EVENTS <= max) {
         prev = t;
         int k = epoll_wait(n->epfd, ev, EVENTS, 0);
         if (k < 0 && errno != EINTR)
@@ -565,13 +599,15 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             serve(c, ev[i].events);
             after += c->pdus;
         }
-        int python = 0;
+        int python = 0, python_nvme = 0;
         unsigned reaped = 0;
         for (uint32_t r = 0; r < n->nrings; r++)
             reaped += be_uring_reap_lanes(n->rings[r], &python);
+        for (uint32_t r = 0; r < n->nnvmeqs; r++)
+            reaped += be_nvme_reap_lanes(n->nvmeqs[r], &python_nvme);
         t = now_ns();
-        if (python) {
-            n->python_cqe = 1;
+        if (python || python_nvme) {
+            n->python_cqe = (uint8_t)((python ? 1 : 0) | (python_nvme ? 2 : 0));
             break;  /* Python's own completions wait: its turn */
         }
         if (reaped)
@@ -588,14 +624,18 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->cpu_ns += cpu;
     /* (idle was measured in wall time: the same share of the CPU time) */
     n->idle_ns += wall ? (uint64_t)((double)idle * (double)cpu / (double)wall) : 0;
-    unsigned k = 0;
-    while (n->ready != NULL && k < max) {
-        struct bt_conn *c = n->ready;
-        n->ready = c->next_ready;
-        c->next_ready = NULL;
-        c->on_ready = 0;
-        ready[k++] = c->handle;
-    }
-    *nready = k;
+    *nready = take_ready(n, ready, max);
     return after - before;
+}
+
+unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready)
+{
+    int python = 0;
+    unsigned reaped = 0;
+    for (uint32_t r = 0; r < n->nnvmeqs; r++)
+        reaped += be_nvme_reap_lanes(n->nvmeqs[r], &python);
+    if (python)
+        n->python_cqe |= 2;
+    *nready = take_ready(n, ready, max);
+    return reaped;
 }

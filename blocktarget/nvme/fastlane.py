@@ -125,7 +125,7 @@ def crc32c_impl() -> str:
 
 class Lane:
     __slots__ = ("qp", "c", "nsmem", "entries", "generation", "ana", "last", "ncmds", "stats",
-                 "rings", "urings", "closing", "_tokens", "_executed", "_handle", "_seen", "_chunks")
+                 "rings", "urings", "nvmeqs", "closing", "_tokens", "_executed", "_handle", "_seen", "_chunks")
 
     def __init__(self, qp: Qpair) -> None:
         self.qp = qp
@@ -152,8 +152,10 @@ class Lane:
         # the io_uring rings and NVMe queue pairs (nvme_pcie.ReactorQueue) the table's
         # namespaces use
         self.rings: tuple[Any, ...] = ()
-        # of those, the io_uring rings (the C socket poller reaps them; nvme/netpoll.py)
+        # of those, the io_uring rings and the NVMe queue pairs (the C socket poller
+        # reaps them for the lane while its socket is lent; nvme/netpoll.py)
         self.urings: tuple[Any, ...] = ()
+        self.nvmeqs: tuple[Any, ...] = ()
         self.closing = False  # the queue is gone; I/O of the lane's still at a ring
         self.generation = -1
         self.ana: Any = None
@@ -196,7 +198,7 @@ class Lane:
             ring.zombies.discard(self)
         self._handle = None
         self.entries = []
-        self.rings = self.urings = ()
+        self.rings = self.urings = self.nvmeqs = ()
         self.nsmem = None
 
     def invalidate(self) -> None:
@@ -217,7 +219,7 @@ class Lane:
                 arr[i].stale = 1
             return
         self.entries = []
-        self.rings = self.urings = ()
+        self.rings = self.urings = self.nvmeqs = ()
         self.nsmem = None
         c.ns = ffi.NULL
         c.nns = 0
@@ -294,6 +296,8 @@ class Lane:
                             if t.ring is not None}.values())
         self.urings = tuple(r for r in self.rings if any(
             t.ring is r and t.kind == LANE_URING for _ns, t, _m in entries))
+        self.nvmeqs = tuple(r for r in self.rings if any(
+            t.ring is r and t.kind == LANE_NVME for _ns, t, _m in entries))
         self.last = [[0] * 9 for _ in entries]
         self.generation = sub.generation if sub is not None else -1
         self.ana = inaccessible
@@ -582,7 +586,8 @@ class Lane:
                 b.high_water = b.used
         started = now[7] != seen[7]
         self._seen[:] = now
-        self._fold(done, elapsed)
+        if done:  # (the namespaces' counters move only with a command done)
+            self._fold(done, elapsed)
         if c.out_len or c.nchunks:
             if qp._net is not None:  # (the socket is lent to C: sent from there)
                 lib.bt_net_flush(qp._net)

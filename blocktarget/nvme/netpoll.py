@@ -25,6 +25,15 @@ each other. Flow control is the transport's: output beyond its high mark stops r
 until it drains to the low mark, and the queue pair hears of both as pause_writing and
 resume_writing (its stall watch closes a connection whose host never reads).
 
+The lanes' asynchronous backends are reaped here too, so that a lent lane's completion
+is answered in the same GIL-free call: io_uring rings (woken by their eventfds) and the
+reactor's NVMe queue pairs (polled: each round of a call rings the queue's pending
+doorbell and sweeps its CQ; the reactor's Python poller for the queue, while lane
+commands are at the device, just calls this poller). Whatever is not a lent lane's (the
+Python path's own I/O, a lane Python runs or one closed with I/O in flight) stops C's
+sweep there, and Python reaps from that entry on, as before. A suspended (resetting) or
+dead queue is Python's alone (csrc/bt_nvme.h has the ownership rule).
+
 The transport option ``c_net_poll`` (default true) switches this off: the lane still
 runs, called from ``data_received`` as before.
 """
@@ -32,6 +41,7 @@ runs, called from ``data_received`` as before.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import fastlane
@@ -42,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ffi, lib = fastlane.ffi, fastlane.lib
+_now_ns = time.perf_counter_ns
 AVAILABLE = fastlane.AVAILABLE and hasattr(lib, "bt_net_new")
 MAX_READY = 1024  # connections reported per poll call
 # One call's time bound: the reactor's Python (timers, the admin queue, other sockets)
@@ -49,6 +60,9 @@ MAX_READY = 1024  # connections reported per poll call
 BUDGET_NS = 500_000
 RETRY_S = 0.001  # how soon lending is tried again while the transport has output
 CHUNKS = 64
+# Whether the poller sweeps the lanes' NVMe queue pairs (False: the reactor's Python
+# poller reaps them, as before; bench/nvme_hotpath.py's baseline)
+SWEEP_NVME = True
 
 
 def eligible(qp: Qpair) -> bool:
@@ -71,8 +85,8 @@ def eligible(qp: Qpair) -> bool:
 class NetPoller:
     """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
 
-    __slots__ = ("reactor", "n", "budget", "conns", "rings", "_ready", "_nready", "_closing",
-                 "_again")
+    __slots__ = ("reactor", "n", "budget", "conns", "rings", "nvmeqs", "_ready", "_nready",
+                 "_closing", "_again")
 
     def __init__(self, reactor: Reactor, budget: Any) -> None:
         n = lib.bt_net_new()
@@ -83,6 +97,7 @@ class NetPoller:
         self.budget = budget
         self.conns = 0
         self.rings: list[Any] = []  # io_uring rings (bdevs/uring._Ring) it reaps too
+        self.nvmeqs: list[Any] = []  # NVMe queue pairs (bdevs/nvme_pcie.ReactorQueue), too
         self._ready = ffi.new("void *[]", MAX_READY)
         self._nready = ffi.new("unsigned *")
         self._closing = False
@@ -116,9 +131,9 @@ class NetPoller:
         # holding the GIL, as long as the reactor would spin anyway (poll_mode) and no
         # poller but a ring's (which C reaps) waits its turn.
         spin = 0
-        if r.spin_on_io and all(p.name == "uring" for p in r.pollers):
-            # (the rings' lane completions are reaped in C too, and it returns at the
-            # first of Python's)
+        if r.spin_on_io and all(p.name == "uring" or p.c_reaped for p in r.pollers):
+            # (the rings' and queue pairs' lane completions are reaped in C too, and it
+            # returns at the first of Python's)
             spin = r.busy_poll_us * 1000
             if spin_left is not None:
                 spin = min(spin, spin_left)
@@ -129,21 +144,7 @@ class NetPoller:
         st.net_polls += 1
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
-        if n.python_cqe:  # (C stopped at a completion of Python's own I/O)
-            n.python_cqe = 0
-            for ring in self.rings:
-                ring.reap()
-        ready = self._ready
-        qps = [ffi.from_handle(ready[i]) for i in range(self._nready[0])]
-        # first what every lane did (the reactor's budget above all: a connection handed
-        # back to the Python path must see what the others took), then the events
-        for stage in (sync, events):
-            for qp in qps:
-                try:
-                    stage(qp)
-                except Exception:  # one connection's trouble must not strand the others
-                    log.exception("%s: after the C poller", qp)
-                    qp.close("internal error after the C poller")
+        self._after(n)
         if spin:
             # C spins the reactor's busy-poll window itself: the event loop must not
             # spin it again in Python, holding the GIL (on io_uring, waiting for the
@@ -158,6 +159,43 @@ class NetPoller:
             # which C already spent spinning: the event loop must not spin it again
             r.note_io()
             r._last_work_ns -= n.tail_idle_ns
+
+    def reap(self) -> None:
+        """Sweep the NVMe queue pairs alone (bt_net_reap: no socket polled, no system
+        call but the replies' sends): the reactor's poller turn for a queue with lane
+        commands at the device, when the reactor does not spin (poll() does, the GIL
+        released, when it would)."""
+        n = self.n
+        if n is None:
+            return
+        t0 = _now_ns()
+        lib.bt_net_reap(n, self._ready, MAX_READY, self._nready)
+        self.reactor.stats.gil_released_ns += _now_ns() - t0
+        self._after(n)
+
+    def _after(self, n: Any) -> None:
+        """After a C call: Python's own completions it stopped at, then what each
+        reported connection's lane did, then their events."""
+        python = n.python_cqe
+        if python:  # (C stopped at a completion of Python's own I/O)
+            n.python_cqe = 0
+            if python & 1:
+                for ring in self.rings:
+                    ring.reap()
+            if python & 2:
+                for rq in self.nvmeqs:
+                    rq.reap_python()
+        ready = self._ready
+        qps = [ffi.from_handle(ready[i]) for i in range(self._nready[0])]
+        # first what every lane did (the reactor's budget above all: a connection handed
+        # back to the Python path must see what the others took), then the events
+        for stage in (sync, events):
+            for qp in qps:
+                try:
+                    stage(qp)
+                except Exception:  # one connection's trouble must not strand the others
+                    log.exception("%s: after the C poller", qp)
+                    qp.close("internal error after the C poller")
 
     def _resume(self, spin_left: int) -> None:
         """The loop's next turn after C stopped inside its busy-poll window."""
@@ -189,6 +227,29 @@ class NetPoller:
                 if ring.efd >= 0 and loop is not None:
                     loop.remove_reader(ring.efd)
 
+    def add_nvmeqs(self, lane: Any) -> None:
+        """The poller sweeps the lane's NVMe queue pairs too (see the module doc)."""
+        for rq in lane.nvmeqs:
+            ctx = rq.lane_ctx
+            if ctx is None or rq.net_poller is not None:
+                continue
+            if lib.bt_net_add_nvmeq(self.n, ctx) == 0:
+                rq.net_poller = self
+                if rq.poller is not None:
+                    rq.poller.c_reaped = True
+                self.nvmeqs.append(rq)
+
+    def drop_nvmeq(self, rq: Any) -> None:
+        """``rq`` goes away, or the poller does: its reactor's Python poller alone reaps
+        it again."""
+        if rq in self.nvmeqs:
+            self.nvmeqs.remove(rq)
+        if self.n is not None:
+            lib.bt_net_drop_nvmeq(self.n, rq.lane_ctx)
+        rq.net_poller = None
+        if rq.poller is not None:
+            rq.poller.c_reaped = False
+
     def drop_ring(self, ring: Any) -> None:
         """``ring`` goes away, or the poller does: the event loop watches its eventfd
         again."""
@@ -215,6 +276,8 @@ class NetPoller:
             return
         for ring in list(self.rings):
             self.drop_ring(ring)
+        for rq in list(self.nvmeqs):
+            self.drop_nvmeq(rq)
         if self._again is not None:
             self._again.cancel()
             self._again = None
@@ -255,6 +318,8 @@ def try_lend(qp: Qpair) -> None:
         return
     if lane.urings:
         poller.add_rings(lane)
+    if lane.nvmeqs and SWEEP_NVME:
+        poller.add_nvmeqs(lane)
     t.pause_reading()
     qp._net = conn
     qp._net_seen = [0, 0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -530,3 +531,190 @@ def test_nvme_completions_over_a_lent_socket() -> None:
         p.close()
         while _FAKES:
             _FAKES.pop().stop()
+
+
+def _nvme_side_queue(p: SockPair, name: str = "B") -> Any:
+    from test_fastpath_nvme import _queues
+
+    return next(rq for rq in _queues(p.fast) if rq.owner.name == name)
+
+
+def _complete_held(dev: Any, order: list[int]) -> None:
+    """The fake device completes the held commands at these indexes, in this order (the
+    rest stay held): a device finishing its commands out of order."""
+    from test_nvme_driver import structs
+
+    with dev.lock:
+        items = [dev.held[i] for i in order]
+        for it in items:
+            dev.held.remove(it)
+        for qid, raw in items:
+            status, dw0 = dev._io(raw)
+            dev.post(qid, structs.parse_sqe(raw).cid, status, dw0)
+
+
+def _nvme_pair(**kw: Any) -> SockPair:
+    from test_fastpath_nvme import NVME_LAYOUT
+
+    p = SockPair(OPTS, layout=NVME_LAYOUT, cattr=SQFLOW_OFF, **kw)
+    p.feed(rd(900, 2, 0) + rd(901, 1, 0))  # (the channels and queue pairs are made)
+    p.check()
+    assert _lent(p)
+    return p
+
+
+def _stop_fakes() -> None:
+    from test_fastpath_nvme import _FAKES
+
+    while _FAKES:
+        _FAKES.pop().stop()
+
+
+@pytest.mark.parametrize("mode", ["event", "adaptive"])
+def test_nvme_lane_completions_are_reaped_by_the_c_poller(mode: str,
+                                                         monkeypatch: Any) -> None:
+    """With the socket lent, the reactor's C poller sweeps the NVMe queue pairs: every
+    lane completion is finished and answered in C (none by the Python poller's reap),
+    the bytes and state the Python path's. A reactor that does not spin sweeps in its
+    poller turn (bt_net_reap); a spinning one polls, and C waits for the device."""
+    sweeps = [0]
+    reap = netpoll.NetPoller.reap
+
+    def counted(self: Any) -> None:
+        sweeps[0] += 1
+        reap(self)
+
+    monkeypatch.setattr(netpoll.NetPoller, "reap", counted)
+    p = _nvme_pair()
+    try:
+        p.fast.reactor.set_poll_mode(mode)
+        assert p.fast.reactor.spin_on_io == (mode == "adaptive")
+        rq = _nvme_side_queue(p)
+        ctx = rq.lane_ctx
+        assert rq.net_poller is p.fast.reactor.net_poller and rq.poller.c_reaped
+        lane0, c0 = ctx.lane_reaped, ctx.c_reaped
+        sweeps[0] = 0
+        # (24: within the lane's 31 command ids of the 64-entry queue, or the rest of the
+        # batch would be the Python path's)
+        stream = b"".join(rd(i, 2, i % 90, 1 + i % 3) if i % 2 else wr(i, 2, i % 90, 1)
+                          for i in range(24))
+        p.feed(stream)
+        p.check()
+        assert ctx.lane_reaped - lane0 == 24
+        assert ctx.c_reaped - c0 == 24  # (the Python poller's reap took none of them)
+        dp = rq.owner.data_path_counters()
+        assert dp["lane_c_reaped"] == ctx.c_reaped  # (bdev_get_bdevs shows it)
+        # (the poller turn swept (reap) only where the reactor does not spin)
+        assert (sweeps[0] > 0) == (mode == "event"), sweeps
+        assert _lent(p) and ctx.lane_inflight == 0 and ctx.bufs_out == 0
+    finally:
+        p.close()
+        _stop_fakes()
+
+
+def test_nvme_python_command_between_lane_commands() -> None:
+    """One queue, both paths: lane commands of a lent socket complete out of order
+    around a command of the Python path's own. C's sweep finishes the lane's entries
+    before it and stops there; Python reaps from there (its command's callback, the
+    lane's remaining completions through the ready list). Every host command is answered
+    as the reference answers it, the Python command with its own status."""
+    from blocktarget.nvme import spec as nspec
+
+    p = _nvme_pair()
+    try:
+        rq = _nvme_side_queue(p)
+        ctx = rq.lane_ctx
+        dev = rq.owner.ctrlr.mmio
+        stream = rd(1, 2, 1) + rd(2, 2, 10, 2) + wr(3, 2, 20) + rd(4, 2, 30, 4)
+        p.ref.io.data_received(stream)
+        p.ref.run()
+        dev.hold_io = 4
+        p.fast.send(p.for_fast(stream))
+        deadline = time.monotonic() + 10
+        while len(dev.held) < 4:
+            assert time.monotonic() < deadline, "the lane's commands never reached the device"
+            p.fast.pump(0, settle=1)
+        lane0, c0 = ctx.lane_reaped, ctx.c_reaped
+        got: list[int] = []
+        # (no loop turn from here until every entry is in the CQ: one sweep meets them)
+        _complete_held(dev, [3, 1])
+        rq.q.submit(nspec.IoOpcode.FLUSH, 1, cb=lambda st, dw0: got.append(st))  # (Bn1)
+        rq.q.flush_doorbell()
+        deadline = time.monotonic() + 10
+        while len(dev.commands) and dev.commands[-1] != (rq.q.qid, nspec.IoOpcode.FLUSH):
+            assert time.monotonic() < deadline, "the device never took the flush"
+            time.sleep(0.001)
+        time.sleep(0.05)  # (the device posts the flush's completion)
+        _complete_held(dev, [1, 0])
+        p.settle_fast()
+        p.check()
+        assert got == [0]
+        assert ctx.lane_reaped - lane0 == 4
+        assert ctx.c_reaped - c0 == 2  # (the two before the Python path's entry)
+        assert ctx.lane_inflight == 0 and ctx.bufs_out == 0 and not rq.q.outstanding
+        p.feed(rd(5, 2, 3) + wr(6, 2, 4))
+        p.check()
+        assert _lent(p)
+    finally:
+        p.close()
+        _stop_fakes()
+
+
+def test_nvme_device_errors_from_the_c_poller_go_back_to_python() -> None:
+    """Commands the device fails (LBA Out of Range: the namespace shrank under the
+    bdev), met by C's sweep: the socket goes back to the Python path, which does them
+    again and answers with the device's status; then the socket is lent again."""
+    p = _nvme_pair()
+    try:
+        rq = _nvme_side_queue(p)
+        c0 = rq.lane_ctx.c_reaped
+        lends = p.stats.net_lends
+        for side in (p.ref, p.fast):
+            side.bdev("Bn1").owner.ctrlr.mmio.blocks = 80
+        p.feed(rd(3, 2, 85) + rd(4, 2, 1) + rd(6, 2, 79, 2) + wr(7, 2, 93) + rd(8, 1, 3))
+        p.check()
+        assert p.ref.admin.ctrl.error_count == 3 == p.fast.admin.ctrl.error_count
+        assert rq.lane_ctx.c_reaped > c0
+        p.feed(rd(9, 2, 1) + wr(10, 2, 2))
+        p.check()
+        assert _lent(p) and p.stats.net_lends > lends
+        assert p.fast.io._lane.inflight == 0 and p.fast.io._lane.c.redo == 0
+    finally:
+        p.close()
+        _stop_fakes()
+
+
+def test_nvme_reset_with_lane_commands_of_a_lent_socket() -> None:
+    """The controller is reset while the lane's commands of a lent socket are at the
+    device: C leaves the suspended queue alone, the commands go back to the Python path,
+    which does them once the queue is back; every command is answered once, as the
+    reference answers it; then the lane and the C poller serve the queue again."""
+    p = _nvme_pair()
+    try:
+        rq = _nvme_side_queue(p)
+        dev = rq.owner.ctrlr.mmio
+        stream = rd(1, 2, 1) + rd(2, 2, 2, 2) + wr(3, 2, 3) + rd(4, 2, 40, 8)
+        p.ref.io.data_received(stream)
+        p.ref.run()
+        dev.hold_io = 4
+        p.fast.send(p.for_fast(stream))
+        deadline = time.monotonic() + 10
+        while len(dev.held) < 4:
+            assert time.monotonic() < deadline, "the lane's commands never reached the device"
+            p.fast.pump(0, settle=1)
+        assert rq.lane_ctx.lane_inflight == 4 and _lent(p)
+        owner = rq.owner
+        p.loop.run_until_complete(owner.reset())
+        assert owner.ctrlr.resets == 1, owner.ctrlr.last_reset
+        p.settle_fast()
+        p.check()
+        assert rq.lane_ctx.lane_inflight == 0 and rq.lane_ctx.bufs_out == 0
+        before = p.taken()
+        c0 = rq.lane_ctx.c_reaped
+        p.feed(rd(5, 2, 1) + wr(6, 2, 7))
+        p.check()
+        assert p.taken() - before == 2 and _lent(p)
+        assert rq.lane_ctx.c_reaped - c0 == 2
+    finally:
+        p.close()
+        _stop_fakes()

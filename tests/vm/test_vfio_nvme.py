@@ -318,6 +318,8 @@ async def main():
     print("data path:", json.dumps(dp, sort_keys=True))
     if LANE:  # reads sent from the DMA buffer, writes placed into one, by the lane
         assert dp["lane_reads"] > 0 and dp["lane_writes"] > 0, dp
+        # (and, the sockets lent to the reactor's C poller, completions reaped by it)
+        assert dp["lane_c_reaped"] > 0, dp
     else:
         assert dp["zero_copy_writes"] > 0 and dp["zero_copy_reads"] > 0, dp
         assert dp["zero_copy_reads"] > dp["copied_reads"], dp
@@ -438,6 +440,7 @@ def test_vfio_nvme_setup_attach_export_reset_detach(vm: Guest, lane: bool) -> No
     print(m.group(0))
     if lane:
         assert dp["lane_reads"] > 0 and dp["lane_writes"] > 0, dp
+        assert dp["lane_c_reaped"] > 0, dp
         assert int(m.group(1)) >= int(m.group(2)) // 2, m.group(0)
         assert re.search(r"paced 128 KiB writes: ([89]|\d\d+) written by the C lane", out), out
     else:
