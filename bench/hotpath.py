@@ -194,7 +194,13 @@ def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc
                  "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": "4420"}}},
         ]},
     ]}
-    loop.run_until_complete(target.apply_config(doc, "hotpath"))
+    try:
+        loop.run_until_complete(target.apply_config(doc, "hotpath"))
+    finally:
+        for dev in FAKE_DEVICES if backend == "nvme" else ():
+            dev.stop()
+            dev.thread = None
+            dev._stop.clear()
     addr = next(iter(target.subsystems.find(NQN).listeners))
     reactor = Reactor(index=0, core=0, pin=False)
     reactor.loop = loop
@@ -221,6 +227,11 @@ async def _attach_fake_nvme(target: Target) -> None:
     alloc = DmaAllocator(iommu, name="hotpath", use_hugepages=False)
     c = Controller(dev, alloc, name="NV")
     c.init(1)
+    # the device answers from a thread while the bdevs are made (a volume store's
+    # examine reads them from the control plane, which no reactor turn serves here);
+    # setup() stops it: then it is served only between reactor turns
+    dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
+    dev.thread.start()
     await nvme_pcie.register_controller(target, "NV", "0000:00:09.0", c,
                                         {"name": "NV", "traddr": "0000:00:09.0"})
     nvme_pcie._CONTROLLERS.pop("NV", None)  # (each run attaches its own)

@@ -54,7 +54,7 @@ def measure(ops: int, reps: int) -> tuple[dict[tuple[str, str], list[float]],
             for name, backend, sock, sweep in CONFIGS:
                 netpoll.SWEEP_NVME = sweep
                 try:
-                    r = hotpath.run(n, 32, size, write, False, True, 0, False, backend, sock)
+                    r = hotpath.run(n, 32, size, write, False, True, 0, False, backend, sock=sock)
                 finally:
                     netpoll.SWEEP_NVME = True
                 assert r["in_lane"] > 0.99, (name, wl, r)

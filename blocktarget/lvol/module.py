@@ -160,6 +160,9 @@ async def examine(target: Target, base: Bdev) -> None:
     store: LvolStore | None = None
     try:
         store = await asyncio.wait_for(probe(base, ch), EXAMINE_TIMEOUT_S)
+    except TimeoutError:  # (before OSError, of which it is a subclass)
+        log.error("bdev %s: no answer to the lvstore probe's reads within %s s: any store "
+                  "on it is not opened", base.name, EXAMINE_TIMEOUT_S)
     except (FormatError, OSError) as e:
         log.error("bdev %s: lvstore found but not opened: %s", base.name, e)
     except Exception:

@@ -272,7 +272,8 @@ def test_get_listeners_shape(ana: Ana) -> None:
         {"ana_group": 4, "ana_state": "optimized"},
     ]
     plain = ana.rpc("nvmf_subsystem_get_listeners", nqn=PLAIN)
-    assert plain == [{"address": plain[0]["address"]}]  # no ANA: no ana_states
+    # no ANA: no ana_states (and the listener says it is not a TLS one)
+    assert plain == [{"address": plain[0]["address"], "secure_channel": False}]
 
 
 @pytest.mark.parametrize("params, code, words", [
