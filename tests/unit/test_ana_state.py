@@ -115,9 +115,10 @@ def test_ana_log_is_the_listeners_view(reg: Any) -> None:
     r, sub, _ = reg
     r.set_ana_state(sub, P2, "inaccessible", 2)
 
-    class Ctrl:  # the two fields _ana reads
+    class Ctrl:  # the fields _ana reads
         subsystem = sub
         listener = P2
+        hostnqn = "nqn.2014-08.org.nvmexpress:uuid:ana-state-test"
 
     chg, groups = structs.parse_ana_log(_ana(Ctrl(), rgo=False))  # type: ignore[arg-type]
     assert chg == 1
