@@ -24,13 +24,20 @@ from .module import (
     stores_of,
     volume_bdev,
 )
-from .store import check_name
+from .store import LvolStore, check_name
 
 if TYPE_CHECKING:
     from ..app import Target
 
 MIB = 1024 * 1024
 LVOL_CLEAR_METHODS = ("default", *CLEAR_METHODS)
+
+
+def _name_free(target: Target, store: LvolStore, name: str) -> None:
+    """A new volume's `<lvs>/<name>` alias must not name a bdev already."""
+    alias = f"{store.name}/{name}"
+    if target.bdevs.find(alias) is not None:
+        raise AlreadyExists(f"bdev '{alias}' already exists")
 
 
 def _cluster_size(value: int) -> str | None:
@@ -127,9 +134,7 @@ async def bdev_lvol_create(target: Target, params: dict[str, Any]) -> str:
     """Create a volume in a store; returns its UUID, which is also its bdev name."""
     store = stores_of(target).find(params["uuid"], params["lvs_name"])
     clear = params["clear_method"]
-    alias = f"{store.name}/{params['lvol_name']}"
-    if target.bdevs.find(alias) is not None:
-        raise AlreadyExists(f"bdev '{alias}' already exists")
+    _name_free(target, store, params["lvol_name"])
     rec = await store.create_volume(params["lvol_name"], params["size_in_mib"] * MIB,
                                     params["thin_provision"],
                                     "unmap" if clear == "default" else clear)
@@ -200,9 +205,7 @@ async def bdev_lvol_snapshot(target: Target, params: dict[str, Any]) -> str:
     volume becomes a thin clone of it (its first write to each cluster copies it)."""
     bdev = volume_bdev(target, params["lvol_name"])
     store = bdev.store
-    alias = f"{store.name}/{params['snapshot_name']}"
-    if target.bdevs.find(alias) is not None:
-        raise AlreadyExists(f"bdev '{alias}' already exists")
+    _name_free(target, store, params["snapshot_name"])
     rec = await store.snapshot_volume(bdev.uuid, params["snapshot_name"])
     await add_volume_bdev(target, store, rec)
     return rec.uuid
@@ -217,9 +220,7 @@ async def bdev_lvol_clone(target: Target, params: dict[str, Any]) -> str:
     """Create a writable thin clone of a snapshot; returns its UUID."""
     bdev = volume_bdev(target, params["snapshot_name"])
     store = bdev.store
-    alias = f"{store.name}/{params['clone_name']}"
-    if target.bdevs.find(alias) is not None:
-        raise AlreadyExists(f"bdev '{alias}' already exists")
+    _name_free(target, store, params["clone_name"])
     rec = await store.clone_volume(bdev.uuid, params["clone_name"])
     await add_volume_bdev(target, store, rec)
     return rec.uuid
