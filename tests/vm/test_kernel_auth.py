@@ -34,7 +34,7 @@ import pytest
 from integration.target_proc import RunningTarget, free_port, listen_address
 
 from .harness.vm import Guest
-from .test_kernel_host import PRELUDE
+from .test_kernel_host import PRELUDE, serve
 
 NQN = "nqn.2026-01.io.blocktarget:auth"
 HOST_BI = "nqn.2014-08.org.nvmexpress:uuid:a0a0a0a0-0000-4000-8000-00000000b001"
@@ -106,13 +106,7 @@ def target(tmp_path: Path, keys: dict[str, str]) -> Iterator[RunningTarget]:
     port = free_port()
     keydir = tmp_path / "keys"
     keydir.mkdir(mode=0o700)
-    t = RunningTarget(tmp_path, _config(port, keydir, keys), cores=None)
-    t.nvme_port = port  # type: ignore[attr-defined]
-    t.start()
-    try:
-        yield t
-    finally:
-        t.kill()
+    yield from serve(tmp_path, _config(port, keydir, keys), nvme_port=port)
 
 
 SCRIPT = r"""

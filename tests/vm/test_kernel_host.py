@@ -57,16 +57,23 @@ def _config(port: int) -> dict:
     }
 
 
-@pytest.fixture
-def target(tmp_path) -> Iterator[RunningTarget]:
-    port = free_port()
-    t = RunningTarget(tmp_path, _config(port), cores=None)
-    t.nvme_port = port  # type: ignore[attr-defined]
+def serve(tmp_path, cfg: dict, **ports: int) -> Iterator[RunningTarget]:
+    """A target process for a guest to reach, its ports as attributes (`nvme_port`...),
+    killed after the test: the VM tests' target fixtures `yield from` this."""
+    t = RunningTarget(tmp_path, cfg, cores=None)
+    for name, port in ports.items():
+        setattr(t, name, port)
     t.start()
     try:
         yield t
     finally:
         t.kill()
+
+
+@pytest.fixture
+def target(tmp_path) -> Iterator[RunningTarget]:
+    port = free_port()
+    yield from serve(tmp_path, _config(port), nvme_port=port)
 
 
 # Shell helpers the guest scripts share: wait for a block device of our subsystem, and

@@ -17,7 +17,7 @@ import pytest
 from integration.target_proc import RunningTarget, free_port, listen_address
 
 from .harness.vm import Guest
-from .test_kernel_host import PRELUDE
+from .test_kernel_host import PRELUDE, serve
 
 NQN = "nqn.2026-01.io.blocktarget:masking"
 HOST_A = "nqn.2014-08.org.nvmexpress:uuid:a0a0a0a0-0000-4000-8000-0000000000a1"
@@ -51,13 +51,7 @@ def _config(port: int) -> dict:
 @pytest.fixture
 def target(tmp_path: Path) -> Iterator[RunningTarget]:
     port = free_port()
-    t = RunningTarget(tmp_path, _config(port), cores=None)
-    t.nvme_port = port  # type: ignore[attr-defined]
-    t.start()
-    try:
-        yield t
-    finally:
-        t.kill()
+    yield from serve(tmp_path, _config(port), nvme_port=port)
 
 
 SCRIPT = r"""

@@ -33,7 +33,7 @@ from integration.target_proc import RunningTarget, free_port, listen_address
 from blocktarget.nvme.tls_keys import ConfiguredPsk, identity_for, tls_psk
 
 from .harness.vm import Guest
-from .test_kernel_host import PRELUDE
+from .test_kernel_host import PRELUDE, serve
 
 NQN = "nqn.2026-01.io.blocktarget:tls"
 HOST_A = "nqn.2014-08.org.nvmexpress:uuid:71500000-0000-4000-8000-00000000000a"
@@ -92,13 +92,7 @@ def target(tmp_path: Path, keys: dict[str, ConfiguredPsk]) -> Iterator[RunningTa
              "params": {"nqn": NQN, "listen_address": listen_address(plain)}},
         ]},
     ]}
-    t = RunningTarget(tmp_path, cfg, cores=None)
-    t.secure_port, t.plain_port = secure, plain  # type: ignore[attr-defined]
-    t.start()
-    try:
-        yield t
-    finally:
-        t.kill()
+    yield from serve(tmp_path, cfg, secure_port=secure, plain_port=plain)
 
 
 SCRIPT = r"""
