@@ -267,3 +267,96 @@ def test_snapshot_and_clone_by_spdk_rpc_while_connected(running_target: Launcher
         asyncio.run(_read_after_detach(port))
     finally:
         rpc.close()
+
+
+async def _grow_live(port: int, rpc: SpdkRpc, base: Path, exported: Path) -> None:
+    """Over one connection: a store filled to its last cluster, its base file grown,
+    rescanned and the store grown by SPDK's rpc.py while writes run, then the clusters
+    that failed before take writes; and a file bdev exported as itself (nsid 2) grown
+    under the host, which gets the event and the size."""
+    ctrl = await connect("127.0.0.1", port, NQN, nr_io_queues=2, timeout=15)
+    try:
+        total = rpc.json("bdev_lvol_get_lvstores")[0]["total_data_clusters"]
+        for c in range(total):
+            await ctrl.write(1, c * BPC, blocks(1, c))
+        with pytest.raises(NvmeStatusError) as full:
+            await ctrl.write(1, total * BPC, blocks(1, total))
+        assert full.value.sc == spec.GenericStatus.CAPACITY_EXCEEDED
+
+        stop = asyncio.Event()
+
+        async def writer() -> int:  # rewrites mapped clusters the whole time
+            n = 0
+            while not stop.is_set():
+                c = n % total
+                await ctrl.write(1, c * BPC + 1, blocks(1, c + 1000))
+                assert bytes(await ctrl.read(1, c * BPC + 1, 1)) == blocks(1, c + 1000)
+                n += 1
+            return n
+
+        task = asyncio.create_task(writer())
+        os.truncate(base, 100 * MIB)
+        await asyncio.to_thread(rpc.ok, "bdev_aio_rescan", "U0")
+        await asyncio.to_thread(rpc.ok, "bdev_lvol_grow_lvstore", "-l", "lvs0")
+        stop.set()
+        assert await task > 0
+        [s] = rpc.json("bdev_lvol_get_lvstores")
+        assert s["total_data_clusters"] > total + 55
+        for c in range(total, total + 55):  # failed above: the store has room now
+            await ctrl.write(1, c * BPC, blocks(1, c))
+        for c in range(total + 55):
+            assert bytes(await ctrl.read(1, c * BPC, 1)) == blocks(1, c), f"cluster {c}"
+
+        await ctrl.set_features(spec.FeatureId.ASYNC_EVENT, spec.AenConfig.NS_ATTR)
+        aer = await ctrl.async_event_request()
+        assert (await ctrl.namespace(2)).nsze == 8 * BPC
+        os.truncate(exported, 12 * MIB)
+        await asyncio.to_thread(rpc.ok, "bdev_uring_rescan", "U1")
+        dw0 = await asyncio.wait_for(aer, 5)
+        assert dw0 == spec.make_aen_result(spec.AsyncEventType.NOTICE,
+                                           spec.AsyncEventNotice.NS_ATTR_CHANGED,
+                                           spec.LogPage.CHANGED_NS)
+        changed = await ctrl.get_log_page(spec.LogPage.CHANGED_NS, 4096)
+        assert int.from_bytes(bytes(changed[:4]), "little") == 2
+        assert (await ctrl.namespace(2, refresh=True)).nsze == 12 * BPC
+        await ctrl.write(2, 12 * BPC - 1, blocks(1, 9))  # the last block, new
+        assert bytes(await ctrl.read(2, 12 * BPC - 1, 1)) == blocks(1, 9)
+    finally:
+        await ctrl.disconnect()
+
+
+def test_live_grow_by_spdk_rpc(running_target: Launcher, base_file: Path) -> None:
+    exported = base_file.with_suffix(".exported.img")
+    with open(exported, "wb") as f:
+        f.truncate(8 * MIB)
+    cfg = target_config(base_file)
+    cfg["subsystems"][0]["config"].append(
+        {"method": "bdev_uring_create",
+         "params": {"name": "U1", "filename": str(exported), "block_size": BS}})
+    t = running_target(cfg)
+    rpc = SpdkRpc(t.sock_path)
+    try:
+        rpc.uuid("bdev_lvol_create_lvstore", "U0", "lvs0", "-c", str(MIB))
+        rpc.uuid("bdev_lvol_create", "-l", "lvs0", "-t", "vol", "128")
+        rpc.ok("nvmf_create_subsystem", NQN, "-a")
+        rpc.ok("nvmf_subsystem_add_ns", NQN, "lvs0/vol")
+        rpc.ok("nvmf_subsystem_add_ns", NQN, "U1")
+        port = free_port()
+        t.rpc("nvmf_subsystem_add_listener", nqn=NQN, listen_address=listen_address(port))
+        asyncio.run(_grow_live(port, rpc, base_file, exported))
+        # past what the metadata was sized for at create: refused, with the reason
+        [before] = rpc.json("bdev_lvol_get_lvstores")
+        os.truncate(base_file, 400 * MIB)
+        rpc.ok("bdev_uring_rescan", "U0")
+        e = rpc.fails("bdev_lvol_grow_lvstore", "-l", "lvs0")
+        assert e["code"] == -28 and "max_growable_size" in e["message"], e
+        assert rpc.json("bdev_lvol_get_lvstores") == [before]
+        # a shrink under the exported bdev is refused, it keeps its size
+        os.truncate(exported, 4 * MIB)
+        e = rpc.fails("bdev_aio_rescan", "U1")
+        assert e["code"] == -16 and "in use by" in e["message"], e
+        [b] = rpc.json("bdev_get_bdevs", "-b", "U1")
+        assert b["num_blocks"] == 12 * BPC
+    finally:
+        rpc.close()
+        exported.unlink()
