@@ -270,11 +270,7 @@ async def bdev_lvol_delete(target: Target, params: dict[str, Any]) -> bool:
         raise Busy(f"lvol '{bdev.aliases[0]}' is in use by {bdev.claimed_by}; "
                    "remove that first")
     store = bdev.store
-    kids = store.children(bdev.uuid)
-    if kids:  # (checked again, under the store's turnstile, by delete_volume)
-        raise Busy(f"lvol '{bdev.aliases[0]}' is the snapshot of "
-                   f"{', '.join(repr(store.name + '/' + k.name) for k in kids)}; "
-                   "delete those first")
+    store.refuse_if_cloned(bdev.uuid)  # (again, under the store's turnstile, on delete)
     await target.delete_bdev(bdev.name)  # channels closed: no I/O is left in flight
     try:
         await store.delete_volume(bdev.uuid)

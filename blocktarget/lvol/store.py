@@ -282,14 +282,24 @@ class LvolStore:
     def children(self, vol_uuid: str) -> list[VolumeRecord]:
         return [v for v in self.md.volumes.values() if v.parent == vol_uuid]
 
+    def refuse_if_cloned(self, vol_uuid: str) -> None:
+        """Busy when the volume is a snapshot that clones still read through: deleting
+        it would take their data (SPDK merges a snapshot into its one clone instead;
+        here the operator chooses, and the message says how)."""
+        kids = self.children(vol_uuid)
+        if not kids:
+            return
+        names = ", ".join(repr(f"{self.name}/{k.name}") for k in kids)
+        which = f"a clone ({names})" if len(kids) == 1 else f"{len(kids)} clones ({names})"
+        them = "it" if len(kids) == 1 else "them"
+        raise Busy(f"lvol '{self.name}/{self.md.volumes[vol_uuid].name}' is a snapshot "
+                   f"with {which} reading through it: delete {them}, or make {them} "
+                   "independent with bdev_lvol_inflate or bdev_lvol_decouple_parent, first")
+
     async def delete_volume(self, vol_uuid: str) -> None:
         async with self.turn.held():
             old = self.md.volumes[vol_uuid]
-            kids = self.children(vol_uuid)
-            if kids:
-                raise Busy(f"lvol '{self.name}/{old.name}' is the snapshot of "
-                           f"{', '.join(repr(self.name + '/' + k.name) for k in kids)}; "
-                           "delete those first")
+            self.refuse_if_cloned(vol_uuid)
             await self.commit_held(lambda md: md.volumes.pop(vol_uuid))
             await self._release(list(old.map.values()), old.clear_method)
 
