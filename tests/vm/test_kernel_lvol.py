@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 from integration.target_proc import RunningTarget, free_port, listen_address
@@ -38,17 +39,13 @@ def target(tmp_path) -> Iterator[RunningTarget]:
              "params": {"nqn": NQN, "allow_any_host": True, "serial_number": "BTLVOL01"}},
             {"method": "nvmf_subsystem_add_listener",
              "params": {"nqn": NQN, "listen_address": listen_address(port)}}]}]}
-    t = RunningTarget(tmp_path, cfg, cores=None)
-    t.nvme_port = port  # type: ignore[attr-defined]
-    t.start()
-    try:
+    with closing(serve(tmp_path, cfg, nvme_port=port)) as served:  # killed when done
+        t = next(served)
         t.rpc("bdev_lvol_create_lvstore", bdev_name="Pool0", lvs_name="lvs0", cluster_sz=MIB)
         t.rpc("bdev_lvol_create", lvs_name="lvs0", lvol_name="thin", size_in_mib=96,
               thin_provision=True)
         t.rpc("nvmf_subsystem_add_ns", nqn=NQN, namespace={"bdev_name": "lvs0/thin"})
         yield t
-    finally:
-        t.kill()
 
 
 def test_thin_volume_fio_verify_live_resize_and_full_store(vm: Guest,
@@ -100,7 +97,7 @@ echo DONE
     assert "Capacity Exceeded" in target.log()
 
 
-SNAP_VOL_MIB = 48
+SNAP_VOL_MIB = 32
 SNAP_NQN = "nqn.2026-01.io.blocktarget:lvolsnap"
 
 
@@ -119,7 +116,8 @@ def snap_target(tmp_path) -> Iterator[RunningTarget]:
              "params": {"nqn": SNAP_NQN, "allow_any_host": True, "serial_number": "BTLVSNAP"}},
             {"method": "nvmf_subsystem_add_listener",
              "params": {"nqn": SNAP_NQN, "listen_address": listen_address(port)}}]}]}
-    for t in serve(tmp_path, cfg, nvme_port=port):
+    with closing(serve(tmp_path, cfg, nvme_port=port)) as served:  # killed when done
+        t = next(served)
         t.rpc("bdev_lvol_create_lvstore", bdev_name="Pool0", lvs_name="lvs0", cluster_sz=MIB)
         t.rpc("bdev_lvol_create", lvs_name="lvs0", lvol_name="vol",
               size_in_mib=SNAP_VOL_MIB, thin_provision=True)
