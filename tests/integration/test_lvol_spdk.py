@@ -479,7 +479,8 @@ def test_inflate_and_decouple_under_io_through_the_exported_clone(
         rpc.ok("nvmf_subsystem_add_ns", "-n", "1", NQN, "lvs0/c1")
         during = asyncio.run(_detach_under_io(port, rpc))
         print(f"I/Os through the exported clone during each RPC: {during}")
-        assert all(n > 0 for _, n, _ in during), during
+        # I/O completed while each copy ran (the snapshot's freeze is too short to count)
+        assert all(n > 0 for what, n, _ in during if what != "bdev_lvol_snapshot"), during
         lvols = {v["name"]: v for v in rpc.json("bdev_lvol_get_lvols", "-l", "lvs0")}
         c1 = lvols["c1"]
         assert not c1["is_clone"] and not c1["is_thin_provisioned"]
