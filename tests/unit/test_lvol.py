@@ -637,6 +637,19 @@ async def test_grow_live_by_rescan_and_the_limit_of_the_metadata(tmp_path: Path)
                               max_growable_size_mib=8)
         assert code == EBUSY  # (claimed: the option is checked on a free base below)
 
+        # unused, a bdev takes a shrink too; to less than one block it does not
+        h = tmp_path / "free.img"
+        with open(h, "wb") as fh:
+            fh.truncate(8 * MIB)
+        await ok(t, "bdev_uring_create", name="U2", filename=str(h), block_size=BS)
+        os.truncate(h, 2 * MIB + 100)
+        await ok(t, "bdev_uring_rescan", name="U2")
+        assert t.bdevs.get("U2").num_blocks == 2 * MIB // BS
+        os.truncate(h, BS - 1)
+        code, msg = await err(t, "bdev_uring_rescan", name="U2")
+        assert code == -32602 and "no whole block" in msg, msg
+        assert t.bdevs.get("U2").num_blocks == 2 * MIB // BS
+
         # bad rescans: not a file bdev, no such bdev
         await ok(t, "bdev_malloc_create", name="M0", num_blocks=8 * MIB // BS, block_size=BS)
         code, msg = await err(t, "bdev_uring_rescan", name="M0")
