@@ -257,8 +257,9 @@ def test_large_blocks() -> None:
 
 
 def test_persist_points_of_one_block_write() -> None:
-    """One block costs three drains in this order: data with the flog body, the flog's
-    sequence number, the map."""
+    """One block costs two drains in this order: data with the flog body (and the map
+    entries: the one read as `old`, the lane's last write's), the flog's sequence
+    number; its map store is persisted by the lane's next write's first drain."""
     layout = _layout(4)
     rec = _fresh(layout)
     pool = Pool(rec)
@@ -278,7 +279,17 @@ def test_persist_points_of_one_block_write() -> None:
 
     rec.on_drain = where
     pool.write(0, 3, 1, memoryview(bytes([7]) * layout.block_size))
-    assert seen == [{"data", "flog"}, {"flog"}, {"map"}]
+    assert seen == [{"data", "flog", "map"}, {"flog"}]
+    entry = layout.mapoff + 3 * layout.entry_size
+    assert rec.cur[entry:entry + 4] != rec.durable[entry:entry + 4]  # stored, not persisted
+    # the lane's next write, far from LBA 3 (another map line), persists it first
+    far = layout.num_blocks - 1
+    assert (layout.mapoff + far * layout.entry_size) // LINE != entry // LINE
+    staged: list[set[int]] = []
+    rec.on_drain = lambda r: staged.append(set(r.staged))
+    pool.write(0, far, 1, memoryview(bytes([8]) * layout.block_size))
+    assert entry // LINE in staged[0]
+    assert rec.cur[entry:entry + 4] == rec.durable[entry:entry + 4]
 
 
 def test_crash_while_formatting() -> None:
