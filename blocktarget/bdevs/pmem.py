@@ -28,8 +28,9 @@ A write of one block, with lane L's slot s holding free block F:
 
     1. copy the data into F                       (nobody reads F: a crash changes nothing)
     2. old = map[lba]; write {lba, old, F} into the slot's non-current flog entry;
-       persist them, and with them map[lba] and the map entries lane L's previous write
-       stored (one drain: all only have to be durable before step 3)
+       persist them, and with them the map entries lane L's previous write stored and
+       (with more than one lane) map[lba] (one drain: all only have to be durable
+       before step 3)
     3. write its seq = next(seq), persist         (commit point: the flog now says lba -> F)
     4. map[lba] = F (one store, not persisted)    (the slot's free block is now `old`)
 
@@ -986,11 +987,13 @@ class Pool:
             pm.flush(flog_start, flog_len)
             # with them, the map entries this lane's last write stored (its slots' flog
             # entries may be overwritten from step 3 on), and the entries just read as
-            # `old` (another lane's write may have stored one without persisting it yet)
+            # `old` (another lane's write may have stored one without persisting it yet;
+            # in a one-lane pool, only this lane's last write, whose entries are the former)
             if ln.map_len:
                 pm.flush(ln.map_lo, ln.map_len)
             mapoff = self._mapoff + lba * es
-            pm.flush(mapoff, n * es)
+            if len(self.lanes) > 1:
+                pm.flush(mapoff, n * es)
             pm.drain()
             ln.map_len = 0
             # 3. the sequence numbers: each block's commit point

@@ -445,11 +445,13 @@ static int write_chunk(struct bt_pmem *p, uint32_t lane, struct lane *ln, uint64
     flush(p, &pd, flog_start, flog_len);
     /* with them, the map entries this lane's last write stored (so its slots' flog
        entries may be overwritten from step 3 on), and the entries just read as `old`
-       (another lane's write may have stored one without persisting it yet) */
+       (another lane's write may have stored one without persisting it yet; in a
+       one-lane pool, only this lane's last write, whose entries are the former) */
     if (ln->map_len)
         flush(p, &pd, ln->map_lo, ln->map_len);
     uint64_t mapoff = p->g.mapoff + lba * es;
-    flush(p, &pd, mapoff, n * es);
+    if (p->g.lanes > 1)
+        flush(p, &pd, mapoff, n * es);
     if (drain(p, &pd) != 0)
         goto out;
     ln->map_len = 0;
