@@ -61,7 +61,8 @@ reader publishes the physical blocks it copies in a read-tracking table, and a w
 waits before reusing a free block some reader still copies from (BTT's RTT). The GIL
 does not make this moot: copies run in C with the GIL released.
 
-Durability: every step persists before the I/O completes, so there is no volatile cache
+Durability: a write is durable before it completes (its data and committed flog entry
+are; recovery redoes its map store if that was lost), so there is no volatile cache
 (write_cache False; Flush and FUA cost nothing). Where the mapping is not real persistent
 memory (`pmem_is_pmem` false: a file on tmpfs or a disk file system) persisting is
 `pmem_msync`; otherwise cache-line flushes and a fence (`pmem_flush`/`pmem_drain`).
