@@ -53,6 +53,19 @@ and runs each step for all of them before one drain, so the fences (or msyncs) a
 per step, not per block; every block stays individually atomic, which is what NVMe
 promises (AWUN/AWUPF of one block).
 
+Group commit (the C engine and the lane only): a chunk's blocks need not be consecutive
+LBAs. Each has its own slot, so its own free block and flog pair, its own entry naming
+its LBA, its own commit point (its sequence number), and recovery looks at each pair
+alone. So the in-capsule writes of one lane batch (one socket read's commands) are
+committed as one chunk, `bt_pmem_write_group`: two drains for all of them, each pair
+updated once (never two updates in one pair, which the format could not tell apart).
+Two conditions make it a chunk: no LBA twice in it (both entries would read the same
+`old`: one block owned twice) and at most K blocks; the engine refuses either. The lane
+answers none of the writes before the group's second drain returned; a failed group is
+taken back by the lane untaken, and the Python path runs those capsules from the start
+(the pool refuses them, broken, as after any failed write). The crash-point harness
+crashes groups of several writes (and runs, on one lane and several) at every drain.
+
 Concurrency: a lane is used by one reactor, so its slots need no lock in the common case;
 a lane lock (uncontended then) still guards them because more reactors than lanes, or a
 caller without a reactor, may share one. Two lanes writing the same LBA are serialised by

@@ -9,7 +9,8 @@
  * every drain), so a pool written by either is the same and recovery, which stays in
  * Python, is unchanged. Why it exists: a 4 KiB write costs two drains and a dozen
  * Python-level steps; in C it runs with the GIL released and the lane can serve a pmem
- * namespace without going back to Python at all.
+ * namespace without going back to Python at all. One thing here has no Python twin:
+ * group commit (bt_pmem_write_group, the lane's), several writes' blocks as one chunk.
  *
  * Concurrency as in Python: a lane mutex around each read and write of that lane (one
  * reactor per lane, so uncontended in the common case), map mutexes taken in ascending
@@ -50,10 +51,19 @@ struct rtt {                    /* one lane's reader: the blocks it copies from 
     char pad[64];               /* (lanes' readers on separate cache lines) */
 };
 
+/* A write's blocks, one run of consecutive LBAs after another (one run: bt_pmem_write's
+   chunk; several: bt_pmem_write_group's, no LBA in two of them). */
+struct run {
+    uint64_t lba, n;
+    const unsigned char *src;
+};
+
 struct lane {
     pthread_mutex_t lock;
     struct slot *slots;
-    uint64_t map_lo, map_len;   /* map bytes its last write stored, not yet persisted */
+    uint32_t nmap;              /* map ranges its last write stored, not yet persisted */
+    uint64_t map_off[MAX_FREE_PER_LANE];
+    uint64_t map_len[MAX_FREE_PER_LANE];
 };
 
 struct bt_pmem {
@@ -397,9 +407,10 @@ static int any_reader(struct bt_pmem *p)
 
 /* ---- writes ---- */
 
-/* One chunk of n <= free_per_lane blocks: Pool._write_chunk. 0, or -1 (p->err). */
-static int write_chunk(struct bt_pmem *p, uint32_t lane, struct lane *ln, uint64_t lba,
-                       uint64_t n, const unsigned char *src)
+/* One chunk of n <= free_per_lane blocks in runs (Pool._write_chunk; a group: the same
+   steps over blocks of several writes, see bt_pmem_write_group). 0, or -1 (p->err). */
+static int write_chunk(struct bt_pmem *p, uint32_t lane, struct lane *ln,
+                       const struct run *runs, uint32_t nruns, uint64_t n)
 {
     struct slot *slots = ln->slots;
     struct pending pd = {0, 0, 0};
@@ -414,14 +425,17 @@ static int write_chunk(struct bt_pmem *p, uint32_t lane, struct lane *ln, uint64
                 while (being_read(p, lane, slots[i].free))
                     sched_yield();
     }
-    uint64_t lo = UINT64_MAX, hi = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        uint64_t off = p->g.dataoff + slots[i].free * bs;
-        copy_flush(p, &pd, off, src + i * bs, bs);
-        if (off < lo)
-            lo = off;
-        if (off + bs > hi)
-            hi = off + bs;
+    uint64_t lo = UINT64_MAX, hi = 0, set = 0;
+    for (uint32_t r = 0, i = 0; r < nruns; r++) {
+        set |= locks_for(runs[r].lba, runs[r].n);
+        for (uint64_t b = 0; b < runs[r].n; b++, i++) {
+            uint64_t off = p->g.dataoff + slots[i].free * bs;
+            copy_flush(p, &pd, off, runs[r].src + b * bs, bs);
+            if (off < lo)
+                lo = off;
+            if (off + bs > hi)
+                hi = off + bs;
+        }
     }
     if (p->mode == BT_PM_MSYNC)
         flush(p, &pd, lo, hi - lo);
@@ -429,32 +443,33 @@ static int write_chunk(struct bt_pmem *p, uint32_t lane, struct lane *ln, uint64
        the drain after the flog bodies covers both) */
     uint64_t flog_start = slots[0].off;
     uint64_t flog_len = slots[n - 1].off + FLOG_PAIR - flog_start;
-    uint64_t set = locks_for(lba, n);
     lock_set(p, set);
     int rc = -1;
     /* 2. the flog entries, all but their sequence numbers; drain (data too) */
-    for (uint64_t i = 0; i < n; i++) {
-        uint64_t raw = map_get(p, lba + i);
-        uint64_t old = raw >> p->shift ? raw : ((lba + i) | p->zero);
-        olds[i] = old;
-        uint64_t body[3] = {lba + i, old, p->normal | slots[i].free};
-        uint64_t off = slots[i].off + slots[i].next * FLOG_ENTRY;
-        memcpy(p->base + off, body, sizeof(body));
-        stored(p, off, sizeof(body));
-    }
+    for (uint32_t r = 0, i = 0; r < nruns; r++)
+        for (uint64_t b = 0; b < runs[r].n; b++, i++) {
+            uint64_t lba = runs[r].lba + b;
+            uint64_t raw = map_get(p, lba);
+            uint64_t old = raw >> p->shift ? raw : (lba | p->zero);
+            olds[i] = old;
+            uint64_t body[3] = {lba, old, p->normal | slots[i].free};
+            uint64_t off = slots[i].off + slots[i].next * FLOG_ENTRY;
+            memcpy(p->base + off, body, sizeof(body));
+            stored(p, off, sizeof(body));
+        }
     flush(p, &pd, flog_start, flog_len);
     /* with them, the map entries this lane's last write stored (so its slots' flog
        entries may be overwritten from step 3 on), and the entries just read as `old`
        (another lane's write may have stored one without persisting it yet; in a
        one-lane pool, only this lane's last write, whose entries are the former) */
-    if (ln->map_len)
-        flush(p, &pd, ln->map_lo, ln->map_len);
-    uint64_t mapoff = p->g.mapoff + lba * es;
+    for (uint32_t m = 0; m < ln->nmap; m++)
+        flush(p, &pd, ln->map_off[m], ln->map_len[m]);
     if (p->g.lanes > 1)
-        flush(p, &pd, mapoff, n * es);
+        for (uint32_t r = 0; r < nruns; r++)
+            flush(p, &pd, p->g.mapoff + runs[r].lba * es, runs[r].n * es);
     if (drain(p, &pd) != 0)
         goto out;
-    ln->map_len = 0;
+    ln->nmap = 0;
     /* 3. the sequence numbers: each block's commit point */
     for (uint64_t i = 0; i < n; i++) {
         uint64_t off = slots[i].off + slots[i].next * FLOG_ENTRY + 24;
@@ -466,11 +481,15 @@ static int write_chunk(struct bt_pmem *p, uint32_t lane, struct lane *ln, uint64
         goto out;
     /* 4. the map, persisted by the next write's step 2 (this lane's or, for these
        LBAs, any lane's): until then recovery redoes it from the flog */
-    for (uint64_t i = 0; i < n; i++)
-        store(p, mapoff + i * es, p->normal | slots[i].free, es);
-    stored(p, mapoff, n * es);
-    ln->map_lo = mapoff;
-    ln->map_len = n * es;
+    for (uint32_t r = 0, i = 0; r < nruns; r++) {
+        uint64_t mapoff = p->g.mapoff + runs[r].lba * es;
+        for (uint64_t b = 0; b < runs[r].n; b++, i++)
+            store(p, mapoff + b * es, p->normal | slots[i].free, es);
+        stored(p, mapoff, runs[r].n * es);
+        ln->map_off[r] = mapoff;
+        ln->map_len[r] = runs[r].n * es;
+    }
+    ln->nmap = nruns;
     rc = 0;
 out:
     unlock_set(p, set);
@@ -481,6 +500,18 @@ out:
             slots[i].free = olds[i] & p->mask;
         }
     return rc;
+}
+
+/* the lane's chunks under its lock; a failure leaves the pool broken */
+static int write_runs(struct bt_pmem *p, uint32_t lane, const struct run *runs,
+                      uint32_t nruns, uint64_t n)
+{
+    if (write_chunk(p, lane, &p->lanes[lane], runs, nruns, n) == 0)
+        return BT_PMEM_OK;
+    /* the run-time free list may no longer match the media: stop writing; reopening
+       the pool recovers from what is on the media */
+    __atomic_store_n(&p->broken, 1, __ATOMIC_RELEASE);
+    return BT_PMEM_FAILED;
 }
 
 int bt_pmem_write(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count,
@@ -494,17 +525,63 @@ int bt_pmem_write(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count
     uint64_t k = p->g.free_per_lane, bs = p->g.block_size;
     int rc = BT_PMEM_OK;
     pthread_mutex_lock(&ln->lock);
-    for (uint64_t done = 0; done < count;) {
-        uint64_t n = count - done < k ? count - done : k;
-        if (write_chunk(p, lane, ln, lba + done, n, src + done * bs) != 0) {
-            /* the run-time free list may no longer match the media: stop writing;
-               reopening the pool recovers from what is on the media */
-            __atomic_store_n(&p->broken, 1, __ATOMIC_RELEASE);
-            rc = BT_PMEM_FAILED;
-            break;
-        }
-        done += n;
+    for (uint64_t done = 0; done < count && rc == BT_PMEM_OK;) {
+        struct run r = {lba + done, count - done < k ? count - done : k, src + done * bs};
+        rc = write_runs(p, lane, &r, 1, r.n);
+        done += r.n;
     }
+    pthread_mutex_unlock(&ln->lock);
+    return rc;
+}
+
+/* Group commit. The BTT's cost per write is its two drains (fences waiting for the
+ * flushed lines, or msyncs), not its blocks: a chunk of k blocks pays them once. A chunk
+ * already is k independent one-block writes that share their steps: block i has its own
+ * free-list slot (slots[i]: its own free block and its own flog pair), its own flog
+ * entry {lba, old, new} naming only itself, and its own commit point (its sequence
+ * number); recovery looks at each slot's pair alone. Nothing in the format asks the k
+ * blocks to be consecutive LBAs; each entry carries its LBA. So the blocks of several
+ * writes of one lane batch (lane.c) are committed as one chunk with the same two drains:
+ * step 1 copies all of them, step 2 writes every flog body (each in its own slot's
+ * non-current entry: one update per pair, never two in one pair, which the format could
+ * not tell apart) and drains once, step 3 stores every sequence number and drains once,
+ * step 4 stores the map words. Each block is old or new after a crash at any point,
+ * exactly as in a chunk; the caller acknowledges none of the writes before this returns
+ * (after the second drain), so nothing acknowledged can be lost.
+ *
+ * What a chunk guarantees that a group must ask for: no LBA twice (two flog entries for
+ * one LBA in one chunk would both read the same `old`: one block owned twice), and at
+ * most free_per_lane blocks (one slot each). Either is refused (BT_PMEM_RANGE, nothing
+ * written). A failure leaves the pool broken, as for a single write, with any block of
+ * the group old or new: the caller hands every write of the group to the Python path. */
+uint32_t bt_pmem_group_max(const struct bt_pmem *p)
+{
+    return p->g.free_per_lane;
+}
+
+int bt_pmem_write_group(struct bt_pmem *p, uint32_t lane, uint32_t nw, const uint64_t *lbas,
+                        const uint64_t *counts, const unsigned char *const *srcs)
+{
+    struct run runs[MAX_FREE_PER_LANE];
+    uint64_t n = 0;
+    if (nw == 0 || nw > p->g.free_per_lane || lane >= p->g.lanes)
+        return BT_PMEM_RANGE;
+    for (uint32_t i = 0; i < nw; i++) {
+        if (counts[i] == 0 || !in_range(p, lane, lbas[i], counts[i]))
+            return BT_PMEM_RANGE;
+        for (uint32_t j = 0; j < i; j++)
+            if (lbas[i] < lbas[j] + counts[j] && lbas[j] < lbas[i] + counts[i])
+                return BT_PMEM_RANGE;
+        n += counts[i];
+        runs[i] = (struct run){lbas[i], counts[i], srcs[i]};
+    }
+    if (n > p->g.free_per_lane)
+        return BT_PMEM_RANGE;
+    if (bt_pmem_broken(p))
+        return BT_PMEM_BROKEN;
+    struct lane *ln = &p->lanes[lane];
+    pthread_mutex_lock(&ln->lock);
+    int rc = write_runs(p, lane, runs, nw, n);
     pthread_mutex_unlock(&ln->lock);
     return rc;
 }

@@ -81,6 +81,11 @@ int bt_pmem_read(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count,
 /* count blocks from src, each atomically (enum bt_pmem_rc) */
 int bt_pmem_write(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count,
                   const unsigned char *src);
+/* nw writes (lbas[i], counts[i] blocks from srcs[i]) of one lane committed together: each
+   block atomically, with the two drains of one chunk for all (be_pmem.c). No LBA in two
+   writes and at most free_per_lane blocks in all, else BT_PMEM_RANGE with nothing done. */
+int bt_pmem_write_group(struct bt_pmem *p, uint32_t lane, uint32_t nw, const uint64_t *lbas,
+                        const uint64_t *counts, const unsigned char *const *srcs);
 /* make count blocks read as zeroes (map flag; no data written) */
 int bt_pmem_zero(struct bt_pmem *p, uint64_t lba, uint64_t count);
 int bt_pmem_broken(struct bt_pmem *p);
@@ -89,5 +94,8 @@ void bt_pmem_set_broken(struct bt_pmem *p);
 int bt_pmem_errno(struct bt_pmem *p);
 
 /* ---- cdef end ---- */
+
+/* The most blocks bt_pmem_write_group takes at once (the lane's free-list slots). */
+uint32_t bt_pmem_group_max(const struct bt_pmem *p);
 
 #endif
