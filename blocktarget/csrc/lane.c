@@ -985,6 +985,114 @@ static int pmem_read_done(struct bt_lane *l, struct bt_ns *ns, const struct cmd 
     return 0;
 }
 
+/* ---- pmem group commit: the in-capsule writes to one pool that follow one another in a
+   batch are committed together (bt_pmem_write_group: the BTT's two drains once for all,
+   each block still atomic; be_pmem.c has the argument). A write joins the group instead
+   of running: its response's room is reserved in the output, the response built only
+   once the group is durable (group_commit, at the latest before bt_lane_run returns), so
+   no response leaves before its blocks are durable. Anything else (another PDU, a write
+   that overlaps the group or would overflow it, output that would not fit the buffer as
+   it is) commits the group first. If the commit fails, the lane takes the whole group
+   back as if it had never taken it (input position, command count, SQ head, output):
+   the Python path decodes those capsules itself, in order, and answers each as the
+   reference does (the pool, broken now, refuses them), every response with the SQ head
+   of its turn. ---- */
+
+#define GROUP_MAX 32
+
+struct pgroup {
+    uint32_t n;                 /* writes waiting */
+    uint64_t blocks;
+    struct bt_ns *ns;
+    size_t out0;                /* their responses' room: l->out from here to out_len
+                                   (an offset: the buffer may be reallocated) */
+    size_t pos0;                /* the first one's capsule in bt_lane_run's input */
+    unsigned ncmds0;            /* bt_lane_run's count of commands before it */
+    uint16_t sqhd0;             /* the SQ head before it */
+    uint64_t lba[GROUP_MAX], count[GROUP_MAX];
+    const unsigned char *src[GROUP_MAX];  /* (in bt_lane_run's input) */
+    uint32_t nbytes[GROUP_MAX];
+    uint16_t cid[GROUP_MAX];
+    uint16_t sqhd[GROUP_MAX];   /* the SQ head its response reports (as when it ran) */
+    uint8_t fua[GROUP_MAX];
+};
+
+/* Can command c (accepted, reply bytes) join g now? */
+static int group_fits(const struct bt_lane *l, const struct pgroup *g, const struct cmd *c,
+                      long reply)
+{
+    if (c->act != ACT_WRITE_ICD || c->ns->backend != BT_BE_PMEM)
+        return 0;
+    if (g->n == 0)
+        return 1;
+    uint64_t lba = pmem_lba(c->ns, c->off), nlb = c->nbytes / c->ns->block_size;
+    if (c->ns != g->ns || g->n == GROUP_MAX
+        || g->blocks + nlb > bt_pmem_group_max(c->ns->pmem)
+        || l->out_len + (size_t)reply > l->out_cap)  /* (reserve would seal the buffer) */
+        return 0;
+    for (uint32_t i = 0; i < g->n; i++)
+        if (lba < g->lba[i] + g->count[i] && g->lba[i] < lba + nlb)
+            return 0;  /* (one flog entry per LBA in a group: commit the first one first) */
+    return 1;
+}
+
+/* c, the capsule at input position pos, the ncmds-th command, joins g (the SQ head
+   already counts it); returns its reply's length. */
+static long group_join(struct bt_lane *l, struct pgroup *g, const struct cmd *c, uint16_t cid,
+                       long reply, size_t pos, unsigned ncmds)
+{
+    uint32_t i = g->n++;
+    if (i == 0) {
+        g->blocks = 0;
+        g->ns = c->ns;
+        g->out0 = l->out_len;
+        g->pos0 = pos;
+        g->ncmds0 = ncmds;
+        g->sqhd0 = l->flow_disabled ? l->sqhd
+                 : (uint16_t)((l->sqhd + (uint32_t)l->sqsize) % ((uint32_t)l->sqsize + 1));
+    }
+    g->lba[i] = pmem_lba(c->ns, c->off);
+    g->count[i] = c->nbytes / c->ns->block_size;
+    g->src[i] = c->data;
+    g->nbytes[i] = c->nbytes;
+    g->cid[i] = cid;
+    g->sqhd[i] = l->sqhd;
+    g->fua[i] = (uint8_t)fua_of(c->ns, c->sqe);
+    g->blocks += g->count[i];
+    return reply;
+}
+
+/* Make g's writes durable and answer them. 0 if the pool refused: then *pos and *ncmds
+   are where bt_lane_run stands without the group (the Python path's from there). */
+static int group_commit(struct bt_lane *l, struct pgroup *g, size_t *pos, unsigned *ncmds)
+{
+    uint32_t n = g->n;
+    if (n == 0)
+        return 1;
+    g->n = 0;
+    struct bt_ns *ns = g->ns;
+    /* (one write alone: bt_pmem_write, which also takes more blocks than one chunk) */
+    int rc = n == 1 ? bt_pmem_write(ns->pmem, ns->pmem_lane, g->lba[0], g->count[0], g->src[0])
+                    : bt_pmem_write_group(ns->pmem, ns->pmem_lane, n, g->lba, g->count,
+                                          g->src);
+    if (rc != BT_PMEM_OK) {
+        l->out_len = g->out0;
+        l->sqhd = g->sqhd0;
+        *pos = g->pos0;
+        *ncmds = g->ncmds0;
+        return 0;
+    }
+    unsigned char *o = l->out + g->out0;
+    uint16_t sqhd = l->sqhd;
+    for (uint32_t i = 0; i < n; i++) {
+        smart(l, 1, g->nbytes[i], 1);
+        l->sqhd = g->sqhd[i];
+        o = write_done(l, ns, g->nbytes[i], g->fua[i], g->cid[i], o);
+    }
+    l->sqhd = sqhd;
+    return 1;
+}
+
 /* Execute an accepted command on a backend that completes at once; o has its reply's
    room. Returns the reply's length (0: the command went to the Python path). */
 static long exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsigned char *o,
@@ -1349,9 +1457,13 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
     size_t dhlen = DATA_HLEN + (l->hdgst ? DIGEST : 0);
     uint8_t hflag = l->hdgst ? F_HDGST : 0;
     unsigned n = 0;
+    struct pgroup g;
+    g.n = 0;
     while (n < max_cmds && len - pos >= 8) {
         const unsigned char *p = in + pos;
         uint32_t plen = ld32(p + 4);
+        if (g.n && p[0] != PDU_CAPSULE_CMD && !group_commit(l, &g, &pos, &n))
+            break;  /* (H2CData may complete a write and answer it: the group's first) */
         if (plen > len - pos) {
             /* a PDU that goes on in the next buffers: a write's data is received by the
                lane as it comes, a capsule kept to finish (else Python's decoder gathers
@@ -1377,6 +1489,9 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
             break;
         struct cmd c = {0};
         long reply = accept_capsule(l, p, plen, &c);
+        if (reply >= 0 && g.n && !group_fits(l, &g, &c, reply)
+            && !group_commit(l, &g, &pos, &n))
+            break;  /* (the group's writes are the Python path's now, and all after) */
         if (reply < 0 || (n > 0 && l->out_len + (size_t)reply > max_out))
             break;
         unsigned char *o = NULL;  /* (an asynchronous command answers later) */
@@ -1396,7 +1511,9 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
             l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
         int refused = 0;
         if (c.act != ACT_WRITE_R2T && !is_async(c.ns)) {
-            long done = exec_sync(l, &c, cid, o, reply);
+            long done = group_fits(l, &g, &c, reply)
+                      ? group_join(l, &g, &c, cid, reply, pos, n)
+                      : exec_sync(l, &c, cid, o, reply);
             refused = done != reply;
             reply = done;
         }
@@ -1406,8 +1523,14 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
         if (refused)
             break;  /* the Python path answers it before anything after it, in order */
     }
-    if (n < max_cmds && pos < len && len - pos < 8 && begin_carry(l, in + pos, len - pos))
+    size_t end = pos;
+    if (!group_commit(l, &g, &pos, &n)) {  /* (before anything it answered is sent) */
+        if (end == len && in != l->carry)
+            l->carry_len = l->carry_plen = 0;  /* (a capsule begun above: Python's too) */
+    } else if (n < max_cmds && pos < len && len - pos < 8
+               && begin_carry(l, in + pos, len - pos)) {
         pos = len;  /* a capsule's first bytes, its length not even there yet */
+    }
     submit_touched(l);
     *ncmds = n;
     return pos;

@@ -6,8 +6,9 @@ Every namespace but nsid 3 (null) is a pmem bdev: nsid 1 (512-byte blocks), nsid
 sides start from copies of the same pool files (same UUIDs, same contents). The
 reference side's pools run the Python engine of the BTT (`pmem.USE_C_ENGINE` off while it
 is made), the lane side's the C engine, which its lane and its Python path share. After
-each feed, besides every byte sent and the queue's state, the pool files are compared
-whole: map, flog, data blocks and free lists, byte for byte. Free lists are small (4
+each feed, besides every byte sent and the queue's state, the pools are compared as
+recovery sees them (map flags and every block's data; `_contents` says why not the files
+byte for byte), each checked for consistency. Free lists are small (4
 blocks per lane) so that multi-block writes take several chunks.
 
 What the lane must leave to the Python path is provoked for real: a block whose map
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,8 +103,31 @@ def _pmem_bdevs(workdir: Path) -> list[dict[str, Any]]:
 
 
 def _contents(bdev: Any) -> bytes | None:
+    """What a pool holds, as recovery would find it: its info block, then every LBA's map
+    flags and the data it reads (zeroes where the map says so), after checking that no
+    physical block is owned twice or lost. Not the file byte for byte: the lane commits
+    the writes of one batch as a group (csrc/be_pmem.c, bt_pmem_write_group), which puts
+    them in other free blocks and flog pairs than the Python path's one-by-one writes.
+    That the C engine's single writes leave the same bytes as Python's is
+    test_pmem_engine.py's (byte for byte, flushes and drains in order)."""
     path = getattr(bdev, "path", None)
-    return Path(path).read_bytes() if path and bdev.module == "pmem" else None
+    if not path or bdev.module != "pmem":
+        return None
+    problems = bdev.pool.check()
+    assert problems == [], f"{bdev.name}: {problems}"
+    raw = Path(path).read_bytes()
+    layout, _uuid = pmem.Layout.unpack_info(raw[:pmem.INFO_SIZE])
+    es, bs, shift = layout.entry_size, layout.block_size, layout.entry_size * 8 - 2
+    fmt = "<I" if es == 4 else "<Q"
+    out = [raw[:pmem.INFO_SIZE]]
+    for lba in range(layout.num_blocks):
+        (entry,) = struct.unpack_from(fmt, raw, layout.mapoff + lba * es)
+        flags = entry >> shift
+        out.append(bytes([flags]))
+        if flags == 3:
+            block = entry & ((1 << shift) - 1)
+            out.append(raw[layout.dataoff + block * bs:layout.dataoff + (block + 1) * bs])
+    return b"".join(out)
 
 
 PMEM_LAYOUT = Layout(bdevs=_pmem_bdevs, contents=_contents)
@@ -304,5 +329,91 @@ def test_broken_pool_writes_go_to_python(where: Path) -> None:
         assert p.taken() == 2
         lane = p.fast.io._lane
         assert lane.inflight == 0 and lane.c.redo == 0
+    finally:
+        p.close()
+
+
+def _slots(pool: Any) -> list[tuple[int, int, int]]:
+    pool.core.sync_slots(pool.lanes)
+    return [(s.next, s.seq, s.free) for ln in pool.lanes for s in ln.slots]
+
+
+def test_writes_of_one_batch_commit_as_a_group(where: Path) -> None:
+    """In-capsule writes to one pool that follow one another in a batch take one
+    free-list slot each and share one commit (each slot's flog pair turned once, where
+    one-by-one writes turn the first slot's pair each time); a write that overlaps the
+    group, or one more than the lane's free list holds, starts the next group. Outputs and
+    what every block reads are the Python path's."""
+    p = _pair(where)
+    try:
+        pool, ref = p.fast.bdev("M4K").pool, p.ref.bdev("M4K").pool
+        before = _slots(pool)
+        ref_before = [(s.next, s.seq, s.free) for s in ref.lanes[0].slots]
+        p.feed(b"".join(wr(10 + i, 2, 3 * i, 1) for i in range(FREE_PER_LANE)))
+        p.check()
+        assert p.taken() == FREE_PER_LANE
+        after = _slots(pool)
+        assert all(a[0] != b[0] and a[1] != b[1] for a, b in zip(before, after, strict=True))
+        # one by one (the Python path): only the first slot's pair turned, four times
+        ref_after = [(s.next, s.seq, s.free) for s in ref.lanes[0].slots]
+        assert ref_after[0][1] != ref_before[0][1] and ref_after[1:] == ref_before[1:]
+        # overlaps (LBA 5 twice, 6 inside a two-block write), six writes for four slots,
+        # reads in between, a multi-block write beside them
+        batch = (wr(20, 2, 5, 1, data=pattern(4096, 1)) + wr(21, 2, 6, 1)
+                 + wr(22, 2, 5, 1, data=pattern(4096, 2)) + wr(23, 2, 6, 2) + wr(24, 2, 40, 1)
+                 + wr(25, 2, 41, 1) + wr(26, 2, 42, 1) + rd(27, 2, 5, 3) + wr(28, 2, 50, 2)
+                 + wr(29, 2, 60, 1) + wr(30, 1, 0, 8) + wr(31, 1, 8, 8))
+        p.feed(batch)
+        p.check()
+        assert p.taken() == FREE_PER_LANE + 12
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("shape", ["read-after", "capsule-cut", "one-carried"])
+def test_a_failed_group_goes_back_to_python_whole(where: Path, shape: str) -> None:
+    """A group whose first drain fails (the lane side's pool here runs the C engine over a
+    test's memory whose drain raises): the lane answers none of its writes and takes
+    them back untaken, with what came after them (a read; a capsule cut by the end of
+    the batch, which the lane had begun to carry), so the Python path decodes them in
+    order and answers each Write Fault, as the reference does with its pool set broken
+    (same bytes: the SQ heads of their turns). One carried capsule alone is handed over
+    the same way."""
+    from test_pmem_crash import CrashRecorder
+
+    p = _pair(where)
+    try:
+        bdev = p.fast.bdev("M4K")
+        drains: list[int] = []
+
+        def fail(_r: Any) -> None:
+            drains.append(1)
+            raise OSError(5, "test: the media failed")
+
+        rec = CrashRecorder(Path(bdev.path).read_bytes())
+        bdev.pool.close()
+        bdev.pool = pmem.Pool(rec, core=True)
+        p.fast.io._lane._refresh()
+        p.ref.bdev("M4K").pool.set_broken("test: a persist failed")
+        rec.on_drain = fail
+        group = wr(1, 2, 3) + wr(2, 2, 9) + wr(3, 2, 20, 2)
+        if shape == "read-after":
+            p.feed(group + rd(4, 1, 0, 2))
+            writes = 3
+        elif shape == "capsule-cut":
+            last = wr(4, 2, 30)
+            p.feed(group + last[:100], last[100:])
+            writes = 4
+        else:
+            last = wr(4, 2, 30)
+            p.feed(last[:100], last[100:])
+            writes = 1
+        assert drains == [1]  # one commit for the writes, failed at its first drain
+        p.check()
+        assert p.ref.admin.ctrl.error_count == writes == p.fast.admin.ctrl.error_count
+        assert p.taken() == 0
+        lane = p.fast.io._lane
+        assert lane.inflight == 0 and lane.c.redo == 0
+        assert bdev.pool.check() == []
     finally:
         p.close()
