@@ -563,20 +563,25 @@ int bt_pmem_write_group(struct bt_pmem *p, uint32_t lane, uint32_t nw, const uin
                         const uint64_t *counts, const unsigned char *const *srcs)
 {
     struct run runs[MAX_FREE_PER_LANE];
-    uint64_t n = 0;
+    uint64_t n = 0, seen[4] = {0, 0, 0, 0};
+    int maybe = 0;
     if (nw == 0 || nw > p->g.free_per_lane || lane >= p->g.lanes)
         return BT_PMEM_RANGE;
     for (uint32_t i = 0; i < nw; i++) {
         if (counts[i] == 0 || !in_range(p, lane, lbas[i], counts[i]))
             return BT_PMEM_RANGE;
+        n += counts[i];
+        if (n > p->g.free_per_lane)
+            return BT_PMEM_RANGE;
+        runs[i] = (struct run){lbas[i], counts[i], srcs[i]};
+        /* (the pairs are compared only if a filter of the LBAs sees one twice) */
+        for (uint64_t b = 0; b < counts[i]; b++)
+            maybe |= bt_pmem_lba_mark(seen, lbas[i] + b);
+    }
+    for (uint32_t i = 1; maybe && i < nw; i++)
         for (uint32_t j = 0; j < i; j++)
             if (lbas[i] < lbas[j] + counts[j] && lbas[j] < lbas[i] + counts[i])
                 return BT_PMEM_RANGE;
-        n += counts[i];
-        runs[i] = (struct run){lbas[i], counts[i], srcs[i]};
-    }
-    if (n > p->g.free_per_lane)
-        return BT_PMEM_RANGE;
     if (bt_pmem_broken(p))
         return BT_PMEM_BROKEN;
     struct lane *ln = &p->lanes[lane];

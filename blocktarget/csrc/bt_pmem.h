@@ -98,4 +98,15 @@ int bt_pmem_errno(struct bt_pmem *p);
 /* The most blocks bt_pmem_write_group takes at once (the lane's free-list slots). */
 uint32_t bt_pmem_group_max(const struct bt_pmem *p);
 
+/* A 256-bit filter of the LBAs of a group being built: marks lba, and says whether its
+   bit was set already (then the group may hold it: compare the writes themselves). */
+static inline int bt_pmem_lba_mark(uint64_t seen[4], uint64_t lba)
+{
+    uint64_t h = (lba * 0x9E3779B97F4A7C15ull) >> 56;
+    uint64_t bit = (uint64_t)1 << (h & 63);
+    int was = (seen[h >> 6] & bit) != 0;
+    seen[h >> 6] |= bit;
+    return was;
+}
+
 #endif

@@ -1003,6 +1003,7 @@ static int pmem_read_done(struct bt_lane *l, struct bt_ns *ns, const struct cmd 
 struct pgroup {
     uint32_t n;                 /* writes waiting */
     uint64_t blocks;
+    uint64_t seen[4];           /* their LBAs' filter (bt_pmem_lba_mark) */
     struct bt_ns *ns;
     size_t out0;                /* their responses' room: l->out from here to out_len
                                    (an offset: the buffer may be reallocated) */
@@ -1030,9 +1031,14 @@ static int group_fits(const struct bt_lane *l, const struct pgroup *g, const str
         || g->blocks + nlb > bt_pmem_group_max(c->ns->pmem)
         || l->out_len + (size_t)reply > l->out_cap)  /* (reserve would seal the buffer) */
         return 0;
-    for (uint32_t i = 0; i < g->n; i++)
+    /* (one flog entry per LBA in a group: an overlap commits the first one first) */
+    uint64_t seen[4] = {g->seen[0], g->seen[1], g->seen[2], g->seen[3]};
+    int maybe = 0;
+    for (uint64_t b = 0; b < nlb; b++)
+        maybe |= bt_pmem_lba_mark(seen, lba + b);
+    for (uint32_t i = 0; maybe && i < g->n; i++)
         if (lba < g->lba[i] + g->count[i] && g->lba[i] < lba + nlb)
-            return 0;  /* (one flog entry per LBA in a group: commit the first one first) */
+            return 0;
     return 1;
 }
 
@@ -1044,6 +1050,7 @@ static long group_join(struct bt_lane *l, struct pgroup *g, const struct cmd *c,
     uint32_t i = g->n++;
     if (i == 0) {
         g->blocks = 0;
+        g->seen[0] = g->seen[1] = g->seen[2] = g->seen[3] = 0;
         g->ns = c->ns;
         g->out0 = l->out_len;
         g->pos0 = pos;
@@ -1059,6 +1066,8 @@ static long group_join(struct bt_lane *l, struct pgroup *g, const struct cmd *c,
     g->sqhd[i] = l->sqhd;
     g->fua[i] = (uint8_t)fua_of(c->ns, c->sqe);
     g->blocks += g->count[i];
+    for (uint64_t b = 0; b < g->count[i]; b++)
+        bt_pmem_lba_mark(g->seen, g->lba[i] + b);
     return reply;
 }
 
