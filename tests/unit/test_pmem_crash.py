@@ -21,6 +21,7 @@ crashed at its own persist points and recovered again.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import uuid
@@ -445,6 +446,15 @@ def test_harness_catches_torn_in_place_writes() -> None:
 # ---- group commit (csrc/be_pmem.c's bt_pmem_write_group, which the C lane uses for the
 # writes of one batch): the C engine only, Python's pools write one by one ----
 
+def _need_c_engine() -> None:
+    """Group commit exists only in the C engine: without a compiler there is nothing to
+    crash (the Python path writes one by one), but CI builds it, so there it must run."""
+    if not c_engine_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but blocktarget._fastpath (the C engine) is not built")
+        pytest.skip("blocktarget._fastpath (the C engine) not built")
+
+
 def write_group(pool: Pool, lane: int, writes: list[tuple[int, bytes]]) -> int:
     """bt_pmem_write_group over (lba, data) pairs; its result code (a failed step raises
     what the recorder raised, as Pool.write does)."""
@@ -484,8 +494,7 @@ def run_random_groups(seed: int, entry_size: int, ops: int, **layout_kw: int) ->
     """Groups, single writes and zeroing on random lanes of a C-engine pool, crashed at
     every drain: every block of a group in flight reads old or new, the rest their
     contents, and nothing a returned group wrote is lost."""
-    if not c_engine_available():
-        pytest.fail("blocktarget._fastpath (the C engine) not built")
+    _need_c_engine()
     rng = random.Random(seed)
     layout = _layout(entry_size, **layout_kw)
     rec = _fresh(layout)
@@ -539,8 +548,7 @@ def test_crash_at_every_persist_point_of_groups(lanes: int, entry_size: int) -> 
 def test_group_refuses_an_lba_twice_and_more_than_the_free_list() -> None:
     """Two flog entries for one LBA in one commit would both read the same `old` (one
     block owned twice), and each block needs its own slot: both refused, nothing done."""
-    if not c_engine_available():
-        pytest.fail("blocktarget._fastpath (the C engine) not built")
+    _need_c_engine()
     from blocktarget.bdevs.pmem import _clib
 
     layout = _layout(4, free_per_lane=3)
