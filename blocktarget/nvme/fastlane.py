@@ -43,6 +43,7 @@ from ..bdev import (
     LANE_URING,
     LATENCY_BUCKETS_NS,
     IOType,
+    LaneTarget,
     lane_target_of,
 )
 from . import spec
@@ -266,6 +267,8 @@ class Lane:
                 elif t.kind != LANE_NULL:
                     continue
                 entries.append((ns, t, mem))
+        nreal = len(entries)
+        entries += _zero_entries(entries)
         if entries:
             arr = ffi.new("struct bt_ns[]", len(entries))
             for i, (ns, t, mem) in enumerate(entries):
@@ -288,6 +291,9 @@ class Lane:
                     e.fd_offset = t.offset
                     e.nvmeq = t.ring.lane_ctx
                     e.hw_nsid = t.nsid
+                if t.lvol is not None and i < nreal:  # (a volume's zero entry: after these)
+                    e.lv = t.lvol.c
+                    e.lv_zero = arr + nreal + sum(1 for x in entries[:i] if x[1].lvol is not None)
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)
@@ -635,6 +641,19 @@ class Lane:
             n = length[0]
             self.qp.redo(bytes(ffi.buffer(sqe)), bytes(buf[:n]) if n else None,
                          corrupt=bool(failed[0]))
+
+
+def _zero_entries(entries: list[tuple[Any, Any, Any]]) -> list[tuple[Any, Any, Any]]:
+    """For each volume's entry, one more (after all the real ones, so the lane never
+    finds it by nsid) that counts the reads its map answers with zeroes, on the
+    channels such a read passes through in the Python path: the volume's, not the
+    base's (csrc/bt_lvol.h)."""
+    out = []
+    for ns, t, _mem in entries:
+        if t.lvol is not None:
+            out.append((ns, LaneTarget(LANE_NULL, None, 0, t.channels[:t.lvol_depth],
+                                       lvol=t.lvol), None))
+    return out
 
 
 class _R2tToken:
