@@ -123,10 +123,10 @@ class LaneMaps:
     # ---- commits (store.commit) ----
     def structural(self, old: Metadata, new: Metadata) -> bool:
         """Does going from `old` to `new` change or drop a mapping the lane may use (or
-        a volume's geometry, parent or read-only flag)? Adding clusters does not."""
+        a volume's geometry, parent or read-only flag)? Adding clusters does not. Every
+        volume is looked at, not only those with a map now: one may be made meanwhile
+        (from the old metadata), and only a freeze makes it wait for the rebuild."""
         for u, v in old.volumes.items():
-            if u not in self.maps:
-                continue
             w = new.volumes.get(u)
             if w is None or (w.num_clusters, w.parent, w.parent_clusters, w.read_only) != (
                     v.num_clusters, v.parent, v.parent_clusters, v.read_only):
@@ -138,7 +138,7 @@ class LaneMaps:
     def before(self, old: Metadata, new: Metadata, go: Callable[[bool], None]) -> None:
         """Ahead of a commit from `old` to `new`: go(structural) once the lane may no
         longer use what the commit changes (at once for a commit that only adds)."""
-        if not self.maps or not self.structural(old, new):
+        if not self.structural(old, new):
             go(False)
             return
         with self.store.lock:
@@ -151,7 +151,9 @@ class LaneMaps:
         """then() once no lane command holds any of the maps: now, or polled on this
         thread's event loop (the lane's I/O completes on the reactors' loops; a
         synchronous backend's within a lane call on another reactor's thread)."""
-        if not any(m.busy for m in self.maps.values()):
+        with self.store.lock:
+            maps = list(self.maps.values())
+        if not any(m.busy for m in maps):
             then()
             return
         if time.monotonic() - t0 > _DRAIN_WARN_S:

@@ -4,7 +4,10 @@ Fast path (any reactor, no metadata change): reads and writes whose clusters are
 mapped are forwarded to the base at the mapped offsets; reads of unallocated clusters
 return zeroes; Write Zeroes needs nothing where nothing is allocated. Each forwarded
 I/O is counted in the store's I/O epoch, so a cluster freed meanwhile is not reused
-before it completes (alloc.py).
+before it completes (alloc.py). The NVMe/TCP C lane does the same reads and writes
+itself, from a copy of the maps in C (`lane_target`, lanemap.py, which says how that copy
+is kept from ever getting ahead of the durable metadata); what it does not take comes
+here.
 
 Slow path (one at a time per store, under the store's turnstile, on this channel's
 reactor): a write touching an unallocated cluster, and a Deallocate that frees whole

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from lane_harness import BDEVS, FLUSH, OPTS, Layout, Pair, cmd, pattern, rd, wr
+from lane_harness import BDEVS, DSM, FLUSH, OPTS, WZ, Layout, Pair, cmd, pattern, rd, wr
 
 from blocktarget.bdevs import uring
 from blocktarget.nvme import fastlane
@@ -183,6 +184,16 @@ def test_what_the_lane_takes(lvpair: Pair) -> None:
     # lane takes the next buffer)
     step(p, rd(19, 4, BPC - 1, 2), 0)
     step(p, cmd(FLUSH, 20, 4), 0)
+    # Deallocate of the thin volume's whole cluster 0 (a structural change: the maps are
+    # frozen, drained, rebuilt): then its reads are zeroes from C again and its next
+    # write allocates anew; Write Zeroes is the Python path's
+    step(p, cmd(DSM, 21, 2, data=struct.pack("<IIQ", 0, BPC, 0), sgl_len=16, cdw10=0,
+                cdw11=4), 0)
+    step(p, rd(22, 2, 1), 1)
+    step(p, wr(23, 2, 1), 0)
+    step(p, rd(24, 2, 1) + rd(25, 4, 33), 2)
+    step(p, cmd(WZ, 26, 4, 33, 1, sgl_len=0), 0)
+    step(p, rd(27, 4, 33), 1)
     maps_ = p.fast.target.bdevs.get(VOLS[2]).store.lane.maps
     assert sum(x.served for x in maps_.values()) == p.taken()  # (every lane command above used a map)
 
