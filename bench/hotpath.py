@@ -763,8 +763,11 @@ def _lvol_ab(args: Any, once: Any) -> int:
           f"{', socket' if args.socket else ''}: CPU µs/command, min of {args.reps}: "
           f"base {a:.2f} (" + ", ".join(f"{r['cpu_us']:.2f}" for r in base) + f"), "
           f"volume {b:.2f} (" + ", ".join(f"{r['cpu_us']:.2f}" for r in vol) + f"); "
-          f"volume/base {b / a:.3f}; in the C lane: base {base[0]['in_lane']:.0%}, "
-          f"volume {vol[0]['in_lane']:.0%}")
+          f"volume/base {b / a:.3f} (median of the pairs' ratios "
+          f"{sorted(v['cpu_us'] / u['cpu_us'] for u, v in zip(base, vol, strict=True))[len(vol) // 2]:.3f}); "
+          f"in the C lane: base {base[0]['in_lane']:.0%}, "
+          f"volume {vol[0]['in_lane']:.0%}; in C (GIL released), min: base "
+          f"{min(r['c_us'] for r in base):.3f}, volume {min(r['c_us'] for r in vol):.3f}")
     return 0
 
 

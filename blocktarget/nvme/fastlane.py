@@ -249,7 +249,10 @@ class Lane:
                 t = lane_target_of(qp.channel_of(ns)[1])
                 if t is None:
                     continue
-                size = bdev.num_blocks * bdev.block_size
+                # the span the lane may touch: the namespace, or under a volume's map
+                # the volume's base (a thin volume may be larger than its store)
+                span = bdev if t.lvol is None else t.channels[t.lvol_depth].bdev
+                size = span.num_blocks * span.block_size
                 mem = None
                 if t.kind == LANE_MEM:
                     if t.mem is None or len(t.mem) < t.offset + size:

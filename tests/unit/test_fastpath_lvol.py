@@ -38,7 +38,9 @@ pytestmark = pytest.mark.skipif(not fastlane.AVAILABLE and os.environ.get("CI") 
 CLUSTER = 16384
 BPC = CLUSTER // 4096  # 4 KiB blocks per cluster
 VOL_BLOCKS = 256  # 1 MiB volumes
-VOLS = {2: "lvs/thin", 4: "lvs/thick", 5: "lvs/clone", 7: "lvs/orig", 8: "lvs/snap"}
+VOLS = {2: "lvs/thin", 4: "lvs/thick", 5: "lvs/clone", 7: "lvs/orig", 8: "lvs/snap",
+        9: "lvs/big"}
+BIG_BLOCKS = 8192  # lvs/big: a thin volume of 32 MiB, twice its store
 BASE = "LB"
 BASE_BLOCKS = 4096  # 16 MiB
 
@@ -49,7 +51,7 @@ def _geometry(monkeypatch: pytest.MonkeyPatch) -> None:
     if not fastlane.AVAILABLE:
         pytest.fail("CI=true but blocktarget._fastpath is not built: the C lane is untested")
     for nsid, name in VOLS.items():
-        monkeypatch.setitem(BDEVS, nsid, (name, 4096, VOL_BLOCKS))
+        monkeypatch.setitem(BDEVS, nsid, (name, 4096, BIG_BLOCKS if nsid == 9 else VOL_BLOCKS))
 
 
 def _base(kind: str, workdir: Path) -> tuple[str, dict[str, Any]]:
@@ -77,6 +79,9 @@ def _setup(kind: str) -> Any:
             lv("thin", True), lv("thick", False), lv("orig", False),
             ("bdev_lvol_snapshot", {"lvol_name": "lvs/orig", "snapshot_name": "snap"}),
             ("bdev_lvol_clone", {"snapshot_name": "lvs/snap", "clone_name": "clone"}),
+            ("bdev_lvol_create", {"lvs_name": "lvs", "lvol_name": "big",
+                                  "size_in_mib": BIG_BLOCKS * 4096 >> 20,
+                                  "thin_provision": True}),
         ]
         for method, params in calls:
             await call_method(target, method, params)
@@ -194,6 +199,10 @@ def test_what_the_lane_takes(lvpair: Pair) -> None:
     step(p, rd(24, 2, 1) + rd(25, 4, 33), 2)
     step(p, cmd(WZ, 26, 4, 33, 1, sgl_len=0), 0)
     step(p, rd(27, 4, 33), 1)
+    # a thin volume larger than its store (and its base): the lane's bound is the base's
+    step(p, rd(28, 9, BIG_BLOCKS - 1) + rd(29, 9, 5), 2)
+    step(p, wr(30, 9, BIG_BLOCKS - 1), 0)
+    step(p, rd(31, 9, BIG_BLOCKS - 1) + wr(32, 9, BIG_BLOCKS - 2), 2)
     maps_ = p.fast.target.bdevs.get(VOLS[2]).store.lane.maps
     assert sum(x.served for x in maps_.values()) == p.taken()  # (every lane command above used a map)
 
