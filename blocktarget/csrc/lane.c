@@ -1163,6 +1163,22 @@ static int start_r2t(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsig
 /* All the data of slot s is in (src): execute the write. Room for a response is
    reserved. A write whose data failed a digest, or whose namespace changed meanwhile,
    goes to the Python path instead (it fails the one, decides the other). */
+/* A write with all its data in (src) that the lane will not do after all: the Python
+   path does it again, which needs the data in the slot; without memory for that it gets
+   the command as failed (an error either way, just not the same one). */
+static void write_refused(struct bt_lane *l, struct bt_cmd *s, const unsigned char *src)
+{
+    if (src != s->data) {
+        if (slot_buffer(s, s->nbytes) != NULL) {
+            memcpy(s->data, src, s->nbytes);
+        } else {
+            smart(l, 1, s->nbytes, -1);
+            s->corrupt = 1;
+        }
+    }
+    to_redo(l, s);
+}
+
 static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *src)
 {
     struct bt_ns *ns = s->ns;
@@ -1170,41 +1186,31 @@ static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *s
         to_redo(l, s);
         return;
     }
+    smart(l, 1, s->nbytes, 1);
     struct bt_lvmap *lv = ns->lv;  /* a volume: its cluster looked up now (accept_lvol) */
     if (lv != NULL) {
         uint64_t off = 0;
         if (lane_lv_enter(lv) < 0) {
-            to_redo(l, s);
+            write_refused(l, s, src);  /* (frozen: a metadata change is under way) */
             return;
         }
         if (lane_lv_map(lv, s->off, s->nbytes, 1, &off) != 1) {
             lane_lv_leave(lv);
-            to_redo(l, s);
+            write_refused(l, s, src);  /* (a first write, copy-on-write) */
             return;
         }
         s->off = off;
     }
-    smart(l, 1, s->nbytes, 1);
     if (!is_async(ns)) {
         if (ns->backend == BT_BE_MEM) {
             memcpy(ns->mem + s->off, src, s->nbytes);
         } else if (ns->backend == BT_BE_PMEM
                    && bt_pmem_write(ns->pmem, ns->pmem_lane, pmem_lba(ns, s->off),
                                     s->nbytes / ns->block_size, src) != BT_PMEM_OK) {
-            /* the BTT refused (the pool takes no more writes): the Python path answers;
-               it needs the data in the slot, and without memory for that it gets the
-               command as failed (an error either way, just not the same one) */
-            if (src != s->data) {
-                if (slot_buffer(s, s->nbytes) != NULL) {
-                    memcpy(s->data, src, s->nbytes);
-                } else {
-                    smart(l, 1, s->nbytes, -1);
-                    s->corrupt = 1;
-                }
-            }
+            /* the BTT refused (the pool takes no more writes): the Python path answers */
             if (lv != NULL)
                 lane_lv_leave(lv);
-            to_redo(l, s);
+            write_refused(l, s, src);
             return;
         }
         if (lv != NULL)

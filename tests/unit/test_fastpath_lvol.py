@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from lane_harness import BDEVS, DSM, FLUSH, OPTS, WZ, Layout, Pair, cmd, pattern, rd, wr
+from test_fastpath import finish_r2t
 
 from blocktarget.bdevs import uring
 from blocktarget.nvme import fastlane
@@ -203,6 +204,16 @@ def test_what_the_lane_takes(lvpair: Pair) -> None:
     step(p, rd(28, 9, BIG_BLOCKS - 1) + rd(29, 9, 5), 2)
     step(p, wr(30, 9, BIG_BLOCKS - 1), 0)
     step(p, rd(31, 9, BIG_BLOCKS - 1) + wr(32, 9, BIG_BLOCKS - 2), 2)
+    # writes by R2T: the cluster is looked up once the data is in; a first write or a
+    # copy-on-write then goes back to the Python path with its data
+    for cid, nsid, slba, nlb, lane in ((40, 2, 40, 4, 0), (42, 2, 41, 2, 1), (44, 5, 60, 4, 0),
+                                       (46, 5, 61, 1, 1), (48, 4, 100, 4, 1),
+                                       (50, 8, 4, 1, 0), (52, 9, 4000, 4, 0)):
+        before = p.taken()
+        p.feed(wr(cid, nsid, slba, nlb, data=b""))
+        finish_r2t(p)
+        check(p)
+        assert p.taken() - before == lane, cid
     maps_ = p.fast.target.bdevs.get(VOLS[2]).store.lane.maps
     assert sum(x.served for x in maps_.values()) == p.taken()  # (every lane command above used a map)
 
