@@ -10,8 +10,8 @@ zeroes; a write must allocate: the Python path's). The rules, with bt_lvol.h's C
 * an entry appears only after the metadata naming it is durable: `committed` runs once
   a commit is live, and a commit that only adds clusters (a first write, a copy of
   inflate or decouple) just stores the new entries, one atomic 8-byte store each;
-* any other commit (snapshot, clone of nothing new, resize, delete, Deallocate,
-  decouple's last step, read-only) is a *structural* one: `before` freezes every map of
+* any other commit (snapshot, resize, delete, Deallocate, decouple's last step,
+  read-only) is a *structural* one: `before` freezes every map of
   the store and waits until no lane command uses one (`busy`), then the commit runs
   (the Python path takes the volumes' commands meanwhile: it is the reference for these
   changes), then every map is rebuilt from the new metadata and thawed. So the lane

@@ -7,9 +7,10 @@ A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces i
 is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, files and block
 devices through the reactor's io_uring (uring), pmem pools (the BTT in C, csrc/be_pmem.c,
 which the pmem bdev's Python path calls too), PCIe NVMe namespaces through the
-reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c, nvme/driver/cring.py), and split
-or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
-too. A receive buffer starts in the lane only when the queue is in its steady state:
+reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c, nvme/driver/cring.py), split
+or passthru over any of them, and logical volumes over any of them (the volume's cluster
+map in C: csrc/bt_lvol.h, lvol/lanemap.py). Header and data digests and the host's PDU
+alignment are done in C too. A receive buffer starts in the lane only when the queue is in its steady state:
 connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
 decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
 commands (writes waiting for their data, I/O at io_uring) may be outstanding: the Python
