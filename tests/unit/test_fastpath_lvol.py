@@ -303,3 +303,30 @@ def test_snapshot_while_lane_writes_are_in_flight(tmp_path: Path) -> None:
         assert block_of(origin, 3) == block_of(snap, 3)  # (copied from the snapshot)
     finally:
         p.close()
+
+
+def rpc_both(p: Pair, method: str, **params: Any) -> None:
+    for side in (p.ref, p.fast):
+        p.loop.run_until_complete(call_method(side.target, method, params))
+        side.run()
+
+
+def test_control_plane_changes_between_commands(lvpair: Pair) -> None:
+    """Metadata changes between lane commands (each a structural commit: the maps frozen,
+    drained, rebuilt): the clone inflated (its reads and writes then all the lane's, on
+    clusters of its own), the origin decoupled from its snapshot (it keeps its data), a
+    volume set read-only (its writes the Python path's)."""
+    p = lvpair
+    step(p, rd(1, 5, 8) + rd(2, 7, 8), 2)
+    rpc_both(p, "bdev_lvol_inflate", name=VOLS[5])
+    step(p, wr(3, 5, 8) + wr(4, 5, 100), 2)  # (owned now: no copy-on-write)
+    step(p, rd(5, 5, 8, 2) + rd(6, 5, 101), 2)
+    rpc_both(p, "bdev_lvol_decouple_parent", name=VOLS[7])
+    step(p, rd(7, 7, 8) + wr(8, 7, 9), 2)
+    step(p, rd(9, 7, 8, 2), 1)
+    rpc_both(p, "bdev_lvol_set_read_only", name=VOLS[4])
+    step(p, rd(10, 4, 3), 1)
+    step(p, wr(11, 4, 3), 0)  # (Namespace Is Write Protected, from the Python path)
+    md = p.fast.target.bdevs.get(VOLS[2]).store.md
+    clone = md.volumes[p.fast.target.bdevs.get(VOLS[5]).uuid]
+    assert clone.parent is None and len(clone.map) == clone.num_clusters
