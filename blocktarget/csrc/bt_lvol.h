@@ -34,11 +34,10 @@ struct bt_lvmap {
                                the byte offset of the cluster on the base, bit 0 set when
                                the volume owns it (else it is a parent's: reads only) */
     uint64_t nclusters;
-    uint64_t cluster_bytes;
+    uint32_t cluster_shift; /* log2 of the cluster size (a power of two, as SPDK's) */
     uint8_t read_only;      /* writes are the Python path's (Write Protected) */
     uint32_t frozen;        /* a metadata change is under way: nothing new starts */
     uint32_t busy;          /* lane commands between their map lookup and completion */
-    uint64_t served;        /* lane commands that used the map (cumulative) */
 };
 
 /* an atomic store of one entry (rule a) */
@@ -46,7 +45,6 @@ void bt_lvmap_set(struct bt_lvmap *m, uint64_t vc, uint64_t entry);
 /* frozen on (1) or off (0), ordered before any later load of busy (rule b) */
 void bt_lvmap_freeze(struct bt_lvmap *m, int on);
 uint32_t bt_lvmap_busy(const struct bt_lvmap *m);
-uint64_t bt_lvmap_served(const struct bt_lvmap *m);
 
 /* ---- cdef end ---- */
 

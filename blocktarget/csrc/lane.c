@@ -939,8 +939,8 @@ static long accept_lvol(const struct bt_lane *l, struct cmd *c, long reply)
     if (c->act == ACT_FLUSH || (c->act != ACT_READ && fua_of(c->ns, c->sqe)))
         return -1;  /* (FUA on a volatile cache: the Python path flushes the base) */
     if (c->act == ACT_WRITE_R2T)
-        return m->read_only || c->off % m->cluster_bytes + c->nbytes > m->cluster_bytes
-               ? -1 : reply;
+        return m->read_only || (c->off & ((1ull << m->cluster_shift) - 1)) + c->nbytes
+                               > (1ull << m->cluster_shift) ? -1 : reply;
     if (lane_lv_enter(m) < 0)
         return -1;
     uint64_t off = 0;

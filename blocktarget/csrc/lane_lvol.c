@@ -22,11 +22,6 @@ uint32_t bt_lvmap_busy(const struct bt_lvmap *m)
     return __atomic_load_n(&m->busy, __ATOMIC_SEQ_CST);
 }
 
-uint64_t bt_lvmap_served(const struct bt_lvmap *m)
-{
-    return __atomic_load_n(&m->served, __ATOMIC_RELAXED);
-}
-
 int lane_lv_enter(struct bt_lvmap *m)
 {
     __atomic_fetch_add(&m->busy, 1, __ATOMIC_SEQ_CST);
@@ -45,18 +40,16 @@ void lane_lv_leave(struct bt_lvmap *m)
 int lane_lv_map(struct bt_lvmap *m, uint64_t off, uint32_t n, int write,
                 uint64_t *base_off)
 {
-    uint64_t cs = m->cluster_bytes;
-    uint64_t vc = off / cs, in = off % cs;
-    if (n == 0 || in + n > cs || vc >= m->nclusters || (write && m->read_only))
+    uint64_t vc = off >> m->cluster_shift;
+    uint64_t in = off & ((1ull << m->cluster_shift) - 1);
+    if (n == 0 || in + n > (1ull << m->cluster_shift) || vc >= m->nclusters
+        || (write && m->read_only))
         return -1;  /* (crossing a cluster: the Python path splits it) */
     uint64_t e = __atomic_load_n(&m->map[vc], __ATOMIC_ACQUIRE);
-    if (e == BT_LV_UNMAPPED && write)
-        return -1;  /* a first write: the Python path allocates */
+    if (e == BT_LV_UNMAPPED)
+        return write ? -1 : 0;  /* (a first write: the Python path allocates) */
     if (write && !(e & BT_LV_OWN))
         return -1;  /* copy-on-write first */
-    __atomic_fetch_add(&m->served, 1, __ATOMIC_RELAXED);
-    if (e == BT_LV_UNMAPPED)
-        return 0;
     *base_off = (e & ~BT_LV_OWN) + in;
     return 1;
 }

@@ -55,7 +55,7 @@ class LaneMap:
 
     def __init__(self, nclusters: int, cluster_bytes: int) -> None:
         self.c = ffi.new("struct bt_lvmap *")
-        self.c.cluster_bytes = cluster_bytes
+        self.c.cluster_shift = cluster_bytes.bit_length() - 1
         self._arr: Any = None
         self._size(nclusters)
 
@@ -65,11 +65,6 @@ class LaneMap:
         self.c.map = arr
         self.c.nclusters = n
         self._arr = arr  # (the old array, if any, is unused: the map is frozen and idle)
-
-    @property
-    def served(self) -> int:
-        """Lane commands that used this map (cumulative)."""
-        return int(lib.bt_lvmap_served(self.c))
 
     @property
     def busy(self) -> int:
@@ -96,8 +91,10 @@ class LaneMaps:
             return m
         md = self.store.md
         vol = md.volumes.get(vol_uuid)
-        if vol is None:
-            return None
+        cs = self.store.cluster_size
+        if vol is None or cs & (cs - 1):
+            return None  # (the lane's lookup shifts: a store of another cluster size is
+            #              the Python path's; the RPC makes only powers of two)
         m = LaneMap(vol.num_clusters, self.store.cluster_size)
         self._fill(m, md, vol)
         if self.frozen:
