@@ -5,7 +5,8 @@ plain/TLS in every round so both see the same machine load; target CPU per I/O f
 
     .venv/bin/python bench/tls_cost.py [--time 5] [--rounds 3] [--markdown]
 
-The record layer is OpenSSL in user space (the only one this build has). The initiator
+The record layer is OpenSSL in user space (this host's kernel has no kTLS; for the
+kernel's record layer against the user-space one, see bench/tls_cost_vm.py, in QEMU). The initiator
 is `blocktarget perf --engine python` for both (its C loop cannot speak TLS), so the
 plain figures here are below what the C initiator reaches against the same target.
 The target runs on CPU 0, the initiator on CPU 1 (when the machine has two).

@@ -28,17 +28,25 @@ A write of one block, with lane L's slot s holding free block F:
 
     1. copy the data into F                       (nobody reads F: a crash changes nothing)
     2. old = map[lba]; write {lba, old, F} into the slot's non-current flog entry;
-       persist 1 and 2 (one drain: both only have to be durable before step 3)
+       persist them, and with them the map entries lane L's previous write stored and
+       (with more than one lane) map[lba] (one drain: all only have to be durable
+       before step 3)
     3. write its seq = next(seq), persist         (commit point: the flog now says lba -> F)
-    4. map[lba] = F (one store), persist          (the slot's free block is now `old`)
+    4. map[lba] = F (one store, not persisted)    (the slot's free block is now `old`)
 
-Step 4 persists before the map lock is released even though recovery could redo it from
-the flog: a fence orders only its own CPU's flushes, and a writer on another lane that
-read a not-yet-durable map entry as its `old` would, after a crash, leave one block
-owned twice.
+The map store of step 4 is left to the next write's step 2: until then the slot's flog
+entry is current (only this lane's next write replaces it, at its step 3, after that
+step 2), so recovery redoes the store if a crash loses it. A writer on another lane that
+reads the entry as its `old` persists it in its own step 2 too, before its commit point:
+a fence orders only its own CPU's flushes, and without that a crash could leave both
+lanes' flog entries naming the entry while the media still held the value before the
+first, and one block owned twice. Two drains per chunk instead of three (on tmpfs or a
+disk file, two msyncs); the crash-point harness (tests/unit/test_pmem_crash.py) crashes
+at both and with the map store's word lost or kept.
 
 Recovery on open looks at every slot's current flog entry: if map[lba] still equals
-`old`, the crash came between steps 3 and 4, and the map update is completed; either
+`old`, the crash came after step 3 and before step 4's store was durable, and the map
+update is completed; either
 way the slot's free block is `old`. So each block reads old or new contents, never a mix,
 and no physical block is ever owned twice. A write of n blocks takes up to K slots at once
 and runs each step for all of them before one drain, so the fences (or msyncs) are paid
@@ -53,7 +61,8 @@ reader publishes the physical blocks it copies in a read-tracking table, and a w
 waits before reusing a free block some reader still copies from (BTT's RTT). The GIL
 does not make this moot: copies run in C with the GIL released.
 
-Durability: every step persists before the I/O completes, so there is no volatile cache
+Durability: a write is durable before it completes (its data and committed flog entry
+are; recovery redoes its map store if that was lost), so there is no volatile cache
 (write_cache False; Flush and FUA cost nothing). Where the mapping is not real persistent
 memory (`pmem_is_pmem` false: a file on tmpfs or a disk file system) persisting is
 `pmem_msync`; otherwise cache-line flushes and a fence (`pmem_flush`/`pmem_drain`).
@@ -563,12 +572,15 @@ class _Slot:
 
 
 class _Lane:
-    __slots__ = ("index", "lock", "slots")
+    __slots__ = ("index", "lock", "slots", "map_lo", "map_len")
 
     def __init__(self, index: int, slots: list[_Slot]) -> None:
         self.index = index
         self.lock = threading.Lock()
         self.slots = slots
+        # the map bytes this lane's last write stored and its next write persists
+        self.map_lo = 0
+        self.map_len = 0
 
 
 NO_READS: frozenset[int] = frozenset()
@@ -974,18 +986,27 @@ class Pool:
                 pm.write(slot.off + slot.next * FLOG_ENTRY,
                          body(lba + i, old, normal | slot.free))
             pm.flush(flog_start, flog_len)
+            # with them, the map entries this lane's last write stored (its slots' flog
+            # entries may be overwritten from step 3 on), and the entries just read as
+            # `old` (another lane's write may have stored one without persisting it yet;
+            # in a one-lane pool, only this lane's last write, whose entries are the former)
+            if ln.map_len:
+                pm.flush(ln.map_lo, ln.map_len)
+            mapoff = self._mapoff + lba * es
+            if len(self.lanes) > 1:
+                pm.flush(mapoff, n * es)
             pm.drain()
+            ln.map_len = 0
             # 3. the sequence numbers: each block's commit point
             pm.store_many([slot.off + slot.next * FLOG_ENTRY + 24 for slot in slots],
                           [NSEQ[slot.seq] for slot in slots], 8)
             pm.flush(flog_start, flog_len)
             pm.drain()
-            # 4. the map
-            mapoff = self._mapoff + lba * es
+            # 4. the map, persisted by the next write's step 2 (this lane's or, for these
+            # LBAs, any lane's): until then recovery redoes it from the flog
             pm.store_many(list(range(mapoff, mapoff + n * es, es)),
                           [normal | slot.free for slot in slots], es)
-            pm.flush(mapoff, n * es)
-            pm.drain()
+            ln.map_lo, ln.map_len = mapoff, n * es
         finally:
             for lk in reversed(locks):
                 lk.release()

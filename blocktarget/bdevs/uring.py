@@ -807,6 +807,15 @@ class UringBdev(Bdev):
                 ex = self._executor
         return ex
 
+    def device_blocks(self) -> int:
+        """Whole blocks the file or device holds now (it may have grown or shrunk since
+        create: bdev_uring_rescan reads this). OSError when the fd cannot tell."""
+        if self.block_device:
+            size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, bytes(8)))[0]
+        else:
+            size = os.fstat(self.fd).st_size
+        return size // self.block_size
+
     def create_channel(self, reactor: Reactor | None) -> IOChannel:
         if self.engine == "uring":
             return UringChannel(self, reactor)

@@ -7,16 +7,17 @@
  * methods do, store for store and flush for flush, in the same order (the differential
  * tests compare the pools byte for byte, and the crash-point harness crashes this code at
  * every drain), so a pool written by either is the same and recovery, which stays in
- * Python, is unchanged. Why it exists: a 4 KiB write costs three drains and a dozen
+ * Python, is unchanged. Why it exists: a 4 KiB write costs two drains and a dozen
  * Python-level steps; in C it runs with the GIL released and the lane can serve a pmem
  * namespace without going back to Python at all.
  *
  * Concurrency as in Python: a lane mutex around each read and write of that lane (one
  * reactor per lane, so uncontended in the common case), map mutexes taken in ascending
- * order from reading `old` to the persisted map store, and a reader publishing the
- * physical blocks it copies (seq_cst, then re-reading the map) while a writer checks
- * that table before reusing a free block (a fence after the map store that freed it, in
- * an earlier write, orders the two sides as in Dekker's algorithm).
+ * order from reading `old` to the map store, and a reader publishing the physical blocks
+ * it copies (seq_cst, then re-reading the map) while a writer checks that table before
+ * reusing a free block (a fence after the map store that freed it, in an earlier write,
+ * orders the two sides as in Dekker's algorithm). A pool of one lane skips the table:
+ * its reads and writes all hold the one lane mutex.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -52,6 +53,7 @@ struct rtt {                    /* one lane's reader: the blocks it copies from 
 struct lane {
     pthread_mutex_t lock;
     struct slot *slots;
+    uint64_t map_lo, map_len;   /* map bytes its last write stored, not yet persisted */
 };
 
 struct bt_pmem {
@@ -290,18 +292,25 @@ static uint64_t locks_for(uint64_t lba, uint64_t n)
     return set;
 }
 
+/* (a byte of the set at a time: a one-block write takes one lock, and testing all 64
+   bits both ways cost as much as the rest of its BTT bookkeeping; no bit-scan builtin,
+   which GCC emits as tzcnt, beyond x86-64-v2) */
 static void lock_set(struct bt_pmem *p, uint64_t set)
 {
-    for (int i = 0; i < MAP_LOCKS; i++)
-        if (set >> i & 1)
-            pthread_mutex_lock(&p->map_locks[i]);
+    for (int b = 0; b < MAP_LOCKS; b += 8)
+        if (set >> b & 0xff)
+            for (int i = b; i < b + 8; i++)
+                if (set >> i & 1)
+                    pthread_mutex_lock(&p->map_locks[i]);
 }
 
 static void unlock_set(struct bt_pmem *p, uint64_t set)
 {
-    for (int i = MAP_LOCKS - 1; i >= 0; i--)
-        if (set >> i & 1)
-            pthread_mutex_unlock(&p->map_locks[i]);
+    for (int b = 0; b < MAP_LOCKS; b += 8)
+        if (set >> b & 0xff)
+            for (int i = b; i < b + 8; i++)
+                if (set >> i & 1)
+                    pthread_mutex_unlock(&p->map_locks[i]);
 }
 
 /* ---- reads ---- */
@@ -315,6 +324,9 @@ int bt_pmem_read(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count,
     uint32_t shift = p->shift;
     uint64_t raws[READ_BATCH];
     int rc = BT_PMEM_OK;
+    /* Only a writer on another lane can move a block from under this copy (this lane's
+       writes wait for its lock): a one-lane pool needs no read tracking. */
+    int shared = p->g.lanes > 1;
     if (!in_range(p, lane, lba, count))
         return BT_PMEM_RANGE;
     pthread_mutex_lock(&ln->lock);
@@ -325,18 +337,20 @@ int bt_pmem_read(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count,
         uint32_t k = 0;
         for (uint64_t i = 0; i < n; i++) {
             raws[i] = map_get(p, first + i);
-            if (raws[i] >> shift == 3)
+            if (shared && raws[i] >> shift == 3)
                 __atomic_store_n(&r->blocks[k++], raws[i] & p->mask, __ATOMIC_RELAXED);
         }
-        /* publish, then make sure they are still the live ones (a writer reads the table
-           after its map store: one of the two sees the other) */
-        __atomic_store_n(&r->n, k, __ATOMIC_SEQ_CST);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        int moved = 0;
-        for (uint64_t i = 0; i < n && !moved; i++)
-            moved = map_get(p, first + i) != raws[i];
-        if (moved)
-            continue;  /* a write moved one of them meanwhile: look again */
+        if (shared) {
+            /* publish, then make sure they are still the live ones (a writer reads the
+               table after its map store: one of the two sees the other) */
+            __atomic_store_n(&r->n, k, __ATOMIC_SEQ_CST);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            int moved = 0;
+            for (uint64_t i = 0; i < n && !moved; i++)
+                moved = map_get(p, first + i) != raws[i];
+            if (moved)
+                continue;  /* a write moved one of them meanwhile: look again */
+        }
         unsigned char *d = dst + done * bs;
         for (uint64_t i = 0; i < n; i++, d += bs) {
             uint64_t flags = raws[i] >> shift;
@@ -384,19 +398,22 @@ static int any_reader(struct bt_pmem *p)
 /* ---- writes ---- */
 
 /* One chunk of n <= free_per_lane blocks: Pool._write_chunk. 0, or -1 (p->err). */
-static int write_chunk(struct bt_pmem *p, uint32_t lane, struct slot *slots, uint64_t lba,
+static int write_chunk(struct bt_pmem *p, uint32_t lane, struct lane *ln, uint64_t lba,
                        uint64_t n, const unsigned char *src)
 {
+    struct slot *slots = ln->slots;
     struct pending pd = {0, 0, 0};
     uint64_t bs = p->g.block_size;
     uint32_t es = p->g.entry_size;
     uint64_t olds[MAX_FREE_PER_LANE];
     /* 1. data into the free blocks (no reader may still be copying from one) */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (any_reader(p))
-        for (uint64_t i = 0; i < n; i++)
-            while (being_read(p, lane, slots[i].free))
-                sched_yield();
+    if (p->g.lanes > 1) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (any_reader(p))
+            for (uint64_t i = 0; i < n; i++)
+                while (being_read(p, lane, slots[i].free))
+                    sched_yield();
+    }
     uint64_t lo = UINT64_MAX, hi = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t off = p->g.dataoff + slots[i].free * bs;
@@ -426,8 +443,18 @@ static int write_chunk(struct bt_pmem *p, uint32_t lane, struct slot *slots, uin
         stored(p, off, sizeof(body));
     }
     flush(p, &pd, flog_start, flog_len);
+    /* with them, the map entries this lane's last write stored (so its slots' flog
+       entries may be overwritten from step 3 on), and the entries just read as `old`
+       (another lane's write may have stored one without persisting it yet; in a
+       one-lane pool, only this lane's last write, whose entries are the former) */
+    if (ln->map_len)
+        flush(p, &pd, ln->map_lo, ln->map_len);
+    uint64_t mapoff = p->g.mapoff + lba * es;
+    if (p->g.lanes > 1)
+        flush(p, &pd, mapoff, n * es);
     if (drain(p, &pd) != 0)
         goto out;
+    ln->map_len = 0;
     /* 3. the sequence numbers: each block's commit point */
     for (uint64_t i = 0; i < n; i++) {
         uint64_t off = slots[i].off + slots[i].next * FLOG_ENTRY + 24;
@@ -437,14 +464,13 @@ static int write_chunk(struct bt_pmem *p, uint32_t lane, struct slot *slots, uin
     flush(p, &pd, flog_start, flog_len);
     if (drain(p, &pd) != 0)
         goto out;
-    /* 4. the map */
-    uint64_t mapoff = p->g.mapoff + lba * es;
+    /* 4. the map, persisted by the next write's step 2 (this lane's or, for these
+       LBAs, any lane's): until then recovery redoes it from the flog */
     for (uint64_t i = 0; i < n; i++)
         store(p, mapoff + i * es, p->normal | slots[i].free, es);
     stored(p, mapoff, n * es);
-    flush(p, &pd, mapoff, n * es);
-    if (drain(p, &pd) != 0)
-        goto out;
+    ln->map_lo = mapoff;
+    ln->map_len = n * es;
     rc = 0;
 out:
     unlock_set(p, set);
@@ -470,7 +496,7 @@ int bt_pmem_write(struct bt_pmem *p, uint32_t lane, uint64_t lba, uint64_t count
     pthread_mutex_lock(&ln->lock);
     for (uint64_t done = 0; done < count;) {
         uint64_t n = count - done < k ? count - done : k;
-        if (write_chunk(p, lane, ln->slots, lba + done, n, src + done * bs) != 0) {
+        if (write_chunk(p, lane, ln, lba + done, n, src + done * bs) != 0) {
             /* the run-time free list may no longer match the media: stop writing;
                reopening the pool recovers from what is on the media */
             __atomic_store_n(&p->broken, 1, __ATOMIC_RELEASE);

@@ -86,8 +86,11 @@ class SuperBlock:
 
     def clusters_on(self, base_bytes: int) -> int:
         """How many clusters a base of this size holds (at most max_clusters)."""
-        return max(0, min((base_bytes - self.data_offset) // self.cluster_size,
-                          self.max_clusters))
+        return min(self.clusters_fitting(base_bytes), self.max_clusters)
+
+    def clusters_fitting(self, base_bytes: int) -> int:
+        """How many clusters fit on a base of this size, were the metadata unbounded."""
+        return max(0, (base_bytes - self.data_offset) // self.cluster_size)
 
 
 def decode_super(raw: bytes) -> SuperBlock | None:
@@ -114,19 +117,23 @@ def md_slot_size(total_clusters: int, block_size: int) -> int:
     return -(-need // block_size) * block_size
 
 
-def geometry(base_blocks: int, block_size: int, cluster_size: int, lvs_uuid: str
-             ) -> SuperBlock:
+def geometry(base_blocks: int, block_size: int, cluster_size: int, lvs_uuid: str,
+             max_bytes: int | None = None) -> SuperBlock:
     """Lay a store out on a base of `base_blocks`; FormatError when nothing fits.
 
     The data region starts cluster-aligned (capped at 1 MiB alignment) so clusters sit on
-    the base's natural boundaries; the metadata slots are sized for GROW_FACTOR times the
-    clusters that fit after them (bdev_lvol_grow_lvstore extends a store up to that when
-    its base grew), computed by shrinking a first guess until it holds."""
+    the base's natural boundaries. The metadata slots lie before it, so their size, and
+    with it the most clusters the store can ever have, is fixed here: room for
+    `max_bytes` of clusters when given (the operator's max_growable_size), else for
+    GROW_FACTOR times the clusters that fit after them (found by shrinking a first guess
+    until it holds). bdev_lvol_grow_lvstore extends a store up to that."""
     if cluster_size % block_size:
         raise FormatError(f"cluster size {cluster_size} is not a multiple of the base "
                           f"block size {block_size}")
     size = base_blocks * block_size
     align = min(cluster_size, 1 << 20)
+    if max_bytes is not None:
+        return _fixed_geometry(size, block_size, cluster_size, lvs_uuid, max_bytes, align)
     total = size // cluster_size
     while total > 0:
         most = min(total * GROW_FACTOR, MAX_CLUSTERS)
@@ -138,6 +145,25 @@ def geometry(base_blocks: int, block_size: int, cluster_size: int, lvs_uuid: str
         total = min(total - 1, (size - data) // cluster_size)
     raise FormatError(f"a base of {size} bytes holds no {cluster_size}-byte cluster after "
                       "the metadata")
+
+
+def _fixed_geometry(size: int, block_size: int, cluster_size: int, lvs_uuid: str,
+                    max_bytes: int, align: int) -> SuperBlock:
+    if max_bytes < size:
+        raise FormatError(f"the most the store may grow to ({max_bytes} bytes) is less "
+                          f"than the base's {size} bytes")
+    most = max_bytes // cluster_size
+    if most > MAX_CLUSTERS:
+        raise FormatError(f"the most the store may grow to ({max_bytes} bytes) is more "
+                          f"than {MAX_CLUSTERS} clusters of {cluster_size} bytes")
+    slot = md_slot_size(most, block_size)
+    data = -(-(block_size + 2 * slot) // align) * align
+    if data + cluster_size > size:
+        raise FormatError(f"metadata with room for {most} clusters takes {data} bytes: "
+                          f"the base's {size} bytes hold no {cluster_size}-byte cluster "
+                          "after it (choose a smaller max_growable_size)")
+    return SuperBlock(lvs_uuid, block_size, cluster_size, block_size, slot, data, most,
+                      size // block_size)
 
 
 @dataclass

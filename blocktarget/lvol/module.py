@@ -93,7 +93,7 @@ def make_bdev(store: LvolStore, rec: VolumeRecord) -> LvolBdev:
 
 
 async def create_store(target: Target, bdev_name: str, lvs_name: str, cluster_size: int,
-                       clear_method: str) -> LvolStore:
+                       clear_method: str, max_bytes: int | None = None) -> LvolStore:
     stores = stores_of(target)
     if stores.by_name(lvs_name) is not None:
         raise AlreadyExists(f"lvstore '{lvs_name}' already exists")
@@ -106,7 +106,8 @@ async def create_store(target: Target, bdev_name: str, lvs_name: str, cluster_si
     link = BaseLink(base, CLAIM)
     ch = link.get_channel(None)
     try:
-        store = await format_store(base, ch, lvs_name, cluster_size, clear_method)
+        store = await format_store(base, ch, lvs_name, cluster_size, clear_method,
+                                   max_bytes)
     except BaseException:
         link.put_channel(None)
         link.release()

@@ -59,11 +59,17 @@ def _cluster_size(value: int) -> str | None:
           help="accepted for SPDK's clients; the metadata here is sized for the worst case"),
     Param("md_page_size", int, check=positive,
           help="accepted for SPDK's clients; metadata is written in base blocks here"),
+    Param("max_growable_size_mib", int, check=positive,
+          help="the most the store may grow to (bdev_lvol_grow_lvstore), in MiB; the "
+               "metadata region before the data is sized for it now (12 bytes per "
+               "cluster, twice) and cannot grow later. Default: four times the base"),
 )), in_config=False)
 async def bdev_lvol_create_lvstore(target: Target, params: dict[str, Any]) -> str:
     """Create a logical volume store on a base bdev (claimed from then on); returns its UUID."""
+    most = params["max_growable_size_mib"]
     store = await create_store(target, params["bdev_name"], params["lvs_name"],
-                               params["cluster_sz"], params["clear_method"])
+                               params["cluster_sz"], params["clear_method"],
+                               None if most is None else most * MIB)
     return store.uuid
 
 
@@ -91,9 +97,11 @@ async def bdev_lvol_delete_lvstore(target: Target, params: dict[str, Any]) -> bo
 
 @method("bdev_lvol_grow_lvstore", Schema(_WHICH_STORE), in_config=False)
 async def bdev_lvol_grow_lvstore(target: Target, params: dict[str, Any]) -> bool:
-    """Take in the space a grown base bdev now has (up to `max_growable_size`, four times
-    the base's size when the store was made). A base is sized when it is created: grow
-    the file or device, recreate the bdev (or restart) and the store is found again."""
+    """Take in the space a grown base bdev now has: grow the file or device, then
+    `bdev_uring_rescan` (or `bdev_aio_rescan`) it live, or recreate it. Refused (-28,
+    nothing changed) when the base holds more than `max_growable_size`, which the
+    metadata region was sized for at create (four times the base unless
+    `max_growable_size_mib` said otherwise)."""
     await stores_of(target).find(params["uuid"], params["lvs_name"]).grow()
     return True
 
@@ -262,11 +270,7 @@ async def bdev_lvol_delete(target: Target, params: dict[str, Any]) -> bool:
         raise Busy(f"lvol '{bdev.aliases[0]}' is in use by {bdev.claimed_by}; "
                    "remove that first")
     store = bdev.store
-    kids = store.children(bdev.uuid)
-    if kids:  # (checked again, under the store's turnstile, by delete_volume)
-        raise Busy(f"lvol '{bdev.aliases[0]}' is the snapshot of "
-                   f"{', '.join(repr(store.name + '/' + k.name) for k in kids)}; "
-                   "delete those first")
+    store.refuse_if_cloned(bdev.uuid)  # (again, under the store's turnstile, on delete)
     await target.delete_bdev(bdev.name)  # channels closed: no I/O is left in flight
     try:
         await store.delete_volume(bdev.uuid)

@@ -16,6 +16,7 @@ through limbo (alloc.py) only after it is durable.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import threading
 import uuid as uuidlib
@@ -44,6 +45,13 @@ log = logging.getLogger("blocktarget.lvol")
 
 class StoreError(RpcError):
     """A store operation failed on the base bdev (I/O error, metadata too large)."""
+
+
+class NoRoom(RpcError):
+    """The store cannot take what is asked: its metadata has no room (-ENOSPC, as SPDK's
+    blobstore answers a grow beyond its metadata region)."""
+
+    code = -errno.ENOSPC
 
 
 def check_name(what: str, name: str) -> None:
@@ -310,14 +318,24 @@ class LvolStore:
     def children(self, vol_uuid: str) -> list[VolumeRecord]:
         return [v for v in self.md.volumes.values() if v.parent == vol_uuid]
 
+    def refuse_if_cloned(self, vol_uuid: str) -> None:
+        """Busy when the volume is a snapshot that clones still read through: deleting
+        it would take their data (SPDK merges a snapshot into its one clone instead;
+        here the operator chooses, and the message says how)."""
+        kids = self.children(vol_uuid)
+        if not kids:
+            return
+        names = ", ".join(repr(f"{self.name}/{k.name}") for k in kids)
+        which = f"a clone ({names})" if len(kids) == 1 else f"{len(kids)} clones ({names})"
+        them = "it" if len(kids) == 1 else "them"
+        raise Busy(f"lvol '{self.name}/{self.md.volumes[vol_uuid].name}' is a snapshot "
+                   f"with {which} reading through it: delete {them}, or make {them} "
+                   "independent with bdev_lvol_inflate or bdev_lvol_decouple_parent, first")
+
     async def delete_volume(self, vol_uuid: str) -> None:
         async with self.turn.held():
             old = self.md.volumes[vol_uuid]
-            kids = self.children(vol_uuid)
-            if kids:
-                raise Busy(f"lvol '{self.name}/{old.name}' is the snapshot of "
-                           f"{', '.join(repr(self.name + '/' + k.name) for k in kids)}; "
-                           "delete those first")
+            self.refuse_if_cloned(vol_uuid)
             await self.commit_held(lambda md: md.volumes.pop(vol_uuid))
             await self._release(list(old.map.values()), old.clear_method)
 
@@ -492,21 +510,32 @@ class LvolStore:
         return self.md.total_clusters
 
     async def grow(self) -> int:
-        """Take in the clusters a grown base now holds (up to max_clusters); one commit.
-        Returns the clusters added."""
+        """Take in the clusters a grown base now holds; one commit. Returns the clusters
+        added. Refused, nothing changed, when the base holds more than the metadata slots
+        have room for (their size is fixed at create: they lie before the data)."""
         async with self.turn.held():
-            new = self.sb.clusters_on(self.base.size_bytes)
+            fit = self.sb.clusters_fitting(self.base.size_bytes)
+            if fit > self.sb.max_clusters:
+                cs = self.cluster_size
+                raise NoRoom(
+                    f"lvstore '{self.name}': its base '{self.base.name}' "
+                    f"({self.base.size_bytes} bytes) now holds {fit} clusters but the "
+                    f"store's metadata has room for {self.sb.max_clusters} clusters "
+                    "(max_growable_size "
+                    f"{self.sb.max_clusters * cs} bytes, fixed when the store was created; "
+                    "give max_growable_size_mib to bdev_lvol_create_lvstore for more); "
+                    "not grown")
             old = self.md.total_clusters
-            if new <= old:
+            if fit <= old:
                 return 0
 
             def edit(md: Metadata) -> None:
-                md.total_clusters = new
+                md.total_clusters = fit
 
             await self.commit_held(edit)
             with self.lock:
-                self.alloc.grow(new)
-            return new - old
+                self.alloc.grow(fit)
+            return fit - old
 
     async def rename(self, new_name: str) -> None:
         check_name("lvstore", new_name)
@@ -550,13 +579,14 @@ def _check_chains(md: Metadata) -> None:
 
 
 async def format_store(base: Bdev, ch: IOChannel, name: str, cluster_size: int,
-                       clear_method: str) -> LvolStore:
+                       clear_method: str, max_bytes: int | None = None) -> LvolStore:
     """Write a new, empty store on `base` (claimed by the caller). The super block goes
     last: until it is durable there is no store, so a crash midway leaves the base as
     it was as far as any reader can tell."""
     check_name("lvstore", name)
     try:
-        sb = geometry(base.num_blocks, base.block_size, cluster_size, str(uuidlib.uuid4()))
+        sb = geometry(base.num_blocks, base.block_size, cluster_size, str(uuidlib.uuid4()),
+                      max_bytes)
     except FormatError as e:
         raise InvalidParams(f"bdev '{base.name}': {e}") from None
     md = Metadata(name, sb.clusters_on(base.size_bytes))

@@ -17,8 +17,13 @@ with context = the whole identity (version 0) or "<hh> <digest>" (version 1), di
 base64(HMAC(retained, hostnqn " " subnqn " NVMe-over-Fabrics")), and hh of the identity
 the hash of the TLS cipher suite (01: TLS_AES_128_GCM_SHA256, 02: TLS_AES_256_GCM_SHA384).
 HKDF-Expand-Label is RFC 8446's, with its length-prefixed "tls13 " label and context, as
-SPDK does. (libnvme before 1.11 — nvme-cli's `gen-tls-key --compat` today — omitted the
-length prefixes; such keys do not match: insert the TLS PSK from this module instead.)
+SPDK does. libnvme as Debian trixie ships it (1.13, nvme-cli 2.13; checked in the QEMU
+guest, tests/vm/test_kernel_tls_libnvme.py) encodes HKDF's info differently: the length
+in host byte order (little-endian on x86) and neither label nor context length-prefixed
+("libnvme encoding" here). Its keys then differ from ours for both identity versions.
+A version 1 identity tells which encoding the host used (its digest is computed from the
+retained PSK, which differs), so the target accepts either there; a version 0 identity
+does not, and is RFC 8446 only.
 
 Pure functions of bytes and text: the handshake (nvme/tls.py) and the host side both use
 them, and no repr or message here ever shows key material.
@@ -96,12 +101,12 @@ class ConfiguredPsk:
         """A fresh random key, as `nvme gen-tls-key --hmac hash_id`."""
         return cls(secrets.token_bytes(HASH_LEN[hash_id or 1]), hash_id)
 
-    def retained(self, hostnqn: str) -> bytes:
+    def retained(self, hostnqn: str, libnvme: bool = False) -> bytes:
         """The retained PSK: bound to the host NQN unless the hash indicator is 00."""
         if self.hash_id == 0:
             return self.key
         return hkdf_expand_label(self.hash_id, hkdf_extract(self.hash_id, self.key),
-                                 b"HostNQN", hostnqn.encode(), len(self.key))
+                                 b"HostNQN", hostnqn.encode(), len(self.key), libnvme)
 
 
 # ---------------------------------------------------------------------------
@@ -114,12 +119,17 @@ def hkdf_extract(hash_id: int, ikm: bytes) -> bytes:
 
 
 def hkdf_expand_label(hash_id: int, prk: bytes, label: bytes, context: bytes,
-                      length: int) -> bytes:
+                      length: int, libnvme: bool = False) -> bytes:
+    """RFC 8446's HKDF-Expand-Label; ``libnvme``: the info as libnvme 1.13 on x86 builds
+    it (length little-endian, label and context without their length bytes)."""
     full = b"tls13 " + label
     if len(full) > 255 or len(context) > 255:
         raise TlsKeyError("HKDF label or context longer than 255 bytes")
-    info = (length.to_bytes(2, "big") + bytes([len(full)]) + full
-            + bytes([len(context)]) + context)
+    if libnvme:
+        info = length.to_bytes(2, "little") + full + context
+    else:
+        info = (length.to_bytes(2, "big") + bytes([len(full)]) + full
+                + bytes([len(context)]) + context)
     name = HASHES[hash_id]
     out, block, counter = b"", b"", 1
     while len(out) < length:
@@ -171,32 +181,43 @@ def psk_digest(hash_id: int, retained: bytes, hostnqn: str, subnqn: str) -> str:
     return base64.b64encode(mac.digest()).decode()
 
 
-def identity_for(psk: ConfiguredPsk, hostnqn: str, subnqn: str, version: int = 0) -> PskIdentity:
-    """The identity a host with this key offers to a subsystem."""
+def identity_for(psk: ConfiguredPsk, hostnqn: str, subnqn: str, version: int = 0,
+                 libnvme: bool = False) -> PskIdentity:
+    """The identity a host with this key offers to a subsystem (``libnvme``: as libnvme
+    1.13 derives it)."""
     h = psk.cipher_hash
-    digest = psk_digest(h, psk.retained(hostnqn), hostnqn, subnqn) if version == 1 else ""
+    digest = (psk_digest(h, psk.retained(hostnqn, libnvme), hostnqn, subnqn)
+              if version == 1 else "")
     return PskIdentity(version, False, h, hostnqn, subnqn, digest)
 
 
-def tls_psk(psk: ConfiguredPsk, ident: PskIdentity) -> bytes:
+def tls_psk(psk: ConfiguredPsk, ident: PskIdentity, libnvme: bool = False) -> bytes:
     """The TLS 1.3 external PSK for a host offering ``ident`` with this configured key.
 
-    Raises TlsKeyError when the identity cannot go with the key (another hash, a
-    generated PSK, a version 1 digest that does not match the key)."""
+    A version 1 identity whose digest matches only libnvme's retained PSK gets libnvme's
+    TLS PSK; ``libnvme`` asks for that encoding for a version 0 identity too (which
+    cannot tell). Raises TlsKeyError when the identity cannot go with the key (another
+    hash, a generated PSK, a version 1 digest that matches neither encoding)."""
     if ident.generated:
         raise TlsKeyError("generated PSKs (secure concatenation after DH-HMAC-CHAP) "
                           "are not supported")
     if ident.hash_id != psk.cipher_hash:
         raise TlsKeyError(f"identity hash {ident.hash_id:02d} does not match the "
                           f"configured key's {psk.cipher_hash:02d}")
-    retained = psk.retained(ident.hostnqn)
     h = ident.hash_id
+    retained = psk.retained(ident.hostnqn, libnvme)
     if ident.version == 1:
-        want = psk_digest(h, retained, ident.hostnqn, ident.subnqn)
-        if not hmac.compare_digest(want, ident.digest):
-            raise TlsKeyError("identity digest does not match the configured key")
+        def matches(r: bytes) -> bool:
+            return hmac.compare_digest(psk_digest(h, r, ident.hostnqn, ident.subnqn),
+                                       ident.digest)
+
+        if not matches(retained):
+            other = psk.retained(ident.hostnqn, not libnvme)
+            if other == retained or not matches(other):
+                raise TlsKeyError("identity digest does not match the configured key")
+            retained, libnvme = other, not libnvme
         context = f"{h:02d} {ident.digest}".encode()
     else:
         context = str(ident).encode()
     return hkdf_expand_label(h, hkdf_extract(h, retained), b"nvme-tls-psk", context,
-                             HASH_LEN[h])
+                             HASH_LEN[h], libnvme)

@@ -22,6 +22,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,112 @@ def test_kill_restart_thin_lvol(running_target: Launcher, tmp_path: Path) -> Non
     # allocations were in flight across the kills, and none leaked or doubled
     assert allocated[-1] > allocated[1] > 0
     assert s["free_clusters"] + v["num_allocated_clusters"] == s["total_data_clusters"]
+
+
+GROW_CYCLES = int(os.environ.get("BT_LVOL_GROW_KILL_CYCLES", "8"))
+GROW_STEP = 1 << 20  # the base file grows by this much each cycle (64 clusters)
+
+
+@pytest.mark.timeout(BUDGET_S + 60)
+def test_kill_during_live_grow_under_load(running_target: Launcher, tmp_path: Path) -> None:
+    """Each cycle: FUA write load with allocations on a thin volume, the base file grown,
+    `bdev_uring_rescan` and `bdev_lvol_grow_lvstore` called while the load runs, and the
+    target SIGKILLed a random moment after the grow began (before, during or after its
+    metadata commit; every other cycle only once the grow returned). Every start finds
+    the store, with the cluster count it had or the grown one, and the checker reads back
+    every acknowledged write."""
+    img = tmp_path / "base.img"
+    with open(img, "wb") as f:
+        f.truncate(8 << 20)
+    port = free_port()
+    setup = running_target(target_config(img, port, export=False))
+    setup.rpc("bdev_lvol_create_lvstore", bdev_name="U0", lvs_name="lvs", cluster_sz=CLUSTER)
+    setup.rpc("bdev_lvol_create", lvs_name="lvs", lvol_name="vol", size_in_mib=16,
+              thin_provision=True)
+    # a thick neighbour takes the first 6 MiB of clusters: the volume's allocations run
+    # out of the store's first clusters within a few cycles and go on in grown ones
+    setup.rpc("bdev_lvol_create", lvs_name="lvs", lvol_name="pad", size_in_mib=6)
+    [s] = setup.rpc("bdev_lvol_get_lvstores")
+    assert setup.stop() == 0
+    first_total, first_free = s["total_data_clusters"], s["free_clusters"]
+
+    cfg = target_config(img, port, export=True)
+    journal = tmp_path / "ns1.journal"
+    rng = random.Random(1616)
+    totals = Totals()
+    start = time.monotonic()
+    seen: list[int] = []  # total_data_clusters at each start
+    acked: list[bool] = []  # per cycle: the grow's RPC returned before the kill
+    allocated: list[int] = []  # the volume's clusters at each start
+    while totals.cycles < GROW_CYCLES:
+        assert time.monotonic() - start < BUDGET_S, (
+            f"only {totals.cycles} of {GROW_CYCLES} kill cycles fit in {BUDGET_S}s")
+        t = running_target.prepare(cfg, cores=[0, 1]).start()
+        [s] = t.rpc("bdev_lvol_get_lvstores")
+        lvols = {v["name"]: v for v in t.rpc("bdev_lvol_get_lvols")}
+        used = sum(v["num_allocated_clusters"] for v in lvols.values())
+        assert s["free_clusters"] + used == s["total_data_clusters"]
+        seen.append(s["total_data_clusters"])
+        allocated.append(lvols["vol"]["num_allocated_clusters"])
+        mark = inode(journal)
+        p = subprocess.Popen(checker_cmd(port, journal), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while count_acks(journal, mark) < 16:  # allocations in every cycle
+            if p.poll() is not None:
+                judge(p, f"cycle {totals.cycles}", totals)
+                raise AssertionError(f"checker ended early: {totals.results[-1]['messages']}")
+            assert time.monotonic() < deadline, "the checker got no writes acknowledged"
+            time.sleep(0.01)
+        os.truncate(img, img.stat().st_size + GROW_STEP)
+        grew: list[BaseException | None] = []
+
+        def grow(t: Any = t, grew: list[BaseException | None] = grew) -> None:
+            try:
+                t.rpc("bdev_uring_rescan", name="U0")
+                t.rpc("bdev_lvol_grow_lvstore", lvs_name="lvs")
+                grew.append(None)
+            except BaseException as e:  # the kill cut the call short
+                grew.append(e)
+
+        th = threading.Thread(target=grow)
+        th.start()
+        if totals.cycles % 2:  # every other grow surely completes: the store keeps
+            th.join(15)        # ahead of the volume's allocations, however slow the machine
+        time.sleep(rng.uniform(0.0, 0.06))  # (the two RPCs take some 20-50 ms)
+        os.kill(t.pid, signal.SIGKILL)
+        th.join(15)
+        acked.append(grew == [None])
+        t.kill()
+        judge(p, f"cycle {totals.cycles}", totals)
+        totals.cycles += 1
+    t = running_target.prepare(cfg, cores=[0]).start()
+    p = subprocess.Popen(checker_cmd(port, journal, check_only=True), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    judge(p, "final check", totals)
+    assert p.returncode == 0
+    [s] = t.rpc("bdev_lvol_get_lvstores")
+    lvols = {v["name"]: v for v in t.rpc("bdev_lvol_get_lvols")}
+    used = sum(v["num_allocated_clusters"] for v in lvols.values())
+    allocated.append(lvols["vol"]["num_allocated_clusters"])
+    t.rpc("bdev_lvol_grow_lvstore", lvs_name="lvs")  # whatever a kill cut short
+    [grown] = t.rpc("bdev_lvol_get_lvstores")
+    t.stop()
+    seen.append(s["total_data_clusters"])
+    print(f"{totals.cycles} kills around a live grow under load: {totals.acked} FUA writes "
+          f"acknowledged, {totals.checked} journaled units read back, 0 lost; clusters at "
+          f"each start: {seen}; grows acknowledged before the kill: {acked}; the "
+          f"volume's clusters at each start: {allocated} ({first_free} free at first)")
+    assert totals.acked >= 4 * GROW_CYCLES and totals.checked >= GROW_CYCLES
+    # a grow takes all the file holds, so after cycle i the store has its old count or
+    # the file's (cycle i grew it to first + i+1 steps), the latter surely when the grow
+    # was acknowledged; never a count in between, never more than the base holds
+    per_step = GROW_STEP // CLUSTER
+    for i, ok in enumerate(acked):
+        full = first_total + (i + 1) * per_step
+        assert seen[i + 1] == full if ok else seen[i + 1] in (seen[i], full), (i, seen)
+    assert grown["total_data_clusters"] == first_total + GROW_CYCLES * per_step
+    assert s["free_clusters"] + used == s["total_data_clusters"]
+    assert any(acked) and seen[-1] > seen[0]
+    # more clusters than the store first had free: some of them are grown ones
+    assert allocated[-1] > first_free, (allocated, first_free)

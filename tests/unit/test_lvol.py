@@ -563,3 +563,114 @@ async def test_grow_lvstore_after_the_base_grew(tmp_path: Path) -> None:
         assert await read(t, "lvs/v", 39 * BPC, 1) == pattern(1, 39)
     finally:
         await t.stop()
+
+
+async def test_grow_live_by_rescan_and_the_limit_of_the_metadata(tmp_path: Path) -> None:
+    """The base file grows under a running target: bdev_uring_rescan takes the new size,
+    bdev_lvol_grow_lvstore the new clusters, with a volume in use throughout. Past what
+    the metadata was sized for at create, the grow is refused and nothing changes; a
+    store created with max_growable_size_mib grows that far."""
+    f, g = tmp_path / "base.img", tmp_path / "big.img"
+    for p in (f, g):
+        with open(p, "wb") as fh:
+            fh.truncate(16 * MIB)
+    t = Target(settings([0], allowed_dirs=[str(tmp_path)]))
+    await t.start()
+    try:
+        await ok(t, "bdev_uring_create", name="U0", filename=str(f), block_size=BS)
+        await ok(t, "bdev_lvol_create_lvstore", bdev_name="U0", lvs_name="lvs",
+                 cluster_sz=MIB)
+        await ok(t, "bdev_lvol_create", lvs_name="lvs", lvol_name="v", size_in_mib=100,
+                 thin_provision=True)
+        assert await write(t, "lvs/v", 3, pattern(2, 4)) == 0
+        before = await lvstore(t)
+        assert before["max_growable_size"] == 60 * MIB  # 15 clusters at create, times 4
+
+        with open(f, "r+b") as fh:
+            fh.truncate(40 * MIB)
+        await ok(t, "bdev_aio_rescan", name="U0")  # SPDK's two names, one method
+        assert t.bdevs.get("U0").num_blocks == 40 * MIB // BS
+        assert await lvstore(t) == before  # growing the store is asked for
+        await ok(t, "bdev_lvol_grow_lvstore", lvs_name="lvs")
+        s = await lvstore(t)
+        assert s["total_data_clusters"] == before["total_data_clusters"] + 24
+        assert s["free_clusters"] == before["free_clusters"] + 24
+        for c in range(14, 40):  # the store's new clusters take first writes
+            assert await write(t, "lvs/v", c * BPC, pattern(1, c)) == 0
+        assert await read(t, "lvs/v", 3, 2) == pattern(2, 4)
+        assert await read(t, "lvs/v", 39 * BPC, 1) == pattern(1, 39)
+
+        # past max_growable_size: refused with the reason, the store as it was
+        with open(f, "r+b") as fh:
+            fh.truncate(80 * MIB)
+        await ok(t, "bdev_uring_rescan", name="U0")
+        grown = await lvstore(t)
+        code, msg = await err(t, "bdev_lvol_grow_lvstore", lvs_name="lvs")
+        assert code == -errno.ENOSPC
+        assert "room for 60 clusters" in msg and "max_growable_size" in msg, msg
+        assert "not grown" in msg
+        assert await lvstore(t) == grown
+
+        # a shrink under a claimed bdev is refused (here it would cut off nothing the
+        # store uses yet, but the bdev does not know what its user will address)
+        with open(f, "r+b") as fh:
+            fh.truncate(70 * MIB)
+        code, msg = await err(t, "bdev_uring_rescan", name="U0")
+        assert code == EBUSY and "in use by lvstore" in msg, msg
+        assert t.bdevs.get("U0").num_blocks == 80 * MIB // BS
+        with open(f, "r+b") as fh:
+            fh.truncate(80 * MIB)
+        assert await read(t, "lvs/v", 39 * BPC, 1) == pattern(1, 39)
+
+        # an operator who expects growth says so at create
+        await ok(t, "bdev_uring_create", name="U1", filename=str(g), block_size=BS)
+        await ok(t, "bdev_lvol_create_lvstore", bdev_name="U1", lvs_name="big",
+                 cluster_sz=MIB, max_growable_size_mib=1024)
+        b = await lvstore(t, "big")
+        assert b["max_growable_size"] == 1024 * MIB and b["total_data_clusters"] == 15
+        with open(g, "r+b") as fh:
+            fh.truncate(200 * MIB)
+        await ok(t, "bdev_uring_rescan", name="U1")
+        await ok(t, "bdev_lvol_grow_lvstore", lvs_name="big")
+        assert (await lvstore(t, "big"))["total_data_clusters"] == 199
+        code, msg = await err(t, "bdev_lvol_create_lvstore", bdev_name="U1", lvs_name="x",
+                              max_growable_size_mib=8)
+        assert code == EBUSY  # (claimed: the option is checked on a free base below)
+
+        # unused, a bdev takes a shrink too; to less than one block it does not
+        h = tmp_path / "free.img"
+        with open(h, "wb") as fh:
+            fh.truncate(8 * MIB)
+        await ok(t, "bdev_uring_create", name="U2", filename=str(h), block_size=BS)
+        os.truncate(h, 2 * MIB + 100)
+        await ok(t, "bdev_uring_rescan", name="U2")
+        assert t.bdevs.get("U2").num_blocks == 2 * MIB // BS
+        os.truncate(h, BS - 1)
+        code, msg = await err(t, "bdev_uring_rescan", name="U2")
+        assert code == -32602 and "no whole block" in msg, msg
+        assert t.bdevs.get("U2").num_blocks == 2 * MIB // BS
+
+        # bad rescans: not a file bdev, no such bdev
+        await ok(t, "bdev_malloc_create", name="M0", num_blocks=8 * MIB // BS, block_size=BS)
+        code, msg = await err(t, "bdev_uring_rescan", name="M0")
+        assert code == -32602 and "not a file or block device" in msg
+        assert (await err(t, "bdev_uring_rescan", name="nope"))[0] == ENODEV
+        code, msg = await err(t, "bdev_lvol_create_lvstore", bdev_name="M0", lvs_name="x",
+                              cluster_sz=MIB, max_growable_size_mib=4)
+        assert code == -32602 and "less than the base" in msg
+        code, msg = await err(t, "bdev_lvol_create_lvstore", bdev_name="M0", lvs_name="x",
+                              cluster_sz=4096, max_growable_size_mib=1 << 20)
+        assert code == -32602 and "choose a smaller max_growable_size" in msg
+        assert t.bdevs.get("M0").claimed_by is None
+    finally:
+        await t.stop()
+
+    # the grown store is found again by a new target, as grown
+    t = Target(settings([0], allowed_dirs=[str(tmp_path)]))
+    await t.start()
+    try:
+        await ok(t, "bdev_uring_create", name="U0", filename=str(f), block_size=BS)
+        assert await lvstore(t) == grown
+        assert await read(t, "lvs/v", 39 * BPC, 1) == pattern(1, 39)
+    finally:
+        await t.stop()

@@ -68,11 +68,12 @@ class CrashDiskChannel(IOChannel):
 
 class CrashDisk(Bdev):
     def __init__(self, name: str, image: bytes | None = None) -> None:
-        super().__init__(name=name, block_size=BS, num_blocks=DISK_BLOCKS, module="crashdisk",
+        blocks = DISK_BLOCKS if image is None else len(image) // BS
+        super().__init__(name=name, block_size=BS, num_blocks=blocks, module="crashdisk",
                          write_cache=True,
                          io_types=frozenset({IOType.READ, IOType.WRITE, IOType.FLUSH,
                                              IOType.UNMAP, IOType.WRITE_ZEROES}))
-        self.cur = bytearray(image if image is not None else bytes(DISK_BLOCKS * BS))
+        self.cur = bytearray(image if image is not None else bytes(blocks * BS))
         self.durable = bytearray(self.cur)
         self.pending: list[tuple[int, bytes]] = []
         self.on_point: Callable[[CrashDisk], None] | None = None
@@ -80,6 +81,14 @@ class CrashDisk(Bdev):
 
     def create_channel(self, reactor: Any) -> IOChannel:
         return CrashDiskChannel(self, reactor)
+
+    def grow(self, blocks: int) -> None:
+        """The device got bigger (a file extended, a volume resized): the new blocks read
+        zeroes and are durable as such, as a file's hole is."""
+        more = bytes((blocks - self.num_blocks) * BS)
+        self.cur += more
+        self.durable += more
+        self.num_blocks = blocks
 
     def point(self) -> None:
         self.points += 1
@@ -362,3 +371,48 @@ def _unmap(h: Harness, name: str, offset: int, blocks: int) -> None:
 
 async def _async(fn: Callable[[], None]) -> None:
     fn()
+
+
+async def test_grow_lvstore_is_atomic(h: Harness) -> None:
+    """A crash at any write or flush of bdev_lvol_grow_lvstore leaves the store with its
+    old or its new cluster count, every acknowledged block intact; the first write into
+    a grown cluster is as atomic as any other allocation; a grow refused for want of
+    metadata room writes nothing."""
+    await h.call("bdev_lvol_create_lvstore", bdev_name="D0", lvs_name="lvs",
+                 cluster_sz=CLUSTER, clear_method="none")
+    store = h.store()
+    assert store is not None
+    old_total = store.total_clusters
+    # a thin volume over-committed past the store, with data in its last clusters
+    await h.call("bdev_lvol_create", lvs_name="lvs", lvol_name="v",
+                 size_in_mib=3 * DISK_BLOCKS * BS // (1 << 20), thin_provision=True)
+    for c in range(old_total):
+        h.write("lvs/v", c * BPC + c % BPC, pattern(1, c))
+    assert store.free_clusters() == 0
+
+    h.disk.grow(2 * DISK_BLOCKS)  # what a rescan of a grown file does to the bdev
+    before, after, images = await h.crashing(
+        lambda: h.call("bdev_lvol_grow_lvstore", lvs_name="lvs"))
+    assert before is not None and after is not None
+    assert after.total_clusters > before.total_clusters == old_total
+    assert await check_all(h, before, after, images) == 2
+
+    # a first write to a cluster the grow brought in, straddling into the next one
+    vol = h.t.bdevs.get("lvs/v").uuid
+    first = old_total * BPC - 2  # the last two blocks of the old last cluster, and on
+    data = pattern(6, 9)
+    prev = {first + i: h.acked[vol].get(first + i, ZERO) for i in range(6)}
+    before, after, images = await h.crashing(
+        lambda: _async(lambda: h.write("lvs/v", first, data)))
+    new = {vol: {first + i: (data[i * BS:(i + 1) * BS], prev[first + i]) for i in range(6)}}
+    assert await check_all(h, before, after, images, new) == 2
+
+    # past the metadata's room: refused, and not one write or flush reached the disk
+    assert store.sb.max_clusters < 8 * old_total
+    h.disk.grow(16 * DISK_BLOCKS)
+    points = h.disk.points
+    resp = await h.t.dispatcher.handle({"jsonrpc": "2.0", "id": 2, "method":
+                                        "bdev_lvol_grow_lvstore",
+                                        "params": {"lvs_name": "lvs"}})
+    assert resp["error"]["code"] == -28 and "not grown" in resp["error"]["message"]
+    assert h.disk.points == points

@@ -37,6 +37,7 @@ from blocktarget.bdevs.pmem import (
     PersistentMemory,
     Pool,
     PoolError,
+    c_engine_available,
     format_pool,
 )
 
@@ -257,8 +258,9 @@ def test_large_blocks() -> None:
 
 
 def test_persist_points_of_one_block_write() -> None:
-    """One block costs three drains in this order: data with the flog body, the flog's
-    sequence number, the map."""
+    """One block costs two drains in this order: data with the flog body (and the map
+    entries: the one read as `old`, the lane's last write's), the flog's sequence
+    number; its map store is persisted by the lane's next write's first drain."""
     layout = _layout(4)
     rec = _fresh(layout)
     pool = Pool(rec)
@@ -278,7 +280,48 @@ def test_persist_points_of_one_block_write() -> None:
 
     rec.on_drain = where
     pool.write(0, 3, 1, memoryview(bytes([7]) * layout.block_size))
-    assert seen == [{"data", "flog"}, {"flog"}, {"map"}]
+    assert seen == [{"data", "flog", "map"}, {"flog"}]
+    entry = layout.mapoff + 3 * layout.entry_size
+    assert rec.cur[entry:entry + 4] != rec.durable[entry:entry + 4]  # stored, not persisted
+    # the lane's next write, far from LBA 3 (another map line), persists it first
+    far = layout.num_blocks - 1
+    assert (layout.mapoff + far * layout.entry_size) // LINE != entry // LINE
+    staged: list[set[int]] = []
+    rec.on_drain = lambda r: staged.append(set(r.staged))
+    pool.write(0, far, 1, memoryview(bytes([8]) * layout.block_size))
+    assert entry // LINE in staged[0]
+    assert rec.cur[entry:entry + 4] == rec.durable[entry:entry + 4]
+
+
+@pytest.mark.parametrize("core", [False, True], ids=["python", "c"])
+def test_another_lane_persists_the_map_entry_it_reads_as_old(core: bool) -> None:
+    """Lane 1 writes an LBA and returns with its map store not persisted; lane 0 then
+    writes the same LBA, reading that entry as its `old`. Whatever survives of lane 0's
+    write, recovery (which visits lane 0's slots first) must leave no block owned twice:
+    lane 0's first drain persists the entry lane 1 stored."""
+    if core and not c_engine_available():
+        pytest.skip("blocktarget._fastpath (the C engine) not built")
+    layout = _layout(4, num_blocks=8, lanes=2, free_per_lane=1)
+    rec = _fresh(layout)
+    pool = Pool(rec, core=core)
+    bs = layout.block_size
+    a, b = bytes([1]) * bs, bytes([2]) * bs
+    rec.lane = 1
+    pool.write(1, 5, 1, memoryview(a))
+    entry = layout.mapoff + 5 * layout.entry_size
+    assert rec.cur[entry:entry + 4] != rec.durable[entry:entry + 4]
+    images: list[bytearray] = []
+    rec.on_drain = lambda r: images.append(r.crash_image())
+    rec.lane = 0
+    pool.write(0, 5, 1, memoryview(b))
+    images.append(rec.crash_image())  # returned: its own map store not persisted either
+    assert len(images) == 3
+    for i, img in enumerate(images):
+        after = Pool(CrashRecorder(img))
+        assert after.check() == [], f"crash point {i}"
+        out = bytearray(bs)
+        after.read(0, 5, 1, memoryview(out))
+        assert bytes(out) == (b if i == 2 else a), f"crash point {i}"
 
 
 def test_crash_while_formatting() -> None:

@@ -184,3 +184,42 @@ def test_identity_must_fit_the_key() -> None:
     base = tls_psk(psk, identity_for(psk, HOST, SUB))
     assert tls_psk(psk, identity_for(psk, HOST, SUB + "x")) != base
     assert tls_psk(psk, identity_for(psk, HOST[:-1] + "5", SUB)) != base
+
+
+# ---- libnvme 1.13's encoding, with what the real tool put in the guest's keyring ---------
+# (trixie's `nvme check-tls-key --insert --identity 0|1` with this configured key, host and
+# subsystem; read back from the kernel's .nvme keyring by tests/vm/test_kernel_tls_libnvme.py)
+LIBNVME_KEY = "NVMeTLSkey-1:01:REPwD0pZTrcNiJt1TxtRq9b34NM9zK5TXaG1Donr4DKA30UA:"
+LIBNVME_HOST = "nqn.2014-08.org.nvmexpress:uuid:71510000-0000-4000-8000-00000000000a"
+LIBNVME_SUB = "nqn.2026-01.io.blocktarget:tls-libnvme"
+LIBNVME_V0 = "12508e19eca00a7d67f4a29badb9a23bcd098a37674f007178e81ca9e1f7eb70"
+LIBNVME_V1_DIGEST = "l5Vogd264Pqjznn46C25tYEhgVDhb26pMXEgHlymphM="
+LIBNVME_V1 = "67f3fac7d0286ac57d42a61f465e3d91cfe1d80c26e769a40b908ed70c84de25"
+
+
+def test_libnvme_keys_known_answers() -> None:
+    psk = ConfiguredPsk.parse(LIBNVME_KEY)
+    v1 = identity_for(psk, LIBNVME_HOST, LIBNVME_SUB, 1, libnvme=True)
+    assert v1.digest == LIBNVME_V1_DIGEST
+    # the target recognises libnvme's version 1 identity by its digest
+    assert tls_psk(psk, PskIdentity.parse(str(v1))).hex() == LIBNVME_V1
+    v0 = identity_for(psk, LIBNVME_HOST, LIBNVME_SUB, 0)
+    assert tls_psk(psk, v0, libnvme=True).hex() == LIBNVME_V0
+    # RFC 8446's encoding gives other keys (the version 0 identity cannot tell them apart)
+    assert tls_psk(psk, v0).hex() != LIBNVME_V0
+    rfc1 = identity_for(psk, LIBNVME_HOST, LIBNVME_SUB, 1)
+    assert rfc1.digest != LIBNVME_V1_DIGEST
+    assert tls_psk(psk, rfc1) != tls_psk(psk, v1)
+
+
+def test_libnvme_encoding_needs_a_transformed_key() -> None:
+    """With hash 00 the retained PSK is the configured key under both encodings, so a
+    version 1 digest cannot tell them apart: RFC 8446's TLS PSK, and a digest that
+    matches neither is refused."""
+    psk = ConfiguredPsk(os.urandom(32), 0)
+    v1 = identity_for(psk, HOST, SUB, 1, libnvme=True)
+    assert v1 == identity_for(psk, HOST, SUB, 1)
+    assert tls_psk(psk, v1) != tls_psk(psk, v1, libnvme=True)
+    with pytest.raises(TlsKeyError, match="digest"):
+        tls_psk(ConfiguredPsk.generate(1), identity_for(ConfiguredPsk.generate(1), HOST, SUB, 1,
+                                                        libnvme=True))

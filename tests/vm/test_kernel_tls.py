@@ -11,7 +11,8 @@ connects through /dev/nvme-fabrics with the kernel's `tls` option. The key it in
 the one derived here from the configured key (nvme/tls_keys.py): the kernel looks the key
 up by identity and tlshd uses it as is, so this run proves the handshake and the record
 layers interoperate; the derivation itself is checked against OpenSSL's TLS 1.3 KDF in
-tests/unit/test_tls_keys.py.
+tests/unit/test_tls_keys.py, and against libnvme's own (trixie's nvme-cli 2.13 inserting
+its keys) in test_kernel_tls_libnvme.py.
 
 One boot: TLS connect with 2 I/O queues, fio crc32c verify, disconnect; a host whose
 keyring holds a wrong key is refused; a plain connect to the secure listener is refused;
