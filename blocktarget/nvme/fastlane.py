@@ -10,9 +10,10 @@ which the pmem bdev's Python path calls too), PCIe NVMe namespaces through the
 reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c, nvme/driver/cring.py), split
 or passthru over any of them, and logical volumes over any of them (the volume's cluster
 map in C: csrc/bt_lvol.h, lvol/lanemap.py). Header and data digests and the host's PDU
-alignment are done in C too. A receive buffer starts in the lane only when the queue is in its steady state:
-connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
-decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
+alignment are done in C too. A receive buffer starts in the lane only when the queue is
+in its steady state: connected and enabled, no command of the Python path outstanding,
+no held-back PDUs, the decoder between PDUs, nobody waiting for the reactor's buffer
+budget. The lane's own
 commands (writes waiting for their data, I/O at io_uring) may be outstanding: the Python
 path asks the lane about them where it must (a busy command id, a full queue, an
 H2CData it decoded, Abort, the stall watch) and takes one over (`adopt`) for anything
@@ -297,7 +298,8 @@ class Lane:
                     e.hw_nsid = t.nsid
                 if t.lvol is not None and i < nreal:  # (a volume's zero entry: after these)
                     e.lv = t.lvol.c
-                    e.lv_zero = arr + nreal + sum(1 for x in entries[:i] if x[1].lvol is not None)
+                    e.lv_zero = arr + nreal + sum(1 for x in entries[:i]
+                                                  if x[1].lvol is not None)
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)
