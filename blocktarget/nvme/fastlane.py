@@ -5,30 +5,30 @@ it is built).
 
 A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
 is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, files and block
-devices through the reactor's io_uring (uring), pmem pools (the BTT in C, csrc/be_pmem.c,
-which the pmem bdev's Python path calls too), PCIe NVMe namespaces through the
-reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c, nvme/driver/cring.py), split
-or passthru over any of them, and logical volumes over any of them (the volume's cluster
-map in C: csrc/bt_lvol.h, lvol/lanemap.py). Header and data digests and the host's PDU
-alignment are done in C too. A receive buffer starts in the lane only when the queue is
-in its steady state: connected and enabled, no command of the Python path outstanding,
-no held-back PDUs, the decoder between PDUs, nobody waiting for the reactor's buffer
-budget. The lane's own
-commands (writes waiting for their data, I/O at io_uring) may be outstanding: the Python
-path asks the lane about them where it must (a busy command id, a full queue, an
-H2CData it decoded, Abort, the stall watch) and takes one over (`adopt`) for anything
-unusual. I/O at io_uring (or an NVMe queue pair) completes in C when the reactor reaps
-its ring (bdevs/uring.py; driver/cring.py for NVMe), which then calls `drain` on each
-lane with something to send; what
-did not succeed there comes back to the Python path to be done again (`_redo`). Whatever
-the lane does not take goes to the Python path unchanged; the Python path remains the
-reference for every byte.
+devices through the reactor's io_uring (uring), pmem pools (the BTT in C,
+csrc/be_pmem.c, which the pmem bdev's Python path calls too), PCIe NVMe namespaces
+through the reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c,
+nvme/driver/cring.py), split or passthru over any of them, and logical volumes over any
+of them (the volume's cluster map in C: csrc/bt_lvol.h, lvol/lanemap.py). Header and
+data digests and the host's PDU alignment are done in C too. A receive buffer starts in
+the lane only when the queue is in its steady state: connected and enabled, no command
+of the Python path outstanding, no held-back PDUs, the decoder between PDUs, nobody
+waiting for the reactor's buffer budget. The lane's own commands (writes waiting for
+their data, I/O at io_uring) may be outstanding: the Python path asks the lane about
+them where it must (a busy command id, a full queue, an H2CData it decoded, Abort, the
+stall watch) and takes one over (`adopt`) for anything unusual. I/O at io_uring (or an
+NVMe queue pair) completes in C when the reactor reaps its ring (bdevs/uring.py;
+driver/cring.py for NVMe), which then calls `drain` on each lane with something to send;
+what did not succeed there comes back to the Python path to be done again (`_redo`).
+Whatever the lane does not take goes to the Python path unchanged; the Python path
+remains the reference for every byte.
 
 What the Python path would have recorded is recorded here too: the queue's SQ head, the
 controller's SMART counters, the stall watch's PDU count, and each bdev channel's
 operation, byte and latency statistics (latency: the C call's time shared out evenly over
 its commands, the only clock there is), on every channel the I/O would have passed
-through (a split's and its base's).
+through (a split's and its base's; for a volume's read its map answers with zeroes, the
+volume's alone: `_zero_entries`).
 """
 
 from __future__ import annotations
