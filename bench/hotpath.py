@@ -145,8 +145,30 @@ def wire(p: pdu.Pdu, qp: Qpair) -> bytes:
 BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "pmem", "nvme")
 
 
+# --lvol: namespace 1 is a thick logical volume of BLOCKS blocks on the backend's bdev
+# (which then has LVOL_EXTRA more, for the store's metadata), 4 MiB clusters
+LVOL: dict[str, Any] = {"on": False, "cow": None, "cluster": 4 << 20}
+LVOL_EXTRA = 2048
+LVOL_COW_BATCHES = 512  # distinct batches of --lvol-cow (32 x 512 writes: every cluster)
+
+
 def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
-    """The bdev RPCs that make namespace 1's bdev "M0" of BLOCKS 4 KiB blocks."""
+    """The bdev RPCs that make namespace 1's bdev "M0" of BLOCKS 4 KiB blocks (with
+    --lvol, the base of the volume: LVOL_EXTRA more)."""
+    blocks = BLOCKS + (LVOL_EXTRA if LVOL["on"] else 0)
+    if LVOL["cow"] is not None:
+        blocks += BLOCKS  # (room for the copies)
+    return [_with_blocks(e, blocks) for e in _backend_bdevs(backend, workdir, blocks)]
+
+
+def _with_blocks(entry: dict[str, Any], blocks: int) -> dict[str, Any]:
+    p = entry["params"]
+    if "num_blocks" in p and p["num_blocks"] == BLOCKS:
+        return {**entry, "params": {**p, "num_blocks": blocks}}
+    return entry
+
+
+def _backend_bdevs(backend: str, workdir: str, blocks: int) -> list[dict[str, Any]]:
     if backend == "nvme":  # (the controller is attached by setup(): "NVn1")
         return [{"method": "bdev_passthru_create",
                  "params": {"base_bdev_name": "NVn1", "name": "M0"}}]
@@ -178,7 +200,7 @@ def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
         return [{"method": "bdev_pmem_create", "params": {"name": "M0", "pmem_file": path}}]
     path = os.path.join(workdir, "hotpath.img")
     with open(path, "wb") as f:  # allocated, so reads do not just see holes
-        os.posix_fallocate(f.fileno(), 0, BLOCKS * 4096)
+        os.posix_fallocate(f.fileno(), 0, blocks * 4096)
     return [{"method": "bdev_uring_create",
              "params": {"name": "M0", "filename": path, "block_size": 4096}}]
 
@@ -189,13 +211,19 @@ def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc
                              pin=False, allowed_dirs=[workdir] if workdir else None))
     if backend == "nvme":
         loop.run_until_complete(_attach_fake_nvme(target))
+    ns_bdev = "M0"
+    if LVOL["on"]:
+        loop.run_until_complete(target.apply_config(
+            {"subsystems": [{"subsystem": "bdev", "config": backend_bdevs(backend, workdir)}]},
+            "hotpath-base"))
+        ns_bdev = loop.run_until_complete(_thick_volume(target))
     doc = {"subsystems": [
-        {"subsystem": "bdev", "config": backend_bdevs(backend, workdir)},
+        {"subsystem": "bdev", "config": [] if LVOL["on"] else backend_bdevs(backend, workdir)},
         {"subsystem": "nvmf", "config": [
             {"method": "nvmf_create_transport", "params": {"trtype": "TCP"}},
             {"method": "nvmf_create_subsystem", "params": {"nqn": NQN, "allow_any_host": True}},
             {"method": "nvmf_subsystem_add_ns",
-             "params": {"nqn": NQN, "namespace": {"bdev_name": "M0", "nsid": 1}}},
+             "params": {"nqn": NQN, "namespace": {"bdev_name": ns_bdev, "nsid": 1}}},
             {"method": "nvmf_subsystem_add_listener",
              "params": {"nqn": NQN, "listen_address": {
                  "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1", "trsvcid": "4420"}}},
@@ -216,6 +244,20 @@ def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc
 
 
 FAKE_DEVICES: list[Any] = []
+
+
+async def _thick_volume(target: Target) -> str:
+    """A store on M0 and a thick volume of BLOCKS blocks on it (every cluster mapped:
+    the figure is the cluster lookup's, not allocation's); its alias."""
+    from blocktarget.rpc import call_method
+
+    await call_method(target, "bdev_lvol_create_lvstore",
+                      {"bdev_name": "M0", "lvs_name": "lvs", "cluster_sz": LVOL["cluster"],
+                       "clear_method": "none"})
+    await call_method(target, "bdev_lvol_create",
+                      {"lvs_name": "lvs", "lvol_name": "v", "size_in_mib": BLOCKS * 4096 >> 20,
+                       "thin_provision": False})
+    return "lvs/v"
 
 
 async def _attach_fake_nvme(target: Target) -> None:
@@ -468,13 +510,25 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
     opcode = spec.IoOpcode.WRITE if write else spec.IoOpcode.READ
     r2t = write and size > io.icd_limit  # data through R2T / H2CData, as 128 KiB writes
     icd = write and not r2t
-    chunk = b"".join(
-        wire(pdu.CapsuleCmd(build_sqe(opcode, cid, 1, flags=PSDT_SGL, sgl_len=size,
-                                      sgl_id=spec.SGL_ID_INCAPSULE if icd
-                                      else spec.SGL_ID_TRANSPORT,
-                                      cdw10=(cid * 7919 * nlb) % (BLOCKS - nlb), cdw12=nlb - 1),
-                            bytes([cid & 0xFF]) * size if icd else b""), io)
-        for cid in range(batch))
+    def batch_at(salt: int) -> bytes:
+        return b"".join(
+            wire(pdu.CapsuleCmd(build_sqe(opcode, cid, 1, flags=PSDT_SGL, sgl_len=size,
+                                          sgl_id=spec.SGL_ID_INCAPSULE if icd
+                                          else spec.SGL_ID_TRANSPORT,
+                                          cdw10=((cid + salt * batch) * 7919 * nlb)
+                                          % (BLOCKS - nlb), cdw12=nlb - 1),
+                                bytes([cid & 0xFF]) * size if icd else b""), io)
+            for cid in range(batch))
+
+    # --lvol-cow: batches at other blocks each round (the same ones on both sides of the
+    # A/B), so the run reaches every cluster; else one batch, over and over
+    chunks = [batch_at(i) for i in range(LVOL_COW_BATCHES if LVOL["cow"] is not None else 1)]
+    chunk = chunks[0]
+    if LVOL["cow"]:  # B: a snapshot now, so each cluster's first write copies it
+        from blocktarget.rpc import call_method
+
+        loop.run_until_complete(call_method(target, "bdev_lvol_snapshot", {
+            "lvol_name": "lvs/v", "snapshot_name": "snap"}))
     tr = io.transport
     tr.keep = r2t  # type: ignore[union-attr]
     tr.last.clear()  # type: ignore[union-attr]  # the ICResp/Connect answers
@@ -493,7 +547,8 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
     thread_clock = time.thread_time
     t0, cpu, rcpu = time.perf_counter(), 0.0, 0.0
     sys0 = _sys_time()
-    for _ in range(rounds):
+    for rnd in range(rounds):
+        chunk = chunks[rnd % len(chunks)]
         c0, r0 = clock(), thread_clock()
         deliver(io, chunk, reads, copy)
         call_soon(stop)  # runs the flush the qpair scheduled, then returns
@@ -535,6 +590,10 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
     sys_s = _sys_time() - sys0
     n = rounds * batch
     assert not io.requests, "commands left unanswered"
+    copied = 0
+    if LVOL["cow"]:  # clusters the first writes after the snapshot copied
+        vol = target.bdevs.get("lvs/v")
+        copied = len(vol.store.md.volumes[vol.uuid].map)
     io.close("bench over")
     admin.close("bench over")
     _settle(loop, io, reactor)
@@ -547,7 +606,7 @@ def _run(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int, write
             "in_lane": getattr(reactor.stats, "c_lane_commands", 0) / n,
             # time in the C lane's calls (GIL released), per command
             "c_us": getattr(reactor.stats, "gil_released_ns", 0) / 1e3 / n,
-            "sys_us": sys_s * 1e6 / n}
+            "sys_us": sys_s * 1e6 / n, "copied": copied}
 
 
 def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int,
@@ -653,14 +712,32 @@ def main() -> int:
     ap.add_argument("--socket", action="store_true",
                     help="serve the queue pair over a loopback socket lent to the reactor's "
                          "C poller (reads and in-capsule writes)")
+    ap.add_argument("--lvol", action="store_true",
+                    help="A/B: the backend's bdev itself, then a thick logical volume on it "
+                         "(4 MiB clusters), alternating --reps times; prints both and the "
+                         "volume's CPU per command over the base's")
+    ap.add_argument("--lvol-cow", action="store_true",
+                    help="A/B on a thick volume: writes spread over all of it, then the same "
+                         "writes right after a snapshot (each cluster's first write copies "
+                         "it); prints the copy-on-write cost per cluster")
+    ap.add_argument("--cluster-kib", type=int, default=4096,
+                    help="--lvol-cow: the store's cluster size (default %(default)s KiB)")
     args = ap.parse_args()
     if args.pmem_python_engine:
         from blocktarget.bdevs import pmem
 
         pmem.USE_C_ENGINE = False
-    res = [run(args.ops, args.batch, args.size, args.write, args.digests, not args.python_path,
-               args.reads, args.copy_reads, args.backend, args.loop, args.socket, args.spin)
-           for _ in range(args.reps)]
+    def once() -> dict[str, float]:
+        return run(args.ops, args.batch, args.size, args.write, args.digests,
+                   not args.python_path, args.reads, args.copy_reads, args.backend, args.loop,
+                   args.socket, args.spin)
+
+    if args.lvol_cow:
+        LVOL["cluster"] = args.cluster_kib << 10
+        return _lvol_cow_ab(args, once)
+    if args.lvol:
+        return _lvol_ab(args, once)
+    res = [once() for _ in range(args.reps)]
     best = min(res, key=lambda r: r["cpu_us"])
     kind = "write" if args.write else "read"
     print(f"{args.backend} {kind} {args.size} B, batch {args.batch}, digests {args.digests}: "
@@ -675,6 +752,58 @@ def main() -> int:
                   f"other threads (io-wq: the kernel doing the I/O) {best['other_us']:.2f}; "
                   f"{res[0]['bufs_per_op']:.2f} buffers/command, ")
           + f"{res[0]['in_lane']:.0%} of commands in the C lane")
+    return 0
+
+
+def _lvol_ab(args: Any, once: Any) -> int:
+    """Base and volume alternating (the other engineers' load moves both alike)."""
+    base, vol = [], []
+    for _ in range(args.reps):
+        for on, out in ((False, base), (True, vol)):
+            LVOL["on"] = on
+            out.append(once())
+    LVOL["on"] = False
+    kind = "write" if args.write else "read"
+    a = min(r["cpu_us"] for r in base)
+    b = min(r["cpu_us"] for r in vol)
+    print(f"{args.backend} {kind} {args.size} B, batch {args.batch}"
+          f"{', socket' if args.socket else ''}: CPU µs/command, min of {args.reps}: "
+          f"base {a:.2f} (" + ", ".join(f"{r['cpu_us']:.2f}" for r in base) + f"), "
+          f"volume {b:.2f} (" + ", ".join(f"{r['cpu_us']:.2f}" for r in vol) + f"); "
+          f"volume/base {b / a:.3f} (median of the pairs' ratios "
+          f"{sorted(v['cpu_us'] / u['cpu_us'] for u, v in zip(base, vol, strict=True))[len(vol) // 2]:.3f}); "
+          f"in the C lane: base {base[0]['in_lane']:.0%}, "
+          f"volume {vol[0]['in_lane']:.0%}; in C (GIL released), min: base "
+          f"{min(r['c_us'] for r in base):.3f}, volume {min(r['c_us'] for r in vol):.3f}")
+    return 0
+
+
+def _lvol_cow_ab(args: Any, once: Any) -> int:
+    """The volume's write run as it is (A) and right after a snapshot (B), alternating:
+    B's extra CPU over its copies is the copy-on-write cost per cluster."""
+    if not args.write:
+        raise SystemExit("--lvol-cow: a write run (--write)")
+    LVOL["on"] = True
+    plain, cow = [], []
+    try:
+        for _ in range(args.reps):
+            for snap, out in ((False, plain), (True, cow)):
+                LVOL["cow"] = snap
+                out.append(once())
+    finally:
+        LVOL.update(on=False, cow=None)
+    a = min(plain, key=lambda r: r["cpu_us"])
+    b = min(cow, key=lambda r: r["cpu_us"])
+    per_cluster = (b["cpu_us"] - a["cpu_us"]) * b["ops"] / b["copied"] if b["copied"] else 0
+    wall = (b["wall_us"] - a["wall_us"]) * b["ops"] / b["copied"] if b["copied"] else 0
+    print(f"{args.backend} {args.size} B random writes over a {BLOCKS * 4096 >> 20} MiB "
+          f"thick volume, {args.cluster_kib} KiB clusters, {b['ops']} writes, batch "
+          f"{args.batch}: CPU µs/command, min of {args.reps}: mapped {a['cpu_us']:.2f} ("
+          + ", ".join(f"{r['cpu_us']:.2f}" for r in plain) + "), after a snapshot "
+          f"{b['cpu_us']:.2f} (" + ", ".join(f"{r['cpu_us']:.2f}" for r in cow) + f"), "
+          f"x{b['cpu_us'] / a['cpu_us']:.2f}; {b['copied']} clusters copied: "
+          f"{per_cluster:.0f} µs CPU ({wall:.0f} µs wall) per copy-on-write; in the C lane: "
+          f"mapped {a['in_lane']:.0%}, after a snapshot {b['in_lane']:.0%}")
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""What a logical volume costs over its base bdev, on the Python path (the C lane does not
-serve volumes yet): 4 KiB random reads and writes at queue depth 1 through an
+"""What a logical volume costs over its base bdev, on the Python path (the bdev layer
+alone; `bench/hotpath.py --lvol` measures it through the NVMe/TCP C lane): 4 KiB random reads and writes at queue depth 1 through an
 `IOChannel` with inline completion (a malloc base, so the device costs nothing and the
 figure is the volume layer's own CPU), A (the base) and B (a thick volume filling the
 same base) alternating in rounds; and the cost of a first write to a thin cluster (the

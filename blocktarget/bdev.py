@@ -291,7 +291,11 @@ class LaneTarget:
     (the pool's ``struct bt_pmem *``, the BTT lane of this reactor); ``offset`` is then
     where the namespace starts in the pool's blocks, in bytes. For NVMe:
     the reactor's queue (bdevs/nvme_pcie.py's ReactorQueue, whose ``lane_ctx`` is the
-    queue pair's C ring state) and the namespace's id on the device (``nsid``)."""
+    queue pair's C ring state) and the namespace's id on the device (``nsid``).
+    For a logical volume over any of these: ``lvol``, the volume's cluster map
+    (lvol/lanemap.py), which moves each command onto the base, and ``lvol_depth``, how
+    many leading channels a read the map answers with zeroes passes through (the
+    volume's and any stacked on it: not the base's)."""
 
     kind: int
     mem: Any
@@ -301,12 +305,22 @@ class LaneTarget:
     ring: Any = None
     pmem: Any = None
     nsid: int = 0
+    lvol: Any = None
+    lvol_depth: int = 0
 
     def under(self, ch: IOChannel, offset: int = 0) -> LaneTarget:
         """The same blocks seen through a virtual bdev's channel that remaps them by
-        ``offset`` bytes (split, passthru)."""
+        ``offset`` bytes (split, passthru). Over a volume only without a remap (the
+        volume's map comes first: see `lvol_under`)."""
+        assert self.lvol is None or offset == 0, "no remap over a volume's map"
         return LaneTarget(self.kind, self.mem, self.offset + offset, (ch, *self.channels),
-                          self.fd, self.ring, self.pmem, self.nsid)
+                          self.fd, self.ring, self.pmem, self.nsid, self.lvol,
+                          self.lvol_depth + 1 if self.lvol is not None else 0)
+
+    def lvol_under(self, ch: IOChannel, lvmap: Any) -> LaneTarget:
+        """The base's blocks seen through a logical volume's channel and cluster map."""
+        return LaneTarget(self.kind, self.mem, self.offset, (ch, *self.channels), self.fd,
+                          self.ring, self.pmem, self.nsid, lvmap, 1)
 
 
 @dataclass(eq=False)

@@ -35,8 +35,8 @@ class SplitChannel(StackedChannel):
 
     def lane_target(self) -> LaneTarget | None:
         base = lane_target_of(self.base_channels[0])
-        if base is None:
-            return None
+        if base is None or (base.lvol is not None and self.bdev.offset_blocks):
+            return None  # (a part of a volume: the remap would have to precede its map)
         return base.under(self, self.bdev.offset_blocks * self.bdev.block_size)
 
 

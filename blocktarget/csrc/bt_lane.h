@@ -27,6 +27,7 @@ struct bt_pmem;             /* a pmem pool's BTT (be_pmem.c) */
 struct bt_nvmeq;            /* a reactor's NVMe I/O queue pair as both paths use it
                                (be_nvme.c, bt_nvme.h) */
 struct bt_conn;             /* a connection lent to the reactor's C poller (net.c) */
+struct bt_lvmap;            /* a logical volume's cluster map (lane_lvol.c, bt_lvol.h) */
 
 /* The bdev statistics the lane keeps, per namespace. */
 enum bt_stat { BT_ST_READ = 0, BT_ST_WRITE = 1, BT_ST_FLUSH = 2 };
@@ -51,6 +52,12 @@ struct bt_ns {
     /* cumulative, for the bdev channels' statistics, by enum bt_stat; latency only of
        what completed asynchronously (the rest is the lane call's time, see fastlane) */
     uint64_t ops[3], bytes[3], lat_ns[3];
+    /* A logical volume over the backend above (NULL: none): commands are sent where its
+       map says (bt_lvol.h); reads of unmapped clusters are answered with zeroes and
+       counted in lv_zero (an entry whose statistics go to the volume's channel only:
+       the Python path does not pass them to the base) */
+    struct bt_lvmap *lv;
+    struct bt_ns *lv_zero;
 };
 
 struct bt_cmd;              /* a command the lane owns (lane.c) */

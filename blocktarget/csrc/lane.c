@@ -31,6 +31,7 @@
 #include <time.h>
 
 #include "bt_lane.h"
+#include "bt_lvol.h"
 #include "bt_pmem.h"
 #include "bt_nvme.h"
 #include "lane_int.h"
@@ -278,6 +279,10 @@ static void set_state(struct bt_lane *l, struct bt_cmd *s, uint8_t state)
         break;
     case SLOT_IO:
         l->io_inflight--;
+        if (s->lv != NULL) {  /* its base I/O is over: the volume's map may change */
+            lane_lv_leave(s->lv);
+            s->lv = NULL;
+        }
         break;
     case SLOT_REDO:
         l->redo--;
@@ -824,6 +829,8 @@ int bt_lane_redo(struct bt_lane *l, unsigned char *sqe, unsigned char *data, uin
 enum { ACT_READ, ACT_WRITE_ICD, ACT_WRITE_R2T, ACT_FLUSH };
 
 struct cmd {
+    struct bt_lvmap *lv;        /* a volume's map the command holds (lv_drop) */
+    uint8_t zero;               /* a volume's read of an unmapped cluster: zeroes */
     const unsigned char *sqe;
     const unsigned char *data;  /* in-capsule data */
     uint32_t data_len;
@@ -837,8 +844,8 @@ struct cmd {
    what will answer later), or -1 when the Python path must handle it. Mirrors
    pdu.Decoder, qpair._capsule, dispatch and io.read/io.write/io.flush for the cases
    that succeed. */
-static long accept_capsule(const struct bt_lane *l, const unsigned char *p, uint32_t plen,
-                           struct cmd *c)
+static long accept_plain(const struct bt_lane *l, const unsigned char *p, uint32_t plen,
+                         struct cmd *c)
 {
     size_t hend = CMD_HLEN + (l->hdgst ? DIGEST : 0);
     if (l->hdgst && ld32(p + CMD_HLEN) != bt_crc32c(0, p, CMD_HLEN))
@@ -915,6 +922,59 @@ static long accept_capsule(const struct bt_lane *l, const unsigned char *p, uint
 static int fua_of(const struct bt_ns *ns, const unsigned char *sqe)
 {
     return (ld32(sqe + 48) & RW_FUA) && ns->write_cache;
+}
+
+/* ---- logical volumes (bt_lvol.h, lane_lvol.c) ---- */
+
+/* A volume's command that accept_plain took: its reply as accept_plain said it, or -1
+   (the Python path's). A read or an in-capsule write leaves holding the map (c->lv, let
+   go by lv_drop or, once at an asynchronous backend, when its slot leaves SLOT_IO) with
+   c->off moved onto the base; a read of an unmapped cluster is answered with zeroes at
+   once (c->zero), whatever the backend; a write by R2T is looked up once its data is in
+   (write_in): holding the map while the host takes its time would hold up a freeze. A
+   Flush goes to the Python path, which flushes the base and counts it as the base's. */
+static long accept_lvol(const struct bt_lane *l, struct cmd *c, long reply)
+{
+    struct bt_lvmap *m = c->ns->lv;
+    if (c->act == ACT_FLUSH || (c->act != ACT_READ && fua_of(c->ns, c->sqe)))
+        return -1;  /* (FUA on a volatile cache: the Python path flushes the base) */
+    if (c->act == ACT_WRITE_R2T)
+        return m->read_only || (c->off & ((1ull << m->cluster_shift) - 1)) + c->nbytes
+                               > (1ull << m->cluster_shift) ? -1 : reply;
+    if (lane_lv_enter(m) < 0)
+        return -1;
+    uint64_t off = 0;
+    int r = lane_lv_map(m, c->off, c->nbytes, c->act != ACT_READ, &off);
+    if (r <= 0)
+        lane_lv_leave(m);
+    if (r < 0)
+        return -1;
+    if (r == 0) {
+        c->zero = 1;
+        return (long)read_reply(l, c->nbytes);
+    }
+    c->lv = m;
+    c->off = off;
+    return reply;
+}
+
+static void lv_drop(struct cmd *c)
+{
+    if (c->lv != NULL) {
+        lane_lv_leave(c->lv);
+        c->lv = NULL;
+    }
+}
+
+/* The reply's size for a capsule, or -1 (the Python path's): accept_plain's verdict,
+   then a volume's lookup. */
+static long accept_capsule(const struct bt_lane *l, const unsigned char *p, uint32_t plen,
+                           struct cmd *c)
+{
+    long reply = accept_plain(l, p, plen, c);
+    if (reply < 0 || c->ns->lv == NULL)
+        return reply;
+    return accept_lvol(l, c, reply);
 }
 
 /* ---- pmem (be_pmem.c): synchronous like memory, but the BTT may refuse a command (a
@@ -1022,7 +1082,8 @@ struct pgroup {
 static int group_fits(const struct bt_lane *l, const struct pgroup *g, const struct cmd *c,
                       long reply)
 {
-    if (c->act != ACT_WRITE_ICD || c->ns->backend != BT_BE_PMEM)
+    /* (not a volume's write: it holds the volume's map until it is done, lv_drop) */
+    if (c->act != ACT_WRITE_ICD || c->ns->backend != BT_BE_PMEM || c->lv != NULL)
         return 0;
     if (g->n == 0)
         return 1;
@@ -1110,6 +1171,11 @@ static long exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsi
     struct bt_ns *ns = c->ns;
     switch (c->act) {
     case ACT_READ:
+        if (c->zero) {
+            smart(l, 0, c->nbytes, 1);
+            read_done(l, ns->lv_zero != NULL ? ns->lv_zero : ns, NULL, c->nbytes, cid, o);
+            break;
+        }
         if (ns->backend == BT_BE_PMEM) {
             if (pmem_read_done(l, ns, c, cid, o) != 0) {
                 pmem_refused(l, c, cid, IO_READ);
@@ -1143,7 +1209,7 @@ static long exec_sync(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsi
 
 /* Start an accepted command on an asynchronous backend: 1 started, 0 not (nothing
    changed: the Python path takes it). */
-static int exec_async(struct bt_lane *l, const struct cmd *c, uint16_t cid)
+static int exec_async(struct bt_lane *l, struct cmd *c, uint16_t cid)
 {
     struct bt_ns *ns = c->ns;
     int need = sqes_for(ns, c->act == ACT_WRITE_ICD && fua_of(ns, c->sqe));
@@ -1169,7 +1235,9 @@ static int exec_async(struct bt_lane *l, const struct cmd *c, uint16_t cid)
     memcpy(s->sqe, c->sqe, SQE_LEN);
     if (kind == IO_WRITE)
         memcpy(s->data, c->data, c->nbytes);
+    s->lv = c->lv;  /* (a volume's map: held by the slot until its I/O is over) */
     if (start_io(l, s, kind) < 0) {
+        s->lv = NULL;
         if (s->dma != NULL) {       /* (the slot stayed free: its DMA buffer goes back) */
             be_nvme_buf_release(s->dma);
             s->dma = NULL;
@@ -1177,6 +1245,7 @@ static int exec_async(struct bt_lane *l, const struct cmd *c, uint16_t cid)
         }
         return 0;
     }
+    c->lv = NULL;
     if (kind != IO_FLUSH)
         smart(l, kind == IO_WRITE, c->nbytes, 1);
     if (kind == IO_WRITE) {
@@ -1212,6 +1281,22 @@ static int start_r2t(struct bt_lane *l, const struct cmd *c, uint16_t cid, unsig
 /* All the data of slot s is in (src): execute the write. Room for a response is
    reserved. A write whose data failed a digest, or whose namespace changed meanwhile,
    goes to the Python path instead (it fails the one, decides the other). */
+/* A write with all its data in (src) that the lane will not do after all: the Python
+   path does it again, which needs the data in the slot; without memory for that it gets
+   the command as failed (an error either way, just not the same one). */
+static void write_refused(struct bt_lane *l, struct bt_cmd *s, const unsigned char *src)
+{
+    if (src != s->data) {
+        if (slot_buffer(s, s->nbytes) != NULL) {
+            memcpy(s->data, src, s->nbytes);
+        } else {
+            smart(l, 1, s->nbytes, -1);
+            s->corrupt = 1;
+        }
+    }
+    to_redo(l, s);
+}
+
 static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *src)
 {
     struct bt_ns *ns = s->ns;
@@ -1220,26 +1305,34 @@ static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *s
         return;
     }
     smart(l, 1, s->nbytes, 1);
+    struct bt_lvmap *lv = ns->lv;  /* a volume: its cluster looked up now (accept_lvol) */
+    if (lv != NULL) {
+        uint64_t off = 0;
+        if (lane_lv_enter(lv) < 0) {
+            write_refused(l, s, src);  /* (frozen: a metadata change is under way) */
+            return;
+        }
+        if (lane_lv_map(lv, s->off, s->nbytes, 1, &off) != 1) {
+            lane_lv_leave(lv);
+            write_refused(l, s, src);  /* (a first write, copy-on-write) */
+            return;
+        }
+        s->off = off;
+    }
     if (!is_async(ns)) {
         if (ns->backend == BT_BE_MEM) {
             memcpy(ns->mem + s->off, src, s->nbytes);
         } else if (ns->backend == BT_BE_PMEM
                    && bt_pmem_write(ns->pmem, ns->pmem_lane, pmem_lba(ns, s->off),
                                     s->nbytes / ns->block_size, src) != BT_PMEM_OK) {
-            /* the BTT refused (the pool takes no more writes): the Python path answers;
-               it needs the data in the slot, and without memory for that it gets the
-               command as failed (an error either way, just not the same one) */
-            if (src != s->data) {
-                if (slot_buffer(s, s->nbytes) != NULL) {
-                    memcpy(s->data, src, s->nbytes);
-                } else {
-                    smart(l, 1, s->nbytes, -1);
-                    s->corrupt = 1;
-                }
-            }
-            to_redo(l, s);
+            /* the BTT refused (the pool takes no more writes): the Python path answers */
+            if (lv != NULL)
+                lane_lv_leave(lv);
+            write_refused(l, s, src);
             return;
         }
+        if (lv != NULL)
+            lane_lv_leave(lv);
         unsigned char *o = l->out + l->out_len;
         unsigned char *e = write_done(l, ns, s->nbytes, s->fua, s->cid, o);
         l->out_len += (size_t)(e - o);
@@ -1251,8 +1344,13 @@ static void write_in(struct bt_lane *l, struct bt_cmd *s, const unsigned char *s
     if (src != s->data)
         memcpy(s->data, src, s->nbytes);
     s->kind = IO_WRITE;
-    if (backend_space(ns) < sqes_for(ns, s->fua) || start_io(l, s, IO_WRITE) < 0)
+    s->lv = lv;
+    if (backend_space(ns) < sqes_for(ns, s->fua) || start_io(l, s, IO_WRITE) < 0) {
+        s->lv = NULL;
+        if (lv != NULL)
+            lane_lv_leave(lv);
         to_redo(l, s);  /* (a full ring: the Python path queues it) */
+    }
 }
 
 /* Data in for slot s (checked by the caller, with room for a response reserved):
@@ -1499,30 +1597,40 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
         struct cmd c = {0};
         long reply = accept_capsule(l, p, plen, &c);
         if (reply >= 0 && g.n && !group_fits(l, &g, &c, reply)
-            && !group_commit(l, &g, &pos, &n))
+            && !group_commit(l, &g, &pos, &n)) {
+            lv_drop(&c);
             break;  /* (the group's writes are the Python path's now, and all after) */
-        if (reply < 0 || (n > 0 && l->out_len + (size_t)reply > max_out))
+        }
+        if (reply < 0)
             break;
         unsigned char *o = NULL;  /* (an asynchronous command answers later) */
-        if (reply > 0 && (o = reserve(l, (size_t)reply)) == NULL)
+        if ((n > 0 && l->out_len + (size_t)reply > max_out)
+            || (reply > 0 && (o = reserve(l, (size_t)reply)) == NULL)) {
+            lv_drop(&c);
             break;
+        }
         uint16_t cid = ld16(c.sqe + 2);
+        int async = is_async(c.ns) && !c.zero;
         if (c.act == ACT_WRITE_R2T) {
             if (!start_r2t(l, &c, cid, o))
                 break;            /* no budget (the Python path makes it wait) */
-        } else if (is_async(c.ns)) {
-            if (!exec_async(l, &c, cid))
+        } else if (async) {
+            if (!exec_async(l, &c, cid)) {
+                lv_drop(&c);
                 break;            /* a full ring, no memory: Python queues it */
-        } else if (c.ns->backend == BT_BE_PMEM && !pmem_ready(l, &c)) {
+            }
+        } else if (c.ns->backend == BT_BE_PMEM && !c.zero && !pmem_ready(l, &c)) {
+            lv_drop(&c);
             break;
         }
         if (!l->flow_disabled)
             l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
         int refused = 0;
-        if (c.act != ACT_WRITE_R2T && !is_async(c.ns)) {
+        if (c.act != ACT_WRITE_R2T && !async) {
             long done = group_fits(l, &g, &c, reply)
                       ? group_join(l, &g, &c, cid, reply, pos, n)
                       : exec_sync(l, &c, cid, o, reply);
+            lv_drop(&c);          /* (memory and pmem are done with it; a group holds none) */
             refused = done != reply;
             reply = done;
         }

@@ -45,6 +45,8 @@ struct bt_cmd {
     uint32_t cap;               /* its size (small ones stay with the slot) */
     uint64_t start_ns;
     struct bt_nvme_buf *dma;    /* BT_BE_NVME: the DMA buffer `data` lies in (or NULL) */
+    struct bt_lvmap *lv;        /* a volume's map this I/O holds (let go when it leaves
+                                   SLOT_IO) */
     unsigned char sqe[SQE_LEN]; /* for bt_lane_adopt and redo */
 };
 

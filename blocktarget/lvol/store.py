@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from ..bdev import Bdev, IOChannel, IOType, Status
 from ..errors import AlreadyExists, Busy, InvalidParams, RpcError
-from . import baseio
+from . import baseio, lanemap
 from .alloc import ClusterAllocator, IoEpochs, NoSpace
 from .format import (
     NAME_MAX,
@@ -89,6 +89,8 @@ class LvolStore:
         self.enospc_errors = 0  # writes failed for want of a free cluster
         self.link: object = None  # the BaseLink the module sets (claim + channels)
         self.cp_channel: IOChannel | None = None  # the base's control-plane channel
+        # the volumes' cluster maps for the C lane (None: no lane built)
+        self.lane = lanemap.LaneMaps(self) if lanemap.AVAILABLE else None
 
     # ---- geometry ----
     @property
@@ -143,6 +145,13 @@ class LvolStore:
                 return None
             return self.epochs.start()
 
+    def lane_map(self, vol_uuid: str) -> lanemap.LaneMap | None:
+        """The volume's cluster map for the C lane (made on first use), or None."""
+        if self.lane is None:
+            return None
+        with self.lock:
+            return self.lane.get(vol_uuid)
+
     def io_done(self, epoch: int) -> None:
         with self.lock:
             self.epochs.done(epoch)
@@ -154,7 +163,30 @@ class LvolStore:
     # ---- the one way metadata changes (caller holds the turnstile) ----
     def commit(self, ch: IOChannel, new: Metadata, done: Callable[[int], None]) -> None:
         """Write `new` as the next generation into the other slot, flush, and on success
-        make it the live metadata; done(status)."""
+        make it the live metadata; done(status). The C lane's maps follow (lanemap.py):
+        a change that is not just new clusters first stops the lane using them."""
+        lane = self.lane
+        if lane is None:
+            self._commit(ch, new, done, False)
+            return
+        old = self.md
+        lane.before(old, new, lambda structural: self._commit(ch, new, done, structural))
+
+    def _commit(self, ch: IOChannel, new: Metadata, done: Callable[[int], None],
+                structural: bool) -> None:
+        lane = self.lane
+        if structural:
+            def thawed(status: int) -> None:
+                if status:  # (nothing changed: the maps come back as they were)
+                    with self.lock:
+                        lane.thaw(self.md)  # type: ignore[union-attr]
+                done(status)
+        else:
+            thawed = done
+        self._write_md(ch, new, thawed, structural)
+
+    def _write_md(self, ch: IOChannel, new: Metadata, done: Callable[[int], None],
+                  structural: bool) -> None:
         gen, slot = self.generation + 1, 1 - self.slot
         try:
             raw = encode_metadata(new, self.uuid, gen, self.sb.md_slot_size, self.block_size)
@@ -176,7 +208,11 @@ class LvolStore:
                 log.error("lvstore %s: metadata flush failed (status %#x)", self.name, status)
                 done(status)
                 return
-            self.generation, self.slot, self.md = gen, slot, new
+            old = self.md
+            with self.lock:
+                self.generation, self.slot, self.md = gen, slot, new
+                if self.lane is not None:
+                    self.lane.committed(old, new, structural)
             done(0)
 
         baseio.submit(ch, IOType.WRITE, self.sb.slot_offset(slot) // bs, len(raw) // bs,

@@ -4,7 +4,10 @@ Fast path (any reactor, no metadata change): reads and writes whose clusters are
 mapped are forwarded to the base at the mapped offsets; reads of unallocated clusters
 return zeroes; Write Zeroes needs nothing where nothing is allocated. Each forwarded
 I/O is counted in the store's I/O epoch, so a cluster freed meanwhile is not reused
-before it completes (alloc.py).
+before it completes (alloc.py). The NVMe/TCP C lane does the same reads and writes
+itself, from a copy of the maps in C (`lane_target`, lanemap.py, which says how that copy
+is kept from ever getting ahead of the durable metadata); what it does not take comes
+here.
 
 Slow path (one at a time per store, under the store's turnstile, on this channel's
 reactor): a write touching an unallocated cluster, and a Deallocate that frees whole
@@ -34,7 +37,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..bdev import BdevIO, IOType, Status
+from ..bdev import BdevIO, IOType, LaneTarget, Status, lane_target_of
 from ..bdevs._stack import StackedBdev, StackedChannel
 from . import baseio
 from .alloc import NoSpace
@@ -89,6 +92,21 @@ def segments(offset: int, num: int, bpc: int, md: Metadata, vol: VolumeRecord
 
 class LvolChannel(StackedChannel):
     bdev: LvolBdev
+    _lane_map: Any = None
+
+    def lane_target(self) -> LaneTarget | None:
+        """The base's target seen through this volume's cluster map (lanemap.py): the
+        lane sends reads and writes of the volume's own clusters (reads of a parent's
+        too) to the base itself and answers reads of unmapped clusters with zeroes;
+        everything else comes here."""
+        base = lane_target_of(self.base_channels[0])
+        if base is None or base.lvol is not None:
+            return None
+        m = self.bdev.store.lane_map(self.bdev.uuid)
+        if m is None:
+            return None
+        self._lane_map = m  # (the lane's table holds this channel, so the map lives on)
+        return base.lvol_under(self, m)
 
     def _submit(self, io: BdevIO) -> None:
         bdev = self.bdev

@@ -5,28 +5,30 @@ it is built).
 
 A lane belongs to one I/O queue pair and runs on its reactor. Which namespaces it serves
 is the bdevs' decision (`IOChannel.lane_target`): memory (malloc), null, files and block
-devices through the reactor's io_uring (uring), pmem pools (the BTT in C, csrc/be_pmem.c,
-which the pmem bdev's Python path calls too), PCIe NVMe namespaces through the
-reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c, nvme/driver/cring.py), and split
-or passthru over any of them. Header and data digests and the host's PDU alignment are done in C
-too. A receive buffer starts in the lane only when the queue is in its steady state:
-connected and enabled, no command of the Python path outstanding, no held-back PDUs, the
-decoder between PDUs, nobody waiting for the reactor's buffer budget. The lane's own
-commands (writes waiting for their data, I/O at io_uring) may be outstanding: the Python
-path asks the lane about them where it must (a busy command id, a full queue, an
-H2CData it decoded, Abort, the stall watch) and takes one over (`adopt`) for anything
-unusual. I/O at io_uring (or an NVMe queue pair) completes in C when the reactor reaps
-its ring (bdevs/uring.py; driver/cring.py for NVMe), which then calls `drain` on each
-lane with something to send; what
-did not succeed there comes back to the Python path to be done again (`_redo`). Whatever
-the lane does not take goes to the Python path unchanged; the Python path remains the
-reference for every byte.
+devices through the reactor's io_uring (uring), pmem pools (the BTT in C,
+csrc/be_pmem.c, which the pmem bdev's Python path calls too), PCIe NVMe namespaces
+through the reactor's hardware queue pair (nvme_pcie; csrc/be_nvme.c,
+nvme/driver/cring.py), split or passthru over any of them, and logical volumes over any
+of them (the volume's cluster map in C: csrc/bt_lvol.h, lvol/lanemap.py). Header and
+data digests and the host's PDU alignment are done in C too. A receive buffer starts in
+the lane only when the queue is in its steady state: connected and enabled, no command
+of the Python path outstanding, no held-back PDUs, the decoder between PDUs, nobody
+waiting for the reactor's buffer budget. The lane's own commands (writes waiting for
+their data, I/O at io_uring) may be outstanding: the Python path asks the lane about
+them where it must (a busy command id, a full queue, an H2CData it decoded, Abort, the
+stall watch) and takes one over (`adopt`) for anything unusual. I/O at io_uring (or an
+NVMe queue pair) completes in C when the reactor reaps its ring (bdevs/uring.py;
+driver/cring.py for NVMe), which then calls `drain` on each lane with something to send;
+what did not succeed there comes back to the Python path to be done again (`_redo`).
+Whatever the lane does not take goes to the Python path unchanged; the Python path
+remains the reference for every byte.
 
 What the Python path would have recorded is recorded here too: the queue's SQ head, the
 controller's SMART counters, the stall watch's PDU count, and each bdev channel's
 operation, byte and latency statistics (latency: the C call's time shared out evenly over
 its commands, the only clock there is), on every channel the I/O would have passed
-through (a split's and its base's).
+through (a split's and its base's; for a volume's read its map answers with zeroes, the
+volume's alone: `_zero_entries`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..bdev import (
     LANE_URING,
     LATENCY_BUCKETS_NS,
     IOType,
+    LaneTarget,
     lane_target_of,
 )
 from . import spec
@@ -248,7 +251,10 @@ class Lane:
                 t = lane_target_of(qp.channel_of(ns)[1])
                 if t is None:
                     continue
-                size = bdev.num_blocks * bdev.block_size
+                # the span the lane may touch: the namespace, or under a volume's map
+                # the volume's base (a thin volume may be larger than its store)
+                span = bdev if t.lvol is None else t.channels[t.lvol_depth].bdev
+                size = span.num_blocks * span.block_size
                 mem = None
                 if t.kind == LANE_MEM:
                     if t.mem is None or len(t.mem) < t.offset + size:
@@ -266,6 +272,8 @@ class Lane:
                 elif t.kind != LANE_NULL:
                     continue
                 entries.append((ns, t, mem))
+        nreal = len(entries)
+        entries += _zero_entries(entries)
         if entries:
             arr = ffi.new("struct bt_ns[]", len(entries))
             for i, (ns, t, mem) in enumerate(entries):
@@ -288,6 +296,10 @@ class Lane:
                     e.fd_offset = t.offset
                     e.nvmeq = t.ring.lane_ctx
                     e.hw_nsid = t.nsid
+                if t.lvol is not None and i < nreal:  # (a volume's zero entry: after these)
+                    e.lv = t.lvol.c
+                    e.lv_zero = arr + nreal + sum(1 for x in entries[:i]
+                                                  if x[1].lvol is not None)
             self.nsmem = arr
             self.c.ns = arr
             self.c.nns = len(entries)
@@ -635,6 +647,19 @@ class Lane:
             n = length[0]
             self.qp.redo(bytes(ffi.buffer(sqe)), bytes(buf[:n]) if n else None,
                          corrupt=bool(failed[0]))
+
+
+def _zero_entries(entries: list[tuple[Any, Any, Any]]) -> list[tuple[Any, Any, Any]]:
+    """For each volume's entry, one more (after all the real ones, so the lane never
+    finds it by nsid) that counts the reads its map answers with zeroes, on the
+    channels such a read passes through in the Python path: the volume's, not the
+    base's (csrc/bt_lvol.h)."""
+    out = []
+    for ns, t, _mem in entries:
+        if t.lvol is not None:
+            out.append((ns, LaneTarget(LANE_NULL, None, 0, t.channels[:t.lvol_depth],
+                                       lvol=t.lvol), None))
+    return out
 
 
 class _R2tToken:

@@ -4,7 +4,8 @@ One boot: fio writes with crc32c verification through a thin volume that is larg
 its store; a live `bdev_lvol_resize` reaches the connected host, whose block device grows
 (Namespace Attribute Changed AEN, then `nvme ns-rescan`); filling the store fails the
 writes that need a new cluster (the kernel reports the Capacity Exceeded status as a
-space allocation error) while what was written before still reads back unchanged.
+space allocation error) while what was written before still reads back unchanged. The
+volume's reads and writes of allocated clusters are the C lane's (nvmf_get_stats).
 
 Another: a snapshot taken while the host writes, proved point-in-time block by block
 (`test_snapshot_mid_write_phase_is_point_in_time`).
@@ -80,6 +81,11 @@ echo DONE
 """, env={"RPC_PORT": str(target.http_port), "PORT": str(target.nvme_port),  # type: ignore[attr-defined]
           "NQN": NQN}, timeout=300)
     res.check()
+    # the volume's I/O went through the C lane (the cluster lookup in C): fio's verify
+    # pass alone reads 4096 blocks of clusters already allocated, all of them the lane's
+    stats = target.rpc("nvmf_get_stats")
+    lane = sum(g["c_lane_commands"] for g in stats["poll_groups"])
+    assert lane > 2000, stats
     out = res.output
     rd = res.rundir
     assert f"SIZE0 {96 * MIB}" in out
