@@ -350,7 +350,7 @@ class Target:
             if self.metrics_registry is not None:
                 from .metrics import metrics_handler
 
-                metrics = metrics_handler(self.metrics_registry)
+                metrics = metrics_handler(self.metrics_registry, self.reactors.fold_stats)
             guard = http_guard(s.rpc_max_connections, s.rpc_request_timeout_sec)
             app = build_http_app(self.dispatcher, token=s.rpc_token,
                                  max_request_bytes=s.rpc_max_request_bytes,

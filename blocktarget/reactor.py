@@ -377,6 +377,14 @@ class Reactor:
             self._schedule_poll(self.idle_poll_us / 1e6)
         # else: nothing to poll; sleep in epoll until a socket or a message wakes us
 
+    def fold_stats(self) -> None:
+        """(Reactor thread) Bring the counters the C poller keeps for lent connections
+        up to date (nvme/netpoll.py: folded lazily): what a reader calls, through
+        ``ReactorGroup.fold_stats`` from another thread, before it reads them."""
+        np = self.net_poller
+        if np is not None:
+            np.fold_all()
+
     # ---- ownership bookkeeping (reactor thread) ----
     def own(self, kind: str, obj: Any) -> None:
         self.owned.setdefault(kind, set()).add(obj)
@@ -551,3 +559,8 @@ class ReactorPool:
         """Run fn(reactor) on every reactor and wait for all; how shared state changes."""
         futs = [asyncio.wrap_future(r.send(fn, r)) for r in self.reactors if r.loop is not None]
         return list(await asyncio.gather(*futs))
+
+    async def fold_stats(self) -> None:
+        """Every reactor folds its lent connections' counters (Reactor.fold_stats):
+        readers of statistics await this first, so that what they read is exact."""
+        await self.broadcast(Reactor.fold_stats)

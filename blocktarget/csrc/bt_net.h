@@ -58,6 +58,7 @@ struct bt_conn {
     uint8_t epout;          /* EPOLLOUT requested */
     uint8_t on_ready;
     struct bt_conn *next_ready;
+    uint64_t seen_submitted; /* the lane's `submitted` when last looked at */
 };
 
 struct bt_net {
@@ -66,6 +67,12 @@ struct bt_net {
        (used; limit, 0 while other connections wait for it): the lanes take from and
        give back to it as they run, and Python adds each lane's counts afterwards. */
     uint64_t bud_used, bud_limit;
+    /* What the lent lanes took from the budget minus what they gave back since Python
+       last added it to the budget (it does after every call, and clears it). */
+    int64_t bud_delta;
+    /* A lent lane submitted I/O to a ring or queue pair (Python clears it): Python's
+       watch of them must hear of it (uring's pending SQEs, NVMe's poller kick). */
+    uint8_t lane_started;
     uint32_t nconns;
     /* cumulative: calls; the thread's CPU time in them (not wall time: a call that
        serves for long is more likely preempted, and that time is nobody's work); of
@@ -78,6 +85,7 @@ struct bt_net {
     unsigned char *rbuf;
     size_t rcap;
     struct bt_conn *ready;
+    uint32_t nready;            /* on the ready list */
     struct bt_uring *rings[8];  /* the lanes' io_uring rings, reaped here too, */
     int ring_efd[8];            /* and their eventfds, in the epoll set */
     uint32_t nrings;
@@ -129,8 +137,11 @@ void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
 unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready);
 /* Serve the attached connections: receive, run the lanes, send, until none has
    anything to do (or after budget_ns, or once spin_ns passed with nothing to do). The
-   connections that did anything or have events go to ready (their handles; up to max,
-   *nready of them); returns the PDUs the lanes took. */
+   connections Python must act on go to ready (their handles; up to max, *nready of
+   them): those with events or with a command to redo (given back).
+   What the others did stays counted in C (the lane's and the connection's cumulative
+   counters, bt_net.bud_delta) for Python to fold when it likes (nvme/netpoll.py says
+   when). Returns the PDUs the lanes took. */
 uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
                      uint64_t budget_ns, uint64_t spin_ns);
 
@@ -138,8 +149,10 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
 
 /* an attached lane's asynchronous completions produced output: send it */
 void net_lane_output(struct bt_conn *c);
-/* the same, reaped by the poller: sent, and the connection reported to Python (its
-   counters), or given back when a command must be done again by the Python path */
+/* the same, reaped by the poller: sent, or given back (and so reported to Python) when a
+   command must be done again by the Python path */
 void net_lane_done(struct bt_conn *c);
+/* an attached lane took (d > 0) or gave back budget (bt_net.bud_delta) */
+void net_budget(struct bt_conn *c, int64_t d);
 
 #endif

@@ -67,7 +67,25 @@ static void mark_ready(struct bt_conn *c)
         c->on_ready = 1;
         c->next_ready = c->net->ready;
         c->net->ready = c;
+        c->net->nready++;
     }
+}
+
+/* After C did something for a connection: Python hears of the connection only if it
+   must act (events and hand-backs mark it themselves), and of I/O started once for all
+   of them; the counters it folds later. */
+static void served(struct bt_conn *c)
+{
+    struct bt_lane *l = c->lane;
+    if (l->submitted != c->seen_submitted) {
+        c->seen_submitted = l->submitted;
+        c->net->lane_started = 1;
+    }
+}
+
+void net_budget(struct bt_conn *c, int64_t d)
+{
+    c->net->bud_delta += d;
 }
 
 /* The epoll interest of an attached connection: input unless paused, output while
@@ -105,6 +123,7 @@ struct bt_conn *bt_net_attach(struct bt_net *n, int fd, struct bt_lane *l, void 
     }
     c->attached = 1;
     l->conn = c;
+    c->seen_submitted = l->submitted;
     n->nconns++;
     return c;
 }
@@ -171,8 +190,10 @@ void bt_net_conn_free(struct bt_conn *c)
         struct bt_conn **pp = &c->net->ready;
         while (*pp != NULL && *pp != c)
             pp = &(*pp)->next_ready;
-        if (*pp == c)
+        if (*pp == c) {
             *pp = c->next_ready;
+            c->net->nready--;
+        }
     }
     for (uint32_t i = 0; i < c->qn; i++)
         chunk_release(&c->q[c->qhead + i]);
@@ -318,7 +339,7 @@ void net_lane_done(struct bt_conn *c)
     bt_net_flush(c);
     if (!c->attached)
         return;  /* (failed sending: reported already) */
-    mark_ready(c);
+    served(c);
     if (c->lane->redo)
         hand_back(c, NULL, 0, NULL, 0);  /* the Python path runs the queue for now */
 }
@@ -517,7 +538,6 @@ static void serve(struct bt_conn *c, uint32_t events)
 {
     struct bt_net *n = c->net;
     uint64_t t0 = now_ns();
-    mark_ready(c);
     if (c->qn && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
         send_queue(c);
     if (c->attached && !c->paused && c->pend_len) {
@@ -547,6 +567,8 @@ static void serve(struct bt_conn *c, uint32_t events)
         failed(c);  /* end of stream or an error: the transport's to find and report */
         break;
     }
+    if (c->attached)
+        served(c);
     c->busy_ns += now_ns() - t0;
 }
 
@@ -559,6 +581,7 @@ static unsigned take_ready(struct bt_net *n, void **ready, unsigned max)
         n->ready = c->next_ready;
         c->next_ready = NULL;
         c->on_ready = 0;
+        n->nready--;
         ready[k++] = c->handle;
     }
     return k;
@@ -571,11 +594,8 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     uint64_t c0 = cpu_now_ns();
     uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
     uint64_t before = 0, after = 0;
-    unsigned touched = 0;
     n->polls++;
-    for (struct bt_conn *c = n->ready; c != NULL; c = c->next_ready)
-        touched++;
-    while ((n->nconns || n->nrings || n->nnvmeqs) && touched + EVENTS <= max) {
+    while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
         prev = t;
         int k = epoll_wait(n->epfd, ev, EVENTS, 0);
         if (k < 0 && errno != EINTR)
@@ -593,8 +613,6 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             struct bt_conn *c = ev[i].data.ptr;
             if (!c->attached)
                 continue;   /* let go of earlier in this call */
-            if (!c->on_ready)
-                touched++;
             before += c->pdus;
             serve(c, ev[i].events);
             after += c->pdus;

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
     """Runs on ``reactor``: the connections it owns, counted where they live."""
+    reactor.fold_stats()  # (the lent connections' counters C keeps: nvme/netpoll.py)
     tcp = target.tcp
     qps = list(tcp.qpairs.get(reactor.index, ())) if tcp is not None else []
     admin = io = unconnected = requests = waiting = waiting_bytes = 0

@@ -272,6 +272,8 @@ class Side:
 
     def state(self) -> dict[str, Any]:
         qp = self.io
+        # a reader of the counters: C keeps a lent socket's until asked (nvme/netpoll.py)
+        qp.reactor.fold_stats()
         k = qp.counters
         stats = {}
         for name in self.layout.compared:
