@@ -75,6 +75,7 @@ class Target:
             pin=self.settings.pin,
             busy_poll_us=self.settings.busy_poll_us,
             idle_poll_us=self.settings.idle_poll_us,
+            device_wait_us=self.settings.device_wait_us,
             poll_modes=(DEFAULT_POLL_MODE if self.settings.poll_mode is None
                         else self.settings.poll_mode),
         )

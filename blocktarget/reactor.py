@@ -157,6 +157,8 @@ class ReactorStats:
     net_pdus: int = 0  # PDUs it took (run by the lane without a Python call per read)
     # of gil_released_ns, the poller's time finding no socket with anything to do
     net_idle_ns: int = 0
+    # slices it slept instead of spinning, only device I/O outstanding (device_wait_us)
+    net_device_waits: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")
@@ -176,6 +178,13 @@ class Reactor:
     core: int
     busy_poll_us: int = 200
     idle_poll_us: int = 1000
+    # Within the busy-poll window, while the only work outstanding is lane I/O at an
+    # NVMe device, the C poller sleeps in slices of this many µs (a socket or a ring
+    # wakes it at once) instead of spinning: a spinning reactor took the CPU of a
+    # device emulated on the same host (QEMU's), which made QD1 latency 3x worse
+    # (bench/RESULTS.md); on real hardware a slice adds at most its length to a
+    # command's latency. 0: spin, as before.
+    device_wait_us: int = 10
     pin: bool = True
     poll_mode: str = DEFAULT_POLL_MODE
     spin_on_io: bool = False  # poll_mode != "event": qpairs call note_io() per wake-up
@@ -493,7 +502,7 @@ class ReactorPool:
     """The set of reactors plus the round-robin choice of where new work lives."""
 
     def __init__(self, cores: Iterable[int], *, pin: bool = True, busy_poll_us: int = 200,
-                 idle_poll_us: int = 1000,
+                 idle_poll_us: int = 1000, device_wait_us: int = 10,
                  poll_modes: str | list[str] = DEFAULT_POLL_MODE) -> None:
         """``poll_modes``: one mode for every reactor, or a list with one per reactor."""
         cores = list(cores)
@@ -502,7 +511,7 @@ class ReactorPool:
             raise ValueError(f"{len(modes)} poll modes for {len(cores)} reactors")
         self.reactors = [
             Reactor(i, core, pin=pin, busy_poll_us=busy_poll_us, idle_poll_us=idle_poll_us,
-                    poll_mode=check_poll_mode(mode))
+                    device_wait_us=device_wait_us, poll_mode=check_poll_mode(mode))
             for i, (core, mode) in enumerate(zip(cores, modes, strict=True))
         ]
         self._next = 0

@@ -73,6 +73,13 @@ struct bt_net {
     /* A lent lane submitted I/O to a ring or queue pair (Python clears it): Python's
        watch of them must hear of it (uring's pending SQEs, NVMe's poller kick). */
     uint8_t lane_started;
+    /* While the lanes' only outstanding work is at an NVMe device (no socket or ring
+       had anything in the last round, lane commands at a queue pair), the busy-poll
+       window does not spin: it sleeps in slices of dev_wait_ns (woken at once by a
+       socket or a ring's eventfd) between sweeps, so that a device emulated by the
+       host's CPUs (QEMU) is not robbed of the CPU it needs to complete them. 0: spin.
+       dev_waits counts the slices slept (cumulative). */
+    uint64_t dev_wait_ns, dev_waits;
     uint32_t nconns;
     /* cumulative: calls; the thread's CPU time in them (not wall time: a call that
        serves for long is more likely preempted, and that time is nobody's work); of
@@ -91,6 +98,7 @@ struct bt_net {
     uint32_t nrings;
     struct bt_nvmeq *nvmeqs[8]; /* the reactor's NVMe queue pairs the lanes use */
     uint32_t nnvmeqs;
+    uint8_t slack_set;          /* the thread's timer slack made fine for dev_wait_ns */
 };
 
 /* A poller (an epoll set and a receive buffer), or NULL (out of memory or fds). */
