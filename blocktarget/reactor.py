@@ -15,6 +15,11 @@ measurements behind the default):
   for `busy_poll_us`, so the next command of a QD1 stream is picked up without a
   wake-up, then sleep as "event" does; idle CPU stays ~0.
 - "busy": spin always, as an SPDK reactor does: lowest latency, a whole core when idle.
+
+Inside the busy-poll window the C socket poller spins the GIL released; while the only
+outstanding work is the C lane's I/O at an NVMe device it sleeps in `device_wait_us`
+slices instead (woken at once by a socket or an io_uring completion), so that a device
+the host's own CPUs emulate is not starved by the reactor waiting for it.
 """
 
 from __future__ import annotations
