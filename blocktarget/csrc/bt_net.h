@@ -77,9 +77,14 @@ struct bt_net {
        had anything in the last round, lane commands at a queue pair), the busy-poll
        window does not spin: it sleeps in slices of dev_wait_ns (woken at once by a
        socket or a ring's eventfd) between sweeps, so that a device emulated by the
-       host's CPUs (QEMU) is not robbed of the CPU it needs to complete them. 0: spin.
-       dev_waits counts the slices slept (cumulative). */
+       host's CPUs (QEMU) is not robbed of the CPU it needs to complete them; past the
+       window it goes on so (the call ends at its time budget), the slices doubling up
+       to 8 x dev_wait_ns, so that a slow device is not left to the reactor's idle poll
+       (a millisecond). 0: spin, and stop at the window's end. dev_waits counts the
+       slices slept (cumulative); dev_pending: the last call ended with lane commands
+       still at a device, waited for so. */
     uint64_t dev_wait_ns, dev_waits;
+    uint8_t dev_pending;
     uint32_t nconns;
     /* cumulative: calls; the thread's CPU time in them (not wall time: a call that
        serves for long is more likely preempted, and that time is nobody's work); of

@@ -602,8 +602,8 @@ static int device_busy(const struct bt_net *n)
     return 0;
 }
 
-/* Give the CPU up for dev_wait_ns, or until a socket or ring has something. */
-static void device_wait(struct bt_net *n)
+/* Give the CPU up for `slice` ns, or until a socket or ring has something. */
+static void device_wait(struct bt_net *n, uint64_t slice)
 {
     if (!n->slack_set) {
         /* (the default 50 us slack would make every slice a 50 us one: this thread is
@@ -612,7 +612,7 @@ static void device_wait(struct bt_net *n)
         n->slack_set = 1;
     }
     struct pollfd p = {n->epfd, POLLIN, 0};
-    uint64_t ns = n->dev_wait_ns < 999999999u ? n->dev_wait_ns : 999999999u;
+    uint64_t ns = slice < 999999999u ? slice : 999999999u;
     struct timespec ts = {0, (long)ns};
     (void)ppoll(&p, 1, &ts, NULL);
     n->dev_waits++;
@@ -624,7 +624,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     struct epoll_event ev[EVENTS];
     uint64_t c0 = cpu_now_ns();
     uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
-    uint64_t before = 0, after = 0, slept = 0;
+    uint64_t before = 0, after = 0, slept = 0, slice = n->dev_wait_ns;
     n->polls++;
     while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
         prev = t;
@@ -665,15 +665,21 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             last = t;
         else
             idle += t - prev;
-        if (t - t0 >= budget_ns || (k <= 0 && t - last >= spin_ns))
+        int dev = k <= 0 && spin_ns && n->dev_wait_ns && device_busy(n);
+        if (t - t0 >= budget_ns || (k <= 0 && !dev && t - last >= spin_ns))
             break;
-        if (k <= 0 && n->dev_wait_ns && device_busy(n)) {
+        if (k > 0) {
+            slice = n->dev_wait_ns;
+        } else if (dev) {
             uint64_t s0 = t;
-            device_wait(n);
+            device_wait(n, slice);
             t = now_ns();
             slept += t - s0;
+            if (t - last >= spin_ns && slice < 8 * n->dev_wait_ns)
+                slice *= 2;  /* (past the window: a slow device, waited for coarser) */
         }
     }
+    n->dev_pending = (uint8_t)(spin_ns && n->dev_wait_ns && device_busy(n));
     n->tail_idle_ns = t - last;
     uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0 - slept;
     n->cpu_ns += cpu;

@@ -180,9 +180,13 @@ class NetPoller:
             # kernel's workers to complete reads, it spun 0.35 times per I/O). If C
             # stopped inside its window (its time budget, Python's own completions),
             # it goes on at the loop's next turn, after the rest of Python had its own.
+            # Lane commands still at an NVMe device, waited for sleeping (device_wait_us):
+            # C goes on waiting so at the loop's next turn, past the window too, rather
+            # than leave them to the reactor's idle poll.
             tail = n.tail_idle_ns
-            if tail < spin and n.nconns and self._again is None:
-                self._again = r.loop.call_soon(self._resume, spin - tail)  # type: ignore[union-attr]
+            if (tail < spin or n.dev_pending) and n.nconns and self._again is None:
+                left = spin - tail if tail < spin else spin
+                self._again = r.loop.call_soon(self._resume, left)  # type: ignore[union-attr]
         elif pdus and r.spin_on_io:
             # the reactor's busy-poll window runs from the last work C saw, part of
             # which C already spent spinning: the event loop must not spin it again
