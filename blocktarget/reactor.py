@@ -18,8 +18,9 @@ measurements behind the default):
 
 Inside the busy-poll window the C socket poller spins the GIL released; while the only
 outstanding work is the C lane's I/O at an NVMe device it sleeps in `device_wait_us`
-slices instead (woken at once by a socket or an io_uring completion), so that a device
-the host's own CPUs emulate is not starved by the reactor waiting for it.
+slices instead (woken at once by a socket or an io_uring completion), and goes on so
+past the window until the device completes, so that a device the host's own CPUs
+emulate is not starved by the reactor waiting for it, nor left to the idle poll.
 """
 
 from __future__ import annotations
