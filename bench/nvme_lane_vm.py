@@ -91,13 +91,16 @@ for mode in $MODES; do
   else
     lane=$([ $mode = python ] && echo false || echo true)
     netpoll=$([ $mode = nonet ] && echo false || echo true)
-    pollmode=adaptive; busy=200; idle=1000
+    pollmode=adaptive; busy=200; idle=1000; dwait=10
     if [ $mode = lanebusy ]; then pollmode=busy; fi
+    # (the busy-poll window spun while only the device works, as before device_wait_us)
+    if [ $mode = lanespin ]; then dwait=0; fi
     # (no spinning at all: the reactor polls the queue every 50 us, sleeping between)
     if [ $mode = lanenospin ]; then pollmode=event; busy=0; idle=50; fi
     $BT setup --pci $BDF --hugemem 64 > /dev/null
     sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/;
-         s/@POLLMODE@/$pollmode/; s/@BUSY@/$busy/; s/@IDLE@/$idle/" cfg.json.in > cfg.json
+         s/@POLLMODE@/$pollmode/; s/@BUSY@/$busy/; s/@IDLE@/$idle/;
+         s/@DWAIT@/$dwait/" cfg.json.in > cfg.json
     $BT start -c cfg.json > target-$mode.log 2>&1 &
     TPID=$!
     for i in $(seq 1 600); do [ -S $SOCK ] && break; sleep 0.1; done
@@ -148,7 +151,7 @@ def _config() -> str:
         "blocktarget": {"cores": [0], "rpc": {"unix": "@SOCK@", "http": None},
                         "metrics": False,
                         "poll": {"mode": "@POLLMODE@", "busy_us": "@BUSY@",
-                                 "idle_us": "@IDLE@"}},
+                                 "idle_us": "@IDLE@", "device_wait_us": "@DWAIT@"}},
         "subsystems": [
             {"subsystem": "bdev", "config": [
                 {"method": "bdev_nvme_attach_controller",
@@ -169,7 +172,7 @@ def _config() -> str:
         ],
     }  # fmt: skip
     text = json.dumps(cfg, indent=1)
-    for key in ("LANE", "NETPOLL", "BUSY", "IDLE"):  # (JSON booleans and numbers)
+    for key in ("LANE", "NETPOLL", "BUSY", "IDLE", "DWAIT"):  # (JSON booleans, numbers)
         text = text.replace(f'"@{key}@"', f"@{key}@")
     return text
 
@@ -214,6 +217,8 @@ LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python p
           "nonet": "blocktarget, C lane without the C poller (VFIO)",
           "lanebusy": "blocktarget, C lane, poll mode busy (VFIO)",
           "lanenospin": "blocktarget, C lane, no spinning, polled every 50 us (VFIO)",
+          "lanespin": "blocktarget, C lane, spinning while the device works "
+                      "(device_wait_us 0) (VFIO)",
           "kernel": "Linux nvmet-tcp + nvme driver"}
 
 
@@ -232,9 +237,18 @@ def main() -> int:
     ap.add_argument("--modes", help="comma separated, in the order they alternate: lane, "
                     "python (c_fast_path false), nonet (c_net_poll false), lanebusy (poll "
                     "mode busy: the reactor never sleeps), lanenospin (poll mode event, "
-                    "no busy window, the queue polled every 50 us), kernel")
+                    "no busy window, the queue polled every 50 us), lanespin (adaptive, "
+                    "spinning while only the device works: device_wait_us 0), kernel")
+    ap.add_argument("--workloads", help="comma separated RW:BS:QD (e.g. randread:4k:1); "
+                    "default: all of the comparison's")
     args = ap.parse_args()
     modes, workloads = (KERNEL_MODES, KERNEL_WORKLOADS) if args.vs_kernel else (MODES, WORKLOADS)
+    if args.workloads:
+        try:
+            workloads = tuple((rw, bs, int(qd)) for rw, bs, qd in
+                              (w.split(":") for w in args.workloads.split(",")))
+        except ValueError:
+            ap.error("--workloads: each must be RW:BS:QD, e.g. randread:4k:1")
     if args.modes:
         modes = tuple(args.modes.split(","))
         bad = [m for m in modes if m not in LABELS]

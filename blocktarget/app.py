@@ -75,6 +75,7 @@ class Target:
             pin=self.settings.pin,
             busy_poll_us=self.settings.busy_poll_us,
             idle_poll_us=self.settings.idle_poll_us,
+            device_wait_us=self.settings.device_wait_us,
             poll_modes=(DEFAULT_POLL_MODE if self.settings.poll_mode is None
                         else self.settings.poll_mode),
         )
@@ -350,7 +351,7 @@ class Target:
             if self.metrics_registry is not None:
                 from .metrics import metrics_handler
 
-                metrics = metrics_handler(self.metrics_registry)
+                metrics = metrics_handler(self.metrics_registry, self.reactors.fold_stats)
             guard = http_guard(s.rpc_max_connections, s.rpc_request_timeout_sec)
             app = build_http_app(self.dispatcher, token=s.rpc_token,
                                  max_request_bytes=s.rpc_max_request_bytes,

@@ -88,6 +88,9 @@ class ConfigError(Exception):
     """A config problem, already worded for the operator (file, entry, what is wrong)."""
 
 
+MAX_DEVICE_WAIT_US = 10_000
+
+
 @dataclass
 class Settings:
     cores: list[int] = field(default_factory=list)
@@ -97,6 +100,8 @@ class Settings:
     log_level: str = "info"
     busy_poll_us: int = 200
     idle_poll_us: int = 1000
+    # the C poller's sleep slices while only NVMe device I/O is outstanding (0: spin)
+    device_wait_us: int = 10
     # socket polling per reactor: "event" | "adaptive" | "busy", or a list with one mode
     # per reactor; None = reactor.DEFAULT_POLL_MODE (see reactor.py for what each costs)
     poll_mode: Any = None
@@ -146,6 +151,8 @@ class Settings:
             d["cores"] = self.raw_cores
         if self.busy_poll_us != 200 or self.idle_poll_us != 1000:
             d["poll"] = {"busy_us": self.busy_poll_us, "idle_us": self.idle_poll_us}
+        if self.device_wait_us != 10:
+            d.setdefault("poll", {})["device_wait_us"] = self.device_wait_us
         if self.poll_mode is not None:
             d.setdefault("poll", {})["mode"] = self.poll_mode
         if not self.pin:
@@ -259,17 +266,22 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
         raise ConfigError(f"{source}: blocktarget.log_level must be one of {', '.join(LOG_LEVELS)}")
     s.log_level = level.lower()
     poll = bt.get("poll", {})
-    if not isinstance(poll, dict) or set(poll) - {"busy_us", "idle_us", "mode"}:
+    if not isinstance(poll, dict) or set(poll) - {"busy_us", "idle_us", "mode",
+                                                  "device_wait_us"}:
         raise ConfigError(f"{source}: blocktarget.poll must be an object with busy_us, "
-                          "idle_us, mode")
+                          "idle_us, mode, device_wait_us")
     if "mode" in poll:
         s.poll_mode = _parse_poll_mode(poll["mode"], len(s.cores), source)
-    for key, attr in (("busy_us", "busy_poll_us"), ("idle_us", "idle_poll_us")):
+    for key, attr in (("busy_us", "busy_poll_us"), ("idle_us", "idle_poll_us"),
+                      ("device_wait_us", "device_wait_us")):
         if key in poll:
             v = poll[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{source}: blocktarget.poll.{key} must be an integer >= 0")
             setattr(s, attr, v)
+    if s.device_wait_us > MAX_DEVICE_WAIT_US:
+        raise ConfigError(f"{source}: blocktarget.poll.device_wait_us must be at most "
+                          f"{MAX_DEVICE_WAIT_US} (a slice longer than that is no polling)")
     pin = bt.get("pin", True)
     if not isinstance(pin, bool):
         raise ConfigError(f"{source}: blocktarget.pin must be true or false")

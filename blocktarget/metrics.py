@@ -284,10 +284,16 @@ def make_registry(target: Target) -> CollectorRegistry:
     return registry
 
 
-def metrics_handler(registry: CollectorRegistry) -> Callable[[web.Request], Awaitable[Any]]:
+def metrics_handler(registry: CollectorRegistry,
+                    before: Callable[[], Awaitable[Any]] | None = None,
+                    ) -> Callable[[web.Request], Awaitable[Any]]:
+    """The /metrics handler; ``before`` is awaited first (the reactors fold the counters
+    C keeps for lent connections, nvme/netpoll.py, so a scrape reads them exact)."""
     from aiohttp import web
 
     async def handle(request: web.Request) -> web.Response:
+        if before is not None:
+            await before()
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

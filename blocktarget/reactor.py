@@ -15,6 +15,12 @@ measurements behind the default):
   for `busy_poll_us`, so the next command of a QD1 stream is picked up without a
   wake-up, then sleep as "event" does; idle CPU stays ~0.
 - "busy": spin always, as an SPDK reactor does: lowest latency, a whole core when idle.
+
+Inside the busy-poll window the C socket poller spins the GIL released; while the only
+outstanding work is the C lane's I/O at an NVMe device it sleeps in `device_wait_us`
+slices instead (woken at once by a socket or an io_uring completion), and goes on so
+past the window until the device completes, so that a device the host's own CPUs
+emulate is not starved by the reactor waiting for it, nor left to the idle poll.
 """
 
 from __future__ import annotations
@@ -157,6 +163,8 @@ class ReactorStats:
     net_pdus: int = 0  # PDUs it took (run by the lane without a Python call per read)
     # of gil_released_ns, the poller's time finding no socket with anything to do
     net_idle_ns: int = 0
+    # slices it slept instead of spinning, only device I/O outstanding (device_wait_us)
+    net_device_waits: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")
@@ -176,6 +184,13 @@ class Reactor:
     core: int
     busy_poll_us: int = 200
     idle_poll_us: int = 1000
+    # Within the busy-poll window, while the only work outstanding is lane I/O at an
+    # NVMe device, the C poller sleeps in slices of this many µs (a socket or a ring
+    # wakes it at once) instead of spinning: a spinning reactor took the CPU of a
+    # device emulated on the same host (QEMU's), which made QD1 latency 3x worse
+    # (bench/RESULTS.md); on real hardware a slice adds at most its length to a
+    # command's latency. 0: spin, as before.
+    device_wait_us: int = 10
     pin: bool = True
     poll_mode: str = DEFAULT_POLL_MODE
     spin_on_io: bool = False  # poll_mode != "event": qpairs call note_io() per wake-up
@@ -377,6 +392,14 @@ class Reactor:
             self._schedule_poll(self.idle_poll_us / 1e6)
         # else: nothing to poll; sleep in epoll until a socket or a message wakes us
 
+    def fold_stats(self) -> None:
+        """(Reactor thread) Bring the counters the C poller keeps for lent connections
+        up to date (nvme/netpoll.py: folded lazily): what a reader calls, through
+        ``ReactorGroup.fold_stats`` from another thread, before it reads them."""
+        np = self.net_poller
+        if np is not None:
+            np.fold_all()
+
     # ---- ownership bookkeeping (reactor thread) ----
     def own(self, kind: str, obj: Any) -> None:
         self.owned.setdefault(kind, set()).add(obj)
@@ -485,7 +508,7 @@ class ReactorPool:
     """The set of reactors plus the round-robin choice of where new work lives."""
 
     def __init__(self, cores: Iterable[int], *, pin: bool = True, busy_poll_us: int = 200,
-                 idle_poll_us: int = 1000,
+                 idle_poll_us: int = 1000, device_wait_us: int = 10,
                  poll_modes: str | list[str] = DEFAULT_POLL_MODE) -> None:
         """``poll_modes``: one mode for every reactor, or a list with one per reactor."""
         cores = list(cores)
@@ -494,7 +517,7 @@ class ReactorPool:
             raise ValueError(f"{len(modes)} poll modes for {len(cores)} reactors")
         self.reactors = [
             Reactor(i, core, pin=pin, busy_poll_us=busy_poll_us, idle_poll_us=idle_poll_us,
-                    poll_mode=check_poll_mode(mode))
+                    device_wait_us=device_wait_us, poll_mode=check_poll_mode(mode))
             for i, (core, mode) in enumerate(zip(cores, modes, strict=True))
         ]
         self._next = 0
@@ -551,3 +574,8 @@ class ReactorPool:
         """Run fn(reactor) on every reactor and wait for all; how shared state changes."""
         futs = [asyncio.wrap_future(r.send(fn, r)) for r in self.reactors if r.loop is not None]
         return list(await asyncio.gather(*futs))
+
+    async def fold_stats(self) -> None:
+        """Every reactor folds its lent connections' counters (Reactor.fold_stats):
+        readers of statistics await this first, so that what they read is exact."""
+        await self.broadcast(Reactor.fold_stats)

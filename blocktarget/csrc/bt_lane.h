@@ -30,6 +30,7 @@ struct bt_conn;             /* a connection lent to the reactor's C poller (net.
 struct bt_lvmap;            /* a logical volume's cluster map (lane_lvol.c, bt_lvol.h) */
 
 /* The bdev statistics the lane keeps, per namespace. */
+#define BT_LAT_BUCKETS 16
 enum bt_stat { BT_ST_READ = 0, BT_ST_WRITE = 1, BT_ST_FLUSH = 2 };
 
 struct bt_ns {
@@ -49,8 +50,9 @@ struct bt_ns {
     struct bt_nvmeq *nvmeq; /* BT_BE_NVME: the reactor's queue pair (fd_offset: where the
                                namespace starts on the device, in bytes), */
     uint32_t hw_nsid;       /* and the namespace's id on the device */
-    /* cumulative, for the bdev channels' statistics, by enum bt_stat; latency only of
-       what completed asynchronously (the rest is the lane call's time, see fastlane) */
+    /* cumulative, for the bdev channels' statistics, by enum bt_stat. Latency: from
+       submission to completion for what completed at an asynchronous backend; the
+       lane call's time shared out over the call's commands for the rest. */
     uint64_t ops[3], bytes[3], lat_ns[3];
     /* A logical volume over the backend above (NULL: none): commands are sent where its
        map says (bt_lvol.h); reads of unmapped clusters are answered with zeroes and
@@ -58,7 +60,19 @@ struct bt_ns {
        the Python path does not pass them to the base) */
     struct bt_lvmap *lv;
     struct bt_ns *lv_zero;
+    /* The latency histogram (buckets as bdev.LATENCY_BUCKETS_NS, bt_lat_bounds), kept
+       here so that Python can fold it whenever it likes (lazily, nvme/fastlane.py) and
+       still see each command in its own bucket: counts not yet folded (Python adds and
+       clears them), and which buckets those are (bits). */
+    uint64_t hist[3][16];   /* (BT_LAT_BUCKETS) */
+    uint32_t hist_touched[3];
+    /* private to lane.c: ops counted in this call, to be given the call's time */
+    uint32_t sync_pend[3];
 };
+
+/* The upper bounds (ns) of the histogram's buckets but the last, bisect_left-style:
+   set once by Python from bdev.LATENCY_BUCKETS_NS, the one source of them. */
+extern uint64_t bt_lat_bounds[15];
 
 struct bt_cmd;              /* a command the lane owns (lane.c) */
 
@@ -91,6 +105,10 @@ struct bt_lane {
        took and gave back (cumulative), which Python adds to the budget afterwards. */
     uint64_t bud_used, bud_limit, bud_held, bud_per_qpair;
     uint64_t bud_taken, bud_returned;
+    /* of taken - returned, the part taken or given back while the lane's socket was
+       lent to the C poller (cumulative): the poller already added it to the reactor's
+       budget (bt_net.bud_delta), Python adds only the rest */
+    int64_t bud_net;
     /* commands the lane owns now; of those, how many wait for H2CData (and for how
        many bytes in all), are at a backend, or await the Python path (redo) */
     uint32_t inflight, r2t_waiting, io_inflight, redo;

@@ -58,6 +58,7 @@ struct bt_conn {
     uint8_t epout;          /* EPOLLOUT requested */
     uint8_t on_ready;
     struct bt_conn *next_ready;
+    uint64_t seen_submitted; /* the lane's `submitted` when last looked at */
 };
 
 struct bt_net {
@@ -66,6 +67,24 @@ struct bt_net {
        (used; limit, 0 while other connections wait for it): the lanes take from and
        give back to it as they run, and Python adds each lane's counts afterwards. */
     uint64_t bud_used, bud_limit;
+    /* What the lent lanes took from the budget minus what they gave back since Python
+       last added it to the budget (it does after every call, and clears it). */
+    int64_t bud_delta;
+    /* A lent lane submitted I/O to a ring or queue pair (Python clears it): Python's
+       watch of them must hear of it (uring's pending SQEs, NVMe's poller kick). */
+    uint8_t lane_started;
+    /* While the lanes' only outstanding work is at an NVMe device (no socket or ring
+       had anything in the last round, lane commands at a queue pair), the busy-poll
+       window does not spin: it sleeps in slices of dev_wait_ns (woken at once by a
+       socket or a ring's eventfd) between sweeps, so that a device emulated by the
+       host's CPUs (QEMU) is not robbed of the CPU it needs to complete them; past the
+       window it goes on so (the call ends at its time budget), the slices doubling up
+       to 8 x dev_wait_ns, so that a slow device is not left to the reactor's idle poll
+       (a millisecond). 0: spin, and stop at the window's end. dev_waits counts the
+       slices slept (cumulative); dev_pending: the last call ended with lane commands
+       still at a device, waited for so. */
+    uint64_t dev_wait_ns, dev_waits;
+    uint8_t dev_pending;
     uint32_t nconns;
     /* cumulative: calls; the thread's CPU time in them (not wall time: a call that
        serves for long is more likely preempted, and that time is nobody's work); of
@@ -78,11 +97,13 @@ struct bt_net {
     unsigned char *rbuf;
     size_t rcap;
     struct bt_conn *ready;
+    uint32_t nready;            /* on the ready list */
     struct bt_uring *rings[8];  /* the lanes' io_uring rings, reaped here too, */
     int ring_efd[8];            /* and their eventfds, in the epoll set */
     uint32_t nrings;
     struct bt_nvmeq *nvmeqs[8]; /* the reactor's NVMe queue pairs the lanes use */
     uint32_t nnvmeqs;
+    uint8_t slack_set;          /* the thread's timer slack made fine for dev_wait_ns */
 };
 
 /* A poller (an epoll set and a receive buffer), or NULL (out of memory or fds). */
@@ -129,8 +150,11 @@ void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
 unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready);
 /* Serve the attached connections: receive, run the lanes, send, until none has
    anything to do (or after budget_ns, or once spin_ns passed with nothing to do). The
-   connections that did anything or have events go to ready (their handles; up to max,
-   *nready of them); returns the PDUs the lanes took. */
+   connections Python must act on go to ready (their handles; up to max, *nready of
+   them): those with events or with a command to redo (given back).
+   What the others did stays counted in C (the lane's and the connection's cumulative
+   counters, bt_net.bud_delta) for Python to fold when it likes (nvme/netpoll.py says
+   when). Returns the PDUs the lanes took. */
 uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
                      uint64_t budget_ns, uint64_t spin_ns);
 
@@ -138,8 +162,10 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
 
 /* an attached lane's asynchronous completions produced output: send it */
 void net_lane_output(struct bt_conn *c);
-/* the same, reaped by the poller: sent, and the connection reported to Python (its
-   counters), or given back when a command must be done again by the Python path */
+/* the same, reaped by the poller: sent, or given back (and so reported to Python) when a
+   command must be done again by the Python path */
 void net_lane_done(struct bt_conn *c);
+/* an attached lane took (d > 0) or gave back budget (bt_net.bud_delta) */
+void net_budget(struct bt_conn *c, int64_t d);
 
 #endif

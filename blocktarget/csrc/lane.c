@@ -34,6 +34,7 @@
 #include "bt_lvol.h"
 #include "bt_pmem.h"
 #include "bt_nvme.h"
+#include "bt_net.h"
 #include "lane_int.h"
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -415,6 +416,16 @@ static struct bt_ns *find_ns(const struct bt_lane *l, uint32_t nsid)
     return NULL;
 }
 
+/* While the socket is lent, the poller keeps the reactor's budget for Python (one sum
+   for all its lanes, added once per poll), so that Python need not visit every lane. */
+static void budget_net(struct bt_lane *l, int64_t d)
+{
+    if (l->conn != NULL) {
+        l->bud_net += d;
+        net_budget(l->conn, d);
+    }
+}
+
 /* tcp_limits.DataBudget.take: the first buffer of an idle connection on an idle
    reactor is never refused; beyond a limit, the Python path makes the write wait */
 static int budget_take(struct bt_lane *l, uint64_t n)
@@ -425,6 +436,7 @@ static int budget_take(struct bt_lane *l, uint64_t n)
     l->bud_held += n;
     l->bud_used += n;
     l->bud_taken += n;
+    budget_net(l, (int64_t)n);
     return 1;
 }
 
@@ -435,6 +447,7 @@ static void budget_hold(struct bt_lane *l, uint64_t n)
     l->bud_held += n;
     l->bud_used += n;
     l->bud_taken += n;
+    budget_net(l, (int64_t)n);
 }
 
 static void budget_give_back(struct bt_lane *l, uint64_t n)
@@ -442,6 +455,7 @@ static void budget_give_back(struct bt_lane *l, uint64_t n)
     l->bud_held -= n;
     l->bud_used -= n;
     l->bud_returned += n;
+    budget_net(l, -(int64_t)n);
 }
 
 /* ---- output framing ---- */
@@ -557,10 +571,59 @@ static unsigned char *put_c2h(const struct bt_lane *l, unsigned char *o, uint16_
 
 /* ---- the replies of commands that succeeded ---- */
 
+uint64_t bt_lat_bounds[15];
+
+/* bisect_left over bt_lat_bounds: the first bucket whose bound is >= ns */
+static unsigned lat_bucket(uint64_t ns)
+{
+    unsigned b = 0;
+    while (b < BT_LAT_BUCKETS - 1 && bt_lat_bounds[b] < ns)
+        b++;
+    return b;
+}
+
+static void lat_add(struct bt_ns *ns, int st, uint64_t lat, uint32_t n)
+{
+    unsigned b = lat_bucket(lat);
+    ns->lat_ns[st] += lat * n;
+    ns->hist[st][b] += n;
+    ns->hist_touched[st] |= 1u << b;
+}
+
+/* An operation done: its latency comes with it (lat_async) or, done in the call,
+   when the call ends (settle). */
 static void count(struct bt_ns *ns, int st, uint64_t n)
 {
     ns->ops[st]++;
     ns->bytes[st] += n;
+    ns->sync_pend[st]++;
+}
+
+/* an operation counted by count() completed at a backend, `lat` after its submission */
+static void lat_async(struct bt_ns *ns, int st, uint64_t lat)
+{
+    if (ns->sync_pend[st])
+        ns->sync_pend[st]--;
+    lat_add(ns, st, lat, 1);
+}
+
+/* The end of a lane call that began at t0 with l->cmds at cmds0: the operations it did
+   get its time shared out over its commands (the Python path's rule for the lane call
+   it measured, kept here so that every command lands in its own call's bucket however
+   late Python folds the statistics). */
+static void settle(struct bt_lane *l, uint64_t t0, uint64_t cmds0)
+{
+    uint64_t ncmds = l->cmds - cmds0;
+    uint64_t per = (lane_now_ns() - t0) / (ncmds ? ncmds : 1);
+    for (uint32_t i = 0; i < l->nns; i++) {
+        struct bt_ns *ns = &l->ns[i];
+        for (int st = 0; st < 3; st++) {
+            if (ns->sync_pend[st]) {
+                lat_add(ns, st, per, ns->sync_pend[st]);
+                ns->sync_pend[st] = 0;
+            }
+        }
+    }
 }
 
 /* A read's data (src; NULL: zeroes) as C2HData PDUs, and its response. */
@@ -746,10 +809,10 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
             int st = s->kind == IO_READ ? BT_ST_READ : s->kind == IO_WRITE ? BT_ST_WRITE
                    : BT_ST_FLUSH;
             count(ns, st, s->kind == IO_FLUSH ? ns->num_blocks * ns->block_size : s->nbytes);
-            ns->lat_ns[st] += lat;
+            lat_async(ns, st, lat);
             if (s->kind == IO_WRITE && s->fua) {
                 count(ns, BT_ST_FLUSH, s->nbytes);
-                ns->lat_ns[BT_ST_FLUSH] += lat;
+                lat_async(ns, BT_ST_FLUSH, lat);
             }
             l->cmds++;
         }
@@ -765,7 +828,7 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
     if (s->kind == IO_READ && zc) {
         /* a large read: its PDU is sent from the buffer it was read into */
         if (read_zero_copy(l, s)) {
-            ns->lat_ns[BT_ST_READ] += lat;
+            lat_async(ns, BT_ST_READ, lat);
             set_state(l, s, SLOT_FREE);
         } else {
             to_redo(l, s);
@@ -781,17 +844,17 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
     switch (s->kind) {
     case IO_READ:
         read_done(l, ns, s->data, s->nbytes, s->cid, o);
-        ns->lat_ns[BT_ST_READ] += lat;
+        lat_async(ns, BT_ST_READ, lat);
         break;
     case IO_WRITE:
         write_done(l, ns, s->nbytes, s->fua, s->cid, o);
-        ns->lat_ns[BT_ST_WRITE] += lat;
+        lat_async(ns, BT_ST_WRITE, lat);
         if (s->fua)
-            ns->lat_ns[BT_ST_FLUSH] += lat;
+            lat_async(ns, BT_ST_FLUSH, lat);
         break;
     default:
         flush_done(l, ns, s->cid, o);
-        ns->lat_ns[BT_ST_FLUSH] += lat;
+        lat_async(ns, BT_ST_FLUSH, lat);
         break;
     }
     l->out_len += need;
@@ -1389,8 +1452,12 @@ static int h2c_fits(const struct bt_lane *l, const struct bt_cmd *s, uint16_t cc
     return (s->received + n == s->nbytes) == (last != 0);
 }
 
-int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao,
-                const unsigned char *data, uint32_t n, int last)
+static size_t lane_rx(struct bt_lane *l, const unsigned char *in, size_t len);
+static size_t lane_run(struct bt_lane *l, const unsigned char *in, size_t len,
+                       unsigned max_cmds, size_t max_out, unsigned *ncmds);
+
+static int lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao,
+                    const unsigned char *data, uint32_t n, int last)
 {
     struct bt_cmd *s = slot_of_ttag(l, ttag);
     if (!h2c_fits(l, s, cccid, datao, n, last))
@@ -1432,11 +1499,11 @@ static int begin_h2c(struct bt_lane *l, const unsigned char *p, uint32_t plen, s
     l->rx_last = p[1] & F_LAST;
     l->rx_left = n;
     l->rx_dleft = (uint8_t)dd;
-    bt_lane_rx(l, p + hend, have - hend);
+    lane_rx(l, p + hend, have - hend);
     return 1;
 }
 
-size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
+static size_t lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
 {
     size_t pos = 0;
     struct bt_cmd *s = &l->slot[l->rx_slot];
@@ -1515,8 +1582,8 @@ static int begin_carry(struct bt_lane *l, const unsigned char *p, size_t have)
     return 1;
 }
 
-size_t bt_lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int run,
-                     unsigned char **handed, size_t *nhanded, unsigned *ncmds)
+static size_t lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int run,
+                         unsigned char **handed, size_t *nhanded, unsigned *ncmds)
 {
     size_t pos = 0;
     *handed = NULL;
@@ -1543,7 +1610,7 @@ size_t bt_lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int
     pos += n;
     if (l->carry_len < l->carry_plen)
         return pos;
-    if (run && bt_lane_run(l, l->carry, l->carry_plen, 1, (size_t)-1, ncmds) == l->carry_plen) {
+    if (run && lane_run(l, l->carry, l->carry_plen, 1, (size_t)-1, ncmds) == l->carry_plen) {
         l->carry_len = l->carry_plen = 0;
         return pos;
     }
@@ -1556,8 +1623,8 @@ hand:
     return pos;
 }
 
-size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsigned max_cmds,
-                   size_t max_out, unsigned *ncmds)
+static size_t lane_run(struct bt_lane *l, const unsigned char *in, size_t len,
+                       unsigned max_cmds, size_t max_out, unsigned *ncmds)
 {
     size_t pos = 0;
     size_t chlen = CMD_HLEN + (l->hdgst ? DIGEST : 0);
@@ -1651,4 +1718,41 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
     submit_touched(l);
     *ncmds = n;
     return pos;
+}
+
+/* ---- the public calls: each settles its operations' latency (settle) ---- */
+
+size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsigned max_cmds,
+                   size_t max_out, unsigned *ncmds)
+{
+    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    size_t r = lane_run(l, in, len, max_cmds, max_out, ncmds);
+    settle(l, t0, c0);
+    return r;
+}
+
+size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
+{
+    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    size_t r = lane_rx(l, in, len);
+    settle(l, t0, c0);
+    return r;
+}
+
+size_t bt_lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int run,
+                     unsigned char **handed, size_t *nhanded, unsigned *ncmds)
+{
+    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    size_t r = lane_carry(l, in, len, run, handed, nhanded, ncmds);
+    settle(l, t0, c0);
+    return r;
+}
+
+int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao,
+                const unsigned char *data, uint32_t n, int last)
+{
+    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    int r = lane_h2c(l, cccid, ttag, datao, data, n, last);
+    settle(l, t0, c0);
+    return r;
 }

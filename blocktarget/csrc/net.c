@@ -14,11 +14,16 @@
  * stops reading (the input not yet run waits in `pend`), the low mark resumes it, and
  * Python hears of both (its stall watch closes a connection whose host never reads).
  */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE  /* (ppoll) */
+#endif
 #include <errno.h>
+#include <poll.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -67,7 +72,25 @@ static void mark_ready(struct bt_conn *c)
         c->on_ready = 1;
         c->next_ready = c->net->ready;
         c->net->ready = c;
+        c->net->nready++;
     }
+}
+
+/* After C did something for a connection: Python hears of the connection only if it
+   must act (events and hand-backs mark it themselves), and of I/O started once for all
+   of them; the counters it folds later. */
+static void served(struct bt_conn *c)
+{
+    struct bt_lane *l = c->lane;
+    if (l->submitted != c->seen_submitted) {
+        c->seen_submitted = l->submitted;
+        c->net->lane_started = 1;
+    }
+}
+
+void net_budget(struct bt_conn *c, int64_t d)
+{
+    c->net->bud_delta += d;
 }
 
 /* The epoll interest of an attached connection: input unless paused, output while
@@ -105,6 +128,7 @@ struct bt_conn *bt_net_attach(struct bt_net *n, int fd, struct bt_lane *l, void 
     }
     c->attached = 1;
     l->conn = c;
+    c->seen_submitted = l->submitted;
     n->nconns++;
     return c;
 }
@@ -171,8 +195,10 @@ void bt_net_conn_free(struct bt_conn *c)
         struct bt_conn **pp = &c->net->ready;
         while (*pp != NULL && *pp != c)
             pp = &(*pp)->next_ready;
-        if (*pp == c)
+        if (*pp == c) {
             *pp = c->next_ready;
+            c->net->nready--;
+        }
     }
     for (uint32_t i = 0; i < c->qn; i++)
         chunk_release(&c->q[c->qhead + i]);
@@ -318,7 +344,7 @@ void net_lane_done(struct bt_conn *c)
     bt_net_flush(c);
     if (!c->attached)
         return;  /* (failed sending: reported already) */
-    mark_ready(c);
+    served(c);
     if (c->lane->redo)
         hand_back(c, NULL, 0, NULL, 0);  /* the Python path runs the queue for now */
 }
@@ -517,7 +543,6 @@ static void serve(struct bt_conn *c, uint32_t events)
 {
     struct bt_net *n = c->net;
     uint64_t t0 = now_ns();
-    mark_ready(c);
     if (c->qn && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
         send_queue(c);
     if (c->attached && !c->paused && c->pend_len) {
@@ -547,6 +572,8 @@ static void serve(struct bt_conn *c, uint32_t events)
         failed(c);  /* end of stream or an error: the transport's to find and report */
         break;
     }
+    if (c->attached)
+        served(c);
     c->busy_ns += now_ns() - t0;
 }
 
@@ -559,9 +586,36 @@ static unsigned take_ready(struct bt_net *n, void **ready, unsigned max)
         n->ready = c->next_ready;
         c->next_ready = NULL;
         c->on_ready = 0;
+        n->nready--;
         ready[k++] = c->handle;
     }
     return k;
+}
+
+/* Lane commands at an NVMe queue pair of the poller (their completions are all that
+   the lanes wait for when no socket and no ring has anything) */
+static int device_busy(const struct bt_net *n)
+{
+    for (uint32_t r = 0; r < n->nnvmeqs; r++)
+        if (n->nvmeqs[r]->lane_inflight)
+            return 1;
+    return 0;
+}
+
+/* Give the CPU up for `slice` ns, or until a socket or ring has something. */
+static void device_wait(struct bt_net *n, uint64_t slice)
+{
+    if (!n->slack_set) {
+        /* (the default 50 us slack would make every slice a 50 us one: this thread is
+           a reactor, whose timers want to be on time anyway) */
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+        n->slack_set = 1;
+    }
+    struct pollfd p = {n->epfd, POLLIN, 0};
+    uint64_t ns = slice < 999999999u ? slice : 999999999u;
+    struct timespec ts = {0, (long)ns};
+    (void)ppoll(&p, 1, &ts, NULL);
+    n->dev_waits++;
 }
 
 uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
@@ -570,12 +624,9 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     struct epoll_event ev[EVENTS];
     uint64_t c0 = cpu_now_ns();
     uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
-    uint64_t before = 0, after = 0;
-    unsigned touched = 0;
+    uint64_t before = 0, after = 0, slept = 0, slice = n->dev_wait_ns;
     n->polls++;
-    for (struct bt_conn *c = n->ready; c != NULL; c = c->next_ready)
-        touched++;
-    while ((n->nconns || n->nrings || n->nnvmeqs) && touched + EVENTS <= max) {
+    while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
         prev = t;
         int k = epoll_wait(n->epfd, ev, EVENTS, 0);
         if (k < 0 && errno != EINTR)
@@ -593,8 +644,6 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             struct bt_conn *c = ev[i].data.ptr;
             if (!c->attached)
                 continue;   /* let go of earlier in this call */
-            if (!c->on_ready)
-                touched++;
             before += c->pdus;
             serve(c, ev[i].events);
             after += c->pdus;
@@ -616,13 +665,25 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             last = t;
         else
             idle += t - prev;
-        if (t - t0 >= budget_ns || (k <= 0 && t - last >= spin_ns))
+        int dev = k <= 0 && spin_ns && n->dev_wait_ns && device_busy(n);
+        if (t - t0 >= budget_ns || (k <= 0 && !dev && t - last >= spin_ns))
             break;
+        if (k > 0) {
+            slice = n->dev_wait_ns;
+        } else if (dev) {
+            uint64_t s0 = t;
+            device_wait(n, slice);
+            t = now_ns();
+            slept += t - s0;
+            if (t - last >= spin_ns && slice < 8 * n->dev_wait_ns)
+                slice *= 2;  /* (past the window: a slow device, waited for coarser) */
+        }
     }
+    n->dev_pending = (uint8_t)(spin_ns && n->dev_wait_ns && device_busy(n));
     n->tail_idle_ns = t - last;
-    uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0;
+    uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0 - slept;
     n->cpu_ns += cpu;
-    /* (idle was measured in wall time: the same share of the CPU time) */
+    /* (idle was measured in wall time awake: the same share of the CPU time) */
     n->idle_ns += wall ? (uint64_t)((double)idle * (double)cpu / (double)wall) : 0;
     *nready = take_ready(n, ready, max);
     return after - before;

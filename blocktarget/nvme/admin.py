@@ -218,6 +218,7 @@ def identify(qp: Qpair, req: Request) -> None:
 
 
 def _smart(ctrl: Controller) -> bytes:
+    ctrl.fold_local()
     t = ctrl.totals()
     hours = int((time.monotonic() - PROCESS_START) // 3600)
     return build_smart_log(

@@ -208,6 +208,17 @@ class Controller:
             if qid != 0:
                 qp.close_threadsafe(reason)
 
+    def fold_local(self) -> None:
+        """Fold the counters the C poller keeps for this controller's lent I/O queues
+        on the calling reactor (nvme/netpoll.py); a queue on another reactor is folded
+        by that reactor's timer (netpoll.FOLD_S), which the SMART log may lag by."""
+        with self._lock:
+            qps = list(self.qpairs.values())
+        for qp in qps:
+            lane = getattr(qp, "_lane", None)
+            if lane is not None and qp._net is not None and qp.reactor.on_reactor():
+                lane.fold()
+
     def totals(self) -> QpairCounters:
         t = QpairCounters()
         with self._lock:

@@ -24,16 +24,21 @@ Whatever the lane does not take goes to the Python path unchanged; the Python pa
 remains the reference for every byte.
 
 What the Python path would have recorded is recorded here too: the queue's SQ head, the
-controller's SMART counters, the stall watch's PDU count, and each bdev channel's
-operation, byte and latency statistics (latency: the C call's time shared out evenly over
-its commands, the only clock there is), on every channel the I/O would have passed
-through (a split's and its base's; for a volume's read its map answers with zeroes, the
-volume's alone: `_zero_entries`).
+controller's SMART counters, the stall watch's PDU count, the reactor's buffer budget, and
+each bdev channel's operation, byte and latency statistics on every channel the I/O would
+have passed through (a split's and its base's; for a volume's read its map answers with
+zeroes, the volume's alone: `_zero_entries`). C keeps them all as cumulative counters,
+the latency histogram included (each command in its own bucket: from submission to
+completion at an asynchronous backend, else its lane call's time shared out over the
+call's commands, the only clock there is), so that Python may add them up whenever it
+likes (`fold`), on the lane's reactor thread, with nothing lost or smeared. When: after
+every lane call made from Python (the receive path below, completions Python reaps); for
+a socket lent to the reactor's C poller only when someone needs the figures (nvme/
+netpoll.py has that rule).
 """
 
 from __future__ import annotations
 
-import bisect
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +64,10 @@ if TYPE_CHECKING:
     from .qpair import Qpair
 
 AVAILABLE = lib is not None
+if AVAILABLE:  # the histogram's buckets, in C as in the Python path (one source)
+    assert len(LATENCY_BUCKETS_NS) == 15 and lib.BT_LAT_BUCKETS == 16
+    for _i, _b in enumerate(LATENCY_BUCKETS_NS):
+        lib.bt_lat_bounds[_i] = _b
 # Commands per C call: output is handed to the socket between calls, so a host that is
 # not reading is noticed (pause_writing) as in the Python path (qpair.OUT_BATCH).
 BATCH = 64
@@ -71,7 +80,6 @@ _FLUSH = int(IOType.FLUSH)
 # what a namespace's bdev must support for the lane to run each of its commands
 _LANE_IO = frozenset({IOType.READ, IOType.WRITE, IOType.FLUSH})
 _now_ns = time.perf_counter_ns
-_bucket = bisect.bisect_left
 _alloc = ffi.new_allocator(should_clear_after_alloc=False) if AVAILABLE else None
 _ST = ((_READ, 0), (_WRITE, 1), (_FLUSH, 2))  # IOType -> enum bt_stat
 R2T_LIST_MAX = 1024  # lane R2Ts reported to the stall watch per check (slots are fewer)
@@ -128,7 +136,9 @@ def crc32c_impl() -> str:
 
 class Lane:
     __slots__ = ("qp", "c", "nsmem", "entries", "generation", "ana", "last", "ncmds", "stats",
-                 "rings", "urings", "nvmeqs", "closing", "_tokens", "_executed", "_handle", "_seen", "_chunks")
+                 "rings", "urings", "nvmeqs", "closing", "_tokens", "_executed", "_handle", "_seen",
+                 "_chunks",
+                 "_bud_net", "_submitted")
 
     def __init__(self, qp: Qpair) -> None:
         self.qp = qp
@@ -172,6 +182,8 @@ class Lane:
         # read/write commands and bytes, commands, budget taken and given back, I/Os,
         # H2CData PDUs received across buffers
         self._seen = [0] * 9
+        self._bud_net = 0  # c.bud_net as last folded
+        self._submitted = 0  # c.submitted as last seen by the receive path
 
     def close(self) -> None:
         """The queue is gone: writes still waiting for data are dropped, as the Python
@@ -184,7 +196,7 @@ class Lane:
         if c is None or self.closing:
             return
         self.closing = True
-        self._fold(0, 0)
+        self._fold_closed()  # (the queue pair folded the rest before its budget went)
         lib.bt_lane_close(c)
         if c.io_inflight:
             for ring in self.rings:
@@ -215,7 +227,7 @@ class Lane:
         c = self.c
         if c is None:
             return
-        self._fold(0, 0)
+        self.fold()
         if c.inflight:
             arr = self.nsmem
             for i in range(len(self.entries)):
@@ -314,17 +326,13 @@ class Lane:
         self.generation = sub.generation if sub is not None else -1
         self.ana = inaccessible
 
-    def _fold(self, ncmds: int, elapsed_ns: int | None) -> None:
+    def _fold(self) -> None:
         """Add what the C side counted since the last fold to the stats of every channel
-        each namespace's I/O passes through. Latency: ``elapsed_ns`` (a lane call's time)
-        shared out over its ``ncmds`` commands, or None: what C measured from submission
-        to completion of asynchronous I/O."""
+        each namespace's I/O passes through (the histogram's counts C clears as they are
+        taken)."""
         arr = self.nsmem
         if arr is None:
             return
-        if elapsed_ns is not None:
-            per_cmd = elapsed_ns // ncmds if ncmds else 0
-            bucket = _bucket(LATENCY_BUCKETS_NS, per_cmd)
         for i, (_ns, channels, _mem) in enumerate(self.entries):
             e = arr[i]
             last = self.last[i]
@@ -333,20 +341,27 @@ class Lane:
                 if not n:
                     continue
                 nbytes = e.bytes[k] - last[k + 3]
-                if elapsed_ns is None:
-                    lat = e.lat_ns[k] - last[k + 6]
-                    bucket = _bucket(LATENCY_BUCKETS_NS, lat // n)
-                    last[k + 6] += lat
-                else:
-                    lat = per_cmd * n
+                lat = e.lat_ns[k] - last[k + 6]
+                touched = e.hist_touched[k]
+                e.hist_touched[k] = 0
+                hist = e.hist[k]
+                got = []
+                while touched:
+                    b = (touched & -touched).bit_length() - 1
+                    touched &= touched - 1
+                    got.append((b, hist[b]))
+                    hist[b] = 0
                 for ch in channels:
                     st = ch.stats
                     st.ops[t] += n
                     st.bytes[t] += nbytes
                     st.latency_sum_ns[t] += lat
-                    st.latency_buckets[t][bucket] += n
+                    buckets = st.latency_buckets[t]
+                    for b, v in got:
+                        buckets[b] += v
                 last[k] += n
                 last[k + 3] += nbytes
+                last[k + 6] += lat
 
     # ---- what the Python path asks ----
     @property
@@ -453,7 +468,7 @@ class Lane:
             qp.rx_pdus += ncmds[0]
             qp.sqhd = c.sqhd
             self.stats.gil_released_ns += elapsed
-            self._sync(elapsed)
+            self._sync()
             if pos < total:
                 # hand this batch to the socket before the next, as the Python path
                 # does every OUT_BATCH responses; stop if the host is not reading
@@ -482,7 +497,7 @@ class Lane:
         taken = lib.bt_lane_rx(c, src, len(src))
         elapsed = _now_ns() - t0
         self.stats.gil_released_ns += elapsed
-        self._sync(elapsed)
+        self._sync()
         return memoryview(data)[taken:] if taken < len(src) else b""
 
     @property
@@ -508,7 +523,7 @@ class Lane:
         self.stats.gil_released_ns += elapsed
         qp.rx_pdus += self.ncmds[0]
         qp.sqhd = c.sqhd
-        self._sync(elapsed)
+        self._sync()
         handed = None
         if nout[0]:
             handed = bytes(ffi.buffer(out[0], nout[0]))
@@ -527,38 +542,60 @@ class Lane:
         placed = lib.bt_lane_h2c(c, p.cccid, p.ttag, p.datao, data, len(p.data), p.last)
         elapsed = _now_ns() - t0
         self.stats.gil_released_ns += elapsed
-        self._sync(elapsed)
+        self._sync()
         return bool(placed)
 
     def drain(self) -> None:
         """The reactor's ring (or NVMe queue pair) completed some of this lane's I/O (in
-        C): record it, queue the output for the socket, and give the Python path what
-        did not succeed. A closed lane only counts, and is freed after its last
-        completion."""
+        C), reaped by Python: record it, queue the output for the socket, and give the
+        Python path what did not succeed. A lane whose socket is lent to the C poller
+        (which sent the output already) is folded lazily as the poller's are. A closed
+        lane only counts, and is freed after its last completion."""
         c = self.c
         if c is None:
             return
         if self.closing:
-            self.stats.c_lane_commands += c.cmds - self._seen[4]
-            self._seen[4] = c.cmds
-            self._fold(0, None)
+            self._fold_closed()
             if not c.io_inflight:
                 self._free()
             return
-        self._sync(None)
-        if self.qp._net is not None:
-            self.qp._net_events()
+        qp = self.qp
+        conn = qp._net
+        if conn is None:
+            self._sync()
+            return
+        np = qp.reactor.net_poller
+        if np is not None:
+            np.take_budget()
+        if c.out_len or c.nchunks:  # (output of completions reaped before it was lent)
+            lib.bt_net_flush(conn)
+        if c.submitted != conn.seen_submitted:
+            conn.seen_submitted = c.submitted
+            for ring in self.rings:
+                ring.lane_io_started()
+        if c.redo:
+            self._sync()
+        qp._net_events()
 
-    def net_sync(self, busy_ns: int) -> None:
-        """After the reactor's C poller ran this lane (netpoll.py): record what it did
-        as after a lane call of ``busy_ns`` (with io_uring namespaces: as after
-        completions, whose latency C measured; a memory namespace beside them then
-        records none)."""
+    def fold(self) -> int:
+        """Record what C did since the last fold where the Python path records it (see
+        the module doc; the lane's reactor thread only). Idempotent and cheap when
+        nothing happened: readers, the poller's timer and give-back call it freely.
+        Returns the budget bytes the lane gave back meanwhile."""
         c = self.c
         if c is None:
-            return
-        self.qp.sqhd = c.sqhd
-        self._sync(None if self.rings else busy_ns)
+            return 0
+        qp = self.qp
+        conn = qp._net
+        if conn is not None:  # (lent: the SQ head and the PDUs C took are C's to count)
+            qp.sqhd = c.sqhd
+            seen = qp._net_seen
+            qp.rx_pdus += conn.pdus - seen[0]
+            seen[0], seen[1] = conn.pdus, conn.busy_ns
+            np = qp.reactor.net_poller
+            if np is not None:
+                np.take_budget()  # (the reactor's budget exact along with the queue's)
+        return self._counters()
 
     def _enter(self) -> None:
         """Before a C call: the lane sees the queue's SQ head and the reactor's budget as
@@ -572,10 +609,18 @@ class Lane:
         c.bud_held = qp.budget_held
         c.bud_per_qpair = b.per_qpair
 
-    def _sync(self, elapsed: int | None) -> None:
-        """After C ran (a call, or completions): what it did, recorded where the Python
-        path records it, its output queued for the socket, I/O it started watched for,
-        and the commands it gives back done again by the Python path."""
+    def _fold_closed(self) -> None:
+        """A closed queue's lane: only the commands and the bdev statistics still count
+        (its budget went back with the queue pair: tcp_limits.DataBudget.drop)."""
+        c = self.c
+        done = c.cmds - self._seen[4]
+        if done:
+            self._seen[4] = c.cmds
+            self.stats.c_lane_commands += done
+            self._fold()
+
+    def _counters(self) -> int:
+        """The counting half of a fold (see fold); returns the budget bytes given back."""
         qp = self.qp
         c = self.c
         seen = self._seen
@@ -591,15 +636,29 @@ class Lane:
         self.stats.c_lane_commands += done
         taken, returned = now[5] - seen[5], now[6] - seen[6]
         if taken or returned:
+            # what the lane took while lent, the C poller added to the reactor's budget
+            # already (NetPoller.take_budget): only the rest goes there from here
             b = qp.budget
-            b.used += taken - returned
-            qp.budget_held += taken - returned
+            held = taken - returned
+            via_net = c.bud_net - self._bud_net
+            self._bud_net = c.bud_net
+            qp.budget_held += held
+            b.used += held - via_net
             if b.used > b.high_water:
                 b.high_water = b.used
-        started = now[7] != seen[7]
-        self._seen[:] = now
+        seen[:] = now
         if done:  # (the namespaces' counters move only with a command done)
-            self._fold(done, elapsed)
+            self._fold()
+        return returned
+
+    def _sync(self) -> None:
+        """After a lane call from Python, or completions Python reaped: what C did,
+        recorded where the Python path records it, its output queued for the socket, I/O
+        it started watched for, and the commands it gives back done again by the Python
+        path."""
+        qp = self.qp
+        c = self.c
+        returned = self.fold()
         if c.out_len or c.nchunks:
             if qp._net is not None:  # (the socket is lent to C: sent from there)
                 lib.bt_net_flush(qp._net)
@@ -608,9 +667,11 @@ class Lane:
                 if not qp._flush_scheduled:
                     qp._flush_scheduled = True
                     qp.reactor.loop.call_soon(qp._flush)  # type: ignore[union-attr]
-        if started:
-            for ring in self.rings:
-                ring.lane_io_started()
+        if c.submitted != self._submitted:
+            self._submitted = c.submitted
+            if qp._net is None:  # (lent: the C poller tells its rings, NetPoller._after)
+                for ring in self.rings:
+                    ring.lane_io_started()
         if c.redo:
             self._redo()
             if qp._net is not None:

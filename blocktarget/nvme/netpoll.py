@@ -34,6 +34,24 @@ Python path's own I/O, a lane Python runs or one closed with I/O in flight) stop
 sweep there, and Python reaps from that entry on, as before. A suspended (resetting) or
 dead queue is Python's alone (csrc/bt_nvme.h has the ownership rule).
 
+What Python does after a call is proportional to what needs Python, not to what C did
+(a Python visit per served connection cost 20-30 us per call, all of it holding the GIL:
+bench/RESULTS.md). C reports a connection only for an event Python acts on (input handed
+back, the end of the stream, a send pause or resume, a command to redo: each gives the
+socket back or changes the transport's state); for the rest, two facts per call, not per
+connection: the budget the lanes took and gave back (added to the reactor's
+``DataBudget`` at once, so it is exact whenever Python reads it, and its waiters woken),
+and whether a lane started I/O (the rings' and queue pairs' Python watch is told). The
+counters (the lane's and its bdev channels' statistics with their latency histogram,
+the controller's SMART counts, the stall watch's PDUs, the SQ head, the queue's budget
+share) stay in C and are folded (``Lane.fold``, on the reactor's thread) lazily:
+- before anyone reads them: ``Reactor.fold_stats`` (nvmf_get_stats, bdev_get_iostat,
+  /metrics broadcast it to every reactor), the stall watch and the SMART log (the
+  admin queue's reactor folds its own; another reactor's within the timer below),
+  a response the Python path builds (the SQ head);
+- when the socket is given back or the queue pair closes (nothing is lost);
+- and every ``FOLD_S`` on a timer, so that figures read without asking stay current.
+
 The transport option ``c_net_poll`` (default true) switches this off: the lane still
 runs, called from ``data_received`` as before.
 """
@@ -63,6 +81,9 @@ CHUNKS = 64
 # Whether the poller sweeps the lanes' NVMe queue pairs (False: the reactor's Python
 # poller reaps them, as before; bench/nvme_hotpath.py's baseline)
 SWEEP_NVME = True
+# How often a reactor folds its lent connections' counters when nobody asks (see the
+# module doc): stale by at most this much to a reader that reads without asking.
+FOLD_S = 0.2
 
 
 def eligible(qp: Qpair) -> bool:
@@ -86,7 +107,7 @@ class NetPoller:
     """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
 
     __slots__ = ("reactor", "n", "budget", "conns", "rings", "nvmeqs", "_ready", "_nready",
-                 "_closing", "_again")
+                 "_closing", "_again", "lent", "watched", "_fold_timer")
 
     def __init__(self, reactor: Reactor, budget: Any) -> None:
         n = lib.bt_net_new()
@@ -102,7 +123,13 @@ class NetPoller:
         self._nready = ffi.new("unsigned *")
         self._closing = False
         self._again: Any = None  # the loop's handle of a call going on at its next turn
-        reactor.loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
+        # the queue pairs lent now (folded lazily), and the rings and NVMe queue pairs
+        # their lanes use, with how many of them use each (told when a lane starts I/O)
+        self.lent: set[Qpair] = set()
+        self.watched: dict[Any, int] = {}
+        loop = reactor.loop
+        loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
+        self._fold_timer = loop.call_later(FOLD_S, self._tick)  # type: ignore[union-attr]
 
     @classmethod
     def of(cls, qp: Qpair) -> NetPoller:
@@ -137,13 +164,15 @@ class NetPoller:
             spin = r.busy_poll_us * 1000
             if spin_left is not None:
                 spin = min(spin, spin_left)
-        idle0, cpu0 = n.idle_ns, n.cpu_ns
+        n.dev_wait_ns = r.device_wait_us * 1000
+        idle0, cpu0, waits0 = n.idle_ns, n.cpu_ns, n.dev_waits
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
         st = r.stats
         st.gil_released_ns += n.cpu_ns - cpu0  # (CPU time: see struct bt_net)
         st.net_polls += 1
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
+        st.net_device_waits += n.dev_waits - waits0
         self._after(n)
         if spin:
             # C spins the reactor's busy-poll window itself: the event loop must not
@@ -151,9 +180,13 @@ class NetPoller:
             # kernel's workers to complete reads, it spun 0.35 times per I/O). If C
             # stopped inside its window (its time budget, Python's own completions),
             # it goes on at the loop's next turn, after the rest of Python had its own.
+            # Lane commands still at an NVMe device, waited for sleeping (device_wait_us):
+            # C goes on waiting so at the loop's next turn, past the window too, rather
+            # than leave them to the reactor's idle poll.
             tail = n.tail_idle_ns
-            if tail < spin and n.nconns and self._again is None:
-                self._again = r.loop.call_soon(self._resume, spin - tail)  # type: ignore[union-attr]
+            if (tail < spin or n.dev_pending) and n.nconns and self._again is None:
+                left = spin - tail if tail < spin else spin
+                self._again = r.loop.call_soon(self._resume, left)  # type: ignore[union-attr]
         elif pdus and r.spin_on_io:
             # the reactor's busy-poll window runs from the last work C saw, part of
             # which C already spent spinning: the event loop must not spin it again
@@ -174,8 +207,8 @@ class NetPoller:
         self._after(n)
 
     def _after(self, n: Any) -> None:
-        """After a C call: Python's own completions it stopped at, then what each
-        reported connection's lane did, then their events."""
+        """After a C call: Python's own completions it stopped at, the budget, I/O the
+        lanes started, then the connections C reported (see the module doc)."""
         python = n.python_cqe
         if python:  # (C stopped at a completion of Python's own I/O)
             n.python_cqe = 0
@@ -185,10 +218,18 @@ class NetPoller:
             if python & 2:
                 for rq in self.nvmeqs:
                     rq.reap_python()
+        self.take_budget()
+        if n.lane_started:
+            n.lane_started = 0
+            for ring in self.watched:
+                ring.lane_io_started()
+        k = self._nready[0]
+        if not k:
+            return
         ready = self._ready
-        qps = [ffi.from_handle(ready[i]) for i in range(self._nready[0])]
-        # first what every lane did (the reactor's budget above all: a connection handed
-        # back to the Python path must see what the others took), then the events
+        qps = [ffi.from_handle(ready[i]) for i in range(k)]
+        # first what every lane did, then the events (a connection handed back to the
+        # Python path must see the state the others left)
         for stage in (sync, events):
             for qp in qps:
                 try:
@@ -196,6 +237,43 @@ class NetPoller:
                 except Exception:  # one connection's trouble must not strand the others
                     log.exception("%s: after the C poller", qp)
                     qp.close("internal error after the C poller")
+
+    def take_budget(self) -> None:
+        """Add what the lent lanes took from the reactor's buffer budget and gave back
+        (one sum, kept by C) to the budget, and wake its waiters if some came back."""
+        n = self.n
+        if n is None:
+            return
+        d = n.bud_delta
+        if not d:
+            return
+        n.bud_delta = 0
+        b = self.budget
+        b.used += d
+        if b.used > b.high_water:
+            b.high_water = b.used
+        if d < 0 and b.waiting:
+            b._wake()
+
+    def fold_all(self) -> None:
+        """Fold every lent connection's counters (Lane.fold): on the reactor's thread,
+        for a reader, or the timer."""
+        for qp in list(self.lent):
+            lane = qp._lane
+            if lane is not None:
+                lane.fold()
+        self.take_budget()
+
+    def _tick(self) -> None:
+        self._fold_timer = None
+        if self.n is None:
+            return
+        try:
+            self.fold_all()
+        finally:
+            loop = self.reactor.loop
+            if loop is not None and not loop.is_closed():
+                self._fold_timer = loop.call_later(FOLD_S, self._tick)
 
     def _resume(self, spin_left: int) -> None:
         """The loop's next turn after C stopped inside its busy-poll window."""
@@ -210,7 +288,22 @@ class NetPoller:
         if conn == ffi.NULL:
             return None
         self.conns += 1
+        self.lent.add(qp)
+        qp._net_rings = lane.rings
+        for ring in lane.rings:
+            self.watched[ring] = self.watched.get(ring, 0) + 1
         return conn
+
+    def unlend(self, qp: Qpair) -> None:
+        """``qp`` is no longer lent (give_back folded it)."""
+        self.lent.discard(qp)
+        for ring in qp._net_rings:
+            k = self.watched.get(ring, 0) - 1
+            if k > 0:
+                self.watched[ring] = k
+            else:
+                self.watched.pop(ring, None)
+        qp._net_rings = ()
 
     def add_rings(self, lane: Any) -> None:
         """The poller reaps the lane's rings too (their lane completions, in C), woken by
@@ -281,6 +374,10 @@ class NetPoller:
         if self._again is not None:
             self._again.cancel()
             self._again = None
+        if self._fold_timer is not None:
+            self._fold_timer.cancel()
+            self._fold_timer = None
+        self.take_budget()  # (nothing of the budget stays behind in C)
         n, self.n = self.n, None
         loop = self.reactor.loop
         if loop is not None and not loop.is_closed():
@@ -323,6 +420,9 @@ def try_lend(qp: Qpair) -> None:
     t.pause_reading()
     qp._net = conn
     qp._net_seen = [0, 0]
+    c = lane.c
+    if c.out_len or c.nchunks:  # (completions' output not taken yet: C sends it now)
+        lib.bt_net_flush(conn)
     qp.reactor.stats.net_lends += 1
 
 
@@ -337,11 +437,11 @@ def give_back(qp: Qpair, send: bool = True) -> tuple[int, bytes | None, bytes | 
     dropped, the poller let go of. Returns (the events C had not reported, a capsule C
     gave back to be handled first or None, the input C did not run or None)."""
     conn = qp._net
-    qp._net = None
-    lib.bt_net_detach(conn)
     lane = qp._lane
     if lane is not None and lane.c is not None:
-        lane.net_sync(_count(qp, conn)[1])
+        lane.fold()  # (while qp._net is still the connection: its counts too)
+    qp._net = None
+    lib.bt_net_detach(conn)
     ev = conn.ev
     first = rest = None
     if conn.hand_len:
@@ -358,7 +458,9 @@ def give_back(qp: Qpair, send: bool = True) -> tuple[int, bytes | None, bytes | 
         if k < CHUNKS:
             break
     lib.bt_net_conn_free(conn)
-    qp.reactor.net_poller.let_go()
+    poller = qp.reactor.net_poller
+    poller.unlend(qp)
+    poller.let_go()
     t = qp.transport
     qp._write_paused_at = None  # (C's pause ends here; the transport keeps its own)
     if out and send and t is not None and not t.is_closing():
@@ -366,23 +468,13 @@ def give_back(qp: Qpair, send: bool = True) -> tuple[int, bytes | None, bytes | 
     return ev, first, rest
 
 
-def _count(qp: Qpair, conn: Any) -> tuple[int, int]:
-    """What C did on ``qp``'s connection since last asked: (PDUs taken, ns spent)."""
-    seen = qp._net_seen
-    pdus, busy = conn.pdus - seen[0], conn.busy_ns - seen[1]
-    seen[0], seen[1] = conn.pdus, conn.busy_ns
-    qp.rx_pdus += pdus
-    return pdus, busy
-
-
 def sync(qp: Qpair) -> None:
-    """After C served ``qp``'s socket (or reaped its lane's completions): record what the
-    lane did where the Python path records it."""
-    conn = qp._net
+    """C reported ``qp``'s connection (an event, a command to redo): fold what its lane
+    did and act on it as after a lane call (Lane._sync)."""
     lane = qp._lane
-    if conn is None or lane is None:
+    if qp._net is None or lane is None or lane.c is None:
         return
-    lane.net_sync(_count(qp, conn)[1])
+    lane._sync()
 
 
 def events(qp: Qpair) -> None:

@@ -231,6 +231,7 @@ class Qpair(asyncio.BufferedProtocol):
         self._net_high = 0  # the transport's high write mark, which C keeps too
         self._net_handle: Any = None
         self._net_seen = [0, 0]
+        self._net_rings: tuple[Any, ...] = ()  # its lane's rings while lent (NetPoller.lend)
         self._rx_depth = 0  # inside data_received: nothing is lent mid-buffer
         self._net_retry: asyncio.TimerHandle | None = None  # see netpoll.try_lend
 
@@ -621,9 +622,11 @@ class Qpair(asyncio.BufferedProtocol):
         self.r2t_pending.clear()
         self.r2t_waiting.clear()
         self._backlog.clear()
+        if self._lane is not None:
+            self._lane.fold()  # (its budget held too, before the queue's goes back)
         self.budget.drop(self)
         if self._lane is not None:
-            self._lane.close()  # folds nothing more: the counters are current
+            self._lane.close()
             self._lane = None
         if self._watch_handle is not None:
             self._watch_handle.cancel()
@@ -1079,6 +1082,8 @@ class Qpair(asyncio.BufferedProtocol):
             self.budget.give_back(self, req.icd_held)
 
     def _respond(self, cid: int, status: int, dw0: int = 0, dw1: int = 0) -> None:
+        if self._net is not None:  # (lent: C moved the SQ head, folded lazily)
+            self.sqhd = self._lane.c.sqhd  # type: ignore[union-attr]
         sqhd = 0 if self.sq_flow_disabled else self.sqhd
         qid = self.qid
         self._out.append(pdu.encode_resp(cid, status, sqhd, qid if qid > 0 else 0, dw0, dw1,
@@ -1113,6 +1118,8 @@ class Qpair(asyncio.BufferedProtocol):
         watch, loop = self._watch, self.reactor.loop
         if self.closed or watch is None or loop is None:
             return
+        if self._net is not None and self._lane is not None:
+            self._lane.fold()  # (lent: the PDUs C took, counted lazily)
         verdict = watch.check(loop.time(), connected=self.qid >= 0,
                               # (not read while paused for the budget: not its stall)
                               buffered=0 if self._budget_paused else (

@@ -95,8 +95,10 @@ def bdev_get_bdevs(target: Target, params: dict[str, Any]) -> list[dict[str, Any
 
 @method("bdev_get_iostat", Schema((Param("name", str), Param("per_channel", bool, default=False))),
         in_config=False)
-def bdev_get_iostat(target: Target, params: dict[str, Any]) -> dict[str, Any]:
-    """I/O statistics per bdev in SPDK's shape; ticks are nanoseconds (tick_rate 1e9)."""
+async def bdev_get_iostat(target: Target, params: dict[str, Any]) -> dict[str, Any]:
+    """I/O statistics per bdev in SPDK's shape; ticks are nanoseconds (tick_rate 1e9).
+    The reactors fold what C counted for lent connections first (nvme/netpoll.py)."""
+    await target.reactors.fold_stats()
     if params.get("name"):
         bdevs = [target.bdevs.get(params["name"])]
     else:

@@ -272,6 +272,8 @@ class Side:
 
     def state(self) -> dict[str, Any]:
         qp = self.io
+        # a reader of the counters: C keeps a lent socket's until asked (nvme/netpoll.py)
+        qp.reactor.fold_stats()
         k = qp.counters
         stats = {}
         for name in self.layout.compared:
@@ -467,7 +469,9 @@ class Pair:
                 i = next((i for i, (u, v) in enumerate(zip(x, y, strict=False)) if u != v),
                          min(len(x or b""), len(y or b"")))
                 raise AssertionError(f"{name} differs at byte {i} (block {i // 512} of 512 "
-                                     f"B, {i // 4096} of 4 KiB)")
+                                     f"B, {i // 4096} of 4 KiB): python "
+                                     f"{(x or b'')[i:i + 16].hex()} lane "
+                                     f"{(y or b'')[i:i + 16].hex()}")
         for key in sa:
             if key == "pauses" and sb[key] == (None, None):
                 continue  # (over a real socket: the transport's own, see net_harness.py)

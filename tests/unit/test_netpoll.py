@@ -718,3 +718,56 @@ def test_nvme_reset_with_lane_commands_of_a_lent_socket() -> None:
     finally:
         p.close()
         _stop_fakes()
+
+
+@pytest.mark.parametrize(("wait_us", "window_us"), [(0, 200_000), (50, 200_000), (50, 100)])
+def test_no_spinning_while_only_the_device_works(wait_us: int, window_us: int) -> None:
+    """QD1 on NVMe with the reactor spinning (adaptive): while the lane's only
+    outstanding work is at the device, the C poller sleeps in device_wait_us slices
+    (woken at once by the socket) instead of spinning, leaving the CPU to a device that
+    needs it (QEMU's model of one), and goes on so past the busy-poll window (a short
+    window here: 100 us) rather than leave the device to the idle poll; with 0 it spins
+    as before. The held command is answered either way, and a host command arriving
+    meanwhile is served at once."""
+    p = _nvme_pair()
+    try:
+        r = p.fast.reactor
+        p.fast.reactor.set_poll_mode("adaptive")
+        r.busy_poll_us = window_us
+        r.device_wait_us = wait_us
+        rq = _nvme_side_queue(p)
+        dev = rq.owner.ctrlr.mmio
+        first = rd(10, 2, 5)
+        p.ref.io.data_received(first + rd(11, 2, 6))
+        p.ref.run()
+        dev.hold_io = 1
+        waits0 = r.stats.net_device_waits
+        p.fast.send(p.for_fast(first))
+        deadline = time.monotonic() + 10
+        while not dev.held:
+            assert time.monotonic() < deadline, "the read never reached the device"
+            p.fast.pump(0, settle=0)
+        # the poll that waits for the device: its CPU against its wall time
+        t0, c0 = time.monotonic(), time.thread_time()
+        p.fast.loop.run_until_complete(asyncio.sleep(0.05))
+        wall, cpu = time.monotonic() - t0, time.thread_time() - c0
+        waits = r.stats.net_device_waits - waits0
+        if wait_us:
+            # (50 ms of 50 to 400 us slices, less the wake-ups and Python's turns; a
+            # poller that stopped at the 100 us window slept ~60 of them, the idle poll
+            # calling it every 1 ms)
+            assert waits > 150, waits
+            assert cpu < 0.3 * wall, (cpu, wall)
+        else:
+            assert waits == 0
+        # the host's next command, while the first is still at the device, is served
+        # (a socket wakes the sleeping poller at once)
+        p.fast.send(p.for_fast(rd(11, 2, 6)))
+        p.fast.pump(0, settle=2)
+        dev.release_held()
+        p.settle_fast()
+        p.check()
+        assert _lent(p)
+    finally:
+        p.close()
+        _stop_fakes()
