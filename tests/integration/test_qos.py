@@ -82,8 +82,11 @@ def test_iops_limit_holds_and_the_neighbour_keeps_its_throughput(tgt: Tgt) -> No
     assert tgt.rpc("bdev_set_qos_limit", name="Q0", rw_ios_per_sec=4000) is True
     # The limit is a ceiling: a reactor starved of CPU by other processes on this 2-CPU
     # machine (a CI run beside QEMU guests) serves the Python path's limited stream less
-    # than its share next to a C-lane neighbour, once 72 % of the limit. Up to 3 runs;
-    # every one must stay under the ceiling, one must reach it within 5 %.
+    # than its share next to a C-lane neighbour, once 72 % of the limit, and the second
+    # initiator beside the first takes CPU from the neighbour's. Up to 3 runs; every one
+    # must stay under the ceiling, and one must both reach the limit within 5 % and
+    # leave the neighbour (C lane) 60 % of what it did alone: the limited namespace
+    # costs its reactor ~4000 Python-path I/Os a second, not the neighbour's share.
     runs = []
     for _ in range(3):
         solo = iops(run(cfg(tgt, NEIGHBOUR))[0])
@@ -92,13 +95,11 @@ def test_iops_limit_holds_and_the_neighbour_keeps_its_throughput(tgt: Tgt) -> No
         print(f"limit 4000 IOPS: {runs[-1][0]:.0f} IOPS; neighbour {runs[-1][1]:.0f} IOPS "
               f"beside it, {solo:.0f} alone")
         assert runs[-1][0] <= 4000 * 1.05, runs
-        if runs[-1][0] >= 4000 * 0.95:
+        if runs[-1][0] >= 4000 * 0.95 and runs[-1][1] >= 0.6 * runs[-1][2]:
             break
-    got, _, _ = runs[-1]
+    got, beside, alone = runs[-1]
     assert 4000 * 0.95 <= got, runs
-    # the limited namespace costs its reactor ~4000 Python-path I/Os a second; the
-    # neighbour (C lane) keeps most of what it did alone on this shared 2-CPU machine
-    assert runs[-1][1] >= 0.6 * runs[-1][2], runs
+    assert beside >= 0.6 * alone, runs
     b = tgt.rpc("bdev_get_bdevs", name="Q0")[0]
     assert b["assigned_rate_limits"] == {"rw_ios_per_sec": 4000, "rw_mbytes_per_sec": 0,
                                          "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 0}
