@@ -354,16 +354,19 @@ class HostSocket:
                 raise ConnectionError("the target closed the connection")
             n += len(b)
 
-    def turn(self) -> None:
+    def turn(self, block: bool = False) -> None:
         """One iteration of the event loop, as a running loop makes it (asyncio's own
         step: no run_forever()/stop() around each, whose start-up per call is not the
-        target's cost and would weigh on a backend that needs two turns per batch)."""
+        target's cost and would weigh on a backend that needs two turns per batch).
+        ``block``: the turn waits in epoll for something to do, as the target's loop
+        does, instead of returning at once (see ``exchange``)."""
         once = getattr(self.loop, "_run_once", None)
         if once is None:  # (another loop: one run_forever() per turn)
             self.loop.call_soon(self.loop.stop)
             self.loop.run_forever()
             return
-        self.loop.call_soon(_nothing)  # (a turn that never blocks in epoll)
+        if not block:
+            self.loop.call_soon(_nothing)  # (a turn that never blocks in epoll)
         asyncio.events._set_running_loop(self.loop)
         try:
             once()
@@ -371,17 +374,27 @@ class HostSocket:
             asyncio.events._set_running_loop(None)
 
     serve_devices = True  # (False: the devices run in threads of their own)
+    turns = 0  # the loop's turns in exchange(), to report them per batch
 
     def exchange(self, data: bytes, expect: int, timed: list[float]) -> None:
         """Send ``data``, run the loop until ``expect`` bytes came back (the loop's turns
-        timed with the thread's CPU clock, the fake devices served between them)."""
+        timed with the thread's CPU clock, the fake devices served between them).
+
+        Turns block in epoll, as the target's loop does, unless a fake device must be
+        served between them (it would never complete a command the loop waits for):
+        turns that never blocked spun while io-wq did a tmpfs read (uring-shm: 5 turns
+        per batch of 32, 4 of them empty), counting the wait for the device as the
+        reactor's CPU (bench/RESULTS.md, "Where the io_uring and NVMe lanes' CPU per
+        command goes")."""
         self.send(data)
         clock = time.thread_time
         got = 0
         deadline = time.monotonic() + 30
+        block = not (self.serve_devices and FAKE_DEVICES)
         while got < expect:
             c0 = clock()
-            self.turn()
+            self.turn(block)
+            self.turns += 1
             timed[0] += clock() - c0
             got += self.pull()
             if self.serve_devices:
@@ -652,6 +665,7 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     idle0 = st.net_idle_ns
     rounds = max(ops // batch, 1)
     timed = [0.0]
+    host.turns = 0
     t0 = time.perf_counter()
     for _ in range(rounds):
         host.exchange(chunk, expect, timed)
@@ -674,7 +688,7 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
             dev.stop()
     loop.close()
     return {"ops": n, "cpu_us": (timed[0] - spun) * 1e6 / n, "wall_us": wall * 1e6 / n,
-            "spin_us": spun * 1e6 / n,
+            "spin_us": spun * 1e6 / n, "turns": host.turns / rounds,
             "bufs_per_op": 0.0, "lent": float(lent and still_lent), "c_reaped": c_share,
             "in_lane": (getattr(st, "c_lane_commands", 0) - lane0) / n,
             "c_us": (getattr(st, "gil_released_ns", 0) - rel0) / 1e3 / n}
@@ -745,6 +759,7 @@ def main() -> int:
           + ", ".join(f"{r['cpu_us']:.2f}" for r in res) + f"), "
           f"of which in C (GIL released) {best['c_us']:.2f}, "
           + (f"socket lent to the C poller: {all(r['lent'] for r in res)}, "
+             f"loop turns per batch {best['turns']:.2f}, "
              + (f"NVMe completions reaped by the C poller {best['c_reaped']:.0%}, "
                 if best.get("c_reaped") is not None else "") if args.socket
              else f"in the kernel {best['sys_us']:.2f}; the reactor thread "
