@@ -72,7 +72,20 @@ static struct io_uring *bt_ring_new(unsigned entries, unsigned flags, int *err)
         *err = -ENOMEM;
         return NULL;
     }
-    int r = io_uring_queue_init(entries, ring, flags);
+    int r = -EINVAL;
+#ifdef IORING_SETUP_COOP_TASKRUN
+    /* The kernel finishes a request punted to io-wq (tmpfs, buffered writes) by task
+       work on the submitting thread, the reactor. Without COOP_TASKRUN it interrupts
+       the reactor with an IPI for each such completion (most of uring-shm's extra CPU
+       per command in bench/hotpath.py --socket: bench/RESULTS.md); with it the work
+       waits for the reactor's next system call, which its loop and C poller make every
+       turn (a sleeping reactor is still woken). SQPOLL rejects the flag; kernels
+       before 5.19 do not know it: then the ring is made as before. */
+    if (!(flags & IORING_SETUP_SQPOLL))
+        r = io_uring_queue_init(entries, ring, flags | IORING_SETUP_COOP_TASKRUN);
+    if (r == -EINVAL)
+#endif
+        r = io_uring_queue_init(entries, ring, flags);
     if (r < 0) {
         free(ring);
         *err = r;
