@@ -633,12 +633,14 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             break;
         if (k < 0)
             k = 0;
+        int wakes = 0;
         for (int i = 0; i < k; i++) {
             if (ev[i].data.u64 & RING_TAG) {
                 /* completions posted: reaped below; the counter only wakes us */
                 uint64_t v;
                 ssize_t r = read(n->ring_efd[ev[i].data.u64 >> 1], &v, sizeof(v));
                 (void)r;
+                wakes++;
                 continue;
             }
             struct bt_conn *c = ev[i].data.ptr;
@@ -659,8 +661,10 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             n->python_cqe = (uint8_t)((python ? 1 : 0) | (python_nvme ? 2 : 0));
             break;  /* Python's own completions wait: its turn */
         }
-        if (reaped)
-            k += (int)reaped;
+        /* a ring's wake-up is no work by itself: its completions count as they are
+           reaped (io_uring signals completions the last round's sweep took already,
+           e.g. reads done inline at submission, and one more round found nothing) */
+        k += (int)reaped - wakes;
         if (k > 0)
             last = t;
         else
