@@ -71,3 +71,23 @@ async def test_deleting_the_last_bdev_gives_dma_memory_back(stub_target: Any) ->
         await asyncio.to_thread(b.destruct)
         assert c.closed and alloc.mapped_bytes == 0 and not iommu.maps
         assert shared_anon_mappings() == start, f"round {i}"
+
+
+async def test_queue_churn_reuses_dma_memory(stub_target: Any) -> None:  # noqa: F811
+    """A reactor's queue pair torn down and made again (the bdev's channels closed and
+    reopened) takes no new DMA memory: the old rings and buffers are reused."""
+    from blocktarget.bdevs import nvme_pcie
+
+    c, alloc, iommu = await _attached(stub_target, "Tq")
+    b = stub_target.bdevs.get("Tqn1")
+    sizes = []
+    for _ in range(ROUNDS + 2):
+        await stub_target.reactors.broadcast(b.close_channel)
+        assert not c.io_queues
+        for r in stub_target.reactors:
+            io = await asyncio.to_thread(_io, r, b, IOType.READ, 0, 64)
+            assert io.status == 0
+        sizes.append(alloc.mapped_bytes)
+    assert sizes[-1] == sizes[1], sizes
+    await nvme_pcie.detach_pcie(stub_target, "Tq")
+    assert alloc.mapped_bytes == 0 and not iommu.maps
