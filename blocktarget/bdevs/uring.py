@@ -646,6 +646,12 @@ class FileChannel(IOChannel):
     def _wants_ptr(self) -> bool:
         return False
 
+    def close(self) -> None:
+        # The idle pool buffers are unmapped now rather than whenever the collector
+        # finds the channel (up to POOL_KEEP per size class); one still in flight is
+        # held by its _Op and goes when the kernel is done with it.
+        self.pool.free.clear()
+
     def _use_pool(self, op: _Op, n: int) -> None:
         b = self.pool.get(n)
         op.pbuf = b
@@ -756,6 +762,7 @@ class UringChannel(FileChannel):
         return LaneTarget(LANE_URING, None, 0, (self,), fd=self.bdev.fd, ring=ring)
 
     def close(self) -> None:
+        super().close()
         ring, self.ring = self.ring, None  # type: ignore[assignment]
         if ring is not None:
             ring.release()

@@ -786,3 +786,38 @@ def test_file_on_a_4k_sector_file_system(loop_device: str, tmp_path: Path,
     assert out["detected"] == [4096, True, [0, 0], True]
     assert out["asked 512"] == [512, False, [0, 0], True]
     assert "O_DIRECT refuses 512-byte blocks here" in p.stderr
+
+
+def _shared_anon_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("/dev/zero" in line for line in f)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_closed_channel_unmaps_its_pool_buffers(tmp_path: Path, engine: str) -> None:
+    """A channel's aligned buffers (MAP_SHARED anonymous mmaps) go with the channel, not
+    whenever the collector runs: opened and closed N times, the count returns."""
+    import gc
+
+    path = new_file(tmp_path / "d.img")
+    b = make(filename=path, block_size=512, engine=engine)
+    try:
+        gc.collect()
+        gc.disable()  # (so only close() can be what unmaps them)
+        start = _shared_anon_mappings()
+        for _ in range(4):
+            ch = b.get_io_channel(None)
+            done: list[BdevIO] = []
+            # unaligned caller buffers: each I/O goes through a pool buffer
+            for n in (1, 2, 4, 16, 64):
+                ch.submit(BdevIO(IOType.WRITE, 1, n, memoryview(bytes(n * 512 + 1))[1:],
+                                 done.append))
+                ch.submit(BdevIO(IOType.READ, 1, n, None, done.append))
+            assert [io.status for io in done] == [0] * 10
+            assert sum(len(v) for v in ch.pool.free.values()) >= 1
+            del done, ch
+            b.close_channel(None)
+            assert _shared_anon_mappings() == start
+    finally:
+        gc.enable()
+        b.destruct()

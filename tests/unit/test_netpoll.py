@@ -511,7 +511,7 @@ def test_nvme_completions_over_a_lent_socket() -> None:
     back to the queue pair's pool once sent (a heap free() of one would corrupt memory)."""
     import gc
 
-    from test_fastpath_nvme import _FAKES, NVME_LAYOUT, _queues
+    from test_fastpath_nvme import NVME_LAYOUT, _queues
 
     p = SockPair(OPTS, layout=NVME_LAYOUT, sqsize=63, cattr=SQFLOW_OFF)
     try:
@@ -529,8 +529,7 @@ def test_nvme_completions_over_a_lent_socket() -> None:
         assert all(rq.lane_ctx.bufs_out == 0 for rq in queues)
     finally:
         p.close()
-        while _FAKES:
-            _FAKES.pop().stop()
+        _stop_fakes()
 
 
 def _nvme_side_queue(p: SockPair, name: str = "B") -> Any:
@@ -564,10 +563,9 @@ def _nvme_pair(**kw: Any) -> SockPair:
 
 
 def _stop_fakes() -> None:
-    from test_fastpath_nvme import _FAKES
+    from test_fastpath_nvme import stop_fakes
 
-    while _FAKES:
-        _FAKES.pop().stop()
+    stop_fakes()
 
 
 @pytest.mark.parametrize("mode", ["event", "adaptive"])

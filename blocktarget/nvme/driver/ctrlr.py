@@ -157,6 +157,12 @@ class IoQueue(QueuePair):
     def put_buffer(self, buf: DmaBuffer) -> None:
         self.pool.put(buf)
 
+    def free(self) -> None:
+        super().free()
+        pool = getattr(self, "pool", None)  # (none yet when creation failed early)
+        if pool is not None:
+            pool.release()
+
 
 def buffer_prps(buf: DmaBuffer, length: int) -> tuple[int, int]:
     """PRP1/PRP2 for the first ``length`` bytes of a page-aligned pool buffer whose list

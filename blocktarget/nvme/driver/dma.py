@@ -373,6 +373,8 @@ class BufferPool:
     grow_by: int = 0
     free: list[DmaBuffer] = field(default_factory=list)
     count: int = 0
+    # what get() took from the allocator, to give back in release()
+    chunks: list[DmaBuffer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.buf_size % PAGE_SIZE:
@@ -388,6 +390,7 @@ class BufferPool:
             return None
         n = min(self.grow_by, self.max_count - self.count)
         chunk = self.allocator.alloc(self.buf_size * n, PAGE_SIZE)
+        self.chunks.append(chunk)
         for i in range(n):
             off = i * self.buf_size
             self.free.append(DmaBuffer(chunk.iova + off, self.buf_size,
@@ -406,3 +409,26 @@ class BufferPool:
     @property
     def in_use(self) -> int:
         return self.count - len(self.free)
+
+    def release(self) -> bool:
+        """Give the pool's memory (and the PRP lists built for its buffers) back to the
+        allocator's free lists, for the next queue pair: without this every queue pair
+        torn down left its pool mapped until the controller closed. Only once every
+        buffer is back: one still out may be read by a socket or written by the device,
+        so then the pool keeps its memory (the allocator's close unmaps it). Call after
+        the device's queue is deleted. Returns whether the memory went."""
+        if self.in_use:
+            log.warning("%s: queue pair torn down with %d data buffer(s) out: their DMA "
+                        "memory stays reserved until the controller closes",
+                        self.allocator.name, self.in_use)
+            return False
+        for buf in self.free:
+            if buf.prp_list is not None:
+                self.allocator.free(buf.prp_list)
+                buf.prp_list = None
+        for chunk in self.chunks:
+            self.allocator.free(chunk)
+        self.free.clear()
+        self.chunks.clear()
+        self.count = 0
+        return True
