@@ -84,7 +84,11 @@ def test_nvme_hotpath_bench_runs() -> None:
         pytest.xfail("the C lane is not built here: nothing to compare")
     out = _run(str(BENCH / "nvme_hotpath.py"), "--ops", "320", "--reps", "1", timeout=300)
     rows = re.findall(r"^\| (4K read|4K write|128K read) \| ([\d.]+) \|", out, re.M)
-    assert len(rows) == 6 and all(float(v) > 0 for _wl, v in rows), out
+    # the CPU table, then the GIL-held one (a 128K read's time outside the C calls can
+    # round to 0.00 over 320 commands)
+    assert len(rows) == 6, out
+    assert all(float(v) > 0 for _wl, v in rows[:3]), out
+    assert all(float(v) >= 0 for _wl, v in rows[3:]), out
 
 
 def test_vs_spdk_with_blocktarget_perf() -> None:
