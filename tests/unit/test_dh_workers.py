@@ -129,12 +129,27 @@ def test_workers_exit_with_a_killed_target(tmp_path) -> None:  # type: ignore[no
             p.wait()
 
 
+def _ignored(pid: int) -> set[int]:
+    """The signals process ``pid`` ignores (SigIgn in /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigIgn:"))
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
 def test_group_signals_do_not_kill_a_worker(workers: DhWorkers) -> None:
     """Ctrl-C, a hangup and systemd's stop reach every process of the target at once;
     the workers outlive them and end when the target closes their pipes."""
     f = workers.submit(auth.dh_keypair, auth.DhGroup.FFDHE2048)
     assert f is not None and f.result(30)
     pids = workers.pids
+    # A worker ignores them from its first statement on; one still starting its
+    # interpreter (the first job went to another) would die of them, be logged and
+    # replaced. Wait until each has them ignored, as the kernel shows it.
+    group = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    deadline = time.monotonic() + 30
+    while not all(_ignored(pid) >= group for pid in pids):
+        assert time.monotonic() < deadline, "a DH worker never ignored the group signals"
+        time.sleep(0.02)
     for pid in pids:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             os.kill(pid, sig)
