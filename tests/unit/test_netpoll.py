@@ -751,11 +751,14 @@ def test_no_spinning_while_only_the_device_works(wait_us: int, window_us: int) -
         wall, cpu = time.monotonic() - t0, time.thread_time() - c0
         waits = r.stats.net_device_waits - waits0
         if wait_us:
-            # (50 ms of 50 to 400 us slices, less the wake-ups and Python's turns; a
-            # poller that stopped at the 100 us window slept ~60 of them, the idle poll
-            # calling it every 1 ms)
-            assert waits > 150, waits
+            # 50 ms of 50 to 400 us slices: ~125-500 on a quiet machine; a loaded one
+            # oversleeps each (108 seen in a full run), so the count only shows that it
+            # slept-polled; that it still does so, past a 100 us window too, is what
+            # the poller reports: the device's work pending, its next turn booked
+            assert waits > 30, waits
             assert cpu < 0.3 * wall, (cpu, wall)
+            np = r.net_poller
+            assert np.n.dev_pending and np._again is not None, (np.n.dev_pending, np._again)
         else:
             assert waits == 0
         # the host's next command, while the first is still at the device, is served
