@@ -538,6 +538,19 @@ def _nvme_side_queue(p: SockPair, name: str = "B") -> Any:
     return next(rq for rq in _queues(p.fast) if rq.owner.name == name)
 
 
+def _send_held(p: SockPair, dev: Any, stream: bytes, n: int) -> None:
+    """The reference runs ``stream``; the lane side gets it with the fake device holding
+    its first ``n`` I/O commands, and is pumped until all ``n`` are at the device."""
+    p.ref.io.data_received(stream)
+    p.ref.run()
+    dev.hold_io = n
+    p.fast.send(p.for_fast(stream))
+    deadline = time.monotonic() + 10
+    while len(dev.held) < n:
+        assert time.monotonic() < deadline, "the lane's commands never reached the device"
+        p.fast.pump(0, settle=1)
+
+
 def _complete_held(dev: Any, order: list[int]) -> None:
     """The fake device completes the held commands at these indexes, in this order (the
     rest stay held): a device finishing its commands out of order."""
@@ -624,14 +637,7 @@ def test_nvme_python_command_between_lane_commands() -> None:
         ctx = rq.lane_ctx
         dev = rq.owner.ctrlr.mmio
         stream = rd(1, 2, 1) + rd(2, 2, 10, 2) + wr(3, 2, 20) + rd(4, 2, 30, 4)
-        p.ref.io.data_received(stream)
-        p.ref.run()
-        dev.hold_io = 4
-        p.fast.send(p.for_fast(stream))
-        deadline = time.monotonic() + 10
-        while len(dev.held) < 4:
-            assert time.monotonic() < deadline, "the lane's commands never reached the device"
-            p.fast.pump(0, settle=1)
+        _send_held(p, dev, stream, 4)
         lane0, c0 = ctx.lane_reaped, ctx.c_reaped
         got: list[int] = []
         # (no loop turn from here until every entry is in the CQ: one sweep meets them)
@@ -692,14 +698,7 @@ def test_nvme_reset_with_lane_commands_of_a_lent_socket() -> None:
         rq = _nvme_side_queue(p)
         dev = rq.owner.ctrlr.mmio
         stream = rd(1, 2, 1) + rd(2, 2, 2, 2) + wr(3, 2, 3) + rd(4, 2, 40, 8)
-        p.ref.io.data_received(stream)
-        p.ref.run()
-        dev.hold_io = 4
-        p.fast.send(p.for_fast(stream))
-        deadline = time.monotonic() + 10
-        while len(dev.held) < 4:
-            assert time.monotonic() < deadline, "the lane's commands never reached the device"
-            p.fast.pump(0, settle=1)
+        _send_held(p, dev, stream, 4)
         assert rq.lane_ctx.lane_inflight == 4 and _lent(p)
         owner = rq.owner
         p.loop.run_until_complete(owner.reset())
