@@ -165,6 +165,8 @@ class ReactorStats:
     net_idle_ns: int = 0
     # slices it slept instead of spinning, only device I/O outstanding (device_wait_us)
     net_device_waits: int = 0
+    # the CPU time those slices took (timer set-up and wake-up: waiting, not work)
+    net_device_wait_ns: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")

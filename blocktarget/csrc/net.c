@@ -614,7 +614,9 @@ static void device_wait(struct bt_net *n, uint64_t slice)
     struct pollfd p = {n->epfd, POLLIN, 0};
     uint64_t ns = slice < 999999999u ? slice : 999999999u;
     struct timespec ts = {0, (long)ns};
+    uint64_t c0 = cpu_now_ns();
     (void)ppoll(&p, 1, &ts, NULL);
+    n->dev_wait_cpu_ns += cpu_now_ns() - c0;
     n->dev_waits++;
 }
 

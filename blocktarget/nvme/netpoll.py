@@ -165,7 +165,7 @@ class NetPoller:
             if spin_left is not None:
                 spin = min(spin, spin_left)
         n.dev_wait_ns = r.device_wait_us * 1000
-        idle0, cpu0, waits0 = n.idle_ns, n.cpu_ns, n.dev_waits
+        idle0, cpu0, waits0, wcpu0 = n.idle_ns, n.cpu_ns, n.dev_waits, n.dev_wait_cpu_ns
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
         st = r.stats
         st.gil_released_ns += n.cpu_ns - cpu0  # (CPU time: see struct bt_net)
@@ -173,6 +173,7 @@ class NetPoller:
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
         st.net_device_waits += n.dev_waits - waits0
+        st.net_device_wait_ns += n.dev_wait_cpu_ns - wcpu0
         self._after(n)
         if spin:
             # C spins the reactor's busy-poll window itself: the event loop must not

@@ -66,6 +66,7 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "net_idle_ns": reactor.stats.net_idle_ns,
         # slices it slept, not spinning, while only NVMe device I/O was outstanding
         "net_device_waits": reactor.stats.net_device_waits,
+        "net_device_wait_ns": reactor.stats.net_device_wait_ns,  # their CPU time
         "poll_runs": reactor.stats.poll_runs,  # the reactor's Python poll loop's turns
         # the GIL sampler (gilsample.py): samples of the thread's CPU time, those taken
         # with the GIL held, ns of CPU time each stands for (0: no sampler)
