@@ -29,12 +29,19 @@ msyncs; run with PMEM_IS_PMEM_FORCE=1 in the environment for the cache-flush pat
 real persistent memory. Its BTT runs in C (csrc/be_pmem.c) on both paths when the
 extension is built; `--pmem-python-engine` gives the Python path the Python BTT instead.
 
-`--backend nvme` puts a PCIe NVMe namespace behind it: the user-space driver over the
-unit tests' fake controller (test_nvme_driver.MemBarNvme, doorbells in memory, the
-driver's DMA memory in 4 KiB pages behind a fake IOMMU). The device runs in no thread of
-its own: the loop gives it its turn (service()) between reactor turns, untimed, so the
-figure is the target's CPU per command (the lane's SQEs, doorbell, CQ polling, or the
-Python path's), the device's excluded; the clock is the reactor thread's.
+`--backend nvme` puts a PCIe NVMe namespace behind it: the user-space driver over a fake
+controller (doorbells in memory, the driver's DMA memory behind a fake IOMMU) whose I/O
+queues a C model serves (tests/unit/cfake_nvme.py: it watches the SQ doorbells, copies
+through the PRPs, posts completions with the phase bit, GIL-free). Where the reactor does
+not spin, the model completes what was rung between the loop's turns, untimed; with
+--spin it runs on a thread of its own, as hardware does, and the reactor's C poller reaps
+its completions in the call that submitted them. Either way the figure is the target's
+CPU per command (the lane's SQEs, doorbell, CQ polling, or the Python path's), the
+device's excluded (its thread's CPU is printed apart); the clock is the reactor thread's.
+`--nvme-device python` takes the unit tests' Python model instead (MemBarNvme, served
+between turns, or on a Python thread with --spin): the harness of the figures before
+this option, whose device model's allocations and cache footprint weighed on the timed
+turns (bench/RESULTS.md, "The NVMe lane against a device model in C").
 
 `--socket` serves the I/O queue pair over a real loopback TCP connection instead of
 feeding `data_received`: the queue pair lends its socket to the reactor's C poller
@@ -48,9 +55,10 @@ poller keeps polling, the GIL released, for the reactor's busy-poll window after
 last work instead of returning at once, so a batch's NVMe completions are reaped in the
 call that submitted it; the fake device then runs in a thread of its own (as hardware
 does, its time not the reactor thread's), and the poller's spinning with nothing to do
-(its idle_ns, as bench/dataplane.py's "C spin") is subtracted from the figure. The
-device model, in Python, posts completions one at a time, so each sweep then answers one
-command with a send of its own: a cost of the model's pace, not of a device's.
+(its idle_ns, as bench/dataplane.py's "C spin") and the CPU of its sleeps waiting for the
+device (device_wait_us slices: a timer set and taken, ≈ 17-40 µs of CPU each on this VM,
+as long as the device takes) are subtracted from the figure. `--device-wait-us 0` makes
+the poller spin for the device instead (that spinning then counts as idle).
 """
 
 from __future__ import annotations
@@ -260,6 +268,15 @@ async def _thick_volume(target: Target) -> str:
     return "lvs/v"
 
 
+# --nvme-device: "c", the C device model on a thread of its own (tests/unit/cfake_nvme.py),
+# or "python", the unit tests' Python model served between the loop's turns
+NVME_DEVICE: dict[str, Any] = {"kind": "c", "wait_us": None, "spin_us": 20000}
+
+
+def _is_c_device(dev: Any) -> bool:
+    return hasattr(dev, "cpu_ns")
+
+
 async def _attach_fake_nvme(target: Target) -> None:
     import sys
 
@@ -271,20 +288,51 @@ async def _attach_fake_nvme(target: Target) -> None:
     from blocktarget.nvme.driver.ctrlr import Controller
     from blocktarget.nvme.driver.dma import DmaAllocator
 
-    iommu = FakeIommu()
-    dev = MemBarNvme(iommu, thread=False, blocks=BLOCKS, block_size=4096, mqes=127)
+    if NVME_DEVICE["kind"] == "c":
+        from cfake_nvme import CNvme, DeviceIommu
+
+        iommu: Any = DeviceIommu()
+        # (--spin: the model's thread spins through the gaps between batches, as a
+        # controller's own silicon is always there: a doorbell is seen at once)
+        dev: Any = CNvme(iommu, blocks=BLOCKS, block_size=4096, mqes=127,
+                         spin_us=NVME_DEVICE["spin_us"])
+    else:
+        iommu = FakeIommu()
+        dev = MemBarNvme(iommu, thread=False, blocks=BLOCKS, block_size=4096, mqes=127)
     alloc = DmaAllocator(iommu, name="hotpath", use_hugepages=False)
     c = Controller(dev, alloc, name="NV")
     c.init(1)
-    # the device answers from a thread while the bdevs are made (a volume store's
-    # examine reads them from the control plane, which no reactor turn serves here);
-    # setup() stops it: then it is served only between reactor turns
-    dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
-    dev.thread.start()
+    if not _is_c_device(dev):
+        # the device answers from a thread while the bdevs are made (a volume store's
+        # examine reads them from the control plane, which no reactor turn serves here);
+        # setup() stops it: then it is served only between reactor turns
+        dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
+        dev.thread.start()
     await nvme_pcie.register_controller(target, "NV", "0000:00:09.0", c,
                                         {"name": "NV", "traddr": "0000:00:09.0"})
     nvme_pcie._CONTROLLERS.pop("NV", None)  # (each run attaches its own)
     FAKE_DEVICES[:] = [dev]
+
+
+def _start_devices(spin: bool) -> bool:
+    """--socket: which devices run on threads of their own from now on (with --spin:
+    the C model, spinning while it has work as a controller's own silicon would, or the
+    Python one), the others served between the loop's turns, untimed; whether any is."""
+    serve = False
+    for dev in FAKE_DEVICES:
+        if not spin:
+            serve = True
+        elif _is_c_device(dev):
+            dev.start()
+        else:
+            dev.POLL_S = 0.00002
+            dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
+            dev.thread.start()
+    return serve
+
+
+def _devices_cpu_ns() -> int:
+    return sum(dev.cpu_ns() for dev in FAKE_DEVICES if _is_c_device(dev))
 
 
 def connect(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor, addr: Any,
@@ -631,13 +679,12 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     target, reactor, addr = setup(loop, False, backend, workdir)
     if spin:
         reactor.set_poll_mode("adaptive")
-        for dev in FAKE_DEVICES:
-            dev.POLL_S = 0.00002
-            dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
-            dev.thread.start()
+        if NVME_DEVICE["wait_us"] is not None:
+            reactor.device_wait_us = NVME_DEVICE["wait_us"]
+    serve = _start_devices(spin)
     admin = connect(loop, target, reactor, addr, 0, spec.CNTLID_DYNAMIC, False)
     io, host = connect_socket(loop, target, reactor, addr, admin.ctrl.cntlid)  # type: ignore[union-attr]
-    host.serve_devices = not spin
+    host.serve_devices = serve
     nlb = size // 4096
     opcode = spec.IoOpcode.WRITE if write else spec.IoOpcode.READ
     if write and size > io.icd_limit:
@@ -665,14 +712,20 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     st = reactor.stats
     lane0, rel0 = getattr(st, "c_lane_commands", 0), getattr(st, "gil_released_ns", 0)
     idle0 = st.net_idle_ns
+    waits0 = getattr(st, "net_device_waits", 0)
+    wcpu0 = getattr(st, "net_device_wait_ns", 0)
     rounds = max(ops // batch, 1)
     timed = [0.0]
     host.turns = 0
+    dev0 = _devices_cpu_ns()
     t0 = time.perf_counter()
     for _ in range(rounds):
         host.exchange(chunk, expect, timed)
     wall = time.perf_counter() - t0
+    dev_cpu = (_devices_cpu_ns() - dev0) / 1e9  # (the C device's thread: not the reactor's)
     spun = (st.net_idle_ns - idle0) / 1e9  # (the C poller's spinning with nothing to do)
+    # and its sleeps for the device (device_wait_us): waiting, the device's time
+    dev_slept = (getattr(st, "net_device_wait_ns", 0) - wcpu0) / 1e9
     n = rounds * batch
     still_lent = io._net is not None
     # NVMe: the share of the lane's completions the C poller's sweep took
@@ -689,8 +742,11 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
         for dev in FAKE_DEVICES:
             dev.stop()
     loop.close()
-    return {"ops": n, "cpu_us": (timed[0] - spun) * 1e6 / n, "wall_us": wall * 1e6 / n,
-            "spin_us": spun * 1e6 / n, "turns": host.turns / rounds,
+    return {"ops": n, "cpu_us": (timed[0] - spun - dev_slept) * 1e6 / n,
+            "wall_us": wall * 1e6 / n, "spin_us": spun * 1e6 / n,
+            "dev_wait_us": dev_slept * 1e6 / n, "turns": host.turns / rounds,
+            "device_us": dev_cpu * 1e6 / n,
+            "dev_waits": (getattr(st, "net_device_waits", 0) - waits0) / rounds,
             "bufs_per_op": 0.0, "lent": float(lent and still_lent), "c_reaped": c_share,
             "in_lane": (getattr(st, "c_lane_commands", 0) - lane0) / n,
             "c_us": (getattr(st, "gil_released_ns", 0) - rel0) / 1e3 / n}
@@ -725,6 +781,15 @@ def main() -> int:
                     help="with --socket: poll mode adaptive, the C poller spinning for the "
                          "busy-poll window (its idle spinning subtracted); NVMe: the fake "
                          "device in a thread of its own")
+    ap.add_argument("--nvme-device", choices=("c", "python"), default="c",
+                    help="--backend nvme: the fake controller's I/O queues served by a C "
+                         "model on a thread of its own, as hardware (default), or by the "
+                         "unit tests' Python model between the loop's turns (the harness "
+                         "of the figures before it)")
+    ap.add_argument("--device-wait-us", type=int, default=None,
+                    help="--spin: the reactor's device_wait_us (default: the reactor's own, "
+                         "10; 0: the C poller spins while the device works, and that "
+                         "spinning is subtracted with the rest of its idle spinning)")
     ap.add_argument("--socket", action="store_true",
                     help="serve the queue pair over a loopback socket lent to the reactor's "
                          "C poller (reads and in-capsule writes)")
@@ -739,6 +804,7 @@ def main() -> int:
     ap.add_argument("--cluster-kib", type=int, default=4096,
                     help="--lvol-cow: the store's cluster size (default %(default)s KiB)")
     args = ap.parse_args()
+    NVME_DEVICE.update(kind=args.nvme_device, wait_us=args.device_wait_us)
     if args.pmem_python_engine:
         from blocktarget.bdevs import pmem
 
@@ -763,7 +829,12 @@ def main() -> int:
           + (f"socket lent to the C poller: {all(r['lent'] for r in res)}, "
              f"loop turns per batch {best['turns']:.2f}, "
              + (f"NVMe completions reaped by the C poller {best['c_reaped']:.0%}, "
-                if best.get("c_reaped") is not None else "") if args.socket
+                if best.get("c_reaped") is not None else "")
+             + (f"the C device's thread {best['device_us']:.2f} (not counted), "
+                if best.get("device_us") else "")
+             + (f"device-wait slices per batch {best['dev_waits']:.1f} "
+                f"({best['dev_wait_us']:.2f} µs/command of CPU, subtracted), "
+                if args.spin and args.backend == "nvme" else "") if args.socket
              else f"in the kernel {best['sys_us']:.2f}; the reactor thread "
                   f"{best['reactor_us']:.2f} (min {min(r['reactor_us'] for r in res):.2f}), "
                   f"other threads (io-wq: the kernel doing the I/O) {best['other_us']:.2f}; "
