@@ -627,6 +627,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     uint64_t c0 = cpu_now_ns();
     uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
     uint64_t before = 0, after = 0, slept = 0, slice = n->dev_wait_ns;
+    uint64_t wcpu0 = n->dev_wait_cpu_ns;
     n->polls++;
     while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
         prev = t;
@@ -689,8 +690,10 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->tail_idle_ns = t - last;
     uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0 - slept;
     n->cpu_ns += cpu;
-    /* (idle was measured in wall time awake: the same share of the CPU time) */
-    n->idle_ns += wall ? (uint64_t)((double)idle * (double)cpu / (double)wall) : 0;
+    /* (idle was measured in wall time awake: the same share of the CPU time awake,
+       the device-wait slices' own CPU, counted apart, left out of both) */
+    uint64_t awake = cpu - (n->dev_wait_cpu_ns - wcpu0);
+    n->idle_ns += wall ? (uint64_t)((double)idle * (double)awake / (double)wall) : 0;
     *nready = take_ready(n, ready, max);
     return after - before;
 }
