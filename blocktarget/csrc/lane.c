@@ -75,6 +75,9 @@ uint64_t lane_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* the start of the public lane call running on this thread (0: none), for start_io */
+static __thread uint64_t call_ns;
+
 static inline int is_async(const struct bt_ns *ns)
 {
     return ns->backend == BT_BE_URING || ns->backend == BT_BE_NVME;
@@ -693,7 +696,9 @@ static int start_io(struct bt_lane *l, struct bt_cmd *s, uint8_t kind)
     s->kind = kind;
     s->cqes = (uint8_t)sqes_for(s->ns, kind == IO_WRITE && s->fua);
     s->bad = 0;
-    s->start_ns = lane_now_ns();
+    /* (the commands of one lane call arrived together: its start is theirs, one clock
+       read per call rather than one per command) */
+    s->start_ns = call_ns ? call_ns : lane_now_ns();
     if (s->ns->backend == BT_BE_NVME) {
         int rc = be_nvme_queue(l, s, (uint32_t)(s - l->slot));
         if (rc < 0)
@@ -792,6 +797,11 @@ static int read_zero_copy(struct bt_lane *l, struct bt_cmd *s)
 
 void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
 {
+    lane_io_done_at(l, idx, res, lane_now_ns());
+}
+
+void lane_io_done_at(struct bt_lane *l, uint32_t idx, int32_t res, uint64_t now)
+{
     struct bt_cmd *s = &l->slot[idx];
     if (s->kind == IO_FLUSH
         || (s->kind == IO_WRITE && s->fua && s->cqes == 1 && s->ns->backend == BT_BE_URING))
@@ -801,7 +811,7 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
     if (--s->cqes)
         return;
     struct bt_ns *ns = s->ns;
-    uint64_t lat = lane_now_ns() - s->start_ns;
+    uint64_t lat = now - s->start_ns;
     if (l->closed) {
         /* nobody to answer; the bdev still counts what it did, as the Python path's
            channel does for a connection that went away */
@@ -1726,7 +1736,9 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
                    size_t max_out, unsigned *ncmds)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     size_t r = lane_run(l, in, len, max_cmds, max_out, ncmds);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }
@@ -1734,7 +1746,9 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
 size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     size_t r = lane_rx(l, in, len);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }
@@ -1743,7 +1757,9 @@ size_t bt_lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int
                      unsigned char **handed, size_t *nhanded, unsigned *ncmds)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     size_t r = lane_carry(l, in, len, run, handed, nhanded, ncmds);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }
@@ -1752,7 +1768,9 @@ int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao
                 const unsigned char *data, uint32_t n, int last)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     int r = lane_h2c(l, cccid, ttag, datao, data, n, last);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }
