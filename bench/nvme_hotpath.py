@@ -14,10 +14,10 @@ Configurations:
 * ``malloc sock``, ``nvme sock``: a loopback socket lent to the reactor's C poller, as a
   served connection is in the target, poll mode event; NVMe completions swept by the C
   poller (be_nvme_reap_lanes) at the loop's next turn (netpoll.reap, bt_net_reap).
-* ``nvme sock, Python reap``: the same socket, the C poller not sweeping the NVMe queue
+* ``nvme sock (Python reap)``: the same socket, the C poller not sweeping the NVMe queue
   (netpoll.SWEEP_NVME false): the reactor's Python poller reaps it and Lane.drain flushes
   to the lent socket (the state before the sweep).
-* ``nvme sock, Python device``: ``nvme sock`` with the unit tests' Python device model
+* ``nvme sock (Python device)``: ``nvme sock`` with the unit tests' Python device model
   (test_nvme_driver.MemBarNvme) served between the turns: the harness of the figures
   before the C model.
 * ``malloc spin``, ``nvme spin``: poll mode adaptive (the target's default), the C
@@ -48,8 +48,8 @@ CONFIGS = (
     ("nvme", "nvme", False, True, False, "c"),
     ("malloc sock", "malloc", True, True, False, "c"),
     ("nvme sock", "nvme", True, True, False, "c"),
-    ("nvme sock, Python reap", "nvme", True, False, False, "c"),
-    ("nvme sock, Python device", "nvme", True, True, False, "python"),
+    ("nvme sock (Python reap)", "nvme", True, False, False, "c"),
+    ("nvme sock (Python device)", "nvme", True, True, False, "python"),
     ("malloc spin", "malloc", True, True, True, "c"),
     ("nvme spin", "nvme", True, True, True, "c"),
 )
