@@ -121,7 +121,10 @@ def attach_loop(workdir: Path) -> loopdev.LoopDevice:
     backing = workdir / "b0.img"
     with open(backing, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, NS * 4096)
-    return loopdev.LoopDevice(str(backing))
+    try:
+        return loopdev.LoopDevice(str(backing))
+    except OSError as exc:  # (no root, no loop driver: say so, no trace)
+        raise SystemExit(f"uring-loop: {exc}") from None
 
 
 def reactor_times(t: Target, sock: Path) -> tuple[int, int, int, int | None]:

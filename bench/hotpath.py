@@ -225,7 +225,10 @@ def _attach_loop(workdir: str, blocks: int) -> str:
     backing = os.path.join(workdir, "hotpath.img")
     with open(backing, "wb") as f:  # allocated, so reads do not just see holes
         os.posix_fallocate(f.fileno(), 0, blocks * 4096)
-    LOOP["dev"] = loopdev.LoopDevice(backing)
+    try:
+        LOOP["dev"] = loopdev.LoopDevice(backing)
+    except OSError as exc:  # (no root, no loop driver: say so, no trace)
+        raise SystemExit(f"--backend uring-loop: {exc}") from None
     return LOOP["dev"].path
 
 
