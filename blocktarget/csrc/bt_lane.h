@@ -150,6 +150,7 @@ struct bt_lane {
     unsigned char rx_dgst[4]; /* and the digest bytes received */
     unsigned char *carry;   /* the capsule being finished (carry_len bytes so far) */
     struct bt_conn *conn;   /* while lent to net.c: its output is sent from C */
+    void *psend;            /* pmem reads held to be sent from the pool (lane.c) */
 };
 
 struct bt_uring {
