@@ -126,6 +126,7 @@ struct bt_lane {
     /* cumulative, for the controller's SMART counters */
     uint64_t read_cmds, read_bytes, write_cmds, write_bytes;
     uint64_t cmds;          /* every command the lane executed */
+    uint64_t pmem_sent;     /* of its reads, those sent from a pool's blocks (lane.c) */
     /* private to lane.c */
     struct bt_cmd *slot;
     uint32_t nslots;

@@ -1234,6 +1234,7 @@ static int pmem_read_held(struct bt_lane *l, const struct cmd *c, uint16_t cid)
     }
     count(ns, BT_ST_READ, c->nbytes);
     l->cmds++;
+    l->pmem_sent++;
     smart(l, 0, c->nbytes, 1);
     return 1;
 }
