@@ -10,12 +10,14 @@ code controls, measured without the other engineers' load moving it: use it to j
 hot-path change, and vs_spdk.py for the whole figure.
 
     .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096] [--write]
-        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|pmem|nvme]
+        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|uring-loop|pmem|nvme]
         [--pmem-python-engine] [--socket [--spin]]
 
 `--backend` puts another bdev behind the namespace: null, a split part of a malloc bdev,
 or a uring bdev on a file in /dev/shm (tmpfs: the page cache is the device) or on the
-checkout's disk (O_DIRECT where the file system allows it). With io_uring the loop runs
+checkout's disk (O_DIRECT where the file system allows it), or on a loop block device
+over a /dev/shm file (`uring-loop`: issue 15's "kernel block device" row; the bench
+attaches it and detaches it, see loopdev.py; it needs root and /dev/loop-control). With io_uring the loop runs
 until every command is answered, completions noticed through the ring's eventfd only
 (no busy polling, whose spinning would count as CPU): the figure is the CPU the target
 spends per command, the kernel's share for the file included, waiting excluded. The reactor thread's own
@@ -142,7 +144,9 @@ def wire(p: pdu.Pdu, qp: Qpair) -> bytes:
     return b"".join(bytes(b) for b in pdu.encode(p, hdgst=qp.hdgst, ddgst=qp.ddgst))
 
 
-BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "pmem", "nvme")
+BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "uring-loop", "pmem", "nvme")
+# uring-loop: the loop device run() attached for this run ({"dev": loopdev.LoopDevice})
+LOOP: dict[str, Any] = {}
 
 
 # --lvol: namespace 1 is a thick logical volume of BLOCKS blocks on the backend's bdev
@@ -155,10 +159,15 @@ LVOL_COW_BATCHES = 512  # distinct batches of --lvol-cow (32 x 512 writes: every
 def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
     """The bdev RPCs that make namespace 1's bdev "M0" of BLOCKS 4 KiB blocks (with
     --lvol, the base of the volume: LVOL_EXTRA more)."""
+    blocks = _blocks()
+    return [_with_blocks(e, blocks) for e in _backend_bdevs(backend, workdir, blocks)]
+
+
+def _blocks() -> int:
     blocks = BLOCKS + (LVOL_EXTRA if LVOL["on"] else 0)
     if LVOL["cow"] is not None:
         blocks += BLOCKS  # (room for the copies)
-    return [_with_blocks(e, blocks) for e in _backend_bdevs(backend, workdir, blocks)]
+    return blocks
 
 
 def _with_blocks(entry: dict[str, Any], blocks: int) -> dict[str, Any]:
@@ -198,17 +207,38 @@ def _backend_bdevs(backend: str, workdir: str, blocks: int) -> list[dict[str, An
             pool.close()
             os.close(fd)
         return [{"method": "bdev_pmem_create", "params": {"name": "M0", "pmem_file": path}}]
-    path = os.path.join(workdir, "hotpath.img")
-    with open(path, "wb") as f:  # allocated, so reads do not just see holes
-        os.posix_fallocate(f.fileno(), 0, blocks * 4096)
+    if backend == "uring-loop":  # the device setup() attached, over such a file
+        path = LOOP["dev"].path
+    else:
+        path = os.path.join(workdir, "hotpath.img")
+        with open(path, "wb") as f:  # allocated, so reads do not just see holes
+            os.posix_fallocate(f.fileno(), 0, blocks * 4096)
     return [{"method": "bdev_uring_create",
              "params": {"name": "M0", "filename": path, "block_size": 4096}}]
 
 
+def _attach_loop(workdir: str, blocks: int) -> str:
+    """A loop device over a file of `blocks` 4 KiB blocks in workdir, for this run
+    (run() detaches it); its path."""
+    import loopdev
+
+    backing = os.path.join(workdir, "hotpath.img")
+    with open(backing, "wb") as f:  # allocated, so reads do not just see holes
+        os.posix_fallocate(f.fileno(), 0, blocks * 4096)
+    try:
+        LOOP["dev"] = loopdev.LoopDevice(backing)
+    except OSError as exc:  # (no root, no loop driver: say so, no trace)
+        raise SystemExit(f"--backend uring-loop: {exc}") from None
+    return LOOP["dev"].path
+
+
 def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc",
           workdir: str = "") -> tuple[Target, Reactor, Any]:
+    allowed = [workdir]
+    if backend == "uring-loop":  # the bdev's file: the device, outside workdir
+        allowed.append(_attach_loop(workdir, _blocks()))
     target = Target(Settings(cores=[0], rpc_http=None, rpc_unix=None, metrics=False,
-                             pin=False, allowed_dirs=[workdir] if workdir else None))
+                             pin=False, allowed_dirs=allowed if workdir else None))
     if backend == "nvme":
         loop.run_until_complete(_attach_fake_nvme(target))
     ns_bdev = "M0"
@@ -325,7 +355,12 @@ class HostSocket:
         for sk in (host, srv):  # (a batch of writes in one send; no blocking)
             sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        host.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # both ends, as the target sets on the connections it accepts: without it on
+        # the target's end, Nagle held the second part of a batch's replies (a batch
+        # answered in two sends: completions arriving while C reaps) until the host's
+        # delayed ACK, and the loop slept in epoll up to the 0.2 s fold timer
+        for sk in (host, srv):
+            sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host.setblocking(False)
         self.sock = host
         self.loop = loop
@@ -498,7 +533,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool,
         from blocktarget.bdevs import uring
 
         uring.REAP_MODE = "eventfd"  # no busy polling: its spinning is not work
-        base = "/dev/shm" if backend == "uring-shm" else os.path.dirname(os.path.abspath(__file__))
+        base = ("/dev/shm" if backend in ("uring-shm", "uring-loop")
+                else os.path.dirname(os.path.abspath(__file__)))
         workdir = tempfile.mkdtemp(prefix="bt-hotpath-", dir=base)
     elif backend == "pmem":
         workdir = tempfile.mkdtemp(prefix="bt-hotpath-", dir="/dev/shm")
@@ -507,6 +543,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool,
             return _run_socket(loop, ops, batch, size, write, lane, backend, workdir, spin)
         return _run(loop, ops, batch, size, write, digests, lane, reads, copy, backend, workdir)
     finally:
+        if "dev" in LOOP:
+            LOOP.pop("dev").close()
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
