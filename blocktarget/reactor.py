@@ -152,6 +152,7 @@ class ReactorStats:
     connections_closed: int = 0
     adopt_failed: int = 0  # sockets handed to this reactor that died before adoption
     c_lane_commands: int = 0  # NVMe commands executed by the C lane (nvme/fastlane.py)
+    c_pmem_sent: int = 0  # of its pmem reads, those sent from the pool's blocks (lane.c)
     # Time in the C lane's calls (cffi releases the GIL around them): the part of the
     # reactor's CPU another reactor's Python could run beside. The rest of busy time holds
     # the GIL, which is what limits reactors on a machine with cores to spare. Wall time

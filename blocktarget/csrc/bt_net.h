@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "bt_lane.h"
 #include "bt_nvme.h"
@@ -168,6 +169,13 @@ void net_lane_output(struct bt_conn *c);
 /* the same, reaped by the poller: sent, or given back (and so reported to Python) when a
    command must be done again by the Python path */
 void net_lane_done(struct bt_conn *c);
+/* A read's reply sent from memory the caller owns only for now (a pmem pool's blocks,
+   lane.c): net_send_ready sends what is queued and says whether nothing is left before
+   it (1: the reply may go now; 0: the socket is full or gone, copy it as usual);
+   net_send_now then sends the pieces and, before returning, copies into the queue what
+   the socket did not take. 0, or -1 when the connection failed (reported to Python). */
+int net_send_ready(struct bt_conn *c);
+int net_send_now(struct bt_conn *c, const struct iovec *iov, unsigned niov);
 /* an attached lane took (d > 0) or gave back budget (bt_net.bud_delta) */
 void net_budget(struct bt_conn *c, int64_t d);
 

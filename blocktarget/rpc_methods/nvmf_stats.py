@@ -11,7 +11,8 @@ gone, all of them must read 0 except what other hosts still hold.
 SPDK's shape (`tick_rate`, `poll_groups[].name/current_admin_qpairs/current_io_qpairs/
 pending_bdev_io/transports[].trtype/pending_data_buffer`) is kept so SPDK tooling reads
 it; `pending_data_buffer_bytes`, `pending_requests`, `unconnected_qpairs` and
-`c_lane_commands` (commands the C lane executed on this reactor, nvme/fastlane.py) are ours.
+`c_lane_commands` (commands the C lane executed on this reactor, nvme/fastlane.py) and
+`c_pmem_sent` (of those, pmem reads sent from the pool's blocks, csrc/lane.c) are ours.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "pending_requests": requests,
         "pending_bdev_io": requests - waiting,
         "c_lane_commands": reactor.stats.c_lane_commands,
+        "c_pmem_sent": reactor.stats.c_pmem_sent,
         "gil_released_ns": reactor.stats.gil_released_ns,
         # the C socket poller (nvme/netpoll.py): its calls, and sockets lent to it
         "net_polls": reactor.stats.net_polls,
