@@ -2,8 +2,10 @@
 path in one run, with `blocktarget perf`'s C engine as the initiator, and where the
 reactor's time goes (GIL held or not).
 
-For each backend (malloc, null, a uring bdev on a /dev/shm file and on a file of the
-checkout's disk, malloc with header and data digests), one blocktarget target with one
+For each backend (malloc, null, a uring bdev on a /dev/shm file, on a file of the
+checkout's disk and on a loop block device over a /dev/shm file (`uring-loop`, attached
+and detached by the bench: loopdev.py; root and /dev/loop-control needed), malloc with
+header and data digests), one blocktarget target with one
 reactor pinned to CPU 0 is started twice, with the C lane (the default) and with
 `c_fast_path: false` (every command on the Python path), the two alternating over
 `--reps`; `blocktarget perf --engine c --busy-poll` (spinning on its socket, as
@@ -34,7 +36,7 @@ are not available here) are printed beside the rows they exist for, as a referen
 read ratios against, never as a same-run comparison.
 
     .venv/bin/python bench/dataplane.py [--time 5] [--reps 3]
-        [--backends malloc,null,uring-shm,uring-disk,digests,pmem] [--workloads ...]
+        [--backends malloc,null,uring-shm,uring-disk,uring-loop,digests,pmem] [--workloads ...]
         [--markdown]
 
 `pmem` is a pmem pool on /dev/shm (msync persistence, as on tmpfs; PMEM_IS_PMEM_FORCE=1
@@ -44,6 +46,7 @@ in the environment for the cache-flush path of real persistent memory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -56,6 +59,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import loopdev  # noqa: E402
 from initiator import commit, loadavg, machine  # noqa: E402
 from tcp_perf import NQN, ROOT, Target  # noqa: E402
 
@@ -68,13 +72,15 @@ WORKLOADS: list[tuple[str, str, int, int]] = [
     ("128K write QD32", "write", 131072, 32),
     ("4K randread QD1", "randread", 4096, 1),
 ]
-BACKENDS = ("malloc", "null", "uring-shm", "uring-disk", "digests", "pmem")
+BACKENDS = ("malloc", "null", "uring-shm", "uring-disk", "uring-loop", "digests", "pmem")
 # SPDK v26.05 nvmf_tgt, one core, spdk_nvme_perf on the other (issue 15, 2026-12-07, this
-# machine kind): IOPS (QD1: mean latency in µs). "uring-shm" stands for SPDK's aio on a
-# loop device over tmpfs, the closest it has to our uring bdev on a tmpfs file.
+# machine kind): IOPS (QD1: mean latency in µs). They are SPDK's aio on a loop device over
+# tmpfs: the same device as uring-loop; beside uring-shm (our uring bdev on the tmpfs
+# file itself) as the nearest reference.
 SPDK = {("malloc", "4K randread QD32"): 225_000, ("malloc", "128K read QD32"): 1751 * 8,
         ("null", "4K randread QD32"): 245_000, ("null", "128K write QD32"): 17_500,
         ("uring-shm", "4K randread QD32"): 37_700, ("uring-shm", "4K randwrite QD32"): 36_400,
+        ("uring-loop", "4K randread QD32"): 37_700, ("uring-loop", "4K randwrite QD32"): 36_400,
         ("digests", "4K randread QD32"): 157_000}
 SPDK_QD1_US = {"malloc": 33.5}
 NS = 65536  # 4 KiB blocks: 256 MiB
@@ -85,7 +91,8 @@ BASELINES = {"python": ("Python path", {"c_fast_path": False}),
              "nonet": ("lane without C poller", {"c_net_poll": False})}
 
 
-def bdev_for(backend: str, workdir: Path) -> dict:
+def bdev_for(backend: str, workdir: Path, loop: str | None = None) -> dict:
+    """The bdev RPC for `backend`; uring-loop: on the device `loop` (see attach_loop)."""
     if backend in ("malloc", "digests"):
         return {"method": "bdev_malloc_create",
                 "params": {"name": "B0", "num_blocks": NS, "block_size": 4096}}
@@ -99,10 +106,25 @@ def bdev_for(backend: str, workdir: Path) -> dict:
         pmem.create_pool_file(str(pool), NS, 4096, lanes=1)
         return {"method": "bdev_pmem_create", "params": {"name": "B0", "pmem_file": str(pool)}}
     path = workdir / "b0.img"  # (workdir: on /dev/shm for uring-shm, see main)
+    if backend == "uring-loop":
+        assert loop is not None
+        return {"method": "bdev_uring_create",
+                "params": {"name": "B0", "filename": loop, "block_size": 4096}}
     with open(path, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, NS * 4096)
     return {"method": "bdev_uring_create",
             "params": {"name": "B0", "filename": str(path), "block_size": 4096}}
+
+
+def attach_loop(workdir: Path) -> loopdev.LoopDevice:
+    """uring-loop: a loop device over a file of NS blocks in workdir (on /dev/shm)."""
+    backing = workdir / "b0.img"
+    with open(backing, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, NS * 4096)
+    try:
+        return loopdev.LoopDevice(str(backing))
+    except OSError as exc:  # (no root, no loop driver: say so, no trace)
+        raise SystemExit(f"uring-loop: {exc}") from None
 
 
 def reactor_times(t: Target, sock: Path) -> tuple[int, int, int, int | None]:
@@ -202,17 +224,23 @@ def main() -> int:
                 for path in order:
                     # uring-disk: the file on the checkout's disk (/tmp may be tmpfs)
                     where = {"uring-shm": "/dev/shm", "pmem": "/dev/shm",
-                             "uring-disk": str(ROOT / "bench")}
+                             "uring-loop": "/dev/shm", "uring-disk": str(ROOT / "bench")}
                     with tempfile.TemporaryDirectory(prefix="dataplane-",
-                                                     dir=where.get(backend)) as tmp:
+                                                     dir=where.get(backend)) as tmp, \
+                            contextlib.ExitStack() as devs:
+                        loop = None
+                        if backend == "uring-loop":  # (detached when the run is over)
+                            loop = devs.enter_context(attach_loop(Path(tmp))).path
                         transport = ({"c_fast_path": True} if path == "lane"
                                      or args.before else dict(BASELINES[args.baseline][1]))
                         if digests:
                             transport.update(header_digest=True, data_digest=True)
                         tree = args.before if path == "python" else None
                         t = Target("blocktarget", backend, Path(tmp), cores=(0,),
-                                   bdev=bdev_for(backend, Path(tmp)), transport=transport,
-                                   bt_extra={"allowed_dirs": [tmp]}, bt_tree=tree)
+                                   bdev=bdev_for(backend, Path(tmp), loop),
+                                   transport=transport,
+                                   bt_extra={"allowed_dirs": [tmp, *([loop] if loop else [])]},
+                                   bt_tree=tree)
                         try:
                             time.sleep(0.3)
                             r = measure(t, Path(tmp) / "bt.sock", wl, args.time, digests)

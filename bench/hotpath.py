@@ -10,12 +10,14 @@ code controls, measured without the other engineers' load moving it: use it to j
 hot-path change, and vs_spdk.py for the whole figure.
 
     .venv/bin/python bench/hotpath.py [--ops 200000] [--batch 32] [--size 4096] [--write]
-        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|pmem|nvme]
+        [--digests] [--python-path] [--backend malloc|null|split|uring-shm|uring-disk|uring-loop|pmem|nvme]
         [--pmem-python-engine] [--socket [--spin]]
 
 `--backend` puts another bdev behind the namespace: null, a split part of a malloc bdev,
 or a uring bdev on a file in /dev/shm (tmpfs: the page cache is the device) or on the
-checkout's disk (O_DIRECT where the file system allows it). With io_uring the loop runs
+checkout's disk (O_DIRECT where the file system allows it), or on a loop block device
+over a /dev/shm file (`uring-loop`: issue 15's "kernel block device" row; the bench
+attaches it and detaches it, see loopdev.py; it needs root and /dev/loop-control). With io_uring the loop runs
 until every command is answered, completions noticed through the ring's eventfd only
 (no busy polling, whose spinning would count as CPU): the figure is the CPU the target
 spends per command, the kernel's share for the file included, waiting excluded. The reactor thread's own
@@ -29,12 +31,19 @@ msyncs; run with PMEM_IS_PMEM_FORCE=1 in the environment for the cache-flush pat
 real persistent memory. Its BTT runs in C (csrc/be_pmem.c) on both paths when the
 extension is built; `--pmem-python-engine` gives the Python path the Python BTT instead.
 
-`--backend nvme` puts a PCIe NVMe namespace behind it: the user-space driver over the
-unit tests' fake controller (test_nvme_driver.MemBarNvme, doorbells in memory, the
-driver's DMA memory in 4 KiB pages behind a fake IOMMU). The device runs in no thread of
-its own: the loop gives it its turn (service()) between reactor turns, untimed, so the
-figure is the target's CPU per command (the lane's SQEs, doorbell, CQ polling, or the
-Python path's), the device's excluded; the clock is the reactor thread's.
+`--backend nvme` puts a PCIe NVMe namespace behind it: the user-space driver over a fake
+controller (doorbells in memory, the driver's DMA memory behind a fake IOMMU) whose I/O
+queues a C model serves (tests/unit/cfake_nvme.py: it watches the SQ doorbells, copies
+through the PRPs, posts completions with the phase bit, GIL-free). Where the reactor does
+not spin, the model completes what was rung between the loop's turns, untimed; with
+--spin it runs on a thread of its own, as hardware does, and the reactor's C poller reaps
+its completions in the call that submitted them. Either way the figure is the target's
+CPU per command (the lane's SQEs, doorbell, CQ polling, or the Python path's), the
+device's excluded (its thread's CPU is printed apart); the clock is the reactor thread's.
+`--nvme-device python` takes the unit tests' Python model instead (MemBarNvme, served
+between turns, or on a Python thread with --spin): the harness of the figures before
+this option, whose device model's allocations and cache footprint weighed on the timed
+turns (bench/RESULTS.md, "The NVMe lane against a device model in C").
 
 `--socket` serves the I/O queue pair over a real loopback TCP connection instead of
 feeding `data_received`: the queue pair lends its socket to the reactor's C poller
@@ -48,9 +57,10 @@ poller keeps polling, the GIL released, for the reactor's busy-poll window after
 last work instead of returning at once, so a batch's NVMe completions are reaped in the
 call that submitted it; the fake device then runs in a thread of its own (as hardware
 does, its time not the reactor thread's), and the poller's spinning with nothing to do
-(its idle_ns, as bench/dataplane.py's "C spin") is subtracted from the figure. The
-device model, in Python, posts completions one at a time, so each sweep then answers one
-command with a send of its own: a cost of the model's pace, not of a device's.
+(its idle_ns, as bench/dataplane.py's "C spin") and the CPU of its sleeps waiting for the
+device (device_wait_us slices: a timer set and taken, ≈ 17-40 µs of CPU each on this VM,
+as long as the device takes) are subtracted from the figure. `--device-wait-us 0` makes
+the poller spin for the device instead (that spinning then counts as idle).
 """
 
 from __future__ import annotations
@@ -142,7 +152,9 @@ def wire(p: pdu.Pdu, qp: Qpair) -> bytes:
     return b"".join(bytes(b) for b in pdu.encode(p, hdgst=qp.hdgst, ddgst=qp.ddgst))
 
 
-BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "pmem", "nvme")
+BACKENDS = ("malloc", "null", "split", "uring-shm", "uring-disk", "uring-loop", "pmem", "nvme")
+# uring-loop: the loop device run() attached for this run ({"dev": loopdev.LoopDevice})
+LOOP: dict[str, Any] = {}
 
 
 # --lvol: namespace 1 is a thick logical volume of BLOCKS blocks on the backend's bdev
@@ -155,10 +167,15 @@ LVOL_COW_BATCHES = 512  # distinct batches of --lvol-cow (32 x 512 writes: every
 def backend_bdevs(backend: str, workdir: str) -> list[dict[str, Any]]:
     """The bdev RPCs that make namespace 1's bdev "M0" of BLOCKS 4 KiB blocks (with
     --lvol, the base of the volume: LVOL_EXTRA more)."""
+    blocks = _blocks()
+    return [_with_blocks(e, blocks) for e in _backend_bdevs(backend, workdir, blocks)]
+
+
+def _blocks() -> int:
     blocks = BLOCKS + (LVOL_EXTRA if LVOL["on"] else 0)
     if LVOL["cow"] is not None:
         blocks += BLOCKS  # (room for the copies)
-    return [_with_blocks(e, blocks) for e in _backend_bdevs(backend, workdir, blocks)]
+    return blocks
 
 
 def _with_blocks(entry: dict[str, Any], blocks: int) -> dict[str, Any]:
@@ -198,17 +215,38 @@ def _backend_bdevs(backend: str, workdir: str, blocks: int) -> list[dict[str, An
             pool.close()
             os.close(fd)
         return [{"method": "bdev_pmem_create", "params": {"name": "M0", "pmem_file": path}}]
-    path = os.path.join(workdir, "hotpath.img")
-    with open(path, "wb") as f:  # allocated, so reads do not just see holes
-        os.posix_fallocate(f.fileno(), 0, blocks * 4096)
+    if backend == "uring-loop":  # the device setup() attached, over such a file
+        path = LOOP["dev"].path
+    else:
+        path = os.path.join(workdir, "hotpath.img")
+        with open(path, "wb") as f:  # allocated, so reads do not just see holes
+            os.posix_fallocate(f.fileno(), 0, blocks * 4096)
     return [{"method": "bdev_uring_create",
              "params": {"name": "M0", "filename": path, "block_size": 4096}}]
 
 
+def _attach_loop(workdir: str, blocks: int) -> str:
+    """A loop device over a file of `blocks` 4 KiB blocks in workdir, for this run
+    (run() detaches it); its path."""
+    import loopdev
+
+    backing = os.path.join(workdir, "hotpath.img")
+    with open(backing, "wb") as f:  # allocated, so reads do not just see holes
+        os.posix_fallocate(f.fileno(), 0, blocks * 4096)
+    try:
+        LOOP["dev"] = loopdev.LoopDevice(backing)
+    except OSError as exc:  # (no root, no loop driver: say so, no trace)
+        raise SystemExit(f"--backend uring-loop: {exc}") from None
+    return LOOP["dev"].path
+
+
 def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc",
           workdir: str = "") -> tuple[Target, Reactor, Any]:
+    allowed = [workdir]
+    if backend == "uring-loop":  # the bdev's file: the device, outside workdir
+        allowed.append(_attach_loop(workdir, _blocks()))
     target = Target(Settings(cores=[0], rpc_http=None, rpc_unix=None, metrics=False,
-                             pin=False, allowed_dirs=[workdir] if workdir else None))
+                             pin=False, allowed_dirs=allowed if workdir else None))
     if backend == "nvme":
         loop.run_until_complete(_attach_fake_nvme(target))
     ns_bdev = "M0"
@@ -260,6 +298,15 @@ async def _thick_volume(target: Target) -> str:
     return "lvs/v"
 
 
+# --nvme-device: "c", the C device model on a thread of its own (tests/unit/cfake_nvme.py),
+# or "python", the unit tests' Python model served between the loop's turns
+NVME_DEVICE: dict[str, Any] = {"kind": "c", "wait_us": None, "spin_us": 20000}
+
+
+def _is_c_device(dev: Any) -> bool:
+    return hasattr(dev, "cpu_ns")
+
+
 async def _attach_fake_nvme(target: Target) -> None:
     import sys
 
@@ -271,20 +318,51 @@ async def _attach_fake_nvme(target: Target) -> None:
     from blocktarget.nvme.driver.ctrlr import Controller
     from blocktarget.nvme.driver.dma import DmaAllocator
 
-    iommu = FakeIommu()
-    dev = MemBarNvme(iommu, thread=False, blocks=BLOCKS, block_size=4096, mqes=127)
+    if NVME_DEVICE["kind"] == "c":
+        from cfake_nvme import CNvme, DeviceIommu
+
+        iommu: Any = DeviceIommu()
+        # (--spin: the model's thread spins through the gaps between batches, as a
+        # controller's own silicon is always there: a doorbell is seen at once)
+        dev: Any = CNvme(iommu, blocks=BLOCKS, block_size=4096, mqes=127,
+                         spin_us=NVME_DEVICE["spin_us"])
+    else:
+        iommu = FakeIommu()
+        dev = MemBarNvme(iommu, thread=False, blocks=BLOCKS, block_size=4096, mqes=127)
     alloc = DmaAllocator(iommu, name="hotpath", use_hugepages=False)
     c = Controller(dev, alloc, name="NV")
     c.init(1)
-    # the device answers from a thread while the bdevs are made (a volume store's
-    # examine reads them from the control plane, which no reactor turn serves here);
-    # setup() stops it: then it is served only between reactor turns
-    dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
-    dev.thread.start()
+    if not _is_c_device(dev):
+        # the device answers from a thread while the bdevs are made (a volume store's
+        # examine reads them from the control plane, which no reactor turn serves here);
+        # setup() stops it: then it is served only between reactor turns
+        dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
+        dev.thread.start()
     await nvme_pcie.register_controller(target, "NV", "0000:00:09.0", c,
                                         {"name": "NV", "traddr": "0000:00:09.0"})
     nvme_pcie._CONTROLLERS.pop("NV", None)  # (each run attaches its own)
     FAKE_DEVICES[:] = [dev]
+
+
+def _start_devices(spin: bool) -> bool:
+    """--socket: which devices run on threads of their own from now on (with --spin:
+    the C model, spinning while it has work as a controller's own silicon would, or the
+    Python one), the others served between the loop's turns, untimed; whether any is."""
+    serve = False
+    for dev in FAKE_DEVICES:
+        if not spin:
+            serve = True
+        elif _is_c_device(dev):
+            dev.start()
+        else:
+            dev.POLL_S = 0.00002
+            dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
+            dev.thread.start()
+    return serve
+
+
+def _devices_cpu_ns() -> int:
+    return sum(dev.cpu_ns() for dev in FAKE_DEVICES if _is_c_device(dev))
 
 
 def connect(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor, addr: Any,
@@ -325,7 +403,12 @@ class HostSocket:
         for sk in (host, srv):  # (a batch of writes in one send; no blocking)
             sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
             sk.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        host.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # both ends, as the target sets on the connections it accepts: without it on
+        # the target's end, Nagle held the second part of a batch's replies (a batch
+        # answered in two sends: completions arriving while C reaps) until the host's
+        # delayed ACK, and the loop slept in epoll up to the 0.2 s fold timer
+        for sk in (host, srv):
+            sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host.setblocking(False)
         self.sock = host
         self.loop = loop
@@ -374,6 +457,8 @@ class HostSocket:
             asyncio.events._set_running_loop(None)
 
     serve_devices = True  # (False: the devices run in threads of their own)
+    # the timed CPU by a turn's place in its batch: the first, the second, any later one
+    by_turn = [0.0, 0.0, 0.0]
     turns = 0  # the loop's turns in exchange(), to report them per batch
 
     def exchange(self, data: bytes, expect: int, timed: list[float]) -> None:
@@ -391,11 +476,15 @@ class HostSocket:
         got = 0
         deadline = time.monotonic() + 30
         block = not (self.serve_devices and FAKE_DEVICES)
+        nth = 0
         while got < expect:
             c0 = clock()
             self.turn(block)
             self.turns += 1
-            timed[0] += clock() - c0
+            dt = clock() - c0
+            timed[0] += dt
+            self.by_turn[min(nth, 2)] += dt
+            nth += 1
             got += self.pull()
             if self.serve_devices:
                 for dev in FAKE_DEVICES:
@@ -498,7 +587,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool,
         from blocktarget.bdevs import uring
 
         uring.REAP_MODE = "eventfd"  # no busy polling: its spinning is not work
-        base = "/dev/shm" if backend == "uring-shm" else os.path.dirname(os.path.abspath(__file__))
+        base = ("/dev/shm" if backend in ("uring-shm", "uring-loop")
+                else os.path.dirname(os.path.abspath(__file__)))
         workdir = tempfile.mkdtemp(prefix="bt-hotpath-", dir=base)
     elif backend == "pmem":
         workdir = tempfile.mkdtemp(prefix="bt-hotpath-", dir="/dev/shm")
@@ -507,6 +597,8 @@ def run(ops: int, batch: int, size: int, write: bool, digests: bool,
             return _run_socket(loop, ops, batch, size, write, lane, backend, workdir, spin)
         return _run(loop, ops, batch, size, write, digests, lane, reads, copy, backend, workdir)
     finally:
+        if "dev" in LOOP:
+            LOOP.pop("dev").close()
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -631,13 +723,12 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     target, reactor, addr = setup(loop, False, backend, workdir)
     if spin:
         reactor.set_poll_mode("adaptive")
-        for dev in FAKE_DEVICES:
-            dev.POLL_S = 0.00002
-            dev.thread = threading.Thread(target=dev._run, name="fake-nvme", daemon=True)
-            dev.thread.start()
+        if NVME_DEVICE["wait_us"] is not None:
+            reactor.device_wait_us = NVME_DEVICE["wait_us"]
+    serve = _start_devices(spin)
     admin = connect(loop, target, reactor, addr, 0, spec.CNTLID_DYNAMIC, False)
     io, host = connect_socket(loop, target, reactor, addr, admin.ctrl.cntlid)  # type: ignore[union-attr]
-    host.serve_devices = not spin
+    host.serve_devices = serve
     nlb = size // 4096
     opcode = spec.IoOpcode.WRITE if write else spec.IoOpcode.READ
     if write and size > io.icd_limit:
@@ -665,14 +756,21 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     st = reactor.stats
     lane0, rel0 = getattr(st, "c_lane_commands", 0), getattr(st, "gil_released_ns", 0)
     idle0 = st.net_idle_ns
+    waits0 = getattr(st, "net_device_waits", 0)
+    wcpu0 = getattr(st, "net_device_wait_ns", 0)
     rounds = max(ops // batch, 1)
     timed = [0.0]
     host.turns = 0
+    host.by_turn = [0.0, 0.0, 0.0]
+    dev0 = _devices_cpu_ns()
     t0 = time.perf_counter()
     for _ in range(rounds):
         host.exchange(chunk, expect, timed)
     wall = time.perf_counter() - t0
+    dev_cpu = (_devices_cpu_ns() - dev0) / 1e9  # (the C device's thread: not the reactor's)
     spun = (st.net_idle_ns - idle0) / 1e9  # (the C poller's spinning with nothing to do)
+    # and its sleeps for the device (device_wait_us): waiting, the device's time
+    dev_slept = (getattr(st, "net_device_wait_ns", 0) - wcpu0) / 1e9
     n = rounds * batch
     still_lent = io._net is not None
     # NVMe: the share of the lane's completions the C poller's sweep took
@@ -689,8 +787,12 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
         for dev in FAKE_DEVICES:
             dev.stop()
     loop.close()
-    return {"ops": n, "cpu_us": (timed[0] - spun) * 1e6 / n, "wall_us": wall * 1e6 / n,
-            "spin_us": spun * 1e6 / n, "turns": host.turns / rounds,
+    return {"ops": n, "cpu_us": (timed[0] - spun - dev_slept) * 1e6 / n,
+            "wall_us": wall * 1e6 / n, "spin_us": spun * 1e6 / n,
+            "dev_wait_us": dev_slept * 1e6 / n, "turns": host.turns / rounds,
+            "by_turn": [t * 1e6 / n for t in host.by_turn],
+            "device_us": dev_cpu * 1e6 / n,
+            "dev_waits": (getattr(st, "net_device_waits", 0) - waits0) / rounds,
             "bufs_per_op": 0.0, "lent": float(lent and still_lent), "c_reaped": c_share,
             "in_lane": (getattr(st, "c_lane_commands", 0) - lane0) / n,
             "c_us": (getattr(st, "gil_released_ns", 0) - rel0) / 1e3 / n}
@@ -725,6 +827,15 @@ def main() -> int:
                     help="with --socket: poll mode adaptive, the C poller spinning for the "
                          "busy-poll window (its idle spinning subtracted); NVMe: the fake "
                          "device in a thread of its own")
+    ap.add_argument("--nvme-device", choices=("c", "python"), default="c",
+                    help="--backend nvme: the fake controller's I/O queues served by a C "
+                         "model on a thread of its own, as hardware (default), or by the "
+                         "unit tests' Python model between the loop's turns (the harness "
+                         "of the figures before it)")
+    ap.add_argument("--device-wait-us", type=int, default=None,
+                    help="--spin: the reactor's device_wait_us (default: the reactor's own, "
+                         "10; 0: the C poller spins while the device works, and that "
+                         "spinning is subtracted with the rest of its idle spinning)")
     ap.add_argument("--socket", action="store_true",
                     help="serve the queue pair over a loopback socket lent to the reactor's "
                          "C poller (reads and in-capsule writes)")
@@ -739,6 +850,7 @@ def main() -> int:
     ap.add_argument("--cluster-kib", type=int, default=4096,
                     help="--lvol-cow: the store's cluster size (default %(default)s KiB)")
     args = ap.parse_args()
+    NVME_DEVICE.update(kind=args.nvme_device, wait_us=args.device_wait_us)
     if args.pmem_python_engine:
         from blocktarget.bdevs import pmem
 
@@ -761,9 +873,16 @@ def main() -> int:
           + ", ".join(f"{r['cpu_us']:.2f}" for r in res) + f"), "
           f"of which in C (GIL released) {best['c_us']:.2f}, "
           + (f"socket lent to the C poller: {all(r['lent'] for r in res)}, "
-             f"loop turns per batch {best['turns']:.2f}, "
+             f"loop turns per batch {best['turns']:.2f} (CPU µs/command in a batch's "
+             f"first, second, later turns: "
+             + ", ".join(f"{t:.2f}" for t in best["by_turn"]) + "), "
              + (f"NVMe completions reaped by the C poller {best['c_reaped']:.0%}, "
-                if best.get("c_reaped") is not None else "") if args.socket
+                if best.get("c_reaped") is not None else "")
+             + (f"the C device's thread {best['device_us']:.2f} (not counted), "
+                if best.get("device_us") else "")
+             + (f"device-wait slices per batch {best['dev_waits']:.1f} "
+                f"({best['dev_wait_us']:.2f} µs/command of CPU, subtracted), "
+                if args.spin and args.backend == "nvme" else "") if args.socket
              else f"in the kernel {best['sys_us']:.2f}; the reactor thread "
                   f"{best['reactor_us']:.2f} (min {min(r['reactor_us'] for r in res):.2f}), "
                   f"other threads (io-wq: the kernel doing the I/O) {best['other_us']:.2f}; "

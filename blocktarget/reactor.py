@@ -155,6 +155,7 @@ class ReactorStats:
     connections_closed: int = 0
     adopt_failed: int = 0  # sockets handed to this reactor that died before adoption
     c_lane_commands: int = 0  # NVMe commands executed by the C lane (nvme/fastlane.py)
+    c_pmem_sent: int = 0  # of its pmem reads, those sent from the pool's blocks (lane.c)
     # Time in the C lane's calls (cffi releases the GIL around them): the part of the
     # reactor's CPU another reactor's Python could run beside. The rest of busy time holds
     # the GIL, which is what limits reactors on a machine with cores to spare. Wall time
@@ -170,10 +171,12 @@ class ReactorStats:
     net_device_waits: int = 0
     # the C poller's adaptive busy-poll window (poll.adaptive_window): times a host
     # command came later than the whole window (halved) or within it (doubled back),
-    # and the window its last call spun, ns
+    # and the window now, ns
     net_window_shrinks: int = 0
     net_window_grows: int = 0
     net_window_ns: int = 0
+    # the CPU time those slices took (timer set-up and wake-up: waiting, not work)
+    net_device_wait_ns: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")

@@ -72,7 +72,11 @@ caller without a reactor, may share one. Two lanes writing the same LBA are seri
 a map lock (hashed on the LBA), held from reading `old` to the persisted map store. A
 reader publishes the physical blocks it copies in a read-tracking table, and a writer
 waits before reusing a free block some reader still copies from (BTT's RTT). The GIL
-does not make this moot: copies run in C with the GIL released.
+does not make this moot: copies run in C with the GIL released. The C lane's large reads
+over a socket lent to the C poller are not copied at all: their blocks stay published
+(and the lane's lock held) until the socket has taken their bytes, or the rest has been
+copied into the connection's queue (csrc/be_pmem.c `bt_pmem_read_map` has why each block
+still reads whole, old or new).
 
 Durability: a write is durable before it completes (its data and committed flog entry
 are; recovery redoes its map store if that was lost), so there is no volatile cache

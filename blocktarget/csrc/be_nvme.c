@@ -300,7 +300,7 @@ void be_nvme_unready(struct bt_lane *l)
 }
 
 /* the lane's command `cid` is done (ok: success at the device); its lane, or NULL */
-static struct bt_lane *complete(struct bt_nvmeq *q, uint16_t cid, int ok)
+static struct bt_lane *complete(struct bt_nvmeq *q, uint16_t cid, int ok, uint64_t now)
 {
     struct nvme_priv *p = priv(q);
     struct nvme_cmd *k = &p->cmds[cid - q->cid0];
@@ -314,14 +314,14 @@ static struct bt_lane *complete(struct bt_nvmeq *q, uint16_t cid, int ok)
     q->lane_reaped++;
     struct bt_cmd *s = &l->slot[idx];
     int32_t res = !ok ? -EIO : s->kind == IO_FLUSH ? 0 : (int32_t)s->nbytes;
-    lane_io_done(l, idx, res);
+    lane_io_done_at(l, idx, res, now);
     return l;
 }
 
 /* the same, the lane told through the queue's ready list (Python drains it) */
-static void finish(struct bt_nvmeq *q, uint16_t cid, int ok)
+static void finish(struct bt_nvmeq *q, uint16_t cid, int ok, uint64_t now)
 {
-    struct bt_lane *l = complete(q, cid, ok);
+    struct bt_lane *l = complete(q, cid, ok, now);
     if (l != NULL)
         ready(q, l);
 }
@@ -359,6 +359,7 @@ unsigned be_nvme_reap_lanes(struct bt_nvmeq *q, int *python)
     unsigned seen = 0, nlanes = 0;
     const unsigned char *e;
     int st;
+    uint64_t now = 0;  /* (read once, at the first entry found) */
     while ((st = cq_peek(q, &e)) >= 0) {
         uint16_t cid = ld16(e + 12);
         struct bt_lane *l = NULL;
@@ -385,7 +386,9 @@ unsigned be_nvme_reap_lanes(struct bt_nvmeq *q, int *python)
         cq_advance(q, e);
         seen++;
         if (l != NULL) {
-            complete(q, cid, (st >> 1) == 0);
+            if (!now)
+                now = lane_now_ns();
+            complete(q, cid, (st >> 1) == 0, now);
             q->c_reaped++;
         }
     }
@@ -406,6 +409,7 @@ unsigned bt_nvmeq_reap(struct bt_nvmeq *q, uint16_t *cids, uint16_t *status, uin
     uint16_t head = q->cq_head;
     uint8_t phase = q->phase;
     int moved = 0;
+    uint64_t now = 0;  /* (read once, at the lane's first entry) */
     while (n < max) {
         const unsigned char *e = q->cq + (size_t)head * NVME_CQE;
         uint16_t st = *(volatile const uint16_t *)(e + 14);
@@ -422,7 +426,9 @@ unsigned bt_nvmeq_reap(struct bt_nvmeq *q, uint16_t *cids, uint16_t *status, uin
         }
         moved = 1;
         if (cid >= q->cid0 && cid < q->depth - 1) {
-            finish(q, cid, (st >> 1) == 0);
+            if (!now)
+                now = lane_now_ns();
+            finish(q, cid, (st >> 1) == 0, now);
             continue;
         }
         cids[n] = cid;
@@ -458,7 +464,7 @@ unsigned bt_nvmeq_reinit(struct bt_nvmeq *q)
     unsigned n = 0;
     for (uint32_t i = 0; i + q->cid0 < (uint32_t)q->depth - 1; i++)
         if (p->cmds[i].l != NULL) {
-            finish(q, (uint16_t)(q->cid0 + i), 0);
+            finish(q, (uint16_t)(q->cid0 + i), 0, lane_now_ns());
             n++;
         }
     memset(q->sq, 0, (size_t)q->depth * NVME_SQE);

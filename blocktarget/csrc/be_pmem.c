@@ -30,7 +30,8 @@
 
 #define FLOG_ENTRY 32
 #define FLOG_PAIR 64
-#define READ_BATCH 64           /* blocks published in the read-tracking table at once */
+#define READ_BATCH 64           /* blocks a copying read publishes at once */
+#define RTT_MAX 1024            /* blocks reads sent from the pool hold at once */
 #define MAP_LOCKS 64
 #define MAP_LOCK_SHIFT 4        /* 16 consecutive LBAs share a lock */
 #define ZERO_CHUNK 4096         /* LBAs per map-lock round of zeroing */
@@ -47,7 +48,7 @@ struct slot {
 
 struct rtt {                    /* one lane's reader: the blocks it copies from */
     uint32_t n;
-    uint64_t blocks[READ_BATCH];
+    uint64_t blocks[RTT_MAX];
     char pad[64];               /* (lanes' readers on separate cache lines) */
 };
 
@@ -80,6 +81,8 @@ struct bt_pmem {
     struct lane *lanes;
     struct slot *slots;
     struct rtt *rtt;
+    unsigned char *zeroes;      /* one block of zeroes: what a read sent from the pool
+                                   sends for an LBA that reads as zeroes */
     pthread_mutex_t map_locks[MAP_LOCKS];
 };
 
@@ -211,9 +214,11 @@ struct bt_pmem *bt_pmem_new(unsigned char *base, uint64_t size, const struct bt_
     uint64_t nfree = (uint64_t)g->lanes * g->free_per_lane;
     p->slots = calloc(nfree, sizeof(*p->slots));
     p->lanes = calloc(g->lanes, sizeof(*p->lanes));
+    p->zeroes = calloc(1, g->block_size);
     if (posix_memalign((void **)&p->rtt, 64, g->lanes * sizeof(*p->rtt)) != 0)
         p->rtt = NULL;
-    if (p->slots == NULL || p->lanes == NULL || p->rtt == NULL) {
+    if (p->slots == NULL || p->lanes == NULL || p->rtt == NULL || p->zeroes == NULL) {
+        free(p->zeroes);
         free(p->slots);
         free(p->lanes);
         free(p->rtt);
@@ -243,6 +248,7 @@ void bt_pmem_free(struct bt_pmem *p)
     free(p->slots);
     free(p->lanes);
     free(p->rtt);
+    free(p->zeroes);
     free(p);
 }
 
@@ -382,6 +388,108 @@ out:
     return rc;
 }
 
+/* Reads sent from the pool itself (the lane's large reads over a socket it owns, lane.c
+ * pmem_read_send): instead of copying the blocks out, the reader gets where they lie and
+ * keeps them where no writer can reuse them until the socket has taken its bytes.
+ *
+ * Why each block is whole, old or new, with writers on other lanes: a writer stores new
+ * data only into its slot's free block, which an earlier map store of its own freed, and
+ * before storing it checks (after a seq_cst fence) that no other lane's reader has the
+ * block published. This reader publishes every block it will send (seq_cst), then
+ * re-reads the map: if an entry moved meanwhile it starts over. So either the writer's
+ * check sees the block published (it waits until bt_pmem_read_unmap), or the map store
+ * that freed the block came before the reader's re-read (the writer's check follows it),
+ * which then sees the move and looks again: a block that passes the re-read is the live
+ * one and stays untouched while published. Writers of this lane wait for its mutex,
+ * held from here to bt_pmem_read_unmap (a one-lane pool relies on that alone). What
+ * sendmsg does not take before the caller lets go is copied by the caller first (TCP's
+ * sendmsg copies what it accepts before it returns), and the data digest is computed
+ * from the same published bytes, so the digest covers exactly what is sent.
+ *
+ * Several reads may be held at once (the lane sends a batch's reads in one sendmsg):
+ * `held` says how many blocks this caller holds already (0: none, the lane's mutex is
+ * taken here), and the new ones join them.
+ *
+ * Returns BT_PMEM_OK with the lane's mutex held and *nsegs pieces in segs (runs of
+ * consecutive physical blocks merged; an LBA that reads as zeroes points at a block of
+ * zeroes), BT_PMEM_MEDIA for a block with the error flag, or BT_PMEM_RANGE when more
+ * blocks than the table takes or more pieces than max would be held: then nothing more
+ * is held (what was before stays so; with held 0, the mutex is let go). */
+int bt_pmem_read_map(struct bt_pmem *p, uint32_t lane, uint32_t held, uint64_t lba,
+                     uint64_t count, struct iovec *segs, unsigned max, unsigned *nsegs)
+{
+    uint64_t bs = p->g.block_size;
+    uint32_t shift = p->shift;
+    uint64_t raws[RTT_MAX];
+    int shared = p->g.lanes > 1;
+    if (!in_range(p, lane, lba, count) || count == 0 || held > RTT_MAX
+        || count > RTT_MAX - held)
+        return BT_PMEM_RANGE;
+    struct rtt *r = &p->rtt[lane];
+    if (held == 0)
+        pthread_mutex_lock(&p->lanes[lane].lock);
+    for (;;) {
+        uint32_t k = held;
+        for (uint64_t i = 0; i < count; i++) {
+            raws[i] = map_get(p, lba + i);
+            if (shared && raws[i] >> shift == 3)
+                __atomic_store_n(&r->blocks[k++], raws[i] & p->mask, __ATOMIC_RELAXED);
+        }
+        if (!shared)
+            break;
+        __atomic_store_n(&r->n, k, __ATOMIC_SEQ_CST);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        int moved = 0;
+        for (uint64_t i = 0; i < count && !moved; i++)
+            moved = map_get(p, lba + i) != raws[i];
+        if (!moved)
+            break;
+    }
+    unsigned n = 0;
+    int rc = BT_PMEM_OK;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t flags = raws[i] >> shift;
+        unsigned char *src;
+        if (flags == 3) {
+            src = p->base + p->g.dataoff + (raws[i] & p->mask) * bs;
+            if (n && (unsigned char *)segs[n - 1].iov_base + segs[n - 1].iov_len == src
+                && segs[n - 1].iov_base != p->zeroes) {
+                segs[n - 1].iov_len += bs;
+                continue;
+            }
+        } else if (flags == 1) {
+            rc = BT_PMEM_MEDIA;
+            break;
+        } else {
+            src = p->zeroes;
+        }
+        if (n == max) {
+            rc = BT_PMEM_RANGE;
+            break;
+        }
+        segs[n].iov_base = src;
+        segs[n].iov_len = bs;
+        n++;
+    }
+    if (rc != BT_PMEM_OK) {
+        if (held == 0) {
+            bt_pmem_read_unmap(p, lane);
+        } else if (shared) {
+            __atomic_store_n(&r->n, held, __ATOMIC_RELEASE);
+        }
+        return rc;
+    }
+    *nsegs = n;
+    return BT_PMEM_OK;
+}
+
+/* The blocks bt_pmem_read_map handed out are no longer read from. */
+void bt_pmem_read_unmap(struct bt_pmem *p, uint32_t lane)
+{
+    __atomic_store_n(&p->rtt[lane].n, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&p->lanes[lane].lock);
+}
+
 /* Does a reader on another lane still copy from `block`? */
 static int being_read(struct bt_pmem *p, uint32_t lane, uint64_t block)
 {
@@ -390,7 +498,7 @@ static int being_read(struct bt_pmem *p, uint32_t lane, uint64_t block)
             continue;
         struct rtt *r = &p->rtt[i];
         uint32_t n = __atomic_load_n(&r->n, __ATOMIC_SEQ_CST);
-        for (uint32_t j = 0; j < n && j < READ_BATCH; j++)
+        for (uint32_t j = 0; j < n && j < RTT_MAX; j++)
             if (__atomic_load_n(&r->blocks[j], __ATOMIC_RELAXED) == block)
                 return 1;
     }

@@ -126,6 +126,7 @@ struct bt_lane {
     /* cumulative, for the controller's SMART counters */
     uint64_t read_cmds, read_bytes, write_cmds, write_bytes;
     uint64_t cmds;          /* every command the lane executed */
+    uint64_t pmem_sent;     /* of its reads, those sent from a pool's blocks (lane.c) */
     /* private to lane.c */
     struct bt_cmd *slot;
     uint32_t nslots;
@@ -150,6 +151,7 @@ struct bt_lane {
     unsigned char rx_dgst[4]; /* and the digest bytes received */
     unsigned char *carry;   /* the capsule being finished (carry_len bytes so far) */
     struct bt_conn *conn;   /* while lent to net.c: its output is sent from C */
+    void *psend;            /* pmem reads held to be sent from the pool (lane.c) */
 };
 
 struct bt_uring {

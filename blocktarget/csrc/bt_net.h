@@ -15,6 +15,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "bt_lane.h"
 #include "bt_nvme.h"
@@ -81,9 +82,12 @@ struct bt_net {
        window it goes on so (the call ends at its time budget), the slices doubling up
        to 8 x dev_wait_ns, so that a slow device is not left to the reactor's idle poll
        (a millisecond). 0: spin, and stop at the window's end. dev_waits counts the
-       slices slept (cumulative); dev_pending: the last call ended with lane commands
-       still at a device, waited for so. */
-    uint64_t dev_wait_ns, dev_waits;
+       slices slept (cumulative), dev_wait_cpu_ns the thread's CPU time in them (a
+       short timed sleep is not free: on a VM, programming and taking the timer cost
+       more CPU than the slice lasts, 17 us for 10 us, all of it waiting for the
+       device); dev_pending: the last call ended with lane commands still at a device,
+       waited for so. */
+    uint64_t dev_wait_ns, dev_waits, dev_wait_cpu_ns;
     uint8_t dev_pending;
     /* The busy-poll window after work, for the host's next command, adapts to the
        host's pace (win_adapt): a command that comes later than the whole window
@@ -178,6 +182,13 @@ void net_lane_output(struct bt_conn *c);
 /* the same, reaped by the poller: sent, or given back (and so reported to Python) when a
    command must be done again by the Python path */
 void net_lane_done(struct bt_conn *c);
+/* A read's reply sent from memory the caller owns only for now (a pmem pool's blocks,
+   lane.c): net_send_ready sends what is queued and says whether nothing is left before
+   it (1: the reply may go now; 0: the socket is full or gone, copy it as usual);
+   net_send_now then sends the pieces and, before returning, copies into the queue what
+   the socket did not take. 0, or -1 when the connection failed (reported to Python). */
+int net_send_ready(struct bt_conn *c);
+int net_send_now(struct bt_conn *c, const struct iovec *iov, unsigned niov);
 /* an attached lane took (d > 0) or gave back budget (bt_net.bud_delta) */
 void net_budget(struct bt_conn *c, int64_t d);
 

@@ -12,6 +12,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 /* ---- cdef begin ---- */
 
@@ -94,6 +95,15 @@ void bt_pmem_set_broken(struct bt_pmem *p);
 int bt_pmem_errno(struct bt_pmem *p);
 
 /* ---- cdef end ---- */
+
+/* Reads sent from where their blocks lie (be_pmem.c has the argument): count blocks
+   from lba as up to max pieces, held for the caller with the `held` it holds already
+   (no writer reuses them, the lane's mutex is held) until bt_pmem_read_unmap.
+   BT_PMEM_OK, BT_PMEM_MEDIA, or BT_PMEM_RANGE (more blocks or pieces than it takes):
+   nothing more held then. */
+int bt_pmem_read_map(struct bt_pmem *p, uint32_t lane, uint32_t held, uint64_t lba,
+                     uint64_t count, struct iovec *segs, unsigned max, unsigned *nsegs);
+void bt_pmem_read_unmap(struct bt_pmem *p, uint32_t lane);
 
 /* The most blocks bt_pmem_write_group takes at once (the lane's free-list slots). */
 uint32_t bt_pmem_group_max(const struct bt_pmem *p);

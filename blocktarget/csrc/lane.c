@@ -75,6 +75,9 @@ uint64_t lane_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* the start of the public lane call running on this thread (0: none), for start_io */
+static __thread uint64_t call_ns;
+
 static inline int is_async(const struct bt_ns *ns)
 {
     return ns->backend == BT_BE_URING || ns->backend == BT_BE_NVME;
@@ -118,6 +121,7 @@ static void lane_destroy(struct bt_lane *l)
     drop_chunks(l);
     free(l->chunks);
     free(l->carry);
+    free(l->psend);
     free(l);
 }
 
@@ -693,7 +697,9 @@ static int start_io(struct bt_lane *l, struct bt_cmd *s, uint8_t kind)
     s->kind = kind;
     s->cqes = (uint8_t)sqes_for(s->ns, kind == IO_WRITE && s->fua);
     s->bad = 0;
-    s->start_ns = lane_now_ns();
+    /* (the commands of one lane call arrived together: its start is theirs, one clock
+       read per call rather than one per command) */
+    s->start_ns = call_ns ? call_ns : lane_now_ns();
     if (s->ns->backend == BT_BE_NVME) {
         int rc = be_nvme_queue(l, s, (uint32_t)(s - l->slot));
         if (rc < 0)
@@ -792,6 +798,11 @@ static int read_zero_copy(struct bt_lane *l, struct bt_cmd *s)
 
 void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
 {
+    lane_io_done_at(l, idx, res, lane_now_ns());
+}
+
+void lane_io_done_at(struct bt_lane *l, uint32_t idx, int32_t res, uint64_t now)
+{
     struct bt_cmd *s = &l->slot[idx];
     if (s->kind == IO_FLUSH
         || (s->kind == IO_WRITE && s->fua && s->cqes == 1 && s->ns->backend == BT_BE_URING))
@@ -801,7 +812,7 @@ void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res)
     if (--s->cqes)
         return;
     struct bt_ns *ns = s->ns;
-    uint64_t lat = lane_now_ns() - s->start_ns;
+    uint64_t lat = now - s->start_ns;
     if (l->closed) {
         /* nobody to answer; the bdev still counts what it did, as the Python path's
            channel does for a connection that went away */
@@ -1106,6 +1117,136 @@ static int pmem_read_done(struct bt_lane *l, struct bt_ns *ns, const struct cmd 
     count(ns, BT_ST_READ, c->nbytes);
     l->cmds++;
     return 0;
+}
+
+/* A large read from a pool over a socket lent to the reactor's C poller is sent from
+   the pool's blocks themselves rather than copied into the output and copied again by
+   the socket: its blocks are held (bt_pmem_read_map: no writer reuses them; be_pmem.c
+   has the argument) from the command until the socket took its bytes or what it did
+   not take was copied into the queue. One sendmsg per read cost more in the kernel than
+   the copy saved (bench/RESULTS.md), so the reads that follow one another in a lane
+   call are held together and sent in one (psend_flush), before anything else of the
+   lane's leaves: the first one only once everything before it was sent, and every
+   other command, and the end of the call, sends them first, so the output's order is
+   the command order as always. A small read, or one when the socket is full or the
+   held set is, is copied as before. */
+#define PMEM_SEND_MIN (32u << 10)
+#define PS_BLOCKS 1024             /* blocks held at once (be_pmem.c's RTT_MAX) */
+#define PS_IOV 2048                /* pieces of one send */
+#define PS_META (32u << 10)        /* their headers, digests and responses */
+#define PDU_ROOM 128               /* one C2HData header with its digest and padding */
+
+struct psend {
+    struct bt_pmem *pool;       /* the pool whose blocks are held (NULL: none), */
+    uint32_t lane;              /* through this lane of it */
+    uint32_t blocks;            /* how many */
+    unsigned niov;
+    size_t meta_len;
+    struct iovec iov[PS_IOV];
+    struct iovec segs[PS_BLOCKS];  /* (one read's, as bt_pmem_read_map gives them) */
+    unsigned char meta[PS_META];
+};
+
+/* Send the held reads and let go of their blocks. */
+static void psend_flush(struct bt_lane *l)
+{
+    struct psend *ps = l->psend;
+    if (ps == NULL || ps->pool == NULL)
+        return;
+    if (l->conn != NULL)
+        net_send_now(l->conn, ps->iov, ps->niov);  /* (-1: the connection failed, which
+                                                      Python hears of) */
+    bt_pmem_read_unmap(ps->pool, ps->lane);
+    ps->pool = NULL;
+    ps->blocks = 0;
+    ps->niov = 0;
+    ps->meta_len = 0;
+}
+
+static int pmem_send_wanted(const struct bt_lane *l, const struct cmd *c)
+{
+    return c->act == ACT_READ && c->ns->backend == BT_BE_PMEM && !c->zero && l->conn != NULL
+        && c->nbytes >= PMEM_SEND_MIN && c->nbytes / c->ns->block_size <= PS_BLOCKS
+        && c2h_pdo(l) + DIGEST <= PDU_ROOM;
+}
+
+/* Read c to be sent from the pool: 1 held for the next psend_flush (counted as done), 0
+   not possible (nothing held: copy it, after psend_flush), -1 the BTT refused it (a
+   block with the error flag: nothing sent). */
+static int pmem_read_held(struct bt_lane *l, const struct cmd *c, uint16_t cid)
+{
+    struct bt_ns *ns = c->ns;
+    struct psend *ps = l->psend;
+    uint64_t nlb = c->nbytes / ns->block_size;
+    uint32_t pdus = (c->nbytes + l->c2h_chunk - 1) / l->c2h_chunk;
+    if (ps == NULL && (ps = l->psend = calloc(1, sizeof(*ps))) == NULL)
+        return 0;
+    /* (what it may need: a piece per block, two more per PDU, a response) */
+    if (ps->pool != NULL && (ps->pool != ns->pmem || ps->lane != ns->pmem_lane
+                             || ps->blocks + nlb > PS_BLOCKS
+                             || ps->niov + nlb + 2 * pdus + 1 > PS_IOV
+                             || ps->meta_len + (size_t)pdus * PDU_ROOM + PDU_ROOM > PS_META))
+        psend_flush(l);
+    if (nlb + 2 * pdus + 1 > PS_IOV || (size_t)pdus * PDU_ROOM + PDU_ROOM > PS_META)
+        return 0;
+    if (ps->pool == NULL && !net_send_ready(l->conn))
+        return 0;  /* (output waits for the socket: this one is copied behind it) */
+    unsigned nsegs = 0;
+    int rc = bt_pmem_read_map(ns->pmem, ns->pmem_lane, ps->blocks, pmem_lba(ns, c->off), nlb,
+                              ps->segs, PS_BLOCKS, &nsegs);
+    if (rc == BT_PMEM_MEDIA)
+        return -1;
+    if (rc != BT_PMEM_OK)
+        return 0;
+    ps->pool = ns->pmem;
+    ps->lane = ns->pmem_lane;
+    ps->blocks += (uint32_t)nlb;
+    /* the blocks are held until psend_flush: the PDUs around them */
+    struct iovec *iov = ps->iov;
+    unsigned s = 0;
+    size_t soff = 0;            /* bytes of segs[s] already in a PDU */
+    uint32_t left = c->nbytes, datao = 0;
+    while (left) {
+        uint32_t n = left < l->c2h_chunk ? left : l->c2h_chunk;
+        unsigned char *h = ps->meta + ps->meta_len;
+        unsigned char *d = c2h_head(l, h, cid, datao, n, n == left);
+        iov[ps->niov++] = (struct iovec){h, (size_t)(d - h)};
+        ps->meta_len += (size_t)(d - h);
+        uint32_t crc = 0;
+        for (uint32_t want = n; want;) {
+            size_t take = ps->segs[s].iov_len - soff;
+            if (take > want)
+                take = want;
+            unsigned char *src = (unsigned char *)ps->segs[s].iov_base + soff;
+            if (l->ddgst)
+                crc = bt_crc32c(crc, src, take);  /* (the bytes sent: held as they are) */
+            iov[ps->niov++] = (struct iovec){src, take};
+            want -= (uint32_t)take;
+            soff += take;
+            if (soff == ps->segs[s].iov_len) {
+                s++;
+                soff = 0;
+            }
+        }
+        if (l->ddgst) {
+            st32(ps->meta + ps->meta_len, crc);
+            iov[ps->niov++] = (struct iovec){ps->meta + ps->meta_len, DIGEST};
+            ps->meta_len += DIGEST;
+        }
+        datao += n;
+        left -= n;
+    }
+    if (!l->c2h_success) {
+        unsigned char *r = ps->meta + ps->meta_len;
+        unsigned char *e = put_resp(l, r, cid);
+        iov[ps->niov++] = (struct iovec){r, (size_t)(e - r)};
+        ps->meta_len += (size_t)(e - r);
+    }
+    count(ns, BT_ST_READ, c->nbytes);
+    l->cmds++;
+    l->pmem_sent++;
+    smart(l, 0, c->nbytes, 1);
+    return 1;
 }
 
 /* ---- pmem group commit: the in-capsule writes to one pool that follow one another in a
@@ -1636,6 +1777,8 @@ static size_t lane_run(struct bt_lane *l, const unsigned char *in, size_t len,
     while (n < max_cmds && len - pos >= 8) {
         const unsigned char *p = in + pos;
         uint32_t plen = ld32(p + 4);
+        if (p[0] != PDU_CAPSULE_CMD || plen > len - pos)
+            psend_flush(l);  /* (before anything else of the lane's: see pmem_read_held) */
         if (g.n && p[0] != PDU_CAPSULE_CMD && !group_commit(l, &g, &pos, &n))
             break;  /* (H2CData may complete a write and answer it: the group's first) */
         if (plen > len - pos) {
@@ -1671,8 +1814,9 @@ static size_t lane_run(struct bt_lane *l, const unsigned char *in, size_t len,
         if (reply < 0)
             break;
         unsigned char *o = NULL;  /* (an asynchronous command answers later) */
+        int sent = pmem_send_wanted(l, &c);  /* (its reply does not go into `out`) */
         if ((n > 0 && l->out_len + (size_t)reply > max_out)
-            || (reply > 0 && (o = reserve(l, (size_t)reply)) == NULL)) {
+            || (reply > 0 && !sent && (o = reserve(l, (size_t)reply)) == NULL)) {
             lv_drop(&c);
             break;
         }
@@ -1693,7 +1837,20 @@ static size_t lane_run(struct bt_lane *l, const unsigned char *in, size_t len,
         if (!l->flow_disabled)
             l->sqhd = (uint16_t)((l->sqhd + 1) % ((uint32_t)l->sqsize + 1));
         int refused = 0;
-        if (c.act != ACT_WRITE_R2T && !async) {
+        if (sent)
+            sent = pmem_read_held(l, &c, cid);
+        if (!sent) {
+            psend_flush(l);  /* (the held reads leave before this command's output) */
+            if (o == NULL && reply > 0 && (o = reserve(l, (size_t)reply)) == NULL)
+                sent = -1;  /* (a read not held, and no room to copy it: Python's) */
+        }
+        if (sent) {
+            if (sent < 0)
+                pmem_refused(l, &c, cid, IO_READ);
+            lv_drop(&c);
+            refused = sent < 0;
+            reply = 0;
+        } else if (c.act != ACT_WRITE_R2T && !async) {
             long done = group_fits(l, &g, &c, reply)
                       ? group_join(l, &g, &c, cid, reply, pos, n)
                       : exec_sync(l, &c, cid, o, reply);
@@ -1707,6 +1864,7 @@ static size_t lane_run(struct bt_lane *l, const unsigned char *in, size_t len,
         if (refused)
             break;  /* the Python path answers it before anything after it, in order */
     }
+    psend_flush(l);
     size_t end = pos;
     if (!group_commit(l, &g, &pos, &n)) {  /* (before anything it answered is sent) */
         if (end == len && in != l->carry)
@@ -1726,7 +1884,9 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
                    size_t max_out, unsigned *ncmds)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     size_t r = lane_run(l, in, len, max_cmds, max_out, ncmds);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }
@@ -1734,7 +1894,9 @@ size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsig
 size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     size_t r = lane_rx(l, in, len);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }
@@ -1743,7 +1905,9 @@ size_t bt_lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int
                      unsigned char **handed, size_t *nhanded, unsigned *ncmds)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     size_t r = lane_carry(l, in, len, run, handed, nhanded, ncmds);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }
@@ -1752,7 +1916,9 @@ int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao
                 const unsigned char *data, uint32_t n, int last)
 {
     uint64_t t0 = lane_now_ns(), c0 = l->cmds;
+    call_ns = t0;
     int r = lane_h2c(l, cccid, ttag, datao, data, n, last);
+    call_ns = 0;
     settle(l, t0, c0);
     return r;
 }

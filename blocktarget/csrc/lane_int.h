@@ -59,6 +59,9 @@ static inline void st32(unsigned char *p, uint32_t v) { memcpy(p, &v, 4); }
 uint64_t lane_now_ns(void);
 /* a backend finished slot `idx` of lane l with result res (bytes done or -errno) */
 void lane_io_done(struct bt_lane *l, uint32_t idx, int32_t res);
+/* the same, at `now` (lane_now_ns() read once for all the completions a sweep found:
+   they were found together) */
+void lane_io_done_at(struct bt_lane *l, uint32_t idx, int32_t res, uint64_t now);
 
 /* the io_uring backend (be_uring.c): how many SQEs the ring can take now; queue the
    slot's I/O (two linked SQEs for a FUA write: the write, then fdatasync); submit what

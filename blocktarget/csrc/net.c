@@ -37,6 +37,16 @@
 #define BATCH 64               /* commands per lane call: output is sent between calls */
 #define MAX_OUT (1u << 20)     /* output bytes per lane call (fastlane.MAX_OUT) */
 #define IOV 64                 /* pieces per sendmsg */
+#define IOV_DIRECT 512         /* pieces per sendmsg of a read sent from where it lies
+                                  (below the kernel's UIO_MAXIOV, 1024) */
+
+static size_t total_len(const struct iovec *v, unsigned k)
+{
+    size_t n = 0;
+    for (unsigned i = 0; i < k; i++)
+        n += v[i].iov_len;
+    return n;
+}
 #define EVENTS 64
 
 struct bt_net *bt_net_new(void)
@@ -242,6 +252,7 @@ static void failed(struct bt_conn *c)
 
 static void hand_back(struct bt_conn *c, unsigned char *first, size_t nfirst,
                       const unsigned char *rest, size_t nrest);
+static void flow(struct bt_conn *c);
 
 /* Send what is queued, as far as the socket takes it; then the flow control. */
 static void send_queue(struct bt_conn *c)
@@ -288,6 +299,13 @@ static void send_queue(struct bt_conn *c)
             c->qn--;
         }
     }
+    flow(c);
+}
+
+/* After a send: EPOLLOUT while output waits, and the transport's marks (pause and
+   resume reading, which Python hears of). */
+static void flow(struct bt_conn *c)
+{
     if (!c->attached)
         return;
     uint8_t epout = c->qn != 0;
@@ -322,6 +340,81 @@ static int take_lane_output(struct bt_conn *c)
             c->out_bytes += c->q[c->qhead + c->qn + i].len;
         c->qn += n;
     }
+    return 0;
+}
+
+int net_send_ready(struct bt_conn *c)
+{
+    if (!c->attached || take_lane_output(c) != 0)
+        return 0;
+    send_queue(c);
+    return c->attached && c->qn == 0;
+}
+
+int net_send_now(struct bt_conn *c, const struct iovec *iov, unsigned niov)
+{
+    unsigned i = 0;             /* the first piece not wholly sent, */
+    size_t off = 0;             /* and how much of it was */
+    while (i < niov) {
+        struct iovec v[IOV_DIRECT];
+        unsigned k = niov - i < IOV_DIRECT ? niov - i : IOV_DIRECT;
+        memcpy(v, iov + i, k * sizeof(*v));
+        v[0].iov_base = (unsigned char *)v[0].iov_base + off;
+        v[0].iov_len -= off;
+        size_t want = total_len(v, k);
+        struct msghdr m = {0};
+        m.msg_iov = v;
+        m.msg_iovlen = k;
+        ssize_t r = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                c->blocked++;
+                break;
+            }
+            failed(c);
+            return -1;
+        }
+        c->sends++;
+        c->tx_bytes += (uint64_t)r;
+        for (size_t left = (size_t)r; left;) {
+            size_t rest = iov[i].iov_len - off;
+            if (left < rest) {
+                off += left;
+                break;
+            }
+            left -= rest;
+            off = 0;
+            i++;
+        }
+        if ((size_t)r < want) {
+            c->blocked++;
+            break;  /* the socket is full: the rest is copied below */
+        }
+    }
+    if (i < niov) {
+        /* the rest into the queue, copied now: the caller's memory is not ours to keep */
+        size_t rest = iov[i].iov_len - off;
+        for (unsigned j = i + 1; j < niov; j++)
+            rest += iov[j].iov_len;
+        unsigned char *copy = malloc(rest);
+        if (copy == NULL || !q_room(c, 1)) {
+            free(copy);
+            failed(c);  /* (part of a PDU sent: the stream cannot go on without the rest) */
+            return -1;
+        }
+        unsigned char *d = copy;
+        memcpy(d, (unsigned char *)iov[i].iov_base + off, iov[i].iov_len - off);
+        d += iov[i].iov_len - off;
+        for (unsigned j = i + 1; j < niov; j++) {
+            memcpy(d, iov[j].iov_base, iov[j].iov_len);
+            d += iov[j].iov_len;
+        }
+        c->q[c->qhead + c->qn++] = (struct bt_chunk){copy, copy, rest, 0};
+        c->out_bytes += rest;
+    }
+    flow(c);
     return 0;
 }
 
@@ -615,7 +708,9 @@ static void device_wait(struct bt_net *n, uint64_t slice)
     struct pollfd p = {n->epfd, POLLIN, 0};
     uint64_t ns = slice < 999999999u ? slice : 999999999u;
     struct timespec ts = {0, (long)ns};
+    uint64_t c0 = cpu_now_ns();
     (void)ppoll(&p, 1, &ts, NULL);
+    n->dev_wait_cpu_ns += cpu_now_ns() - c0;
     n->dev_waits++;
 }
 
@@ -658,6 +753,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             win = n->win_ns;
     }
     n->win_used_ns = win;
+    uint64_t wcpu0 = n->dev_wait_cpu_ns;
     n->polls++;
     while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
         prev = t;
@@ -729,8 +825,10 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->tail_idle_ns = t - last;
     uint64_t cpu = cpu_now_ns() - c0, wall = now_ns() - t0 - slept;
     n->cpu_ns += cpu;
-    /* (idle was measured in wall time awake: the same share of the CPU time) */
-    n->idle_ns += wall ? (uint64_t)((double)idle * (double)cpu / (double)wall) : 0;
+    /* (idle was measured in wall time awake: the same share of the CPU time awake,
+       the device-wait slices' own CPU, counted apart, left out of both) */
+    uint64_t awake = cpu - (n->dev_wait_cpu_ns - wcpu0);
+    n->idle_ns += wall ? (uint64_t)((double)idle * (double)awake / (double)wall) : 0;
     *nready = take_ready(n, ready, max);
     return after - before;
 }

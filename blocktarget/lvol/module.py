@@ -217,14 +217,6 @@ class _Unaccounted:
                 ch.stats = stats if stats is not None else ChannelStats()
 
 
-def notify_resized(target: Target, bdev: Bdev) -> None:
-    """Tell hosts of every namespace on this bdev that its size changed (AEN)."""
-    for sub in target.subsystems:
-        for ns in sub.ns_list():
-            if ns.bdev is bdev:
-                target.subsystems.changed("ns_resized", sub, ns)
-
-
 def describe_store(store: LvolStore) -> dict[str, Any]:
     return {
         "uuid": store.uuid,

@@ -20,7 +20,6 @@ from .module import (
     delete_store,
     describe_store,
     describe_volume,
-    notify_resized,
     stores_of,
     volume_bdev,
 )
@@ -180,7 +179,7 @@ async def bdev_lvol_resize(target: Target, params: dict[str, Any]) -> bool:
     blocks = rec.num_clusters * store.blocks_per_cluster
     if blocks != bdev.num_blocks:
         bdev.num_blocks = blocks
-        notify_resized(target, bdev)
+        target.subsystems.bdev_resized(bdev)
     return True
 
 

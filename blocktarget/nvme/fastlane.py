@@ -181,7 +181,7 @@ class Lane:
         # the C side's cumulative counters as last recorded on the Python side: SMART
         # read/write commands and bytes, commands, budget taken and given back, I/Os,
         # H2CData PDUs received across buffers
-        self._seen = [0] * 9
+        self._seen = [0] * 10
         self._bud_net = 0  # c.bud_net as last folded
         self._submitted = 0  # c.submitted as last seen by the receive path
 
@@ -625,7 +625,7 @@ class Lane:
         c = self.c
         seen = self._seen
         now = (c.read_cmds, c.read_bytes, c.write_cmds, c.write_bytes, c.cmds, c.bud_taken,
-               c.bud_returned, c.submitted, c.rx_pdus)
+               c.bud_returned, c.submitted, c.rx_pdus, c.pmem_sent)
         qp.rx_pdus += now[8] - seen[8]
         k = qp.counters
         k.read_cmds += now[0] - seen[0]
@@ -634,6 +634,7 @@ class Lane:
         k.write_bytes += now[3] - seen[3]
         done = now[4] - seen[4]
         self.stats.c_lane_commands += done
+        self.stats.c_pmem_sent += now[9] - seen[9]
         taken, returned = now[5] - seen[5], now[6] - seen[6]
         if taken or returned:
             # what the lane took while lent, the C poller added to the reactor's budget

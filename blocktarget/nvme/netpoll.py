@@ -167,7 +167,7 @@ class NetPoller:
         n.dev_wait_ns = r.device_wait_us * 1000
         n.win_adapt = r.adaptive_window
         n.spin_max_ns = r.busy_poll_us * 1000
-        idle0, cpu0, waits0 = n.idle_ns, n.cpu_ns, n.dev_waits
+        idle0, cpu0, waits0, wcpu0 = n.idle_ns, n.cpu_ns, n.dev_waits, n.dev_wait_cpu_ns
         shrinks0, grows0 = n.win_shrinks, n.win_grows
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
         st = r.stats
@@ -180,6 +180,7 @@ class NetPoller:
         st.net_window_grows += n.win_grows - grows0
         st.net_window_ns = n.win_ns if r.adaptive_window else n.spin_max_ns
         quiet = not n.python_cqe and not self._nready[0]
+        st.net_device_wait_ns += n.dev_wait_cpu_ns - wcpu0
         self._after(n)
         if spin:
             # C spins the reactor's busy-poll window itself: the event loop must not

@@ -300,6 +300,14 @@ class SubsystemRegistry:
         for obs in list(self.observers):
             obs(event, subsys, detail)
 
+    def bdev_resized(self, bdev: Bdev) -> None:
+        """Every namespace on `bdev` changed size: each subsystem's hosts are told (a
+        Namespace Attribute Changed event), whichever module resized it."""
+        for sub in self:
+            for ns in sub.ns_list():
+                if ns.bdev is bdev:
+                    self.changed("ns_resized", sub, ns)
+
     # ---- subsystems ----
     def add(self, subsys: Subsystem) -> None:
         if subsys.nqn == DISCOVERY_NQN or subsys.nqn in self._subsystems:

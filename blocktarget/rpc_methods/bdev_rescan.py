@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from ..bdev import Bdev
 from ..bdevs.uring import UringBdev
 from ..errors import Busy, InvalidParams, RpcError
-from ..lvol.module import notify_resized
 from ..params import Param, Schema, non_empty
 from ..rpc import method
 
@@ -44,7 +43,7 @@ def resize_bdev(target: Target, bdev: Bdev, blocks: int) -> None:
     bdev.num_blocks = blocks
     log.info("bdev %s resized from %d to %d blocks of %d bytes", bdev.name, old, blocks,
              bdev.block_size)
-    notify_resized(target, bdev)
+    target.subsystems.bdev_resized(bdev)
 
 
 @method("bdev_uring_rescan", Schema((Param("name", str, required=True, check=non_empty),)),

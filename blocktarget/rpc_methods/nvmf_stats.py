@@ -11,7 +11,8 @@ gone, all of them must read 0 except what other hosts still hold.
 SPDK's shape (`tick_rate`, `poll_groups[].name/current_admin_qpairs/current_io_qpairs/
 pending_bdev_io/transports[].trtype/pending_data_buffer`) is kept so SPDK tooling reads
 it; `pending_data_buffer_bytes`, `pending_requests`, `unconnected_qpairs` and
-`c_lane_commands` (commands the C lane executed on this reactor, nvme/fastlane.py) are ours.
+`c_lane_commands` (commands the C lane executed on this reactor, nvme/fastlane.py) and
+`c_pmem_sent` (of those, pmem reads sent from the pool's blocks, csrc/lane.c) are ours.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "pending_requests": requests,
         "pending_bdev_io": requests - waiting,
         "c_lane_commands": reactor.stats.c_lane_commands,
+        "c_pmem_sent": reactor.stats.c_pmem_sent,
         "gil_released_ns": reactor.stats.gil_released_ns,
         # the C socket poller (nvme/netpoll.py): its calls, and sockets lent to it
         "net_polls": reactor.stats.net_polls,
@@ -68,10 +70,11 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "net_device_waits": reactor.stats.net_device_waits,
         # its adaptive busy-poll window (poll.adaptive_window): halved when the host's
         # next command came after the whole window, doubled back when within; the
-        # window its last call spun (µs)
+        # window now (µs)
         "net_window_shrinks": reactor.stats.net_window_shrinks,
         "net_window_grows": reactor.stats.net_window_grows,
         "net_window_us": reactor.stats.net_window_ns // 1000,
+        "net_device_wait_ns": reactor.stats.net_device_wait_ns,  # their CPU time
         "poll_runs": reactor.stats.poll_runs,  # the reactor's Python poll loop's turns
         # the GIL sampler (gilsample.py): samples of the thread's CPU time, those taken
         # with the GIL held, ns of CPU time each stands for (0: no sampler)

@@ -29,6 +29,15 @@ BENCH = ROOT / "bench"
 SPDK_WHY = tool_unavailable_reason("nvmf_tgt") or tool_unavailable_reason("spdk_nvme_perf")
 
 
+def _loop_unavailable() -> str | None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import loopdev
+    finally:
+        sys.path.remove(str(BENCH))
+    return loopdev.unavailable_reason()
+
+
 def _env() -> dict[str, str]:
     """The scripts run from a copy of bench/ find SPDK's tools where this checkout does."""
     env = dict(os.environ)
@@ -55,9 +64,13 @@ def _run(*args: str, timeout: int = 120, cwd: Path = ROOT, rc: int = 0) -> str:
     # over a loopback socket lent to the reactor's C poller; NVMe: swept by it
     (("--socket",), 100), (("--socket", "--write"), 100),
     (("--socket", "--backend", "nvme"), 100),
+    # a uring bdev on a loop device the bench attaches over a /dev/shm file
+    (("--socket", "--backend", "uring-loop", "--write"), 100),
 ], ids=["read", "write", "r2t", "digests", "read-python", "write-python", "r2t-arena",
-        "write-arena", "socket-read", "socket-write", "socket-nvme"])
+        "write-arena", "socket-read", "socket-write", "socket-nvme", "socket-uring-loop"])
 def test_hotpath_bench_runs(args: tuple[str, ...], in_lane: int) -> None:
+    if "uring-loop" in args and (why := _loop_unavailable()) is not None:
+        pytest.xfail(f"no loop devices here: {why}")
     out = _run(str(BENCH / "hotpath.py"), "--ops", "640", "--reps", "1", *args)
     m = re.search(r"CPU µs/command min ([\d.]+)", out)
     assert m and 0 < float(m.group(1)) < 10_000, out

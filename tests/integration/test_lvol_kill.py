@@ -64,6 +64,34 @@ def checker_cmd(port: int, journal: Path, *, check_only: bool = False) -> list[s
     return cmd + ["--check-only"] if check_only else cmd
 
 
+def start_checker(port: int, journal: Path, totals: Totals, acks: int) -> subprocess.Popen:
+    """The verifying load, returned once it has `acks` more writes acknowledged (so a
+    kill lands on a target under load, not on one still taking connections)."""
+    mark = inode(journal)
+    p = subprocess.Popen(checker_cmd(port, journal), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while count_acks(journal, mark) < acks:
+        if p.poll() is not None:
+            judge(p, f"cycle {totals.cycles}", totals)
+            raise AssertionError(f"checker ended early: {totals.results[-1]['messages']}")
+        assert time.monotonic() < deadline, "the checker got no writes acknowledged"
+        time.sleep(0.01)
+    return p
+
+
+def final_check(running_target: Launcher, cfg: dict[str, Any], port: int, journal: Path,
+                totals: Totals) -> Any:
+    """A last start on one core, every journaled write read back; the target returned
+    still running."""
+    t = running_target.prepare(cfg, cores=[0]).start()
+    p = subprocess.Popen(checker_cmd(port, journal, check_only=True), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    judge(p, "final check", totals)
+    assert p.returncode == 0
+    return t
+
+
 @pytest.mark.timeout(BUDGET_S + 60)
 def test_kill_restart_thin_lvol(running_target: Launcher, tmp_path: Path) -> None:
     img = tmp_path / "base.img"
@@ -88,26 +116,13 @@ def test_kill_restart_thin_lvol(running_target: Launcher, tmp_path: Path) -> Non
         t = running_target.prepare(cfg, cores=[0, 1]).start()
         [v] = t.rpc("bdev_lvol_get_lvols")
         allocated.append(v["num_allocated_clusters"])
-        mark = inode(journal)
-        p = subprocess.Popen(checker_cmd(port, journal), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while count_acks(journal, mark) < 4:
-            if p.poll() is not None:
-                judge(p, f"cycle {totals.cycles}", totals)
-                raise AssertionError(f"checker ended early: {totals.results[-1]['messages']}")
-            assert time.monotonic() < deadline, "the checker got no writes acknowledged"
-            time.sleep(0.01)
+        p = start_checker(port, journal, totals, 4)
         time.sleep(rng.uniform(0.0, 0.15))
         os.kill(t.pid, signal.SIGKILL)
         t.kill()
         judge(p, f"cycle {totals.cycles}", totals)
         totals.cycles += 1
-    t = running_target.prepare(cfg, cores=[0]).start()
-    p = subprocess.Popen(checker_cmd(port, journal, check_only=True), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    judge(p, "final check", totals)
-    assert p.returncode == 0
+    t = final_check(running_target, cfg, port, journal, totals)
     [v] = t.rpc("bdev_lvol_get_lvols")
     [s] = t.rpc("bdev_lvol_get_lvstores")
     t.stop()
@@ -165,16 +180,7 @@ def test_kill_during_live_grow_under_load(running_target: Launcher, tmp_path: Pa
         assert s["free_clusters"] + used == s["total_data_clusters"]
         seen.append(s["total_data_clusters"])
         allocated.append(lvols["vol"]["num_allocated_clusters"])
-        mark = inode(journal)
-        p = subprocess.Popen(checker_cmd(port, journal), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 30
-        while count_acks(journal, mark) < 16:  # allocations in every cycle
-            if p.poll() is not None:
-                judge(p, f"cycle {totals.cycles}", totals)
-                raise AssertionError(f"checker ended early: {totals.results[-1]['messages']}")
-            assert time.monotonic() < deadline, "the checker got no writes acknowledged"
-            time.sleep(0.01)
+        p = start_checker(port, journal, totals, 16)  # allocations in every cycle
         os.truncate(img, img.stat().st_size + GROW_STEP)
         grew: list[BaseException | None] = []
 
@@ -197,11 +203,7 @@ def test_kill_during_live_grow_under_load(running_target: Launcher, tmp_path: Pa
         t.kill()
         judge(p, f"cycle {totals.cycles}", totals)
         totals.cycles += 1
-    t = running_target.prepare(cfg, cores=[0]).start()
-    p = subprocess.Popen(checker_cmd(port, journal, check_only=True), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    judge(p, "final check", totals)
-    assert p.returncode == 0
+    t = final_check(running_target, cfg, port, journal, totals)
     [s] = t.rpc("bdev_lvol_get_lvstores")
     lvols = {v["name"]: v for v in t.rpc("bdev_lvol_get_lvols")}
     used = sum(v["num_allocated_clusters"] for v in lvols.values())

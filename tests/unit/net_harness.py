@@ -12,8 +12,10 @@ real ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvloop
@@ -147,14 +149,17 @@ class SockPair(Pair):
 
     def __init__(self, opts: dict[str, Any] | None = None, *, loop: str = "uvloop",
                  workdir: Any = None, sndbuf: int = 0, rcvbuf: int = 0,
+                 reference: Callable[[], Any] = contextlib.nullcontext,
                  **kw: Any) -> None:
+        """``reference``: a context the reference side is made in (as Pair's)."""
         self.loop = LOOPS[loop]()
         dirs = [None, None]
         if workdir is not None:
             dirs = [workdir / "ref", workdir / "fast"]
             for d in dirs:
                 d.mkdir(exist_ok=True)
-        self.ref = Side(self.loop, False, opts or OPTS, workdir=dirs[0], **kw)
+        with reference():
+            self.ref = Side(self.loop, False, opts or OPTS, workdir=dirs[0], **kw)
         self.fast = SockSide(self.loop, True, opts or OPTS, workdir=dirs[1], sndbuf=sndbuf,
                              rcvbuf=rcvbuf, **kw)
         assert self.ref.io._lane is None and self.fast.io._lane is not None

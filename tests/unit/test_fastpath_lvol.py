@@ -3,8 +3,10 @@ path with the lane harness: the same commands on a target with the lane and one
 without, every byte sent, the base's data region, the bdev statistics (the volumes' and
 the base's), the SMART counters and the volumes' cluster maps compared after each step.
 
-Each side has one store (16 KiB clusters) on a malloc bdev, or on a uring bdev (a file
-on the repo's disk and one on /dev/shm), with a thin volume (nsid 2), a thick one
+Each side has one store (16 KiB clusters) on a malloc bdev, on a uring bdev (a file
+on the repo's disk and one on /dev/shm), on a pmem bdev (the BTT under the volumes' map:
+two translations in C), or on a passthru over the second half of a split malloc bdev
+(two offset remaps under the map), with a thin volume (nsid 2), a thick one
 (nsid 4), a clone (nsid 5) of a snapshot (nsid 8, read-only) of a thick volume, and that
 origin (nsid 7, since the snapshot a clone of it too). The data region is filled with a
 pattern first, so a clone's reads through its snapshot return something recognisable.
@@ -29,7 +31,7 @@ import pytest
 from lane_harness import BDEVS, DSM, FLUSH, OPTS, WZ, Layout, Pair, cmd, pattern, rd, wr
 from test_fastpath import finish_r2t
 
-from blocktarget.bdevs import uring
+from blocktarget.bdevs import pmem, uring
 from blocktarget.nvme import fastlane
 from blocktarget.rpc import call_method
 
@@ -44,6 +46,7 @@ VOLS = {2: "lvs/thin", 4: "lvs/thick", 5: "lvs/clone", 7: "lvs/orig", 8: "lvs/sn
 BIG_BLOCKS = 8192  # lvs/big: a thin volume of 32 MiB, twice its store
 BASE = "LB"
 BASE_BLOCKS = 4096  # 16 MiB
+SPLIT_UNDER = "LBM"  # split kind: a malloc bdev of two halves, BASE a passthru on the second
 
 
 @pytest.fixture(autouse=True)
@@ -55,13 +58,24 @@ def _geometry(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(BDEVS, nsid, (name, 4096, BIG_BLOCKS if nsid == 9 else VOL_BLOCKS))
 
 
-def _base(kind: str, workdir: Path) -> tuple[str, dict[str, Any]]:
+def _base(kind: str, workdir: Path) -> list[tuple[str, dict[str, Any]]]:
     if kind == "malloc":
-        return "bdev_malloc_create", {"name": BASE, "num_blocks": BASE_BLOCKS,
-                                      "block_size": 4096}
+        return [("bdev_malloc_create", {"name": BASE, "num_blocks": BASE_BLOCKS,
+                                        "block_size": 4096})]
+    if kind == "split":
+        return [("bdev_malloc_create", {"name": SPLIT_UNDER, "num_blocks": 2 * BASE_BLOCKS,
+                                        "block_size": 4096}),
+                ("bdev_split_create", {"base_bdev": SPLIT_UNDER, "split_count": 2}),
+                ("bdev_passthru_create", {"base_bdev_name": f"{SPLIT_UNDER}p1",
+                                          "name": BASE})]
+    if kind == "pmem":
+        pool = str(workdir / "base.pool")
+        return [("bdev_pmem_create_pool", {"pmem_file": pool, "num_blocks": BASE_BLOCKS,
+                                           "block_size": 4096}),
+                ("bdev_pmem_create", {"name": BASE, "pmem_file": pool})]
     path = workdir / "base.img"
     path.write_bytes(bytes(BASE_BLOCKS * 4096))
-    return "bdev_uring_create", {"name": BASE, "filename": str(path), "block_size": 4096}
+    return [("bdev_uring_create", {"name": BASE, "filename": str(path), "block_size": 4096})]
 
 
 def _setup(kind: str) -> Any:
@@ -74,7 +88,7 @@ def _setup(kind: str) -> Any:
                                         "size_in_mib": 1, "thin_provision": thin}
 
         calls = [
-            _base(kind, workdir),
+            *_base(kind, workdir),
             ("bdev_lvol_create_lvstore", {"bdev_name": BASE, "lvs_name": "lvs",
                                           "cluster_sz": CLUSTER, "clear_method": "none"}),
             lv("thin", True), lv("thick", False), lv("orig", False),
@@ -94,20 +108,35 @@ def _data_offset(side: Any) -> int:
     return side.target.bdevs.get(VOLS[2]).store.sb.data_offset
 
 
+DATA_START = 4 * 1024 * 1024  # past the metadata slots of this geometry (checked in _fill)
+
+
 def _contents(b: Any) -> bytes | None:
-    """The base's data region (the metadata holds each side's own UUIDs)."""
-    if b.name != BASE:
+    """The base's data region as its own reader sees it (the metadata holds each side's
+    own UUIDs): a pmem pool's through its BTT (the physical blocks depend on the order
+    of writes, which the lane's group commit changes), the split kind's in the malloc
+    bdev under the split."""
+    start = DATA_START
+    if b.name == SPLIT_UNDER:
+        return bytes(b.mem[BASE_BLOCKS * 4096 + start:])
+    if b.name != BASE or b.module == "passthru":
         return None
-    start = 4 * 1024 * 1024  # (past the metadata slots of this geometry: checked below)
+    if b.module == "pmem":
+        assert b.pool.check() == [], b.pool.check()
+        out = bytearray(BASE_BLOCKS * 4096 - start)
+        b.pool.read(0, start // 4096, len(out) // 4096, memoryview(out))
+        return bytes(out)
     if b.host_memory() is not None:
         return bytes(b.mem[start:])
     return Path(b.filename).read_bytes()[start:]
 
 
 def _layout(kind: str) -> Layout:
-    return Layout(bdevs=lambda _w: [], setup=_setup("malloc" if kind == "malloc" else "uring"),
-                  namespaces=dict(VOLS), compared=[BASE, *VOLS.values()],
-                  contents=_contents, ordered=kind == "malloc")
+    setup = kind if kind in ("malloc", "split", "pmem") else "uring"
+    compared = [BASE, *VOLS.values()] + ([SPLIT_UNDER] if kind == "split" else [])
+    return Layout(bdevs=lambda _w: [], setup=_setup(setup), namespaces=dict(VOLS),
+                  compared=compared, contents=_contents,
+                  ordered=kind in ("malloc", "split", "pmem"))
 
 
 def _fill(side: Any) -> None:
@@ -115,9 +144,15 @@ def _fill(side: Any) -> None:
     sides: what the thick volumes and the snapshot read)."""
     base = side.target.bdevs.get(BASE)
     off = _data_offset(side)
-    assert off <= 4 * 1024 * 1024
+    assert off <= DATA_START
     data = pattern(BASE_BLOCKS * 4096 - off, 77)
-    if base.host_memory() is not None:
+    if base.module == "passthru":
+        under = side.target.bdevs.get(SPLIT_UNDER)
+        under.mem[BASE_BLOCKS * 4096 + off:] = data
+    elif base.module == "pmem":
+        assert off % 4096 == 0
+        base.pool.write(0, off // 4096, len(data) // 4096, memoryview(data))
+    elif base.host_memory() is not None:
         base.mem[off:] = data
     else:
         with open(base.filename, "r+b") as f:
@@ -130,9 +165,13 @@ def maps(side: Any) -> dict[str, Any]:
     return {v.name: (sorted(v.map.items()), v.read_only, v.thin) for v in md.volumes.values()}
 
 
-@pytest.fixture(params=["malloc", "uring-disk", "uring-shm"])
+@pytest.fixture(params=["malloc", "uring-disk", "uring-shm", "pmem", "split"])
 def lvpair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
     kind = request.param
+    if kind == "pmem" and not pmem.libpmem_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but blocktarget._pmem is not built: lvol on pmem untested")
+        pytest.skip("blocktarget._pmem not built (libpmem-dev missing)")
     if kind != "malloc" and uring.uring_unavailable_reason() is not None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"no io_uring: {uring.uring_unavailable_reason()}")

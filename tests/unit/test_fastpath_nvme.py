@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -79,23 +79,35 @@ NAMESPACES = {1: "An1", 2: "Bn1", 3: "N0", 5: "Cn1p1", 6: "PD"}
 COMPARED = ["An1", "Bn1", "N0", "Cn1", "Cn1p0", "Cn1p1", "Dn1", "PD"]
 
 
-async def _attach(target: Any, workdir: Any) -> None:
-    """A fake controller per namespace geometry, attached as nvme bdevs (register_
-    controller: the attach without VFIO), contents patterned."""
-    for i, (name, (bs, blocks)) in enumerate(CTRLS.items()):
-        iommu = FakeIommu()
-        dev = MemBarNvme(iommu, blocks=blocks, block_size=bs, mqes=127)
-        _FAKES.append(dev)
-        dev.storage[1][:] = pattern(bs * blocks, i + 1)
-        alloc = DmaAllocator(iommu, name=name, use_hugepages=False)
-        _ALLOCS.append(alloc)
-        c = Controller(dev, alloc, name=name, options=Options(io_queue_depth=64))
-        c.init(1)
-        await nvme_pcie.register_controller(target, name, f"0000:00:0{i}.0", c,
-                                            {"name": name, "traddr": f"0000:00:0{i}.0"})
-        # (the two sides' controllers have the same names: the registry of attached
-        # controllers, which only RPCs look names up in, keeps neither)
-        nvme_pcie._CONTROLLERS.pop(name, None)
+def membar_device(blocks: int, block_size: int) -> MemBarNvme:
+    """The Python model with memory doorbells (the one that can misbehave on request)."""
+    return MemBarNvme(FakeIommu(), blocks=blocks, block_size=block_size, mqes=127)
+
+
+def attacher(make: Callable[[int, int], MemBarNvme] = membar_device) -> Any:
+    """The layout's setup: a fake controller per namespace geometry, made by ``make``
+    (blocks, block size), attached as nvme bdevs (register_controller: the attach
+    without VFIO), contents patterned."""
+
+    async def attach(target: Any, workdir: Any) -> None:
+        for i, (name, (bs, blocks)) in enumerate(CTRLS.items()):
+            dev = make(blocks, bs)
+            _FAKES.append(dev)
+            dev.storage[1][:] = pattern(bs * blocks, i + 1)
+            alloc = DmaAllocator(dev.iommu, name=name, use_hugepages=False)
+            _ALLOCS.append(alloc)
+            c = Controller(dev, alloc, name=name, options=Options(io_queue_depth=64))
+            c.init(1)
+            await nvme_pcie.register_controller(target, name, f"0000:00:0{i}.0", c,
+                                                {"name": name, "traddr": f"0000:00:0{i}.0"})
+            # (the two sides' controllers have the same names: the registry of attached
+            # controllers, which only RPCs look names up in, keeps neither)
+            nvme_pcie._CONTROLLERS.pop(name, None)
+
+    return attach
+
+
+_attach = attacher()
 
 
 def _bdevs(workdir: Any) -> list[dict[str, Any]]:

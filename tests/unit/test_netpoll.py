@@ -755,7 +755,10 @@ def test_no_spinning_while_only_the_device_works(wait_us: int, window_us: int) -
             # slept-polled; that it still does so, past a 100 us window too, is what
             # the poller reports: the device's work pending, its next turn booked
             assert waits > 30, waits
-            assert cpu < 0.3 * wall, (cpu, wall)
+            # (each slice's ppoll costs the thread 17-40 us of CPU on this kind of VM,
+            # more under load: 0.31 of the wall time was seen with load average 3.5;
+            # spinning takes all of it that the scheduler gives)
+            assert cpu < 0.5 * wall, (cpu, wall)
             np = r.net_poller
             assert np.n.dev_pending and np._again is not None, (np.n.dev_pending, np._again)
         else:

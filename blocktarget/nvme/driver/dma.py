@@ -355,9 +355,11 @@ class DmaAllocator:
             try:
                 r.release()
             except BufferError:
-                # a memoryview of it is still referenced somewhere; leave the mapping
-                log.debug("%s: region at IOVA %#x still referenced; not unmapped", self.name,
-                          r.iova)
+                # a memoryview of it is still referenced somewhere: unmapping would turn
+                # that reader's next access into a SIGSEGV, so the mapping stays (said
+                # aloud: it is memory the process keeps until it exits)
+                log.warning("%s: DMA region at IOVA %#x (%d KiB) still referenced at close: "
+                            "left mapped", self.name, r.iova, r.size // 1024)
 
 
 @dataclass(eq=False)
