@@ -55,6 +55,9 @@ SOCK=/tmp/bt.sock
 BDF=$(for d in /sys/bus/pci/devices/*; do
   if [ "$(cat $d/class)" = 0x010802 ]; then basename $d; fi; done | head -1)
 cpu() { awk '{print $14 + $15}' /proc/$1/stat; }
+# the target's threads: id, name, CPU ticks
+threads() { for t in /proc/$TPID/task/*; do
+  echo "$(basename $t) $(cat $t/comm) $(awk '{print $14 + $15}' $t/stat)"; done; }
 # the guest's busy ticks, all vCPUs (user nice system irq softirq steal)
 sys_busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 NVMET=/sys/kernel/config/nvmet
@@ -91,7 +94,12 @@ for mode in $MODES; do
   else
     lane=$([ $mode = python ] && echo false || echo true)
     netpoll=$([ $mode = nonet ] && echo false || echo true)
-    pollmode=adaptive; busy=200; idle=1000; dwait=10
+    pollmode=adaptive; busy=200; idle=1000; dwait=10; adapt=true
+    # (the whole busy-poll window after every reply, as before poll.adaptive_window)
+    if [ $mode = lanefixed ]; then adapt=false; fi
+    # (the reactor's timed poll of its idle NVMe queue every 20 ms instead of 1 ms)
+    if [ $mode = laneidle20 ]; then idle=20000; fi
+    if [ $mode = lanedw200 ]; then dwait=200; idle=20000; fi
     if [ $mode = lanebusy ]; then pollmode=busy; fi
     # (the busy-poll window spun while only the device works, as before device_wait_us)
     if [ $mode = lanespin ]; then dwait=0; fi
@@ -100,7 +108,7 @@ for mode in $MODES; do
     $BT setup --pci $BDF --hugemem 64 > /dev/null
     sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/;
          s/@POLLMODE@/$pollmode/; s/@BUSY@/$busy/; s/@IDLE@/$idle/;
-         s/@DWAIT@/$dwait/" cfg.json.in > cfg.json
+         s/@DWAIT@/$dwait/; s/@ADAPT@/$adapt/" cfg.json.in > cfg.json
     $BT start -c cfg.json > target-$mode.log 2>&1 &
     TPID=$!
     for i in $(seq 1 600); do [ -S $SOCK ] && break; sleep 0.1; done
@@ -118,12 +126,19 @@ for mode in $MODES; do
   for wl in $WORKLOADS; do
     IFS=: read rw bs qd <<< "$wl"
     if [ -n "$TPID" ]; then c0=$(cpu $TPID); l0=$($PY lane_count.py $SOCK); else c0=0; l0=0; fi
+    if [ -n "$TPID" ]; then threads > threads0-$mode-$rw-$bs-$qd-$rep.txt; fi
     s0=$(sys_busy)
     fio --name=w --filename=/dev/$dev --rw=$rw --bs=$bs --direct=1 --ioengine=libaio \
         --iodepth=$qd --time_based --runtime=$T --size=48M --norandommap --randrepeat=0 \
         --output-format=json --output=fio-$mode-$rw-$bs-$qd-$rep.json
     s1=$(sys_busy)
     if [ -n "$TPID" ]; then c1=$(cpu $TPID); l1=$($PY lane_count.py $SOCK); else c1=0; l1=0; fi
+    if [ -n "$TPID" ]; then
+      # where the target's CPU went: per thread (ticks since its start), and the
+      # reactor's poller counters (cumulative since the target started)
+      threads > threads1-$mode-$rw-$bs-$qd-$rep.txt
+      $PY lane_count.py $SOCK stats > stats-$mode-$rw-$bs-$qd-$rep.json
+    fi
     echo "{\"mode\": \"$mode\", \"rw\": \"$rw\", \"bs\": \"$bs\", \"qd\": $qd, \"rep\": $rep, \"cpu_ticks\": $((c1 - c0)), \"sys_ticks\": $((s1 - s0)), \"lane_cmds\": $((l1 - l0))}" >> results.jsonl
   done
   nvme disconnect -n $NQN > /dev/null
@@ -141,8 +156,13 @@ echo BENCH_DONE
 LANE_COUNT = r'''
 import sys
 from blocktarget.rpc_client import RpcClient
+import json
 with RpcClient(unix=sys.argv[1], timeout=60) as c:
-    print(sum(g["c_lane_commands"] for g in c.call("nvmf_get_stats")["poll_groups"]))
+    groups = c.call("nvmf_get_stats")["poll_groups"]
+    if sys.argv[2:] == ["stats"]:
+        print(json.dumps({k: v for k, v in groups[0].items() if isinstance(v, int)}))
+    else:
+        print(sum(g["c_lane_commands"] for g in groups))
 '''
 
 
@@ -151,7 +171,8 @@ def _config() -> str:
         "blocktarget": {"cores": [0], "rpc": {"unix": "@SOCK@", "http": None},
                         "metrics": False,
                         "poll": {"mode": "@POLLMODE@", "busy_us": "@BUSY@",
-                                 "idle_us": "@IDLE@", "device_wait_us": "@DWAIT@"}},
+                                 "idle_us": "@IDLE@", "device_wait_us": "@DWAIT@",
+                                 "adaptive_window": "@ADAPT@"}},
         "subsystems": [
             {"subsystem": "bdev", "config": [
                 {"method": "bdev_nvme_attach_controller",
@@ -172,7 +193,7 @@ def _config() -> str:
         ],
     }  # fmt: skip
     text = json.dumps(cfg, indent=1)
-    for key in ("LANE", "NETPOLL", "BUSY", "IDLE", "DWAIT"):  # (JSON booleans, numbers)
+    for key in ("LANE", "NETPOLL", "BUSY", "IDLE", "DWAIT", "ADAPT"):  # (JSON booleans, numbers)
         text = text.replace(f'"@{key}@"', f"@{key}@")
     return text
 
@@ -219,6 +240,10 @@ LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python p
           "lanenospin": "blocktarget, C lane, no spinning, polled every 50 us (VFIO)",
           "lanespin": "blocktarget, C lane, spinning while the device works "
                       "(device_wait_us 0) (VFIO)",
+          "lanefixed": "blocktarget, C lane, the whole busy-poll window after every "
+                       "reply (adaptive_window false) (VFIO)",
+          "laneidle20": "blocktarget, C lane, idle_us 20000 (VFIO)",
+          "lanedw200": "blocktarget, C lane, idle_us 20000, device_wait_us 200 (VFIO)",
           "kernel": "Linux nvmet-tcp + nvme driver"}
 
 
@@ -238,7 +263,10 @@ def main() -> int:
                     "python (c_fast_path false), nonet (c_net_poll false), lanebusy (poll "
                     "mode busy: the reactor never sleeps), lanenospin (poll mode event, "
                     "no busy window, the queue polled every 50 us), lanespin (adaptive, "
-                    "spinning while only the device works: device_wait_us 0), kernel")
+                    "spinning while only the device works: device_wait_us 0), lanefixed "
+                    "(adaptive_window false: the whole window after every reply), "
+                    "laneidle20 (idle_us 20000: the idle queue polled every 20 ms), "
+                    "lanedw200 (idle_us 20000, device_wait_us 200), kernel")
     ap.add_argument("--workloads", help="comma separated RW:BS:QD (e.g. randread:4k:1); "
                     "default: all of the comparison's")
     args = ap.parse_args()

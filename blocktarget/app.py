@@ -76,6 +76,7 @@ class Target:
             busy_poll_us=self.settings.busy_poll_us,
             idle_poll_us=self.settings.idle_poll_us,
             device_wait_us=self.settings.device_wait_us,
+            adaptive_window=self.settings.adaptive_window,
             poll_modes=(DEFAULT_POLL_MODE if self.settings.poll_mode is None
                         else self.settings.poll_mode),
         )

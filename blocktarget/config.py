@@ -102,6 +102,8 @@ class Settings:
     idle_poll_us: int = 1000
     # the C poller's sleep slices while only NVMe device I/O is outstanding (0: spin)
     device_wait_us: int = 10
+    # the busy-poll window follows the host's pace (reactor.Reactor.adaptive_window)
+    adaptive_window: bool = True
     # socket polling per reactor: "event" | "adaptive" | "busy", or a list with one mode
     # per reactor; None = reactor.DEFAULT_POLL_MODE (see reactor.py for what each costs)
     poll_mode: Any = None
@@ -153,6 +155,8 @@ class Settings:
             d["poll"] = {"busy_us": self.busy_poll_us, "idle_us": self.idle_poll_us}
         if self.device_wait_us != 10:
             d.setdefault("poll", {})["device_wait_us"] = self.device_wait_us
+        if not self.adaptive_window:
+            d.setdefault("poll", {})["adaptive_window"] = False
         if self.poll_mode is not None:
             d.setdefault("poll", {})["mode"] = self.poll_mode
         if not self.pin:
@@ -267,9 +271,14 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     s.log_level = level.lower()
     poll = bt.get("poll", {})
     if not isinstance(poll, dict) or set(poll) - {"busy_us", "idle_us", "mode",
-                                                  "device_wait_us"}:
+                                                  "device_wait_us", "adaptive_window"}:
         raise ConfigError(f"{source}: blocktarget.poll must be an object with busy_us, "
-                          "idle_us, mode, device_wait_us")
+                          "idle_us, mode, device_wait_us, adaptive_window")
+    if "adaptive_window" in poll:
+        if not isinstance(poll["adaptive_window"], bool):
+            raise ConfigError(f"{source}: blocktarget.poll.adaptive_window must be true "
+                              "or false")
+        s.adaptive_window = poll["adaptive_window"]
     if "mode" in poll:
         s.poll_mode = _parse_poll_mode(poll["mode"], len(s.cores), source)
     for key, attr in (("busy_us", "busy_poll_us"), ("idle_us", "idle_poll_us"),

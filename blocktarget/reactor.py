@@ -20,7 +20,10 @@ Inside the busy-poll window the C socket poller spins the GIL released; while th
 outstanding work is the C lane's I/O at an NVMe device it sleeps in `device_wait_us`
 slices instead (woken at once by a socket or an io_uring completion), and goes on so
 past the window until the device completes, so that a device the host's own CPUs
-emulate is not starved by the reactor waiting for it, nor left to the idle poll.
+emulate is not starved by the reactor waiting for it, nor left to the idle poll. The
+window it spins for the host's next command adapts (`adaptive_window`): it shrinks
+while the host's commands come later than `busy_poll_us` (a slow host gains nothing
+from the spinning but loses the CPU), and grows back when they come within it.
 """
 
 from __future__ import annotations
@@ -166,6 +169,12 @@ class ReactorStats:
     net_idle_ns: int = 0
     # slices it slept instead of spinning, only device I/O outstanding (device_wait_us)
     net_device_waits: int = 0
+    # the C poller's adaptive busy-poll window (poll.adaptive_window): times a host
+    # command came later than the whole window (halved) or within it (doubled back),
+    # and the window now, ns
+    net_window_shrinks: int = 0
+    net_window_grows: int = 0
+    net_window_ns: int = 0
     # the CPU time those slices took (timer set-up and wake-up: waiting, not work)
     net_device_wait_ns: int = 0
 
@@ -194,6 +203,12 @@ class Reactor:
     # (bench/RESULTS.md); on real hardware a slice adds at most its length to a
     # command's latency. 0: spin, as before.
     device_wait_us: int = 10
+    # The busy-poll window after work follows the host's pace (net.c, bt_net.h): halved
+    # each time the host's next command comes later than the whole window, doubled back
+    # when one comes within it; so a host slower than the window (a QEMU guest's, 3x
+    # the kernel's QD1 latency with the spinning) is waited for in epoll. False: always
+    # the whole busy_poll_us, as before.
+    adaptive_window: bool = True
     pin: bool = True
     poll_mode: str = DEFAULT_POLL_MODE
     spin_on_io: bool = False  # poll_mode != "event": qpairs call note_io() per wake-up
@@ -512,7 +527,8 @@ class ReactorPool:
 
     def __init__(self, cores: Iterable[int], *, pin: bool = True, busy_poll_us: int = 200,
                  idle_poll_us: int = 1000, device_wait_us: int = 10,
-                 poll_modes: str | list[str] = DEFAULT_POLL_MODE) -> None:
+                 poll_modes: str | list[str] = DEFAULT_POLL_MODE,
+                 adaptive_window: bool = True) -> None:
         """``poll_modes``: one mode for every reactor, or a list with one per reactor."""
         cores = list(cores)
         modes = [poll_modes] * len(cores) if isinstance(poll_modes, str) else list(poll_modes)
@@ -520,7 +536,8 @@ class ReactorPool:
             raise ValueError(f"{len(modes)} poll modes for {len(cores)} reactors")
         self.reactors = [
             Reactor(i, core, pin=pin, busy_poll_us=busy_poll_us, idle_poll_us=idle_poll_us,
-                    device_wait_us=device_wait_us, poll_mode=check_poll_mode(mode))
+                    device_wait_us=device_wait_us, poll_mode=check_poll_mode(mode),
+                    adaptive_window=adaptive_window)
             for i, (core, mode) in enumerate(zip(cores, modes, strict=True))
         ]
         self._next = 0

@@ -89,6 +89,17 @@ struct bt_net {
        waited for so. */
     uint64_t dev_wait_ns, dev_waits, dev_wait_cpu_ns;
     uint8_t dev_pending;
+    /* The busy-poll window after work, for the host's next command, adapts to the
+       host's pace (win_adapt): a command that comes later than the whole window
+       (spin_max_ns, the reactor's busy_poll_us) halves it, so a host whose turnaround
+       is slower than the window is waited for in epoll, not by spinning (in a guest,
+       spinning took the CPU the host side and QEMU's device model needed); one that
+       comes within it doubles it back (at least to 1.25x its gap), up to spin_max_ns.
+       The gap is measured from the last work to the next socket input, spinning or
+       woken by epoll alike. win_ns: the window now; win_used_ns: the one the last
+       call spun (its spin_ns, or less); win_shrinks, win_grows: cumulative. */
+    uint8_t win_adapt;
+    uint64_t spin_max_ns, win_ns, win_used_ns, win_shrinks, win_grows;
     uint32_t nconns;
     /* cumulative: calls; the thread's CPU time in them (not wall time: a call that
        serves for long is more likely preempted, and that time is nobody's work); of
@@ -108,6 +119,8 @@ struct bt_net {
     struct bt_nvmeq *nvmeqs[8]; /* the reactor's NVMe queue pairs the lanes use */
     uint32_t nnvmeqs;
     uint8_t slack_set;          /* the thread's timer slack made fine for dev_wait_ns */
+    uint64_t last_work_ns;      /* when a round last found work (the gap's start) */
+    uint8_t gap_dev;            /* lane commands were at a device since: no host gap */
 };
 
 /* A poller (an epoll set and a receive buffer), or NULL (out of memory or fds). */

@@ -64,6 +64,7 @@ struct bt_net *bt_net_new(void)
         return NULL;
     }
     n->rcap = RBUF;
+    n->win_ns = UINT64_MAX;  /* (the whole window until the host's pace is known) */
     return n;
 }
 
@@ -713,6 +714,30 @@ static void device_wait(struct bt_net *n, uint64_t slice)
     n->dev_waits++;
 }
 
+/* A window shorter than this catches no host's next command worth the spinning: 0. */
+#define WIN_MIN_NS 5000u
+
+/* The host's next command came `gap` ns after the last work, with nothing at a device
+   meanwhile: the window follows (bt_net.h, win_adapt). */
+static void window_gap(struct bt_net *n, uint64_t gap)
+{
+    uint64_t max = n->spin_max_ns;
+    if (gap <= max) {
+        if (n->win_ns < max) {
+            uint64_t w = n->win_ns * 2, want = gap + gap / 4;
+            w = w > want ? w : want;
+            w = w > WIN_MIN_NS ? w : WIN_MIN_NS;
+            n->win_ns = w < max ? w : max;
+            n->win_grows++;
+        }
+    } else if (n->win_ns) {
+        n->win_ns /= 2;
+        if (n->win_ns < WIN_MIN_NS)
+            n->win_ns = 0;
+        n->win_shrinks++;
+    }
+}
+
 uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
                      uint64_t budget_ns, uint64_t spin_ns)
 {
@@ -720,6 +745,14 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     uint64_t c0 = cpu_now_ns();
     uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
     uint64_t before = 0, after = 0, slept = 0, slice = n->dev_wait_ns;
+    uint64_t win = spin_ns;
+    if (n->win_adapt) {
+        if (n->win_ns > n->spin_max_ns)
+            n->win_ns = n->spin_max_ns;
+        if (n->win_ns < win)
+            win = n->win_ns;
+    }
+    n->win_used_ns = win;
     uint64_t wcpu0 = n->dev_wait_cpu_ns;
     n->polls++;
     while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
@@ -729,7 +762,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             break;
         if (k < 0)
             k = 0;
-        int wakes = 0;
+        int wakes = 0, input = 0;
         for (int i = 0; i < k; i++) {
             if (ev[i].data.u64 & RING_TAG) {
                 /* completions posted: reaped below; the counter only wakes us */
@@ -742,6 +775,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             struct bt_conn *c = ev[i].data.ptr;
             if (!c->attached)
                 continue;   /* let go of earlier in this call */
+            input = 1;
             before += c->pdus;
             serve(c, ev[i].events);
             after += c->pdus;
@@ -761,12 +795,20 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
            reaped (io_uring signals completions the last round's sweep took already,
            e.g. reads done inline at submission, and one more round found nothing) */
         k += (int)reaped - wakes;
-        if (k > 0)
+        if (input && n->win_adapt && n->last_work_ns && !n->gap_dev)
+            window_gap(n, prev - n->last_work_ns);
+        if (k > 0) {
             last = t;
-        else
+            n->last_work_ns = t;
+            n->gap_dev = 0;
+        } else {
             idle += t - prev;
-        int dev = k <= 0 && spin_ns && n->dev_wait_ns && device_busy(n);
-        if (t - t0 >= budget_ns || (k <= 0 && !dev && t - last >= spin_ns))
+        }
+        int busy = k <= 0 && n->nnvmeqs && device_busy(n);
+        int dev = busy && spin_ns && n->dev_wait_ns;
+        if (busy)
+            n->gap_dev = 1;  /* (waiting for the device, not for the host) */
+        if (t - t0 >= budget_ns || (k <= 0 && !dev && t - last >= win))
             break;
         if (k > 0) {
             slice = n->dev_wait_ns;

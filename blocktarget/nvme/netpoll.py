@@ -165,7 +165,10 @@ class NetPoller:
             if spin_left is not None:
                 spin = min(spin, spin_left)
         n.dev_wait_ns = r.device_wait_us * 1000
+        n.win_adapt = r.adaptive_window
+        n.spin_max_ns = r.busy_poll_us * 1000
         idle0, cpu0, waits0, wcpu0 = n.idle_ns, n.cpu_ns, n.dev_waits, n.dev_wait_cpu_ns
+        shrinks0, grows0 = n.win_shrinks, n.win_grows
         pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
         st = r.stats
         st.gil_released_ns += n.cpu_ns - cpu0  # (CPU time: see struct bt_net)
@@ -173,6 +176,10 @@ class NetPoller:
         st.net_pdus += pdus
         st.net_idle_ns += n.idle_ns - idle0
         st.net_device_waits += n.dev_waits - waits0
+        st.net_window_shrinks += n.win_shrinks - shrinks0
+        st.net_window_grows += n.win_grows - grows0
+        st.net_window_ns = n.win_ns if r.adaptive_window else n.spin_max_ns
+        quiet = not n.python_cqe and not self._nready[0]
         st.net_device_wait_ns += n.dev_wait_cpu_ns - wcpu0
         self._after(n)
         if spin:
@@ -184,10 +191,20 @@ class NetPoller:
             # Lane commands still at an NVMe device, waited for sleeping (device_wait_us):
             # C goes on waiting so at the loop's next turn, past the window too, rather
             # than leave them to the reactor's idle poll.
-            tail = n.tail_idle_ns
-            if (tail < spin or n.dev_pending) and n.nconns and self._again is None:
-                left = spin - tail if tail < spin else spin
+            # The window C spun is the adaptive one (win_used_ns: spin, or less when
+            # the host's commands come later than the window; bt_net.h).
+            tail, win = n.tail_idle_ns, n.win_used_ns
+            if (tail < win or n.dev_pending) and n.nconns and self._again is None:
+                left = win - tail if tail < win else spin
                 self._again = r.loop.call_soon(self._resume, left)  # type: ignore[union-attr]
+            elif quiet and r.adaptive_window and tail >= win:
+                # C waited out the window for the host: the reactor's Python poll loop,
+                # which a lane's NVMe I/O kicked (lane_io_started), must not spin its
+                # own window after it (it did: 200 us more per QD1 command, holding the
+                # GIL, in a guest taking the vCPU the host side needed). Only when C
+                # reported nothing: Python I/O a hand-back started is polled as before.
+                r._last_work_ns = min(r._last_work_ns,
+                                      time.monotonic_ns() - r.busy_poll_us * 1000)
         elif pdus and r.spin_on_io:
             # the reactor's busy-poll window runs from the last work C saw, part of
             # which C already spent spinning: the event loop must not spin it again

@@ -68,6 +68,12 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "net_idle_ns": reactor.stats.net_idle_ns,
         # slices it slept, not spinning, while only NVMe device I/O was outstanding
         "net_device_waits": reactor.stats.net_device_waits,
+        # its adaptive busy-poll window (poll.adaptive_window): halved when the host's
+        # next command came after the whole window, doubled back when within; the
+        # window now (µs)
+        "net_window_shrinks": reactor.stats.net_window_shrinks,
+        "net_window_grows": reactor.stats.net_window_grows,
+        "net_window_us": reactor.stats.net_window_ns // 1000,
         "net_device_wait_ns": reactor.stats.net_device_wait_ns,  # their CPU time
         "poll_runs": reactor.stats.poll_runs,  # the reactor's Python poll loop's turns
         # the GIL sampler (gilsample.py): samples of the thread's CPU time, those taken
