@@ -8,7 +8,8 @@ own bench/hotpath.py with PYTHONPATH at the tree; the figure kept is its "CPU µ
     python bench/ab_hotpath.py ROUNDS OPS TREE[,TREE...] CELL[,CELL...]
 
 A cell is backend:mode:command: backend a hotpath.py backend, or nvme-py (nvme with the
-Python device model); mode sock or spin; command read or write. Prints the start and end
+Python device model), or nvme-sync (nvme with the C model completing at the doorbell,
+--nvme-device csync); mode sock or spin; command read or write. Prints the start and end
 load average, every run as JSON, then per tree and cell the min and every run.
 """
 
@@ -26,9 +27,12 @@ PY = sys.executable
 
 def run_cell(tree: str, backend: str, mode: str, rw: str, ops: int) -> float | None:
     args = [PY, os.path.join(tree, "bench", "hotpath.py"), "--backend",
-            backend.removesuffix("-py"), "--socket", "--reps", "1", "--ops", str(ops)]
+            backend.removesuffix("-py").removesuffix("-sync"), "--socket", "--reps", "1",
+            "--ops", str(ops)]
     if backend.endswith("-py"):
         args += ["--nvme-device", "python"]
+    elif backend.endswith("-sync"):
+        args += ["--nvme-device", "csync"]
     if mode == "spin":
         args.append("--spin")
     if rw == "write":

@@ -40,6 +40,11 @@ not spin, the model completes what was rung between the loop's turns, untimed; w
 its completions in the call that submitted them. Either way the figure is the target's
 CPU per command (the lane's SQEs, doorbell, CQ polling, or the Python path's), the
 device's excluded (its thread's CPU is printed apart); the clock is the reactor thread's.
+`--nvme-device csync` has the C model complete the commands at their doorbell, inside the
+target's own C call (the queue pair's doorbell hook, bt_nvme.h's db_hook; no thread), as
+an SSD done within the poller's sweep: a batch is reaped and answered in the call that
+submitted it, whatever the poll mode, and the model's CPU in those calls (its own clock,
+CLOCK_THREAD_CPUTIME_ID around its work) is subtracted from the reactor's.
 `--nvme-device python` takes the unit tests' Python model instead (MemBarNvme, served
 between turns, or on a Python thread with --spin): the harness of the figures before
 this option, whose device model's allocations and cache footprint weighed on the timed
@@ -318,14 +323,14 @@ async def _attach_fake_nvme(target: Target) -> None:
     from blocktarget.nvme.driver.ctrlr import Controller
     from blocktarget.nvme.driver.dma import DmaAllocator
 
-    if NVME_DEVICE["kind"] == "c":
+    if NVME_DEVICE["kind"] in ("c", "csync"):
         from cfake_nvme import CNvme, DeviceIommu
 
         iommu: Any = DeviceIommu()
         # (--spin: the model's thread spins through the gaps between batches, as a
         # controller's own silicon is always there: a doorbell is seen at once)
         dev: Any = CNvme(iommu, blocks=BLOCKS, block_size=4096, mqes=127,
-                         spin_us=NVME_DEVICE["spin_us"])
+                         spin_us=NVME_DEVICE["spin_us"], sync=NVME_DEVICE["kind"] == "csync")
     else:
         iommu = FakeIommu()
         dev = MemBarNvme(iommu, thread=False, blocks=BLOCKS, block_size=4096, mqes=127)
@@ -350,6 +355,8 @@ def _start_devices(spin: bool) -> bool:
     Python one), the others served between the loop's turns, untimed; whether any is."""
     serve = False
     for dev in FAKE_DEVICES:
+        if getattr(dev, "sync", False):
+            continue  # (done at the doorbell, in the target's call: nothing to serve)
         if not spin:
             serve = True
         elif _is_c_device(dev):
@@ -363,6 +370,11 @@ def _start_devices(spin: bool) -> bool:
 
 def _devices_cpu_ns() -> int:
     return sum(dev.cpu_ns() for dev in FAKE_DEVICES if _is_c_device(dev))
+
+
+def _devices_sync_ns() -> int:
+    """The synchronous devices' CPU so far, spent inside the reactor's calls."""
+    return sum(dev.sync_cpu_ns() for dev in FAKE_DEVICES if getattr(dev, "sync", False))
 
 
 def connect(loop: asyncio.AbstractEventLoop, target: Target, reactor: Reactor, addr: Any,
@@ -762,12 +774,14 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     timed = [0.0]
     host.turns = 0
     host.by_turn = [0.0, 0.0, 0.0]
-    dev0 = _devices_cpu_ns()
+    dev0, sync0 = _devices_cpu_ns(), _devices_sync_ns()
     t0 = time.perf_counter()
     for _ in range(rounds):
         host.exchange(chunk, expect, timed)
     wall = time.perf_counter() - t0
     dev_cpu = (_devices_cpu_ns() - dev0) / 1e9  # (the C device's thread: not the reactor's)
+    # (the synchronous device's work, inside the reactor's timed calls: the device's)
+    dev_sync = (_devices_sync_ns() - sync0) / 1e9
     spun = (st.net_idle_ns - idle0) / 1e9  # (the C poller's spinning with nothing to do)
     # and its sleeps for the device (device_wait_us): waiting, the device's time
     dev_slept = (getattr(st, "net_device_wait_ns", 0) - wcpu0) / 1e9
@@ -787,7 +801,8 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
         for dev in FAKE_DEVICES:
             dev.stop()
     loop.close()
-    return {"ops": n, "cpu_us": (timed[0] - spun - dev_slept) * 1e6 / n,
+    return {"ops": n, "cpu_us": (timed[0] - spun - dev_slept - dev_sync) * 1e6 / n,
+            "device_sync_us": dev_sync * 1e6 / n,
             "wall_us": wall * 1e6 / n, "spin_us": spun * 1e6 / n,
             "dev_wait_us": dev_slept * 1e6 / n, "turns": host.turns / rounds,
             "by_turn": [t * 1e6 / n for t in host.by_turn],
@@ -827,11 +842,12 @@ def main() -> int:
                     help="with --socket: poll mode adaptive, the C poller spinning for the "
                          "busy-poll window (its idle spinning subtracted); NVMe: the fake "
                          "device in a thread of its own")
-    ap.add_argument("--nvme-device", choices=("c", "python"), default="c",
+    ap.add_argument("--nvme-device", choices=("c", "csync", "python"), default="c",
                     help="--backend nvme: the fake controller's I/O queues served by a C "
-                         "model on a thread of its own, as hardware (default), or by the "
-                         "unit tests' Python model between the loop's turns (the harness "
-                         "of the figures before it)")
+                         "model on a thread of its own, as hardware (default), by the C "
+                         "model at the doorbell inside the target's call (csync: its CPU "
+                         "there subtracted), or by the unit tests' Python model between "
+                         "the loop's turns (the harness of the figures before it)")
     ap.add_argument("--device-wait-us", type=int, default=None,
                     help="--spin: the reactor's device_wait_us (default: the reactor's own, "
                          "10; 0: the C poller spins while the device works, and that "
@@ -880,6 +896,9 @@ def main() -> int:
                 if best.get("c_reaped") is not None else "")
              + (f"the C device's thread {best['device_us']:.2f} (not counted), "
                 if best.get("device_us") else "")
+             + (f"the synchronous C device in the reactor's calls "
+                f"{best['device_sync_us']:.2f} (subtracted), "
+                if best.get("device_sync_us") else "")
              + (f"device-wait slices per batch {best['dev_waits']:.1f} "
                 f"({best['dev_wait_us']:.2f} µs/command of CPU, subtracted), "
                 if args.spin and args.backend == "nvme" else "") if args.socket

@@ -56,6 +56,14 @@ struct bt_nvmeq {
     uint64_t c_reaped;       /* of those, by the reactor's C poller (net.c) */
     struct bt_lane *ready;   /* lanes with completions Python has not seen */
     void *priv;              /* be_nvme.c's */
+    /* A measurement and test hook, NULL in production (one predictable branch per
+       doorbell): called with db_hook_ctx right after the SQ tail doorbell is written,
+       on the thread that wrote it. A device model that completes the commands in it
+       (tests/unit/fake_nvme_dev.c, fdev_doorbell) stands for an SSD done within the C
+       poller's sweep: its completions are reaped in the call that submitted them, as
+       no device on a thread of its own can promise on a shared CPU. */
+    void (*db_hook)(void *ctx);
+    void *db_hook_ctx;
 };
 
 /* A queue pair of `depth` entries whose command ids from cid0 up are the lane's, or NULL

@@ -64,10 +64,13 @@ def _run(*args: str, timeout: int = 120, cwd: Path = ROOT, rc: int = 0) -> str:
     # over a loopback socket lent to the reactor's C poller; NVMe: swept by it
     (("--socket",), 100), (("--socket", "--write"), 100),
     (("--socket", "--backend", "nvme"), 100),
+    # the C device completing at the doorbell, inside the target's call: one loop turn
+    (("--socket", "--backend", "nvme", "--nvme-device", "csync", "--write"), 100),
     # a uring bdev on a loop device the bench attaches over a /dev/shm file
     (("--socket", "--backend", "uring-loop", "--write"), 100),
 ], ids=["read", "write", "r2t", "digests", "read-python", "write-python", "r2t-arena",
-        "write-arena", "socket-read", "socket-write", "socket-nvme", "socket-uring-loop"])
+        "write-arena", "socket-read", "socket-write", "socket-nvme", "socket-nvme-csync",
+        "socket-uring-loop"])
 def test_hotpath_bench_runs(args: tuple[str, ...], in_lane: int) -> None:
     if "uring-loop" in args and (why := _loop_unavailable()) is not None:
         pytest.xfail(f"no loop devices here: {why}")
@@ -87,6 +90,9 @@ def test_hotpath_bench_runs(args: tuple[str, ...], in_lane: int) -> None:
         assert "socket lent to the C poller: True" in out, out
         if "nvme" in args:
             assert "NVMe completions reaped by the C poller 100%" in out, out
+        if "csync" in args:  # (reaped and answered in the call that submitted them)
+            assert "loop turns per batch 1.00" in out, out
+            assert "the synchronous C device in the reactor's calls" in out, out
 
 
 def test_nvme_hotpath_bench_runs() -> None:

@@ -102,10 +102,18 @@ class CNvme(MemBarNvme):
     ``sleep_us`` at a time (a device has its own silicon; this one shares the host's
     cores, so it naps when idle). ``latency_us``: a fixed latency per doorbell's worth
     of commands (0: as fast as the copy). ``start`` False: no thread; service() runs a
-    pass from the caller's thread."""
+    pass from the caller's thread.
+
+    ``sync``: no thread; the commands complete at their doorbell write, on the writer's
+    thread: the controller's queue pairs get the model's entry point as their doorbell
+    hook (sq_doorbell_hook, bt_nvme.h's db_hook), Python's doorbell writes call it too.
+    The target's C poller then reaps a batch in the call that submitted it, as an SSD
+    done within its sweep; the model's CPU inside those calls is counted (sync_cpu_ns)
+    for a benchmark to subtract."""
 
     def __init__(self, iommu: DeviceIommu, *, spin_us: int = 200, sleep_us: int = 10,
-                 latency_us: int = 0, start: bool = True, **kw: Any) -> None:
+                 latency_us: int = 0, start: bool = True, sync: bool = False,
+                 **kw: Any) -> None:
         if not isinstance(iommu, DeviceIommu):
             raise TypeError("CNvme needs a DeviceIommu (its mappings are told to C)")
         super().__init__(iommu, thread=False, **kw)
@@ -130,11 +138,14 @@ class CNvme(MemBarNvme):
         for iova, (vaddr, size) in iommu.maps.items():
             self._map(iova, vaddr, size)
         self.running = False
-        if start:
+        self.sync = sync
+        if start and not sync:
             self.start()
 
     # ---- the C model ----
     def start(self) -> None:
+        if self.sync:
+            return  # (nothing to run: the doorbells drive it)
         r = self._lib.fdev_start(self._dev)
         if r:
             raise OSError(-r, "fake NVMe device thread")
@@ -147,6 +158,19 @@ class CNvme(MemBarNvme):
     def cpu_ns(self) -> int:
         """CPU time of the device's thread(s) so far (not the reactor's)."""
         return int(self._lib.fdev_thread_cpu_ns(self._dev))
+
+    def sync_cpu_ns(self) -> int:
+        """CPU time the synchronous device spent in the callers' threads so far."""
+        return self.stats()["sync_cpu_ns"]
+
+    def sq_doorbell_hook(self) -> tuple[int, int] | None:
+        """(entry point, context) addresses for a queue pair's doorbell hook, or None
+        (a device with a thread: it watches the doorbells itself)."""
+        if not self.sync:
+            return None
+        ffi = self._ffi
+        fn = ffi.addressof(self._lib, "fdev_doorbell")
+        return int(ffi.cast("uintptr_t", fn)), int(ffi.cast("uintptr_t", self._dev))
 
     def stats(self) -> dict[str, int]:
         st = self._ffi.new("struct fdev_stats *")
@@ -178,6 +202,8 @@ class CNvme(MemBarNvme):
     def write32(self, off: int, value: int) -> None:
         if off >= regs.DOORBELL_BASE + 2 * self.stride and not self.removed:
             self.bar[off // 4] = value  # an I/O queue's doorbell: the C model's
+            if self.sync:
+                self._lib.fdev_doorbell(self._dev)
             return
         super().write32(off, value)
 

@@ -15,6 +15,8 @@ struct fdev_stats {
     uint64_t cq_full;        /* times a completion waited for the host's CQ head */
     uint64_t busy_passes;    /* the thread's passes that found commands */
     uint64_t naps;           /* the thread's sleeps, idle past its spin window */
+    uint64_t sync_calls;     /* fdev_doorbell calls (the synchronous device's passes) */
+    uint64_t sync_cpu_ns;    /* their CPU time, on the caller's thread (to subtract) */
 };
 
 /* A device over `bar` (the fake BAR's memory: doorbells at 0x1000, stride 4). Its thread,
@@ -26,6 +28,9 @@ void fdev_stop(struct fdev *d);
 void fdev_free(struct fdev *d);
 /* One pass from the caller's thread (no device thread): commands executed. */
 int fdev_service(struct fdev *d);
+/* The synchronous device: one pass right at a doorbell write, on the writer's thread
+   (bt_nvmeq's db_hook, ctx the struct fdev), its CPU time added to sync_cpu_ns. */
+void fdev_doorbell(void *ctx);
 /* 1 when every command the doorbells announced has been completed. */
 int fdev_idle(struct fdev *d);
 /* The fake IOMMU's table: IOVA range -> our memory. 0 / -ENOSPC. */

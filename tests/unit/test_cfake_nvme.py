@@ -162,3 +162,83 @@ def test_the_c_poller_reaps_the_c_device_without_python() -> None:
     finally:
         netpoll.NetPoller.reap = reap  # type: ignore[method-assign]
         p.close()
+
+
+def sync_device(blocks: int, block_size: int) -> CNvme:
+    return CNvme(DeviceIommu(), blocks=blocks, block_size=block_size, mqes=127, sync=True)
+
+
+SYNC_LAYOUT = dataclasses.replace(NVME_LAYOUT, setup=attacher(sync_device))
+
+
+def test_the_synchronous_device_is_reaped_in_the_submitting_call() -> None:
+    """The synchronous C device (commands completed at their doorbell, from the target's
+    own C call, through the queue pair's doorbell hook) behind every NVMe namespace of
+    both sides, the lane's over a socket lent to the C poller in event mode (no spinning):
+    every byte the same as the Python path's, every lane completion reaped by the very
+    poller call that received its command (no poller call without input reaps one, and
+    the Python poller's reap never runs), the device's time counted apart."""
+    from net_harness import SockPair
+    from test_netpoll import SQFLOW_OFF, _lent
+
+    if not LANE_NVME:
+        pytest.fail("the C lane was built without its NVMe backend")
+    sweeps = [0]
+    calls: list[tuple[int, int]] = []  # (PDUs received, lane completions C reaped)
+    reap, poll = netpoll.NetPoller.reap, netpoll.NetPoller.poll
+    ctxs: list[Any] = []
+
+    def counted_reap(self: Any) -> None:
+        sweeps[0] += 1
+        reap(self)
+
+    def counted_poll(self: Any, spin_left: int | None = None) -> None:
+        pdus0 = self.reactor.stats.net_pdus
+        c0 = sum(int(c.c_reaped) for c in ctxs)
+        poll(self, spin_left)
+        calls.append((self.reactor.stats.net_pdus - pdus0,
+                      sum(int(c.c_reaped) for c in ctxs) - c0))
+
+    netpoll.NetPoller.reap = counted_reap  # type: ignore[method-assign]
+    netpoll.NetPoller.poll = counted_poll  # type: ignore[method-assign]
+    p = SockPair(OPTS, layout=SYNC_LAYOUT, cattr=SQFLOW_OFF)
+    try:
+        devs = [d for d in _FAKES if isinstance(d, CNvme)]
+        assert len(devs) == 8 and all(d.sync and not d.running for d in devs)
+        p.feed(rd(900, 2, 0) + rd(901, 1, 0))
+        p.check()
+        assert _lent(p)
+        p.fast.reactor.set_poll_mode("event")  # (no spinning: only the device can be quick)
+        ctxs[:] = [rq.lane_ctx for rq in _queues(p.fast)]
+        assert ctxs and all(c.db_hook != netpoll.ffi.NULL for c in ctxs)
+        lane0 = sum(int(c.lane_reaped) for c in ctxs)
+        creaped0 = sum(int(c.c_reaped) for c in ctxs)
+        dev0 = [d.stats() for d in devs]
+        sweeps[0] = 0
+        calls.clear()
+        for base in (0, 100):  # (two batches: reads, writes and both, every namespace)
+            stream = b"".join(
+                rd(base + i, 1 + i % 2, (i * 11) % 60, 1 + i % 3) if i % 3 == 0 else
+                wr(base + i, 5 + i % 2, (i * 3) % 30, 1 + i % 2) if i % 3 == 1 else
+                wr(base + i, 2, i % 90, 1) for i in range(24))
+            p.feed(stream)
+            p.check()
+        lane = sum(int(c.lane_reaped) for c in ctxs) - lane0
+        assert lane >= 40, lane  # (split and passthru too; the rest is the Python path's)
+        assert sum(int(c.c_reaped) for c in ctxs) - creaped0 == lane
+        assert sum(r for _, r in calls) == lane
+        assert all(pdus > 0 for pdus, r in calls if r), calls
+        assert sweeps[0] == 0
+        assert all(c.lane_inflight == 0 and c.bufs_out == 0 for c in ctxs)
+        after = [d.stats() for d in devs]
+        done = sum(a["completions"] - b["completions"] for a, b in zip(after, dev0, strict=True))
+        assert done >= lane
+        assert all(a["dma_faults"] == 0 for a in after)
+        used = [(a["sync_calls"] - b["sync_calls"], a["sync_cpu_ns"] - b["sync_cpu_ns"])
+                for a, b in zip(after, dev0, strict=True)]
+        assert sum(n for n, _ in used) > 0
+        assert all(ns > 0 for n, ns in used if n)  # (counted apart, for a bench to subtract)
+    finally:
+        netpoll.NetPoller.reap = reap  # type: ignore[method-assign]
+        netpoll.NetPoller.poll = poll  # type: ignore[method-assign]
+        p.close()

@@ -91,6 +91,13 @@ class CRing:
         self.push = lambda sqe, _p=lib.bt_nvmeq_push, _c=c: _p(_c, sqe)
         self.ring = lambda _r=lib.bt_nvmeq_ring, _c=c: _r(_c)
 
+    def set_doorbell_hook(self, fn: int, ctx: int) -> None:
+        """A device model's entry point (the address of a C ``void fn(void *ctx)``) to be
+        called right after each SQ doorbell write: measurement and tests only (bt_nvme.h,
+        db_hook); a real controller's BAR offers none."""
+        self.c.db_hook = ffi.cast("void (*)(void *)", fn)
+        self.c.db_hook_ctx = ffi.cast("void *", ctx)
+
     def add_buffers(self, allocator: DmaAllocator, n: int, max_transfer: int) -> None:
         """``n`` DMA buffers of ``max_transfer`` bytes for the lane's pool."""
         prp = prp_list_size(max_transfer)

@@ -464,6 +464,12 @@ class Controller:
                                  self.mmio.doorbell_addr(cq_head_doorbell(qid, self.stride)),
                                  self.max_transfer)
                 cr.add_buffers(self.allocator, lanes, self.max_transfer)
+                # a device model that completes commands at their doorbell offers its
+                # entry point (tests/unit/cfake_nvme.py, sync); a real BAR has none
+                hook = getattr(self.mmio, "sq_doorbell_hook", None)
+                addrs = hook() if hook is not None else None
+                if addrs is not None:
+                    cr.set_doorbell_hook(*addrs)
                 q.attach_cring(cr)
         except BaseException:
             q.free()
