@@ -155,8 +155,13 @@ class ReactorQueue:
                 log.exception("completing the C lane's NVMe I/O failed")
 
     def lane_io_started(self) -> None:
-        """The C lane submitted commands (and rang the doorbell): poll for them."""
-        self._kick()
+        """The C lane submitted commands (and rang the doorbell): poll for them, unless
+        none is left at the device: a device done within the C poller's sweep had them
+        reaped and answered in the very call that submitted them, and a poller turn
+        then would find nothing (a loop handle and a Python poll per batch)."""
+        ctx = self.lane_ctx
+        if ctx is None or ctx.lane_inflight or self.q.outstanding:
+            self._kick()
 
     def _main_kick(self) -> None:
         if self._main_poll is None:

@@ -177,7 +177,8 @@ def test_the_synchronous_device_is_reaped_in_the_submitting_call() -> None:
     both sides, the lane's over a socket lent to the C poller in event mode (no spinning):
     every byte the same as the Python path's, every lane completion reaped by the very
     poller call that received its command (no poller call without input reaps one, and
-    the Python poller's reap never runs), the device's time counted apart."""
+    the Python poller's reap never runs, nor is the reactor's Python poll asked for),
+    the device's time counted apart."""
     from net_harness import SockPair
     from test_netpoll import SQFLOW_OFF, _lent
 
@@ -211,6 +212,9 @@ def test_the_synchronous_device_is_reaped_in_the_submitting_call() -> None:
         p.fast.reactor.set_poll_mode("event")  # (no spinning: only the device can be quick)
         ctxs[:] = [rq.lane_ctx for rq in _queues(p.fast)]
         assert ctxs and all(c.db_hook != netpoll.ffi.NULL for c in ctxs)
+        kicks = [0]
+        for rq in _queues(p.fast):  # (the reactor's Python poll the lane's I/O asks for)
+            rq._kick = lambda k=rq._kick: (kicks.__setitem__(0, kicks[0] + 1), k())
         lane0 = sum(int(c.lane_reaped) for c in ctxs)
         creaped0 = sum(int(c.c_reaped) for c in ctxs)
         dev0 = [d.stats() for d in devs]
@@ -229,6 +233,7 @@ def test_the_synchronous_device_is_reaped_in_the_submitting_call() -> None:
         assert sum(r for _, r in calls) == lane
         assert all(pdus > 0 for pdus, r in calls if r), calls
         assert sweeps[0] == 0
+        assert kicks[0] == 0  # (nothing left at a device: no poller turn asked for)
         assert all(c.lane_inflight == 0 and c.bufs_out == 0 for c in ctxs)
         after = [d.stats() for d in devs]
         done = sum(a["completions"] - b["completions"] for a, b in zip(after, dev0, strict=True))
