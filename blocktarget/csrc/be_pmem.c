@@ -36,6 +36,7 @@
 #define MAP_LOCK_SHIFT 4        /* 16 consecutive LBAs share a lock */
 #define ZERO_CHUNK 4096         /* LBAs per map-lock round of zeroing */
 #define MAX_FREE_PER_LANE 256
+_Static_assert(MAX_FREE_PER_LANE <= BT_LBA_SET_MAX, "a group's LBAs fit its set");
 
 static const uint8_t NSEQ[4] = {0, 2, 3, 1};  /* 1 -> 2 -> 3 -> 1 */
 
@@ -65,6 +66,7 @@ struct lane {
     uint32_t nmap;              /* map ranges its last write stored, not yet persisted */
     uint64_t map_off[MAX_FREE_PER_LANE];
     uint64_t map_len[MAX_FREE_PER_LANE];
+    struct bt_lba_set group;    /* bt_pmem_write_group's LBAs (under the lock) */
 };
 
 struct bt_pmem {
@@ -671,8 +673,7 @@ int bt_pmem_write_group(struct bt_pmem *p, uint32_t lane, uint32_t nw, const uin
                         const uint64_t *counts, const unsigned char *const *srcs)
 {
     struct run runs[MAX_FREE_PER_LANE];
-    uint64_t n = 0, seen[4] = {0, 0, 0, 0};
-    int maybe = 0;
+    uint64_t n = 0;
     if (nw == 0 || nw > p->g.free_per_lane || lane >= p->g.lanes)
         return BT_PMEM_RANGE;
     for (uint32_t i = 0; i < nw; i++) {
@@ -682,18 +683,19 @@ int bt_pmem_write_group(struct bt_pmem *p, uint32_t lane, uint32_t nw, const uin
         if (n > p->g.free_per_lane)
             return BT_PMEM_RANGE;
         runs[i] = (struct run){lbas[i], counts[i], srcs[i]};
-        /* (the pairs are compared only if a filter of the LBAs sees one twice) */
-        for (uint64_t b = 0; b < counts[i]; b++)
-            maybe |= bt_pmem_lba_mark(seen, lbas[i] + b);
     }
-    for (uint32_t i = 1; maybe && i < nw; i++)
-        for (uint32_t j = 0; j < i; j++)
-            if (lbas[i] < lbas[j] + counts[j] && lbas[j] < lbas[i] + counts[i])
-                return BT_PMEM_RANGE;
-    if (bt_pmem_broken(p))
-        return BT_PMEM_BROKEN;
     struct lane *ln = &p->lanes[lane];
     pthread_mutex_lock(&ln->lock);
+    /* (n <= free_per_lane <= BT_LBA_SET_MAX: an add fails only on an LBA seen before) */
+    int dup = 0;
+    for (uint32_t i = 0; i < nw && !dup; i++)
+        for (uint64_t b = 0; b < counts[i] && !dup; b++)
+            dup = !bt_lba_set_add(&ln->group, lbas[i] + b);
+    bt_lba_set_reset(&ln->group);
+    if (dup || bt_pmem_broken(p)) {
+        pthread_mutex_unlock(&ln->lock);
+        return dup ? BT_PMEM_RANGE : BT_PMEM_BROKEN;
+    }
     int rc = write_runs(p, lane, runs, nw, n);
     pthread_mutex_unlock(&ln->lock);
     return rc;

@@ -152,6 +152,7 @@ struct bt_lane {
     unsigned char *carry;   /* the capsule being finished (carry_len bytes so far) */
     struct bt_conn *conn;   /* while lent to net.c: its output is sent from C */
     void *psend;            /* pmem reads held to be sent from the pool (lane.c) */
+    void *pgset;            /* the pmem group's LBAs (lane.c, struct bt_lba_set) */
 };
 
 struct bt_uring {

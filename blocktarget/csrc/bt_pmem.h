@@ -108,15 +108,53 @@ void bt_pmem_read_unmap(struct bt_pmem *p, uint32_t lane);
 /* The most blocks bt_pmem_write_group takes at once (the lane's free-list slots). */
 uint32_t bt_pmem_group_max(const struct bt_pmem *p);
 
-/* A 256-bit filter of the LBAs of a group being built: marks lba, and says whether its
-   bit was set already (then the group may hold it: compare the writes themselves). */
-static inline int bt_pmem_lba_mark(uint64_t seen[4], uint64_t lba)
+/* The LBAs of a group, exactly (a group may hold no LBA twice: one flog entry per LBA).
+   Why not a filter: a 256-bit filter of 32 random one-block writes' LBAs saw a false
+   repeat in most groups, and each then compared every pair of writes, an eighth of the
+   forced write path's CPU (bench/RESULTS.md, "the group's LBAs"). An open-addressed set
+   twice the size of the largest group answers in about one probe. It must start zeroed
+   (calloc); a reset clears only the entries it used. */
+#define BT_LBA_SET_MAX 256              /* blocks: be_pmem.c's MAX_FREE_PER_LANE */
+#define BT_LBA_SET_MASK (2 * BT_LBA_SET_MAX - 1)
+
+struct bt_lba_set {
+    uint32_t n;
+    uint16_t used[BT_LBA_SET_MAX];      /* where the n LBAs are in key */
+    uint64_t key[2 * BT_LBA_SET_MAX];   /* lba + 1; 0: empty */
+};
+
+static inline uint32_t bt_lba_set_slot(uint64_t lba)
 {
-    uint64_t h = (lba * 0x9E3779B97F4A7C15ull) >> 56;
-    uint64_t bit = (uint64_t)1 << (h & 63);
-    int was = (seen[h >> 6] & bit) != 0;
-    seen[h >> 6] |= bit;
-    return was;
+    return (uint32_t)((lba * 0x9E3779B97F4A7C15ull) >> 55) & BT_LBA_SET_MASK;
+}
+
+static inline int bt_lba_set_has(const struct bt_lba_set *s, uint64_t lba)
+{
+    for (uint32_t h = bt_lba_set_slot(lba); s->key[h] != 0; h = (h + 1) & BT_LBA_SET_MASK)
+        if (s->key[h] == lba + 1)
+            return 1;
+    return 0;
+}
+
+/* 1: added; 0: it was there already, or the set is full (nothing added either way) */
+static inline int bt_lba_set_add(struct bt_lba_set *s, uint64_t lba)
+{
+    if (s->n == BT_LBA_SET_MAX)
+        return 0;
+    uint32_t h = bt_lba_set_slot(lba);
+    for (; s->key[h] != 0; h = (h + 1) & BT_LBA_SET_MASK)
+        if (s->key[h] == lba + 1)
+            return 0;
+    s->key[h] = lba + 1;
+    s->used[s->n++] = (uint16_t)h;
+    return 1;
+}
+
+static inline void bt_lba_set_reset(struct bt_lba_set *s)
+{
+    for (uint32_t i = 0; i < s->n; i++)
+        s->key[s->used[i]] = 0;
+    s->n = 0;
 }
 
 #endif

@@ -122,6 +122,7 @@ static void lane_destroy(struct bt_lane *l)
     free(l->chunks);
     free(l->carry);
     free(l->psend);
+    free(l->pgset);
     free(l);
 }
 
@@ -1267,7 +1268,8 @@ static int pmem_read_held(struct bt_lane *l, const struct cmd *c, uint16_t cid)
 struct pgroup {
     uint32_t n;                 /* writes waiting */
     uint64_t blocks;
-    uint64_t seen[4];           /* their LBAs' filter (bt_pmem_lba_mark) */
+    struct bt_lba_set *lbas;    /* their LBAs (the lane's, l->pgset); NULL: none may
+                                   join (no memory, or a write too large to list) */
     struct bt_ns *ns;
     size_t out0;                /* their responses' room: l->out from here to out_len
                                    (an offset: the buffer may be reallocated) */
@@ -1297,12 +1299,10 @@ static int group_fits(const struct bt_lane *l, const struct pgroup *g, const str
         || l->out_len + (size_t)reply > l->out_cap)  /* (reserve would seal the buffer) */
         return 0;
     /* (one flog entry per LBA in a group: an overlap commits the first one first) */
-    uint64_t seen[4] = {g->seen[0], g->seen[1], g->seen[2], g->seen[3]};
-    int maybe = 0;
+    if (g->lbas == NULL)
+        return 0;
     for (uint64_t b = 0; b < nlb; b++)
-        maybe |= bt_pmem_lba_mark(seen, lba + b);
-    for (uint32_t i = 0; maybe && i < g->n; i++)
-        if (lba < g->lba[i] + g->count[i] && g->lba[i] < lba + nlb)
+        if (bt_lba_set_has(g->lbas, lba + b))
             return 0;
     return 1;
 }
@@ -1315,7 +1315,11 @@ static long group_join(struct bt_lane *l, struct pgroup *g, const struct cmd *c,
     uint32_t i = g->n++;
     if (i == 0) {
         g->blocks = 0;
-        g->seen[0] = g->seen[1] = g->seen[2] = g->seen[3] = 0;
+        if (l->pgset == NULL)
+            l->pgset = calloc(1, sizeof(struct bt_lba_set));
+        g->lbas = l->pgset;
+        if (g->lbas != NULL)
+            bt_lba_set_reset(g->lbas);
         g->ns = c->ns;
         g->out0 = l->out_len;
         g->pos0 = pos;
@@ -1331,8 +1335,9 @@ static long group_join(struct bt_lane *l, struct pgroup *g, const struct cmd *c,
     g->sqhd[i] = l->sqhd;
     g->fua[i] = (uint8_t)fua_of(c->ns, c->sqe);
     g->blocks += g->count[i];
-    for (uint64_t b = 0; b < g->count[i]; b++)
-        bt_pmem_lba_mark(g->seen, g->lba[i] + b);
+    for (uint64_t b = 0; b < g->count[i] && g->lbas != NULL; b++)
+        if (!bt_lba_set_add(g->lbas, g->lba[i] + b))
+            g->lbas = NULL;  /* (full: only a first write larger than a group gets here) */
     return reply;
 }
 

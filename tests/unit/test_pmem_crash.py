@@ -567,3 +567,30 @@ def test_group_refuses_an_lba_twice_and_more_than_the_free_list() -> None:
     pool.read(0, 5, 1, memoryview(out))
     assert out == b"b" * bs and pool.check() == []
 
+
+def test_group_lba_set_is_exact_at_its_largest() -> None:
+    """The group's LBAs are kept in an exact set (bt_pmem.h, bt_lba_set), as large as the
+    largest free list: 256 distinct LBAs, spread so that their hashes collide and probe,
+    commit; one repeat among them, the last, is refused with nothing done; and what a
+    refused or committed group put in the set is gone for the next group."""
+    _need_c_engine()
+    from blocktarget.bdevs.pmem import _clib
+
+    layout = _layout(8, num_blocks=4096, lanes=1, free_per_lane=256)
+    rec = _fresh(layout)
+    pool = Pool(rec, core=True)
+    bs = layout.block_size
+    lbas = [(i * 2654435761) % layout.num_blocks for i in range(256)]
+    assert len(set(lbas)) == 256
+    writes = [(lba, bytes([i % 251 + 1]) * bs) for i, lba in enumerate(lbas)]
+    image, drains = bytes(rec.cur), rec.drains
+    assert write_group(pool, 0, writes[:255] + [(lbas[17], b"x" * bs)]) == _clib.BT_PMEM_RANGE
+    assert bytes(rec.cur) == image and rec.drains == drains
+    for _ in range(2):  # (the same LBAs again: the set was emptied by the commit)
+        assert write_group(pool, 0, writes) == 0
+    out = bytearray(bs)
+    for lba, data in writes[::37]:
+        pool.read(0, lba, 1, memoryview(out))
+        assert out == data
+    assert pool.check() == []
+
