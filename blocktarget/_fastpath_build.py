@@ -116,6 +116,8 @@ ffibuilder.set_source(
     "".join(f'#include "{h.name}"\n' for h in _headers),
     sources=[str(p.relative_to(CSRC.parents[1])) for p in SOURCES],
     include_dirs=[str(CSRC)],
+    # (a header changed alone must rebuild too: build_ext compares only these dates)
+    depends=sorted(str(p.relative_to(CSRC.parents[1])) for p in CSRC.glob("*.h")),
     define_macros=_macros,
     libraries=_libraries,
     extra_compile_args=COMPILE_ARGS,
