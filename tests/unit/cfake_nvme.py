@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import sys
 import sysconfig
 import tempfile
@@ -69,6 +70,7 @@ def _module() -> Any:
         tmp = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
         built = Path(ffi.compile(tmpdir=str(tmp)))
         os.replace(built, so)
+        shutil.rmtree(tmp, ignore_errors=True)  # (the C and object files cffi left)
     spec = importlib.util.spec_from_file_location(name, so)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
