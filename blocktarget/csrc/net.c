@@ -254,6 +254,31 @@ static void hand_back(struct bt_conn *c, unsigned char *first, size_t nfirst,
                       const unsigned char *rest, size_t nrest);
 static void flow(struct bt_conn *c);
 
+/* One non-blocking sendmsg of `v`: the bytes sent, 0 when the socket is full (counted
+   as blocked), -1 when the connection failed (failed() has run). */
+static ssize_t send_some(struct bt_conn *c, struct iovec *v, unsigned k)
+{
+    for (;;) {
+        struct msghdr m = {0};
+        m.msg_iov = v;
+        m.msg_iovlen = k;
+        ssize_t r = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r > 0) {
+            c->sends++;
+            c->tx_bytes += (uint64_t)r;
+            return r;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r == 0 || errno == EAGAIN || errno == EWOULDBLOCK) {
+            c->blocked++;
+            return 0;
+        }
+        failed(c);
+        return -1;
+    }
+}
+
 /* Send what is queued, as far as the socket takes it; then the flow control. */
 static void send_queue(struct bt_conn *c)
 {
@@ -266,22 +291,11 @@ static void send_queue(struct bt_conn *c)
             iov[i].iov_base = ch->start + off;
             iov[i].iov_len = ch->len - off;
         }
-        struct msghdr m = {0};
-        m.msg_iov = iov;
-        m.msg_iovlen = k;
-        ssize_t r = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                c->blocked++;
-                break;
-            }
-            failed(c);
+        ssize_t r = send_some(c, iov, k);
+        if (r < 0)
             return;
-        }
-        c->sends++;
-        c->tx_bytes += (uint64_t)r;
+        if (r == 0)
+            break;
         c->out_bytes -= (size_t)r;
         size_t left = (size_t)r;
         while (left) {
@@ -362,22 +376,11 @@ int net_send_now(struct bt_conn *c, const struct iovec *iov, unsigned niov)
         v[0].iov_base = (unsigned char *)v[0].iov_base + off;
         v[0].iov_len -= off;
         size_t want = total_len(v, k);
-        struct msghdr m = {0};
-        m.msg_iov = v;
-        m.msg_iovlen = k;
-        ssize_t r = sendmsg(c->fd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                c->blocked++;
-                break;
-            }
-            failed(c);
+        ssize_t r = send_some(c, v, k);
+        if (r < 0)
             return -1;
-        }
-        c->sends++;
-        c->tx_bytes += (uint64_t)r;
+        if (r == 0)
+            break;
         for (size_t left = (size_t)r; left;) {
             size_t rest = iov[i].iov_len - off;
             if (left < rest) {
