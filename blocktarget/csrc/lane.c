@@ -1885,45 +1885,50 @@ static size_t lane_run(struct bt_lane *l, const unsigned char *in, size_t len,
 
 /* ---- the public calls: each settles its operations' latency (settle) ---- */
 
+/* A public call's start: its clock read, which its commands' submission times share. */
+static inline uint64_t call_open(void)
+{
+    call_ns = lane_now_ns();
+    return call_ns;
+}
+
+static inline void call_close(struct bt_lane *l, uint64_t t0, uint64_t c0)
+{
+    call_ns = 0;
+    settle(l, t0, c0);
+}
+
 size_t bt_lane_run(struct bt_lane *l, const unsigned char *in, size_t len, unsigned max_cmds,
                    size_t max_out, unsigned *ncmds)
 {
-    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
-    call_ns = t0;
+    uint64_t c0 = l->cmds, t0 = call_open();
     size_t r = lane_run(l, in, len, max_cmds, max_out, ncmds);
-    call_ns = 0;
-    settle(l, t0, c0);
+    call_close(l, t0, c0);
     return r;
 }
 
 size_t bt_lane_rx(struct bt_lane *l, const unsigned char *in, size_t len)
 {
-    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
-    call_ns = t0;
+    uint64_t c0 = l->cmds, t0 = call_open();
     size_t r = lane_rx(l, in, len);
-    call_ns = 0;
-    settle(l, t0, c0);
+    call_close(l, t0, c0);
     return r;
 }
 
 size_t bt_lane_carry(struct bt_lane *l, const unsigned char *in, size_t len, int run,
                      unsigned char **handed, size_t *nhanded, unsigned *ncmds)
 {
-    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
-    call_ns = t0;
+    uint64_t c0 = l->cmds, t0 = call_open();
     size_t r = lane_carry(l, in, len, run, handed, nhanded, ncmds);
-    call_ns = 0;
-    settle(l, t0, c0);
+    call_close(l, t0, c0);
     return r;
 }
 
 int bt_lane_h2c(struct bt_lane *l, uint16_t cccid, uint16_t ttag, uint32_t datao,
                 const unsigned char *data, uint32_t n, int last)
 {
-    uint64_t t0 = lane_now_ns(), c0 = l->cmds;
-    call_ns = t0;
+    uint64_t c0 = l->cmds, t0 = call_open();
     int r = lane_h2c(l, cccid, ttag, datao, data, n, last);
-    call_ns = 0;
-    settle(l, t0, c0);
+    call_close(l, t0, c0);
     return r;
 }
