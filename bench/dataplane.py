@@ -204,6 +204,10 @@ def main() -> int:
     ap.add_argument("--workloads", type=lambda s: s.split(","), default=None,
                     help="labels, comma-separated (default: all)")
     ap.add_argument("--markdown", action="store_true", help="append to bench/RESULTS.md")
+    ap.add_argument("--poll-mode", choices=("event", "adaptive", "busy"), default=None,
+                    help="the target reactor's poll.mode (default: the target's own); "
+                    "event makes every QD1 command a loop wake-up with its Python turn, "
+                    "as a slow host (a QEMU guest) does with the adaptive window at 0")
     ap.add_argument("--baseline", choices=sorted(BASELINES), default="python",
                     help="what the lane is compared with (see BASELINES)")
     ap.add_argument("--before", type=Path, default=None, metavar="TREE",
@@ -212,7 +216,8 @@ def main() -> int:
     args = ap.parse_args()
     wls = [w for w in WORKLOADS if args.workloads is None or w[0] in args.workloads]
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    head = f"commit {commit()}, {machine()}, {started}, {loadavg()} at start"
+    head = f"commit {commit()}, {machine()}, {started}, {loadavg()} at start" + (
+        f", poll mode {args.poll_mode}" if args.poll_mode else "")
     print(head, file=sys.stderr)
     rows = []
     for backend in args.backends:
@@ -239,7 +244,9 @@ def main() -> int:
                         t = Target("blocktarget", backend, Path(tmp), cores=(0,),
                                    bdev=bdev_for(backend, Path(tmp), loop),
                                    transport=transport,
-                                   bt_extra={"allowed_dirs": [tmp, *([loop] if loop else [])]},
+                                   bt_extra={"allowed_dirs": [tmp, *([loop] if loop else [])],
+                                             **({"poll": {"mode": args.poll_mode}}
+                                                if args.poll_mode else {})},
                                    bt_tree=tree)
                         try:
                             time.sleep(0.3)
