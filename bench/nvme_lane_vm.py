@@ -109,7 +109,9 @@ for mode in $MODES; do
     sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/;
          s/@POLLMODE@/$pollmode/; s/@BUSY@/$busy/; s/@IDLE@/$idle/;
          s/@DWAIT@/$dwait/; s/@ADAPT@/$adapt/" cfg.json.in > cfg.json
-    $BT start -c cfg.json > target-$mode.log 2>&1 &
+    # (mode before: the same settings as lane, the target from another checkout)
+    tree=$([ $mode = before ] && echo "$BEFORE" || echo "$PYTHONPATH")
+    PYTHONPATH=$tree $BT start -c cfg.json > target-$mode.log 2>&1 &
     TPID=$!
     for i in $(seq 1 600); do [ -S $SOCK ] && break; sleep 0.1; done
     sleep 1
@@ -199,7 +201,8 @@ def _config() -> str:
 
 
 def run(seconds: float, reps: int, modes: tuple[str, ...] = MODES,
-        workloads: tuple[tuple[str, str, int], ...] = WORKLOADS) -> list[dict[str, Any]]:
+        workloads: tuple[tuple[str, str, int], ...] = WORKLOADS,
+        before: Path | None = None) -> list[dict[str, Any]]:
     guest = Guest(ensure_vm(), memory_mb=1024)
     # (the kernel's nvme driver is loaded only when it is compared: loaded, it takes the
     # function at once, and `blocktarget setup` moves it to vfio-pci)
@@ -209,7 +212,8 @@ def run(seconds: float, reps: int, modes: tuple[str, ...] = MODES,
         env={"PY": sys.executable, "T": str(seconds), "NQN": NQN, "REPS": str(reps),
              "MODES": " ".join(modes),
              "WORKLOADS": " ".join(f"{rw}:{bs}:{qd}" for rw, bs, qd in workloads),
-             "PYTHONPATH": os.environ.get("PYTHONPATH", str(PROJECT_ROOT))},
+             "PYTHONPATH": os.environ.get("PYTHONPATH", str(PROJECT_ROOT)),
+             "BEFORE": str(before.resolve()) if before is not None else ""},
         files={"bench.sh": GUEST, "lane_count.py": LANE_COUNT, "cfg.json.in": _config()},
         modules=modules, extra_qemu_args=QEMU_ARGS,
         extra_append=["intel_iommu=on", "iommu=pt"],
@@ -244,6 +248,7 @@ LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python p
                        "reply (adaptive_window false) (VFIO)",
           "laneidle20": "blocktarget, C lane, idle_us 20000 (VFIO)",
           "lanedw200": "blocktarget, C lane, idle_us 20000, device_wait_us 200 (VFIO)",
+          "before": "blocktarget, C lane, the --before checkout (VFIO)",
           "kernel": "Linux nvmet-tcp + nvme driver"}
 
 
@@ -266,7 +271,11 @@ def main() -> int:
                     "spinning while only the device works: device_wait_us 0), lanefixed "
                     "(adaptive_window false: the whole window after every reply), "
                     "laneidle20 (idle_us 20000: the idle queue polled every 20 ms), "
-                    "lanedw200 (idle_us 20000, device_wait_us 200), kernel")
+                    "lanedw200 (idle_us 20000, device_wait_us 200), before (lane, "
+                    "the target run from --before's checkout), kernel")
+    ap.add_argument("--before", type=Path, metavar="TREE",
+                    help="another checkout, built in place, for mode before (an A/B of a "
+                    "change in one guest run, the modes alternating)")
     ap.add_argument("--workloads", help="comma separated RW:BS:QD (e.g. randread:4k:1); "
                     "default: all of the comparison's")
     args = ap.parse_args()
@@ -282,7 +291,9 @@ def main() -> int:
         bad = [m for m in modes if m not in LABELS]
         if bad:
             ap.error(f"unknown mode(s) {', '.join(bad)}: choose from {', '.join(LABELS)}")
-    rows = run(args.time, args.reps, modes, workloads)
+    if ("before" in modes) != (args.before is not None):
+        ap.error("mode before and --before go together")
+    rows = run(args.time, args.reps, modes, workloads, args.before)
     print("| workload | target | IOPS (runs) | mean lat µs | target CPU µs/IO "
           "| guest CPU µs/IO | lane share |")
     print("|---|---|---|---|---|---|---|")

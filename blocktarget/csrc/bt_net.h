@@ -105,6 +105,7 @@ struct bt_net {
        serves for long is more likely preempted, and that time is nobody's work); of
        that, the part spent finding nothing to do (spinning) */
     uint64_t polls, cpu_ns, idle_ns;
+    uint64_t pdus;          /* cumulative: PDUs the lanes took in the calls */
     uint64_t tail_idle_ns;  /* how long the last call found nothing before returning */
     uint8_t python_cqe;     /* a completion of Python's first: 1 on an io_uring ring,
                                2 on an NVMe queue pair (bits): Python reaps it */
@@ -170,8 +171,17 @@ unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nre
    connections Python must act on go to ready (their handles; up to max, *nready of
    them): those with events or with a command to redo (given back).
    What the others did stays counted in C (the lane's and the connection's cumulative
-   counters, bt_net.bud_delta) for Python to fold when it likes (nvme/netpoll.py says
-   when). Returns the PDUs the lanes took. */
+   counters, bt_net.bud_delta, the cumulative counters above) for Python to fold when
+   it likes (nvme/netpoll.py says when). Returns what Python must act on, as BT_NET_*
+   bits: 0, the common case, when nothing (so that a call costs Python no more than
+   the call itself: a QEMU guest's slow host makes every command one call). */
+#define BT_NET_PYTHON_CQE 1   /* python_cqe: Python's own completion stopped the sweep */
+#define BT_NET_READY 2        /* connections reported (*nready) */
+#define BT_NET_STARTED 4      /* lane_started */
+#define BT_NET_BUDGET 8       /* bud_delta is not 0 */
+#define BT_NET_PDUS 16        /* the lanes took PDUs in this call */
+#define BT_NET_SHORT 32       /* it ended inside its window (tail_idle_ns < win_used_ns) */
+#define BT_NET_DEV 64         /* dev_pending */
 uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nready,
                      uint64_t budget_ns, uint64_t spin_ns);
 

@@ -833,7 +833,23 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     uint64_t awake = cpu - (n->dev_wait_cpu_ns - wcpu0);
     n->idle_ns += wall ? (uint64_t)((double)idle * (double)awake / (double)wall) : 0;
     *nready = take_ready(n, ready, max);
-    return after - before;
+    n->pdus += after - before;
+    uint64_t attn = 0;
+    if (n->python_cqe)
+        attn |= BT_NET_PYTHON_CQE;
+    if (*nready)
+        attn |= BT_NET_READY;
+    if (n->lane_started)
+        attn |= BT_NET_STARTED;
+    if (n->bud_delta)
+        attn |= BT_NET_BUDGET;
+    if (after != before)
+        attn |= BT_NET_PDUS;
+    if (n->tail_idle_ns < win)
+        attn |= BT_NET_SHORT;
+    if (n->dev_pending)
+        attn |= BT_NET_DEV;
+    return attn;
 }
 
 unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready)

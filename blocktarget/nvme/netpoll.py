@@ -78,6 +78,12 @@ MAX_READY = 1024  # connections reported per poll call
 BUDGET_NS = 500_000
 RETRY_S = 0.001  # how soon lending is tried again while the transport has output
 CHUNKS = 64
+# bt_net_poll's return value: what Python must act on after the call (csrc/bt_net.h)
+_PYTHON_CQE, _READY, _STARTED, _BUDGET, _PDUS, _SHORT, _DEV = (
+    (lib.BT_NET_PYTHON_CQE, lib.BT_NET_READY, lib.BT_NET_STARTED, lib.BT_NET_BUDGET,
+     lib.BT_NET_PDUS, lib.BT_NET_SHORT, lib.BT_NET_DEV) if AVAILABLE else (0,) * 7)
+_ATTN = _PYTHON_CQE | _READY | _STARTED | _BUDGET | _PDUS | _SHORT | _DEV
+_ATTN_NO_PDUS = _ATTN & ~_PDUS
 # Whether the poller sweeps the lanes' NVMe queue pairs (False: the reactor's Python
 # poller reaps them, as before; bench/nvme_hotpath.py's baseline)
 SWEEP_NVME = True
@@ -107,7 +113,8 @@ class NetPoller:
     """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
 
     __slots__ = ("reactor", "n", "budget", "conns", "rings", "nvmeqs", "_ready", "_nready",
-                 "_closing", "_again", "lent", "watched", "_fold_timer")
+                 "_closing", "_again", "lent", "watched", "_fold_timer", "_cfg",
+                 "_pollers_seen", "_c_only", "_counted")
 
     def __init__(self, reactor: Reactor, budget: Any) -> None:
         n = lib.bt_net_new()
@@ -127,6 +134,10 @@ class NetPoller:
         # their lanes use, with how many of them use each (told when a lane starts I/O)
         self.lent: set[Qpair] = set()
         self.watched: dict[Any, int] = {}
+        self._cfg: tuple[int, int, bool] | None = None  # (the settings C was last given)
+        self._pollers_seen: list[Any] | None = None  # (see _c_pollers_only)
+        self._c_only = False
+        self._counted = (0,) * 8  # (C's cumulative counters at the last fold)
         loop = reactor.loop
         loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
         self._fold_timer = loop.call_later(FOLD_S, self._tick)  # type: ignore[union-attr]
@@ -141,7 +152,15 @@ class NetPoller:
 
     def poll(self, spin_left: int | None = None) -> None:
         """The epoll fd is readable (or C stopped inside its busy-poll window, of which
-        ``spin_left`` ns are left): serve every lent connection with something to do."""
+        ``spin_left`` ns are left): serve every lent connection with something to do.
+
+        Kept lean: under a host slower than the busy-poll window (a QEMU guest's kernel
+        initiator at QD1) every command is one wake-up and one call, so what Python
+        does around the call is paid per command (4.4 us of it, with the GIL held,
+        against 6.3 us in C, at QD1 in poll mode event; bench/RESULTS.md). So the call's
+        counters stay in C until folded (``fold_counters``), the settings are written
+        only when they change, and C says in its return value whether anything needs
+        Python at all (BT_NET_* bits, csrc/bt_net.h)."""
         n = self.n
         if n is None:
             return
@@ -153,34 +172,47 @@ class NetPoller:
         # (while connections wait for buffers, the lanes take none beyond the first)
         n.bud_limit = 0 if b.waiting else b.limit
         r = self.reactor
+        cfg = (r.busy_poll_us, r.device_wait_us, r.adaptive_window)
+        if cfg != self._cfg:
+            self._cfg = cfg
+            n.dev_wait_ns = r.device_wait_us * 1000
+            n.win_adapt = r.adaptive_window
+            n.spin_max_ns = r.busy_poll_us * 1000
         # Between sockets' reads, C waits for the next one itself (the GIL released)
         # for the reactor's busy-poll window, instead of the event loop spinning it
         # holding the GIL, as long as the reactor would spin anyway (poll_mode) and no
         # poller but a ring's (which C reaps) waits its turn.
         spin = 0
-        if r.spin_on_io and all(p.name == "uring" or p.c_reaped for p in r.pollers):
+        if r.spin_on_io and self._c_pollers_only(r):
             # (the rings' and queue pairs' lane completions are reaped in C too, and it
             # returns at the first of Python's)
             spin = r.busy_poll_us * 1000
             if spin_left is not None:
                 spin = min(spin, spin_left)
-        n.dev_wait_ns = r.device_wait_us * 1000
-        n.win_adapt = r.adaptive_window
-        n.spin_max_ns = r.busy_poll_us * 1000
-        idle0, cpu0, waits0, wcpu0 = n.idle_ns, n.cpu_ns, n.dev_waits, n.dev_wait_cpu_ns
-        shrinks0, grows0 = n.win_shrinks, n.win_grows
-        pdus = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
-        st = r.stats
-        st.gil_released_ns += n.cpu_ns - cpu0  # (CPU time: see struct bt_net)
-        st.net_polls += 1
-        st.net_pdus += pdus
-        st.net_idle_ns += n.idle_ns - idle0
-        st.net_device_waits += n.dev_waits - waits0
-        st.net_window_shrinks += n.win_shrinks - shrinks0
-        st.net_window_grows += n.win_grows - grows0
-        st.net_window_ns = n.win_ns if r.adaptive_window else n.spin_max_ns
-        quiet = not n.python_cqe and not self._nready[0]
-        st.net_device_wait_ns += n.dev_wait_cpu_ns - wcpu0
+        attn = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
+        # (the PDUs taken matter only to a reactor that spins the window in Python)
+        if attn & (_ATTN if spin == 0 and r.spin_on_io else _ATTN_NO_PDUS):
+            self._settle(n, attn, spin)
+        elif spin and r.adaptive_window and r._poll_handle is not None:
+            # C waited out its window for the host with nothing for Python: the
+            # reactor's Python poll loop, which a lane's NVMe I/O kicked
+            # (lane_io_started) in an earlier call, must not spin its own window after
+            # it (200 us more per QD1 command, holding the GIL, in a guest taking the
+            # vCPU the host side needed).
+            r._last_work_ns = min(r._last_work_ns, time.monotonic_ns() - r.busy_poll_us * 1000)
+
+    def _c_pollers_only(self, r: Reactor) -> bool:
+        """Whether every poller of the reactor is one whose lane completions C reaps (a
+        ring's, or an NVMe queue pair this poller sweeps): cached per pollers list."""
+        if r.pollers != self._pollers_seen:
+            self._pollers_seen = list(r.pollers)
+            self._c_only = all(p.name == "uring" or p.c_reaped for p in r.pollers)
+        return self._c_only
+
+    def _settle(self, n: Any, attn: int, spin: int) -> None:
+        """After a call that left something for Python (``attn``, BT_NET_* bits)."""
+        r = self.reactor
+        quiet = not attn & (_PYTHON_CQE | _READY)
         self._after(n)
         if spin:
             # C spins the reactor's busy-poll window itself: the event loop must not
@@ -193,23 +225,43 @@ class NetPoller:
             # than leave them to the reactor's idle poll.
             # The window C spun is the adaptive one (win_used_ns: spin, or less when
             # the host's commands come later than the window; bt_net.h).
-            tail, win = n.tail_idle_ns, n.win_used_ns
-            if (tail < win or n.dev_pending) and n.nconns and self._again is None:
-                left = win - tail if tail < win else spin
+            short = attn & _SHORT
+            if (short or attn & _DEV) and n.nconns and self._again is None:
+                tail, win = n.tail_idle_ns, n.win_used_ns
+                left = win - tail if short else spin
                 self._again = r.loop.call_soon(self._resume, left)  # type: ignore[union-attr]
-            elif quiet and r.adaptive_window and tail >= win:
-                # C waited out the window for the host: the reactor's Python poll loop,
-                # which a lane's NVMe I/O kicked (lane_io_started), must not spin its
-                # own window after it (it did: 200 us more per QD1 command, holding the
-                # GIL, in a guest taking the vCPU the host side needed). Only when C
-                # reported nothing: Python I/O a hand-back started is polled as before.
+            elif quiet and r.adaptive_window and not short:
+                # (as in poll: C waited out the window, nothing for Python; only when C
+                # reported nothing: Python I/O a hand-back started is polled as before)
                 r._last_work_ns = min(r._last_work_ns,
                                       time.monotonic_ns() - r.busy_poll_us * 1000)
-        elif pdus and r.spin_on_io:
+        elif attn & _PDUS and r.spin_on_io:
             # the reactor's busy-poll window runs from the last work C saw, part of
             # which C already spent spinning: the event loop must not spin it again
             r.note_io()
             r._last_work_ns -= n.tail_idle_ns
+
+    def fold_counters(self) -> None:
+        """Add what the C poller counted since the last fold to the reactor's stats (C
+        keeps them cumulative; they are folded with the lent connections' counters,
+        before anyone reads them: see the module doc)."""
+        n = self.n
+        if n is None:
+            return
+        now = (n.polls, n.pdus, n.cpu_ns, n.idle_ns, n.dev_waits, n.dev_wait_cpu_ns,
+               n.win_shrinks, n.win_grows)
+        was, self._counted = self._counted, now
+        st = self.reactor.stats
+        st.net_polls += now[0] - was[0]
+        st.net_pdus += now[1] - was[1]
+        st.gil_released_ns += now[2] - was[2]  # (CPU time: see struct bt_net)
+        st.net_idle_ns += now[3] - was[3]
+        st.net_device_waits += now[4] - was[4]
+        st.net_device_wait_ns += now[5] - was[5]
+        st.net_window_shrinks += now[6] - was[6]
+        st.net_window_grows += now[7] - was[7]
+        r = self.reactor
+        st.net_window_ns = n.win_ns if r.adaptive_window else n.spin_max_ns
 
     def reap(self) -> None:
         """Sweep the NVMe queue pairs alone (bt_net_reap: no socket polled, no system
@@ -281,6 +333,7 @@ class NetPoller:
             if lane is not None:
                 lane.fold()
         self.take_budget()
+        self.fold_counters()
 
     def _tick(self) -> None:
         self._fold_timer = None
@@ -396,6 +449,7 @@ class NetPoller:
             self._fold_timer.cancel()
             self._fold_timer = None
         self.take_budget()  # (nothing of the budget stays behind in C)
+        self.fold_counters()  # (nor of the counters)
         n, self.n = self.n, None
         loop = self.reactor.loop
         if loop is not None and not loop.is_closed():

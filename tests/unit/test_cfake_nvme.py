@@ -194,9 +194,11 @@ def test_the_synchronous_device_is_reaped_in_the_submitting_call() -> None:
         reap(self)
 
     def counted_poll(self: Any, spin_left: int | None = None) -> None:
+        self.fold_counters()
         pdus0 = self.reactor.stats.net_pdus
         c0 = sum(int(c.c_reaped) for c in ctxs)
         poll(self, spin_left)
+        self.fold_counters()
         calls.append((self.reactor.stats.net_pdus - pdus0,
                       sum(int(c.c_reaped) for c in ctxs) - c0))
 

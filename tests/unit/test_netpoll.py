@@ -461,15 +461,14 @@ def test_busy_poll_window_spun_in_c_not_python(backend: str, tmp_path: Path) -> 
     p = SockPair(OPTS, cattr=SQFLOW_OFF, **kw)
     try:
         _spinning(p, 2000)
-        r = p.fast.reactor
-        runs0, polls0 = r.stats.poll_runs, r.stats.net_polls
+        runs0, polls0 = p.stats.poll_runs, p.stats.net_polls
         for k in range(4):
             p.feed(b"".join(rd(200 * k + i, 2, (i * 7) % 96) for i in range(30)))
             p.check()
         assert _lent(p) and p.taken() == 120
-        assert r.stats.net_polls > polls0
-        assert r.stats.poll_runs - runs0 <= 2, "the event loop spun in Python"
-        assert r.stats.net_idle_ns > 0  # (C spun)
+        assert p.stats.net_polls > polls0
+        assert p.stats.poll_runs - runs0 <= 2, "the event loop spun in Python"
+        assert p.stats.net_idle_ns > 0  # (C spun)
     finally:
         p.close()
 
@@ -738,7 +737,7 @@ def test_no_spinning_while_only_the_device_works(wait_us: int, window_us: int) -
         p.ref.io.data_received(first + rd(11, 2, 6))
         p.ref.run()
         dev.hold_io = 1
-        waits0 = r.stats.net_device_waits
+        waits0 = p.stats.net_device_waits
         p.fast.send(p.for_fast(first))
         deadline = time.monotonic() + 10
         while not dev.held:
@@ -748,7 +747,7 @@ def test_no_spinning_while_only_the_device_works(wait_us: int, window_us: int) -
         t0, c0 = time.monotonic(), time.thread_time()
         p.fast.loop.run_until_complete(asyncio.sleep(0.05))
         wall, cpu = time.monotonic() - t0, time.thread_time() - c0
-        waits = r.stats.net_device_waits - waits0
+        waits = p.stats.net_device_waits - waits0
         if wait_us:
             # 50 ms of 50 to 400 us slices: ~125-500 on a quiet machine; a loaded one
             # oversleeps each (108 seen in a full run), so the count only shows that it

@@ -106,21 +106,20 @@ def test_window_follows_the_hosts_pace(backend: str) -> None:
         r.set_poll_mode("adaptive")
         r.busy_poll_us = WINDOW_US
         assert r.adaptive_window  # (the default)
-        st = r.stats
-        shrinks0, grows0 = st.net_window_shrinks, st.net_window_grows
+        shrinks0, grows0 = p.stats.net_window_shrinks, p.stats.net_window_grows
         _qd1(p, 1, 8, PAUSE_S)  # (the window learns the host's pace)
         n = r.net_poller.n
-        assert n.win_ns == 0 and st.net_window_shrinks - shrinks0 >= 3, (
-            n.win_ns, st.net_window_shrinks - shrinks0)
+        assert n.win_ns == 0 and p.stats.net_window_shrinks - shrinks0 >= 3, (
+            n.win_ns, p.stats.net_window_shrinks - shrinks0)
         cpu, wall = _qd1(p, 20, 8, PAUSE_S)
         assert cpu < 0.25 * wall, f"the reactor spun for a slow host: {cpu:.3f} s CPU " \
                                  f"in {wall:.3f} s"
-        assert n.win_ns == 0 and st.net_window_ns == 0
+        assert n.win_ns == 0 and p.stats.net_window_ns == 0
         # back to back: every command comes well within the window
         _qd1(p, 40, 40, 0)
         assert n.win_ns == WINDOW_US * 1000, n.win_ns
-        assert st.net_window_grows - grows0 >= 3
-        assert st.net_window_ns > 0
+        assert p.stats.net_window_grows - grows0 >= 3
+        assert p.stats.net_window_ns > 0
         p.settle_fast()
         p.check()
         assert _lent(p)
@@ -139,11 +138,10 @@ def test_fixed_window_when_switched_off() -> None:
         r.set_poll_mode("adaptive")
         r.busy_poll_us = WINDOW_US
         r.adaptive_window = False
-        st = r.stats
-        shrinks0 = st.net_window_shrinks
+        shrinks0 = p.stats.net_window_shrinks
         _qd1(p, 1, 6, PAUSE_S)
-        assert st.net_window_shrinks == shrinks0
-        assert st.net_window_ns == WINDOW_US * 1000
+        assert p.stats.net_window_shrinks == shrinks0
+        assert p.stats.net_window_ns == WINDOW_US * 1000
         assert r.net_poller.n.idle_ns > 0  # (it spun: 45 % of the time measured)
         p.settle_fast()
         p.check()
