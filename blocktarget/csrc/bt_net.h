@@ -74,6 +74,12 @@ struct bt_net {
     /* A lent lane submitted I/O to a ring or queue pair (Python clears it): Python's
        watch of them must hear of it (uring's pending SQEs, NVMe's poller kick). */
     uint8_t lane_started;
+    /* Set by Python while every ring and queue pair the lent lanes use is an NVMe queue
+       pair this poller sweeps: then a call that ends with no lane command at any of
+       them does not report lane_started (there is nothing for Python's watch to poll;
+       under a host slower than the window every command is one call, and that report
+       was a Python pass per command). */
+    uint8_t quiet_starts;
     /* While the lanes' only outstanding work is at an NVMe device (no socket or ring
        had anything in the last round, lane commands at a queue pair), the busy-poll
        window does not spin: it sleeps in slices of dev_wait_ns (woken at once by a

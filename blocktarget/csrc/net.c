@@ -834,6 +834,8 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->idle_ns += wall ? (uint64_t)((double)idle * (double)awake / (double)wall) : 0;
     *nready = take_ready(n, ready, max);
     n->pdus += after - before;
+    if (n->lane_started && n->quiet_starts && !device_busy(n))
+        n->lane_started = 0;  /* (started and done within the call: see bt_net.h) */
     uint64_t attn = 0;
     if (n->python_cqe)
         attn |= BT_NET_PYTHON_CQE;

@@ -376,6 +376,15 @@ class NetPoller:
                 self.watched.pop(ring, None)
         qp._net_rings = ()
 
+    def starts_rule(self) -> None:
+        """Tell C whether every ring and queue pair the lent lanes use is an NVMe queue
+        pair it sweeps (bt_net.quiet_starts): then lane I/O started and completed within
+        a call needs no word to Python."""
+        n = self.n
+        if n is not None:
+            w = self.watched
+            n.quiet_starts = bool(w) and all(x in self.nvmeqs for x in w)
+
     def add_rings(self, lane: Any) -> None:
         """The poller reaps the lane's rings too (their lane completions, in C), woken by
         their eventfds, which it watches instead of the event loop (the loop would wake
@@ -401,6 +410,7 @@ class NetPoller:
                 rq.net_poller = self
                 if rq.poller is not None:
                     rq.poller.c_reaped = True
+                    self._pollers_seen = None  # (the cached check reads c_reaped)
                 self.nvmeqs.append(rq)
 
     def drop_nvmeq(self, rq: Any) -> None:
@@ -413,6 +423,8 @@ class NetPoller:
         rq.net_poller = None
         if rq.poller is not None:
             rq.poller.c_reaped = False
+            self._pollers_seen = None
+        self.starts_rule()
 
     def drop_ring(self, ring: Any) -> None:
         """``ring`` goes away, or the poller does: the event loop watches its eventfd
@@ -489,6 +501,7 @@ def try_lend(qp: Qpair) -> None:
         poller.add_rings(lane)
     if lane.nvmeqs and SWEEP_NVME:
         poller.add_nvmeqs(lane)
+    poller.starts_rule()
     t.pause_reading()
     qp._net = conn
     qp._net_seen = [0, 0]
@@ -532,6 +545,7 @@ def give_back(qp: Qpair, send: bool = True) -> tuple[int, bytes | None, bytes | 
     lib.bt_net_conn_free(conn)
     poller = qp.reactor.net_poller
     poller.unlend(qp)
+    poller.starts_rule()
     poller.let_go()
     t = qp.transport
     qp._write_paused_at = None  # (C's pause ends here; the transport keeps its own)

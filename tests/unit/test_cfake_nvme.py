@@ -249,3 +249,50 @@ def test_the_synchronous_device_is_reaped_in_the_submitting_call() -> None:
         netpoll.NetPoller.reap = reap  # type: ignore[method-assign]
         netpoll.NetPoller.poll = poll  # type: ignore[method-assign]
         p.close()
+
+
+def test_a_quick_device_costs_no_python_pass_per_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host at QD1 slower than the window (a QEMU guest's kernel initiator) makes
+    every command one C poller call: with the device done within that call (the
+    synchronous C device), the call leaves Python nothing to do (bt_net_poll returns 0:
+    no pass over the watch, the budget or the connections; lane_started is not
+    reported, the queue pair being swept by the poller), and the counters C keeps come
+    out right once folded. Every byte as the Python path's."""
+    from net_harness import SockPair
+    from test_netpoll import SQFLOW_OFF, _lent
+    from test_netpoll_window import _qd1
+
+    if not LANE_NVME:
+        pytest.fail("the C lane was built without its NVMe backend")
+    settles: list[int] = []
+    settle = netpoll.NetPoller._settle
+
+    def counted(self: Any, n: Any, attn: int, spin: int) -> None:
+        settles.append(attn)
+        settle(self, n, attn, spin)
+
+    monkeypatch.setattr(netpoll.NetPoller, "_settle", counted)
+    p = SockPair(OPTS, layout=SYNC_LAYOUT, cattr=SQFLOW_OFF)
+    try:
+        p.feed(rd(900, 2, 0))
+        p.check()
+        assert _lent(p)
+        r = p.fast.reactor
+        r.set_poll_mode("event")
+        np_ = r.net_poller
+        assert np_.n.quiet_starts  # (the lane's queue pairs, all swept by the poller)
+        _qd1(p, 1, 4, 0)
+        settles.clear()
+        polls0, pdus0 = p.stats.net_polls, p.stats.net_pdus
+        ctxs = [rq.lane_ctx for rq in _queues(p.fast)]
+        creaped0 = sum(int(c.c_reaped) for c in ctxs)
+        _qd1(p, 10, 40, 0.001)
+        assert p.stats.net_pdus - pdus0 == 40
+        assert p.stats.net_polls - polls0 >= 40
+        assert sum(int(c.c_reaped) for c in ctxs) - creaped0 == 40
+        assert settles == [], settles  # (no call needed Python after it)
+        p.settle_fast()
+        p.check()
+        assert _lent(p)
+    finally:
+        p.close()
