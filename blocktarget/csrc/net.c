@@ -707,7 +707,7 @@ static int device_busy(const struct bt_net *n)
    cost is read in every CPU_SAMPLE-th slice and in every slice of a sampled call
    (`exact`: that call's CPU less its slices' is its awake share), the mean of those
    counted for the rest. */
-static void device_wait(struct bt_net *n, uint64_t slice, int exact)
+static int device_wait(struct bt_net *n, uint64_t slice, int exact)
 {
     if (!n->slack_set) {
         /* (the default 50 us slack would make every slice a 50 us one: this thread is
@@ -720,7 +720,7 @@ static void device_wait(struct bt_net *n, uint64_t slice, int exact)
     struct timespec ts = {0, (long)ns};
     int read = exact || n->dev_waits % CPU_SAMPLE == 0;
     uint64_t c0 = read ? cpu_now_ns() : 0;
-    (void)ppoll(&p, 1, &ts, NULL);
+    int woke = ppoll(&p, 1, &ts, NULL);
     if (read) {
         uint64_t d = cpu_now_ns() - c0;
         n->dw_samp_cpu_ns += d;
@@ -730,6 +730,7 @@ static void device_wait(struct bt_net *n, uint64_t slice, int exact)
         n->dev_wait_cpu_ns += n->dw_samp_cpu_ns / n->dw_samp;
     }
     n->dev_waits++;
+    return woke;  /* 0: the slice ran out with no socket or ring ready */
 }
 
 /* A window shorter than this catches no host's next command worth the spinning: 0. */
@@ -774,9 +775,11 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->win_used_ns = win;
     uint64_t wcpu0 = n->dev_wait_cpu_ns;
     n->polls++;
+    int quiet = 0;  /* the last device-wait slice ran out: the epoll set has nothing */
     while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
         prev = t;
-        int k = epoll_wait(n->epfd, ev, EVENTS, 0);
+        int k = quiet ? 0 : epoll_wait(n->epfd, ev, EVENTS, 0);
+        quiet = 0;
         if (k < 0 && errno != EINTR)
             break;
         if (k < 0)
@@ -829,11 +832,17 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             n->gap_dev = 1;  /* (waiting for the device, not for the host) */
         if (t - t0 >= budget_ns || (k <= 0 && !dev && t - last >= win))
             break;
+        /* No window (event mode, or a host slower than it) and nothing at a device:
+           done; more input already there keeps the epoll fd readable, so the loop
+           calls again, and a host at QD1 saves the round that would find nothing (a
+           system call per command). */
+        if (k > 0 && !win && !(n->nnvmeqs && device_busy(n)))
+            break;
         if (k > 0) {
             slice = n->dev_wait_ns;
         } else if (dev) {
             uint64_t s0 = t;
-            device_wait(n, slice, exact);
+            quiet = device_wait(n, slice, exact) == 0;
             t = now_ns();
             slept += t - s0;
             if (t - last >= spin_ns && slice < 8 * n->dev_wait_ns)

@@ -159,3 +159,15 @@ def test_uring_sock_bench_runs() -> None:
     assert len(rows) == 6, out
     for _size, _qd, _kind, ops, cpu in rows:
         assert int(ops.replace(",", "")) > 0 and float(cpu) > 0, out
+
+
+def test_netpoll_call_bench_runs() -> None:
+    """bench/netpoll_call.py times the C poller's empty call, against itself as the
+    --before tree here (two rounds of 2,000 calls each way)."""
+    out = _run(str(BENCH / "netpoll_call.py"), "--calls", "2000", "--rounds", "2",
+               "--before", str(ROOT), timeout=180)
+    rows = re.findall(r"^\| (this tree|before) \| ([\d.]+) \(([\d.]+)\) \| ([\d.]+) "
+                      r"\(([\d.]+)\) \| (-?[\d.]+) \(", out, re.M)
+    assert [r[0] for r in rows] == ["this tree", "before"], out
+    for _name, call, _med, c_call, _cmed, _py in rows:
+        assert float(call) > 0 and float(c_call) > 0, out
