@@ -5,6 +5,9 @@ namespace, ``<name>n<nsid>`` as SPDK names them. Each reactor that does I/O on a
 them gets its own hardware queue pair, created on that reactor the first time one of
 its channels opens, polled by that reactor's poller, and shared by all namespaces of the
 controller on that reactor — SPDK's model: no locks and no cross-core traffic per I/O.
+While nothing is outstanding on a queue its poller sleeps (Reactor.set_dormant: no
+timed poll turns for an idle queue) and the controller's health tick runs from a loop
+timer instead.
 
 Bdev I/O maps 1:1 onto NVMe commands: read, write (FUA passes through), flush, write
 zeroes, and unmap as Dataset Management/deallocate. Transfers larger than the
@@ -110,6 +113,11 @@ class ReactorQueue:
         self.rx_direct_bytes = 0
         self.rx_copied_bytes = 0
         self._next_tick = 0.0
+        # the health tick's own timer (see _tick_timer), armed by start_ticking
+        self._tick_handle: asyncio.TimerHandle | None = None
+        # times that timer found the poller dormant with work and no poll coming: a
+        # submission that did not kick (a bug; tests hold it at 0), mended within a tick
+        self.late_wakes = 0
         # On a reactor its poller reaps the queue; the reactor-less queue (the control
         # plane's I/O: a volume store's examine and metadata, bdev_lvol zeroing) is
         # polled by the main event loop while it has commands out (_main_kick).
@@ -203,7 +211,61 @@ class ReactorQueue:
         if now >= self._next_tick:
             self._next_tick = now + TICK_INTERVAL_S
             self.owner.ctrlr.tick(self.q, now)
+        p = self.poller
+        if p is not None:
+            # Dormant while nothing can complete: no command at the device (the lane's
+            # included), none waiting for a slot or for the queue to come back from a
+            # reset, no I/O waiting for a buffer. Every way work comes back kicks the
+            # reactor (the channel's submissions, lane_io_started, a buffer given back
+            # to a waiter, the controller's calls on the queue: PcieController._call),
+            # and that turn wakes it here.
+            idle = not (q.outstanding or q.waiting or q.suspended or self.buf_waiters)
+            if idle is not p.dormant:
+                self.reactor.set_dormant(p, idle)  # type: ignore[union-attr]
         return n
+
+    def start_ticking(self) -> None:
+        """(Reactor thread) Run the controller's health tick from a loop timer as well
+        as from poll: a dormant queue's poller is not called while the reactor sleeps,
+        but a device removed, failed (CSTS.CFS, all ones) or asked back by the kernel
+        while it is idle must still be noticed within a tick or two. The timer fires
+        every TICK_INTERVAL_S whatever the queue does (ten loop wake-ups a second, where
+        arming it on every switch to dormant would cost a timer per I/O at QD1) and ticks
+        only when poll has not."""
+        loop = self.reactor.loop if self.reactor is not None else None
+        if loop is not None and self._tick_handle is None:
+            self._tick_handle = loop.call_later(TICK_INTERVAL_S, self._tick_timer)
+
+    def stop_ticking(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+
+    def _tick_timer(self) -> None:
+        self._tick_handle = None
+        ctrlr = self.owner.ctrlr
+        now = time.monotonic()
+        try:
+            if now >= self._next_tick:
+                self._next_tick = now + TICK_INTERVAL_S
+                ctrlr.tick(self.q, now)
+            p = self.poller
+            r = self.reactor
+            q = self.q
+            if (p is not None and r is not None and p.dormant and not r.poll_scheduled
+                    and (q.outstanding or q.waiting)):
+                # commands that no kick announced: poll them now rather than never (a
+                # buffer waiter needs no poll: a buffer given back serves it)
+                self.late_wakes += 1
+                log.warning("%s: queue %d had work while its poller slept; polling it",
+                            self.owner.name, self.q.qid)
+                r.kick()
+        finally:
+            loop = self.reactor.loop if self.reactor is not None else None
+            if (self.poller is not None and not (ctrlr.removed or ctrlr.closed)
+                    and loop is not None and not loop.is_closed()):
+                self._tick_handle = loop.call_later(
+                    max(self._next_tick - time.monotonic(), 0.001), self._tick_timer)
 
     def reap_python(self) -> int:
         """The Python poller's reap of the whole queue (bt_nvmeq_reap): its doorbell
@@ -552,20 +614,29 @@ class PcieController:
                    if k not in ("name", "trtype", "traddr") and v is not None}}
 
     # ---- owner hooks for the driver ----
+    # The controller changes a queue on its reactor (suspend, re-create and re-submit
+    # after a reset, fail): the reactor then polls at once, whether or not the queue's
+    # poller was dormant, so nothing the change left at the device waits for a turn.
     async def _call(self, q: Any, fn: Callable[[], Any]) -> Any:
         reactor = getattr(q, "owner", None)
         if reactor is None or reactor.loop is None or not reactor.running:
-            return fn()
-        return await reactor.call(fn)
+            try:
+                return fn()
+            finally:
+                _kick_if_here(reactor)
+        return await reactor.call(_then_kick(reactor, fn))
 
     def _post(self, q: Any, fn: Callable[[], Any]) -> None:
         reactor = getattr(q, "owner", None)
         if reactor is None or reactor.loop is None or not reactor.running:
-            fn()
+            try:
+                fn()
+            finally:
+                _kick_if_here(reactor)
         elif reactor.on_reactor():
-            fn()
+            _then_kick(reactor, fn)()
         else:
-            reactor.loop.call_soon_threadsafe(fn)
+            reactor.loop.call_soon_threadsafe(_then_kick(reactor, fn))
 
     def _on_main(self, coro_fn: Callable[[], Any]) -> None:
         loop = self.loop
@@ -610,6 +681,7 @@ class PcieController:
             rq = ReactorQueue(self, reactor, q)
             if reactor is not None:
                 rq.poller = reactor.register_poller(rq.poll, f"nvme_{self.name}_q{q.qid}")
+                rq.start_ticking()
             self.queues[key] = rq
             log.info("%s: I/O queue %d (depth %d) on reactor %s", self.name, q.qid, q.depth,
                      key)
@@ -630,6 +702,7 @@ class PcieController:
         if rq.poller is not None and reactor is not None:
             reactor.unregister_poller(rq.poller)
             rq.poller = None
+        rq.stop_ticking()
         # let commands in flight finish before the queue goes (bounded wait)
         deadline = time.monotonic() + 5
         rq.q.flush_doorbell()
@@ -698,6 +771,26 @@ class PcieController:
             self.detached = True
             _CONTROLLERS.pop(self.name, None)
             self._close_ctrlr()
+
+
+def _then_kick(reactor: Reactor, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` followed (on the reactor's thread) by a kick of its reactor."""
+
+    def run() -> Any:
+        try:
+            return fn()
+        finally:
+            reactor.kick()
+
+    return run
+
+
+def _kick_if_here(reactor: Reactor | None) -> None:
+    """Kick a reactor that is not running as a thread of its own (tests drive its loop
+    on theirs) when called on its loop's thread; the reactor-less queue needs none."""
+    if reactor is not None and reactor.loop is not None and not reactor.loop.is_closed() \
+            and reactor.on_reactor():
+        reactor.kick()
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:

@@ -299,6 +299,50 @@ def test_poller_that_recovers_is_called_every_poll_again(
     reactor.send(reactor.unregister_poller, poller).result(5)
 
 
+def test_dormant_pollers_get_no_idle_poll_but_run_when_kicked(reactor: Reactor) -> None:
+    """A poller its owner put to sleep (set_dormant) gets no timed idle poll; a kick
+    still polls every poller, the sleeping one too; the idle poll comes back as soon as
+    one poller is awake, and a sleeping poller that raises is woken for its retries."""
+    calls = {"a": 0, "b": 0, "fail": False}
+
+    def pa() -> int:
+        calls["a"] += 1
+        if calls["fail"]:
+            raise RuntimeError("owner bug")
+        return 0
+
+    def pb() -> int:
+        calls["b"] += 1
+        return 0
+
+    a = reactor.send(reactor.register_poller, pa, "a").result(5)
+    b = reactor.send(reactor.register_poller, pb, "b").result(5)
+    reactor.send(reactor.set_dormant, a, True).result(5)
+    reactor.send(reactor.set_dormant, b, True).result(5)
+    time.sleep(0.06)
+    runs = reactor.stats.poll_runs
+    time.sleep(0.3)
+    assert reactor.stats.poll_runs - runs == 0, "no timed poll while every poller sleeps"
+    before = calls["b"]
+    reactor.loop.call_soon_threadsafe(reactor.kick)
+    assert wait_for(lambda: calls["b"] > before), "a kick polls the sleeping pollers"
+    reactor.send(lambda: (reactor.set_dormant(a, False), reactor.kick())).result(5)
+    time.sleep(0.05)
+    before = calls["b"]
+    time.sleep(0.2)
+    # (idle_poll_us is 50 ms here: 4 in 200 ms, 2 on a loaded machine)
+    assert calls["b"] - before >= 2, "one awake poller: the idle poll every idle_poll_us"
+    # asleep again, then failing: its retries need the timed poll, so it wakes
+    reactor.send(reactor.set_dormant, a, True).result(5)
+    calls["fail"] = True
+    reactor.loop.call_soon_threadsafe(reactor.kick)
+    assert wait_for(lambda: a.errors >= 4), "a failing poller is retried"
+    assert not a.dormant
+    reactor.send(reactor.unregister_poller, a).result(5)
+    reactor.send(reactor.unregister_poller, b).result(5)
+    assert reactor._awake == 0 and not reactor.pollers
+
+
 def test_busy_idle_accounting(reactor: Reactor) -> None:
     def spin() -> None:
         end = time.thread_time() + 0.05
