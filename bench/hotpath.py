@@ -765,6 +765,7 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     lent = io._net is not None
     if io._lane is not None:  # (a lent socket's counters are folded lazily: the warm-up's now)
         io._lane.fold()
+    reactor.fold_stats()  # (and the C poller's own, as every reader does)
     st = reactor.stats
     lane0, rel0 = getattr(st, "c_lane_commands", 0), getattr(st, "gil_released_ns", 0)
     idle0 = st.net_idle_ns
@@ -779,6 +780,7 @@ def _run_socket(loop: asyncio.AbstractEventLoop, ops: int, batch: int, size: int
     for _ in range(rounds):
         host.exchange(chunk, expect, timed)
     wall = time.perf_counter() - t0
+    reactor.fold_stats()
     dev_cpu = (_devices_cpu_ns() - dev0) / 1e9  # (the C device's thread: not the reactor's)
     # (the synchronous device's work, inside the reactor's timed calls: the device's)
     dev_sync = (_devices_sync_ns() - sync0) / 1e9
