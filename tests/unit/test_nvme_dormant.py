@@ -64,6 +64,17 @@ def _queue(name: str, reactor: Any) -> nvme_pcie.ReactorQueue:
     return nvme_pcie.get_controller(name).queues[reactor.index]
 
 
+async def _dormant(target: StubTarget, name: str) -> tuple[Any, Any, nvme_pcie.ReactorQueue]:
+    """``name``'s namespace, reactor 0 and its queue there, after one flush and once the
+    queue sleeps."""
+    b = target.bdevs.get(f"{name}n1")
+    r0 = target.reactors[0]
+    assert (await asyncio.to_thread(_io, r0, b, IOType.FLUSH, 0, 0)).status == 0
+    rq = _queue(name, r0)
+    await asyncio.to_thread(_until, lambda: rq.poller.dormant)
+    return b, r0, rq
+
+
 async def _runs_over(reactor: Any, seconds: float) -> int:
     before = reactor.stats.poll_runs
     await asyncio.sleep(seconds)
@@ -126,11 +137,7 @@ async def test_device_removed_while_dormant_is_noticed(iommu: FakeIommu,
     ones is noticed within two ticks, and its bdevs go away."""
     dev, c, alloc = await _attach(stub_target, iommu, "Gone2")
     try:
-        b = stub_target.bdevs.get("Gone2n1")
-        r0 = stub_target.reactors[0]
-        assert (await asyncio.to_thread(_io, r0, b, IOType.FLUSH, 0, 0)).status == 0
-        rq = _queue("Gone2", r0)
-        await asyncio.to_thread(_until, lambda: rq.poller.dormant)
+        b, r0, rq = await _dormant(stub_target, "Gone2")
         assert await _runs_over(r0, 0.05) <= 1  # (asleep: only the timer can tick)
         dev.removed = True
         took = await asyncio.to_thread(_until, lambda: c.removed)
@@ -151,11 +158,7 @@ async def test_fatal_status_while_dormant_resets_and_io_goes_on(
     suspends and re-creates the dormant queue; I/O after it completes."""
     dev, c, alloc = await _attach(stub_target, iommu, "Cfs")
     try:
-        b = stub_target.bdevs.get("Cfsn1")
-        r0 = stub_target.reactors[0]
-        assert (await asyncio.to_thread(_io, r0, b, IOType.FLUSH, 0, 0)).status == 0
-        rq = _queue("Cfs", r0)
-        await asyncio.to_thread(_until, lambda: rq.poller.dormant)
+        b, r0, rq = await _dormant(stub_target, "Cfs")
         dev.fatal()
         for _ in range(200):
             if c.resets:
@@ -179,11 +182,7 @@ async def test_stuck_command_times_out_and_abort_is_reaped(
     later tick, which runs from the timer once the I/O queue is dormant again."""
     dev, c, alloc = await _attach(stub_target, iommu, "Stuck", io_timeout_s=0.2)
     try:
-        b = stub_target.bdevs.get("Stuckn1")
-        r0 = stub_target.reactors[0]
-        assert (await asyncio.to_thread(_io, r0, b, IOType.FLUSH, 0, 0)).status == 0
-        rq = _queue("Stuck", r0)
-        await asyncio.to_thread(_until, lambda: rq.poller.dormant)
+        b, r0, rq = await _dormant(stub_target, "Stuck")
         dev.hold_io = 1
         t0 = time.monotonic()
         io = await asyncio.to_thread(_io, r0, b, IOType.WRITE, 1, 1, bytes(512))
