@@ -207,10 +207,7 @@ class ReactorQueue:
             n = self.reap_python()
         else:
             n = 0  # (nothing at the device: nothing to reap; a stray entry waits)
-        now = time.monotonic()
-        if now >= self._next_tick:
-            self._next_tick = now + TICK_INTERVAL_S
-            self.owner.ctrlr.tick(self.q, now)
+        self._tick_if_due()
         p = self.poller
         if p is not None:
             # Dormant while nothing can complete: no command at the device (the lane's
@@ -241,14 +238,19 @@ class ReactorQueue:
             self._tick_handle.cancel()
             self._tick_handle = None
 
+    def _tick_if_due(self) -> None:
+        """The controller's health tick, at most every TICK_INTERVAL_S, whichever of
+        poll and the tick timer comes first."""
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + TICK_INTERVAL_S
+            self.owner.ctrlr.tick(self.q, now)
+
     def _tick_timer(self) -> None:
         self._tick_handle = None
         ctrlr = self.owner.ctrlr
-        now = time.monotonic()
         try:
-            if now >= self._next_tick:
-                self._next_tick = now + TICK_INTERVAL_S
-                ctrlr.tick(self.q, now)
+            self._tick_if_due()
             p = self.poller
             r = self.reactor
             q = self.q

@@ -193,7 +193,7 @@ class NetPoller:
         # (the PDUs taken matter only to a reactor that spins the window in Python)
         if attn & (_ATTN if spin == 0 and r.spin_on_io else _ATTN_NO_PDUS):
             self._settle(n, attn, spin)
-        elif spin and r.adaptive_window and r._poll_handle is not None:
+        elif spin and r.adaptive_window and r.poll_scheduled:
             # C waited out its window for the host with nothing for Python: the
             # reactor's Python poll loop, which a lane's NVMe I/O kicked
             # (lane_io_started) in an earlier call, must not spin its own window after
