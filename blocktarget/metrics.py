@@ -150,6 +150,11 @@ class TargetCollector(Collector):
             "Of the GIL-released time, the C socket poller's waiting for a socket with "
             "something to do (spinning, as the reactor's poll mode would)",
             labels=["reactor"])
+        irq_wakes = CounterMetricFamily(
+            "blocktarget_reactor_c_poller_irq_wakes",
+            "Wake-ups of the reactor's C socket poller by an NVMe queue's completion "
+            "interrupt (MSI-X eventfd), instead of waiting for the device in timed slices",
+            labels=["reactor"])
         cpu_mode = CounterMetricFamily("blocktarget_reactor_cpu_seconds",
                                        "Reactor thread CPU time by mode",
                                        labels=["reactor", "mode"])
@@ -171,11 +176,12 @@ class TargetCollector(Collector):
             sampled.add_metric([str(r.index)], int(is_sampled))
             net_pdus.add_metric([str(r.index)], r.stats.net_pdus)
             net_idle.add_metric([str(r.index)], r.stats.net_idle_ns / 1e9)
+            irq_wakes.add_metric([str(r.index)], r.stats.net_irq_wakes)
             user, system = r.cpu_split_ns()
             cpu_mode.add_metric([str(r.index), "user"], user / 1e9)
             cpu_mode.add_metric([str(r.index), "system"], system / 1e9)
         yield from (busy, idle, msgs, polls, poll_err, conns, opened, lane, released, held,
-                    outside, sampled, net_pdus, net_idle, cpu_mode)
+                    outside, sampled, net_pdus, net_idle, irq_wakes, cpu_mode)
 
         # ---- subsystems ----
         subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")

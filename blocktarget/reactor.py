@@ -23,10 +23,12 @@ measurements behind the default):
 - "busy": spin always, as an SPDK reactor does: lowest latency, a whole core when idle.
 
 Inside the busy-poll window the C socket poller spins the GIL released; while the only
-outstanding work is the C lane's I/O at an NVMe device it sleeps in `device_wait_us`
-slices instead (woken at once by a socket or an io_uring completion), and goes on so
-past the window until the device completes, so that a device the host's own CPUs
-emulate is not starved by the reactor waiting for it, nor left to the idle poll. The
+outstanding work is the C lane's I/O at an NVMe device it sleeps instead, and goes on
+so past the window until the device completes, so that a device the host's own CPUs
+emulate is not starved by the reactor waiting for it, nor left to the idle poll. A
+queue that raises MSI-X completion interrupts (the default where vfio-pci offers
+vectors) is slept on in one wait, its eventfd in the poller's epoll set; a polled one
+in `device_wait_us` slices (woken at once by a socket or an io_uring completion). The
 window it spins for the host's next command adapts (`adaptive_window`): it shrinks
 while the host's commands come later than `busy_poll_us` (a slow host gains nothing
 from the spinning but loses the CPU), and grows back when they come within it.
@@ -186,6 +188,9 @@ class ReactorStats:
     net_window_ns: int = 0
     # the CPU time those slices took (timer set-up and wake-up: waiting, not work)
     net_device_wait_ns: int = 0
+    # wake-ups by an NVMe queue's completion interrupt (MSI-X eventfd), which replace
+    # those slices on a device that raises them
+    net_irq_wakes: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")

@@ -7,7 +7,10 @@ its channels opens, polled by that reactor's poller, and shared by all namespace
 controller on that reactor — SPDK's model: no locks and no cross-core traffic per I/O.
 While nothing is outstanding on a queue its poller sleeps (Reactor.set_dormant: no
 timed poll turns for an idle queue) and the controller's health tick runs from a loop
-timer instead.
+timer instead. Where the device offers MSI-X vectors, each queue's CQ raises one
+(``interrupts``, on by default): the reactor's C socket poller, which reaps the C lane's
+completions, sleeps on its eventfd, so the lane's commands at the device need no poll
+turn of the Python poller either.
 
 Bdev I/O maps 1:1 onto NVMe commands: read, write (FUA passes through), flush, write
 zeroes, and unmap as Dataset Management/deallocate. Transfers larger than the
@@ -164,12 +167,25 @@ class ReactorQueue:
 
     def lane_io_started(self) -> None:
         """The C lane submitted commands (and rang the doorbell): poll for them, unless
-        none is left at the device: a device done within the C poller's sweep had them
-        reaped and answered in the very call that submitted them, and a poller turn
-        then would find nothing (a loop handle and a Python poll per batch)."""
-        ctx = self.lane_ctx
-        if ctx is None or ctx.lane_inflight or self.q.outstanding:
+        nothing needs a poll: a device done within the C poller's sweep had them reaped
+        and answered in the very call that submitted them, and a poller turn then would
+        find nothing (a loop handle and a Python poll per batch); an interrupting queue
+        the C poller sweeps wakes its epoll set when the device posts."""
+        if self.lane_ctx is None or self.unwatched():
             self._kick()
+
+    def irq_watched(self) -> bool:
+        """The reactor's C poller sweeps this queue and sleeps on its completion
+        interrupt: the lane's commands at the device need no poll turn of ours."""
+        return self.net_poller is not None and self.q.irq_efd >= 0
+
+    def unwatched(self) -> int:
+        """Commands at the device that only a poll turn of ours would find complete
+        (the lane's excluded when an interrupt wakes the C poller for them)."""
+        n = self.q.outstanding
+        if n and self.irq_watched():
+            n -= self.lane_ctx.lane_inflight
+        return n
 
     def _main_kick(self) -> None:
         if self._main_poll is None:
@@ -216,7 +232,9 @@ class ReactorQueue:
             # reactor (the channel's submissions, lane_io_started, a buffer given back
             # to a waiter, the controller's calls on the queue: PcieController._call),
             # and that turn wakes it here.
-            idle = not (q.outstanding or q.waiting or q.suspended or self.buf_waiters)
+            # (the lane's commands on an interrupting queue the C poller sweeps wake
+            # it: they need no timed turn)
+            idle = not (self.unwatched() or q.waiting or q.suspended or self.buf_waiters)
             if idle is not p.dormant:
                 self.reactor.set_dormant(p, idle)  # type: ignore[union-attr]
         return n
@@ -255,7 +273,7 @@ class ReactorQueue:
             r = self.reactor
             q = self.q
             if (p is not None and r is not None and p.dormant and not r.poll_scheduled
-                    and (q.outstanding or q.waiting)):
+                    and (self.unwatched() or q.waiting)):
                 # commands that no kick announced: poll them now rather than never (a
                 # buffer waiter needs no poll: a buffer given back serves it)
                 self.late_wakes += 1
@@ -820,6 +838,9 @@ ATTACH_SCHEMA = Schema(
         Param("hugepages", bool, default=True, help="false: 4 KiB pages (IOMMU needed)"),
         Param("delay_cmd_submit", bool, default=True,
               help="batch SQ doorbell writes per reactor poll (SPDK's option of this name)"),
+        Param("interrupts", bool, default=True,
+              help="I/O queues raise MSI-X completion interrupts the reactor sleeps on "
+                   "while commands are at the device (false: polled only)"),
     ),
     # sent by SPDK's rpc.py or found in SPDK configs; meaningless for a local controller
     extra_ok=frozenset({"adrfam", "trsvcid", "subnqn", "hostnqn", "hostid", "hostaddr",
@@ -845,6 +866,7 @@ def _options(params: dict[str, Any]) -> Options:
         if kb < 4 or kb & (kb - 1):
             raise InvalidParams("parameter 'max_transfer_kb' must be a power of two >= 4")
         o.max_transfer = kb * 1024
+    o.interrupts = params.get("interrupts", True)
     return o
 
 

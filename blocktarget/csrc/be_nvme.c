@@ -83,6 +83,7 @@ struct bt_nvmeq *bt_nvmeq_new(uint16_t depth, uint16_t cid0, uint32_t max_transf
     q->depth = depth;
     q->cid0 = cid0;
     q->phase = 1;
+    q->irq_efd = -1;
     q->max_transfer = max_transfer;
     q->priv = p;
     return q;

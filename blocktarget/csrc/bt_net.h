@@ -118,6 +118,9 @@ struct bt_net {
     uint64_t samp_cpu_ns, samp_wall_ns, dw_samp_cpu_ns, dw_samp;
     uint64_t pdus;          /* cumulative: PDUs the lanes took in the calls */
     uint64_t tail_idle_ns;  /* how long the last call found nothing before returning */
+    /* cumulative: wake-ups by an NVMe queue's completion interrupt (its MSI-X eventfd,
+       watched in the epoll set instead of waiting for the device in timed slices) */
+    uint64_t irq_wakes;
     uint8_t python_cqe;     /* a completion of Python's first: 1 on an io_uring ring,
                                2 on an NVMe queue pair (bits): Python reaps it */
     /* private to net.c */
@@ -129,6 +132,7 @@ struct bt_net {
     int ring_efd[8];            /* and their eventfds, in the epoll set */
     uint32_t nrings;
     struct bt_nvmeq *nvmeqs[8]; /* the reactor's NVMe queue pairs the lanes use */
+    int nvme_efd[8];            /* and our duplicates of their interrupt eventfds, or -1 */
     uint32_t nnvmeqs;
     uint8_t slack_set;          /* the thread's timer slack made fine for dev_wait_ns */
     uint64_t last_work_ns;      /* when a round last found work (the gap's start) */
@@ -164,11 +168,15 @@ int bt_net_flush(struct bt_conn *c);
 int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd);
 /* The ring goes away (before bt_uring_detach). */
 void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u);
-/* The poller sweeps this NVMe queue pair too (polled: the device raises no event), each
-   round of a poll: it rings its pending SQ doorbell, and finishes and answers the
-   completions of lent lanes, until the first entry that is Python's (then python_cqe
-   bit 2: Python reaps from there; bt_nvme.h says who moves the CQ head when). 0, or -1
-   when it has no room for another (then the reactor's Python poller reaps it all). */
+/* The poller sweeps this NVMe queue pair too, each round of a poll: it rings its
+   pending SQ doorbell, and finishes and answers the completions of lent lanes, until
+   the first entry that is Python's (then python_cqe bit 2: Python reaps from there;
+   bt_nvme.h says who moves the CQ head when). A queue with an interrupt (irq_efd >= 0)
+   joins the epoll set by a duplicate of that eventfd (so that closing the device's
+   descriptor cannot leave a stale number here): its lane commands are waited for in
+   epoll, by the poller or the event loop, never in timed slices, and starting them
+   needs no word to Python. A polled one (irq_efd < 0) raises no event. 0, or -1 when
+   there is no room for another (then the reactor's Python poller reaps it all). */
 int bt_net_add_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
 /* The queue pair goes away, or its reactor's Python poller takes it back. */
 void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q);

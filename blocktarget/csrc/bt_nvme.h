@@ -55,6 +55,9 @@ struct bt_nvmeq {
     uint64_t lane_reaped;    /* the lane's completions consumed (cumulative; either reaper) */
     uint64_t c_reaped;       /* of those, by the reactor's C poller (net.c) */
     struct bt_lane *ready;   /* lanes with completions Python has not seen */
+    /* The eventfd the CQ's MSI-X vector signals, or -1 (polled: IEN=0). Set by Python
+       before the queue joins a C poller, which then sleeps on it (net.c). */
+    int irq_efd;
     void *priv;              /* be_nvme.c's */
     /* A measurement and test hook, NULL in production (one predictable branch per
        doorbell): called with db_hook_ctx right after the SQ tail doorbell is written,

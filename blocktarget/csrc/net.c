@@ -18,6 +18,7 @@
 #define _GNU_SOURCE  /* (ppoll) */
 #endif
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -72,6 +73,9 @@ void bt_net_free(struct bt_net *n)
 {
     if (n == NULL)
         return;
+    for (uint32_t i = 0; i < n->nnvmeqs; i++)
+        if (n->nvme_efd[i] >= 0)
+            close(n->nvme_efd[i]);
     close(n->epfd);
     free(n->rbuf);
     free(n);
@@ -446,8 +450,12 @@ void net_lane_done(struct bt_conn *c)
         hand_back(c, NULL, 0, NULL, 0);  /* the Python path runs the queue for now */
 }
 
-/* epoll data of a ring's eventfd: its index, tagged (connections are pointers, even) */
+/* epoll data other than a connection (a pointer, so bit 0 clear): tagged in bit 0;
+   bit 1 set: an NVMe queue's interrupt eventfd (the fd in the bits above), else an
+   io_uring ring's eventfd (its index in the bits above) */
 #define RING_TAG 1u
+#define IRQ_TAG 2u
+#define TAG_SHIFT 2
 
 int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd)
 {
@@ -459,7 +467,7 @@ int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd)
     if (efd >= 0) {
         struct epoll_event e = {0};
         e.events = EPOLLIN;
-        e.data.u64 = ((uint64_t)n->nrings << 1) | RING_TAG;
+        e.data.u64 = ((uint64_t)n->nrings << TAG_SHIFT) | RING_TAG;
         if (epoll_ctl(n->epfd, EPOLL_CTL_ADD, efd, &e) != 0)
             return -1;
     }
@@ -481,7 +489,7 @@ void bt_net_drop_ring(struct bt_net *n, struct bt_uring *u)
                 if (n->ring_efd[i] >= 0) {
                     struct epoll_event e = {0};
                     e.events = EPOLLIN;
-                    e.data.u64 = ((uint64_t)i << 1) | RING_TAG;
+                    e.data.u64 = ((uint64_t)i << TAG_SHIFT) | RING_TAG;
                     epoll_ctl(n->epfd, EPOLL_CTL_MOD, n->ring_efd[i], &e);
                 }
             }
@@ -496,6 +504,20 @@ int bt_net_add_nvmeq(struct bt_net *n, struct bt_nvmeq *q)
             return 0;
     if (n->nnvmeqs == sizeof(n->nvmeqs) / sizeof(n->nvmeqs[0]))
         return -1;
+    int fd = -1;
+    if (q->irq_efd >= 0) {
+        fd = fcntl(q->irq_efd, F_DUPFD_CLOEXEC, 0);
+        if (fd < 0)
+            return -1;
+        struct epoll_event e = {0};
+        e.events = EPOLLIN;
+        e.data.u64 = ((uint64_t)fd << TAG_SHIFT) | IRQ_TAG | RING_TAG;
+        if (epoll_ctl(n->epfd, EPOLL_CTL_ADD, fd, &e) != 0) {
+            close(fd);
+            return -1;
+        }
+    }
+    n->nvme_efd[n->nnvmeqs] = fd;
     n->nvmeqs[n->nnvmeqs++] = q;
     return 0;
 }
@@ -504,7 +526,14 @@ void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q)
 {
     for (uint32_t i = 0; i < n->nnvmeqs; i++)
         if (n->nvmeqs[i] == q) {
-            n->nvmeqs[i] = n->nvmeqs[--n->nnvmeqs];
+            int fd = n->nvme_efd[i];
+            if (fd >= 0) {
+                epoll_ctl(n->epfd, EPOLL_CTL_DEL, fd, NULL);
+                close(fd);
+            }
+            uint32_t last = --n->nnvmeqs;
+            n->nvmeqs[i] = n->nvmeqs[last];
+            n->nvme_efd[i] = n->nvme_efd[last];
             return;
         }
 }
@@ -701,6 +730,16 @@ static int device_busy(const struct bt_net *n)
     return 0;
 }
 
+/* Lane commands at a queue pair without an interrupt: only polling finds their
+   completions (the others' wake the epoll set) */
+static int device_busy_polled(const struct bt_net *n)
+{
+    for (uint32_t r = 0; r < n->nnvmeqs; r++)
+        if (n->nvmeqs[r]->lane_inflight && n->nvme_efd[r] < 0)
+            return 1;
+    return 0;
+}
+
 #define CPU_SAMPLE 16u
 
 /* Give the CPU up for `slice` ns, or until a socket or ring has something. Its CPU
@@ -786,10 +825,17 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             k = 0;
         int wakes = 0, input = 0;
         for (int i = 0; i < k; i++) {
-            if (ev[i].data.u64 & RING_TAG) {
-                /* completions posted: reaped below; the counter only wakes us */
+            uint64_t tag = ev[i].data.u64;
+            if (tag & RING_TAG) {
+                /* completions posted (a ring's, or an NVMe queue's interrupt): reaped
+                   below; the counter only wakes us */
                 uint64_t v;
-                ssize_t r = read(n->ring_efd[ev[i].data.u64 >> 1], &v, sizeof(v));
+                int fd = (int)(tag >> TAG_SHIFT);
+                if (tag & IRQ_TAG)
+                    n->irq_wakes++;
+                else
+                    fd = n->ring_efd[fd];
+                ssize_t r = read(fd, &v, sizeof(v));
                 (void)r;
                 wakes++;
                 continue;
@@ -842,14 +888,20 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             slice = n->dev_wait_ns;
         } else if (dev) {
             uint64_t s0 = t;
-            quiet = device_wait(n, slice, exact) == 0;
+            /* every busy queue interrupts: one sleep, to the end of the budget, woken
+               by the completion's eventfd (or a socket's input) */
+            uint64_t left = budget_ns - (t - t0);
+            uint64_t s = device_busy_polled(n) ? slice : left > slice ? left : slice;
+            quiet = device_wait(n, s, exact) == 0;
             t = now_ns();
             slept += t - s0;
             if (t - last >= spin_ns && slice < 8 * n->dev_wait_ns)
                 slice *= 2;  /* (past the window: a slow device, waited for coarser) */
         }
     }
-    n->dev_pending = (uint8_t)(spin_ns && n->dev_wait_ns && device_busy(n));
+    /* (lane commands at an interrupting queue wake the epoll set: the event loop
+       waits for them, no further call is needed) */
+    n->dev_pending = (uint8_t)(spin_ns && n->dev_wait_ns && device_busy_polled(n));
     n->tail_idle_ns = t - last;
     /* the call's CPU time awake (its device-wait slices' own CPU counted apart): read
        in a sampled call, else its wall time awake at the sampled calls' CPU/wall */
@@ -871,8 +923,8 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     n->idle_ns += wall ? (uint64_t)((double)idle * (double)awake / (double)wall) : 0;
     *nready = take_ready(n, ready, max);
     n->pdus += after - before;
-    if (n->lane_started && n->quiet_starts && !device_busy(n))
-        n->lane_started = 0;  /* (started and done within the call: see bt_net.h) */
+    if (n->lane_started && n->quiet_starts && !device_busy_polled(n))
+        n->lane_started = 0;  /* (done within the call, or to be woken by an interrupt) */
     uint64_t attn = 0;
     if (n->python_cqe)
         attn |= BT_NET_PYTHON_CQE;

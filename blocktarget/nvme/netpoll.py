@@ -137,7 +137,7 @@ class NetPoller:
         self._cfg: tuple[int, int, bool] | None = None  # (the settings C was last given)
         self._pollers_seen: list[Any] | None = None  # (see _c_pollers_only)
         self._c_only = False
-        self._counted = (0,) * 8  # (C's cumulative counters at the last fold)
+        self._counted = (0,) * 9  # (C's cumulative counters at the last fold)
         loop = reactor.loop
         loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
         self._fold_timer = loop.call_later(FOLD_S, self._tick)  # type: ignore[union-attr]
@@ -249,7 +249,7 @@ class NetPoller:
         if n is None:
             return
         now = (n.polls, n.pdus, n.cpu_ns, n.idle_ns, n.dev_waits, n.dev_wait_cpu_ns,
-               n.win_shrinks, n.win_grows)
+               n.win_shrinks, n.win_grows, n.irq_wakes)
         was, self._counted = self._counted, now
         st = self.reactor.stats
         st.net_polls += now[0] - was[0]
@@ -260,6 +260,7 @@ class NetPoller:
         st.net_device_wait_ns += now[5] - was[5]
         st.net_window_shrinks += now[6] - was[6]
         st.net_window_grows += now[7] - was[7]
+        st.net_irq_wakes += now[8] - was[8]
         r = self.reactor
         st.net_window_ns = n.win_ns if r.adaptive_window else n.spin_max_ns
 

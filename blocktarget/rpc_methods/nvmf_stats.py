@@ -75,6 +75,8 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "net_window_grows": reactor.stats.net_window_grows,
         "net_window_us": reactor.stats.net_window_ns // 1000,
         "net_device_wait_ns": reactor.stats.net_device_wait_ns,  # their CPU time
+        # wake-ups by an NVMe queue's completion interrupt instead (MSI-X eventfd)
+        "net_irq_wakes": reactor.stats.net_irq_wakes,
         "poll_runs": reactor.stats.poll_runs,  # the reactor's Python poll loop's turns
         # the GIL sampler (gilsample.py): samples of the thread's CPU time, those taken
         # with the GIL held, ns of CPU time each stands for (0: no sampler)

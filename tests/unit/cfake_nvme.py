@@ -223,6 +223,9 @@ class CNvme(MemBarNvme):
         prp1 = int.from_bytes(raw[24:32], "little")
         if status == 0 and op == 0x05:  # Create I/O CQ
             r = self._lib.fdev_add_cq(self._dev, qid, prp1, size)
+            iv = self.cqs[qid]["iv"]
+            if r == 0 and iv >= 0:  # (IEN: its vector's eventfd fires after each pass)
+                r = self._lib.fdev_set_cq_irq(self._dev, qid, self.irq_efds[iv])
         elif status == 0 and op == 0x01:  # Create I/O SQ
             r = self._lib.fdev_add_sq(self._dev, qid, prp1, size,
                                       int.from_bytes(raw[46:48], "little"))

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "fake_nvme_dev.h"
 
@@ -49,6 +50,7 @@ struct fq {
     uint16_t cqid;           /* SQ: its CQ */
     uint8_t phase;           /* CQ */
     uint8_t live;
+    int irq_fd;              /* CQ: the eventfd its MSI-X vector signals, or -1 */
 };
 
 struct fmap {
@@ -277,6 +279,12 @@ static unsigned pass(struct fdev *d)
             s->head = (uint16_t)(s->head + 1 == s->size ? 0 : s->head + 1);
             post(d, q, cids[i], sts[i]);
         }
+        int irq = d->cq[s->cqid].irq_fd;
+        if (want && irq >= 0) {  /* the vector fires once the batch is posted */
+            uint64_t one = 1;
+            if (write(irq, &one, sizeof(one)) == sizeof(one))
+                d->st.interrupts++;
+        }
         n += want;
     }
     return n;
@@ -458,7 +466,8 @@ static int add_q(struct fdev *d, struct fq *qs, uint16_t qid, uint64_t iova, uin
     if (base == NULL)
         r = -EFAULT;
     else
-        qs[qid] = (struct fq){.base = base, .size = size, .cqid = cqid, .phase = 1, .live = 1};
+        qs[qid] = (struct fq){.base = base, .size = size, .cqid = cqid, .phase = 1, .live = 1,
+                              .irq_fd = -1};
     pthread_mutex_unlock(&d->mu);
     return r;
 }
@@ -466,6 +475,16 @@ static int add_q(struct fdev *d, struct fq *qs, uint16_t qid, uint64_t iova, uin
 int fdev_add_cq(struct fdev *d, uint16_t qid, uint64_t iova, uint16_t size)
 {
     return add_q(d, d->cq, qid, iova, size, 0, 16);
+}
+
+int fdev_set_cq_irq(struct fdev *d, uint16_t qid, int fd)
+{
+    if (qid == 0 || qid >= MAXQ)
+        return -EINVAL;
+    pthread_mutex_lock(&d->mu);
+    d->cq[qid].irq_fd = fd;
+    pthread_mutex_unlock(&d->mu);
+    return 0;
 }
 
 int fdev_add_sq(struct fdev *d, uint16_t qid, uint64_t iova, uint16_t size, uint16_t cqid)

@@ -17,6 +17,7 @@ struct fdev_stats {
     uint64_t naps;           /* the thread's sleeps, idle past its spin window */
     uint64_t sync_calls;     /* fdev_doorbell calls (the synchronous device's passes) */
     uint64_t sync_cpu_ns;    /* their CPU time, on the caller's thread (to subtract) */
+    uint64_t interrupts;     /* eventfd signals of CQs created with IEN (MSI-X) */
 };
 
 /* A device over `bar` (the fake BAR's memory: doorbells at 0x1000, stride 4). Its thread,
@@ -41,6 +42,9 @@ int fdev_set_ns(struct fdev *d, uint32_t nsid, unsigned char *data, uint64_t blo
                 uint32_t block_size);
 /* I/O queues as the admin queue created them (rings at IOVAs already mapped). */
 int fdev_add_cq(struct fdev *d, uint16_t qid, uint64_t iova, uint16_t size);
+/* The CQ raises its interrupt: `fd` (an eventfd, the MSI-X vector's) is signalled after
+   each pass that posted to it; -1: none. */
+int fdev_set_cq_irq(struct fdev *d, uint16_t qid, int fd);
 int fdev_add_sq(struct fdev *d, uint16_t qid, uint64_t iova, uint16_t size, uint16_t cqid);
 void fdev_del_q(struct fdev *d, uint16_t qid, int cq);
 /* The controller was disabled: every I/O queue is gone. */

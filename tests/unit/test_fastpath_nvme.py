@@ -46,7 +46,7 @@ from lane_harness import (
     wr,
 )
 from test_fastpath import CASES, ICREQS, _r2ts, finish_r2t
-from test_nvme_driver import FakeIommu, MemBarNvme
+from test_nvme_driver import FakeIommu, FakeVfio, MemBarNvme
 
 from blocktarget.bdevs import nvme_pcie
 from blocktarget.nvme import fastlane, pdu
@@ -62,6 +62,7 @@ _FAKES: list[MemBarNvme] = []
 # open, see there), and each kept ~12 MiB of shared memory mapped for the rest of the
 # session: 860 mappings, 5 GiB, in a full run.
 _ALLOCS: list[DmaAllocator] = []
+_VFIOS: list[FakeVfio] = []  # (their eventfds, closed once the devices stopped)
 
 
 def stop_fakes() -> None:
@@ -71,6 +72,8 @@ def stop_fakes() -> None:
         _FAKES.pop().stop()
     while _ALLOCS:
         _ALLOCS.pop().close()
+    while _VFIOS:
+        _VFIOS.pop().close()
 
 # fake controller -> (block size, blocks): nsid 1, nsid 2, the split's base, the
 # passthru's base, in lane_harness.BDEVS's geometries
@@ -84,10 +87,11 @@ def membar_device(blocks: int, block_size: int) -> MemBarNvme:
     return MemBarNvme(FakeIommu(), blocks=blocks, block_size=block_size, mqes=127)
 
 
-def attacher(make: Callable[[int, int], MemBarNvme] = membar_device) -> Any:
+def attacher(make: Callable[[int, int], MemBarNvme] = membar_device, irq: bool = False) -> Any:
     """The layout's setup: a fake controller per namespace geometry, made by ``make``
     (blocks, block size), attached as nvme bdevs (register_controller: the attach
-    without VFIO), contents patterned."""
+    without VFIO), contents patterned. ``irq``: behind a FakeVfio, so that its I/O
+    queues raise MSI-X interrupts (eventfds)."""
 
     async def attach(target: Any, workdir: Any) -> None:
         for i, (name, (bs, blocks)) in enumerate(CTRLS.items()):
@@ -96,7 +100,12 @@ def attacher(make: Callable[[int, int], MemBarNvme] = membar_device) -> Any:
             dev.storage[1][:] = pattern(bs * blocks, i + 1)
             alloc = DmaAllocator(dev.iommu, name=name, use_hugepages=False)
             _ALLOCS.append(alloc)
-            c = Controller(dev, alloc, name=name, options=Options(io_queue_depth=64))
+            vfio = None
+            if irq:
+                vfio = FakeVfio(dev)
+                _VFIOS.append(vfio)
+            c = Controller(dev, alloc, name=name, options=Options(io_queue_depth=64),
+                           device=vfio)
             c.init(1)
             await nvme_pcie.register_controller(target, name, f"0000:00:0{i}.0", c,
                                                 {"name": name, "traddr": f"0000:00:0{i}.0"})

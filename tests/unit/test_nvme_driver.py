@@ -12,6 +12,7 @@ vanishes (reads all ones) — the paths a real SSD rarely exercises on demand.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import struct
 import threading
@@ -142,6 +143,10 @@ class FakeNvme:
         self.commands: list[tuple[int, int]] = []  # (sqid, opcode)
         self.doorbell_writes = 0
         self.lock = threading.RLock()
+        # MSI-X vectors' eventfds, by vector (FakeVfio.enable_msix sets them); a CQ
+        # created with IEN signals its vector's after each completion it posts
+        self.irq_efds: list[int] = []
+        self.interrupts = 0
 
     # ---- MMIO ----
     def read32(self, off: int) -> int:
@@ -227,6 +232,14 @@ class FakeNvme:
         cq["tail"] = nxt
         if nxt == 0:
             cq["phase"] ^= 1
+        self._interrupt(cq)
+
+    def _interrupt(self, cq: dict[str, int]) -> None:
+        """The CQ's MSI-X vector fires (its eventfd), if it was created with IEN."""
+        iv = cq.get("iv", -1)
+        if iv >= 0 and iv < len(self.irq_efds):
+            os.eventfd_write(self.irq_efds[iv], 1)
+            self.interrupts += 1
 
     def _data(self, sqe: structs.Sqe, raw: bytes, length: int) -> list[tuple[int, int]]:
         prp1, prp2 = struct.unpack_from("<QQ", raw, 24)
@@ -275,7 +288,11 @@ class FakeNvme:
             if qid in self.cqs or qid == 0 or qid > self.max_queues:
                 return 0x101, 0  # invalid queue identifier
             prp1 = struct.unpack_from("<Q", raw, 24)[0]
-            self.cqs[qid] = {"base": prp1, "size": size, "tail": 0, "head": 0, "phase": 1}
+            iv = sqe.cdw11 >> 16 if sqe.cdw11 & 2 else -1  # (IEN: interrupts, vector IV)
+            if iv >= len(self.irq_efds):
+                return 0x108, 0  # invalid interrupt vector
+            self.cqs[qid] = {"base": prp1, "size": size, "tail": 0, "head": 0, "phase": 1,
+                             "iv": iv}
             return 0, 0
         if op == A.CREATE_IO_SQ:
             qid, size, cqid = sqe.cdw10 & 0xFFFF, (sqe.cdw10 >> 16) + 1, sqe.cdw11 >> 16
@@ -427,7 +444,42 @@ class MemBarNvme(FakeNvme):
         cq["tail"] = nxt
         if nxt == 0:
             cq["phase"] ^= 1
+        self._interrupt(cq)
 
+
+
+class FakeVfio:
+    """What Controller asks of its vfio.Device, for a fake controller: MSI-X vectors as
+    eventfds (handed to the model, which signals them as a device's vectors fire), no
+    release request, nothing to unmap."""
+
+    def __init__(self, nvme: FakeNvme, vectors: int = 8) -> None:
+        self.nvme = nvme
+        self.vectors = vectors
+        self.efds: list[int] = []
+        self.closed = False
+
+    def msix_vectors(self) -> int:
+        return self.vectors
+
+    def enable_msix(self, count: int) -> list[int]:
+        assert not self.efds and 1 <= count <= self.vectors
+        self.efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
+        self.nvme.irq_efds = list(self.efds)
+        return list(self.efds)
+
+    def release_requested(self) -> bool:
+        return False
+
+    def disable_bus_master(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.nvme.irq_efds = []
+        for fd in self.efds:
+            os.close(fd)
+        self.efds = []
+        self.closed = True
 
 
 def _set_half(old: int, half: int, value: int) -> int:

@@ -300,6 +300,10 @@ async def main():
     stats = rpc("nvmf_get_stats")
     lane = sum(g["c_lane_commands"] for g in stats["poll_groups"])
     print(f"lane: {lane} of the host's {n_io[0]} I/O commands executed by the C lane")
+    ctl = rpc("bdev_get_bdevs", {"name": "Nvme0n1"})[0]["driver_specific"]["nvme"][0][
+        "controller"]
+    wakes = sum(g["net_irq_wakes"] for g in stats["poll_groups"])
+    print(f"interrupts: {ctl['interrupt_vectors']} MSI-X vectors, {wakes} C poller wakes")
     if LANE:
         assert lane >= n_io[0] // 2, (lane, n_io[0])
     else:
@@ -438,9 +442,15 @@ def test_vfio_nvme_setup_attach_export_reset_detach(vm: Guest, lane: bool) -> No
     m = re.search(r"lane: (\d+) of the host's (\d+) I/O commands", out)
     assert m, out
     print(m.group(0))
+    # the I/O queues raise MSI-X completion interrupts through vfio-pci's eventfds (the
+    # admin queue's vector and one per queue), which wake the reactor's C poller
+    irq = re.search(r"interrupts: (\d+) MSI-X vectors, (\d+) C poller wakes", out)
+    assert irq and int(irq.group(1)) >= 2, out
+    print(irq.group(0))
     if lane:
         assert dp["lane_reads"] > 0 and dp["lane_writes"] > 0, dp
         assert dp["lane_c_reaped"] > 0, dp
+        assert int(irq.group(2)) > 0, irq.group(0)
         assert int(m.group(1)) >= int(m.group(2)) // 2, m.group(0)
         assert re.search(r"paced 128 KiB writes: ([89]|\d\d+) written by the C lane", out), out
     else:

@@ -126,6 +126,10 @@ class Options:
     # I/O queues keep their ring state in C, shared with the NVMe/TCP C lane
     # (driver/cring.py), where the lane is built and the BAR is mapped memory
     c_ring: bool = True
+    # I/O completion queues raise MSI-X interrupts, delivered as eventfds the reactor's
+    # C poller sleeps on while lane commands are at the device (instead of timed
+    # slices), where the device offers a vector per queue; False: every queue polled
+    interrupts: bool = True
 
 
 async def _inline_call(qp: QueuePair, fn: Callable[[], Any]) -> Any:
@@ -145,6 +149,8 @@ class IoQueue(QueuePair):
     pool: BufferPool
     owner: Any = None
     max_transfer: int = DEFAULT_MAX_TRANSFER
+    # the eventfd its CQ's MSI-X vector signals (vector = qid), or -1: polled only
+    irq_efd: int = -1
 
     def get_buffer(self) -> DmaBuffer | None:
         buf = self.pool.get()
@@ -220,6 +226,8 @@ class Controller:
         self.on_removed: Callable[[Controller], None] | None = None
         self._reset_requested = False
         self._reset_done: asyncio.Event | None = None
+        # MSI-X vectors' eventfds (index = vector = qid; 0 is the admin queue's, unread)
+        self.irq_efds: list[int] = []
 
     # ------------------------------------------------------------------ bring-up
     @property
@@ -249,6 +257,7 @@ class Controller:
         self._enable()
         self._identify()
         self._set_num_queues(io_queues)
+        self._enable_interrupts(io_queues)
         self._scan_namespaces()
         # all the DMA memory the I/O queues will use, now: a short hugepage pool fails
         # the attach that asked, with the amount in the message, not an I/O later
@@ -263,6 +272,28 @@ class Controller:
                            "io_queue_size and max_transfer_kb make that less)") from None
         log.info("%s: %d KiB of DMA memory reserved for %d I/O queue(s)", self.name,
                  need >> 10, nq)
+
+    def _enable_interrupts(self, io_queues: int) -> None:
+        """MSI-X vectors for the admin queue (0) and the first I/O queues (qid raises
+        vector qid): one per reactor and one for the control plane's queue (the queues
+        this attach will create; a controller may grant far more), when the options want
+        them and the device offers them; a queue beyond, or every queue when vfio-pci
+        refuses, stays polled (logged: a slower wait, never a failure)."""
+        dev = self.device
+        if not self.opts.interrupts or dev is None or not hasattr(dev, "enable_msix"):
+            return
+        want = min(max(1, io_queues) + 1, self.nr_io_queues) + 1
+        have = dev.msix_vectors()
+        if have < 2:
+            log.info("%s: no MSI-X vectors for I/O queues: completions are polled", self.name)
+            return
+        try:
+            self.irq_efds = dev.enable_msix(min(want, have))
+        except OSError as exc:
+            log.warning("%s: MSI-X refused (%s): completions are polled", self.name, exc)
+            return
+        log.info("%s: %d MSI-X vector(s): I/O queues 1-%d raise completion interrupts",
+                 self.name, len(self.irq_efds), len(self.irq_efds) - 1)
 
     def io_dma_bytes(self, nqueues: int) -> int:
         """The most DMA memory ``nqueues`` I/O queues take from the allocator: both
@@ -454,6 +485,8 @@ class Controller:
             raise
         q.owner = owner
         q.max_transfer = self.max_transfer
+        if qid < len(self.irq_efds):
+            q.irq_efd = self.irq_efds[qid]
         py_cids = depth - 1
         try:
             if self.opts.c_ring and cring.available(self.mmio):
@@ -470,6 +503,7 @@ class Controller:
                 addrs = hook() if hook is not None else None
                 if addrs is not None:
                     cr.set_doorbell_hook(*addrs)
+                cr.c.irq_efd = q.irq_efd
                 q.attach_cring(cr)
         except BaseException:
             q.free()
@@ -490,9 +524,11 @@ class Controller:
 
     def _create_on_device(self, q: QueuePair) -> None:
         size = (q.depth - 1) << 16 | q.qid
-        # PC=1 (physically contiguous: one IOVA range); IEN=0 (polled, no interrupt)
-        # with PC=1 only PRP1 is used: the ring's base in one contiguous IOVA range
-        self.admin(spec.AdminOpcode.CREATE_IO_CQ, cdw10=size, cdw11=1, prp1=q.cq.iova)
+        # PC=1 (physically contiguous: one IOVA range; only PRP1 is used, the ring's
+        # base); IEN=1 with IV=qid where the queue has a vector, else IEN=0 (polled)
+        irq = getattr(q, "irq_efd", -1) >= 0
+        cdw11 = q.qid << 16 | 2 | 1 if irq else 1
+        self.admin(spec.AdminOpcode.CREATE_IO_CQ, cdw10=size, cdw11=cdw11, prp1=q.cq.iova)
         try:
             self.admin(spec.AdminOpcode.CREATE_IO_SQ, cdw10=size, cdw11=q.qid << 16 | 1,
                        prp1=q.sq.iova)
@@ -775,6 +811,7 @@ class Controller:
             "cap": self.cap.describe() if self.cap else {},
             "max_transfer": self.max_transfer, "io_queues": len(self.io_queues),
             "io_queues_granted": self.nr_io_queues,
+            "interrupt_vectors": len(self.irq_efds),
             "namespaces": sorted(self.namespaces), "resets": self.resets,
             "last_reset": self.last_reset,
             "timeouts": self.timeouts, "aborts_sent": self.aborts_sent,

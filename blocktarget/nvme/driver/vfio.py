@@ -103,7 +103,9 @@ VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
 
 VFIO_PCI_BAR0_REGION_INDEX = 0
 VFIO_PCI_CONFIG_REGION_INDEX = 7
+VFIO_PCI_MSIX_IRQ_INDEX = 2
 VFIO_PCI_REQ_IRQ_INDEX = 4
+VFIO_IRQ_INFO_EVENTFD = 1 << 0
 
 PCI_COMMAND = 0x04
 PCI_COMMAND_MEMORY = 1 << 1
@@ -480,6 +482,7 @@ class Device:
             raise
         self.regions: dict[int, Region] = {}
         self._req_efd: int | None = None
+        self._msix_efds: list[int] = []
         self.bar0: MappedBar | PreadBar | None = None
         try:
             info = bytearray(_DEVICE_INFO.pack(_DEVICE_INFO.size, 0, 0, 0, 0, 0))
@@ -593,6 +596,64 @@ class Device:
         self._req_efd = efd
         return True
 
+    # ---- MSI-X: completion interrupts as eventfds ----
+    def msix_vectors(self) -> int:
+        """How many MSI-X vectors vfio-pci can signal through eventfds (0: none, or a
+        kernel without MSI-X for this device)."""
+        if self.num_irqs <= VFIO_PCI_MSIX_IRQ_INDEX:
+            return 0
+        info = bytearray(_IRQ_INFO.pack(_IRQ_INFO.size, 0, VFIO_PCI_MSIX_IRQ_INDEX, 0))
+        try:
+            _ioctl(self.fd, VFIO_DEVICE_GET_IRQ_INFO, info)
+        except OSError:
+            return 0
+        _, flags, _, count = _IRQ_INFO.unpack(info)
+        return count if flags & VFIO_IRQ_INFO_EVENTFD else 0
+
+    def enable_msix(self, count: int) -> list[int]:
+        """Enable MSI-X vectors 0 .. count-1, each signalling an eventfd of its own
+        (returned, by vector; the device keeps them until close or disable_msix).
+
+        Why: a polled completion queue makes whoever waits for it either spin or sleep
+        in timed slices; an interrupt's eventfd lets the waiter sleep in epoll until the
+        device has posted, which on a CPU the device shares (a QEMU guest) is what the
+        kernel's own driver does. All vectors are enabled at once: vfio-pci may refuse to
+        grow an enabled MSI-X set (VFIO_IRQ_INFO_NORESIZE)."""
+        if self._msix_efds:
+            raise VfioError(errno.EBUSY, f"{self.bdf}: MSI-X is enabled already")
+        avail = self.msix_vectors()
+        if count < 1 or count > avail:
+            raise VfioError(errno.EINVAL, f"{self.bdf}: {count} MSI-X vectors asked, the "
+                            f"device offers {avail}")
+        efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
+        req = bytearray(_IRQ_SET_HDR.pack(_IRQ_SET_HDR.size + 4 * count,
+                                          VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                                          VFIO_PCI_MSIX_IRQ_INDEX, 0, count)
+                        + struct.pack(f"<{count}i", *efds))
+        try:
+            _ioctl(self.fd, VFIO_DEVICE_SET_IRQS, req)
+        except OSError:
+            for fd in efds:
+                os.close(fd)
+            raise
+        self._msix_efds = efds
+        return list(efds)
+
+    def disable_msix(self) -> None:
+        """Turn MSI-X off (vfio-pci frees the vectors) and close the eventfds."""
+        if not self._msix_efds:
+            return
+        req = bytearray(_IRQ_SET_HDR.pack(_IRQ_SET_HDR.size,
+                                          VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER,
+                                          VFIO_PCI_MSIX_IRQ_INDEX, 0, 0))
+        try:
+            _ioctl(self.fd, VFIO_DEVICE_SET_IRQS, req)
+        except OSError as exc:
+            log.warning("%s: disabling MSI-X: %s", self.bdf, exc)
+        for fd in self._msix_efds:
+            os.close(fd)
+        self._msix_efds = []
+
     def release_requested(self) -> bool:
         """Non-blocking: has the kernel asked for the device back since the last check?"""
         if self._req_efd is None:
@@ -610,6 +671,8 @@ class Device:
         if self._req_efd is not None:
             os.close(self._req_efd)
             self._req_efd = None
+        if self._msix_efds and getattr(self, "fd", -1) >= 0:
+            self.disable_msix()
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1
