@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -137,6 +138,9 @@ class ReactorQueue:
         # the reactor's C socket poller (nvme/netpoll.NetPoller) once a lane whose
         # socket it holds uses this queue: it reaps the lanes' completions (see poll)
         self.net_poller: Any = None
+        # our duplicate of the queue's interrupt eventfd, watched by the event loop
+        # while the C poller does not (watch_irq), or -1
+        self._irq_fd = -1
         if cr is not None:
             cr.on_ready = self._lanes_ready
             cr.stats = reactor.stats if reactor is not None else None
@@ -175,17 +179,57 @@ class ReactorQueue:
             self._kick()
 
     def irq_watched(self) -> bool:
-        """The reactor's C poller sweeps this queue and sleeps on its completion
-        interrupt: the lane's commands at the device need no poll turn of ours."""
-        return self.net_poller is not None and self.q.irq_efd >= 0
+        """Someone sleeps on the queue's completion interrupt: the reactor's C poller,
+        which sweeps it (stopping at the Python path's first entry for us to reap), or
+        else the event loop (watch_irq), which kicks the reactor."""
+        return self.q.irq_efd >= 0 and (self.net_poller is not None or self._irq_fd >= 0)
 
     def unwatched(self) -> int:
-        """Commands at the device that only a poll turn of ours would find complete
-        (the lane's excluded when an interrupt wakes the C poller for them)."""
-        n = self.q.outstanding
-        if n and self.irq_watched():
-            n -= self.lane_ctx.lane_inflight
-        return n
+        """Commands at the device that only a timed poll turn of ours would find
+        complete: none while the completion interrupt is watched."""
+        return 0 if self.irq_watched() else self.q.outstanding
+
+    def watch_irq(self) -> None:
+        """(Reactor thread) The event loop watches the queue's interrupt eventfd (a
+        duplicate: closing the device's descriptor on removal leaves nothing stale in
+        the loop) and kicks the reactor at each completion, so commands at the device
+        need no timed poll turns; while the reactor's C poller sweeps the queue it
+        watches it instead (pause_irq)."""
+        r = self.reactor
+        if self.q.irq_efd < 0 or r is None or r.loop is None or self._irq_fd >= 0:
+            return
+        self._irq_fd = os.dup(self.q.irq_efd)
+        if self.net_poller is None:
+            r.loop.add_reader(self._irq_fd, self._on_irq)
+
+    def _on_irq(self) -> None:
+        try:
+            os.eventfd_read(self._irq_fd)
+        except (BlockingIOError, OSError):
+            pass
+        self._kick()
+
+    def pause_irq(self) -> None:
+        """The reactor's C poller watches the interrupt now (not the loop, which would
+        wake Python for completions C answers)."""
+        r = self.reactor
+        if self._irq_fd >= 0 and r is not None and r.loop is not None:
+            r.loop.remove_reader(self._irq_fd)
+
+    def resume_irq(self) -> None:
+        r = self.reactor
+        if (self._irq_fd >= 0 and r is not None and r.loop is not None
+                and not r.loop.is_closed()):
+            r.loop.add_reader(self._irq_fd, self._on_irq)
+
+    def unwatch_irq(self) -> None:
+        fd, self._irq_fd = self._irq_fd, -1
+        if fd < 0:
+            return
+        r = self.reactor
+        if r is not None and r.loop is not None and not r.loop.is_closed():
+            r.loop.remove_reader(fd)
+        os.close(fd)
 
     def _main_kick(self) -> None:
         if self._main_poll is None:
@@ -280,6 +324,16 @@ class ReactorQueue:
                 log.warning("%s: queue %d had work while its poller slept; polling it",
                             self.owner.name, self.q.qid)
                 r.kick()
+            elif (p is not None and r is not None and p.dormant and not r.poll_scheduled
+                    and q.outstanding and not q.suspended):
+                # commands an interrupt announces: reaped each tick all the same, so
+                # that a completion whose interrupt never came waits a tick, not for
+                # the command's timeout (a reap, not a kick: that would spin a window)
+                np = self.net_poller
+                if np is not None:
+                    np.reap()
+                else:
+                    self.reap_python()
         finally:
             loop = self.reactor.loop if self.reactor is not None else None
             if (self.poller is not None and not (ctrlr.removed or ctrlr.closed)
@@ -702,6 +756,7 @@ class PcieController:
             if reactor is not None:
                 rq.poller = reactor.register_poller(rq.poll, f"nvme_{self.name}_q{q.qid}")
                 rq.start_ticking()
+                rq.watch_irq()
             self.queues[key] = rq
             log.info("%s: I/O queue %d (depth %d) on reactor %s", self.name, q.qid, q.depth,
                      key)
@@ -719,6 +774,7 @@ class PcieController:
             self._retired_counts[k] = self._retired_counts.get(k, 0) + getattr(rq, k)
         if rq.net_poller is not None:
             rq.net_poller.drop_nvmeq(rq)
+        rq.unwatch_irq()
         if rq.poller is not None and reactor is not None:
             reactor.unregister_poller(rq.poller)
             rq.poller = None

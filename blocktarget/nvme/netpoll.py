@@ -409,6 +409,7 @@ class NetPoller:
                 continue
             if lib.bt_net_add_nvmeq(self.n, ctx) == 0:
                 rq.net_poller = self
+                rq.pause_irq()  # (C sleeps on its interrupt now, not the loop)
                 if rq.poller is not None:
                     rq.poller.c_reaped = True
                     self._pollers_seen = None  # (the cached check reads c_reaped)
@@ -425,6 +426,11 @@ class NetPoller:
         if rq.poller is not None:
             rq.poller.c_reaped = False
             self._pollers_seen = None
+        rq.resume_irq()  # (the loop watches its interrupt again, where it has one)
+        if rq.q.outstanding:
+            # (commands an interrupt was to announce to C, the queue's poller asleep
+            # meanwhile: its next turn takes them over)
+            rq._kick()
         self.starts_rule()
 
     def drop_ring(self, ring: Any) -> None:

@@ -14,8 +14,11 @@ reactor's Python poller. Every byte as the Python path's.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,10 +29,14 @@ from net_harness import SockPair
 from test_fastpath_nvme import LANE_NVME, NVME_LAYOUT, _queues, attacher, stop_fakes
 from test_netpoll import SQFLOW_OFF, _lent
 from test_netpoll_window import _qd1
-from test_nvme_driver import FakeIommu, FakeNvme, FakeVfio
+from test_nvme_dormant import _queue, _runs_over, _until
+from test_nvme_dormant import stub_target as stub_target  # noqa: F401 (the fixture)
+from test_nvme_driver import FakeIommu, FakeNvme, FakeVfio, StubTarget, _io, structs
 
+from blocktarget.bdev import BdevIO, IOType
+from blocktarget.bdevs import nvme_pcie
 from blocktarget.nvme import fastlane, spec
-from blocktarget.nvme.driver.ctrlr import Controller, Options, buffer_prps
+from blocktarget.nvme.driver.ctrlr import TICK_INTERVAL_S, Controller, Options, buffer_prps
 from blocktarget.nvme.driver.dma import DmaAllocator
 
 
@@ -181,9 +188,11 @@ def test_the_c_poller_sleeps_on_the_interrupt_not_in_slices() -> None:
     polled = _qd1_waits(False, "adaptive")
     assert irq["c_reaped"] == 40 and polled["c_reaped"] == 40, (irq, polled)
     assert irq["irq"] >= 36, irq  # (a completion may land before the sleep: no wake)
-    assert irq["waits"] <= 60, irq  # (one a command; a second where a call's budget ran out)
     assert polled["irq"] == 0
     assert polled["waits"] >= 3 * 40, polled
+    # (one sleep a command, a second where a call's time budget ran out first; a loaded
+    # machine stretches both sides alike)
+    assert irq["waits"] * 2 <= polled["waits"], (irq, polled)
 
 
 def test_event_mode_leaves_the_lanes_device_io_to_the_interrupt() -> None:
@@ -220,3 +229,106 @@ def test_interrupt_eventfds_leave_the_epoll_set_with_their_queue() -> None:
         assert all(n.nvmeqs[k] != rq.lane_ctx for k in range(n.nnvmeqs))
     finally:
         p.close()
+
+
+def test_lane_commands_an_interrupt_was_to_announce_survive_the_queue_leaving_the_poller(
+) -> None:
+    """The lane's read is at an interrupting queue (the device stopped: it holds it),
+    the queue's Python poller asleep (the interrupt was to wake the C poller); the
+    queue leaves the C poller: the event loop watches the interrupt again, and the
+    reply comes once the device completes it, reaped by the Python poller."""
+    if not (fastlane.AVAILABLE and LANE_NVME):
+        pytest.fail("the C lane was built without its NVMe backend")
+    p = SockPair(OPTS, layout=_layout(True), cattr=SQFLOW_OFF)
+    try:
+        p.feed(rd(900, 2, 0))
+        p.check()
+        assert _lent(p)
+        r = p.fast.reactor
+        r.set_poll_mode("event")
+        rq = next(rq for rq in _queues(p.fast) if rq.owner.name == "B")
+        dev = rq.owner.ctrlr.mmio
+        dev.stop()
+        cmd = rd(10, 2, 5)  # (the host's read: at the device, held there)
+        p.ref.io.data_received(cmd)
+        p.ref.run()
+        p.fast.send(p.for_fast(cmd))
+        deadline = time.monotonic() + 5
+        while not rq.lane_ctx.lane_inflight:
+            assert time.monotonic() < deadline, "the lane never submitted the read"
+            p.fast.pump(0, settle=1)
+        assert rq.lane_ctx.lane_inflight == 1 and rq.poller.dormant
+        r.net_poller.drop_nvmeq(rq)
+        assert r.poll_scheduled and rq.net_poller is None
+        p.loop.run_until_complete(asyncio.sleep(0.01))
+        assert rq.poller.dormant and rq.irq_watched()  # (the loop's watch: no timed turns)
+        c_reaped = int(rq.lane_ctx.c_reaped)
+        dev.start()
+        p.settle_fast()
+        p.check()
+        assert rq.lane_ctx.lane_inflight == 0
+        assert int(rq.lane_ctx.c_reaped) == c_reaped  # (the Python poller's reap)
+    finally:
+        p.close()
+
+
+async def test_the_python_path_sleeps_on_the_interrupt(stub_target: StubTarget) -> None:
+    """The Python path on a reactor thread (no C poller): a command the device holds
+    leaves the queue's poller dormant (the event loop watches the interrupt; only the
+    health tick's turns run), and the device's completion, signalled on the vector,
+    wakes the reactor at once; no late wake."""
+    iommu = FakeIommu()
+    alloc = DmaAllocator(iommu, name="Irq", use_hugepages=False)
+    dev = FakeNvme(iommu)
+    c = Controller(dev, alloc, name="Irq", options=Options(), device=FakeVfio(dev))
+    c.init(2)
+    await nvme_pcie.register_controller(stub_target, "Irq", "0000:00:07.0", c,
+                                        {"name": "Irq", "traddr": "0000:00:07.0"})
+    try:
+        b = stub_target.bdevs.get("Irqn1")
+        r0 = stub_target.reactors[0]
+        assert (await asyncio.to_thread(_io, r0, b, IOType.FLUSH, 0, 0)).status == 0
+        rq = _queue("Irq", r0)
+        assert rq.q.irq_efd >= 0 and rq.irq_watched() and rq.net_poller is None
+        await asyncio.to_thread(_until, lambda: rq.poller.dormant)
+        dev.hold_io = 1
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        r0.send(lambda: b.get_io_channel(r0).submit(
+            BdevIO(IOType.WRITE, 9, 1, b"\xa5" * 512, fut.set_result))).result(5)
+        runs = await _runs_over(r0, 0.3)
+        assert rq.poller.dormant and rq.q.outstanding == 1
+        # (polled, the dormancy test counts >= 20 turns in 200 ms; here the tick's few)
+        assert runs <= 10, f"{runs} poll turns in 300 ms with the interrupt watched"
+        t0 = time.monotonic()
+        with dev.lock:
+            qid, raw = dev.held.pop()
+            st, dw0 = dev._io(raw)
+            dev.post(qid, structs.parse_sqe(raw).cid, st, dw0)
+        assert (await asyncio.wrap_future(fut)).status == 0
+        took = time.monotonic() - t0
+        assert took < TICK_INTERVAL_S / 2, f"completion noticed after {took * 1000:.0f} ms"
+        assert dev.storage[1][9 * 512:10 * 512] == b"\xa5" * 512
+        assert rq.late_wakes == 0
+
+        # an interrupt that never comes: the health tick reaps the completion
+        await asyncio.to_thread(_until, lambda: rq.poller.dormant)
+        dev.hold_io = 1
+        fut = concurrent.futures.Future()
+        r0.send(lambda: b.get_io_channel(r0).submit(
+            BdevIO(IOType.READ, 9, 1, None, fut.set_result))).result(5)
+        await asyncio.sleep(0.05)
+        efds, dev.irq_efds = dev.irq_efds, []  # (the vector stays silent)
+        with dev.lock:
+            qid, raw = dev.held.pop()
+            st, dw0 = dev._io(raw)
+            dev.post(qid, structs.parse_sqe(raw).cid, st, dw0)
+        dev.irq_efds = efds
+        t0 = time.monotonic()
+        io = await asyncio.wrap_future(fut)
+        took = time.monotonic() - t0
+        assert io.status == 0 and bytes(io.buf) == b"\xa5" * 512
+        assert took < 2 * TICK_INTERVAL_S + 0.05, f"reaped after {took * 1000:.0f} ms"
+    finally:
+        await nvme_pcie.detach_pcie(stub_target, "Irq")
+        alloc.close()
+    assert rq._irq_fd == -1  # (its duplicate closed with the queue)
