@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,10 @@ for mode in $MODES; do
     kernel_up
     TPID=""
   else
-    lane=$([ $mode = python ] && echo false || echo true)
+    lane=$([ $mode = python ] || [ $mode = pythonpoll ] && echo false || echo true)
+    # (the I/O queues polled, no MSI-X completion interrupts: the attach's option)
+    irq=""
+    if [ $mode = lanepoll ] || [ $mode = pythonpoll ]; then irq=', "interrupts": false'; fi
     netpoll=$([ $mode = nonet ] && echo false || echo true)
     pollmode=adaptive; busy=200; idle=1000; dwait=10; adapt=true
     # (the whole busy-poll window after every reply, as before poll.adaptive_window)
@@ -108,7 +112,7 @@ for mode in $MODES; do
     $BT setup --pci $BDF --hugemem 64 > /dev/null
     sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/;
          s/@POLLMODE@/$pollmode/; s/@BUSY@/$busy/; s/@IDLE@/$idle/;
-         s/@DWAIT@/$dwait/; s/@ADAPT@/$adapt/" cfg.json.in > cfg.json
+         s/@DWAIT@/$dwait/; s/@ADAPT@/$adapt/; s/@IRQ@/$irq/" cfg.json.in > cfg.json
     # (mode before: the same settings as lane, the target from another checkout)
     tree=$([ $mode = before ] && echo "$BEFORE" || echo "$PYTHONPATH")
     PYTHONPATH=$tree $BT start -c cfg.json > target-$mode.log 2>&1 &
@@ -178,7 +182,8 @@ def _config() -> str:
         "subsystems": [
             {"subsystem": "bdev", "config": [
                 {"method": "bdev_nvme_attach_controller",
-                 "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "@BDF@"}}]},
+                 "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "@BDF@",
+                            "irq": "@IRQ@"}}]},
             {"subsystem": "nvmf", "config": [
                 {"method": "nvmf_create_transport",
                  "params": {"trtype": "TCP", "c_fast_path": "@LANE@",
@@ -197,6 +202,8 @@ def _config() -> str:
     text = json.dumps(cfg, indent=1)
     for key in ("LANE", "NETPOLL", "BUSY", "IDLE", "DWAIT", "ADAPT"):  # (JSON booleans, numbers)
         text = text.replace(f'"@{key}@"', f"@{key}@")
+    # (the attach's "interrupts" only where a mode sets it: a --before tree may not know it)
+    text = re.sub(r',\s*"irq": "@IRQ@"', "@IRQ@", text)
     return text
 
 
@@ -249,6 +256,9 @@ LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python p
           "laneidle20": "blocktarget, C lane, idle_us 20000 (VFIO)",
           "lanedw200": "blocktarget, C lane, idle_us 20000, device_wait_us 200 (VFIO)",
           "before": "blocktarget, C lane, the --before checkout (VFIO)",
+          "lanepoll": "blocktarget, C lane, I/O queues polled (interrupts false) (VFIO)",
+          "pythonpoll": "blocktarget, Python path, I/O queues polled (interrupts false) "
+                        "(VFIO)",
           "kernel": "Linux nvmet-tcp + nvme driver"}
 
 
@@ -272,7 +282,8 @@ def main() -> int:
                     "(adaptive_window false: the whole window after every reply), "
                     "laneidle20 (idle_us 20000: the idle queue polled every 20 ms), "
                     "lanedw200 (idle_us 20000, device_wait_us 200), before (lane, "
-                    "the target run from --before's checkout), kernel")
+                    "the target run from --before's checkout), lanepoll / pythonpoll (the "
+                    "attach's interrupts false: I/O queues polled), kernel")
     ap.add_argument("--before", type=Path, metavar="TREE",
                     help="another checkout, built in place, for mode before (an A/B of a "
                     "change in one guest run, the modes alternating)")
