@@ -115,7 +115,9 @@ for mode in $MODES; do
          s/@DWAIT@/$dwait/; s/@ADAPT@/$adapt/; s/@IRQ@/$irq/" cfg.json.in > cfg.json
     # (mode before: the same settings as lane, the target from another checkout)
     tree=$([ $mode = before ] && echo "$BEFORE" || echo "$PYTHONPATH")
-    PYTHONPATH=$tree $BT start -c cfg.json > target-$mode.log 2>&1 &
+    # (the reactor's GIL sampler off: its CPU-clock signal, ~250 a CPU second)
+    gil=$([ $mode = lanenogil ] && echo 0 || echo 1)
+    BLOCKTARGET_GIL_SAMPLING=$gil PYTHONPATH=$tree $BT start -c cfg.json > target-$mode.log 2>&1 &
     TPID=$!
     for i in $(seq 1 600); do [ -S $SOCK ] && break; sleep 0.1; done
     sleep 1
@@ -257,6 +259,7 @@ LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python p
           "lanedw200": "blocktarget, C lane, idle_us 20000, device_wait_us 200 (VFIO)",
           "before": "blocktarget, C lane, the --before checkout (VFIO)",
           "lanepoll": "blocktarget, C lane, I/O queues polled (interrupts false) (VFIO)",
+          "lanenogil": "blocktarget, C lane, the GIL sampler off (VFIO)",
           "pythonpoll": "blocktarget, Python path, I/O queues polled (interrupts false) "
                         "(VFIO)",
           "kernel": "Linux nvmet-tcp + nvme driver"}
@@ -283,7 +286,8 @@ def main() -> int:
                     "laneidle20 (idle_us 20000: the idle queue polled every 20 ms), "
                     "lanedw200 (idle_us 20000, device_wait_us 200), before (lane, "
                     "the target run from --before's checkout), lanepoll / pythonpoll (the "
-                    "attach's interrupts false: I/O queues polled), kernel")
+                    "attach's interrupts false: I/O queues polled), lanenogil (the GIL sampler "
+                    "off), kernel")
     ap.add_argument("--before", type=Path, metavar="TREE",
                     help="another checkout, built in place, for mode before (an A/B of a "
                     "change in one guest run, the modes alternating)")

@@ -524,8 +524,9 @@ class Reactor:
             "busy_seconds": busy / 1e9,
             "idle_seconds": max(wall - busy, 0) / 1e9,
             "messages": self.stats.messages,
+            # dormant: asleep until kicked (set_dormant), no timed poll turns for it
             "pollers": [{"name": p.name, "runs": p.runs, "work": p.work, "errors": p.errors,
-                         "failing": p.failing} for p in self.pollers],
+                         "failing": p.failing, "dormant": p.dormant} for p in self.pollers],
             # list() copies the set in one C call; iterating it directly from this (non-
             # reactor) thread races with own()/disown() ("Set changed size during iteration")
             "connections": sorted(str(c) for c in list(self.owned.get("connection", ()))),

@@ -95,6 +95,9 @@ async def test_idle_queue_sleeps_and_wakes_for_io(iommu: FakeIommu,
         rq = _queue("Idle", r0)
         assert rq.poller is not None
         await asyncio.to_thread(_until, lambda: rq.poller.dormant)
+        # (framework_get_reactors says so)
+        assert [p["dormant"] for p in r0.describe()["pollers"]
+                if p["name"] == rq.poller.name] == [True]
         idle_runs = await _runs_over(r0, 0.2)
         assert idle_runs <= 2, f"{idle_runs} poll turns in 200 ms with nothing outstanding"
 

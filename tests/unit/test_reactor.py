@@ -231,7 +231,7 @@ def test_poller_busy_then_backs_off(reactor: Reactor) -> None:
     assert state["budget"] == 0
     desc = reactor.describe()
     assert desc["pollers"] == [{"name": "test", "runs": poller.runs, "work": poller.work,
-                                "errors": 0, "failing": 0}]
+                                "errors": 0, "failing": 0, "dormant": False}]
     # unregistered: it never runs again
     reactor.send(reactor.unregister_poller, poller).result(5)
     runs = poller.runs
