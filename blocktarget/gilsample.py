@@ -8,9 +8,11 @@ be told from the third by timing our own code; nor does the kernel split a threa
 into user and system precisely here (tick accounting). So a timer on the thread's CPU
 clock asks, every ``PERIOD_US`` of its CPU time, whether the thread holds the GIL at that
 instant (py-spy --gil's question, asked from inside): held samples x the period is an
-unbiased estimate of the CPU time spent holding it, within a few percent over a second
-of busy reactor at the kernel's tick (250 Hz here: one sample per 4 ms, each weighted by
-the periods it stands for).
+unbiased estimate of the CPU time spent holding it, within a few percent over ten
+seconds of busy reactor (one sample per 10 ms of CPU time, each weighted by the periods it
+stands for). Not more often: each sample is a signal, nearly free natively but not in a
+QEMU guest under TCG, where at the kernel's tick (250 Hz, the rate a 1 ms period gave)
+its delivery cost the reactor ~14 % of its CPU per QD1 command (bench/RESULTS.md).
 
 Without the extension (or when the signal is taken) there is no sampler and readers fall
 back to the upper bound: everything outside the C calls counted as held.
@@ -29,7 +31,7 @@ try:
 except ImportError:  # not built: no sampler
     ffi = lib = None
 
-PERIOD_US = 1000
+PERIOD_US = 10_000
 # BLOCKTARGET_GIL_SAMPLING=0 switches it off (the signal then never fires)
 ENABLED = os.environ.get("BLOCKTARGET_GIL_SAMPLING", "1") != "0"
 
