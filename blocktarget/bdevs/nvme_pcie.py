@@ -276,8 +276,8 @@ class ReactorQueue:
             # reactor (the channel's submissions, lane_io_started, a buffer given back
             # to a waiter, the controller's calls on the queue: PcieController._call),
             # and that turn wakes it here.
-            # (the lane's commands on an interrupting queue the C poller sweeps wake
-            # it: they need no timed turn)
+            # (commands at an interrupting queue announce their completions, to the C
+            # poller or to the loop: they need no timed turn)
             idle = not (self.unwatched() or q.waiting or q.suspended or self.buf_waiters)
             if idle is not p.dormant:
                 self.reactor.set_dormant(p, idle)  # type: ignore[union-attr]

@@ -138,16 +138,16 @@ def slow_device(latency_us: int) -> Any:
     return make
 
 
-def _layout(irq: bool) -> Any:
-    return dataclasses.replace(NVME_LAYOUT, setup=attacher(slow_device(300), irq=irq))
+def _layout(irq: bool, latency_us: int = 300) -> Any:
+    return dataclasses.replace(NVME_LAYOUT, setup=attacher(slow_device(latency_us), irq=irq))
 
 
-def _qd1_waits(irq: bool, mode: str) -> dict[str, Any]:
+def _qd1_waits(irq: bool, mode: str, latency_us: int = 300) -> dict[str, Any]:
     """40 QD1 reads through an NVMe namespace over a socket lent to the C poller, the
-    device 300 us per command: the poller's counters over them, bytes checked."""
+    device ``latency_us`` per command: the poller's counters over them, bytes checked."""
     if not (fastlane.AVAILABLE and LANE_NVME):
         pytest.fail("the C lane was built without its NVMe backend")
-    p = SockPair(OPTS, layout=_layout(irq), cattr=SQFLOW_OFF)
+    p = SockPair(OPTS, layout=_layout(irq, latency_us), cattr=SQFLOW_OFF)
     try:
         p.feed(rd(900, 2, 0))
         p.check()
@@ -181,17 +181,17 @@ def _qd1_waits(irq: bool, mode: str) -> dict[str, Any]:
 
 
 def test_the_c_poller_sleeps_on_the_interrupt_not_in_slices() -> None:
-    """Adaptive polling, a device slower than the device-wait slice: with interrupts
-    each command costs one sleep, ended by its interrupt, and the C poller reaps every
-    completion; polled, the same commands take several slices each."""
-    irq = _qd1_waits(True, "adaptive")
-    polled = _qd1_waits(False, "adaptive")
+    """Adaptive polling, a device (1 ms a command) far slower than the device-wait
+    slice: with interrupts each command costs one sleep, ended by its interrupt or by
+    the call's time budget (the event loop then waits for the interrupt), and the C
+    poller reaps every completion; polled, the same commands take many slices each
+    (about 30 on a quiet machine; a loaded one stretches each slice, so fewer)."""
+    irq = _qd1_waits(True, "adaptive", 1000)
+    polled = _qd1_waits(False, "adaptive", 1000)
     assert irq["c_reaped"] == 40 and polled["c_reaped"] == 40, (irq, polled)
     assert irq["irq"] >= 36, irq  # (a completion may land before the sleep: no wake)
     assert polled["irq"] == 0
-    assert polled["waits"] >= 3 * 40, polled
-    # (one sleep a command, a second where a call's time budget ran out first; a loaded
-    # machine stretches both sides alike)
+    assert polled["waits"] >= 2 * 40, polled
     assert irq["waits"] * 2 <= polled["waits"], (irq, polled)
 
 
@@ -203,7 +203,9 @@ def test_event_mode_leaves_the_lanes_device_io_to_the_interrupt() -> None:
     assert irq["c_reaped"] == 40 and irq["irq"] >= 36, irq
     assert irq["kicks"] == 0 and irq["dormant"], irq
     polled = _qd1_waits(False, "event")
-    assert polled["kicks"] >= 40, polled  # (the polled queue needs the Python poller)
+    # (the polled queue needs the Python poller: a kick a command, but for those done
+    # within the submitting call, which a loaded machine can stretch past the device)
+    assert polled["kicks"] >= 30, polled
 
 
 def test_interrupt_eventfds_leave_the_epoll_set_with_their_queue() -> None:
