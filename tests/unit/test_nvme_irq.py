@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import time
@@ -142,9 +143,11 @@ def _layout(irq: bool, latency_us: int = 300) -> Any:
     return dataclasses.replace(NVME_LAYOUT, setup=attacher(slow_device(latency_us), irq=irq))
 
 
-def _qd1_waits(irq: bool, mode: str, latency_us: int = 300) -> dict[str, Any]:
-    """40 QD1 reads through an NVMe namespace over a socket lent to the C poller, the
-    device ``latency_us`` per command: the poller's counters over them, bytes checked."""
+@contextlib.contextmanager
+def _lent_pair(irq: bool, latency_us: int = 300) -> Iterator[tuple[SockPair, Any]]:
+    """The two sides over the slow fake controllers (behind FakeVfio when ``irq``), the
+    lane's connection lent to the C poller after a first read, and the queue of
+    namespace 2's controller (B) on its reactor; closed on the way out."""
     if not (fastlane.AVAILABLE and LANE_NVME):
         pytest.fail("the C lane was built without its NVMe backend")
     p = SockPair(OPTS, layout=_layout(irq, latency_us), cattr=SQFLOW_OFF)
@@ -152,6 +155,15 @@ def _qd1_waits(irq: bool, mode: str, latency_us: int = 300) -> dict[str, Any]:
         p.feed(rd(900, 2, 0))
         p.check()
         assert _lent(p)
+        yield p, next(rq for rq in _queues(p.fast) if rq.owner.name == "B")
+    finally:
+        p.close()
+
+
+def _qd1_waits(irq: bool, mode: str, latency_us: int = 300) -> dict[str, Any]:
+    """40 QD1 reads through an NVMe namespace over a socket lent to the C poller, the
+    device ``latency_us`` per command: the poller's counters over them, bytes checked."""
+    with _lent_pair(irq, latency_us) as (p, rq_b):
         r = p.fast.reactor
         r.set_poll_mode(mode)
         rqs = list(_queues(p.fast))
@@ -159,7 +171,6 @@ def _qd1_waits(irq: bool, mode: str, latency_us: int = 300) -> dict[str, Any]:
         kicks = [0]
         for rq in rqs:  # (the reactor's Python poll the lane's I/O asks for)
             rq._kick = lambda k=rq._kick: (kicks.__setitem__(0, kicks[0] + 1), k())
-        rq_b = next(rq for rq in rqs if rq.owner.name == "B")
         ctx = rq_b.lane_ctx
         st = p.stats
         w0, i0, c0 = st.net_device_waits, st.net_irq_wakes, int(ctx.c_reaped)
@@ -176,8 +187,6 @@ def _qd1_waits(irq: bool, mode: str, latency_us: int = 300) -> dict[str, Any]:
         p.check()
         assert ctx.lane_inflight == 0 and ctx.bufs_out == 0
         return out
-    finally:
-        p.close()
 
 
 def test_the_c_poller_sleeps_on_the_interrupt_not_in_slices() -> None:
@@ -211,15 +220,8 @@ def test_event_mode_leaves_the_lanes_device_io_to_the_interrupt() -> None:
 def test_interrupt_eventfds_leave_the_epoll_set_with_their_queue() -> None:
     """The C poller watches a duplicate of the queue's eventfd and closes it when the
     queue goes (so a closed device descriptor never leaves a stale number in its set)."""
-    if not (fastlane.AVAILABLE and LANE_NVME):
-        pytest.fail("the C lane was built without its NVMe backend")
-    p = SockPair(OPTS, layout=_layout(True), cattr=SQFLOW_OFF)
-    try:
-        p.feed(rd(900, 2, 0))
-        p.check()
-        assert _lent(p)
+    with _lent_pair(True) as (p, rq):
         np_ = p.fast.reactor.net_poller
-        rq = next(rq for rq in _queues(p.fast) if rq.owner.name == "B")
         n = np_.n
         i = next(k for k in range(n.nnvmeqs) if n.nvmeqs[k] == rq.lane_ctx)
         dup = n.nvme_efd[i]
@@ -229,8 +231,6 @@ def test_interrupt_eventfds_leave_the_epoll_set_with_their_queue() -> None:
         with pytest.raises(OSError):
             os.fstat(dup)
         assert all(n.nvmeqs[k] != rq.lane_ctx for k in range(n.nnvmeqs))
-    finally:
-        p.close()
 
 
 def test_lane_commands_an_interrupt_was_to_announce_survive_the_queue_leaving_the_poller(
@@ -239,16 +239,9 @@ def test_lane_commands_an_interrupt_was_to_announce_survive_the_queue_leaving_th
     the queue's Python poller asleep (the interrupt was to wake the C poller); the
     queue leaves the C poller: the event loop watches the interrupt again, and the
     reply comes once the device completes it, reaped by the Python poller."""
-    if not (fastlane.AVAILABLE and LANE_NVME):
-        pytest.fail("the C lane was built without its NVMe backend")
-    p = SockPair(OPTS, layout=_layout(True), cattr=SQFLOW_OFF)
-    try:
-        p.feed(rd(900, 2, 0))
-        p.check()
-        assert _lent(p)
+    with _lent_pair(True) as (p, rq):
         r = p.fast.reactor
         r.set_poll_mode("event")
-        rq = next(rq for rq in _queues(p.fast) if rq.owner.name == "B")
         dev = rq.owner.ctrlr.mmio
         dev.stop()
         cmd = rd(10, 2, 5)  # (the host's read: at the device, held there)
@@ -270,8 +263,6 @@ def test_lane_commands_an_interrupt_was_to_announce_survive_the_queue_leaving_th
         p.check()
         assert rq.lane_ctx.lane_inflight == 0
         assert int(rq.lane_ctx.c_reaped) == c_reaped  # (the Python poller's reap)
-    finally:
-        p.close()
 
 
 async def test_the_python_path_sleeps_on_the_interrupt(stub_target: StubTarget) -> None:
