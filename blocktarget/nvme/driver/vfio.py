@@ -574,41 +574,49 @@ class Device:
         """Ask vfio-pci to signal an eventfd when the kernel wants the device back
         (surprise/orderly removal, unbind); without it the removal just blocks until we
         close the device. Returns False when the kernel lacks the request IRQ."""
-        if self.num_irqs <= VFIO_PCI_REQ_IRQ_INDEX:
+        if self._irq_count(VFIO_PCI_REQ_IRQ_INDEX) < 1:
             return False
-        info = bytearray(_IRQ_INFO.pack(_IRQ_INFO.size, 0, VFIO_PCI_REQ_IRQ_INDEX, 0))
         try:
-            _ioctl(self.fd, VFIO_DEVICE_GET_IRQ_INFO, info)
-        except OSError:
-            return False
-        if _IRQ_INFO.unpack(info)[3] < 1:
-            return False
-        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        req = bytearray(_IRQ_SET_HDR.pack(_IRQ_SET_HDR.size + 4,
-                                          VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                                          VFIO_PCI_REQ_IRQ_INDEX, 0, 1) + struct.pack("<i", efd))
-        try:
-            _ioctl(self.fd, VFIO_DEVICE_SET_IRQS, req)
+            (self._req_efd,) = self._signal_eventfds(VFIO_PCI_REQ_IRQ_INDEX, 1)
         except OSError as exc:
             log.debug("%s: no release-request eventfd: %s", self.bdf, exc)
-            os.close(efd)
             return False
-        self._req_efd = efd
         return True
 
-    # ---- MSI-X: completion interrupts as eventfds ----
-    def msix_vectors(self) -> int:
-        """How many MSI-X vectors vfio-pci can signal through eventfds (0: none, or a
-        kernel without MSI-X for this device)."""
-        if self.num_irqs <= VFIO_PCI_MSIX_IRQ_INDEX:
+    def _irq_count(self, index: int) -> int:
+        """How many interrupts of VFIO IRQ index ``index`` can signal an eventfd (0:
+        none, or a kernel without that index)."""
+        if self.num_irqs <= index:
             return 0
-        info = bytearray(_IRQ_INFO.pack(_IRQ_INFO.size, 0, VFIO_PCI_MSIX_IRQ_INDEX, 0))
+        info = bytearray(_IRQ_INFO.pack(_IRQ_INFO.size, 0, index, 0))
         try:
             _ioctl(self.fd, VFIO_DEVICE_GET_IRQ_INFO, info)
         except OSError:
             return 0
         _, flags, _, count = _IRQ_INFO.unpack(info)
         return count if flags & VFIO_IRQ_INFO_EVENTFD else 0
+
+    def _signal_eventfds(self, index: int, count: int) -> list[int]:
+        """New eventfds that interrupts 0 .. count-1 of ``index`` signal from now on
+        (closed again when vfio-pci refuses: OSError)."""
+        efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
+        req = bytearray(_IRQ_SET_HDR.pack(_IRQ_SET_HDR.size + 4 * count,
+                                          VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                                          index, 0, count)
+                        + struct.pack(f"<{count}i", *efds))
+        try:
+            _ioctl(self.fd, VFIO_DEVICE_SET_IRQS, req)
+        except OSError:
+            for fd in efds:
+                os.close(fd)
+            raise
+        return efds
+
+    # ---- MSI-X: completion interrupts as eventfds ----
+    def msix_vectors(self) -> int:
+        """How many MSI-X vectors vfio-pci can signal through eventfds (0: none, or a
+        kernel without MSI-X for this device)."""
+        return self._irq_count(VFIO_PCI_MSIX_IRQ_INDEX)
 
     def enable_msix(self, count: int) -> list[int]:
         """Enable MSI-X vectors 0 .. count-1, each signalling an eventfd of its own
@@ -625,19 +633,8 @@ class Device:
         if count < 1 or count > avail:
             raise VfioError(errno.EINVAL, f"{self.bdf}: {count} MSI-X vectors asked, the "
                             f"device offers {avail}")
-        efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(count)]
-        req = bytearray(_IRQ_SET_HDR.pack(_IRQ_SET_HDR.size + 4 * count,
-                                          VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
-                                          VFIO_PCI_MSIX_IRQ_INDEX, 0, count)
-                        + struct.pack(f"<{count}i", *efds))
-        try:
-            _ioctl(self.fd, VFIO_DEVICE_SET_IRQS, req)
-        except OSError:
-            for fd in efds:
-                os.close(fd)
-            raise
-        self._msix_efds = efds
-        return list(efds)
+        self._msix_efds = self._signal_eventfds(VFIO_PCI_MSIX_IRQ_INDEX, count)
+        return list(self._msix_efds)
 
     def disable_msix(self) -> None:
         """Turn MSI-X off (vfio-pci frees the vectors) and close the eventfds."""
