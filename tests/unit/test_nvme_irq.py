@@ -30,7 +30,7 @@ from net_harness import SockPair
 from test_fastpath_nvme import LANE_NVME, NVME_LAYOUT, _queues, attacher, stop_fakes
 from test_netpoll import SQFLOW_OFF, _lent
 from test_netpoll_window import _qd1
-from test_nvme_dormant import _queue, _runs_over, _until
+from test_nvme_dormant import _queue, _quiet, _runs_over, _until
 from test_nvme_dormant import stub_target as stub_target  # noqa: F401 (the fixture)
 from test_nvme_driver import FakeIommu, FakeNvme, FakeVfio, StubTarget, _io, structs
 
@@ -288,6 +288,9 @@ async def test_the_python_path_sleeps_on_the_interrupt(stub_target: StubTarget) 
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
         r0.send(lambda: b.get_io_channel(r0).submit(
             BdevIO(IOType.WRITE, 9, 1, b"\xa5" * 512, fut.set_result))).result(5)
+        # (the submission's kick spins the reactor's busy-poll window first: on a loaded
+        # machine the count could start inside it, 20-40 turns in its 200 us)
+        await asyncio.to_thread(_quiet, r0, rq)
         runs = await _runs_over(r0, 0.3)
         assert rq.poller.dormant and rq.q.outstanding == 1
         # (polled, the dormancy test counts >= 20 turns in 200 ms; here the tick's few)
