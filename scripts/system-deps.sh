@@ -39,9 +39,10 @@ TEST_PACKAGES=(
   systemd
   # FUSE export tests: fusermount3, mkfs.ext4/e2fsck
   fuse3 e2fsprogs
-  # build-flag tests: the C sources must compile for arm64 too (a cross compiler), and the
-  # objects are inspected with objdump (binutils, with gcc)
-  gcc-aarch64-linux-gnu
+  # build-flag tests: the C sources must compile for arm64 too (a cross compiler, and its
+  # C library headers, only recommended by the compiler, so not installed with it here),
+  # and the objects are inspected with objdump (binutils, with gcc)
+  gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 )
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
