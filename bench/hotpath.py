@@ -281,6 +281,9 @@ def setup(loop: asyncio.AbstractEventLoop, digests: bool, backend: str = "malloc
             dev._stop.clear()
     addr = next(iter(target.subsystems.find(NQN).listeners))
     reactor = Reactor(index=0, core=0, pin=False)
+    # (the host's end runs on this thread: a C poller waiting for its next command would
+    # only wait out its time; set, not passed, so an older tree's Reactor takes it too)
+    reactor.host_wait_us = 0
     reactor.loop = loop
     reactor.tid = threading.get_native_id()
     return target, reactor, addr

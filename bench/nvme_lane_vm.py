@@ -97,6 +97,10 @@ for mode in $MODES; do
     # (the I/O queues polled, no MSI-X completion interrupts: the attach's option)
     irq=""
     if [ $mode = lanepoll ] || [ $mode = pythonpoll ]; then irq=', "interrupts": false'; fi
+    if [ $mode = laneirq ]; then irq=', "interrupts": true'; fi
+    # (the C poller returns to the event loop at once instead of waiting for the host)
+    hw=""
+    if [ $mode = lanenohw ]; then hw=', "host_wait_us": 0'; fi
     netpoll=$([ $mode = nonet ] && echo false || echo true)
     pollmode=adaptive; busy=200; idle=1000; dwait=10; adapt=true
     # (the whole busy-poll window after every reply, as before poll.adaptive_window)
@@ -112,7 +116,7 @@ for mode in $MODES; do
     $BT setup --pci $BDF --hugemem 64 > /dev/null
     sed "s/@BDF@/$BDF/; s#@SOCK@#$SOCK#; s/@LANE@/$lane/; s/@NETPOLL@/$netpoll/;
          s/@POLLMODE@/$pollmode/; s/@BUSY@/$busy/; s/@IDLE@/$idle/;
-         s/@DWAIT@/$dwait/; s/@ADAPT@/$adapt/; s/@IRQ@/$irq/" cfg.json.in > cfg.json
+         s/@DWAIT@/$dwait/; s/@ADAPT@/$adapt/; s/@IRQ@/$irq/; s/@HW@/$hw/" cfg.json.in > cfg.json
     # (mode before: the same settings as lane, the target from another checkout)
     tree=$([ $mode = before ] && echo "$BEFORE" || echo "$PYTHONPATH")
     # (the reactor's GIL sampler off: its CPU-clock signal, ~250 a CPU second)
@@ -180,7 +184,7 @@ def _config() -> str:
                         "metrics": False,
                         "poll": {"mode": "@POLLMODE@", "busy_us": "@BUSY@",
                                  "idle_us": "@IDLE@", "device_wait_us": "@DWAIT@",
-                                 "adaptive_window": "@ADAPT@"}},
+                                 "adaptive_window": "@ADAPT@", "hw": "@HW@"}},
         "subsystems": [
             {"subsystem": "bdev", "config": [
                 {"method": "bdev_nvme_attach_controller",
@@ -206,6 +210,7 @@ def _config() -> str:
         text = text.replace(f'"@{key}@"', f"@{key}@")
     # (the attach's "interrupts" only where a mode sets it: a --before tree may not know it)
     text = re.sub(r',\s*"irq": "@IRQ@"', "@IRQ@", text)
+    text = re.sub(r',\s*"hw": "@HW@"', "@HW@", text)  # (likewise poll.host_wait_us)
     return text
 
 
@@ -259,6 +264,9 @@ LABELS = {"lane": "blocktarget, C lane (VFIO)", "python": "blocktarget, Python p
           "lanedw200": "blocktarget, C lane, idle_us 20000, device_wait_us 200 (VFIO)",
           "before": "blocktarget, C lane, the --before checkout (VFIO)",
           "lanepoll": "blocktarget, C lane, I/O queues polled (interrupts false) (VFIO)",
+          "laneirq": "blocktarget, C lane, I/O queues raising MSI-X interrupts "
+                     "(interrupts true) (VFIO)",
+          "lanenohw": "blocktarget, C lane, no host wait (host_wait_us 0) (VFIO)",
           "lanenogil": "blocktarget, C lane, the GIL sampler off (VFIO)",
           "pythonpoll": "blocktarget, Python path, I/O queues polled (interrupts false) "
                         "(VFIO)",
@@ -286,8 +294,8 @@ def main() -> int:
                     "laneidle20 (idle_us 20000: the idle queue polled every 20 ms), "
                     "lanedw200 (idle_us 20000, device_wait_us 200), before (lane, "
                     "the target run from --before's checkout), lanepoll / pythonpoll (the "
-                    "attach's interrupts false: I/O queues polled), lanenogil (the GIL sampler "
-                    "off), kernel")
+                    "attach's interrupts false: I/O queues polled), laneirq (interrupts true), "
+                    "lanenohw (poll.host_wait_us 0), lanenogil (the GIL sampler off), kernel")
     ap.add_argument("--before", type=Path, metavar="TREE",
                     help="another checkout, built in place, for mode before (an A/B of a "
                     "change in one guest run, the modes alternating)")

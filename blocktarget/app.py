@@ -77,6 +77,7 @@ class Target:
             idle_poll_us=self.settings.idle_poll_us,
             device_wait_us=self.settings.device_wait_us,
             adaptive_window=self.settings.adaptive_window,
+            host_wait_us=self.settings.host_wait_us,
             poll_modes=(DEFAULT_POLL_MODE if self.settings.poll_mode is None
                         else self.settings.poll_mode),
         )

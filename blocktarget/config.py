@@ -89,6 +89,8 @@ class ConfigError(Exception):
 
 
 MAX_DEVICE_WAIT_US = 10_000
+# (csrc/net.c's HOST_TURN_NS: the C poller returns to the event loop that often anyway)
+MAX_HOST_WAIT_US = 5_000
 
 
 @dataclass
@@ -104,6 +106,8 @@ class Settings:
     device_wait_us: int = 10
     # the busy-poll window follows the host's pace (reactor.Reactor.adaptive_window)
     adaptive_window: bool = True
+    # the C poller sleeps for the host's next command (reactor.Reactor.host_wait_us)
+    host_wait_us: int = 2000
     # socket polling per reactor: "event" | "adaptive" | "busy", or a list with one mode
     # per reactor; None = reactor.DEFAULT_POLL_MODE (see reactor.py for what each costs)
     poll_mode: Any = None
@@ -157,6 +161,8 @@ class Settings:
             d.setdefault("poll", {})["device_wait_us"] = self.device_wait_us
         if not self.adaptive_window:
             d.setdefault("poll", {})["adaptive_window"] = False
+        if self.host_wait_us != 2000:
+            d.setdefault("poll", {})["host_wait_us"] = self.host_wait_us
         if self.poll_mode is not None:
             d.setdefault("poll", {})["mode"] = self.poll_mode
         if not self.pin:
@@ -271,9 +277,10 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     s.log_level = level.lower()
     poll = bt.get("poll", {})
     if not isinstance(poll, dict) or set(poll) - {"busy_us", "idle_us", "mode",
-                                                  "device_wait_us", "adaptive_window"}:
+                                                  "device_wait_us", "adaptive_window",
+                                                  "host_wait_us"}:
         raise ConfigError(f"{source}: blocktarget.poll must be an object with busy_us, "
-                          "idle_us, mode, device_wait_us, adaptive_window")
+                          "idle_us, mode, device_wait_us, adaptive_window, host_wait_us")
     if "adaptive_window" in poll:
         if not isinstance(poll["adaptive_window"], bool):
             raise ConfigError(f"{source}: blocktarget.poll.adaptive_window must be true "
@@ -282,7 +289,8 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     if "mode" in poll:
         s.poll_mode = _parse_poll_mode(poll["mode"], len(s.cores), source)
     for key, attr in (("busy_us", "busy_poll_us"), ("idle_us", "idle_poll_us"),
-                      ("device_wait_us", "device_wait_us")):
+                      ("device_wait_us", "device_wait_us"),
+                      ("host_wait_us", "host_wait_us")):
         if key in poll:
             v = poll[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -291,6 +299,9 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
     if s.device_wait_us > MAX_DEVICE_WAIT_US:
         raise ConfigError(f"{source}: blocktarget.poll.device_wait_us must be at most "
                           f"{MAX_DEVICE_WAIT_US} (a slice longer than that is no polling)")
+    if s.host_wait_us > MAX_HOST_WAIT_US:
+        raise ConfigError(f"{source}: blocktarget.poll.host_wait_us must be at most "
+                          f"{MAX_HOST_WAIT_US} (the C poller gives the event loop its turn that often)")
     pin = bt.get("pin", True)
     if not isinstance(pin, bool):
         raise ConfigError(f"{source}: blocktarget.pin must be true or false")

@@ -155,6 +155,13 @@ class TargetCollector(Collector):
             "Wake-ups of the reactor's C socket poller by an NVMe queue's completion "
             "interrupt (MSI-X eventfd), instead of waiting for the device in timed slices",
             labels=["reactor"])
+        host_waits = CounterMetricFamily(
+            "blocktarget_reactor_c_poller_host_waits",
+            "Sleeps of the reactor's C socket poller for the host's next command "
+            "(poll.host_wait_us) instead of returning to the event loop; outcome: "
+            "caught (a command or a device completion ended it), loop (the event loop's "
+            "own work did), timeout",
+            labels=["reactor", "outcome"])
         cpu_mode = CounterMetricFamily("blocktarget_reactor_cpu_seconds",
                                        "Reactor thread CPU time by mode",
                                        labels=["reactor", "mode"])
@@ -177,11 +184,16 @@ class TargetCollector(Collector):
             net_pdus.add_metric([str(r.index)], r.stats.net_pdus)
             net_idle.add_metric([str(r.index)], r.stats.net_idle_ns / 1e9)
             irq_wakes.add_metric([str(r.index)], r.stats.net_irq_wakes)
+            st = r.stats
+            host_waits.add_metric([str(r.index), "caught"], st.net_host_catches)
+            host_waits.add_metric([str(r.index), "loop"], st.net_host_loop_wakes)
+            host_waits.add_metric([str(r.index), "timeout"], st.net_host_waits
+                                  - st.net_host_catches - st.net_host_loop_wakes)
             user, system = r.cpu_split_ns()
             cpu_mode.add_metric([str(r.index), "user"], user / 1e9)
             cpu_mode.add_metric([str(r.index), "system"], system / 1e9)
         yield from (busy, idle, msgs, polls, poll_err, conns, opened, lane, released, held,
-                    outside, sampled, net_pdus, net_idle, irq_wakes, cpu_mode)
+                    outside, sampled, net_pdus, net_idle, irq_wakes, host_waits, cpu_mode)
 
         # ---- subsystems ----
         subs = GaugeMetricFamily("blocktarget_subsystems", "NVM subsystems configured")

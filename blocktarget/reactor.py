@@ -26,12 +26,15 @@ Inside the busy-poll window the C socket poller spins the GIL released; while th
 outstanding work is the C lane's I/O at an NVMe device it sleeps instead, and goes on
 so past the window until the device completes, so that a device the host's own CPUs
 emulate is not starved by the reactor waiting for it, nor left to the idle poll. A
-queue that raises MSI-X completion interrupts (the default where vfio-pci offers
-vectors) is slept on in one wait, its eventfd in the poller's epoll set; a polled one
+queue that raises MSI-X completion interrupts (the attach's `interrupts`, where
+vfio-pci offers vectors) is slept on in one wait, its eventfd in the poller's epoll set; a polled one
 in `device_wait_us` slices (woken at once by a socket or an io_uring completion). The
 window it spins for the host's next command adapts (`adaptive_window`): it shrinks
 while the host's commands come later than `busy_poll_us` (a slow host gains nothing
-from the spinning but loses the CPU), and grows back when they come within it.
+from the spinning but loses the CPU), and grows back when they come within it. Past
+the window, a host whose commands come within `host_wait_us` of each reply is waited
+for by C itself, asleep (its epoll set and the loop's own fd in one wait, at most 5 ms
+a turn), rather than by the event loop, whose every wake-up is a Python pass.
 """
 
 from __future__ import annotations
@@ -191,6 +194,12 @@ class ReactorStats:
     # wake-ups by an NVMe queue's completion interrupt (MSI-X eventfd), which replace
     # those slices on a device that raises them
     net_irq_wakes: int = 0
+    # the C poller's host waits (host_wait_us): begun; ended by C's own epoll set (the
+    # host's next command, a device's completion); ended by the loop's own fd (its
+    # sockets, messages); the rest timed out
+    net_host_waits: int = 0
+    net_host_catches: int = 0
+    net_host_loop_wakes: int = 0
 
 
 POLL_MODES = ("event", "adaptive", "busy")
@@ -223,6 +232,14 @@ class Reactor:
     # the kernel's QD1 latency with the spinning) is waited for in epoll. False: always
     # the whole busy_poll_us, as before.
     adaptive_window: bool = True
+    # When the C poller's lanes have nothing to do but wait for the host's next command
+    # (or an interrupting NVMe queue's completion), it sleeps for it itself, the GIL
+    # released, instead of returning to the event loop, whose wake-up would be a Python
+    # pass per command (a QEMU guest's host at QD1), as long as the host's recent gaps
+    # are under this many µs; the loop's own fd is in the same wait, so its sockets and
+    # messages end it at once, and its timers wait at most 5 ms (csrc/bt_net.h,
+    # host_wait_ns). 0: return to the loop at once, as before.
+    host_wait_us: int = 2000
     pin: bool = True
     poll_mode: str = DEFAULT_POLL_MODE
     spin_on_io: bool = False  # poll_mode != "event": qpairs call note_io() per wake-up
@@ -568,7 +585,7 @@ class ReactorPool:
     def __init__(self, cores: Iterable[int], *, pin: bool = True, busy_poll_us: int = 200,
                  idle_poll_us: int = 1000, device_wait_us: int = 10,
                  poll_modes: str | list[str] = DEFAULT_POLL_MODE,
-                 adaptive_window: bool = True) -> None:
+                 adaptive_window: bool = True, host_wait_us: int = 2000) -> None:
         """``poll_modes``: one mode for every reactor, or a list with one per reactor."""
         cores = list(cores)
         modes = [poll_modes] * len(cores) if isinstance(poll_modes, str) else list(poll_modes)
@@ -577,7 +594,7 @@ class ReactorPool:
         self.reactors = [
             Reactor(i, core, pin=pin, busy_poll_us=busy_poll_us, idle_poll_us=idle_poll_us,
                     device_wait_us=device_wait_us, poll_mode=check_poll_mode(mode),
-                    adaptive_window=adaptive_window)
+                    adaptive_window=adaptive_window, host_wait_us=host_wait_us)
             for i, (core, mode) in enumerate(zip(cores, modes, strict=True))
         ]
         self._next = 0

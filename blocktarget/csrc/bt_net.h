@@ -80,6 +80,11 @@ struct bt_net {
        under a host slower than the window every command is one call, and that report
        was a Python pass per command). */
     uint8_t quiet_starts;
+    /* Set by Python while every ring and queue pair the lent lanes use is one this
+       poller reaps (a ring whose eventfd it watches, a queue pair it sweeps): then
+       Python's watch has nothing urgent to do for lane I/O started, which may wait for
+       the call's end (a host wait does not stop for it). */
+    uint8_t starts_reaped;
     /* While the lanes' only outstanding work is at an NVMe device (no socket or ring
        had anything in the last round, lane commands at a queue pair), the busy-poll
        window does not spin: it sleeps in slices of dev_wait_ns (woken at once by a
@@ -121,6 +126,24 @@ struct bt_net {
     /* cumulative: wake-ups by an NVMe queue's completion interrupt (its MSI-X eventfd,
        watched in the epoll set instead of waiting for the device in timed slices) */
     uint64_t irq_wakes;
+    /* The host wait. When the lanes have nothing to do but wait (for the host's next
+       command, or for an interrupting NVMe queue's completion), the call sleeps for it
+       here, the GIL released, instead of returning to the event loop, which would sleep
+       in its own epoll and make a Python pass of the wake-up; until the call is
+       HOST_TURN_NS old (net.c: the loop's timers run that late at most). loop_fd is the
+       event loop's own epoll fd, in the same wait: anything of the loop's (another
+       socket, a message from another thread) ends it at once. Python sets host_wait_ns
+       per call: 0 while the loop has callbacks ready to run, or pollers of its own to
+       turn (they would wait), or the option is off (poll.host_wait_us). It is not
+       taken either while the host's recent gaps (host_gap_ns, a moving average of the
+       time from the last work to its next command, each sample at most 4 x
+       host_wait_ns) exceed host_wait_ns: a host that slow would leave the reactor asleep
+       in C to the end of the turn, then in the loop, for nothing. Cumulative:
+       host_waits, the waits begun; host_catches, those after which a command or a
+       completion came; host_loop_wakes, those the loop's fd ended (the rest ran to
+       the turn's end). */
+    int loop_fd;
+    uint64_t host_wait_ns, host_gap_ns, host_waits, host_catches, host_loop_wakes;
     uint8_t python_cqe;     /* a completion of Python's first: 1 on an io_uring ring,
                                2 on an NVMe queue pair (bits): Python reaps it */
     /* private to net.c */
@@ -135,6 +158,8 @@ struct bt_net {
     int nvme_efd[8];            /* and our duplicates of their interrupt eventfds, or -1 */
     uint32_t nnvmeqs;
     uint8_t slack_set;          /* the thread's timer slack made fine for dev_wait_ns */
+    int tfd;                    /* the host wait's turn timer (a timerfd in the epoll set) */
+    uint8_t turn_armed;
     uint64_t last_work_ns;      /* when a round last found work (the gap's start) */
     uint8_t gap_dev;            /* lane commands were at a device since: no host gap */
 };
@@ -186,7 +211,8 @@ void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
    connections as bt_net_poll does; returns the entries consumed. */
 unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready);
 /* Serve the attached connections: receive, run the lanes, send, until none has
-   anything to do (or after budget_ns, or once spin_ns passed with nothing to do). The
+   anything to do (or after budget_ns, or once spin_ns passed with nothing to do; then,
+   with host_wait_ns, after a host wait that nothing of C's ended). The
    connections Python must act on go to ready (their handles; up to max, *nready of
    them): those with events or with a command to redo (given back).
    What the others did stays counted in C (the lane's and the connection's cumulative

@@ -26,6 +26,7 @@
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -49,6 +50,13 @@ static size_t total_len(const struct iovec *v, unsigned k)
     return n;
 }
 #define EVENTS 64
+/* epoll data of what is not a connection (a bt_conn pointer, 16-byte aligned): a ring's
+   eventfd (its index above TAG_SHIFT), an NVMe queue's interrupt eventfd (its fd above
+   TAG_SHIFT), the host wait's turn timer */
+#define RING_TAG 1u
+#define IRQ_TAG 2u
+#define TIMER_TAG 4u
+#define TAG_SHIFT 3
 
 struct bt_net *bt_net_new(void)
 {
@@ -56,16 +64,24 @@ struct bt_net *bt_net_new(void)
     if (n == NULL)
         return NULL;
     n->epfd = epoll_create1(EPOLL_CLOEXEC);
+    n->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
     n->rbuf = malloc(RBUF);
-    if (n->epfd < 0 || n->rbuf == NULL) {
+    struct epoll_event e = {0};
+    e.events = EPOLLIN;
+    e.data.u64 = TIMER_TAG;
+    if (n->epfd < 0 || n->tfd < 0 || n->rbuf == NULL
+            || epoll_ctl(n->epfd, EPOLL_CTL_ADD, n->tfd, &e) != 0) {
         if (n->epfd >= 0)
             close(n->epfd);
+        if (n->tfd >= 0)
+            close(n->tfd);
         free(n->rbuf);
         free(n);
         return NULL;
     }
     n->rcap = RBUF;
     n->win_ns = UINT64_MAX;  /* (the whole window until the host's pace is known) */
+    n->loop_fd = -1;
     return n;
 }
 
@@ -77,6 +93,7 @@ void bt_net_free(struct bt_net *n)
         if (n->nvme_efd[i] >= 0)
             close(n->nvme_efd[i]);
     close(n->epfd);
+    close(n->tfd);
     free(n->rbuf);
     free(n);
 }
@@ -453,9 +470,6 @@ void net_lane_done(struct bt_conn *c)
 /* epoll data other than a connection (a pointer, so bit 0 clear): tagged in bit 0;
    bit 1 set: an NVMe queue's interrupt eventfd (the fd in the bits above), else an
    io_uring ring's eventfd (its index in the bits above) */
-#define RING_TAG 1u
-#define IRQ_TAG 2u
-#define TAG_SHIFT 2
 
 int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd)
 {
@@ -772,6 +786,62 @@ static int device_wait(struct bt_net *n, uint64_t slice, int exact)
     return woke;  /* 0: the slice ran out with no socket or ring ready */
 }
 
+/* A call that waits for the host returns to the event loop once it is this old: the
+   loop's timers (idle polls, folds, keep-alive and stall watches) run at most this late
+   while a host keeps the reactor busy through host waits. The bound is a timer in the
+   epoll set (n->tfd), armed once per call, not a timeout per wait: a timed sleep costs
+   the thread a timer set-up and cancel each time, which on this VM kind made the
+   reactor's CPU per QD1 command 1.5x the event loop's (bench/RESULTS.md). */
+#define HOST_TURN_NS 5000000u
+
+static void turn_timer(struct bt_net *n, uint64_t at)
+{
+    struct itimerspec it = {{0, 0}, {(time_t)(at / 1000000000u), (long)(at % 1000000000u)}};
+    timerfd_settime(n->tfd, at ? TFD_TIMER_ABSTIME : 0, &it, NULL);
+    n->turn_armed = at != 0;
+}
+
+/* The host's next command came `gap` ns after the last work (bt_net.h, host_gap_ns). */
+static void host_gap(struct bt_net *n, uint64_t gap)
+{
+    uint64_t cap = 4 * n->host_wait_ns;
+    if (cap && gap > cap)
+        gap = cap;
+    n->host_gap_ns = n->host_gap_ns ? (3 * n->host_gap_ns + gap) / 4 : gap;
+}
+
+/* Something for Python already (what bt_net_poll's return value would report): no
+   host wait then, the call returns */
+static int python_waits(const struct bt_net *n)
+{
+    return n->nready || (n->lane_started && !n->starts_reaped)
+           || (n->bud_delta < 0 && n->bud_limit == 0);  /* (budget back, others wait) */
+}
+
+/* Sleep until C's epoll set has something (1: a command, a completion, or the turn
+   timer, armed here for `turn` if it is not yet) or the event loop's fd has (0). */
+static int host_wait(struct bt_net *n, uint64_t turn)
+{
+    struct pollfd p[2] = {{n->epfd, POLLIN, 0}, {n->loop_fd, POLLIN, 0}};
+    if (!n->turn_armed)
+        turn_timer(n, turn);
+    n->host_waits++;
+    /* (the loop's epoll set holds ours: it is readable while ours is, so ours is looked
+       at first; once ours is drained the loop's is readable only for its own. A signal
+       that interrupts the sleep (the GIL sampler's timer) is no reason to return: wait
+       again; one for Python writes the loop's wake-up fd, which ends the wait then.) */
+    int r;
+    do
+        r = poll(p, 2, -1);
+    while (r < 0 && errno == EINTR);
+    if (r > 0) {
+        if (p[0].revents & (POLLIN | POLLERR | POLLHUP))
+            return 1;
+        n->host_loop_wakes++;
+    }
+    return 0;
+}
+
 /* A window shorter than this catches no host's next command worth the spinning: 0. */
 #define WIN_MIN_NS 5000u
 
@@ -802,7 +872,9 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     struct epoll_event ev[EVENTS];
     int exact = n->polls % CPU_SAMPLE == 0;
     uint64_t c0 = exact ? cpu_now_ns() : 0;
-    uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
+    /* (tb: the start of the time budget, which a caught host wait starts again: the
+       time asleep there was the loop's to have, and the loop's fds would have ended it) */
+    uint64_t t0 = now_ns(), tb = t0, last = t0, t = t0, prev, idle = 0;
     uint64_t before = 0, after = 0, slept = 0, slice = n->dev_wait_ns;
     uint64_t win = spin_ns;
     if (n->win_adapt) {
@@ -815,6 +887,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     uint64_t wcpu0 = n->dev_wait_cpu_ns;
     n->polls++;
     int quiet = 0;  /* the last device-wait slice ran out: the epoll set has nothing */
+    int waited = 0;  /* this round follows a host wait */
     while ((n->nconns || n->nrings || n->nnvmeqs) && n->nready + EVENTS <= max) {
         prev = t;
         int k = quiet ? 0 : epoll_wait(n->epfd, ev, EVENTS, 0);
@@ -826,6 +899,14 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
         int wakes = 0, input = 0;
         for (int i = 0; i < k; i++) {
             uint64_t tag = ev[i].data.u64;
+            if (tag & TIMER_TAG) {  /* the turn is over (the host wait's bound) */
+                uint64_t v;
+                ssize_t r = read(n->tfd, &v, sizeof(v));
+                (void)r;
+                n->turn_armed = 0;
+                wakes++;
+                continue;
+            }
             if (tag & RING_TAG) {
                 /* completions posted (a ring's, or an NVMe queue's interrupt): reaped
                    below; the counter only wakes us */
@@ -863,8 +944,14 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
            reaped (io_uring signals completions the last round's sweep took already,
            e.g. reads done inline at submission, and one more round found nothing) */
         k += (int)reaped - wakes;
-        if (input && n->win_adapt && n->last_work_ns && !n->gap_dev)
-            window_gap(n, prev - n->last_work_ns);
+        if (waited && k > 0)
+            n->host_catches++;  /* (a wait the timer ended is not one) */
+        waited = 0;
+        if (input && n->last_work_ns && !n->gap_dev) {
+            if (n->win_adapt)
+                window_gap(n, prev - n->last_work_ns);
+            host_gap(n, prev - n->last_work_ns);
+        }
         if (k > 0) {
             last = t;
             n->last_work_ns = t;
@@ -876,13 +963,30 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
         int dev = busy && spin_ns && n->dev_wait_ns;
         if (busy)
             n->gap_dev = 1;  /* (waiting for the device, not for the host) */
-        if (t - t0 >= budget_ns || (k <= 0 && !dev && t - last >= win))
+        /* Nothing to do but wait: the window ran out (or there is none) with nothing
+           at a polled device; or, with no window, this round's work is done and
+           nothing is at a device (more input already there keeps the epoll fd
+           readable, and a host at QD1 saves the round that would find nothing). */
+        int waiting = (k <= 0 && !dev && t - last >= win)
+                      || (k > 0 && !win && !(n->nnvmeqs && device_busy(n)));
+        if (waiting) {
+            /* the host wait (bt_net.h): sleep here rather than in the event loop */
+            uint64_t turn = t0 + HOST_TURN_NS;
+            if (n->host_wait_ns && n->loop_fd >= 0 && n->host_gap_ns <= n->host_wait_ns
+                    && t < turn && !device_busy_polled(n) && !python_waits(n)) {
+                uint64_t s0 = t;
+                int ours = host_wait(n, turn);
+                t = now_ns();
+                slept += t - s0;
+                if (ours) {
+                    tb = t;
+                    waited = 1;
+                    continue;
+                }
+            }
             break;
-        /* No window (event mode, or a host slower than it) and nothing at a device:
-           done; more input already there keeps the epoll fd readable, so the loop
-           calls again, and a host at QD1 saves the round that would find nothing (a
-           system call per command). */
-        if (k > 0 && !win && !(n->nnvmeqs && device_busy(n)))
+        }
+        if (t - tb >= budget_ns)
             break;
         if (k > 0) {
             slice = n->dev_wait_ns;
@@ -890,7 +994,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             uint64_t s0 = t;
             /* every busy queue interrupts: one sleep, to the end of the budget, woken
                by the completion's eventfd (or a socket's input) */
-            uint64_t left = budget_ns - (t - t0);
+            uint64_t left = budget_ns - (t - tb);
             uint64_t s = device_busy_polled(n) ? slice : left > slice ? left : slice;
             quiet = device_wait(n, s, exact) == 0;
             t = now_ns();
@@ -899,6 +1003,8 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
                 slice *= 2;  /* (past the window: a slow device, waited for coarser) */
         }
     }
+    if (n->turn_armed)
+        turn_timer(n, 0);  /* (a call that ended before its turn: no late wake-up) */
     /* (lane commands at an interrupting queue wake the epoll set: the event loop
        waits for them, no further call is needed) */
     n->dev_pending = (uint8_t)(spin_ns && n->dev_wait_ns && device_busy_polled(n));

@@ -52,12 +52,21 @@ share) stay in C and are folded (``Lane.fold``, on the reactor's thread) lazily:
 - when the socket is given back or the queue pair closes (nothing is lost);
 - and every ``FOLD_S`` on a timer, so that figures read without asking stay current.
 
+When the lent connections have nothing to do but wait for the host's next command, the
+call waits for it in C (the host wait, ``poll.host_wait_us``; csrc/bt_net.h) instead of
+returning to the loop, whose every wake-up was a Python pass per command under a slow
+host: the loop's own epoll fd is in the same wait, and Python asks for it only while the
+loop has no callback ready to run (``loop_wait_parts``), so nothing of the loop's waits
+for C beyond its timers, which run at most 5 ms late.
+
 The transport option ``c_net_poll`` (default true) switches this off: the lane still
 runs, called from ``data_received`` as before.
 """
 
 from __future__ import annotations
 
+import collections
+import gc
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -109,12 +118,36 @@ def eligible(qp: Qpair) -> bool:
     return True
 
 
+def loop_wait_parts(loop: Any) -> tuple[int, Any]:
+    """The event loop's epoll fd and its queue of callbacks ready to run (a deque), for
+    the host wait (bt_net.h): C sleeps on the fd beside its own, and is asked to wait
+    only while the queue is empty (a ready callback raises no fd; C would make it wait).
+    uvloop keeps the queue in a C attribute: it is the deque among the loop's referents
+    that a probe callback lands in. (-1, None) where either cannot be found: no host
+    wait, the loop sleeps as before."""
+    try:
+        fd = loop._get_backend_id() if hasattr(loop, "_get_backend_id") else (
+            loop._selector.fileno())
+    except (AttributeError, OSError, ValueError):
+        return -1, None
+    ready = getattr(loop, "_ready", None)
+    if not isinstance(ready, collections.deque):
+        found = [o for o in gc.get_referents(loop) if type(o) is collections.deque]
+        probe = loop.call_soon(lambda: None)
+        probe.cancel()
+        hits = [q for q in found if q and q[-1] is probe]
+        ready = hits[0] if len(hits) == 1 else None
+    if ready is None or not isinstance(fd, int) or fd < 0:
+        return -1, None
+    return fd, ready
+
+
 class NetPoller:
     """One reactor's poller: the C side (struct bt_net) and its place in the loop."""
 
     __slots__ = ("reactor", "n", "budget", "conns", "rings", "nvmeqs", "_ready", "_nready",
                  "_closing", "_again", "lent", "watched", "_fold_timer", "_cfg",
-                 "_pollers_seen", "_c_only", "_counted")
+                 "_pollers_seen", "_c_only", "_counted", "_loop_ready", "_hw")
 
     def __init__(self, reactor: Reactor, budget: Any) -> None:
         n = lib.bt_net_new()
@@ -137,8 +170,10 @@ class NetPoller:
         self._cfg: tuple[int, int, bool] | None = None  # (the settings C was last given)
         self._pollers_seen: list[Any] | None = None  # (see _c_pollers_only)
         self._c_only = False
-        self._counted = (0,) * 9  # (C's cumulative counters at the last fold)
+        self._counted = (0,) * 12  # (C's cumulative counters at the last fold)
         loop = reactor.loop
+        n.loop_fd, self._loop_ready = loop_wait_parts(loop)
+        self._hw = 0  # (the host wait C was last given, ns)
         loop.add_reader(n.epfd, self.poll)  # type: ignore[union-attr]
         self._fold_timer = loop.call_later(FOLD_S, self._tick)  # type: ignore[union-attr]
 
@@ -189,6 +224,14 @@ class NetPoller:
             spin = r.busy_poll_us * 1000
             if spin_left is not None:
                 spin = min(spin, spin_left)
+        # The host wait: C sleeps for the host's next command itself, unless the loop
+        # has callbacks ready or pollers of its own that would wait meanwhile.
+        hw = 0
+        if r.host_wait_us and self._loop_ready is not None and not self._loop_ready \
+                and self._c_pollers_only(r):
+            hw = r.host_wait_us * 1000
+        if hw != self._hw:
+            self._hw = n.host_wait_ns = hw
         attn = lib.bt_net_poll(n, self._ready, MAX_READY, self._nready, BUDGET_NS, spin)
         # (the PDUs taken matter only to a reactor that spins the window in Python)
         if attn & (_ATTN if spin == 0 and r.spin_on_io else _ATTN_NO_PDUS):
@@ -249,7 +292,8 @@ class NetPoller:
         if n is None:
             return
         now = (n.polls, n.pdus, n.cpu_ns, n.idle_ns, n.dev_waits, n.dev_wait_cpu_ns,
-               n.win_shrinks, n.win_grows, n.irq_wakes)
+               n.win_shrinks, n.win_grows, n.irq_wakes, n.host_waits, n.host_catches,
+               n.host_loop_wakes)
         was, self._counted = self._counted, now
         st = self.reactor.stats
         st.net_polls += now[0] - was[0]
@@ -261,6 +305,9 @@ class NetPoller:
         st.net_window_shrinks += now[6] - was[6]
         st.net_window_grows += now[7] - was[7]
         st.net_irq_wakes += now[8] - was[8]
+        st.net_host_waits += now[9] - was[9]
+        st.net_host_catches += now[10] - was[10]
+        st.net_host_loop_wakes += now[11] - was[11]
         r = self.reactor
         st.net_window_ns = n.win_ns if r.adaptive_window else n.spin_max_ns
 
@@ -380,11 +427,14 @@ class NetPoller:
     def starts_rule(self) -> None:
         """Tell C whether every ring and queue pair the lent lanes use is an NVMe queue
         pair it sweeps (bt_net.quiet_starts): then lane I/O started and completed within
-        a call needs no word to Python."""
+        a call needs no word to Python; and whether every one is reaped by C, a ring
+        or a queue pair (bt_net.starts_reaped): then the word can wait for the call's
+        end."""
         n = self.n
         if n is not None:
             w = self.watched
             n.quiet_starts = bool(w) and all(x in self.nvmeqs for x in w)
+            n.starts_reaped = all(x in self.nvmeqs or x in self.rings for x in w)
 
     def add_rings(self, lane: Any) -> None:
         """The poller reaps the lane's rings too (their lane completions, in C), woken by
@@ -444,6 +494,7 @@ class NetPoller:
         loop = self.reactor.loop
         if ring.efd >= 0 and loop is not None and not loop.is_closed():
             loop.add_reader(ring.efd, ring._on_eventfd)
+        self.starts_rule()  # (its lane starts are Python's to hear of at once again)
 
     def let_go(self) -> None:
         """A connection was given back; the poller goes with the last one (later: the

@@ -77,6 +77,11 @@ def _group(target: Target, reactor: Reactor) -> dict[str, Any]:
         "net_device_wait_ns": reactor.stats.net_device_wait_ns,  # their CPU time
         # wake-ups by an NVMe queue's completion interrupt instead (MSI-X eventfd)
         "net_irq_wakes": reactor.stats.net_irq_wakes,
+        # host waits (poll.host_wait_us): begun; ended by the host's command or a
+        # device's completion; ended by the event loop's own work (the rest timed out)
+        "net_host_waits": reactor.stats.net_host_waits,
+        "net_host_catches": reactor.stats.net_host_catches,
+        "net_host_loop_wakes": reactor.stats.net_host_loop_wakes,
         "poll_runs": reactor.stats.poll_runs,  # the reactor's Python poll loop's turns
         # the GIL sampler (gilsample.py): samples of the thread's CPU time, those taken
         # with the GIL held, ns of CPU time each stands for (0: no sampler)

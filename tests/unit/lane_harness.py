@@ -199,7 +199,9 @@ class Side:
         loop.run_until_complete(self.target.apply_config(doc, "fastlane-test"))
         self.sub = self.target.subsystems.find(NQN)
         self.addr = next(iter(self.sub.listeners))
-        self.reactor = Reactor(index=0, core=0, pin=False)
+        # (host_wait_us 0: the host's end runs on the loop's own thread, so a C poller
+        # waiting for its next command would only wait out its time)
+        self.reactor = Reactor(index=0, core=0, pin=False, host_wait_us=0)
         self.reactor.loop = loop
         self.reactor.tid = threading.get_native_id()
         for i, name in enumerate(ALL_BDEVS):

@@ -104,8 +104,8 @@ def attacher(make: Callable[[int, int], MemBarNvme] = membar_device, irq: bool =
             if irq:
                 vfio = FakeVfio(dev)
                 _VFIOS.append(vfio)
-            c = Controller(dev, alloc, name=name, options=Options(io_queue_depth=64),
-                           device=vfio)
+            c = Controller(dev, alloc, name=name,
+                           options=Options(io_queue_depth=64, interrupts=irq), device=vfio)
             c.init(1)
             await nvme_pcie.register_controller(target, name, f"0000:00:0{i}.0", c,
                                                 {"name": name, "traddr": f"0000:00:0{i}.0"})

@@ -197,7 +197,7 @@ def sim() -> Any:
                 "trtype": "tcp", "adrfam": "ipv4", "traddr": "127.0.0.1",
                 "trsvcid": "4420"}}}]}]}
     loop.run_until_complete(target.apply_config(doc, "test"))
-    reactor = Reactor(index=0, core=0, pin=False)
+    reactor = Reactor(index=0, core=0, pin=False, host_wait_us=0)  # (the host: this thread)
     reactor.loop = loop
     reactor.tid = threading.get_native_id()
     addr = next(iter(target.subsystems.find(NQN).listeners))

@@ -52,6 +52,7 @@ def _controller(vectors: int, **opts: Any) -> tuple[FakeNvme, FakeVfio, Controll
     dev = FakeNvme(iommu, max_queues=4)
     vfio = FakeVfio(dev, vectors)
     alloc = DmaAllocator(iommu, name="irq", use_hugepages=False)
+    opts.setdefault("interrupts", True)  # (off by default: asked for, as an attach would)
     c = Controller(dev, alloc, name="irq", options=Options(**opts), device=vfio)
     c.init(2)
     return dev, vfio, c, alloc
@@ -273,7 +274,8 @@ async def test_the_python_path_sleeps_on_the_interrupt(stub_target: StubTarget) 
     iommu = FakeIommu()
     alloc = DmaAllocator(iommu, name="Irq", use_hugepages=False)
     dev = FakeNvme(iommu)
-    c = Controller(dev, alloc, name="Irq", options=Options(), device=FakeVfio(dev))
+    c = Controller(dev, alloc, name="Irq", options=Options(interrupts=True),
+                   device=FakeVfio(dev))
     c.init(2)
     await nvme_pcie.register_controller(stub_target, "Irq", "0000:00:07.0", c,
                                         {"name": "Irq", "traddr": "0000:00:07.0"})

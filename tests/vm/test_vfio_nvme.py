@@ -381,7 +381,8 @@ def _config(lane: bool = True) -> dict:
         "subsystems": [
             {"subsystem": "bdev", "config": [
                 {"method": "bdev_nvme_attach_controller",
-                 "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "@BDF@"}},
+                 "params": {"name": "Nvme0", "trtype": "PCIe", "traddr": "@BDF@",
+                            "interrupts": True}},
             ]},
             {"subsystem": "nvmf", "config": [
                 {"method": "nvmf_create_transport",

@@ -128,8 +128,10 @@ class Options:
     c_ring: bool = True
     # I/O completion queues raise MSI-X interrupts, delivered as eventfds the reactor's
     # C poller sleeps on while lane commands are at the device (instead of timed
-    # slices), where the device offers a vector per queue; False: every queue polled
-    interrupts: bool = True
+    # slices), where the device offers a vector per queue. Off by default: polled did
+    # as well at QD1 and better at QD32 in every guest run (an interrupt per completion
+    # batch wakes the reactor for each; bench/RESULTS.md), as SPDK's drivers poll.
+    interrupts: bool = False
 
 
 async def _inline_call(qp: QueuePair, fn: Callable[[], Any]) -> Any:
