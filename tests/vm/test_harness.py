@@ -69,3 +69,18 @@ async def test_guest_reaches_host_loopback(vm: Guest) -> None:
     assert received.done(), "host server got no connection"
     assert received.result() == f"{token}\n".encode()
     assert f"reply: ack {token}" in res.output
+
+
+def test_a_hung_boot_is_booted_again(vm: Guest, monkeypatch, capsys) -> None:
+    """A guest whose script never starts (here a stand-in for QEMU that prints nothing,
+    as a boot hung after SeaBIOS did in CI) is killed at BOOT_TIMEOUT_S and booted once
+    more with what its first boot left of the timeout, not waited for to the end."""
+    from .harness import vm as vmmod
+
+    monkeypatch.setattr(vmmod, "BOOT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(Guest, "qemu_command", lambda self, rundir, **kw: ["sleep", "60"])
+    res = vm.run("true", timeout=30)
+    assert res.timed_out and res.rc == 124 and res.boot_seconds is None
+    assert res.total_seconds < 5, res.total_seconds
+    err = capsys.readouterr().err
+    assert err.count("booting again") == 1, err

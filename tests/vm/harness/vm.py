@@ -41,6 +41,10 @@ QEMU = "qemu-system-x86_64"
 
 # Runs the guest leaves behind are kept for post-mortems, but not forever.
 _RUN_MAX_AGE_S = 24 * 3600
+# A guest whose script has not started this long after QEMU did is taken as hung in its
+# boot (seen once in CI under TCG: nothing after SeaBIOS's "Booting from ROM" for the
+# whole 840 s); boots take 3-7 s on these machines, tens of seconds under load.
+BOOT_TIMEOUT_S = 120.0
 
 _CMD_START = re.compile(r"@@CMD_START uptime=([0-9.]+)@@")
 _GUEST_EXIT = re.compile(r"@@GUEST_EXIT=(\d+)")
@@ -294,16 +298,24 @@ class Guest:
         new run dir): under TCG with several vCPUs the kernel's early code patching
         occasionally hits a stray int3 (seen once in CI: "Oops: int3" in
         sched_clock_cpu during cpu_latency_qos_init), which says nothing about the test.
+        So is one whose boot hangs (no script start within BOOT_TIMEOUT_S), with the
+        time the first boot left of ``timeout``.
         """
-        kw = dict(timeout=timeout, files=files, env=env, modules=modules, trace=trace,
+        kw = dict(files=files, env=env, modules=modules, trace=trace,
                   memory_mb=memory_mb, extra_qemu_args=extra_qemu_args,
                   extra_append=extra_append, sparse_files=sparse_files)
-        result = self._run_once(script, **kw)  # type: ignore[arg-type]
+        result = self._run_once(script, timeout=timeout, **kw)  # type: ignore[arg-type]
+        why = None
         if (result.rc == 125 and result.boot_seconds is None and not result.timed_out
                 and "Kernel panic" in result.console):
-            print(f"vm: guest kernel panicked while booting ({result.rundir}); booting again",
+            why = "panicked while booting"
+        elif result.timed_out and result.boot_seconds is None:
+            why = f"did not start its script within {result.total_seconds:.0f} s"
+        left = timeout - result.total_seconds
+        if why is not None and left > BOOT_TIMEOUT_S / 4:
+            print(f"vm: guest kernel {why} ({result.rundir}); booting again",
                   file=sys.stderr, flush=True)
-            result = self._run_once(script, **kw)  # type: ignore[arg-type]
+            result = self._run_once(script, timeout=left, **kw)  # type: ignore[arg-type]
         return result
 
     def _run_once(
@@ -369,7 +381,12 @@ class Guest:
         reader.start()
         timed_out = False
         try:
-            qemu_rc: int | None = proc.wait(timeout=timeout)
+            try:  # (first until the script should have started: a hung boot ends there)
+                qemu_rc: int | None = proc.wait(timeout=min(BOOT_TIMEOUT_S, timeout))
+            except subprocess.TimeoutExpired:
+                if not boot or timeout <= BOOT_TIMEOUT_S:
+                    raise
+                qemu_rc = proc.wait(timeout=max(timeout - (time.monotonic() - t0), 0.0))
         except subprocess.TimeoutExpired:
             timed_out = True
             with contextlib.suppress(ProcessLookupError):
