@@ -89,8 +89,8 @@ class ConfigError(Exception):
 
 
 MAX_DEVICE_WAIT_US = 10_000
-# (csrc/net.c's HOST_TURN_NS: the C poller returns to the event loop that often anyway)
-MAX_HOST_WAIT_US = 5_000
+# (nvme/netpoll.BUDGET_NS: a host wait ends with the C poller's call, within its budget)
+MAX_HOST_WAIT_US = 500
 
 
 @dataclass
@@ -107,7 +107,7 @@ class Settings:
     # the busy-poll window follows the host's pace (reactor.Reactor.adaptive_window)
     adaptive_window: bool = True
     # the C poller sleeps for the host's next command (reactor.Reactor.host_wait_us)
-    host_wait_us: int = 2000
+    host_wait_us: int = 500
     # socket polling per reactor: "event" | "adaptive" | "busy", or a list with one mode
     # per reactor; None = reactor.DEFAULT_POLL_MODE (see reactor.py for what each costs)
     poll_mode: Any = None
@@ -161,7 +161,7 @@ class Settings:
             d.setdefault("poll", {})["device_wait_us"] = self.device_wait_us
         if not self.adaptive_window:
             d.setdefault("poll", {})["adaptive_window"] = False
-        if self.host_wait_us != 2000:
+        if self.host_wait_us != 500:
             d.setdefault("poll", {})["host_wait_us"] = self.host_wait_us
         if self.poll_mode is not None:
             d.setdefault("poll", {})["mode"] = self.poll_mode
@@ -301,7 +301,7 @@ def parse_settings(doc: dict[str, Any], source: str) -> Settings:
                           f"{MAX_DEVICE_WAIT_US} (a slice longer than that is no polling)")
     if s.host_wait_us > MAX_HOST_WAIT_US:
         raise ConfigError(f"{source}: blocktarget.poll.host_wait_us must be at most "
-                          f"{MAX_HOST_WAIT_US} (the C poller gives the event loop its turn that often)")
+                          f"{MAX_HOST_WAIT_US} (the C poller's call, in which it waits, lasts no longer)")
     pin = bt.get("pin", True)
     if not isinstance(pin, bool):
         raise ConfigError(f"{source}: blocktarget.pin must be true or false")

@@ -33,8 +33,8 @@ window it spins for the host's next command adapts (`adaptive_window`): it shrin
 while the host's commands come later than `busy_poll_us` (a slow host gains nothing
 from the spinning but loses the CPU), and grows back when they come within it. Past
 the window, a host whose commands come within `host_wait_us` of each reply is waited
-for by C itself, asleep (its epoll set and the loop's own fd in one wait, at most 5 ms
-a turn), rather than by the event loop, whose every wake-up is a Python pass.
+for by C itself, asleep (its epoll set and the loop's own fd in one wait, within the C
+call's time budget), rather than by the event loop, whose every wake-up is a Python pass.
 """
 
 from __future__ import annotations
@@ -237,9 +237,9 @@ class Reactor:
     # released, instead of returning to the event loop, whose wake-up would be a Python
     # pass per command (a QEMU guest's host at QD1), as long as the host's recent gaps
     # are under this many µs; the loop's own fd is in the same wait, so its sockets and
-    # messages end it at once, and its timers wait at most 5 ms (csrc/bt_net.h,
-    # host_wait_ns). 0: return to the loop at once, as before.
-    host_wait_us: int = 2000
+    # messages end it at once, and its timers wait no longer than the C call's time
+    # budget let them (csrc/bt_net.h, host_wait_ns). 0: return to the loop at once.
+    host_wait_us: int = 500
     pin: bool = True
     poll_mode: str = DEFAULT_POLL_MODE
     spin_on_io: bool = False  # poll_mode != "event": qpairs call note_io() per wake-up
@@ -585,7 +585,7 @@ class ReactorPool:
     def __init__(self, cores: Iterable[int], *, pin: bool = True, busy_poll_us: int = 200,
                  idle_poll_us: int = 1000, device_wait_us: int = 10,
                  poll_modes: str | list[str] = DEFAULT_POLL_MODE,
-                 adaptive_window: bool = True, host_wait_us: int = 2000) -> None:
+                 adaptive_window: bool = True, host_wait_us: int = 500) -> None:
         """``poll_modes``: one mode for every reactor, or a list with one per reactor."""
         cores = list(cores)
         modes = [poll_modes] * len(cores) if isinstance(poll_modes, str) else list(poll_modes)

@@ -129,19 +129,19 @@ struct bt_net {
     /* The host wait. When the lanes have nothing to do but wait (for the host's next
        command, or for an interrupting NVMe queue's completion), the call sleeps for it
        here, the GIL released, instead of returning to the event loop, which would sleep
-       in its own epoll and make a Python pass of the wake-up; until the call is
-       HOST_TURN_NS old (net.c: the loop's timers run that late at most). loop_fd is the
-       event loop's own epoll fd, in the same wait: anything of the loop's (another
-       socket, a message from another thread) ends it at once. Python sets host_wait_ns
-       per call: 0 while the loop has callbacks ready to run, or pollers of its own to
-       turn (they would wait), or the option is off (poll.host_wait_us). It is not
-       taken either while the host's recent gaps (host_gap_ns, a moving average of the
-       time from the last work to its next command, each sample at most 4 x
-       host_wait_ns) exceed host_wait_ns: a host that slow would leave the reactor asleep
-       in C to the end of the turn, then in the loop, for nothing. Cumulative:
-       host_waits, the waits begun; host_catches, those after which a command or a
-       completion came; host_loop_wakes, those the loop's fd ended (the rest ran to
-       the turn's end). */
+       in its own epoll and make a Python pass of the wake-up; to the end of the call's
+       time budget at most (budget_ns: the loop's timers wait no longer than they did).
+       loop_fd is the event loop's own epoll fd, in the same wait: anything of the
+       loop's (another socket, a message from another thread) ends it at once. Python
+       sets host_wait_ns per call: 0 while the loop has callbacks ready to run, or
+       pollers of its own to turn (they would wait), or the option is off
+       (poll.host_wait_us). It is not taken either while the host's recent gaps
+       (host_gap_ns, a moving average of the time from the last work to its next
+       command, each sample at most 4 x host_wait_ns) exceed host_wait_ns: a host that
+       slow would leave the reactor asleep in C to the end of the budget, then in the
+       loop, for nothing. Cumulative: host_waits, the waits begun; host_catches, those
+       after which a command or a completion came; host_loop_wakes, those the loop's fd
+       ended (the rest ran to the budget's end). */
     int loop_fd;
     uint64_t host_wait_ns, host_gap_ns, host_waits, host_catches, host_loop_wakes;
     uint8_t python_cqe;     /* a completion of Python's first: 1 on an io_uring ring,
@@ -212,7 +212,7 @@ void bt_net_drop_nvmeq(struct bt_net *n, struct bt_nvmeq *q);
 unsigned bt_net_reap(struct bt_net *n, void **ready, unsigned max, unsigned *nready);
 /* Serve the attached connections: receive, run the lanes, send, until none has
    anything to do (or after budget_ns, or once spin_ns passed with nothing to do; then,
-   with host_wait_ns, after a host wait that nothing of C's ended). The
+   with host_wait_ns, after a host wait that nothing of C's ended within budget_ns). The
    connections Python must act on go to ready (their handles; up to max, *nready of
    them): those with events or with a command to redo (given back).
    What the others did stays counted in C (the lane's and the connection's cumulative

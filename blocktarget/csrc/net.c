@@ -786,13 +786,12 @@ static int device_wait(struct bt_net *n, uint64_t slice, int exact)
     return woke;  /* 0: the slice ran out with no socket or ring ready */
 }
 
-/* A call that waits for the host returns to the event loop once it is this old: the
-   loop's timers (idle polls, folds, keep-alive and stall watches) run at most this late
-   while a host keeps the reactor busy through host waits. The bound is a timer in the
-   epoll set (n->tfd), armed once per call, not a timeout per wait: a timed sleep costs
-   the thread a timer set-up and cancel each time, which on this VM kind made the
-   reactor's CPU per QD1 command 1.5x the event loop's (bench/RESULTS.md). */
-#define HOST_TURN_NS 5000000u
+/* A host wait lasts at most to the end of the call's time budget (budget_ns from its
+   start), the bound the loop's timers already had: the wait only spares the loop's own
+   sleep and wake-up within it. The bound is a timer in the epoll set (n->tfd), armed
+   once per call, not a timeout per wait: a timed sleep costs the thread a timer set-up
+   and cancel each time, which on this VM kind made the reactor's CPU per QD1 command
+   1.5x the event loop's (bench/RESULTS.md). */
 
 static void turn_timer(struct bt_net *n, uint64_t at)
 {
@@ -872,9 +871,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
     struct epoll_event ev[EVENTS];
     int exact = n->polls % CPU_SAMPLE == 0;
     uint64_t c0 = exact ? cpu_now_ns() : 0;
-    /* (tb: the start of the time budget, which a caught host wait starts again: the
-       time asleep there was the loop's to have, and the loop's fds would have ended it) */
-    uint64_t t0 = now_ns(), tb = t0, last = t0, t = t0, prev, idle = 0;
+    uint64_t t0 = now_ns(), last = t0, t = t0, prev, idle = 0;
     uint64_t before = 0, after = 0, slept = 0, slice = n->dev_wait_ns;
     uint64_t win = spin_ns;
     if (n->win_adapt) {
@@ -971,7 +968,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
                       || (k > 0 && !win && !(n->nnvmeqs && device_busy(n)));
         if (waiting) {
             /* the host wait (bt_net.h): sleep here rather than in the event loop */
-            uint64_t turn = t0 + HOST_TURN_NS;
+            uint64_t turn = t0 + budget_ns;
             if (n->host_wait_ns && n->loop_fd >= 0 && n->host_gap_ns <= n->host_wait_ns
                     && t < turn && !device_busy_polled(n) && !python_waits(n)) {
                 uint64_t s0 = t;
@@ -979,14 +976,13 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
                 t = now_ns();
                 slept += t - s0;
                 if (ours) {
-                    tb = t;
                     waited = 1;
                     continue;
                 }
             }
             break;
         }
-        if (t - tb >= budget_ns)
+        if (t - t0 >= budget_ns)
             break;
         if (k > 0) {
             slice = n->dev_wait_ns;
@@ -994,7 +990,7 @@ uint64_t bt_net_poll(struct bt_net *n, void **ready, unsigned max, unsigned *nre
             uint64_t s0 = t;
             /* every busy queue interrupts: one sleep, to the end of the budget, woken
                by the completion's eventfd (or a socket's input) */
-            uint64_t left = budget_ns - (t - tb);
+            uint64_t left = budget_ns - (t - t0);
             uint64_t s = device_busy_polled(n) ? slice : left > slice ? left : slice;
             quiet = device_wait(n, s, exact) == 0;
             t = now_ns();

@@ -57,7 +57,7 @@ call waits for it in C (the host wait, ``poll.host_wait_us``; csrc/bt_net.h) ins
 returning to the loop, whose every wake-up was a Python pass per command under a slow
 host: the loop's own epoll fd is in the same wait, and Python asks for it only while the
 loop has no callback ready to run (``loop_wait_parts``), so nothing of the loop's waits
-for C beyond its timers, which run at most 5 ms late.
+for C, and its timers no longer than the call's time budget (``BUDGET_NS``) let them.
 
 The transport option ``c_net_poll`` (default true) switches this off: the lane still
 runs, called from ``data_received`` as before.
