@@ -50,9 +50,10 @@ static size_t total_len(const struct iovec *v, unsigned k)
     return n;
 }
 #define EVENTS 64
-/* epoll data of what is not a connection (a bt_conn pointer, 16-byte aligned): a ring's
-   eventfd (its index above TAG_SHIFT), an NVMe queue's interrupt eventfd (its fd above
-   TAG_SHIFT), the host wait's turn timer */
+/* epoll data of what is not a connection (a bt_conn pointer, 16-byte aligned, so the
+   low bits clear): RING_TAG, an io_uring ring's eventfd (its index above TAG_SHIFT);
+   with IRQ_TAG too, an NVMe queue's interrupt eventfd (the fd above TAG_SHIFT);
+   TIMER_TAG, the host wait's bound (n->tfd) */
 #define RING_TAG 1u
 #define IRQ_TAG 2u
 #define TIMER_TAG 4u
@@ -466,10 +467,6 @@ void net_lane_done(struct bt_conn *c)
     if (c->lane->redo)
         hand_back(c, NULL, 0, NULL, 0);  /* the Python path runs the queue for now */
 }
-
-/* epoll data other than a connection (a pointer, so bit 0 clear): tagged in bit 0;
-   bit 1 set: an NVMe queue's interrupt eventfd (the fd in the bits above), else an
-   io_uring ring's eventfd (its index in the bits above) */
 
 int bt_net_add_ring(struct bt_net *n, struct bt_uring *u, int efd)
 {
