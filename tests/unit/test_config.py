@@ -28,7 +28,8 @@ GOOD: dict[str, Any] = {
         "rpc": {"http": "127.0.0.1:9109", "unix": "/tmp/bt-test.sock"},
         "metrics": False,
         "log_level": "WARNING",
-        "poll": {"busy_us": 50, "idle_us": 500, "device_wait_us": 0, "adaptive_window": False},
+        "poll": {"busy_us": 50, "idle_us": 500, "device_wait_us": 0, "adaptive_window": False,
+                 "host_wait_us": 200},
         "pin": False,
         "auth_workers": 0,
     },
@@ -110,6 +111,7 @@ async def test_good_config(tmp_path: Path) -> None:
         assert s.log_level == "warning"
         assert (s.busy_poll_us, s.idle_poll_us, s.device_wait_us) == (50, 500, 0)
         assert s.adaptive_window is False and not target.reactors[0].adaptive_window
+        assert s.host_wait_us == 200 and target.reactors[0].host_wait_us == 200
         assert s.pin is False and s.auth_workers == 0
         assert not target.dh_workers.enabled, "auth_workers 0: DH on the reactors"
         assert [b.name for b in target.bdevs] == ["Malloc0", "Null0"]
@@ -320,6 +322,8 @@ async def test_nothing_half_applied(tmp_path: Path) -> None:
          "blocktarget.poll.device_wait_us must be at most 10000"),
         ({"poll": {"adaptive_window": 1}},
          "blocktarget.poll.adaptive_window must be true or false"),
+        ({"poll": {"host_wait_us": -1}}, "blocktarget.poll.host_wait_us must be an integer"),
+        ({"poll": {"host_wait_us": 501}}, "blocktarget.poll.host_wait_us must be at most 500"),
         ({"pin": 1}, "blocktarget.pin must be true or false"),
         ({"auth_workers": -1}, "blocktarget.auth_workers must be an integer from 0 to 64"),
         ({"auth_workers": "2"}, "blocktarget.auth_workers must be an integer from 0 to 64"),
@@ -338,7 +342,7 @@ def test_settings_describe_round_trips() -> None:
     assert again.cores == s.cores and again.rpc_http == s.rpc_http
     assert again.rpc_unix == s.rpc_unix and again.metrics == s.metrics
     assert (again.busy_poll_us, again.idle_poll_us, again.device_wait_us) == (50, 500, 0)
-    assert again.adaptive_window is False
+    assert again.adaptive_window is False and again.host_wait_us == 200
     assert "poll" not in parse_settings({}, "t.json").describe()  # (the defaults: none)
     assert again.pin is False and again.log_level == "warning"
     assert again.auth_workers == 0
