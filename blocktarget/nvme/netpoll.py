@@ -218,7 +218,8 @@ class NetPoller:
         # holding the GIL, as long as the reactor would spin anyway (poll_mode) and no
         # poller but a ring's (which C reaps) waits its turn.
         spin = 0
-        if r.spin_on_io and self._c_pollers_only(r):
+        c_only = self._c_pollers_only(r)
+        if r.spin_on_io and c_only:
             # (the rings' and queue pairs' lane completions are reaped in C too, and it
             # returns at the first of Python's)
             spin = r.busy_poll_us * 1000
@@ -227,8 +228,8 @@ class NetPoller:
         # The host wait: C sleeps for the host's next command itself, unless the loop
         # has callbacks ready or pollers of its own that would wait meanwhile.
         hw = 0
-        if r.host_wait_us and self._loop_ready is not None and not self._loop_ready \
-                and self._c_pollers_only(r):
+        if r.host_wait_us and c_only and self._loop_ready is not None \
+                and not self._loop_ready:
             hw = r.host_wait_us * 1000
         if hw != self._hw:
             self._hw = n.host_wait_ns = hw
